@@ -1,0 +1,3 @@
+from detaudit.cli.app import main
+
+main()

@@ -1,0 +1,77 @@
+"""Builds the root typer app from the per-command modules and turns DetauditError into exit codes."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+from rich.console import Console
+
+from detaudit import __version__
+from detaudit.errors import EXIT_INTERRUPTED, DetauditError
+
+app = typer.Typer(
+    name="detaudit",
+    help="Audit LLM nondeterminism at temperature 0.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err_console = Console(stderr=True)
+_state = {"debug": False}
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"detaudit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    _state["debug"] = debug
+
+
+def _register() -> None:
+    # Each command module exposes plain functions; registration lives here so the command list is one place.
+    from detaudit.cli import schema
+
+    app.command("schema", help="Print the run-directory schema (samples.parquet columns, manifest fields).")(
+        schema.schema_command
+    )
+
+
+_register()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: user errors become one line on stderr and their exit code."""
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        app(args=argv, standalone_mode=False)
+    except DetauditError as e:
+        if debug:
+            raise
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as e:  # click usage errors and the rest
+        import click
+
+        if isinstance(e, click.exceptions.Exit):
+            sys.exit(e.exit_code)
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(2)
+        if isinstance(e, click.exceptions.Abort):
+            err_console.print("aborted")
+            sys.exit(EXIT_INTERRUPTED)
+        if debug:
+            raise
+        err_console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e} (rerun with --debug for details)")
+        sys.exit(70)

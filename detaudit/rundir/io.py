@@ -1,0 +1,222 @@
+"""Create, write and read run directories. Every write is atomic: temp name, fsync, rename.
+
+A run killed at any moment leaves a readable directory: the manifest says `started`, the shards hold what
+finished, and `--resume` runs only the sample indices that are missing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pydantic import ValidationError
+
+from detaudit.errors import RunDirError, UsageError
+from detaudit.rundir.schema import (
+    MANIFEST_FILE,
+    SAMPLES_FILE,
+    SAMPLES_SCHEMA,
+    SCHEMA_VERSION,
+    SHARDS_DIR,
+    SUMMARY_FILE,
+    RunManifest,
+)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader sees the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n").encode())
+
+
+def atomic_write_table(path: Path, table: pa.Table) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def rows_to_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
+    """Sample rows (dicts keyed by column name; missing keys are null) as a table in SAMPLES_SCHEMA."""
+    return pa.Table.from_pylist([dict(r) for r in rows], schema=SAMPLES_SCHEMA)
+
+
+# ---------------------------------------------------------------- creating and writing
+
+
+def prepare_out_dir(out: Path, *, resume: bool, force: bool) -> None:
+    """Check that `out` may receive a new run. Never deletes anything but a previous run directory with --force."""
+    if resume:
+        return
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UsageError(f"--out {out} already exists; pass --resume to finish it or --force to replace it")
+        if not (out / MANIFEST_FILE).exists():
+            raise UsageError(f"--force refuses to clear {out}: it is not a detaudit run directory")
+        shutil.rmtree(out)
+
+
+def write_manifest(run_dir: Path, manifest: RunManifest) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(run_dir / MANIFEST_FILE, manifest.model_dump(mode="json", by_alias=True))
+
+
+class ShardWriter:
+    """Appends finished rows as numbered Parquet shards under RUN/shards/."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.dir = run_dir / SHARDS_DIR
+        self.dir.mkdir(parents=True, exist_ok=True)
+        existing = [int(p.stem.split("-")[1]) for p in self.dir.glob("part-*.parquet")]
+        self._next = max(existing, default=-1) + 1
+
+    def write(self, rows: list[Mapping[str, Any]]) -> None:
+        if not rows:
+            return
+        atomic_write_table(self.dir / f"part-{self._next:05d}.parquet", rows_to_table(rows))
+        self._next += 1
+
+
+def finalize_samples(run_dir: Path) -> pa.Table:
+    """Fold samples.parquet and all shards into one sorted samples.parquet, then drop the shards.
+
+    The new samples.parquet is in place (atomically) before any shard is removed, so a kill in between
+    leaves rows present twice on disk; read_samples() keeps one of each sample_index, so nothing is
+    lost or duplicated for the reader.
+    """
+    table = read_samples(run_dir)
+    atomic_write_table(run_dir / SAMPLES_FILE, table)
+    shards = run_dir / SHARDS_DIR
+    if shards.is_dir():
+        shutil.rmtree(shards)
+    return table
+
+
+# ---------------------------------------------------------------- reading and validating
+
+
+def load_manifest(run_dir: Path) -> RunManifest:
+    """Read manifest.json, refusing what is not a run directory or comes from a newer detaudit."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists():
+        raise RunDirError(f"{run_dir}: no such run directory")
+    if not run_dir.is_dir():
+        raise RunDirError(f"{run_dir}: not a directory")
+    path = run_dir / MANIFEST_FILE
+    if not path.exists():
+        raise RunDirError(f"{run_dir}: not a detaudit run directory (no {MANIFEST_FILE})")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RunDirError(f"{path}: unreadable manifest ({e})") from None
+    if not isinstance(data, dict) or not str(data.get("schema", "")).startswith("detaudit.run/"):
+        raise RunDirError(f"{path}: not a detaudit manifest")
+    try:
+        version = int(str(data["schema"]).split("/", 1)[1])
+    except ValueError:
+        raise RunDirError(f"{path}: bad schema tag {data['schema']!r}") from None
+    if version > SCHEMA_VERSION:
+        raise RunDirError(
+            f"{path}: run directory schema version {version} is newer than this detaudit supports "
+            f"({SCHEMA_VERSION}); upgrade detaudit"
+        )
+    try:
+        return RunManifest.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise RunDirError(f"{path}: invalid manifest at {where}: {first['msg']}") from None
+
+
+def _read_parquet(path: Path) -> pa.Table:
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowException) as e:
+        raise RunDirError(f"{path}: corrupt or unreadable Parquet ({str(e).splitlines()[0]})") from None
+    meta = table.schema.metadata or {}
+    version = meta.get(b"detaudit.schema_version")
+    if version is None:
+        raise RunDirError(f"{path}: not a detaudit samples file (foreign Parquet)")
+    if int(version) > SCHEMA_VERSION:
+        raise RunDirError(f"{path}: samples schema version {int(version)} is newer than this detaudit supports")
+    missing = [f.name for f in SAMPLES_SCHEMA if f.name not in table.schema.names]
+    if missing:
+        raise RunDirError(f"{path}: samples file lacks columns {', '.join(missing)}")
+    return table.select(SAMPLES_SCHEMA.names).cast(SAMPLES_SCHEMA)
+
+
+def read_samples(run_dir: Path, columns: list[str] | None = None) -> pa.Table:
+    """All sample rows of a run (samples.parquet plus any shards), one per sample_index, sorted by it."""
+    run_dir = Path(run_dir)
+    parts: list[Path] = []
+    if (run_dir / SAMPLES_FILE).exists():
+        parts.append(run_dir / SAMPLES_FILE)
+    shard_dir = run_dir / SHARDS_DIR
+    if shard_dir.is_dir():
+        parts.extend(sorted(shard_dir.glob("part-*.parquet")))
+    if not parts:
+        table = SAMPLES_SCHEMA.empty_table()
+    else:
+        table = pa.concat_tables([_read_parquet(p) for p in parts])
+    if table.num_rows:
+        # Keep the last written row of each sample_index (a retried error row is replaced by its rerun).
+        idx = table.column("sample_index").to_numpy()
+        order = idx.argsort(kind="stable")
+        sorted_idx = idx[order]
+        keep = order[(sorted_idx[1:] != sorted_idx[:-1]).tolist() + [True]]
+        table = table.take(pa.array(keep))
+    if columns is not None:
+        table = table.select(columns)
+    return table
+
+
+def open_run(run_dir: Path) -> tuple[RunManifest, pa.Table]:
+    """Validated manifest and sample rows of a run directory."""
+    manifest = load_manifest(Path(run_dir))
+    return manifest, read_samples(Path(run_dir))
+
+
+def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> None:
+    atomic_write_json(Path(run_dir) / SUMMARY_FILE, summary)

@@ -1,0 +1,152 @@
+"""The run directory's schema: the only place that defines what a run directory holds.
+
+A run directory is detaudit's record of one audit, remote or local alike:
+
+    RUN/
+      manifest.json      RunManifest: what was asked, of whom, with what capture, and how it ended
+      samples.parquet    one row per request (SAMPLES_SCHEMA), written when the run ends
+      shards/            part-NNNNN.parquet files flushed while the run is going; folded into
+                         samples.parquet at the end (a reader takes both, so a killed run stays readable)
+      summary.json       the analysis (detaudit.summary/1), rewritten by `detaudit analyze`
+
+Schema changes are append-only: new columns are nullable, and every bump of SCHEMA_VERSION comes with a
+named migration in io.py and a fixture of the old version in tests/fixtures/.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+
+SCHEMA_VERSION = 1
+MANIFEST_SCHEMA = f"detaudit.run/{SCHEMA_VERSION}"
+SAMPLES_FILE = "samples.parquet"
+SHARDS_DIR = "shards"
+MANIFEST_FILE = "manifest.json"
+SUMMARY_FILE = "summary.json"
+
+# Column name -> (arrow type, description). Order is the file's column order.
+SAMPLE_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
+    "run_id": (pa.string(), "Run identifier, the same on every row of a run."),
+    "sample_index": (pa.int64(), "Unique per run: ((prompt_pos * n_arms) + arm_pos) * repeats + repeat."),
+    "prompt_id": (pa.string(), "Which prompt of the run this request sent."),
+    "arm": (pa.string(), "Load arm name, e.g. 'c1' or 'c64' (remote) or a local scenario arm."),
+    "concurrency": (pa.int32(), "Requests in flight allowed in this arm (local: the engine's max batch)."),
+    "repeat": (pa.int32(), "0-based repeat number of this prompt within its arm."),
+    "status": (pa.string(), "'ok' or 'error'. Error rows are never counted as completions."),
+    "error": (pa.string(), "Why the request failed after its retries (null when ok)."),
+    "attempts": (pa.int32(), "HTTP attempts made, retries included."),
+    "text": (pa.string(), "The completion text (null on error)."),
+    "token_ids": (pa.list_(pa.int32()), "Generated token ids, when the target returns them."),
+    "tokens": (pa.list_(pa.string()), "Generated token strings, when logprobs came back."),
+    "token_bytes": (pa.list_(pa.binary()), "UTF-8 bytes of each token, when the target returns them."),
+    "logprobs": (pa.list_(pa.float32()), "Logprob of each generated token."),
+    "top_tokens": (pa.list_(pa.list_(pa.string())), "Top-k alternative token strings per position."),
+    "top_token_ids": (pa.list_(pa.list_(pa.int32())), "Top-k alternative token ids per position, when known."),
+    "top_logprobs": (pa.list_(pa.list_(pa.float32())), "Top-k alternative logprobs per position."),
+    "finish_reason": (pa.string(), "As reported by the target ('stop', 'length', ...)."),
+    "model": (pa.string(), "Model name the target reported for this response."),
+    "system_fingerprint": (pa.string(), "The target's system_fingerprint, when present."),
+    "prompt_tokens": (pa.int32(), "usage.prompt_tokens, when reported."),
+    "completion_tokens": (pa.int32(), "usage.completion_tokens, when reported."),
+    "latency_s": (pa.float64(), "Seconds from the first attempt's send to the final response."),
+    "started_at": (pa.timestamp("us", tz="UTC"), "When the first attempt was sent."),
+    "finished_at": (pa.timestamp("us", tz="UTC"), "When the final response (or failure) arrived."),
+}
+
+SAMPLES_SCHEMA = pa.schema(
+    [pa.field(name, typ, nullable=True, metadata={"doc": doc}) for name, (typ, doc) in SAMPLE_COLUMNS.items()],
+    metadata={"detaudit.schema_version": str(SCHEMA_VERSION)},
+)
+
+Status = Literal["ok", "error"]
+RunStatus = Literal["started", "complete", "interrupted", "error"]
+CaptureLevel = Literal["token_ids", "tokens", "text"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PromptSpec(_Model):
+    """One prompt of the run, exactly as sent."""
+
+    prompt_id: str
+    prompt: str | None = Field(None, description="Plain prompt (completions API, or one user message for chat).")
+    messages: list[dict[str, Any]] | None = Field(None, description="Chat messages, when given as such.")
+    max_tokens: int | None = Field(None, description="Per-prompt max_tokens overriding the run's.")
+    rationale: str | None = Field(None, description="Why this prompt is in its suite (suites only).")
+
+
+class ArmSpec(_Model):
+    """One load arm: all prompts x repeats at one concurrency."""
+
+    name: str
+    concurrency: int
+
+
+class TargetSpec(_Model):
+    """Who was audited. Never holds credentials: base_url is redacted and headers keep only their names."""
+
+    kind: Literal["endpoint", "local"]
+    base_url: str | None = None
+    api: Literal["chat", "completions"] = "chat"
+    model: str | None = None
+    header_names: list[str] = Field(default_factory=list, description="Names of extra headers sent; values never.")
+    engine: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Local/managed engine facts: kernels, dtype, device, GPU, torch/triton versions, scenario, seed.",
+    )
+
+
+class RequestParams(_Model):
+    """The sampling and request parameters sent with every request."""
+
+    max_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    top_logprobs: int | None = None
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+    timeout_s: float = 60.0
+    retries: int = 3
+    rate: float | None = Field(None, description="Requests/s cap, if any.")
+
+
+class RunManifest(_Model):
+    """manifest.json. Field order is part of the file format; bump SCHEMA_VERSION to change it."""
+
+    schema_: str = Field(MANIFEST_SCHEMA, alias="schema")
+    run_id: str
+    tool_version: str
+    status: RunStatus = "started"
+    created_at: datetime
+    finished_at: datetime | None = None
+    target: TargetSpec
+    params: RequestParams
+    prompts: list[PromptSpec]
+    arms: list[ArmSpec]
+    repeats: int = Field(description="N: independent requests per prompt per arm.")
+    capture: CaptureLevel = Field("text", description="Richest per-token data the target gave.")
+    probe: dict[str, Any] = Field(default_factory=dict, description="Capability probe result.")
+    environment: dict[str, Any] = Field(default_factory=dict, description="Python, platform, host CPU count.")
+    suite: str | None = None
+    notes: list[str] = Field(default_factory=list, description="Things the reader of the run should know.")
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @property
+    def expected_samples(self) -> int:
+        return len(self.prompts) * len(self.arms) * self.repeats
+
+    def sample_index(self, prompt_pos: int, arm_pos: int, repeat: int) -> int:
+        return (prompt_pos * len(self.arms) + arm_pos) * self.repeats + repeat
+
+
+def describe_schema() -> list[dict[str, str]]:
+    """Rows for `detaudit schema` and docs/schema.md."""
+    return [{"column": n, "type": str(t), "doc": d} for n, (t, d) in SAMPLE_COLUMNS.items()]
