@@ -37,10 +37,13 @@ def _root(
 
 def _register() -> None:
     # Each command module exposes plain functions; registration lives here so the command list is one place.
-    from detaudit.cli import schema
+    from detaudit.cli import schema, tiny_model
 
     app.command("schema", help="Print the run-directory schema (samples.parquet columns, manifest fields).")(
         schema.schema_command
+    )
+    app.command("tiny-model", help="Build a tiny random-weight model with an offline tokenizer (tests, demos).")(
+        tiny_model.tiny_model_command
     )
 
 

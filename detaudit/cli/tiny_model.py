@@ -1,0 +1,21 @@
+"""`detaudit tiny-model DIR`: build a random-weight model of a real architecture with an offline tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from detaudit.tiny import ARCHS, PRESETS, build_tiny_model
+
+
+def tiny_model_command(
+    out_dir: Path = typer.Argument(..., help="Directory to create (must not exist or be empty)."),
+    arch: str = typer.Option("qwen3", "--arch", help=f"Architecture: {', '.join(ARCHS)}."),
+    preset: str = typer.Option("tiny", "--preset", help=f"Shape preset: {', '.join(PRESETS)}."),
+    dtype: str = typer.Option("float32", "--dtype", help="Saved weight dtype: float32, bfloat16 or float16."),
+    seed: int = typer.Option(0, "--seed", help="Seed for the random weights."),
+) -> None:
+    path = build_tiny_model(out_dir, arch, preset=preset, dtype=dtype, seed=seed)
+    Console().print(f"wrote {arch} ({preset}, {dtype}) to {path}")

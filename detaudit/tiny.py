@@ -1,0 +1,125 @@
+"""Tiny models of real architectures with random weights and an offline-trained tokenizer.
+
+No weights can be downloaded on the project machines, so tests, benchmarks and the demo build their models here:
+a byte-level BPE tokenizer trained on Python's own standard-library sources, a ChatML chat template, and a
+transformers config of the requested architecture with seeded random weights, all saved with save_pretrained.
+Random-init logits are near-uniform, so tiny numeric differences flip greedy tokens: a sensitive test subject.
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+from detaudit.errors import UsageError
+
+ARCHS = ("qwen3", "qwen2", "llama", "mistral")
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Standard-library modules whose source trains the tokenizer: stable, offline, varied prose and code.
+_CORPUS_MODULES = (
+    "argparse", "ast", "calendar", "collections", "csv", "dataclasses", "datetime", "decimal", "difflib",
+    "email.message", "enum", "fractions", "functools", "gettext", "heapq", "html", "inspect", "json",
+    "logging", "pathlib", "pprint", "random", "shlex", "statistics", "string", "textwrap", "typing", "zipfile",
+)  # fmt: skip
+
+# Presets: name -> config overrides. "tiny" is the CI size; "small"/"qwen3-1.7b"/"qwen3-8b" shapes are for GPUs.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=64),
+    "small": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=64),
+    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                       num_key_value_heads=8, head_dim=128),
+    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                     num_key_value_heads=8, head_dim=128),
+}  # fmt: skip
+
+
+def _corpus() -> list[str]:
+    import importlib
+
+    texts = []
+    for name in _CORPUS_MODULES:
+        try:
+            texts.append(inspect.getsource(importlib.import_module(name)))
+        except (OSError, TypeError, ImportError):  # frozen or source-less builds
+            continue
+    texts.append(" ".join(SPECIAL_TOKENS))
+    return texts
+
+
+def build_tokenizer(vocab_size: int = 4096):
+    """A byte-level BPE tokenizer with ChatML specials, as a transformers fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|pad|>", bos_token=None, unk_token=None
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_tiny_model(
+    out_dir: str | Path,
+    arch: str = "qwen3",
+    *,
+    preset: str = "tiny",
+    vocab_size: int = 4096,
+    seed: int = 0,
+    dtype: str = "float32",
+    max_position_embeddings: int = 4096,
+) -> Path:
+    """Save a random-weight `arch` model with an offline tokenizer to `out_dir`; returns the directory."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if arch not in ARCHS:
+        raise UsageError(f"unknown architecture {arch!r}; supported: {', '.join(ARCHS)}")
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r}; supported: {', '.join(PRESETS)}")
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise UsageError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"{out} already exists and is not empty")
+    tokenizer = build_tokenizer(vocab_size)
+    shape = dict(PRESETS[preset])
+    if arch in ("qwen2",):
+        shape.pop("head_dim")  # Qwen2 derives head_dim from hidden_size / heads
+    config = AutoConfig.for_model(
+        arch,
+        vocab_size=len(tokenizer),
+        tie_word_embeddings=False,
+        max_position_embeddings=max_position_embeddings,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        **shape,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model.generation_config.do_sample = False
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
