@@ -45,6 +45,9 @@ def _register() -> None:
     app.command("tiny-model", help="Build a tiny random-weight model with an offline tokenizer (tests, demos).")(
         tiny_model.tiny_model_command
     )
+    from detaudit.cli import suites
+
+    app.command("suites", help="List the bundled probe suites, or show and validate one suite.")(suites.suites_command)
 
 
 _register()
