@@ -136,3 +136,11 @@ def test_cli_lists_suites_and_rejects_a_malformed_file(tmp_path: Path, capsys: p
         main(["suites", str(bad)])
     assert exc.value.code == 2
     assert "duplicate id 'a'" in capsys.readouterr().err
+
+
+def test_docs_explain_every_bundled_prompt() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "suites.md").read_text(encoding="utf-8")
+    for s in bundled_suites():
+        assert f"### `{s.name}`" in doc
+        for p in s.prompts:
+            assert f"| `{p.prompt_id}` |" in doc, f"docs/suites.md does not explain {s.name}/{p.prompt_id}"
