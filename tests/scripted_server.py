@@ -1,0 +1,566 @@
+"""A scripted OpenAI-compatible server on 127.0.0.1 for end-to-end tests: real sockets, real JSON, known answers.
+
+Every test that talks HTTP uses this server (or `transformers serve`), so its answers are exact and its faults are
+reproducible. It is a raw ASGI app under uvicorn (no framework), so it can also misbehave on the wire: reset a
+connection mid-body, truncate an SSE stream, hang past the client's timeout.
+
+Scripting API
+-------------
+Completions are token lists, so forks sit at known positions::
+
+    from tests.scripted_server import ScriptedServer
+
+    A = ["Richard", " Feynman", " was", " born", " in", " Queens", ",", " New", " York"]
+    B = A[:7] + [" New", " York", " City"]
+    server = ScriptedServer(
+        models=["scripted-model"],                  # what /v1/models lists (first one answers if a request omits it)
+        completions={"A": A, "B": B},               # name -> list of tokens (str, or dict, see below)
+        schedules={"Tell me about Richard Feynman": [("A", 992), ("B", 8)]},
+        default="A",                                # completion (or schedule) for prompts not in `schedules`
+    ).start()                                       # or use the `scripted_server` pytest fixture (tests/conftest.py)
+    server.base_url                                 # "http://127.0.0.1:PORT/v1"
+    ...
+    server.stop()
+
+A prompt is keyed by its text: the completions API's `prompt`, or the chat API's last message `content`.
+
+Schedules (value of `schedules[prompt]` or `default`):
+
+* ``"A"`` -- always completion A.
+* ``[("A", 992), ("B", 8)]`` -- exact counts by arrival order: the successful answers to that prompt walk a
+  seeded permutation of 992 x A + 8 x B, so any 1000 consecutive successful answers hold exactly 992 A and 8 B,
+  under any concurrency. The permutation repeats after 1000 (two arms of N=1000 each get 992/8). Requests that
+  get an injected fault do not use a slot. ``server.reset_counts()`` restarts every schedule.
+* ``{"serial": "A", "loaded": ["B", "C"]}`` -- load-dependent: a request that arrives while no other request is in
+  flight gets A; one that arrives while others are in flight gets the loaded completions in turn (B, C, B, ...).
+  Pair it with ``latency_s`` so requests overlap: a concurrency-1 arm then has 1 unique completion and a loaded
+  arm more than one.
+
+A token is a string, or a dict ``{"token": str, "id": int, "bytes": list[int] | None, "logprob": float}`` to pin
+its id, its UTF-8 bytes (e.g. invalid UTF-8 fragments) or its logprob. Token ids otherwise come from a vocabulary
+built in order of first appearance, starting at 1000: ``server.token_id(" Queens")``. Logprobs default to
+``-0.05 * (1 + position % 7)``; top_logprobs list the chosen token first, then ``"<alt{j}>"`` tokens (ids 1..K).
+
+What comes back (``capture``):
+
+* ``"vllm"`` (default) -- logprobs/top_logprobs with `bytes` when asked; `return_token_ids` adds `token_ids` to
+  each choice (and per-chunk deltas in streams); `return_tokens_as_token_ids` turns token strings into
+  ``"token_id:123"``. Unknown request fields are ignored.
+* ``"openai"`` -- logprobs with `bytes` but no ids; unknown fields (`return_token_ids`, ...) get a 400, as OpenAI does.
+* ``"text"`` -- logprobs are ignored and come back as null (like `transformers serve`).
+
+Other options: ``api_key`` (requests without ``Authorization: Bearer <key>`` get 401), ``latency_s`` (delay per
+request), ``system_fingerprint`` (None omits it), ``apis`` (subset of ``("chat", "completions")``; the other path
+404s), ``stream`` (False: a streaming request gets 400), ``drop_logprobs_after`` (answers after that many omit
+logprobs: "logprobs missing half-way"), ``record`` (how many requests ``server.log`` keeps, default 2000).
+
+Faults (``faults=dict(...)``), decided per arrival on the completion paths only (never /v1/models):
+
+* ``rate`` (0..1) and ``seed``: a seeded draw per arrival picks whether a fault happens, and ``kinds`` which one.
+* ``first``: a list of kinds given to the first arrivals in order, before the random draw applies.
+* ``kinds`` (default all): ``"429"`` (with ``Retry-After: retry_after``), ``"500"``, ``"502"``, ``"503"``,
+  ``"timeout"`` (sleeps ``hang_s`` before answering), ``"reset"`` (connection closed mid-body), ``"malformed"``
+  (200 with broken JSON), ``"truncated_sse"`` (streams stop half-way without a finish_reason or ``[DONE]``; a
+  non-streaming request gets a reset instead), ``"non_openai"`` (200 with ``{"hello": "world"}``), ``"html"`` (502
+  HTML error page).
+* ``server.stats``: counts of ``requests``, ``ok``, ``faults`` by kind, ``max_in_flight`` and ``open_connections``.
+
+Standalone (benchmarks, crash tests): ``python -m tests.scripted_server --port 0 --script script.json`` prints
+``READY <base_url>`` on stdout when listening; the script file holds the constructor's keyword arguments as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import socket
+import sys
+import threading
+import time
+from collections import Counter, deque
+from typing import Any
+
+import uvicorn
+
+FAULT_KINDS = ("429", "500", "502", "503", "timeout", "reset", "malformed", "truncated_sse", "non_openai", "html")
+_CHAT = "/v1/chat/completions"
+_COMPLETIONS = "/v1/completions"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class _Token:
+    __slots__ = ("text", "id", "bytes", "logprob")
+
+    def __init__(self, text: str, id_: int, bytes_: list[int] | None, logprob: float | None) -> None:
+        self.text, self.id, self.bytes, self.logprob = text, id_, bytes_, logprob
+
+
+class _Schedule:
+    """Picks a completion name per successful answer, by arrival order or by load."""
+
+    def __init__(self, spec: Any, seed: int) -> None:
+        self.kind = "fixed"
+        self.seed = seed
+        self.count = 0
+        self.loaded_count = 0
+        if isinstance(spec, str):
+            self.fixed = spec
+        elif isinstance(spec, dict):
+            self.kind = "load"
+            self.serial, self.loaded = spec["serial"], list(spec["loaded"])
+        else:
+            self.kind = "counts"
+            order = [name for name, n in spec for _ in range(int(n))]
+            random.Random(seed).shuffle(order)
+            self.order = order
+
+    def names(self) -> set[str]:
+        if self.kind == "fixed":
+            return {self.fixed}
+        if self.kind == "load":
+            return {self.serial, *self.loaded}
+        return set(self.order)
+
+    def pick(self, in_flight: int) -> str:
+        if self.kind == "fixed":
+            return self.fixed
+        if self.kind == "load":
+            if in_flight <= 1:
+                return self.serial
+            name = self.loaded[self.loaded_count % len(self.loaded)]
+            self.loaded_count += 1
+            return name
+        name = self.order[self.count % len(self.order)]
+        self.count += 1
+        return name
+
+
+class ScriptedServer:
+    """A loopback OpenAI-compatible server whose answers and faults are scripted (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        models: list[str] | None = None,
+        completions: dict[str, list[Any]] | None = None,
+        schedules: dict[str, Any] | None = None,
+        default: Any = "default",
+        capture: str = "vllm",
+        api_key: str | None = None,
+        latency_s: float = 0.0,
+        system_fingerprint: str | None = "fp_scripted",
+        apis: tuple[str, ...] | list[str] = ("chat", "completions"),
+        stream: bool = True,
+        drop_logprobs_after: int | None = None,
+        faults: dict[str, Any] | None = None,
+        seed: int = 0,
+        record: int = 2000,
+        port: int = 0,
+    ) -> None:
+        if capture not in ("vllm", "openai", "text"):
+            raise ValueError(f"capture must be vllm, openai or text, not {capture!r}")
+        self.models = list(models or ["scripted-model"])
+        completions = dict(completions or {})
+        completions.setdefault("default", ["Hello", ",", " world", "."])
+        self._vocab: dict[str, int] = {}
+        self.completions = {name: [self._token(t) for t in toks] for name, toks in completions.items()}
+        self._schedule_specs = dict(schedules or {})
+        self._default_spec = default
+        self._seed = seed
+        self.reset_counts()
+        for sched in [*self.schedules.values(), self.default]:
+            missing = sched.names() - set(self.completions)
+            if missing:
+                raise ValueError(f"schedule names unknown completions: {sorted(missing)}")
+        self.capture = capture
+        self.api_key = api_key
+        self.latency_s = latency_s
+        self.system_fingerprint = system_fingerprint
+        self.apis = tuple(apis)
+        self.stream_ok = stream
+        self.drop_logprobs_after = drop_logprobs_after
+        f = dict(faults or {})
+        self.fault_rate = float(f.pop("rate", 0.0))
+        self.fault_kinds = tuple(f.pop("kinds", FAULT_KINDS))
+        self.fault_first = deque(f.pop("first", []))
+        self.retry_after = float(f.pop("retry_after", 0.05))
+        self.hang_s = float(f.pop("hang_s", 5.0))
+        self._fault_rng = random.Random(f.pop("seed", seed))
+        if f:
+            raise ValueError(f"unknown fault options: {sorted(f)}")
+        bad = set(self.fault_kinds) | set(self.fault_first)
+        if bad - set(FAULT_KINDS):
+            raise ValueError(f"unknown fault kinds: {sorted(bad - set(FAULT_KINDS))}")
+        self.log: deque[dict[str, Any]] = deque(maxlen=record)
+        self.stats: dict[str, Any] = {"requests": 0, "ok": 0, "faults": Counter(), "max_in_flight": 0}
+        self.in_flight = 0
+        self.answers = 0
+        self.port = port
+        self._server: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ scripting helpers
+
+    def _token(self, spec: Any) -> _Token:
+        if isinstance(spec, str):
+            spec = {"token": spec}
+        text = spec["token"]
+        tid = spec.get("id")
+        if tid is None:
+            tid = self._vocab.setdefault(text, 1000 + len(self._vocab))
+        return _Token(text, int(tid), spec.get("bytes", list(text.encode())), spec.get("logprob"))
+
+    def token_id(self, token: str) -> int:
+        """The id the server reports for `token` (vocabulary built from the script's completions)."""
+        return self._vocab[token]
+
+    def token_ids(self, completion: str) -> list[int]:
+        return [t.id for t in self.completions[completion]]
+
+    def text(self, completion: str) -> str:
+        return "".join(t.text for t in self.completions[completion])
+
+    def reset_counts(self) -> None:
+        """Restart every schedule at its first slot (e.g. between two runs in one test)."""
+        self.schedules = {p: _Schedule(s, self._seed) for p, s in self._schedule_specs.items()}
+        self.default = _Schedule(self._default_spec, self._seed)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def open_connections(self) -> int:
+        server = self._server
+        return len(server.server_state.connections) if server is not None else 0
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self, timeout: float = 10.0) -> ScriptedServer:
+        if self.port == 0:
+            self.port = free_port()
+        config = uvicorn.Config(
+            self.app, host="127.0.0.1", port=self.port, log_level="critical", access_log=False, interface="asgi3",
+            lifespan="off", backlog=4096, timeout_keep_alive=30,
+        )  # fmt: skip
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(target=self._server.run, name="scripted-server", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not self._server.started:
+            if not self._thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"scripted server did not start on port {self.port}")
+            time.sleep(0.01)
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def __enter__(self) -> ScriptedServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ ASGI
+
+    async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            msg = await receive()
+            body += msg.get("body", b"")
+            if not msg.get("more_body"):
+                break
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        path, method = scope["path"], scope["method"]
+        self.stats["requests"] += 1
+        if self.api_key is not None and headers.get("authorization") != f"Bearer {self.api_key}":
+            await _json(send, 401, _err("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"))
+            return
+        if path in ("/health", "/v1/health"):
+            await _json(send, 200, {"status": "ok"})
+            return
+        if path == "/v1/models" and method == "GET":
+            data = [{"id": m, "object": "model", "created": 0, "owned_by": "scripted"} for m in self.models]
+            await _json(send, 200, {"object": "list", "data": data})
+            return
+        api = {_CHAT: "chat", _COMPLETIONS: "completions"}.get(path)
+        if api is None or api not in self.apis or method != "POST":
+            await _json(send, 404, _err(f"No route {method} {path}", "not_found", None))
+            return
+        try:
+            req = json.loads(body)
+            if not isinstance(req, dict):
+                raise ValueError("body is not an object")
+        except ValueError as e:
+            await _json(send, 400, _err(f"Invalid JSON body: {e}", "invalid_request_error", None))
+            return
+        self.log.append({"path": path, "body": req, "headers": headers, "t": time.monotonic()})
+        await self._completion(api, req, send)
+
+    async def _completion(self, api: str, req: dict[str, Any], send: Any) -> None:
+        fault = self._draw_fault()
+        if fault is not None:
+            self.stats["faults"][fault] += 1
+            if await self._fault_before_body(fault, send):
+                return
+        if self.capture == "openai":
+            unknown = set(req) & {"return_token_ids", "return_tokens_as_token_ids", "cache_salt", "top_k"}
+            if unknown:
+                msg = f"Unrecognized request argument supplied: {sorted(unknown)[0]}"
+                await _json(send, 400, _err(msg, "invalid_request_error", None))
+                return
+        model = req.get("model") or self.models[0]
+        if model not in self.models:
+            msg = f"The model `{model}` does not exist."
+            await _json(send, 404, _err(msg, "invalid_request_error", "model_not_found"))
+            return
+        stream = bool(req.get("stream"))
+        if stream and not self.stream_ok:
+            await _json(send, 400, _err("stream is not supported", "invalid_request_error", None))
+            return
+        if api == "chat":
+            msgs = req.get("messages")
+            if not isinstance(msgs, list) or not msgs or not isinstance(msgs[-1], dict):
+                await _json(send, 400, _err("messages must be a non-empty list", "invalid_request_error", None))
+                return
+            key = str(msgs[-1].get("content", ""))
+        else:
+            if not isinstance(req.get("prompt"), str):
+                await _json(send, 400, _err("prompt must be a string", "invalid_request_error", None))
+                return
+            key = req["prompt"]
+
+        self.in_flight += 1
+        self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self.in_flight)
+        try:
+            sched = self.schedules.get(key, self.default)
+            name = sched.pick(self.in_flight)
+            if self.latency_s:
+                await asyncio.sleep(self.latency_s)
+        finally:
+            self.in_flight -= 1
+        self.answers += 1
+        tokens = self.completions[name]
+        max_tokens = req.get("max_tokens") or req.get("max_completion_tokens")
+        finish = "stop"
+        if isinstance(max_tokens, int) and 0 < max_tokens < len(tokens):
+            tokens, finish = tokens[:max_tokens], "length"
+        want_lp = self.capture != "text" and bool(req.get("logprobs"))
+        if self.drop_logprobs_after is not None and self.answers > self.drop_logprobs_after:
+            want_lp = False
+        if api == "chat":
+            k = int(req.get("top_logprobs") or 0) if want_lp else 0
+        else:
+            k = int(req.get("logprobs") or 0) if want_lp else 0
+        as_ids = self.capture == "vllm" and bool(req.get("return_tokens_as_token_ids"))
+        with_ids = self.capture == "vllm" and bool(req.get("return_token_ids"))
+        ctx = _Answer(api, model, tokens, finish, want_lp, k, as_ids, with_ids, self.system_fingerprint)
+        if stream:
+            include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
+            await self._stream(ctx, send, truncate=fault == "truncated_sse", include_usage=include_usage)
+        elif fault == "truncated_sse":  # a non-streaming request cannot be truncated as SSE: reset it instead
+            await _reset_mid_body(send, json.dumps(ctx.full()).encode())
+        else:
+            self.stats["ok"] += 1
+            await _json(send, 200, ctx.full())
+
+    def _draw_fault(self) -> str | None:
+        with self._lock:
+            if self.fault_first:
+                return self.fault_first.popleft()
+            if self.fault_rate and self._fault_rng.random() < self.fault_rate:
+                return self._fault_rng.choice(self.fault_kinds)
+        return None
+
+    async def _fault_before_body(self, fault: str, send: Any) -> bool:
+        """Send the fault's answer; False for the faults that happen inside a normal answer (truncated SSE)."""
+        if fault == "429":
+            retry_after = {"retry-after": f"{self.retry_after:g}"}
+            await _json(send, 429, _err("Rate limit reached", "rate_limit", None), retry_after)
+        elif fault in ("500", "502", "503"):
+            await _json(send, int(fault), _err(f"Injected {fault}", "server_error", None))
+        elif fault == "timeout":
+            await asyncio.sleep(self.hang_s)
+            await _json(send, 200, {"late": True})
+        elif fault == "reset":
+            await _reset_mid_body(send, json.dumps(_err("x" * 200, "server_error", None)).encode())
+        elif fault == "malformed":
+            await _raw(send, 200, b'{"id": "cmpl-1", "choices": [{"text": "unterminated', "application/json")
+        elif fault == "non_openai":
+            await _json(send, 200, {"hello": "world"})
+        elif fault == "html":
+            await _raw(send, 502, b"<html><body><h1>502 Bad Gateway</h1></body></html>", "text/html")
+        else:
+            return False
+        return True
+
+    async def _stream(self, ctx: _Answer, send: Any, *, truncate: bool, include_usage: bool) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})  # fmt: skip
+        n = len(ctx.tokens)
+        stop_at = n // 2 if truncate else n
+        for i in range(stop_at):
+            await send({"type": "http.response.body", "body": _sse(ctx.chunk(i, i == n - 1)), "more_body": True})
+        if truncate:
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        if n == 0:
+            await send({"type": "http.response.body", "body": _sse(ctx.chunk(None, True)), "more_body": True})
+        if include_usage:
+            await send({"type": "http.response.body", "body": _sse(ctx.usage_chunk()), "more_body": True})
+        self.stats["ok"] += 1
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+
+
+class _Answer:
+    """Builds one answer's JSON in the chat or completions shape, whole or as stream chunks."""
+
+    def __init__(self, api: str, model: str, tokens: list[_Token], finish: str, want_lp: bool, k: int,
+                 as_ids: bool, with_ids: bool, fingerprint: str | None) -> None:  # fmt: skip
+        self.api, self.model, self.tokens, self.finish = api, model, tokens, finish
+        self.want_lp, self.k, self.as_ids, self.with_ids, self.fingerprint = want_lp, k, as_ids, with_ids, fingerprint
+        self.id = f"{'chatcmpl' if api == 'chat' else 'cmpl'}-{random.getrandbits(48):x}"
+
+    def _tok_str(self, t: _Token) -> str:
+        return f"token_id:{t.id}" if self.as_ids else t.text
+
+    @staticmethod
+    def _lp(t: _Token, pos: int) -> float:
+        return t.logprob if t.logprob is not None else -0.05 * (1 + pos % 7)
+
+    def _alts(self, t: _Token, pos: int) -> list[tuple[str, float, list[int] | None]]:
+        out = [(self._tok_str(t), self._lp(t, pos), t.bytes)]
+        for j in range(1, self.k):
+            name = f"token_id:{j}" if self.as_ids else f"<alt{j}>"
+            out.append((name, self._lp(t, pos) - 1.0 - j, list(f"<alt{j}>".encode())))
+        return out
+
+    def _chat_lp(self, start: int, toks: list[_Token]) -> dict[str, Any]:
+        content = []
+        for pos, t in enumerate(toks, start):
+            entry: dict[str, Any] = {"token": self._tok_str(t), "logprob": self._lp(t, pos), "bytes": t.bytes}
+            entry["top_logprobs"] = [{"token": s, "logprob": lp, "bytes": b} for s, lp, b in self._alts(t, pos)] \
+                if self.k else []
+            content.append(entry)
+        return {"content": content, "refusal": None}
+
+    def _compl_lp(self, start: int, toks: list[_Token]) -> dict[str, Any]:
+        offsets, off = [], 0
+        for t in toks:
+            offsets.append(off)
+            off += len(t.text)
+        return {
+            "tokens": [self._tok_str(t) for t in toks],
+            "token_logprobs": [self._lp(t, p) for p, t in enumerate(toks, start)],
+            "top_logprobs": [{s: lp for s, lp, _ in self._alts(t, p)} for p, t in enumerate(toks, start)]
+            if self.k else None,
+            "text_offset": offsets,
+        }
+
+    def _usage(self) -> dict[str, int]:
+        return {"prompt_tokens": 7, "completion_tokens": len(self.tokens), "total_tokens": 7 + len(self.tokens)}
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        head: dict[str, Any] = {"id": self.id, "object": obj, "created": int(time.time()), "model": self.model}
+        if self.fingerprint is not None:
+            head["system_fingerprint"] = self.fingerprint
+        return head
+
+    def full(self) -> dict[str, Any]:
+        text = "".join(t.text for t in self.tokens)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish}
+        if self.api == "chat":
+            choice["message"] = {"role": "assistant", "content": text}
+            choice["logprobs"] = self._chat_lp(0, self.tokens) if self.want_lp else None
+            head = self._head("chat.completion")
+        else:
+            choice["text"] = text
+            choice["logprobs"] = self._compl_lp(0, self.tokens) if self.want_lp else None
+            head = self._head("text_completion")
+        if self.with_ids:
+            choice["token_ids"] = [t.id for t in self.tokens]
+        return {**head, "choices": [choice], "usage": self._usage()}
+
+    def chunk(self, i: int | None, last: bool) -> dict[str, Any]:
+        toks = [] if i is None else [self.tokens[i]]
+        text = "".join(t.text for t in toks)
+        choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish if last else None}
+        if self.api == "chat":
+            choice["delta"] = {"role": "assistant", "content": text} if i == 0 else {"content": text}
+            choice["logprobs"] = self._chat_lp(i or 0, toks) if self.want_lp else None
+            head = self._head("chat.completion.chunk")
+        else:
+            choice["text"] = text
+            choice["logprobs"] = self._compl_lp(i or 0, toks) if self.want_lp else None
+            head = self._head("text_completion")
+        if self.with_ids:
+            choice["token_ids"] = [t.id for t in toks]
+        return {**head, "choices": [choice]}
+
+    def usage_chunk(self) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.api == "chat" else "text_completion"
+        return {**self._head(obj), "choices": [], "usage": self._usage()}
+
+
+def _err(message: str, typ: str, code: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": typ, "param": None, "code": code}}
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+async def _raw(send: Any, status: int, body: bytes, ctype: str, extra: dict[str, str] | None = None) -> None:
+    headers = [(b"content-type", ctype.encode()), (b"content-length", str(len(body)).encode())]
+    headers += [(k.encode(), v.encode()) for k, v in (extra or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def _json(send: Any, status: int, obj: Any, extra: dict[str, str] | None = None) -> None:
+    await _raw(send, status, json.dumps(obj).encode(), "application/json", extra)
+
+
+async def _reset_mid_body(send: Any, body: bytes) -> None:
+    """Promise the whole body, send half, and return: uvicorn then drops the connection mid-body."""
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True})
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run a scripted server in the foreground: for benchmarks and tests that need it in another process."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--script", help="JSON file with ScriptedServer keyword arguments")
+    args = ap.parse_args(argv)
+    kwargs = json.loads(open(args.script).read()) if args.script else {}
+    for name, spec in (kwargs.get("schedules") or {}).items():
+        if isinstance(spec, list):
+            kwargs["schedules"][name] = [tuple(x) for x in spec]
+    server = ScriptedServer(port=args.port, **kwargs).start()
+    print(f"READY {server.base_url}", flush=True)
+    try:
+        while server._thread is not None and server._thread.is_alive():
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        server.stop()
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()
