@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:  # so `from tests.scripted_server import ...` works however pytest was started
-    sys.path.insert(0, str(ROOT))
-
-from tests.scripted_server import ScriptedServer  # noqa: E402
+from scripted_server import ScriptedServer  # tests/ is on sys.path under pytest (rootdir conftest, no __init__.py)
 
 
 @pytest.fixture

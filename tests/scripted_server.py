@@ -8,7 +8,7 @@ Scripting API
 -------------
 Completions are token lists, so forks sit at known positions::
 
-    from tests.scripted_server import ScriptedServer
+    from scripted_server import ScriptedServer      # tests/ is on sys.path under pytest
 
     A = ["Richard", " Feynman", " was", " born", " in", " Queens", ",", " New", " York"]
     B = A[:7] + [" New", " York", " City"]
@@ -65,7 +65,7 @@ Faults (``faults=dict(...)``), decided per arrival on the completion paths only 
   HTML error page).
 * ``server.stats``: counts of ``requests``, ``ok``, ``faults`` by kind, ``max_in_flight`` and ``open_connections``.
 
-Standalone (benchmarks, crash tests): ``python -m tests.scripted_server --port 0 --script script.json`` prints
+Standalone (benchmarks, crash tests): ``python tests/scripted_server.py --port 0 --script script.json`` prints
 ``READY <base_url>`` on stdout when listening; the script file holds the constructor's keyword arguments as JSON.
 """
 
