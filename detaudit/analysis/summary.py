@@ -1,0 +1,351 @@
+"""The run summary (detaudit.summary/1): unique completions, first divergence, forks, statistics and verdicts.
+
+`summarize(manifest, table)` is a pure function of a run's manifest and sample rows; `summarize_run(run_dir)`
+reads a run directory and calls it. docs/summary.md documents every key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from detaudit.analysis.core import Sequences, encode_sequences, find_forks, lcp_pairs
+from detaudit.analysis.decode import Decoder
+from detaudit.analysis.stats import arm_stats
+from detaudit.analysis.units import Source, table_source, unit_of
+from detaudit.rundir.io import load_manifest, read_samples
+from detaudit.rundir.schema import RunManifest
+
+SUMMARY_SCHEMA = "detaudit.summary/1"
+# The columns the analysis reads; the others (latency, usage, ...) never leave the Parquet file.
+COLUMNS = [
+    "sample_index", "prompt_id", "arm", "concurrency", "status", "text",
+    "token_ids", "tokens", "token_bytes", "top_logprobs", "system_fingerprint",
+]  # fmt: skip
+MIN_SAMPLES = 2  # fewer ok samples than this cannot show a divergence: the arm is inconclusive
+
+
+@dataclass(frozen=True)
+class Limits:
+    """How much of a long tail the summary lists; the totals are always given beside the lists."""
+
+    completions: int = 20
+    forks: int = 50
+    branches: int = 10
+
+
+@dataclass
+class GroupResult:
+    """One set of samples analysed together (a prompt's arm, or a prompt's arms pooled), kept for compare."""
+
+    n_ok: int
+    uniq: np.ndarray  # distinct completions, most frequent first (ties: lexicographic order)
+    counts: np.ndarray
+    first_fork: int | None
+
+
+def _codes(col: pa.ChunkedArray) -> tuple[np.ndarray, list[Any]]:
+    """Dictionary codes of a column (nulls -> -1) and the dictionary as Python values."""
+    enc = pc.dictionary_encode(col).combine_chunks() if len(col) else pa.array([], pa.dictionary(pa.int32(), col.type))
+    codes = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return codes, enc.dictionary.to_pylist()
+
+
+def _order_uniques(seqs: Sequences, row_seq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    uniq, counts = np.unique(row_seq, return_counts=True)
+    order = np.lexsort((seqs.rank[uniq], -counts))
+    return uniq[order], counts[order]
+
+
+def _first_divergence(seqs: Sequences, uniq: np.ndarray) -> np.ndarray:
+    """Per distinct completion the leading units it shares with the modal one (uniq[0])."""
+    return lcp_pairs(seqs, uniq, np.full(len(uniq), uniq[0]))
+
+
+def _forks(seqs: Sequences, dec: Decoder, uniq: np.ndarray, counts: np.ndarray, limits: Limits) -> tuple[list, int]:
+    """Branching nodes of the prefix trie of these completions, weighted by their counts."""
+    if len(uniq) < 2:
+        return [], 0
+    srt = np.argsort(seqs.rank[uniq], kind="stable")
+    su, sc = uniq[srt], counts[srt]
+    cum = np.concatenate([[0], np.cumsum(sc)])
+    raw = find_forks(lcp_pairs(seqs, su[:-1], su[1:]))
+    # keep the forks most samples pass through, then list them by depth
+    raw.sort(key=lambda f: (-(cum[f.last + 1] - cum[f.first]), f.position))
+    shown = sorted(raw[: limits.forks], key=lambda f: (f.position, -(cum[f.last + 1] - cum[f.first])))
+    out = []
+    for f in shown:
+        children = []
+        for a, b in f.children:
+            best = a + int(np.argmax(sc[a : b + 1]))  # the most frequent completion on this branch
+            children.append((int(cum[b + 1] - cum[a]), a, int(su[best])))
+        children.sort(key=lambda c: (-c[0], c[1]))  # by count, ties in token order ("ended here" first)
+        branches = [
+            {"token": dec.token(int(su[a]), f.position), "token_id": dec.token_id(int(su[a]), f.position), "count": n}
+            for n, a, _ in children[: limits.branches]
+        ]
+        on_modal = next((rep for _, a, rep in children if seqs.lens[su[a]] > f.position), None)
+        out.append(
+            {
+                "position": f.position,
+                "prefix_count": int(cum[f.last + 1] - cum[f.first]),
+                "prefix": dec.prefix(int(su[f.first]), f.position),
+                "branches": branches,
+                "branches_total": len(children),
+                "margin": dec.margin(on_modal, f.position) if on_modal is not None else None,
+            }
+        )
+    return out, len(raw)
+
+
+def _histogram(fd: np.ndarray, counts: np.ndarray) -> dict[str, Any]:
+    """min / median / histogram of first-divergence positions over the samples that differ from the modal one."""
+    if len(fd) < 2:
+        return {"min": None, "median": None, "histogram": {}, "samples": 0}
+    pos, w = fd[1:], counts[1:]
+    per_sample = np.repeat(pos, w)
+    values, tally = np.unique(per_sample, return_counts=True)
+    median = float(np.median(per_sample))
+    return {
+        "min": int(values[0]),
+        "median": int(median) if median.is_integer() else median,
+        "histogram": {str(int(v)): int(t) for v, t in zip(values, tally, strict=True)},
+        "samples": int(w.sum()),
+    }
+
+
+def _arm(
+    seqs: Sequences, dec: Decoder, rows: np.ndarray, fp_codes: np.ndarray, fp_names: list, limits: Limits
+) -> tuple[dict, GroupResult]:
+    """The arm block of the summary for the table rows `rows`."""
+    row_seq = seqs.row_seq[rows]
+    ok_rows = rows[row_seq >= 0]
+    row_seq = row_seq[row_seq >= 0]
+    n_ok = len(row_seq)
+    block: dict[str, Any] = {"n": len(rows), "ok": n_ok, "errors": len(rows) - n_ok}
+    if n_ok == 0:
+        block.update(unique=0, completions=[], first_divergence=_histogram(np.zeros(0), np.zeros(0)), forks=[])
+        block.update(forks_total=0, earliest_fork=None, stats=arm_stats(0, 0, 0), system_fingerprints=None)
+        return block, GroupResult(0, np.zeros(0, np.int64), np.zeros(0, np.int64), None)
+    uniq, counts = _order_uniques(seqs, row_seq)
+    fd = _first_divergence(seqs, uniq)
+    forks, forks_total = _forks(seqs, dec, uniq, counts, limits)
+    block["unique"] = len(uniq)
+    block["completions"] = [
+        {
+            "count": int(c),
+            "share": int(c) / n_ok,
+            "first_divergence": None if i == 0 else int(fd[i]),
+            "length": int(seqs.lens[u]),
+            "text": dec.completion_text(int(u)),
+        }
+        for i, (u, c) in enumerate(zip(uniq[: limits.completions], counts[: limits.completions], strict=True))
+    ]
+    block["first_divergence"] = _histogram(fd, counts)
+    block["forks"] = forks
+    block["forks_total"] = forks_total
+    block["earliest_fork"] = forks[0]["position"] if forks else None
+    block["stats"] = arm_stats(n_ok, int(counts[0]), len(uniq))
+    block["system_fingerprints"] = _by_fingerprint(seqs, ok_rows, fp_codes, fp_names)
+    return block, GroupResult(n_ok, uniq, counts, block["earliest_fork"])
+
+
+def _by_fingerprint(seqs: Sequences, ok_rows: np.ndarray, fp_codes: np.ndarray, fp_names: list) -> list | None:
+    """Per system_fingerprint value: samples, distinct completions, modal share. None unless it varies."""
+    codes = fp_codes[ok_rows]
+    present = np.unique(codes)
+    if len(present) < 2:
+        return None
+    out = []
+    for code in present:
+        row_seq = seqs.row_seq[ok_rows[codes == code]]
+        uniq, counts = _order_uniques(seqs, row_seq)
+        out.append(
+            {
+                "system_fingerprint": fp_names[code] if code >= 0 else None,
+                "n": len(row_seq),
+                "unique": len(uniq),
+                "modal_share": int(counts[0]) / len(row_seq),
+            }
+        )
+    return out
+
+
+def verdict(arms: list[dict], pooled_unique: int) -> tuple[str, str]:
+    """Load verdict of one prompt from its arms (docs/summary.md, "verdict"), with the reason in words."""
+    if not arms:
+        return "inconclusive", "no samples"
+    thin = [a["arm"] for a in arms if a["ok"] < MIN_SAMPLES]
+    if thin:
+        return "inconclusive", f"fewer than {MIN_SAMPLES} ok samples in arm {', '.join(thin)}"
+    serial = [a for a in arms if a["concurrency"] == 1]
+    loaded = [a for a in arms if a["concurrency"] != 1]
+    with_errors = [a["arm"] for a in arms if a["errors"]]
+    if any(a["unique"] > 1 for a in serial):
+        return "load-independent", "the serial arm (concurrency 1) already diverges"
+    diverging = [a["arm"] for a in loaded if a["unique"] > 1]
+    if not diverging and pooled_unique == 1:
+        if with_errors:
+            return "inconclusive", f"no divergence seen, but errors in arm {', '.join(with_errors)} may hide one"
+        return "deterministic", "every arm returned one completion, the same in all arms"
+    if not serial:
+        return "inconclusive", "completions differ, but there is no serial arm (concurrency 1) to compare with"
+    serial_errors = [a["arm"] for a in serial if a["errors"]]
+    if serial_errors:
+        return "inconclusive", f"errors in the serial arm {', '.join(serial_errors)} may hide a divergence there"
+    if diverging:
+        return "load-dependent", f"the serial arm returns one completion; arm {', '.join(diverging)} diverges"
+    return "load-dependent", "each arm returns one completion, but the loaded arm's differs from the serial one"
+
+
+def _agreement(
+    prompt_groups: list[tuple[str, list[tuple[str, int, np.ndarray]]]], seqs: Sequences, fp_codes, fp_names
+) -> dict:
+    """TARr-style agreement: the share of prompts whose completions are all identical, overall, per arm, per
+    system_fingerprint (when it varies). A prompt with fewer than MIN_SAMPLES ok samples is not counted."""
+
+    def share(groups: list[np.ndarray]) -> dict:
+        judged = [g for g in groups if (seqs.row_seq[g] >= 0).sum() >= MIN_SAMPLES]
+        same = sum(1 for g in judged if len(np.unique(seqs.row_seq[g][seqs.row_seq[g] >= 0])) == 1)
+        return {"prompts": len(judged), "all_identical": same, "share": same / len(judged) if judged else None}
+
+    pooled = [np.concatenate([r for _, _, r in arms]) if arms else np.zeros(0, np.int64) for _, arms in prompt_groups]
+    out = share(pooled)
+    arm_names: dict[str, int] = {}
+    for _, arms in prompt_groups:
+        for name, conc, _ in arms:
+            arm_names.setdefault(name, conc)
+    out["by_arm"] = [
+        {"arm": name, "concurrency": conc, **share([r for _, arms in prompt_groups for n, _, r in arms if n == name])}
+        for name, conc in arm_names.items()
+    ]
+    ok_codes = fp_codes[seqs.row_seq >= 0]
+    values = np.unique(ok_codes)
+    out["by_system_fingerprint"] = (
+        [
+            {"system_fingerprint": fp_names[v] if v >= 0 else None, **share([g[fp_codes[g] == v] for g in pooled])}
+            for v in values
+        ]
+        if len(values) > 1
+        else None
+    )
+    return out
+
+
+_CAPTURE_SOURCE: dict[str, Source] = {"token_ids": "token_ids", "tokens": "tokens", "text": "text"}
+
+
+def summarize(manifest: RunManifest, table: pa.Table, limits: Limits = Limits()) -> dict[str, Any]:
+    """The detaudit.summary/1 document of a run, from its manifest and sample rows."""
+    return analyze(manifest, table, limits)[0]
+
+
+def analyze(
+    manifest: RunManifest, table: pa.Table, limits: Limits = Limits()
+) -> tuple[dict[str, Any], Sequences, Decoder, dict[str, GroupResult]]:
+    """summarize(), plus the internals compare needs: sequences, decoder and each prompt's pooled result."""
+    source = table_source(table, default=_CAPTURE_SOURCE.get(manifest.capture, "text"))
+    seqs = encode_sequences(table, source)
+    dec = Decoder(table, seqs)
+    p_codes, p_names = _codes(table.column("prompt_id"))
+    a_codes, a_names = _codes(table.column("arm"))
+    fp_codes, fp_names = _codes(table.column("system_fingerprint"))
+
+    # prompts and arms in manifest order, then any found only in the rows
+    prompt_order = [p.prompt_id for p in manifest.prompts] + [
+        p for p in p_names if p not in {q.prompt_id for q in manifest.prompts}
+    ]
+    arm_conc = {a.name: a.concurrency for a in manifest.arms}
+    arm_order = list(arm_conc) + [a for a in a_names if a not in arm_conc]
+    p_index = {name: i for i, name in enumerate(p_names)}
+    a_index = {name: i for i, name in enumerate(a_names)}
+    key = p_codes * (len(a_names) + 1) + a_codes
+    order = np.argsort(key, kind="stable")
+    bounds = np.searchsorted(key[order], np.arange(key.max() + 2 if len(key) else 1))
+
+    def rows_of(p: str, a: str) -> np.ndarray:
+        if p not in p_index or a not in a_index:
+            return np.zeros(0, dtype=np.int64)
+        k = p_index[p] * (len(a_names) + 1) + a_index[a]
+        return order[bounds[k] : bounds[k + 1]]
+
+    prompts, groups, pooled_results = [], [], {}
+    for p in prompt_order:
+        arms, arm_rows = [], []
+        for a in arm_order:
+            rows = rows_of(p, a)
+            if not len(rows) and a not in arm_conc:
+                continue
+            block, _ = _arm(seqs, dec, rows, fp_codes, fp_names, limits)
+            c = arm_conc[a] if a in arm_conc else table.column("concurrency")[int(rows[0])].as_py()
+            arms.append({"arm": a, "concurrency": c, "expected": manifest.repeats if a in arm_conc else None, **block})
+            arm_rows.append((a, c, rows))
+        all_rows = np.concatenate([r for _, _, r in arm_rows]) if arm_rows else np.zeros(0, np.int64)
+        pooled_seq = seqs.row_seq[all_rows]
+        pooled_seq = pooled_seq[pooled_seq >= 0]
+        if len(pooled_seq):
+            uniq, counts = _order_uniques(seqs, pooled_seq)
+            earliest = min((a["earliest_fork"] for a in arms if a["earliest_fork"] is not None), default=None)
+            pooled_results[p] = GroupResult(len(pooled_seq), uniq, counts, earliest)
+        pooled_unique = len(np.unique(pooled_seq))
+        v, why = verdict(arms, pooled_unique)
+        prompts.append(
+            {"prompt_id": p, "unique_all_arms": pooled_unique, "arms": arms, "verdict": v, "verdict_reason": why}
+        )
+        groups.append((p, arm_rows))
+
+    earliest = None
+    for pr in prompts:
+        for a in pr["arms"]:
+            if a["forks"] and (earliest is None or a["forks"][0]["position"] < earliest["position"]):
+                f = a["forks"][0]
+                earliest = {
+                    "prompt_id": pr["prompt_id"],
+                    "arm": a["arm"],
+                    "position": f["position"],
+                    "prefix": f["prefix"],
+                    "branches": f["branches"],
+                }
+    status = np.asarray(pc.equal(table.column("status"), "ok").fill_null(False).to_numpy(zero_copy_only=False))
+    summary = {
+        "schema": SUMMARY_SCHEMA,
+        "run_id": manifest.run_id,
+        "run_status": manifest.status,
+        "model": manifest.target.model,
+        "unit": unit_of(source),
+        "unit_detail": {
+            "compared_as": source,
+            "capture": manifest.capture,
+            "positions": "characters (Unicode code points)" if source == "text" else "tokens",
+        },
+        "samples": {
+            "expected": manifest.expected_samples,
+            "rows": table.num_rows,
+            "ok": int(status.sum()),
+            "errors": int(table.num_rows - status.sum()),
+        },
+        "unique_per_prompt": [
+            {
+                "prompt_id": pr["prompt_id"],
+                "unique": pr["unique_all_arms"],
+                "by_arm": {a["arm"]: a["unique"] for a in pr["arms"]},
+            }
+            for pr in prompts
+        ],
+        "agreement": _agreement(groups, seqs, fp_codes, fp_names),
+        "earliest_fork": earliest,
+        "limits": {"completions": limits.completions, "forks": limits.forks, "branches": limits.branches},
+        "prompts": prompts,
+    }
+    return summary, seqs, dec, pooled_results
+
+
+def summarize_run(run_dir: Path | str, limits: Limits = Limits()) -> dict[str, Any]:
+    """Read a run directory (manifest + samples) and summarize it; raises RunDirError for what is not a run."""
+    manifest = load_manifest(Path(run_dir))
+    return summarize(manifest, read_samples(Path(run_dir), columns=COLUMNS), limits)
