@@ -1,0 +1,314 @@
+"""The release gate: thresholds over a run's summary (and a baseline's), turned into a verdict and an exit code.
+
+Exit codes are public (README "Exit codes"): 0 every rule passed, 1 a rule failed, 2 usage or input error
+(raised before judging), 3 too many endpoint errors to judge. "Cannot judge" outranks "failed": a rule
+evaluated on an arm whose requests mostly failed says nothing about the model.
+
+The gate reads only summaries (detaudit.summary/1) and manifests; it never touches Parquet.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from detaudit.errors import EXIT_ENDPOINT, EXIT_GATE_FAILED, EXIT_OK, UsageError
+from detaudit.rundir.io import load_manifest
+from detaudit.rundir.schema import RunManifest
+
+# Spec keys for `detaudit run --gate KEY=VALUE` -> (GateThresholds field, parser).
+_SPEC_KEYS: dict[str, tuple[str, type]] = {
+    "max-unique": ("max_unique", int),
+    "min-modal-share": ("min_modal_share", float),
+    "min-first-divergence": ("min_first_divergence", int),
+    "max-error-rate": ("max_error_rate", float),
+    "max-unique-increase": ("max_unique_increase", int),
+    "require-same-modal": ("require_same_modal", bool),
+    "baseline": ("baseline", Path),
+}
+
+
+@dataclass(frozen=True)
+class GateThresholds:
+    """The rules asked for; None (or False) means the rule is not applied."""
+
+    max_unique: int | None = None
+    min_modal_share: float | None = None
+    min_first_divergence: int | None = None
+    max_error_rate: float | None = None
+    require_same_modal: bool = False
+    max_unique_increase: int | None = None
+    baseline: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_unique is not None and self.max_unique < 1:
+            raise UsageError(f"--max-unique must be at least 1, got {self.max_unique}")
+        for name in ("min_modal_share", "max_error_rate"):
+            value = getattr(self, name)
+            if value is not None and not 0.0 <= value <= 1.0:
+                raise UsageError(f"--{name.replace('_', '-')} must be between 0 and 1, got {value}")
+        for name in ("min_first_divergence", "max_unique_increase"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
+        if (self.require_same_modal or self.max_unique_increase is not None) and self.baseline is None:
+            raise UsageError("--require-same-modal and --max-unique-increase need --baseline RUN")
+        # `is`, not `in`: a threshold of 0 is a rule (0 == False in Python).
+        has_rule = any(
+            getattr(self, f.name) is not None and getattr(self, f.name) is not False
+            for f in fields(self)
+            if f.name != "baseline"
+        )
+        if not has_rule:
+            raise UsageError(
+                "no gate rule given: pass at least one of --max-unique, --min-modal-share, "
+                "--min-first-divergence, --max-error-rate, --require-same-modal, --max-unique-increase"
+            )
+
+
+def parse_gate_spec(items: Iterable[str]) -> GateThresholds:
+    """`--gate max-unique=1,min-modal-share=0.99 --gate baseline=runs/rc0` as GateThresholds (for `detaudit run`)."""
+    values: dict[str, Any] = {}
+    for item in items:
+        for part in (p.strip() for p in item.split(",")):
+            if not part:
+                continue
+            key, sep, raw = part.partition("=")
+            key = key.strip().lstrip("-")
+            if key not in _SPEC_KEYS:
+                known = ", ".join(_SPEC_KEYS)
+                raise UsageError(f"--gate: unknown rule {key!r} (known: {known})")
+            name, kind = _SPEC_KEYS[key]
+            if kind is bool:
+                if sep and raw.strip().lower() not in ("true", "1", "yes"):
+                    raise UsageError(f"--gate: {key} takes no value (or =true), got {raw!r}")
+                values[name] = True
+                continue
+            if not sep or not raw.strip():
+                raise UsageError(f"--gate: {key} needs a value, e.g. {key}=1")
+            try:
+                values[name] = kind(raw.strip())
+            except ValueError:
+                raise UsageError(f"--gate: {key}={raw!r} is not a valid {kind.__name__}") from None
+    return GateThresholds(**values)
+
+
+@dataclass
+class Check:
+    """One rule applied to one prompt/arm: a JUnit test case and one item of a rule's line."""
+
+    where: str
+    passed: bool
+    observed: str
+
+
+@dataclass
+class RuleResult:
+    """One rule over the whole run. `judged` is False when errors leave nothing to judge it on."""
+
+    rule: str
+    threshold: str
+    checks: list[Check] = field(default_factory=list)
+    judged: bool = True
+
+    @property
+    def passed(self) -> bool:
+        return self.judged and all(c.passed for c in self.checks)
+
+    def line(self) -> str:
+        """The one line printed for this rule."""
+        head = f"{self.rule} {self.threshold}"
+        if not self.judged:
+            return f"CANNOT JUDGE {head}: {'; '.join(f'{c.where} {c.observed}' for c in self.checks if not c.passed)}"
+        failed = [c for c in self.checks if not c.passed]
+        if failed:
+            return f"FAIL {head}: {'; '.join(f'{c.where} {c.observed}' for c in failed)}"
+        return f"PASS {head} ({len(self.checks)} prompt/arm checked)"
+
+
+@dataclass
+class GateResult:
+    """All rules over one run; `exit_code` is what `detaudit gate` exits with."""
+
+    run: str
+    baseline: str | None
+    rules: list[RuleResult]
+
+    @property
+    def judged(self) -> bool:
+        return all(r.judged for r in self.rules)
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.rules)
+
+    @property
+    def exit_code(self) -> int:
+        if not self.judged:
+            return EXIT_ENDPOINT
+        return EXIT_OK if self.passed else EXIT_GATE_FAILED
+
+    @property
+    def verdict(self) -> str:
+        return {EXIT_OK: "passed", EXIT_GATE_FAILED: "failed", EXIT_ENDPOINT: "cannot judge"}[self.exit_code]
+
+    def lines(self) -> list[str]:
+        return [r.line() for r in self.rules]
+
+
+def arm_name(arm: Mapping[str, Any]) -> str:
+    """The arm's display name: its run-directory name when the summary carries it, else c<concurrency>."""
+    return str(arm.get("arm") or f"c{arm.get('concurrency')}")
+
+
+def _modal(arm: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    completions = arm.get("completions") or []
+    return completions[0] if completions else None
+
+
+def _modal_key(arm: Mapping[str, Any]) -> Any:
+    """What two modal completions are compared by: token ids or tokens when the summary has them, else text."""
+    modal = _modal(arm)
+    if modal is None:
+        return None
+    for key in ("token_ids", "tokens"):
+        if modal.get(key) is not None:
+            return (key, tuple(modal[key]))
+    return ("text", modal.get("text"))
+
+
+def _baseline_arm(base_prompt: Mapping[str, Any], concurrency: Any) -> Mapping[str, Any] | None:
+    """The baseline arm a release arm is compared with: same concurrency, else the baseline's most serial arm."""
+    arms = list(base_prompt.get("arms") or [])
+    for arm in arms:
+        if arm.get("concurrency") == concurrency:
+            return arm
+    return min(arms, key=lambda a: a.get("concurrency") or 0, default=None)
+
+
+def evaluate_gate(
+    summary: Mapping[str, Any],
+    thresholds: GateThresholds,
+    baseline: Mapping[str, Any] | None = None,
+    *,
+    run_label: str = "run",
+    baseline_label: str | None = None,
+) -> GateResult:
+    """Apply every requested rule to every prompt/arm of `summary`. Pure: summaries in, result out."""
+    t = thresholds
+    if (t.require_same_modal or t.max_unique_increase is not None) and baseline is None:
+        raise UsageError("--require-same-modal and --max-unique-increase need a baseline summary")
+    base_prompts = {p["prompt_id"]: p for p in (baseline or {}).get("prompts", [])}
+    judgeable = RuleResult("judgeable", "(every arm has successful samples)")
+    error_rule = RuleResult("max-error-rate", f"≤ {t.max_error_rate:g}") if t.max_error_rate is not None else None
+    rules: dict[str, RuleResult] = {}
+    if t.max_unique is not None:
+        rules["max-unique"] = RuleResult("max-unique", f"≤ {t.max_unique}")
+    if t.min_modal_share is not None:
+        rules["min-modal-share"] = RuleResult("min-modal-share", f"≥ {t.min_modal_share:g}")
+    if t.min_first_divergence is not None:
+        rules["min-first-divergence"] = RuleResult("min-first-divergence", f"≥ {t.min_first_divergence} tokens")
+    if t.require_same_modal:
+        rules["require-same-modal"] = RuleResult("require-same-modal", f"as {baseline_label or 'baseline'}")
+    if t.max_unique_increase is not None:
+        rules["max-unique-increase"] = RuleResult(
+            "max-unique-increase", f"≤ +{t.max_unique_increase} over {baseline_label or 'baseline'}"
+        )
+
+    for prompt in summary.get("prompts", []):
+        pid = prompt["prompt_id"]
+        base_prompt = base_prompts.get(pid)
+        if baseline is not None and base_prompt is None:
+            raise UsageError(f"baseline {baseline_label or ''} has no prompt {pid!r}; gate a run of the same prompts")
+        for arm in prompt.get("arms", []):
+            where = f"{pid}@{arm_name(arm)}"
+            n, ok, errors = int(arm.get("n", 0)), int(arm.get("ok", 0)), int(arm.get("errors", 0))
+            rate = errors / n if n else 1.0
+            judgeable.checks.append(Check(where, ok > 0, f"{ok} ok of {n}"))
+            if error_rule is not None:
+                error_rule.checks.append(Check(where, rate <= t.max_error_rate, f"{errors}/{n} errors ({rate:.1%})"))
+            if ok == 0:
+                continue
+            unique = int(arm.get("unique", 0))
+            if "max-unique" in rules:
+                rules["max-unique"].checks.append(Check(where, unique <= t.max_unique, f"{unique} unique in {ok}"))
+            if "min-modal-share" in rules:
+                share = float(_modal(arm)["share"])
+                rules["min-modal-share"].checks.append(
+                    Check(where, share >= t.min_modal_share, f"modal share {share:.4g}")
+                )
+            if "min-first-divergence" in rules:
+                first = (arm.get("first_divergence") or {}).get("min")
+                passed = first is None or int(first) >= t.min_first_divergence
+                observed = "no divergence" if first is None else f"first divergence at token {first}"
+                rules["min-first-divergence"].checks.append(Check(where, passed, observed))
+            if base_prompt is None:
+                continue
+            base_arm = _baseline_arm(base_prompt, arm.get("concurrency"))
+            if base_arm is None or int(base_arm.get("ok", 0)) == 0:
+                judgeable.checks.append(Check(f"baseline {pid}", False, "has no successful samples"))
+                continue
+            bwhere = f"{where} vs baseline@{arm_name(base_arm)}"
+            if "require-same-modal" in rules:
+                same = _modal_key(arm) == _modal_key(base_arm)
+                rules["require-same-modal"].checks.append(
+                    Check(bwhere, same, "same modal completion" if same else "modal completion differs")
+                )
+            if "max-unique-increase" in rules:
+                increase = unique - int(base_arm.get("unique", 0))
+                rules["max-unique-increase"].checks.append(
+                    Check(bwhere, increase <= t.max_unique_increase, f"{base_arm.get('unique')} → {unique} unique")
+                )
+
+    ordered = [r for r in (error_rule, *rules.values()) if r is not None]
+    if not judgeable.passed:
+        ordered.insert(0, judgeable)
+    if error_rule is not None and not error_rule.passed:
+        # Too many failed requests: the other rules were computed on what is left and cannot be trusted.
+        error_rule.judged = False
+    if not judgeable.passed:
+        judgeable.judged = False
+    return GateResult(run=run_label, baseline=baseline_label, rules=ordered)
+
+
+def _check_comparable(run: RunManifest, base: RunManifest, baseline_label: str) -> None:
+    """A baseline is only meaningful for the same prompts under the same generation length."""
+    base_prompts = {p.prompt_id: p for p in base.prompts}
+    for p in run.prompts:
+        b = base_prompts.get(p.prompt_id)
+        if b is None:
+            raise UsageError(f"baseline {baseline_label} has no prompt {p.prompt_id!r}; gate a run of the same prompts")
+        if (p.prompt, p.messages) != (b.prompt, b.messages):
+            raise UsageError(f"prompt {p.prompt_id!r} differs between the run and baseline {baseline_label}")
+        if (p.max_tokens or run.params.max_tokens) != (b.max_tokens or base.params.max_tokens):
+            raise UsageError(f"prompt {p.prompt_id!r}: max_tokens differs from baseline {baseline_label}")
+
+
+def run_gate(run_dir: Path, thresholds: GateThresholds) -> tuple[GateResult, RunManifest, dict[str, Any]]:
+    """Load the run (and baseline), summarise and judge. Returns the result plus the run's manifest and summary."""
+    from detaudit.analysis.summary import summarize_run
+
+    manifest = _complete_manifest(Path(run_dir))
+    summary = summarize_run(Path(run_dir))
+    baseline_summary = None
+    baseline_label = None
+    if thresholds.baseline is not None:
+        baseline_label = str(thresholds.baseline)
+        base_manifest = load_manifest(Path(thresholds.baseline))
+        _check_comparable(manifest, base_manifest, baseline_label)
+        baseline_summary = summarize_run(Path(thresholds.baseline))
+    result = evaluate_gate(
+        summary, thresholds, baseline_summary, run_label=str(run_dir), baseline_label=baseline_label
+    )
+    return result, manifest, summary
+
+
+def _complete_manifest(run_dir: Path) -> RunManifest:
+    manifest = load_manifest(run_dir)
+    if manifest.status in ("started", "interrupted"):
+        raise UsageError(
+            f"{run_dir}: run is {manifest.status}, not complete; finish it with `detaudit run --resume` first"
+        )
+    return manifest

@@ -1,0 +1,122 @@
+"""The Markdown report: compact enough for a GitHub step summary or a PR comment.
+
+GitHub renders inline HTML in Markdown, so model text is HTML-escaped as well as Markdown-escaped, and
+table cells never hold a raw newline or pipe.
+"""
+
+from __future__ import annotations
+
+import html
+
+from detaudit.reports.model import Cell, ForkNode, Report, shorten
+
+from detaudit.gate import GateResult
+
+MAX_FORKS = 5  # fork lines per cell before "... and N more"
+
+
+def md_text(text: str, limit: int | None = None) -> str:
+    """Model text made inert for a Markdown table cell: HTML-escaped, pipes/backticks/brackets escaped, one line."""
+    if limit is not None:
+        text = shorten(text, limit)
+    text = html.escape(text, quote=False)
+    for ch in "\\`*_[]|#~":
+        text = text.replace(ch, "\\" + ch)
+    return text.replace("\r", "").replace("\n", "↵").replace("\t", "→")
+
+
+def _token(token: str) -> str:
+    return "(end)" if token == "" else f"“{md_text(token, 40)}”"
+
+
+def _fork_line(fork: ForkNode) -> str:
+    branches = " / ".join(f"{_token(b.token)} ×{b.count}" for b in fork.branches)
+    margin = f", margin {fork.margin:.3g}" if fork.margin is not None else ""
+    return f"token {fork.position}: {branches}{margin}"
+
+
+def _all_forks(forks: list[ForkNode]) -> list[ForkNode]:
+    out: list[ForkNode] = []
+    stack = list(reversed(forks))
+    while stack:
+        f = stack.pop()
+        out.append(f)
+        for b in reversed(f.branches):
+            stack.extend(reversed(b.children))
+    return sorted(out, key=lambda f: (f.position, -f.prefix_count))
+
+
+def _first(cell: Cell) -> str:
+    return "—" if cell.first_min is None else f"{cell.first_min} (median {cell.first_median:g})"
+
+
+def render_markdown(report: Report, *, heading: str = "## detaudit report") -> str:
+    """Headline table (one row per run/prompt/arm), forks per cell, completions in collapsed details."""
+    lines = [heading, ""]
+    many_prompts = len(report.prompts) > 1
+    lines.append(
+        "| run | target | "
+        + ("prompt | " if many_prompts else "")
+        + "arm | ok/N | unique | modal share | first divergence | verdict |"
+    )
+    lines.append("|---|---|" + ("---|" if many_prompts else "") + "---|--:|--:|--:|--:|---|")
+    for p in report.prompts:
+        verdicts = dict(p.verdicts)
+        for c in p.cells:
+            share = f"{c.completions[0].share:.1%}" if c.completions else "—"
+            row = [md_text(c.run.label), md_text(c.run.title)]
+            if many_prompts:
+                row.append(md_text(p.prompt_id))
+            row += [
+                md_text(c.arm),
+                f"{c.ok}/{c.n}",
+                f"**{c.unique}**",
+                share,
+                _first(c),
+                md_text(verdicts.get(c.run.label, "")),
+            ]
+            lines.append("| " + " | ".join(row) + " |")
+    lines.append("")
+    fork_lines = []
+    for p in report.prompts:
+        for c in p.cells:
+            forks = _all_forks(c.forks)
+            if not forks:
+                continue
+            prompt = f"{md_text(p.prompt_id)} · " if many_prompts else ""
+            where = f"{md_text(c.run.label)} · {prompt}{md_text(c.arm)}"
+            shown = "; ".join(_fork_line(f) for f in forks[:MAX_FORKS])
+            more = f"; … {len(forks) - MAX_FORKS} more" if len(forks) > MAX_FORKS else ""
+            fork_lines.append(f"- **{where}**: {shown}{more}")
+    if fork_lines:
+        lines += ["**Forks**", "", *fork_lines, ""]
+    for p in report.prompts:
+        for c in p.cells:
+            if c.unique < 2:
+                continue
+            lines.append(
+                f"<details><summary>{md_text(c.run.label)} · {md_text(p.prompt_id)} · {md_text(c.arm)}: "
+                f"{c.unique} distinct completions</summary>"
+            )
+            lines += ["", "| # | count | share | first div. | completion |", "|--:|--:|--:|--:|---|"]
+            for r in c.completions:
+                first = "modal" if r.rank == 1 else ("—" if r.first_divergence is None else str(r.first_divergence))
+                lines.append(f"| {r.rank} | {r.count} | {r.share:.1%} | {first} | {md_text(r.text, 120)} |")
+            if c.more_completions:
+                lines.append(f"| | | | | … {c.more_completions} more |")
+            lines += ["", "</details>", ""]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def render_gate_markdown(result: GateResult) -> str:
+    """The gate's verdict and one line per rule, for $GITHUB_STEP_SUMMARY or a PR comment."""
+    icon = {"passed": "✅", "failed": "❌", "cannot judge": "⚠️"}[result.verdict]
+    base = f" against baseline `{md_text(result.baseline)}`" if result.baseline else ""
+    lines = [f"## detaudit gate {icon} {result.verdict}", "", f"Run `{md_text(result.run)}`{base}.", ""]
+    lines += ["| rule | threshold | result |", "|---|---|---|"]
+    for rule in result.rules:
+        status = "cannot judge" if not rule.judged else ("pass" if rule.passed else "**FAIL**")
+        failed = [f"{md_text(c.where)}: {md_text(c.observed)}" for c in rule.checks if not c.passed]
+        detail = f" ({'; '.join(failed)})" if failed else ""
+        lines.append(f"| {rule.rule} | {md_text(rule.threshold)} | {status}{detail} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,352 @@
+"""The report model: what every renderer shows, built from run manifests and their summaries (detaudit.summary/1).
+
+Renderers (HTML, Markdown, JUnit) read only this model, never Parquet. Several runs (say an endpoint, a local
+stock rerun and a local batch-invariant rerun) become one report with the runs side by side per prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from detaudit.gate import arm_name
+from detaudit.rundir.schema import RunManifest
+
+TOKEN_WINDOW = 6  # tokens shown on each side of a fork in the aligned token view
+MAX_COMPLETIONS = 20  # completions-table rows per arm; the rest are counted in one line
+MAX_TOKEN_VIEWS = 8  # variants shown in the aligned token view per arm
+SHORT_TEXT = 160
+
+
+@dataclass
+class RunInfo:
+    """One run directory: its label and metadata rows (endpoint, model, params, capture, fingerprints)."""
+
+    label: str
+    path: str
+    title: str
+    kind: str
+    meta: list[tuple[str, str]]
+    unit: str
+    agreement: float | None
+
+
+@dataclass
+class CompletionRow:
+    rank: int
+    count: int
+    share: float
+    first_divergence: int | None
+    text: str
+
+
+@dataclass
+class Branch:
+    token: str
+    count: int
+    children: list[ForkNode] = field(default_factory=list)
+
+
+@dataclass
+class ForkNode:
+    """A fork of the prefix trie: position, shortened shared prefix, branches (with the forks below each)."""
+
+    position: int
+    prefix: str
+    prefix_count: int
+    margin: float | None
+    branches: list[Branch]
+
+
+@dataclass
+class Tok:
+    """One slot of the aligned token view: a token, the end of the completion, or nothing (past the end)."""
+
+    text: str
+    diverges: bool = False
+    end: bool = False
+    blank: bool = False
+
+
+@dataclass
+class TokenView:
+    """One variant aligned with the modal completion around its first divergence, slot by slot."""
+
+    rank: int
+    count: int
+    position: int
+    start: int
+    positions: list[int]
+    modal: list[Tok]
+    variant: list[Tok]
+
+
+@dataclass
+class Cell:
+    """One run x one arm of one prompt: a column of the side-by-side view."""
+
+    run: RunInfo
+    arm: str
+    concurrency: int | None
+    n: int
+    ok: int
+    errors: int
+    unique: int
+    statistic: str
+    completions: list[CompletionRow]
+    more_completions: int
+    first_min: int | None
+    first_median: float | None
+    histogram: dict[int, int]
+    forks: list[ForkNode]
+    fork_count: int
+    token_views: list[TokenView]
+    token_view_note: str | None
+    fingerprints: dict[str, int]
+
+
+@dataclass
+class PromptSection:
+    prompt_id: str
+    prompt: str
+    verdicts: list[tuple[str, str]]
+    cells: list[Cell]
+
+
+@dataclass
+class Report:
+    runs: list[RunInfo]
+    prompts: list[PromptSection]
+
+
+def shorten(text: str | None, limit: int = SHORT_TEXT) -> str:
+    """Long model text cut in the middle, so both the start and the end stay visible."""
+    text = text or ""
+    if len(text) <= limit:
+        return text
+    half = (limit - 1) // 2
+    return f"{text[:half]}…{text[-half:]}"
+
+
+def _label(path: Path, used: set[str]) -> str:
+    base = path.name or str(path)
+    label, i = base, 2
+    while label in used:
+        label, i = f"{base}-{i}", i + 1
+    used.add(label)
+    return label
+
+
+def _run_info(path: Path, manifest: RunManifest, summary: Mapping[str, Any], label: str) -> RunInfo:
+    t = manifest.target
+    if t.kind == "endpoint":
+        title = f"endpoint {t.base_url or ''} ({t.api})".strip()
+    else:
+        kernels = t.engine.get("kernels")
+        title = f"local engine, {kernels} kernels" if kernels else "local engine"
+    p = manifest.params
+    params = [f"temperature={p.temperature:g}", f"max_tokens={p.max_tokens}"]
+    params += [f"{k}={v}" for k, v in (("top_p", p.top_p), ("seed", p.seed), ("top_logprobs", p.top_logprobs)) if v]
+    if p.stop:
+        params.append(f"stop={p.stop!r}")
+    meta = [("target", title), ("model", t.model or "—")]
+    if t.engine:
+        meta.append(("engine", ", ".join(f"{k}={v}" for k, v in sorted(t.engine.items()))))
+    meta += [
+        ("params", ", ".join(params)),
+        ("capture", f"{manifest.capture} (compared as {summary.get('unit', '?')})"),
+        ("samples", f"{manifest.repeats} per prompt per arm; arms {', '.join(a.name for a in manifest.arms)}"),
+        ("status", f"{manifest.status}; started {manifest.created_at:%Y-%m-%d %H:%M:%S} UTC"),
+        ("detaudit", manifest.tool_version),
+    ]
+    fingerprints = sorted(
+        {fp for pr in summary.get("prompts", []) for arm in pr.get("arms", []) for fp in _fingerprints(arm)}
+    )
+    meta.append(("system_fingerprint", ", ".join(fingerprints) if fingerprints else "not reported"))
+    for note in manifest.notes:
+        meta.append(("note", note))
+    agreement = summary.get("agreement")
+    if isinstance(agreement, Mapping):
+        agreement = agreement.get("share")
+    return RunInfo(
+        label=label,
+        path=str(path),
+        title=title,
+        kind=t.kind,
+        meta=meta,
+        unit=str(summary.get("unit", "?")),
+        agreement=float(agreement) if isinstance(agreement, (int, float)) else None,
+    )
+
+
+def _fingerprints(arm: Mapping[str, Any]) -> dict[str, int]:
+    """system_fingerprint -> sample count, from whichever shape the summary gives (a dict or a list of splits)."""
+    raw = arm.get("system_fingerprints") or arm.get("fingerprints") or {}
+    if isinstance(raw, Mapping):
+        return {str(k): int(v if isinstance(v, (int, float)) else v.get("n", 0)) for k, v in raw.items()}
+    return {str(item.get("system_fingerprint")): int(item.get("n", 0)) for item in raw if isinstance(item, Mapping)}
+
+
+def statistic_text(arm: Mapping[str, Any]) -> str:
+    """The arm's statistic as one phrase: an upper bound when all agree, else an interval on the modal share."""
+    stats = arm.get("stats") or {}
+    ok = int(arm.get("ok", 0))
+    if ok == 0:
+        return "no successful samples"
+    upper = stats.get("divergence_rate_upper95")
+    if upper is not None:
+        return f"all {ok} identical: P(divergence per request) ≤ {float(upper):.3g} (95% one-sided)"
+    wilson = stats.get("modal_share_wilson95")
+    if wilson:
+        return f"modal share {float(wilson[0]):.3g}–{float(wilson[1]):.3g} (95% Wilson interval)"
+    return f"{arm.get('unique')} unique in {ok}"
+
+
+def _fork_tree(forks: Sequence[Mapping[str, Any]]) -> list[ForkNode]:
+    """Nest the summary's flat fork list by each fork's `parent` ({fork, branch} indices); roots are returned."""
+    nodes = [
+        ForkNode(
+            position=int(f["position"]),
+            prefix=shorten(f.get("prefix", ""), 80),
+            prefix_count=int(f.get("prefix_count", sum(int(b["count"]) for b in f["branches"]))),
+            margin=None if f.get("margin") is None else float(f["margin"]),
+            branches=[Branch(token=str(b["token"]), count=int(b["count"])) for b in f["branches"]],
+        )
+        for f in forks
+    ]
+    roots: list[ForkNode] = []
+    for fork, node in zip(forks, nodes, strict=True):
+        parent = fork.get("parent")
+        if isinstance(parent, Mapping) and 0 <= int(parent["fork"]) < len(nodes):
+            branches = nodes[int(parent["fork"])].branches
+            if 0 <= int(parent["branch"]) < len(branches):
+                branches[int(parent["branch"])].children.append(node)
+                continue
+        roots.append(node)
+    return roots
+
+
+def _tokens_of(completion: Mapping[str, Any], unit: str) -> list[str] | None:
+    tokens = completion.get("tokens")
+    if tokens is not None:
+        return [str(t) for t in tokens]
+    if unit == "text":
+        return list(completion.get("text") or "")
+    return None
+
+
+def _slots(seq: list[str], start: int, stop: int, fork: int) -> list[Tok]:
+    """Tokens start..stop-1 of `seq`; the slot right after its last token marks its end, later slots are blank."""
+    out = []
+    for i in range(start, stop):
+        if i < len(seq):
+            out.append(Tok(text=shorten(seq[i], 40), diverges=i == fork))
+        elif i == len(seq):
+            out.append(Tok(text="", diverges=i == fork, end=True))
+        else:
+            out.append(Tok(text="", blank=True))
+    return out
+
+
+def _token_views(completions: Sequence[Mapping[str, Any]], unit: str) -> tuple[list[TokenView], str | None]:
+    if len(completions) < 2:
+        return [], None
+    modal = _tokens_of(completions[0], unit)
+    if modal is None:
+        return [], "the summary has no per-completion tokens, so the aligned token view is not available"
+    views = []
+    for rank, comp in enumerate(completions[1 : MAX_TOKEN_VIEWS + 1], start=2):
+        tokens = _tokens_of(comp, unit)
+        pos = comp.get("first_divergence")
+        if tokens is None or pos is None:
+            continue
+        pos = int(pos)
+        start = max(0, pos - TOKEN_WINDOW)
+        stop = min(pos + TOKEN_WINDOW, max(len(modal), len(tokens)) + 1)
+        views.append(
+            TokenView(
+                rank=rank,
+                count=int(comp["count"]),
+                position=pos,
+                start=start,
+                positions=list(range(start, stop)),
+                modal=_slots(modal, start, stop, pos),
+                variant=_slots(tokens, start, stop, pos),
+            )
+        )
+    more = len(completions) - 1 - MAX_TOKEN_VIEWS
+    return views, (f"{more} more variants not shown" if more > 0 else None)
+
+
+def _cell(run: RunInfo, arm: Mapping[str, Any]) -> Cell:
+    completions = list(arm.get("completions") or [])
+    first = arm.get("first_divergence") or {}
+    forks = list(arm.get("forks") or [])
+    views, note = _token_views(completions, run.unit)
+    return Cell(
+        run=run,
+        arm=arm_name(arm),
+        concurrency=arm.get("concurrency"),
+        n=int(arm.get("n", 0)),
+        ok=int(arm.get("ok", 0)),
+        errors=int(arm.get("errors", 0)),
+        unique=int(arm.get("unique", 0)),
+        statistic=statistic_text(arm),
+        completions=[
+            CompletionRow(
+                rank=i,
+                count=int(c["count"]),
+                share=float(c["share"]),
+                first_divergence=c.get("first_divergence"),
+                text=shorten(c.get("text")),
+            )
+            for i, c in enumerate(completions[:MAX_COMPLETIONS], start=1)
+        ],
+        more_completions=max(0, int(arm.get("unique", len(completions))) - MAX_COMPLETIONS),
+        first_min=first.get("min"),
+        first_median=first.get("median"),
+        histogram={int(k): int(v) for k, v in (first.get("histogram") or {}).items()},
+        forks=_fork_tree(forks),
+        fork_count=len(forks),
+        token_views=views,
+        token_view_note=note,
+        fingerprints=_fingerprints(arm),
+    )
+
+
+def _prompt_text(manifests: Sequence[RunManifest], prompt_id: str) -> str:
+    for m in manifests:
+        for p in m.prompts:
+            if p.prompt_id == prompt_id:
+                if p.prompt is not None:
+                    return p.prompt
+                return "\n".join(f"{msg.get('role', '?')}: {msg.get('content', '')}" for msg in p.messages or [])
+    return ""
+
+
+def build_report(runs: Sequence[tuple[Path, RunManifest, Mapping[str, Any]]]) -> Report:
+    """The report model for one or more runs, prompts in first-seen order, runs side by side within each."""
+    used: set[str] = set()
+    infos = [_run_info(Path(path), m, s, _label(Path(path), used)) for path, m, s in runs]
+    order: list[str] = []
+    for _, _, summary in runs:
+        for prompt in summary.get("prompts", []):
+            if prompt["prompt_id"] not in order:
+                order.append(prompt["prompt_id"])
+    sections = []
+    manifests = [m for _, m, _ in runs]
+    for pid in order:
+        cells: list[Cell] = []
+        verdicts: list[tuple[str, str]] = []
+        for info, (_, _, summary) in zip(infos, runs, strict=True):
+            for prompt in summary.get("prompts", []):
+                if prompt["prompt_id"] != pid:
+                    continue
+                if prompt.get("verdict"):
+                    verdicts.append((info.label, str(prompt["verdict"])))
+                cells.extend(_cell(info, arm) for arm in prompt.get("arms", []))
+        prompt_text = shorten(_prompt_text(manifests, pid), 400)
+        sections.append(PromptSection(prompt_id=pid, prompt=prompt_text, verdicts=verdicts, cells=cells))
+    return Report(runs=infos, prompts=sections)
