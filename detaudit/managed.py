@@ -1,0 +1,492 @@
+"""Managed engines: start vLLM, SGLang or any OpenAI-compatible server as a child, audit it, stop it.
+
+A 235B MoE model does not fit detaudit's own engine, so `detaudit local --engine vllm|sglang|command` drives the
+engines users already run across many GPUs instead of growing a distributed runtime. The child listens on
+127.0.0.1 only, on a free port; detaudit waits for its health endpoint, runs the normal audit through the runner's
+OpenAI-compatible pipeline, and stops the whole process group afterwards — also on Ctrl-C, SIGTERM or failure.
+
+The server's output is captured (secrets scrubbed) to RUN/server.log. A server that fails to start, or dies during
+the audit, ends the command with exit 3 and the log's last lines. The manifest records the exact command line and
+the environment switches (secret-looking values masked) and the engine version the server reported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from detaudit.errors import EndpointError, UsageError
+from detaudit.redact import MASK, Scrubber
+
+ENGINES = ("vllm", "sglang", "command")
+KERNELS = ("stock", "batch-invariant")
+HOST = "127.0.0.1"
+SERVER_LOG = "server.log"
+LOG_TAIL_LINES = 25
+# vLLM's batch-invariant mode needs an attention backend that supports it (FLASH_ATTN, TRITON_ATTN,
+# FLEX_ATTENTION; FlashInfer is excluded upstream): pin one rather than trust auto-selection of older versions.
+VLLM_BI_ATTENTION = "FLASH_ATTN"
+# Inherited variables that change kernel paths or placement: recorded (values masked if secret-looking).
+_RECORDED_ENV = re.compile(r"^(VLLM_|SGLANG_|NCCL_|CUDA_VISIBLE_DEVICES$|CUBLAS|CUBLASLT|TORCH_|PYTORCH_|HIP_|ROCR_)")
+_SECRET_NAME = re.compile(r"(key|token|secret|password|passwd|credential|auth)", re.I)
+_PORT_IN_USE = re.compile(r"address already in use|errno 98|eaddrinuse|port .* (is )?(already )?in use", re.I)
+_PLACEHOLDERS = ("{port}", "{host}", "{model}")
+
+
+@dataclass
+class LaunchSpec:
+    """How one managed server is started: argv and env switches are exactly what the child gets."""
+
+    engine: str
+    argv_template: list[str]  # "{port}" stands for the port, so a port clash can be retried on another
+    env: dict[str, str]
+    port: int
+    health_path: str
+    model: str | None
+    kernels: str
+    tensor_parallel_size: int | None = None
+    attention_backend: str | None = None
+    port_chosen: bool = True
+    secrets: list[str] = field(default_factory=list, repr=False)
+
+    @property
+    def argv(self) -> list[str]:
+        return [a.replace("{port}", str(self.port)) for a in self.argv_template]
+
+    @property
+    def origin(self) -> str:
+        return f"http://{HOST}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.origin}/v1"
+
+    def redacted_argv(self) -> list[str]:
+        return redact_argv(self.argv)
+
+    def record(self) -> dict[str, Any]:
+        """Manifest-safe facts about the launch (TargetSpec.engine)."""
+        return {
+            "managed": True,
+            "engine": self.engine,
+            "command": self.redacted_argv(),
+            "command_line": shlex.join(self.redacted_argv()),
+            "env_switches": _mask_env(self.env),
+            "inherited_env": _mask_env({k: v for k, v in os.environ.items() if _RECORDED_ENV.match(k)}),
+            "kernels": self.kernels,
+            "tensor_parallel_size": self.tensor_parallel_size,
+            "attention_backend": self.attention_backend,
+            "host": HOST,
+            "port": self.port,
+            "server_log": SERVER_LOG,
+        }
+
+
+def redact_argv(argv: list[str]) -> list[str]:
+    """argv with the values of secret-looking options masked (`--api-key X`, `--api-key=X`, `--hf-token X`)."""
+    out: list[str] = []
+    mask_next = False
+    for arg in argv:
+        if mask_next:
+            out.append(MASK)
+            mask_next = False
+            continue
+        if arg.startswith("-") and _SECRET_NAME.search(arg):
+            if "=" in arg:
+                out.append(arg.split("=", 1)[0] + "=" + MASK)
+            else:
+                out.append(arg)
+                mask_next = True
+            continue
+        out.append(arg)
+    return out
+
+
+def argv_secrets(argv: list[str]) -> list[str]:
+    """The values redact_argv masks: scrubbed from the server log and from error messages too."""
+    redacted = redact_argv(argv)
+    found = []
+    for raw, red in zip(argv, redacted, strict=True):
+        if raw != red:
+            found.append(raw.split("=", 1)[1] if red.endswith("=" + MASK) else raw)
+    return [s for s in found if s]
+
+
+def _mask_env(env: dict[str, str]) -> dict[str, str]:
+    return {k: (MASK if _SECRET_NAME.search(k) else v) for k, v in sorted(env.items())}
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((HOST, port))
+        except OSError:
+            return True
+    return False
+
+
+def build_launch(
+    engine: str,
+    *,
+    model: str | None,
+    port: int | None = None,
+    tensor_parallel_size: int | None = None,
+    kernels: str = "stock",
+    server_cmd: str | None = None,
+    engine_args: str | None = None,
+    attention_backend: str | None = None,
+    server_env: list[str] | None = None,
+) -> LaunchSpec:
+    """Turn the CLI's choices into a command line and environment switches, checking what can be checked early."""
+    if engine not in ENGINES:
+        raise UsageError(f"--engine {engine!r}: use one of {', '.join(ENGINES)}")
+    if kernels not in KERNELS:
+        raise UsageError(f"--kernels {kernels!r}: a managed engine takes {' or '.join(KERNELS)}")
+    if tensor_parallel_size is not None and tensor_parallel_size < 1:
+        raise UsageError("--tensor-parallel-size must be at least 1")
+    chosen = port is None
+    if port is None:
+        port = free_port()
+    elif not 1 <= port <= 65535:
+        raise UsageError(f"--port {port}: not a TCP port")
+    elif port_in_use(port):
+        raise UsageError(f"--port {port}: something already listens on {HOST}:{port}; pick another or leave --port out")
+    env = _parse_env(server_env or [])
+    extra = _split(engine_args, "--engine-args")
+    if engine == "command":
+        if not server_cmd:
+            raise UsageError('--engine command needs --server-cmd "…" (an OpenAI-compatible server command line)')
+        if tensor_parallel_size is not None:
+            raise UsageError("--tensor-parallel-size applies to vllm/sglang; put the server's own flag in --server-cmd")
+        if kernels != "stock":
+            raise UsageError(
+                "--kernels batch-invariant needs --engine vllm or sglang; with --engine command, put the server's own "
+                "switch in --server-cmd (or --server-env) and leave --kernels at stock"
+            )
+        if attention_backend:
+            raise UsageError("--attention-backend applies to vllm/sglang; put it in --server-cmd")
+        if "{port}" not in server_cmd and chosen:
+            raise UsageError("--server-cmd must contain {port} (detaudit picks a free port) unless --port is given")
+        subst = {"{host}": HOST, "{model}": model or ""}
+        if "{model}" in server_cmd and not model:
+            raise UsageError("--server-cmd uses {model} but no --model was given")
+        argv = [_substitute(a, subst) for a in _split(server_cmd, "--server-cmd")] + extra
+        if not argv:
+            raise UsageError("--server-cmd is empty")
+        health = "/v1/models"
+    else:
+        if not model:
+            raise UsageError(f"--engine {engine} needs --model (a Hugging Face id or a local path)")
+        if server_cmd:
+            raise UsageError("--server-cmd is only for --engine command")
+        tp = tensor_parallel_size or 1
+        tensor_parallel_size = tp
+        if engine == "vllm":
+            argv = ["vllm", "serve", model, "--host", HOST, "--port", "{port}", "--tensor-parallel-size", str(tp)]
+            if kernels == "batch-invariant":
+                env["VLLM_BATCH_INVARIANT"] = "1"
+                attention_backend = attention_backend or VLLM_BI_ATTENTION
+            else:
+                # An inherited VLLM_BATCH_INVARIANT=1 would silently turn the stock arm deterministic.
+                env["VLLM_BATCH_INVARIANT"] = "0"
+            if attention_backend:
+                argv += ["--attention-backend", attention_backend]
+        else:
+            argv = [sys.executable, "-m", "sglang.launch_server", "--model-path", model, "--host", HOST]
+            argv += ["--port", "{port}", "--tp-size", str(tp)]
+            if kernels == "batch-invariant":
+                argv.append("--enable-deterministic-inference")
+            if attention_backend:
+                argv += ["--attention-backend", attention_backend]
+        argv += extra
+        health = "/health"
+    secrets = argv_secrets(argv) + [v for k, v in env.items() if _SECRET_NAME.search(k)]
+    return LaunchSpec(
+        engine=engine,
+        argv_template=argv,
+        env=env,
+        port=port,
+        health_path=health,
+        model=model,
+        kernels=kernels,
+        tensor_parallel_size=tensor_parallel_size,
+        attention_backend=attention_backend,
+        port_chosen=chosen,
+        secrets=secrets,
+    )
+
+
+def _split(text: str | None, flag: str) -> list[str]:
+    if not text:
+        return []
+    try:
+        return shlex.split(text)
+    except ValueError as e:
+        raise UsageError(f"{flag}: cannot split into arguments ({e})") from None
+
+
+def _substitute(arg: str, subst: dict[str, str]) -> str:
+    for k, v in subst.items():
+        arg = arg.replace(k, v)
+    return arg
+
+
+def _parse_env(items: list[str]) -> dict[str, str]:
+    env = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", name):
+            raise UsageError(f"--server-env {item.split('=', 1)[0]!r}: use NAME=VALUE")
+        env[name] = value
+    return env
+
+
+class ManagedServer:
+    """One running child server: started by `start()`, stopped (whole process group) by `stop()`.
+
+    The log is written to `log_path` as it arrives, with the launch's secrets scrubbed, and its last lines are
+    kept in memory for error messages.
+    """
+
+    def __init__(self, spec: LaunchSpec, log_path: Path) -> None:
+        self.spec = spec
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
+        self.scrubber = Scrubber(spec.secrets)
+        self.stopped_by_us = False
+        self.version: str | None = None
+        self.served_models: list[str] = []
+        self._reader: threading.Thread | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        env = {**os.environ, **self.spec.env}
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.proc = subprocess.Popen(
+                self.spec.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,  # own process group: engine workers are stopped with it
+            )
+        except FileNotFoundError:
+            hint = {
+                "vllm": "install vLLM (pip install vllm) on this machine",
+                "sglang": "install SGLang (pip install sglang) in this Python environment",
+                "command": "check the program name in --server-cmd",
+            }[self.spec.engine]
+            raise UsageError(f"cannot start {self.spec.argv[0]!r}: not found; {hint}") from None
+        except PermissionError:
+            raise UsageError(f"cannot start {self.spec.argv[0]!r}: permission denied") from None
+        self._reader = threading.Thread(target=self._pump, name="detaudit-server-log", daemon=True)
+        self._reader.start()
+
+    def _pump(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        with open(self.log_path, "a", encoding="utf-8") as log:
+            log.write(f"# detaudit: started {shlex.join(self.spec.redacted_argv())}\n")
+            log.flush()
+            for raw in iter(self.proc.stdout.readline, b""):
+                line = self.scrubber.scrub(raw.decode("utf-8", errors="replace").rstrip("\n"))
+                self.tail.append(line)
+                log.write(line + "\n")
+                log.flush()
+
+    def exited(self) -> int | None:
+        """The child's exit code, or None while it runs."""
+        return None if self.proc is None else self.proc.poll()
+
+    def wait_healthy(self, timeout_s: float) -> None:
+        """Poll the health endpoint until it answers 200; the child dying or the timeout ends it with exit 3."""
+        deadline = time.monotonic() + timeout_s
+        url = self.spec.origin + self.spec.health_path
+        while True:
+            code = self.exited()
+            if code is not None:
+                raise self.failure(f"the {self.spec.engine} server exited with code {code} before it was ready")
+            if _http_status(url) == 200:
+                break
+            if time.monotonic() > deadline:
+                raise self.failure(f"the {self.spec.engine} server was not ready within {timeout_s:g} s ({url})")
+            time.sleep(0.25)
+        self.served_models = _served_models(self.spec.origin)
+        self.version = _engine_version(self.spec.origin, self.spec.engine)
+
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        """SIGTERM the process group, SIGKILL it after `timeout_s`; returns the exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.stopped_by_us = True
+            _signal_group(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                _signal_group(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        # Workers that ignored SIGTERM after the leader exited: the group must not outlive us.
+        _signal_group(self.proc.pid, signal.SIGKILL)
+        if self._reader is not None:
+            self._reader.join(timeout=10)
+        return self.proc.returncode
+
+    def failure(self, what: str) -> EndpointError:
+        """An exit-3 error with the log's last lines (scrubbed), for start-up failures and crashes."""
+        if self._reader is not None and self.exited() is not None:
+            self._reader.join(timeout=5)  # so the tail holds the child's last words
+        lines = "\n".join(f"  | {line}" for line in list(self.tail)[-LOG_TAIL_LINES:]) or "  | (no output)"
+        return EndpointError(f"{what}; command: {shlex.join(self.spec.redacted_argv())}\nlast log lines:\n{lines}")
+
+    def looks_like_port_clash(self) -> bool:
+        return any(_PORT_IN_USE.search(line) for line in self.tail)
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, sig)
+
+
+def _http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
+    req = urllib.request.Request(url, headers={"Accept": "application/json"})
+    # Loopback only: never let a proxy from the environment see or answer these requests.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(req, timeout=timeout) as resp:
+            return resp.status, resp.read()
+    except urllib.error.HTTPError as e:
+        return e.code, b""
+    except (urllib.error.URLError, OSError, TimeoutError):
+        return 0, b""
+
+
+def _http_status(url: str) -> int:
+    return _http_get(url)[0]
+
+
+def _json_at(url: str) -> Any:
+    status, body = _http_get(url)
+    if status != 200:
+        return None
+    try:
+        return json.loads(body)
+    except ValueError:
+        return None
+
+
+def _served_models(origin: str) -> list[str]:
+    data = _json_at(origin + "/v1/models")
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        return []
+    return [m["id"] for m in data["data"] if isinstance(m, dict) and isinstance(m.get("id"), str)]
+
+
+def _engine_version(origin: str, engine: str) -> str | None:
+    """What the server says it is: vLLM and others serve /version; SGLang puts it in /get_server_info."""
+    for path in ("/version", "/get_server_info"):
+        data = _json_at(origin + path)
+        if isinstance(data, dict) and isinstance(data.get("version"), str):
+            return data["version"]
+    if engine in ("vllm", "sglang"):
+        from importlib import metadata
+
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            return metadata.version(engine)
+    return None
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM to detaudit unwinds like Ctrl-C, so the child is stopped instead of orphaned."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def managed_server(spec: LaunchSpec, log_path: Path, *, startup_timeout_s: float) -> Iterator[ManagedServer]:
+    """Start the server, wait until healthy, yield it, and always stop it.
+
+    When detaudit picked the port and the child dies complaining that the address is in use (another process took
+    the port between our check and its bind), it is retried on a fresh port, up to three times.
+    """
+    with _sigterm_as_interrupt():
+        for attempt in range(3):
+            server = ManagedServer(spec, log_path)
+            server.start()
+            try:
+                server.wait_healthy(startup_timeout_s)
+            except EndpointError:
+                server.stop()
+                if spec.port_chosen and attempt < 2 and server.looks_like_port_clash():
+                    spec = dataclasses.replace(spec, port=free_port())
+                    continue
+                raise
+            except BaseException:
+                server.stop()
+                raise
+            break
+        try:
+            yield server
+        finally:
+            server.stop()
+
+
+def stash_log(out: Path) -> Path:
+    """Where the server log goes while the run directory does not exist yet (the runner creates it)."""
+    return out.parent / f".{out.name}.server.log.part"
+
+
+def file_log(tmp: Path, out: Path) -> Path | None:
+    """Move the stashed log into RUN/server.log (appending on --resume); without a run directory, next to it."""
+    if not tmp.exists():
+        return None
+    if out.is_dir():
+        dest = out / SERVER_LOG
+        if dest.exists():
+            with open(dest, "ab") as d, open(tmp, "rb") as s:
+                shutil.copyfileobj(s, d)
+            tmp.unlink()
+        else:
+            os.replace(tmp, dest)
+        return dest
+    dest = out.parent / f"{out.name}.{SERVER_LOG}"
+    os.replace(tmp, dest)
+    return dest
