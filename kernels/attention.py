@@ -1,0 +1,80 @@
+"""Paged, variable-length attention with a KV cache: batch-invariant (ours) or stock (SDPA per sequence)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from detaudit.kernels import cpu
+from detaudit.kernels._dispatch import use_triton
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                    cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float, *,
+                    batch_invariant: bool) -> torch.Tensor:
+    """Causal attention of packed query tokens over a paged KV cache.
+
+    q: [T, Hq, D], sequence b owns rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``. k_cache, v_cache:
+    [num_blocks, block_size, Hkv, D], this step's K/V already written. block_tables: int32 [B, max_blocks].
+    context_lens: int32 [B], tokens of sequence b in the cache including this step's. Query row j of sequence b sits
+    at absolute position ``context_lens[b] - q_len_b + j`` and sees positions 0..that. Hq must be a multiple of Hkv.
+    Returns [T, Hq, D] in q's dtype.
+
+    ``batch_invariant=True``: fixed KV tiles from position 0, fp32 online softmax, one kernel for prefill and decode
+    rows, so a token's output has the same bits in prefill, chunked prefill or decode, alone or in any batch (Triton
+    on CUDA, a fixed-tile torch loop on CPU). ``batch_invariant=False``: the stock path, gathering each sequence's
+    K/V and calling ``F.scaled_dot_product_attention`` per sequence.
+    """
+    _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens)
+    if not batch_invariant:
+        return _stock(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
+    if use_triton(q):
+        from detaudit.kernels import triton_attention
+
+        return triton_attention.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
+                                                scale)
+    return cpu.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
+
+
+def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+           cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor) -> None:
+    if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
+        raise ValueError(f"paged_attention: q {tuple(q.shape)} must be [T,Hq,D] and k/v caches equal "
+                         f"[blocks,block_size,Hkv,D], got {tuple(k_cache.shape)} / {tuple(v_cache.shape)}")
+    if q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"paged_attention: head dims or GQA ratio mismatch: q {tuple(q.shape)}, "
+                         f"cache {tuple(k_cache.shape)}")
+    b = context_lens.shape[0]
+    if cu_seqlens_q.shape[0] != b + 1 or block_tables.shape[0] != b:
+        raise ValueError("paged_attention: cu_seqlens_q must have B+1 entries and block_tables B rows")
+
+
+def _stock(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+           cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    """What an engine does with stock kernels: gather each sequence's cache and run SDPA on it."""
+    hq, d = q.shape[1], q.shape[2]
+    page, hkv = k_cache.shape[1], k_cache.shape[2]
+    out = torch.empty_like(q)
+    cu = cu_seqlens_q.tolist()
+    ctxs = context_lens.tolist()
+    for b, ctx in enumerate(ctxs):
+        q0, q1 = cu[b], cu[b + 1]
+        ql = q1 - q0
+        if ql == 0:
+            continue
+        pos = torch.arange(ctx, device=q.device)
+        blocks = block_tables[b].to(device=q.device, dtype=torch.long)[pos // page]
+        k = k_cache[blocks, pos % page].transpose(0, 1)[None]  # [1, Hkv, ctx, D]
+        v = v_cache[blocks, pos % page].transpose(0, 1)[None]
+        qs = q[q0:q1].transpose(0, 1)[None]  # [1, Hq, ql, D]
+        if hkv != hq:
+            k = k.repeat_interleave(hq // hkv, dim=1)
+            v = v.repeat_interleave(hq // hkv, dim=1)
+        if ql == 1:
+            o = F.scaled_dot_product_attention(qs, k, v, scale=scale)
+        elif ql == ctx:
+            o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale)
+        else:
+            mask = pos[None, :] <= (ctx - ql + torch.arange(ql, device=q.device))[:, None]
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale)
+        out[q0:q1] = o[0].transpose(0, 1).reshape(ql, hq, d)
+    return out

@@ -1,0 +1,218 @@
+"""Batch-invariant Triton matmul: one program owns one output tile and walks all of K in fixed BLOCK_K steps.
+
+No split-K, stream-K or atomics, so an output element's reduction order is "K in order, BLOCK_K at a time" whatever
+M is. Bias is added in fp32 in the epilogue (``alpha * acc + beta * bias``) before a single cast; fp32 inputs use
+IEEE precision (no TF32). Tile configs are chosen by M bucket; :func:`configs_agree` checks on the live device that
+every config gives bitwise the same result, and :func:`matmul` falls back to one config per dtype if they do not.
+
+Import this module only when a GPU or ``TRITON_INTERPRET=1`` is present: kernels are decorated at import time.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+class Config(NamedTuple):
+    """One tile shape: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages."""
+
+    bm: int
+    bn: int
+    bk: int
+    group: int
+    warps: int
+    stages: int
+
+
+# (max M, config) buckets, per dtype family. BLOCK_K is the same in every bucket of a family, so the K order
+# is identical by construction; tile shape and pipelining only change which program computes a tile.
+_HALF_BUCKETS: list[tuple[int, Config]] = [
+    (16, Config(16, 64, 128, 8, 4, 4)),
+    (64, Config(64, 64, 128, 8, 4, 4)),
+    (256, Config(64, 128, 128, 8, 4, 4)),
+    (1 << 62, Config(128, 256, 64, 8, 8, 3)),
+]
+_F32_BUCKETS: list[tuple[int, Config]] = [
+    (16, Config(16, 64, 32, 8, 4, 4)),
+    (128, Config(64, 64, 32, 8, 4, 3)),
+    (1 << 62, Config(128, 128, 32, 8, 8, 3)),
+]
+# Used when configs_agree() finds that tile shape changes the bits on this device.
+_SINGLE = {"half": Config(128, 128, 64, 8, 8, 3), "f32": Config(128, 128, 32, 8, 8, 3)}
+# Under the CPU interpreter every program costs milliseconds: one big tile.
+_INTERP = Config(32, 32, 32, 8, 4, 1)
+
+_MAX_GRID_Y = 65535
+_lock = threading.Lock()
+_agree: dict[tuple[str, str], bool] = {}
+
+
+def _family(dtype: torch.dtype) -> str:
+    return "f32" if dtype == torch.float32 else "half"
+
+
+def buckets(dtype: torch.dtype) -> list[tuple[int, Config]]:
+    """The M-bucketed config table for a dtype (exposed for tests and benchmarks)."""
+    return _F32_BUCKETS if dtype == torch.float32 else _HALF_BUCKETS
+
+
+def select_config(m: int, dtype: torch.dtype, device: torch.device | None = None) -> Config:
+    """Config for M rows; a single config when the device failed :func:`configs_agree`."""
+    if INTERPRET:
+        return _INTERP
+    fam = _family(dtype)
+    key = (str(device), fam)
+    if device is not None and device.type == "cuda" and key not in _agree:
+        with _lock:
+            if key not in _agree:
+                _agree[key] = configs_agree(dtype, device)
+    if device is not None and not _agree.get(key, True):
+        return _SINGLE[fam]
+    for max_m, cfg in buckets(dtype):
+        if m <= max_m:
+            return cfg
+    return buckets(dtype)[-1][1]
+
+
+@triton.jit
+def _mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, stride_ab, stride_bb, stride_cb,
+               stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_biasm, stride_biasn,
+               alpha, beta,
+               HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, CAST_F32: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    batch = tl.program_id(1).to(tl.int64)
+    a_ptr += batch * stride_ab
+    b_ptr += batch * stride_bb
+    c_ptr += batch * stride_cb
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    num_pid_in_group = GROUP_M * num_pid_n
+    group_id = pid // num_pid_in_group
+    first_pid_m = group_id * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + ((pid % num_pid_in_group) % group_size_m)
+    pid_n = (pid % num_pid_in_group) // group_size_m
+
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # Rows/cols past the edge re-read row/col 0 instead of being masked: their results are never stored.
+    offs_am = tl.where(offs_m < M, offs_m, 0)
+    offs_bn = tl.where(offs_n < N, offs_n, 0)
+    offs_k = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + offs_am[:, None] * stride_am + offs_k[None, :] * stride_ak
+    b_ptrs = b_ptr + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        if CAST_F32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        if IEEE:
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, b, acc)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    acc = acc * alpha
+    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_m[:, None] * stride_biasm + offs_n[None, :] * stride_biasn, mask=c_mask,
+                       other=0.0)
+        acc = acc + bias.to(tl.float32) * beta
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *, alpha: float = 1.0,
+           beta: float = 1.0, out: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
+    """``alpha * (a @ b) + beta * bias`` for 2-D ``a`` [M, K], ``b`` [K, N] (any strides), bias broadcast to [M, N].
+
+    ``config`` forces one tile config (tests and benchmarks); otherwise it is chosen by M.
+    """
+    if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"matmul: bad shapes {tuple(a.shape)} @ {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise ValueError(f"matmul: dtype mismatch {a.dtype} vs {b.dtype}")
+    m, k = a.shape
+    n = b.shape[1]
+    if out is None:
+        out = torch.empty((m, n), dtype=a.dtype, device=a.device)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        out.zero_()
+        if bias is not None and beta != 0:
+            out.add_(bias.expand(m, n) * beta)
+        return out
+    cfg = config or select_config(m, a.dtype, a.device)
+    has_bias = bias is not None and beta != 0
+    if has_bias:
+        bias2 = bias.expand(m, n)
+        sbm, sbn = bias2.stride()
+    else:
+        bias2, sbm, sbn = out, 0, 0
+    _launch(a, b, out, bias2, m, n, k, (0, 0, 0), 1, sbm, sbn, alpha, beta, has_bias, cfg)
+    return out
+
+
+def _launch(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias2: torch.Tensor, m: int, n: int, k: int,
+            batch_strides: tuple[int, int, int], batch: int, sbm: int, sbn: int, alpha: float, beta: float,
+            has_bias: bool, cfg: Config) -> None:
+    grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), batch)
+    _mm_kernel[grid](
+        a, b, out, bias2, m, n, k, *batch_strides,
+        a.stride(-2), a.stride(-1), b.stride(-2), b.stride(-1), out.stride(-2), out.stride(-1), sbm, sbn,
+        float(alpha), float(beta),
+        HAS_BIAS=has_bias, EVEN_K=(k % cfg.bk == 0), IEEE=(a.dtype == torch.float32),
+        CAST_F32=INTERPRET and a.dtype == torch.bfloat16,
+        BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk, GROUP_M=cfg.group,
+        num_warps=cfg.warps, num_stages=cfg.stages,
+    )
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Batched ``a @ b`` ([B, M, K] x [B, K, N]): grid axis 1 is the batch entry, each entry walks K like mm."""
+    if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
+        raise ValueError(f"bmm: bad shapes {tuple(a.shape)} @ {tuple(b.shape)}")
+    if a.dtype != b.dtype:
+        raise ValueError(f"bmm: dtype mismatch {a.dtype} vs {b.dtype}")
+    nb, m, k = a.shape
+    n = b.shape[2]
+    if out is None:
+        out = torch.empty((nb, m, n), dtype=a.dtype, device=a.device)
+    if nb == 0 or m == 0 or n == 0:
+        return out
+    if k == 0:
+        return out.zero_()
+    cfg = select_config(m, a.dtype, a.device)
+    for b0 in range(0, nb, _MAX_GRID_Y):  # grid axis 1 holds at most 65535 programs
+        a_, b_, o_ = a[b0:b0 + _MAX_GRID_Y], b[b0:b0 + _MAX_GRID_Y], out[b0:b0 + _MAX_GRID_Y]
+        _launch(a_, b_, o_, o_, m, n, k, (a.stride(0), b.stride(0), out.stride(0)), a_.shape[0], 0, 0, 1.0, 1.0,
+                False, cfg)
+    return out
+
+
+def configs_agree(dtype: torch.dtype, device: torch.device, m: int = 512, k: int = 1024, n: int = 768) -> bool:
+    """True when every config of the dtype's table gives bitwise the same product on this device."""
+    g = torch.Generator(device="cpu").manual_seed(1234)
+    a = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
+    w = torch.randn(n, k, generator=g).to(device=device, dtype=dtype)
+    cfgs = [c for _, c in buckets(dtype)]
+    ref = matmul(a, w.t(), config=cfgs[0])
+    return all(torch.equal(matmul(a, w.t(), config=c), ref) for c in cfgs[1:])
