@@ -1,0 +1,182 @@
+"""`detaudit run`: N independent temperature-0 requests per prompt per load arm, recorded to a run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from detaudit.analysis.summary import summarize_run
+from detaudit.errors import EndpointError, UsageError
+from detaudit.rundir.io import write_summary
+from detaudit.rundir.schema import PromptSpec, RequestParams
+from detaudit.runner import (
+    DEFAULT_BASE_URL,
+    RunOutcome,
+    RunRequest,
+    execute_run,
+    gather_prompts,
+    parse_concurrency,
+    parse_extra_body,
+    parse_headers,
+    request_from_manifest,
+)
+
+# Share of failed samples above which the run is reported as unjudgeable (exit 3); the run directory is kept.
+MAX_ERROR_SHARE = 0.5
+
+
+class _RateColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(f"{task.speed:6.1f} req/s" if task.speed else "     - req/s", style="cyan")
+
+
+def make_progress(console: Console) -> Progress:
+    """One bar per arm: done/total, rate, failed requests and distinct completions so far."""
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+        TextColumn("errors {task.fields[errors]}"), TextColumn("distinct {task.fields[distinct]}"),
+        TimeElapsedColumn(), console=console, transient=False,
+    )  # fmt: skip
+
+
+def _api_key(env_name: str, explicit: bool) -> str | None:
+    key = os.environ.get(env_name)
+    if explicit and not key:
+        raise UsageError(f"--api-key-env {env_name}: that environment variable is not set")
+    return key or None
+
+
+def build_request(
+    *, prompts: list[str], prompt_file: Path | None, extra_prompts: list[PromptSpec] | None, repeats: int,
+    base_url: str | None, api_key_env: str, model: str | None, api: str, max_tokens: int | None,
+    temperature: float, top_p: float | None, seed: int | None, stop: list[str], top_logprobs: int | None,
+    concurrency: str, rate: float | None, timeout: float, retries: int, backoff: float, extra_body: str | None,
+    headers: list[str], out: Path | None, stream: bool, force: bool, suite: str | None,
+) -> RunRequest:  # fmt: skip
+    """Turn the command line into a validated RunRequest (everything but the endpoint is checked here)."""
+    if api not in ("chat", "completions"):
+        raise UsageError(f"--api must be chat or completions, got {api!r}")
+    req = RunRequest(
+        out=out,
+        base_url=base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL,
+        api_key=_api_key(api_key_env, explicit=api_key_env != "OPENAI_API_KEY"),
+        headers=parse_headers(headers),
+        model=model,
+        api=api,  # type: ignore[arg-type]
+        prompts=gather_prompts(prompts, prompt_file, extra_prompts),
+        repeats=repeats,
+        concurrency=parse_concurrency(concurrency),
+        params=RequestParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                             stop=list(stop), top_logprobs=top_logprobs, extra_body=parse_extra_body(extra_body),
+                             timeout_s=timeout, retries=retries, rate=rate),  # fmt: skip
+        stream=stream,
+        backoff=backoff,
+        force=force,
+        suite=suite,
+    )
+    req.validate()
+    return req
+
+
+def render_run(outcome: RunOutcome, summary: dict[str, Any], console: Console) -> None:
+    """Per prompt and arm: n, ok, errors, unique completions, earliest divergence."""
+    table = Table(title=f"detaudit run {outcome.manifest.run_id} ({summary['unit']} units)")
+    for col in ("prompt", "arm", "n", "ok", "errors", "unique", "earliest fork"):
+        table.add_column(col, justify="right" if col not in ("prompt", "arm") else "left")
+    for p in summary["prompts"]:
+        for a in p["arms"]:
+            fork = "-" if a["earliest_fork"] is None else str(a["earliest_fork"])
+            table.add_row(p["prompt_id"], a["arm"], str(a["n"]), str(a["ok"]), str(a["errors"]), str(a["unique"]), fork)
+    console.print(table)
+    for note in outcome.manifest.notes:
+        console.print(f"note: {note}", highlight=False)
+    console.print(f"run directory: {outcome.run_dir}", highlight=False)
+
+
+def finish_run(outcome: RunOutcome, as_json: bool, console: Console, err_console: Console) -> dict[str, Any]:
+    """Summarize a finished run into summary.json and print it; interrupted runs print the --resume command."""
+    if outcome.interrupted:
+        done = sum(t.done for t in outcome.tallies)
+        msg = (f"interrupted: {done} of {outcome.manifest.expected_samples} samples recorded in {outcome.run_dir}; "
+               f"finish with:\n  {outcome.resume_command()}")  # fmt: skip
+        err_console.print(msg, highlight=False, markup=False)
+        raise typer.Exit(130)
+    summary = summarize_run(outcome.run_dir)
+    write_summary(outcome.run_dir, summary)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
+    else:
+        render_run(outcome, summary, console)
+    samples = summary["samples"]
+    if samples["expected"] and samples["errors"] > MAX_ERROR_SHARE * samples["expected"]:
+        raise EndpointError(f"{samples['errors']} of {samples['expected']} requests failed; see the error column "
+                            f"of {outcome.run_dir}/samples.parquet")  # fmt: skip
+    return summary
+
+
+def run_command(
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt text (repeatable)."),
+    prompt_file: Path | None = typer.Option(None, "--prompt-file", help="Plain-text prompt, or JSONL of "
+                                            '{"prompt": ...} / {"messages": [...]} objects.'),  # fmt: skip
+    repeats: int = typer.Option(100, "-n", "--repeats", help="N independent requests per prompt per arm "
+                                "(never the API's n field)."),  # fmt: skip
+    base_url: str | None = typer.Option(None, "--base-url", help="Endpoint base URL (default: env "
+                                        "OPENAI_BASE_URL, else https://api.openai.com/v1)."),  # fmt: skip
+    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the "
+                                    "API key (the key itself is never written anywhere)."),  # fmt: skip
+    model: str | None = typer.Option(None, "--model", "-m", help="Model name (default: the only model /models lists)."),
+    api: str = typer.Option("chat", "--api", help="chat or completions."),
+    max_tokens: int | None = typer.Option(None, "--max-tokens", help="max_tokens per request."),
+    temperature: float = typer.Option(0.0, "--temperature", help="Sampling temperature."),
+    top_p: float | None = typer.Option(None, "--top-p", help="top_p, if set."),
+    seed: int | None = typer.Option(None, "--seed", help="seed field, if set."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop sequence (repeatable)."),
+    top_logprobs: int | None = typer.Option(None, "--top-logprobs", help="Alternatives per token, 0-20 "
+                                            "(default 2 when the endpoint has them; 0: none)."),  # fmt: skip
+    concurrency: str = typer.Option("1", "--concurrency", "-c", help="In-flight requests; a comma list gives one "
+                                    "arm per value, run one after another (e.g. 1,64)."),  # fmt: skip
+    rate: float | None = typer.Option(None, "--rate", help="Cap on requests per second."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Seconds per HTTP attempt."),
+    retries: int = typer.Option(3, "--retries", help="Retries after a 429/5xx/timeout/broken answer."),
+    backoff: float = typer.Option(0.5, "--backoff", help="First retry delay in seconds (doubles; Retry-After wins)."),
+    extra_body: str | None = typer.Option(None, "--extra-body", help="JSON object merged into every request "
+                                          "(e.g. vLLM's cache_salt)."),  # fmt: skip
+    header: list[str] = typer.Option([], "--header", "-H", help="Extra 'Name: value' header (repeatable; the "
+                                     "value is never written anywhere)."),  # fmt: skip
+    out: Path | None = typer.Option(None, "--out", "-o", help="Run directory to create (default: runs/<run id>)."),
+    resume: bool = typer.Option(False, "--resume", help="Finish the run in --out: only missing or failed samples."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing run directory in --out."),
+    stream: bool = typer.Option(False, "--stream", help="Use streaming responses (same record, timed per stream)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+) -> None:
+    console, err_console = Console(), Console(stderr=True)
+    if resume:
+        if out is None:
+            raise UsageError("--resume needs --out DIR (the run directory to finish)")
+        given = [name for name, v in (("--prompt", prompt), ("--prompt-file", prompt_file), ("--model", model),
+                                      ("--extra-body", extra_body)) if v]  # fmt: skip
+        if given:
+            raise UsageError(f"--resume takes the run's settings from its manifest; drop {', '.join(given)}")
+        req, manifest = request_from_manifest(
+            out, base_url=base_url, api_key=_api_key(api_key_env, explicit=api_key_env != "OPENAI_API_KEY"),
+            headers=parse_headers(header), stream=stream, backoff=backoff,
+        )  # fmt: skip
+        outcome = execute_run(req, lambda: make_progress(err_console), resumed=manifest)
+    else:
+        req = build_request(
+            prompts=prompt, prompt_file=prompt_file, extra_prompts=None, repeats=repeats, base_url=base_url,
+            api_key_env=api_key_env, model=model, api=api, max_tokens=max_tokens, temperature=temperature,
+            top_p=top_p, seed=seed, stop=stop, top_logprobs=top_logprobs, concurrency=concurrency, rate=rate,
+            timeout=timeout, retries=retries, backoff=backoff, extra_body=extra_body, headers=header, out=out,
+            stream=stream, force=force, suite=None,
+        )  # fmt: skip
+        outcome = execute_run(req, lambda: make_progress(err_console))
+    finish_run(outcome, as_json, console, err_console)

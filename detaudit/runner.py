@@ -1,0 +1,611 @@
+"""The audit run pipeline: endpoint -> N requests per prompt per load arm -> run directory.
+
+Arms run one after another (a concurrency-1 arm is the serial control), each with at most `concurrency` requests in
+flight and an optional requests/s cap. Finished rows are flushed as Parquet shards about once a second, so a kill
+loses at most the last second of answers, and `--resume` sends only the sample indices that are missing (or that
+failed). Every sample index ends as exactly one row: ok, or error with its reason.
+
+Order of work, so that bad input writes nothing: validate arguments and prompts, check `--out`, reach the endpoint
+(models, auth, probe), and only then create the run directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+import signal
+import sys
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from detaudit import __version__
+from detaudit.analysis.units import completion_key
+from detaudit.client import Api, CallError, CallResult, OpenAIClient
+from detaudit.errors import UsageError
+from detaudit.probe import logprob_fields, probe_api
+from detaudit.redact import Scrubber, redact_url
+from detaudit.rundir.io import (
+    ShardWriter,
+    finalize_samples,
+    load_manifest,
+    prepare_out_dir,
+    read_samples,
+    write_manifest,
+)
+from detaudit.rundir.schema import ArmSpec, PromptSpec, RequestParams, RunManifest, TargetSpec
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_TOP_LOGPROBS = 2  # top-1 vs top-2 margin at each fork; --top-logprobs 0 turns alternatives off
+FLUSH_INTERVAL_S = 1.0
+FLUSH_ROWS = 2000
+
+
+# ---------------------------------------------------------------------------- prompts
+
+
+def load_prompt_file(path: Path) -> list[PromptSpec]:
+    """Plain text (the whole file is one prompt) or JSONL of {"prompt": ...} / {"messages": [...]} objects."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise UsageError(f"cannot read prompt file {path}: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"prompt file {path} is not UTF-8 text") from None
+    if "\x00" in text:
+        raise UsageError(f"prompt file {path} contains NUL bytes; is it a binary file?")
+    if path.suffix.lower() != ".jsonl":
+        if not text.strip():
+            raise UsageError(f"prompt file {path} is empty")
+        return [PromptSpec(prompt_id="", prompt=text.rstrip("\n"))]
+    specs: list[PromptSpec] = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        specs.append(_prompt_entry(obj, f"{path}:{lineno}"))
+    if not specs:
+        raise UsageError(f"prompt file {path} holds no prompts")
+    return specs
+
+
+def _prompt_entry(obj: Any, where: str) -> PromptSpec:
+    if not isinstance(obj, dict):
+        raise UsageError(f"{where}: expected a JSON object with \"prompt\" or \"messages\"")
+    unknown = set(obj) - {"prompt", "messages", "id", "max_tokens"}
+    if unknown:
+        raise UsageError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
+    prompt, messages = obj.get("prompt"), obj.get("messages")
+    if (prompt is None) == (messages is None):
+        raise UsageError(f"{where}: give exactly one of \"prompt\" or \"messages\"")
+    if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
+        raise UsageError(f"{where}: \"prompt\" must be a non-empty string")
+    if messages is not None:
+        ok = isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        )
+        if not ok:
+            raise UsageError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} strings")
+    max_tokens = obj.get("max_tokens")
+    if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
+        raise UsageError(f"{where}: \"max_tokens\" must be a positive integer")
+    pid = obj.get("id")
+    if pid is not None and (not isinstance(pid, str) or not pid.strip()):
+        raise UsageError(f"{where}: \"id\" must be a non-empty string")
+    return PromptSpec(prompt_id=pid or "", prompt=prompt, messages=messages, max_tokens=max_tokens)
+
+
+def gather_prompts(
+    prompts: list[str], prompt_file: Path | None, extra: list[PromptSpec] | None = None
+) -> list[PromptSpec]:
+    """All prompts of a run, in order: --prompt values, then --prompt-file entries, then `extra` (e.g. a suite).
+
+    Prompts without an id get p0, p1, ...; ids must be unique.
+    """
+    specs: list[PromptSpec] = []
+    for i, p in enumerate(prompts):
+        if not p.strip():
+            raise UsageError(f"--prompt #{i + 1} is empty")
+        specs.append(PromptSpec(prompt_id="", prompt=p))
+    if prompt_file is not None:
+        specs.extend(load_prompt_file(prompt_file))
+    specs.extend(extra or [])
+    if not specs:
+        raise UsageError("no prompt given: pass --prompt TEXT, --prompt-file FILE or --suite NAME")
+    out, seen = [], set()
+    for i, s in enumerate(specs):
+        pid = s.prompt_id or f"p{i}"
+        if pid in seen:
+            raise UsageError(f"prompt id {pid!r} appears twice")
+        seen.add(pid)
+        out.append(s.model_copy(update={"prompt_id": pid}))
+    return out
+
+
+# ---------------------------------------------------------------------------- arguments
+
+
+def parse_concurrency(value: str) -> list[int]:
+    """'1,64' -> [1, 64]: one load arm per value, run one after another."""
+    arms = []
+    for part in value.split(","):
+        part = part.strip()
+        try:
+            c = int(part)
+        except ValueError:
+            raise UsageError(f"--concurrency: {part!r} is not an integer (use e.g. 1,64)") from None
+        if c < 1:
+            raise UsageError(f"--concurrency must be >= 1, got {c}")
+        arms.append(c)
+    if len(set(arms)) != len(arms):
+        raise UsageError(f"--concurrency lists a value twice: {value}")
+    return arms
+
+
+def parse_headers(values: list[str]) -> dict[str, str]:
+    """'Name: value' pairs; the values are secrets and never leave memory."""
+    headers: dict[str, str] = {}
+    for v in values:
+        name, sep, val = v.partition(":")
+        name = name.strip()
+        if not sep or not name or any(c.isspace() for c in name):
+            raise UsageError(f"--header {name or '?'!r}: expected 'Name: value'")
+        headers[name] = val.strip()
+    return headers
+
+
+def parse_extra_body(value: str | None) -> dict[str, Any]:
+    if not value:
+        return {}
+    try:
+        obj = json.loads(value)
+    except ValueError as e:
+        raise UsageError(f"--extra-body is not valid JSON ({e.msg} at char {e.pos})") from None
+    if not isinstance(obj, dict):
+        raise UsageError("--extra-body must be a JSON object, e.g. '{\"cache_salt\": \"x\"}'")
+    reserved = {"model", "messages", "prompt", "stream", "n"} & set(obj)
+    if reserved:
+        raise UsageError(f"--extra-body may not set {', '.join(sorted(reserved))} (use the matching option)")
+    return obj
+
+
+@dataclass
+class RunRequest:
+    """Everything a run needs. Secrets (api_key, header values) live here in memory only."""
+
+    out: Path | None = None  # None: runs/<run id>
+    base_url: str = DEFAULT_BASE_URL
+    api_key: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+    model: str | None = None
+    api: Api = "chat"
+    prompts: list[PromptSpec] = field(default_factory=list)
+    repeats: int = 1
+    concurrency: list[int] = field(default_factory=lambda: [1])
+    params: RequestParams = field(default_factory=RequestParams)
+    stream: bool = False
+    backoff: float = 0.5
+    resume: bool = False
+    force: bool = False
+    suite: str | None = None
+
+    def validate(self) -> None:
+        if self.repeats < 1:
+            raise UsageError(f"-n/--repeats must be >= 1, got {self.repeats}")
+        if not self.concurrency or min(self.concurrency) < 1:
+            raise UsageError("--concurrency must be >= 1")
+        p = self.params
+        if p.max_tokens is not None and p.max_tokens < 1:
+            raise UsageError(f"--max-tokens must be >= 1, got {p.max_tokens}")
+        if p.temperature < 0:
+            raise UsageError(f"--temperature must be >= 0, got {p.temperature}")
+        if p.top_p is not None and not 0 < p.top_p <= 1:
+            raise UsageError(f"--top-p must be in (0, 1], got {p.top_p}")
+        if p.top_logprobs is not None and not 0 <= p.top_logprobs <= 20:
+            raise UsageError(f"--top-logprobs must be between 0 and 20, got {p.top_logprobs}")
+        if p.timeout_s <= 0:
+            raise UsageError(f"--timeout must be > 0, got {p.timeout_s}")
+        if p.retries < 0:
+            raise UsageError(f"--retries must be >= 0, got {p.retries}")
+        if p.rate is not None and p.rate <= 0:
+            raise UsageError(f"--rate must be > 0, got {p.rate}")
+        if self.backoff < 0:
+            raise UsageError(f"--backoff must be >= 0, got {self.backoff}")
+        if not self.base_url.startswith(("http://", "https://")):
+            raise UsageError(f"--base-url must start with http:// or https://, got {redact_url(self.base_url)!r}")
+        if self.api == "completions":
+            chat_only = [s.prompt_id for s in self.prompts if s.prompt is None]
+            if chat_only:
+                raise UsageError(f"--api completions needs plain prompts; {chat_only[0]!r} has chat messages")
+
+
+# ---------------------------------------------------------------------------- results
+
+
+@dataclass
+class ArmTally:
+    """Live per-arm counts for the progress bar (and the fallback table)."""
+
+    name: str
+    concurrency: int
+    total: int
+    done: int = 0
+    ok: int = 0
+    errors: int = 0
+    keys: set[Any] = field(default_factory=set)
+
+
+@dataclass
+class RunOutcome:
+    run_dir: Path
+    manifest: RunManifest
+    interrupted: bool = False
+    tallies: list[ArmTally] = field(default_factory=list)
+
+    def resume_command(self) -> str:
+        cmd = f"detaudit run --resume --out {_shell_quote(str(self.run_dir))}"
+        if self.manifest.target.header_names:
+            cmd += " " + " ".join(f"--header '{n}: …'" for n in self.manifest.target.header_names)
+        return cmd
+
+
+def _shell_quote(s: str) -> str:
+    import shlex
+
+    return shlex.quote(s)
+
+
+class RunInterrupted(Exception):
+    """Raised inside the pipeline when SIGINT/SIGTERM asked it to stop."""
+
+
+# ---------------------------------------------------------------------------- the pipeline
+
+
+def _endpoint_usage_error(what: str, err: CallError | str) -> UsageError:
+    return UsageError(f"{what}: {err}")
+
+
+async def _resolve_model(client: OpenAIClient, model: str | None, base_url: str) -> tuple[str | None, list[str]]:
+    """Reach the endpoint once: unreachable, 401 and unknown model are usage errors (exit 2), before any write."""
+    try:
+        models = await client.list_models()
+    except CallError as e:
+        if e.status in (401, 403):
+            raise _endpoint_usage_error(f"{redact_url(base_url)} refused the credentials", e) from None
+        if e.status is None:
+            raise _endpoint_usage_error(f"endpoint {redact_url(base_url)} is unreachable", e) from None
+        if model is None:
+            raise UsageError(f"--model is required: {redact_url(base_url)}/models answered {e}") from None
+        return model, []
+    if model is None:
+        if len(models) == 1:
+            return models[0], models
+        if not models:
+            raise UsageError(f"--model is required: {redact_url(base_url)}/models lists no model")
+        shown = ", ".join(models[:5]) + (" …" if len(models) > 5 else "")
+        raise UsageError(f"--model is required: the endpoint serves {len(models)} models ({shown})")
+    if models and model not in models:
+        shown = ", ".join(models[:5]) + (" …" if len(models) > 5 else "")
+        raise UsageError(f"unknown model {model!r}: the endpoint serves {shown}")
+    return model, models
+
+
+def _base_body(req: RunRequest, manifest: RunManifest, spec: PromptSpec) -> dict[str, Any]:
+    p = manifest.params
+    body: dict[str, Any] = dict(p.extra_body)
+    body.update(manifest.probe.get("request_fields", {}))
+    if manifest.capture != "text":
+        body.update(logprob_fields(manifest.target.api, p.top_logprobs or 0))
+    body["model"] = manifest.target.model
+    body["temperature"] = p.temperature
+    max_tokens = spec.max_tokens or p.max_tokens
+    if max_tokens is not None:
+        body["max_tokens"] = max_tokens
+    if p.top_p is not None:
+        body["top_p"] = p.top_p
+    if p.seed is not None:
+        body["seed"] = p.seed
+    if p.stop:
+        body["stop"] = list(p.stop)
+    if manifest.target.api == "chat":
+        body["messages"] = spec.messages or [{"role": "user", "content": spec.prompt}]
+    else:
+        body["prompt"] = spec.prompt
+    if req.stream and manifest.target.api == "chat":
+        body["stream_options"] = {"include_usage": True}
+    return body
+
+
+def _row(manifest: RunManifest, idx: int, spec: PromptSpec, arm: ArmSpec, repeat: int, res: CallResult) -> dict:
+    row: dict[str, Any] = {
+        "run_id": manifest.run_id, "sample_index": idx, "prompt_id": spec.prompt_id, "arm": arm.name,
+        "concurrency": arm.concurrency, "repeat": repeat, "attempts": res.attempts, "latency_s": res.latency_s,
+        "started_at": res.started_at, "finished_at": res.finished_at,
+    }  # fmt: skip
+    if res.completion is None:
+        row.update(status="error", error=res.error)
+    else:
+        row.update(status="ok", **res.completion.columns())
+    return row
+
+
+class _Runner:
+    """State of one executing run: the manifest, the shard writer, the row buffer and the stop flag."""
+
+    def __init__(self, req: RunRequest, manifest: RunManifest, run_dir: Path, progress: Any) -> None:
+        self.req, self.manifest, self.run_dir, self.progress = req, manifest, run_dir, progress
+        self.writer = ShardWriter(run_dir)
+        self.buffer: list[dict[str, Any]] = []
+        self.stop = asyncio.Event()
+        self._next_slot = 0.0
+        self.capture_seen: Counter[str] = Counter()
+
+    async def _rate_wait(self) -> None:
+        rate = self.manifest.params.rate
+        if not rate:
+            return
+        now = time.monotonic()
+        slot = max(now, self._next_slot)
+        self._next_slot = slot + 1.0 / rate
+        if slot > now:
+            await asyncio.sleep(slot - now)
+
+    async def flush(self) -> None:
+        if not self.buffer:
+            return
+        rows, self.buffer = self.buffer, []
+        await asyncio.to_thread(self.writer.write, rows)
+
+    async def _flusher(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            await self.flush()
+
+    async def run_arm(self, client: OpenAIClient, arm_pos: int, arm: ArmSpec, todo: list[tuple[int, int]],
+                      tally: ArmTally, task_id: Any) -> None:  # fmt: skip
+        queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+        for item in todo:
+            queue.put_nowait(item)
+        prompts = self.manifest.prompts
+        bodies = [_base_body(self.req, self.manifest, s) for s in prompts]
+
+        async def worker() -> None:
+            while not self.stop.is_set():
+                try:
+                    prompt_pos, repeat = queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                await self._rate_wait()
+                res = await client.call(self.manifest.target.api, bodies[prompt_pos], stream=self.req.stream)
+                idx = self.manifest.sample_index(prompt_pos, arm_pos, repeat)
+                row = _row(self.manifest, idx, prompts[prompt_pos], arm, repeat, res)
+                self.buffer.append(row)
+                if len(self.buffer) >= FLUSH_ROWS:
+                    await self.flush()
+                self._count(row, tally, task_id)
+
+        workers = [asyncio.create_task(worker()) for _ in range(min(arm.concurrency, len(todo)))]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for w in workers:
+                w.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    def _count(self, row: Mapping[str, Any], tally: ArmTally, task_id: Any) -> None:
+        tally.done += 1
+        if row["status"] == "ok":
+            tally.ok += 1
+            tally.keys.add((row["prompt_id"], completion_key(row)))
+            self.capture_seen[_row_capture(row)] += 1
+        else:
+            tally.errors += 1
+        if self.progress is not None:
+            self.progress.update(task_id, advance=1, errors=tally.errors, distinct=len(tally.keys))
+
+
+def _row_capture(row: Mapping[str, Any]) -> str:
+    if row.get("token_ids") is not None:
+        return "token_ids"
+    if row.get("tokens") is not None or row.get("token_bytes") is not None:
+        return "tokens"
+    return "text"
+
+
+def _todo(manifest: RunManifest, run_dir: Path, arm_pos: int, tally: ArmTally) -> list[tuple[int, int]]:
+    """(prompt_pos, repeat) pairs of this arm still to send: never sent, or failed last time."""
+    done: dict[int, Mapping[str, Any]] = {}
+    if (run_dir / "samples.parquet").exists() or (run_dir / "shards").is_dir():
+        for row in read_samples(run_dir).to_pylist():
+            done[row["sample_index"]] = row
+    todo = []
+    for prompt_pos, spec in enumerate(manifest.prompts):
+        for repeat in range(manifest.repeats):
+            row = done.get(manifest.sample_index(prompt_pos, arm_pos, repeat))
+            if row is not None and row["status"] == "ok":
+                tally.done += 1
+                tally.ok += 1
+                tally.keys.add((spec.prompt_id, completion_key(row)))
+            else:
+                todo.append((prompt_pos, repeat))
+    return todo
+
+
+def _new_manifest(req: RunRequest, model: str | None, probe: dict[str, Any]) -> RunManifest:
+    capture = probe.get("capture", "text")
+    params = req.params
+    if capture != "text" and params.top_logprobs is None and probe.get("top_logprobs"):
+        params = params.model_copy(update={"top_logprobs": DEFAULT_TOP_LOGPROBS})
+    notes = []
+    if capture == "text":
+        notes.append("The endpoint returned no per-token data: completions are compared as text.")
+    return RunManifest(
+        run_id=uuid.uuid4().hex[:12],
+        tool_version=__version__,
+        created_at=datetime.now(timezone.utc),
+        target=TargetSpec(kind="endpoint", base_url=redact_url(req.base_url), api=req.api, model=model,
+                          header_names=sorted(req.headers)),  # fmt: skip
+        params=params,
+        prompts=req.prompts,
+        arms=[ArmSpec(name=f"c{c}", concurrency=c) for c in req.concurrency],
+        repeats=req.repeats,
+        capture=capture,
+        probe=probe,
+        environment={"python": sys.version.split()[0], "platform": platform.platform(),
+                     "stream": req.stream},  # fmt: skip
+        suite=req.suite,
+        notes=notes,
+    )
+
+
+def request_from_manifest(out: Path, *, base_url: str | None, api_key: str | None, headers: dict[str, str],
+                          stream: bool, backoff: float) -> tuple[RunRequest, RunManifest]:  # fmt: skip
+    """The request of an interrupted run, from its manifest; credentials come from the caller (never stored)."""
+    manifest = load_manifest(out)
+    if manifest.target.kind != "endpoint":
+        raise UsageError(f"{out} is a local run; resume it with the command that made it")
+    recorded = manifest.target.base_url or DEFAULT_BASE_URL
+    if base_url is not None and redact_url(base_url) != recorded:
+        raise UsageError(f"--base-url {redact_url(base_url)} differs from the run's {recorded}")
+    if "***" in recorded and base_url is None:
+        raise UsageError("the run's --base-url held credentials that were not stored; pass --base-url again")
+    missing = [n for n in manifest.target.header_names if n not in headers]
+    if missing:
+        raise UsageError(f"the run sent header(s) {', '.join(missing)}; pass --header again (values are not stored)")
+    req = RunRequest(
+        out=out, base_url=base_url or recorded, api_key=api_key, headers=headers, model=manifest.target.model,
+        api=manifest.target.api, prompts=manifest.prompts, repeats=manifest.repeats,
+        concurrency=[a.concurrency for a in manifest.arms], params=manifest.params,
+        stream=bool(manifest.environment.get("stream", stream)), backoff=backoff, resume=True, suite=manifest.suite,
+    )  # fmt: skip
+    return req, manifest
+
+
+async def _execute(req: RunRequest, make_progress: Callable[[], Any] | None,
+                   resumed: RunManifest | None) -> RunOutcome:  # fmt: skip
+    scrubber = Scrubber()
+    max_conn = max(req.concurrency) + 4
+    async with OpenAIClient(req.base_url, api_key=req.api_key, headers=req.headers, timeout=req.params.timeout_s,
+                            retries=req.params.retries, backoff=req.backoff, max_connections=max_conn,
+                            scrubber=scrubber) as client:  # fmt: skip
+        model, models = await _resolve_model(client, req.model, req.base_url)
+        if resumed is None:
+            probe = await probe_api(client, req.api, model, req.params.extra_body)
+            if not probe["ok"]:
+                raise UsageError(f"{req.api} API of {redact_url(req.base_url)} does not answer: {probe['error']}")
+            probe["models"] = models
+            manifest = _new_manifest(req, model, probe)
+            run_dir = req.out or Path("runs") / manifest.run_id
+            prepare_out_dir(run_dir, resume=False, force=req.force)
+        else:
+            manifest = resumed.model_copy(update={"status": "started", "finished_at": None})
+            run_dir = req.out or Path(".")
+        write_manifest(run_dir, manifest)
+        progress = make_progress() if make_progress is not None else None
+        runner = _Runner(req, manifest, run_dir, progress)
+        tallies = [ArmTally(a.name, a.concurrency, len(manifest.prompts) * manifest.repeats) for a in manifest.arms]
+        flusher = asyncio.create_task(runner._flusher())
+        loop = asyncio.get_running_loop()
+        current: list[asyncio.Task[Any]] = []
+
+        def on_signal() -> None:
+            runner.stop.set()
+            for t in current:
+                t.cancel()
+
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, on_signal)
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
+        interrupted = False
+        try:
+            if progress is not None:
+                progress.start()
+            for arm_pos, arm in enumerate(manifest.arms):
+                tally = tallies[arm_pos]
+                todo = _todo(manifest, run_dir, arm_pos, tally)
+                task_id = None
+                if progress is not None:
+                    task_id = progress.add_task(f"arm {arm.name}", total=tally.total, completed=tally.done,
+                                                errors=tally.errors, distinct=len(tally.keys))  # fmt: skip
+                if not todo:
+                    continue
+                task = asyncio.create_task(runner.run_arm(client, arm_pos, arm, todo, tally, task_id))
+                current[:] = [task]
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    if not runner.stop.is_set():
+                        raise
+                if runner.stop.is_set():
+                    interrupted = True
+                    break
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            flusher.cancel()
+            await asyncio.gather(flusher, return_exceptions=True)
+            await runner.flush()
+            if progress is not None:
+                progress.stop()
+        if interrupted:
+            manifest = manifest.model_copy(update={"status": "interrupted", "finished_at": datetime.now(timezone.utc)})
+            write_manifest(run_dir, manifest)
+            return RunOutcome(run_dir, manifest, interrupted=True, tallies=tallies)
+        finalize_samples(run_dir)
+        manifest = _final_capture(manifest, runner.capture_seen)
+        manifest = manifest.model_copy(update={"status": "complete", "finished_at": datetime.now(timezone.utc)})
+        write_manifest(run_dir, manifest)
+        return RunOutcome(run_dir, manifest, tallies=tallies)
+
+
+def _final_capture(manifest: RunManifest, seen: Counter[str]) -> RunManifest:
+    """If some answers came back poorer than the probe promised, say so: comparisons must use the common unit."""
+    if not seen:
+        return manifest
+    order = ("text", "tokens", "token_ids")
+    lowest = min(seen, key=order.index)
+    if order.index(lowest) >= order.index(manifest.capture):
+        return manifest
+    note = (f"capture dropped from {manifest.capture} to {lowest} on {seen[lowest]} of {sum(seen.values())} answers "
+            f"this session: compare completions as {'text' if lowest == 'text' else 'tokens'}")  # fmt: skip
+    return manifest.model_copy(update={"capture": lowest, "notes": [*manifest.notes, note]})
+
+
+def _check_out(out: Path, force: bool) -> None:
+    """Refuse an occupied --out before touching the network; --force clears it only once the endpoint answered."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise UsageError(f"--out {out} exists and is not a directory")
+    if not any(out.iterdir()):
+        return
+    if not force:
+        raise UsageError(f"--out {out} already exists; pass --resume to finish it or --force to replace it")
+    if not (out / "manifest.json").exists():
+        raise UsageError(f"--force refuses to clear {out}: it is not a detaudit run directory")
+
+
+def execute_run(req: RunRequest, make_progress: Callable[[], Any] | None = None,
+                resumed: RunManifest | None = None) -> RunOutcome:  # fmt: skip
+    """Validate, reach the endpoint, write the run directory; returns where it is and how it ended."""
+    req.validate()
+    if resumed is None and req.out is not None:
+        _check_out(req.out, req.force)
+    return asyncio.run(_execute(req, make_progress, resumed))
