@@ -48,6 +48,11 @@ def _register() -> None:
     from detaudit.cli import suites
 
     app.command("suites", help="List the bundled probe suites, or show and validate one suite.")(suites.suites_command)
+    from detaudit.cli import run
+
+    app.command("run", help="Fire N temperature-0 requests per prompt per load arm and record every token stream.")(
+        run.run_command
+    )
 
 
 _register()
