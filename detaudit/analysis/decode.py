@@ -103,6 +103,19 @@ class Decoder:
             return tokens[position]
         return f"<id:{int(self.seqs.seq(u)[position])}>"
 
+    def units(self, u: int, source: str) -> list | None:
+        """Completion u as a list of `source` units (ids, bytes, strings or characters); None if not recorded."""
+        if source == "text":
+            return list(self.completion_text(u))
+        if source == self.seqs.source == "token_ids":
+            return self.seqs.seq(u).tolist()
+        if self.seqs.source == "text":
+            return None
+        value = self._cell(source, int(self.seqs.rep_row[u]))
+        if value is None or (source == "token_bytes" and any(b is None for b in value)):
+            return None
+        return value
+
     def token_id(self, u: int, position: int) -> int | None:
         if self.seqs.source != "token_ids" or position >= self.seqs.lens[u]:
             return None

@@ -37,13 +37,19 @@ def _root(
 
 def _register() -> None:
     # Each command module exposes plain functions; registration lives here so the command list is one place.
-    from detaudit.cli import schema, tiny_model
+    from detaudit.cli import analyze, schema, tiny_model
 
     app.command("schema", help="Print the run-directory schema (samples.parquet columns, manifest fields).")(
         schema.schema_command
     )
     app.command("tiny-model", help="Build a tiny random-weight model with an offline tokenizer (tests, demos).")(
         tiny_model.tiny_model_command
+    )
+    app.command("analyze", help="Analyse a run: unique completions, forks, statistics, load verdict.")(
+        analyze.analyze_command
+    )
+    app.command("compare", help="Compare two runs: same setup? same modal completions? where do they part?")(
+        analyze.compare_command
     )
     from detaudit.cli import suites
 

@@ -1,0 +1,172 @@
+"""Terminal rendering of a summary (detaudit.summary/1) and of a comparison (detaudit.compare/1) with rich.
+
+Renders from the JSON documents only, so what the terminal shows is exactly what --json and summary.json say.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+FORKS_SHOWN = 3  # per arm, in the terminal; the JSON has them all (up to the summary's limits)
+_VERDICT_STYLE = {
+    "deterministic": "bold green",
+    "load-dependent": "bold yellow",
+    "load-independent": "bold red",
+    "inconclusive": "bold magenta",
+}
+
+
+def _pct(x: float | None, digits: int = 1) -> str:
+    return "–" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def _branch_text(branch: dict[str, Any]) -> str:
+    return "⟂ (ended)" if branch["token"] == "" else repr(branch["token"])
+
+
+def _fork_line(fork: dict[str, Any]) -> Text:
+    line = Text(f"  @{fork['position']:<5} ", style="bold")
+    line.append(f"({fork['prefix_count']} through) ", style="dim")
+    line.append(repr(fork["prefix"][-40:]), style="cyan")
+    line.append(" → ")
+    parts = [f"{_branch_text(b)} ×{b['count']}" for b in fork["branches"]]
+    if fork["branches_total"] > len(fork["branches"]):
+        parts.append(f"… {fork['branches_total'] - len(fork['branches'])} more")
+    line.append(" | ".join(parts))
+    if fork.get("margin") is not None:
+        line.append(f"  margin {fork['margin']:.3g}", style="yellow")
+    return line
+
+
+def _bound_text(arm: dict[str, Any]) -> str:
+    st = arm["stats"]
+    if st["divergence_rate_upper95"] is not None:
+        return f"rate ≤ {_pct(st['divergence_rate_upper95'], 2)}"
+    if st["modal_share_wilson95"]:
+        lo, hi = st["modal_share_wilson95"]
+        return f"{100 * lo:.1f}–{100 * hi:.1f}%"
+    return "–"
+
+
+def _arm_table(prompt: dict[str, Any]) -> Table:
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for col in ("arm", "conc", "ok/n", "err", "unique", "modal", "95% bound", "1st div min/med", "forks"):
+        table.add_column(col, justify="left" if col == "arm" else "right")
+    for arm in prompt["arms"]:
+        fd = arm["first_divergence"]
+        first = "–" if fd["min"] is None else f"{fd['min']}/{fd['median']}"
+        table.add_row(
+            arm["arm"],
+            str(arm["concurrency"]),
+            f"{arm['ok']}/{arm['n']}",
+            str(arm["errors"]),
+            str(arm["unique"]),
+            _pct(arm["stats"]["modal_share"]),
+            _bound_text(arm),
+            first,
+            str(arm["forks_total"]),
+        )
+    return table
+
+
+def _miss_hint(arm: dict[str, Any]) -> Text | None:
+    """For an arm that never diverged: what N agreeing samples can and cannot rule out."""
+    st = arm["stats"]
+    if arm["unique"] != 1 or not st["miss_probability"]:
+        return None
+    miss = st["miss_probability"]["0.01"]
+    need = st["samples_needed95"]["0.01"]
+    return Text(
+        f"  {arm['arm']}: {arm['ok']} agreeing samples; a 1% divergence would go unseen with probability "
+        f"{_pct(miss, 2)} ({need} samples catch it 95% of the time)",
+        style="dim",
+    )
+
+
+def render_summary(summary: dict[str, Any], console: Console) -> None:
+    """Print the run summary: per prompt an arm table, the first forks and the verdict; then cross-prompt figures."""
+    detail = summary["unit_detail"]
+    samples = summary["samples"]
+    head = Text(f"run {summary['run_id']}", style="bold")
+    head.append(f"  model {summary.get('model') or '?'}  ·  {summary['run_status']}", style="dim")
+    console.print(head)
+    console.print(
+        f"compared as {detail['compared_as']} (unit: {summary['unit']}, positions in {detail['positions']}); "
+        f"{samples['ok']} ok, {samples['errors']} errors of {samples['rows']} rows ({samples['expected']} expected)",
+        highlight=False,
+    )
+    for prompt in summary["prompts"]:
+        console.print()
+        title = Text(f"prompt {prompt['prompt_id']}: ", style="bold")
+        title.append(prompt["verdict"], style=_VERDICT_STYLE.get(prompt["verdict"], "bold"))
+        title.append(f" — {prompt['verdict_reason']}", style="dim")
+        console.print(title)
+        console.print(_arm_table(prompt))
+        for arm in prompt["arms"]:
+            if arm["forks"]:
+                console.print(Text(f"  forks in {arm['arm']}:", style="bold"))
+                for fork in arm["forks"][:FORKS_SHOWN]:
+                    console.print(_fork_line(fork))
+                if arm["forks_total"] > FORKS_SHOWN:
+                    console.print(Text(f"  … {arm['forks_total'] - FORKS_SHOWN} more (--json)", style="dim"))
+            hint = _miss_hint(arm)
+            if hint is not None:
+                console.print(hint)
+            for fp in arm.get("system_fingerprints") or []:
+                console.print(
+                    f"  system_fingerprint {fp['system_fingerprint']}: n={fp['n']} unique={fp['unique']} "
+                    f"modal {_pct(fp['modal_share'])}",
+                    highlight=False,
+                )
+    if len(summary["prompts"]) > 1:
+        ag = summary["agreement"]
+        console.print()
+        console.print(
+            Text(
+                f"prompts with all completions identical: {ag['all_identical']}/{ag['prompts']} ({_pct(ag['share'])})",
+                style="bold",
+            )
+        )
+        for arm in ag["by_arm"]:
+            console.print(f"  {arm['arm']}: {arm['all_identical']}/{arm['prompts']} ({_pct(arm['share'])})")
+        for fp in ag.get("by_system_fingerprint") or []:
+            console.print(
+                f"  system_fingerprint {fp['system_fingerprint']}: {fp['all_identical']}/{fp['prompts']}",
+                highlight=False,
+            )
+        if summary["earliest_fork"]:
+            ef = summary["earliest_fork"]
+            console.print(f"earliest fork: prompt {ef['prompt_id']}, arm {ef['arm']}, position {ef['position']}")
+
+
+def render_compare(result: dict[str, Any], console: Console) -> None:
+    """Print a comparison of two runs: setup differences, then per prompt whether the modal completions agree."""
+    a, b = result["a"], result["b"]
+    console.print(Text(f"A {a['run_id']} ({a['model']})  vs  B {b['run_id']} ({b['model']})", style="bold"))
+    console.print(f"compared as {result['compared_as']}", highlight=False)
+    if not result["same_model"]:
+        console.print(Text(f"models differ: {a['model']} vs {b['model']}", style="yellow"))
+    for name, (va, vb) in result["param_differences"].items():
+        console.print(Text(f"parameter {name} differs: {va!r} vs {vb!r}", style="yellow"))
+    for diff in result["prompt_differences"]:
+        console.print(Text(f"prompt {diff['prompt_id']}: {diff['what']}", style="yellow"))
+    table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
+    for col in ("prompt", "modal equal", "unique A/B", "earliest fork A/B", "modals part at", "A", "B"):
+        table.add_column(col)
+    for p in result["prompts"]:
+        split = p["modal_split"]
+        ef = p["earliest_fork"]
+        table.add_row(
+            p["prompt_id"],
+            Text("yes", style="green") if p["modal_equal"] else Text("no", style="red"),
+            f"{p['unique']['a']}/{p['unique']['b']}",
+            f"{ef['a'] if ef['a'] is not None else '–'}/{ef['b'] if ef['b'] is not None else '–'}",
+            "–" if split is None else str(split["position"]),
+            "" if split is None else repr(split["a"]),
+            "" if split is None else repr(split["b"]),
+        )
+    console.print(table)
