@@ -15,6 +15,7 @@ from rich.text import Text
 
 from detaudit.analysis.summary import summarize_run
 from detaudit.errors import EndpointError, UsageError
+from detaudit.probes.suites import load_suite
 from detaudit.rundir.io import write_summary
 from detaudit.rundir.schema import PromptSpec, RequestParams
 from detaudit.runner import (
@@ -126,6 +127,8 @@ def run_command(
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt text (repeatable)."),
     prompt_file: Path | None = typer.Option(None, "--prompt-file", help="Plain-text prompt, or JSONL of "
                                             '{"prompt": ...} / {"messages": [...]} objects.'),  # fmt: skip
+    suite: str | None = typer.Option(None, "--suite", help="A probe suite: bundled name (see `detaudit suites`) "
+                                     "or a .yaml/.jsonl file; every entry is its own prompt id."),  # fmt: skip
     repeats: int = typer.Option(100, "-n", "--repeats", help="N independent requests per prompt per arm "
                                 "(never the API's n field)."),  # fmt: skip
     base_url: str | None = typer.Option(None, "--base-url", help="Endpoint base URL (default: env "
@@ -162,7 +165,7 @@ def run_command(
         if out is None:
             raise UsageError("--resume needs --out DIR (the run directory to finish)")
         given = [name for name, v in (("--prompt", prompt), ("--prompt-file", prompt_file), ("--model", model),
-                                      ("--extra-body", extra_body)) if v]  # fmt: skip
+                                      ("--extra-body", extra_body), ("--suite", suite)) if v]  # fmt: skip
         if given:
             raise UsageError(f"--resume takes the run's settings from its manifest; drop {', '.join(given)}")
         req, manifest = request_from_manifest(
@@ -171,12 +174,15 @@ def run_command(
         )  # fmt: skip
         outcome = execute_run(req, lambda: make_progress(err_console), resumed=manifest)
     else:
+        chosen = load_suite(suite) if suite else None
         req = build_request(
-            prompts=prompt, prompt_file=prompt_file, extra_prompts=None, repeats=repeats, base_url=base_url,
+            prompts=prompt, prompt_file=prompt_file, extra_prompts=chosen.prompts if chosen else None,
+            repeats=repeats, base_url=base_url,
             api_key_env=api_key_env, model=model, api=api, max_tokens=max_tokens, temperature=temperature,
             top_p=top_p, seed=seed, stop=stop, top_logprobs=top_logprobs, concurrency=concurrency, rate=rate,
             timeout=timeout, retries=retries, backoff=backoff, extra_body=extra_body, headers=header, out=out,
-            stream=stream, force=force, suite=None,
+            stream=stream, force=force,
+            suite=None if chosen is None else chosen.name if chosen.bundled else chosen.source,
         )  # fmt: skip
         outcome = execute_run(req, lambda: make_progress(err_console))
     finish_run(outcome, as_json, console, err_console)
