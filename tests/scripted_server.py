@@ -63,6 +63,8 @@ Faults (``faults=dict(...)``), decided per arrival on the completion paths only 
   (200 with broken JSON), ``"truncated_sse"`` (streams stop half-way without a finish_reason or ``[DONE]``; a
   non-streaming request gets a reset instead), ``"non_openai"`` (200 with ``{"hello": "world"}``), ``"html"`` (502
   HTML error page).
+* ``prompts``: only requests for these prompt texts get faults (default: all), e.g. to spare the capability
+  probe that `detaudit run` sends first.
 * ``server.stats``: counts of ``requests``, ``ok``, ``faults`` by kind, ``max_in_flight`` and ``open_connections``.
 
 Standalone (benchmarks, crash tests): ``python tests/scripted_server.py --port 0 --script script.json`` prints
@@ -192,6 +194,8 @@ class ScriptedServer:
         self.fault_first = deque(f.pop("first", []))
         self.retry_after = float(f.pop("retry_after", 0.05))
         self.hang_s = float(f.pop("hang_s", 5.0))
+        prompts = f.pop("prompts", None)
+        self.fault_prompts = None if prompts is None else set(prompts)
         self._fault_rng = random.Random(f.pop("seed", seed))
         if f:
             raise ValueError(f"unknown fault options: {sorted(f)}")
@@ -312,7 +316,18 @@ class ScriptedServer:
         await self._completion(api, req, send)
 
     async def _completion(self, api: str, req: dict[str, Any], send: Any) -> None:
-        fault = self._draw_fault()
+        if api == "chat":
+            msgs = req.get("messages")
+            if not isinstance(msgs, list) or not msgs or not isinstance(msgs[-1], dict):
+                await _json(send, 400, _err("messages must be a non-empty list", "invalid_request_error", None))
+                return
+            key = str(msgs[-1].get("content", ""))
+        else:
+            if not isinstance(req.get("prompt"), str):
+                await _json(send, 400, _err("prompt must be a string", "invalid_request_error", None))
+                return
+            key = req["prompt"]
+        fault = self._draw_fault(key)
         if fault is not None:
             self.stats["faults"][fault] += 1
             if await self._fault_before_body(fault, send):
@@ -332,18 +347,6 @@ class ScriptedServer:
         if stream and not self.stream_ok:
             await _json(send, 400, _err("stream is not supported", "invalid_request_error", None))
             return
-        if api == "chat":
-            msgs = req.get("messages")
-            if not isinstance(msgs, list) or not msgs or not isinstance(msgs[-1], dict):
-                await _json(send, 400, _err("messages must be a non-empty list", "invalid_request_error", None))
-                return
-            key = str(msgs[-1].get("content", ""))
-        else:
-            if not isinstance(req.get("prompt"), str):
-                await _json(send, 400, _err("prompt must be a string", "invalid_request_error", None))
-                return
-            key = req["prompt"]
-
         self.in_flight += 1
         self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self.in_flight)
         try:
@@ -378,7 +381,9 @@ class ScriptedServer:
             self.stats["ok"] += 1
             await _json(send, 200, ctx.full())
 
-    def _draw_fault(self) -> str | None:
+    def _draw_fault(self, prompt: str) -> str | None:
+        if self.fault_prompts is not None and prompt not in self.fault_prompts:
+            return None
         with self._lock:
             if self.fault_first:
                 return self.fault_first.popleft()
