@@ -168,15 +168,10 @@ def _modal(arm: Mapping[str, Any]) -> Mapping[str, Any] | None:
     return completions[0] if completions else None
 
 
-def _modal_key(arm: Mapping[str, Any]) -> Any:
-    """What two modal completions are compared by: token ids or tokens when the summary has them, else text."""
+def _modal_text(arm: Mapping[str, Any]) -> str | None:
+    """What two modal completions are compared by: their text, the one form every capture level has."""
     modal = _modal(arm)
-    if modal is None:
-        return None
-    for key in ("token_ids", "tokens"):
-        if modal.get(key) is not None:
-            return (key, tuple(modal[key]))
-    return ("text", modal.get("text"))
+    return None if modal is None else modal.get("text")
 
 
 def _baseline_arm(base_prompt: Mapping[str, Any], concurrency: Any) -> Mapping[str, Any] | None:
@@ -252,7 +247,7 @@ def evaluate_gate(
                 continue
             bwhere = f"{where} vs baseline@{arm_name(base_arm)}"
             if "require-same-modal" in rules:
-                same = _modal_key(arm) == _modal_key(base_arm)
+                same = _modal_text(arm) == _modal_text(base_arm)
                 rules["require-same-modal"].checks.append(
                     Check(bwhere, same, "same modal completion" if same else "modal completion differs")
                 )

@@ -7,19 +7,21 @@ table cells never hold a raw newline or pipe.
 from __future__ import annotations
 
 import html
+import re
 
 from detaudit.reports.model import Cell, ForkNode, Report, shorten
 
 from detaudit.gate import GateResult
 
 MAX_FORKS = 5  # fork lines per cell before "... and N more"
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f]")  # terminal escapes and the like, never useful in Markdown
 
 
 def md_text(text: str, limit: int | None = None) -> str:
     """Model text made inert for a Markdown table cell: HTML-escaped, pipes/backticks/brackets escaped, one line."""
     if limit is not None:
         text = shorten(text, limit)
-    text = html.escape(text, quote=False)
+    text = _CONTROL.sub("\ufffd", html.escape(text, quote=False))
     for ch in "\\`*_[]|#~":
         text = text.replace(ch, "\\" + ch)
     return text.replace("\r", "").replace("\n", "↵").replace("\t", "→")

@@ -14,7 +14,7 @@ from typing import Any
 from detaudit.gate import arm_name
 from detaudit.rundir.schema import RunManifest
 
-TOKEN_WINDOW = 6  # tokens shown on each side of a fork in the aligned token view
+TOKEN_WINDOW = 6  # units shown on each side of a fork in the aligned token view (the summary keeps 6)
 MAX_COMPLETIONS = 20  # completions-table rows per arm; the rest are counted in one line
 MAX_TOKEN_VIEWS = 8  # variants shown in the aligned token view per arm
 SHORT_TEXT = 160
@@ -228,43 +228,33 @@ def _fork_tree(forks: Sequence[Mapping[str, Any]]) -> list[ForkNode]:
     return roots
 
 
-def _tokens_of(completion: Mapping[str, Any], unit: str) -> list[str] | None:
-    tokens = completion.get("tokens")
-    if tokens is not None:
-        return [str(t) for t in tokens]
-    if unit == "text":
-        return list(completion.get("text") or "")
-    return None
-
-
-def _slots(seq: list[str], start: int, stop: int, fork: int) -> list[Tok]:
-    """Tokens start..stop-1 of `seq`; the slot right after its last token marks its end, later slots are blank."""
+def _slots(window: list[str], start: int, stop: int, fork: int, length: int) -> list[Tok]:
+    """Slots start..stop-1 of a completion of `length` units whose units from `start` on are `window`:
+    the slot right after its last unit marks its end, later slots are blank."""
     out = []
     for i in range(start, stop):
-        if i < len(seq):
-            out.append(Tok(text=shorten(seq[i], 40), diverges=i == fork))
-        elif i == len(seq):
+        if i < length and i - start < len(window):
+            out.append(Tok(text=shorten(window[i - start], 40), diverges=i == fork))
+        elif i == length:
             out.append(Tok(text="", diverges=i == fork, end=True))
         else:
             out.append(Tok(text="", blank=True))
     return out
 
 
-def _token_views(completions: Sequence[Mapping[str, Any]], unit: str) -> tuple[list[TokenView], str | None]:
+def _token_views(completions: Sequence[Mapping[str, Any]]) -> tuple[list[TokenView], str | None]:
+    """Each listed variant against the modal completion, from the `context` the summary keeps around its fork."""
     if len(completions) < 2:
         return [], None
-    modal = _tokens_of(completions[0], unit)
-    if modal is None:
-        return [], "the summary has no per-completion tokens, so the aligned token view is not available"
+    modal_length = int(completions[0].get("length", 0))
     views = []
     for rank, comp in enumerate(completions[1 : MAX_TOKEN_VIEWS + 1], start=2):
-        tokens = _tokens_of(comp, unit)
-        pos = comp.get("first_divergence")
-        if tokens is None or pos is None:
+        ctx, pos = comp.get("context"), comp.get("first_divergence")
+        if ctx is None or pos is None:
             continue
-        pos = int(pos)
-        start = max(0, pos - TOKEN_WINDOW)
-        stop = min(pos + TOKEN_WINDOW, max(len(modal), len(tokens)) + 1)
+        pos, start = int(pos), int(ctx["start"])
+        length = int(comp.get("length", 0))
+        stop = min(pos + TOKEN_WINDOW, max(modal_length, length) + 1)
         views.append(
             TokenView(
                 rank=rank,
@@ -272,19 +262,19 @@ def _token_views(completions: Sequence[Mapping[str, Any]], unit: str) -> tuple[l
                 position=pos,
                 start=start,
                 positions=list(range(start, stop)),
-                modal=_slots(modal, start, stop, pos),
-                variant=_slots(tokens, start, stop, pos),
+                modal=_slots(list(ctx["modal"]), start, stop, pos, modal_length),
+                variant=_slots(list(ctx["tokens"]), start, stop, pos, length),
             )
         )
     more = len(completions) - 1 - MAX_TOKEN_VIEWS
-    return views, (f"{more} more variants not shown" if more > 0 else None)
+    return views, (f"{more} more listed variants not shown here" if more > 0 else None)
 
 
 def _cell(run: RunInfo, arm: Mapping[str, Any]) -> Cell:
     completions = list(arm.get("completions") or [])
     first = arm.get("first_divergence") or {}
     forks = list(arm.get("forks") or [])
-    views, note = _token_views(completions, run.unit)
+    views, note = _token_views(completions)
     return Cell(
         run=run,
         arm=arm_name(arm),

@@ -28,6 +28,7 @@ COLUMNS = [
     "token_ids", "tokens", "token_bytes", "top_logprobs", "system_fingerprint",
 ]  # fmt: skip
 MIN_SAMPLES = 2  # fewer ok samples than this cannot show a divergence: the arm is inconclusive
+CONTEXT_UNITS = 6  # units each side of a completion's first divergence kept for the report's aligned view
 
 
 @dataclass(frozen=True)
@@ -98,9 +99,46 @@ def _forks(seqs: Sequences, dec: Decoder, uniq: np.ndarray, counts: np.ndarray, 
                 "branches": branches,
                 "branches_total": len(children),
                 "margin": dec.margin(on_modal, f.position) if on_modal is not None else None,
+                "parent": None,
             }
         )
+    _link_parents(shown, out, sc, limits)
     return out, len(raw)
+
+
+def _link_parents(shown: list, out: list[dict], sorted_counts: np.ndarray, limits: Limits) -> None:
+    """Set each listed fork's `parent` to {fork, branch}: the deepest listed fork above it and the branch it is on.
+
+    Forks are lcp intervals of the sorted completions, so an ancestor's interval contains its descendants'.
+    A fork whose ancestors are not listed (limits), or that sits on an unlisted branch, stays a root (None).
+    """
+    for gi, g in enumerate(shown):
+        above = [
+            fi for fi, f in enumerate(shown) if f.position < g.position and f.first <= g.first and g.last <= f.last
+        ]
+        if not above:
+            continue
+        fi = max(above, key=lambda i: shown[i].position)
+        f = shown[fi]
+        ranked = sorted(
+            range(len(f.children)),
+            key=lambda c: (-int(sorted_counts[f.children[c][0] : f.children[c][1] + 1].sum()), f.children[c][0]),
+        )
+        child = next(c for c, (a, b) in enumerate(f.children) if a <= g.first <= b)
+        branch = ranked.index(child)
+        if branch < limits.branches:
+            out[gi]["parent"] = {"fork": fi, "branch": branch}
+
+
+def _context(dec: Decoder, seqs: Sequences, modal: int, u: int, fork: int) -> dict[str, Any]:
+    """Units of completion u and of the modal one around u's first divergence (CONTEXT_UNITS each side)."""
+    start = max(0, fork - CONTEXT_UNITS)
+    stop = fork + CONTEXT_UNITS
+    return {
+        "start": start,
+        "tokens": [dec.token(u, p) for p in range(start, min(int(seqs.lens[u]), stop))],
+        "modal": [dec.token(modal, p) for p in range(start, min(int(seqs.lens[modal]), stop))],
+    }
 
 
 def _histogram(fd: np.ndarray, counts: np.ndarray) -> dict[str, Any]:
@@ -146,6 +184,8 @@ def _arm(
         }
         for i, (u, c) in enumerate(zip(uniq[: limits.completions], counts[: limits.completions], strict=True))
     ]
+    for i, comp in enumerate(block["completions"][1:], start=1):
+        comp["context"] = _context(dec, seqs, int(uniq[0]), int(uniq[i]), int(fd[i]))
     block["first_divergence"] = _histogram(fd, counts)
     block["forks"] = forks
     block["forks_total"] = forks_total

@@ -59,6 +59,14 @@ def _register() -> None:
     app.command("run", help="Fire N temperature-0 requests per prompt per load arm and record every token stream.")(
         run.run_command
     )
+    from detaudit.cli import gate, report
+
+    app.command("report", help="Render runs side by side as self-contained HTML, Markdown and/or JUnit XML.")(
+        report.report_command
+    )
+    app.command("gate", help="Pass or fail a run on thresholds (and a baseline run); exit 0/1/2/3 for CI.")(
+        gate.gate_command
+    )
 
 
 _register()

@@ -1,0 +1,94 @@
+"""`detaudit gate RUN [--baseline RUN0] [thresholds]`: pass/fail a model release on its audit, for CI.
+
+Exit 0 pass, 1 a rule failed, 2 usage or input error, 3 too many endpoint errors to judge. One line per rule;
+the Markdown verdict also goes to $GITHUB_STEP_SUMMARY when that is set.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from detaudit.errors import EXIT_ENDPOINT, EndpointError, GateFailed
+from detaudit.gate import GateResult, GateThresholds, run_gate
+from detaudit.reports.junit import gate_junit
+from detaudit.reports.markdown import render_gate_markdown, render_markdown
+from detaudit.reports.model import build_report
+from detaudit.rundir.io import atomic_write_bytes
+from detaudit.rundir.schema import RunManifest
+
+
+def gate_command(
+    run: Path = typer.Argument(..., help="The run directory to judge."),
+    baseline: Path | None = typer.Option(None, "--baseline", help="A baseline run of the same prompts."),
+    max_unique: int | None = typer.Option(None, "--max-unique", help="At most K distinct completions per arm."),
+    min_modal_share: float | None = typer.Option(
+        None, "--min-modal-share", help="The modal completion's share of ok samples is at least R (0-1)."
+    ),
+    min_first_divergence: int | None = typer.Option(
+        None, "--min-first-divergence", help="No sample diverges from the modal completion before token P."
+    ),
+    max_error_rate: float | None = typer.Option(
+        None, "--max-error-rate", help="More failed requests than this share (0-1) in an arm: cannot judge (exit 3)."
+    ),
+    require_same_modal: bool = typer.Option(
+        False, "--require-same-modal", help="The modal completion equals the baseline's (needs --baseline)."
+    ),
+    max_unique_increase: int | None = typer.Option(
+        None, "--max-unique-increase", help="Unique count grows by at most D over the baseline (needs --baseline)."
+    ),
+    junit: Path | None = typer.Option(None, "--junit", help="Write the rules as JUnit XML test cases here."),
+    md: Path | None = typer.Option(None, "--md", help="Write the Markdown verdict and report here."),
+) -> None:
+    """Judge a run against thresholds (and a baseline run); exit code 0/1/2/3 as documented in the README."""
+    thresholds = GateThresholds(
+        max_unique=max_unique,
+        min_modal_share=min_modal_share,
+        min_first_divergence=min_first_divergence,
+        max_error_rate=max_error_rate,
+        require_same_modal=require_same_modal,
+        max_unique_increase=max_unique_increase,
+        baseline=baseline,
+    )
+    result, manifest, summary = run_gate(run, thresholds)
+    publish_gate(result, run, manifest, summary, junit=junit, md=md)
+
+
+def publish_gate(
+    result: GateResult,
+    run: Path,
+    manifest: RunManifest,
+    summary: dict,
+    *,
+    junit: Path | None = None,
+    md: Path | None = None,
+) -> None:
+    """Print one line per rule, write the Markdown/JUnit outputs, and raise the exit code's error if not passed.
+
+    Shared with `detaudit run --gate`.
+    """
+    console = Console()
+    styles = {"PASS": "green", "FAIL": "bold red", "CANNOT": "yellow"}
+    for line in result.lines():
+        style = styles[line.split(" ", 1)[0]]
+        console.print(line, style=style, highlight=False, soft_wrap=True, markup=False)
+    markdown = render_gate_markdown(result) + "\n" + render_markdown(
+        build_report([(run, manifest, summary)]), heading="### Audit"
+    )
+    if md is not None:
+        atomic_write_bytes(md, markdown.encode())
+    if junit is not None:
+        atomic_write_bytes(junit, gate_junit(result).encode())
+    step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if step_summary:
+        with open(step_summary, "a", encoding="utf-8") as f:  # GitHub expects appends: steps share the file
+            f.write(markdown + "\n")
+    failed = sum(1 for r in result.rules if not r.passed)
+    if result.exit_code == EXIT_ENDPOINT:
+        raise EndpointError(f"gate cannot judge {run}: too many endpoint errors")
+    if failed:
+        raise GateFailed(f"gate failed: {failed} of {len(result.rules)} rules")
+    console.print(f"gate passed: {len(result.rules)} rules", style="green", highlight=False)

@@ -1,0 +1,27 @@
+"""`detaudit report RUN [RUN …]`: the runs side by side as self-contained HTML, Markdown and/or JUnit XML."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from detaudit.reports.pipeline import write_reports
+
+
+def report_command(
+    runs: list[Path] = typer.Argument(..., help="Run directories, shown side by side (e.g. endpoint, local stock, "
+                                                "local batch-invariant)."),
+    html: Path | None = typer.Option(None, "--html", help="Write the self-contained HTML report here."),
+    md: Path | None = typer.Option(None, "--md", help="Write the Markdown report (step summary / PR comment) here."),
+    junit: Path | None = typer.Option(None, "--junit", help="Write JUnit XML (one case per prompt and arm) here."),
+) -> None:
+    """Without --html/--md/--junit the Markdown report is printed on stdout."""
+    result = write_reports(runs, html=html, md=md, junit=junit)
+    if not result.written:
+        typer.echo(result.markdown, nl=False)
+        return
+    console = Console()
+    for path in result.written:
+        console.print(f"wrote {path}", highlight=False)

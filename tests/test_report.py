@@ -1,0 +1,239 @@
+"""Reports from real run directories (Parquet written by detaudit.rundir, summarized by detaudit.analysis):
+HTML (self-contained, escaped, fork tree + token view), Markdown, JUnit, the summary fields they need, the CLI."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from detaudit.reports.html import render_html
+from detaudit.reports.junit import report_junit
+from detaudit.reports.markdown import render_markdown
+from detaudit.reports.model import build_report
+from detaudit.reports.pipeline import load_runs, write_reports
+
+from detaudit.analysis.summary import summarize_run
+from detaudit.cli.app import main
+from detaudit.rundir.io import ShardWriter, finalize_samples, load_manifest, write_manifest
+from detaudit.rundir.schema import ArmSpec, PromptSpec, RequestParams, RunManifest, TargetSpec
+
+EVIL = '<script>document.title="pwned"</script><img src=x onerror="document.title=\'pwned\'">'
+MODAL = ["Richard", " Feynman", " was", " born", " in", " Queens", ",", " New", " York", "."]
+# Three variants: a fork at 5 (" New" vs " Queens"), below it a fork at 7 on the " New" branch, and one that
+# stops early (ended here at 5). The " Brooklyn" variant carries hostile markup as a token.
+NEW_YORK = MODAL[:5] + [" New", " York", ",", " USA"]
+NEW_EVIL = MODAL[:5] + [" New", " York", EVIL]
+SHORT = MODAL[:5]
+
+
+def make_run(
+    run_dir: Path,
+    arms: dict[str, tuple[int, list[tuple[list[str], int]]]],
+    *,
+    kind: str = "endpoint",
+    kernels: str | None = None,
+    errors: dict[str, int] | None = None,
+    prompt: str = "Tell me about Richard Feynman",
+    status: str = "complete",
+) -> Path:
+    """A complete run directory: arms = {name: (concurrency, [(tokens, count), ...])}, token ids from a vocab."""
+    vocab: dict[str, int] = {}
+    errors = errors or {}
+    repeats = max(sum(c for _, c in comps) + errors.get(name, 0) for name, (_, comps) in arms.items())
+    manifest = RunManifest(
+        run_id=run_dir.name,
+        tool_version="test",
+        status=status,
+        created_at=datetime(2026, 11, 22, tzinfo=timezone.utc),
+        target=TargetSpec(
+            kind=kind,
+            base_url="http://127.0.0.1:9/v1" if kind == "endpoint" else None,
+            model="tiny",
+            engine={"kernels": kernels} if kernels else {},
+        ),
+        params=RequestParams(max_tokens=16, top_logprobs=2),
+        prompts=[PromptSpec(prompt_id="feynman", prompt=prompt)],
+        arms=[ArmSpec(name=name, concurrency=conc) for name, (conc, _) in arms.items()],
+        repeats=repeats,
+        capture="token_ids",
+    )
+    write_manifest(run_dir, manifest)
+    rows = []
+    for arm_pos, (name, (conc, comps)) in enumerate(arms.items()):
+        repeat = 0
+        for tokens, count in comps:
+            for _ in range(count):
+                rows.append(
+                    {
+                        "run_id": run_dir.name,
+                        "sample_index": manifest.sample_index(0, arm_pos, repeat),
+                        "prompt_id": "feynman",
+                        "arm": name,
+                        "concurrency": conc,
+                        "repeat": repeat,
+                        "status": "ok",
+                        "text": "".join(tokens),
+                        "token_ids": [vocab.setdefault(t, len(vocab)) for t in tokens],
+                        "tokens": tokens,
+                        "logprobs": [-0.01] * len(tokens),
+                        "top_logprobs": [[-0.01, -0.5]] * len(tokens),
+                        "finish_reason": "stop",
+                    }
+                )
+                repeat += 1
+        for _ in range(errors.get(name, 0)):
+            rows.append(
+                {
+                    "sample_index": manifest.sample_index(0, arm_pos, repeat),
+                    "prompt_id": "feynman",
+                    "arm": name,
+                    "concurrency": conc,
+                    "repeat": repeat,
+                    "status": "error",
+                    "error": "HTTP 503",
+                }
+            )
+            repeat += 1
+    ShardWriter(run_dir).write(rows)
+    finalize_samples(run_dir)
+    return run_dir
+
+
+def endpoint_run(tmp_path: Path) -> Path:
+    return make_run(
+        tmp_path / "endpoint",
+        {"c1": (1, [(MODAL, 40)]), "c16": (16, [(MODAL, 33), (NEW_YORK, 4), (NEW_EVIL, 2), (SHORT, 1)])},
+    )
+
+
+def invariant_run(tmp_path: Path) -> Path:
+    return make_run(tmp_path / "local-bi", {"c16": (16, [(MODAL, 40)])}, kind="local", kernels="batch-invariant")
+
+
+# ---------------------------------------------------------------- the summary fields the report needs
+
+
+def test_summary_forks_name_their_parent_fork_and_branch(tmp_path):
+    arm = summarize_run(endpoint_run(tmp_path))["prompts"][0]["arms"][1]
+    forks = [(f["position"], [(b["token"], b["count"]) for b in f["branches"]], f["parent"]) for f in arm["forks"]]
+    assert forks == [
+        (5, [(" Queens", 33), (" New", 6), ("", 1)], None),
+        (7, [(",", 4), (EVIL, 2)], {"fork": 0, "branch": 1}),
+    ]
+
+
+def test_summary_completions_carry_context_around_their_fork(tmp_path):
+    comps = summarize_run(endpoint_run(tmp_path))["prompts"][0]["arms"][1]["completions"]
+    assert "context" not in comps[0]
+    by_count = {c["count"]: c for c in comps}
+    assert by_count[2]["first_divergence"] == 5
+    assert by_count[2]["context"] == {"start": 0, "tokens": NEW_EVIL[:11], "modal": MODAL[:11]}
+    assert by_count[1]["context"] == {"start": 0, "tokens": SHORT, "modal": MODAL[:11]}
+
+
+# ---------------------------------------------------------------- model and renderers
+
+
+def test_report_model_nests_forks_and_aligns_variants(tmp_path):
+    report = build_report(load_runs([endpoint_run(tmp_path), invariant_run(tmp_path)]))
+    assert [r.label for r in report.runs] == ["endpoint", "local-bi"]
+    cells = report.prompts[0].cells
+    assert [(c.run.label, c.arm, c.unique) for c in cells] == [("endpoint", "c1", 1), ("endpoint", "c16", 4),
+                                                              ("local-bi", "c16", 1)]
+    root = cells[1].forks
+    assert [(f.position, [b.token for b in f.branches]) for f in root] == [(5, [" Queens", " New", ""])]
+    child = root[0].branches[1].children
+    assert [(f.position, f.prefix_count, f.margin) for f in child] == [(7, 6, pytest.approx(0.49))]
+    views = {v.count: v for v in cells[1].token_views}
+    short = views[1]
+    assert short.positions[0] == 0 and short.position == 5
+    assert [t.text for t in short.modal if t.diverges] == [" Queens"]
+    assert [(t.end, t.diverges) for t in short.variant[5:7]] == [(True, True), (False, False)]
+    assert short.variant[6].blank
+    assert report.prompts[0].verdicts == [("endpoint", "load-dependent"), ("local-bi", "deterministic")]
+
+
+def test_html_is_self_contained_and_escapes_model_text(tmp_path):
+    page = render_html(build_report(load_runs([endpoint_run(tmp_path), invariant_run(tmp_path)])))
+    assert page.count("<script") == 1  # only the report's own script
+    assert "<img" not in page
+    assert "&lt;script&gt;document.title=&#34;pwned&#34;&lt;/script&gt;" in page
+    assert not re.search(r"""(?:src|href)\s*=\s*["']?(?:https?:|//)""", page)
+    assert not re.search(r"@import|url\((?!#)", page)  # only in-page references (SVG clip paths)
+    assert "Content-Security-Policy" in page and "default-src 'none'" in page
+    assert page.count("<svg") == 1  # the histogram of the one diverging arm, rendered inline by matplotlib
+    assert 'class="forks"' in page and 'class="tv-table"' in page
+
+
+def test_markdown_is_compact_and_inert(tmp_path):
+    md = render_markdown(build_report(load_runs([endpoint_run(tmp_path), invariant_run(tmp_path)])))
+    lines = md.splitlines()
+    assert lines[0] == "## detaudit report"
+    assert "| endpoint | endpoint http://127.0.0.1:9/v1 (chat) | c16 | 40/40 | **4** | 82.5% | 5 (median 5) | " \
+           "load-dependent |" in lines
+    assert "| local-bi | local engine, batch-invariant kernels | c16 | 40/40 | **1** | 100.0% | — | deterministic |" \
+        in lines
+    assert "- **endpoint · c16**: token 5: “ Queens” ×33 / “ New” ×6 / (end) ×1, margin 0.49; token 7: “,” ×4 / " \
+           "“&lt;script&gt;document.ti…ent.title='pwned'\"&gt;” ×2, margin 0.49" in lines
+    assert "<script" not in md and "<img" not in md
+    assert "<details><summary>endpoint · feynman · c16: 4 distinct completions</summary>" in lines
+
+
+def test_junit_fails_the_diverging_arm_only(tmp_path):
+    root = ET.fromstring(report_junit(build_report(load_runs([endpoint_run(tmp_path), invariant_run(tmp_path)]))))
+    cases = [
+        (suite.get("name"), case.get("name"), case.find("failure") is not None)
+        for suite in root.iter("testsuite")
+        for case in suite.iter("testcase")
+    ]
+    assert cases == [
+        ("detaudit endpoint", "feynman@c1 identical completions", False),
+        ("detaudit endpoint", "feynman@c16 identical completions", True),
+        ("detaudit local-bi", "feynman@c16 identical completions", False),
+    ]
+    failure = next(root.iter("failure"))
+    assert failure.get("message") == "4 unique completions in 40; first divergence at token 5"
+
+
+def test_control_characters_from_a_model_do_not_reach_junit_or_markdown(tmp_path):
+    bell = MODAL[:5] + [" \x07\x1b[31mred"]
+    report = build_report(load_runs([make_run(tmp_path / "ctrl", {"c4": (4, [(MODAL, 3), (bell, 1)])})]))
+    xml = report_junit(report)
+    ET.fromstring(xml)  # parses: the characters XML 1.0 forbids are gone
+    md = render_markdown(report)
+    assert "\x07" not in md and "\x1b" not in md and "\ufffd\ufffd\\[31mred" in md
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def test_report_cli_writes_all_three_files(tmp_path, capsys):
+    runs = [str(endpoint_run(tmp_path)), str(invariant_run(tmp_path))]
+    out = tmp_path / "out"
+    out.mkdir()
+    main(["report", *runs, "--html", str(out / "r.html"), "--md", str(out / "r.md"), "--junit", str(out / "j.xml")])
+    assert sorted(p.name for p in out.iterdir()) == ["j.xml", "r.html", "r.md"]
+    assert capsys.readouterr().out.count("wrote ") == 3
+
+
+def test_report_cli_prints_markdown_without_outputs(tmp_path, capsys):
+    main(["report", str(endpoint_run(tmp_path))])
+    assert capsys.readouterr().out.startswith("## detaudit report\n")
+
+
+def test_report_cli_refuses_what_is_not_a_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["report", str(tmp_path)])
+    assert e.value.code == 2
+    assert "not a detaudit run directory" in capsys.readouterr().err
+
+
+def test_write_reports_refuses_a_missing_output_directory(tmp_path):
+    from detaudit.errors import UsageError
+
+    with pytest.raises(UsageError, match="does not exist"):
+        write_reports([endpoint_run(tmp_path)], html=tmp_path / "nope" / "r.html")
+    assert load_manifest(tmp_path / "endpoint").status == "complete"
