@@ -16,6 +16,7 @@ import json
 import platform
 import signal
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
@@ -267,10 +268,6 @@ def _shell_quote(s: str) -> str:
     return shlex.quote(s)
 
 
-class RunInterrupted(Exception):
-    """Raised inside the pipeline when SIGINT/SIGTERM asked it to stop."""
-
-
 # ---------------------------------------------------------------------------- the pipeline
 
 
@@ -348,6 +345,8 @@ class _Runner:
     def __init__(self, req: RunRequest, manifest: RunManifest, run_dir: Path, progress: Any) -> None:
         self.req, self.manifest, self.run_dir, self.progress = req, manifest, run_dir, progress
         self.writer = ShardWriter(run_dir)
+        # A flush awaited by a cancelled task keeps running in its thread: the lock keeps shard numbers apart.
+        self._write_lock = threading.Lock()
         self.buffer: list[dict[str, Any]] = []
         self.stop = asyncio.Event()
         self._next_slot = 0.0
@@ -367,7 +366,11 @@ class _Runner:
         if not self.buffer:
             return
         rows, self.buffer = self.buffer, []
-        await asyncio.to_thread(self.writer.write, rows)
+        await asyncio.to_thread(self._write, rows)
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        with self._write_lock:
+            self.writer.write(rows)
 
     async def _flusher(self) -> None:
         while True:
@@ -475,6 +478,7 @@ def request_from_manifest(out: Path, *, base_url: str | None, api_key: str | Non
                           stream: bool, backoff: float) -> tuple[RunRequest, RunManifest]:  # fmt: skip
     """The request of an interrupted run, from its manifest; credentials come from the caller (never stored)."""
     manifest = load_manifest(out)
+    read_samples(out)  # refuse corrupt or foreign Parquet before anything is written
     if manifest.target.kind != "endpoint":
         raise UsageError(f"{out} is a local run; resume it with the command that made it")
     recorded = manifest.target.base_url or DEFAULT_BASE_URL

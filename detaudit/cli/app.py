@@ -6,6 +6,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from detaudit import __version__
 from detaudit.errors import EXIT_INTERRUPTED, DetauditError
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     except DetauditError as e:
         if debug:
             raise
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -91,7 +92,8 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(e, click.exceptions.Exit):
             sys.exit(e.exit_code)
         if isinstance(e, click.ClickException):
-            e.show()
+            # One line, like every other user error (README "Exit codes").
+            err_console.print(f"[bold red]error:[/] {escape(e.format_message())}", highlight=False, soft_wrap=True)
             sys.exit(2)
         if isinstance(e, click.exceptions.Abort):
             err_console.print("aborted")
