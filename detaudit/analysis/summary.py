@@ -19,7 +19,7 @@ from detaudit.analysis.decode import Decoder
 from detaudit.analysis.stats import arm_stats
 from detaudit.analysis.units import Source, table_source, unit_of
 from detaudit.rundir.io import load_manifest, read_samples
-from detaudit.rundir.schema import RunManifest
+from detaudit.rundir.schema import PromptSpec, RunManifest
 
 SUMMARY_SCHEMA = "detaudit.summary/1"
 # The columns the analysis reads; the others (latency, usage, ...) never leave the Parquet file.
@@ -216,6 +216,14 @@ def _by_fingerprint(seqs: Sequences, ok_rows: np.ndarray, fp_codes: np.ndarray, 
     return out
 
 
+def _prompt_text(spec: PromptSpec) -> str | None:
+    """The prompt as a person reads it: the plain prompt, else the last chat message's text."""
+    if spec.prompt is not None:
+        return spec.prompt
+    content = (spec.messages or [{}])[-1].get("content")
+    return content if isinstance(content, str) else None
+
+
 def verdict(arms: list[dict], pooled_unique: int) -> tuple[str, str]:
     """Load verdict of one prompt from its arms (docs/summary.md, "verdict"), with the reason in words."""
     if not arms:
@@ -314,6 +322,7 @@ def analyze(
         k = p_index[p] * (len(a_names) + 1) + a_index[a]
         return order[bounds[k] : bounds[k + 1]]
 
+    prompt_text = {q.prompt_id: _prompt_text(q) for q in manifest.prompts}
     prompts, groups, pooled_results = [], [], {}
     for p in prompt_order:
         arms, arm_rows = [], []
@@ -335,8 +344,9 @@ def analyze(
         pooled_unique = len(np.unique(pooled_seq))
         v, why = verdict(arms, pooled_unique)
         prompts.append(
-            {"prompt_id": p, "unique_all_arms": pooled_unique, "arms": arms, "verdict": v, "verdict_reason": why}
-        )
+            {"prompt_id": p, "prompt": prompt_text.get(p), "unique_all_arms": pooled_unique, "arms": arms,
+             "verdict": v, "verdict_reason": why}
+        )  # fmt: skip
         groups.append((p, arm_rows))
 
     earliest = None

@@ -1,0 +1,141 @@
+"""`detaudit analyze`: bad input gets one line and exit 2; a scripted run end to end gives exactly the known forks."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from runhelp import FEYNMAN, QUEENS, cli, cli_process
+from test_analysis import ids_rows, make_run
+
+from detaudit.rundir.schema import SUMMARY_FILE
+
+# A third completion that follows QUEENS for 8 tokens: a second fork, nested in the " Queens" branch.
+NYC = QUEENS[:5] + [" New", " York", " City", "."]
+JERSEY = QUEENS[:8] + [" Jersey", "."]
+
+
+def _one_line_error(r, needle: str) -> None:
+    assert r.code == 2, (r.code, r.out, r.err)
+    lines = [line for line in r.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0] and "Traceback" not in r.err, r.err
+
+
+def test_not_a_run_directory(tmp_path, capsys):
+    _one_line_error(cli(capsys, "analyze", tmp_path), "not a detaudit run directory")
+    _one_line_error(cli(capsys, "analyze", tmp_path / "missing"), "no such run directory")
+    (tmp_path / "file.txt").write_text("x")
+    _one_line_error(cli(capsys, "analyze", tmp_path / "file.txt"), "not a directory")
+
+
+def test_corrupt_and_foreign_parquet(tmp_path, capsys):
+    run = make_run(tmp_path / "run", ids_rows([[1, 2]] * 3))
+    (run / "samples.parquet").write_bytes(b"PAR1 this is not parquet PAR1")
+    _one_line_error(cli(capsys, "analyze", run), "corrupt")
+    pq.write_table(pa.table({"x": [1, 2]}), run / "samples.parquet")
+    _one_line_error(cli(capsys, "analyze", run), "foreign")
+
+
+def test_unknown_schema_versions(tmp_path, capsys):
+    run = make_run(tmp_path / "run", ids_rows([[1, 2]] * 3))
+    manifest = run / "manifest.json"
+    manifest.write_text(manifest.read_text().replace('"detaudit.run/1"', '"detaudit.run/7"'))
+    _one_line_error(cli(capsys, "analyze", run), "newer than this detaudit supports")
+    manifest.write_text(manifest.read_text().replace('"detaudit.run/7"', '"somebody.else/1"'))
+    _one_line_error(cli(capsys, "analyze", run), "not a detaudit manifest")
+
+
+def test_bad_input_exit_code_of_the_real_process(tmp_path):
+    r = cli_process("analyze", tmp_path)
+    _one_line_error(r, "not a detaudit run directory")
+    r = cli_process("compare", tmp_path, tmp_path)
+    _one_line_error(r, "not a detaudit run directory")
+
+
+def test_a_run_with_no_samples_yet(tmp_path, capsys):
+    run = make_run(tmp_path / "run", ids_rows([[1]]))
+    (run / "samples.parquet").unlink()
+    r = cli(capsys, "analyze", run, "--json")
+    assert r.code == 0, r.err
+    summary = json.loads(r.out)
+    assert summary["samples"]["rows"] == 0 and summary["prompts"][0]["verdict"] == "inconclusive"
+
+
+def test_analyze_writes_summary_json_and_renders(tmp_path, capsys):
+    run = make_run(tmp_path / "run", ids_rows([[1, 2, 3]] * 5 + [[1, 2, 4]]))
+    r = cli(capsys, "analyze", run, "--json")
+    assert r.code == 0, r.err
+    assert json.loads(r.out) == json.loads((run / SUMMARY_FILE).read_text())
+    r = cli(capsys, "analyze", run)
+    assert r.code == 0 and "load-independent" in r.out and "@2" in r.out
+
+
+def test_scripted_server_run_then_analyze_gives_the_known_forks(scripted_server, capsys, tmp_path):
+    """End to end: a schedule of 45 Queens / 3 NYC / 2 Jersey per 50 answers, in two arms, beside a steady prompt."""
+    server = scripted_server(
+        completions={"Q": QUEENS, "N": NYC, "J": JERSEY},
+        schedules={FEYNMAN: [("Q", 45), ("N", 3), ("J", 2)], "steady": "Q"},
+    )
+    out = tmp_path / "run"
+    r = cli(capsys, "run", "--base-url", server.base_url, "-p", FEYNMAN, "-p", "steady", "-n", 50, "-c", "1,8",
+            "--out", out)  # fmt: skip
+    assert r.code == 0, r.err
+    r = cli(capsys, "analyze", out, "--json")
+    assert r.code == 0, r.err
+    s = json.loads(r.out)
+    assert s["unit"] == "token" and s["unit_detail"]["compared_as"] == "token_ids"
+    feynman, steady = s["prompts"]
+    ids = {name: server.token_ids(name) for name in ("Q", "N", "J")}
+    for arm in feynman["arms"]:
+        assert (arm["n"], arm["ok"], arm["errors"], arm["unique"]) == (50, 50, 0, 3)
+        assert [(c["count"], c["first_divergence"], c["text"]) for c in arm["completions"]] == [
+            (45, None, "".join(QUEENS)),
+            (3, 5, "".join(NYC)),
+            (2, 8, "".join(JERSEY)),
+        ]
+        assert arm["first_divergence"] == {"min": 5, "median": 5, "histogram": {"5": 3, "8": 2}, "samples": 5}
+        forks = [
+            (f["position"], f["prefix_count"], f["prefix"], [(b["token"], b["token_id"], b["count"]) for b in
+                                                             f["branches"]], f["margin"])
+            for f in arm["forks"]
+        ]  # fmt: skip
+        assert forks == [
+            (5, 50, "Richard Feynman was born in", [(" Queens", ids["Q"][5], 47), (" New", ids["N"][5], 3)], 2.0),
+            (8, 47, "Richard Feynman was born in Queens, New",
+             [(" York", ids["Q"][8], 45), (" Jersey", ids["J"][8], 2)], 2.0),
+        ]  # fmt: skip
+        assert arm["stats"]["modal_share"] == 0.9
+    assert feynman["verdict"] == "load-independent"
+    assert [(a["unique"], a["forks"]) for a in steady["arms"]] == [(1, []), (1, [])]
+    assert steady["verdict"] == "deterministic"
+    assert s["agreement"]["prompts"] == 2 and s["agreement"]["all_identical"] == 1
+    assert (s["earliest_fork"]["prompt_id"], s["earliest_fork"]["position"]) == ("p0", 5)
+    assert feynman["prompt"] == FEYNMAN
+    assert json.loads((out / SUMMARY_FILE).read_text()) == s
+
+
+@pytest.mark.parametrize("capture", ["openai", "text"])
+def test_scripted_server_other_captures(scripted_server, capsys, tmp_path, capture):
+    """Token strings + bytes (OpenAI-shaped) fork at the same token; text-only forks at the character offset."""
+    server = scripted_server(completions={"Q": QUEENS, "N": NYC}, schedules={FEYNMAN: [("Q", 9), ("N", 1)]},
+                             capture=capture)  # fmt: skip
+    out = tmp_path / "run"
+    r = cli(capsys, "run", "--base-url", server.base_url, "-p", FEYNMAN, "-n", 10, "--out", out)
+    assert r.code == 0, r.err
+    s = json.loads(cli(capsys, "analyze", out, "--json").out)
+    (fork,) = s["prompts"][0]["arms"][0]["forks"]
+    if capture == "openai":
+        assert s["unit_detail"]["compared_as"] == "token_bytes"
+        assert (fork["position"], [(b["token"], b["count"]) for b in fork["branches"]]) == (
+            5,
+            [(" Queens", 9), (" New", 1)],
+        )
+    else:
+        offset = len("".join(QUEENS[:5])) + 1  # " Queens" vs " New" share the leading space
+        assert s["unit"] == "text" and fork["margin"] is None
+        assert (fork["position"], [(b["token"], b["count"]) for b in fork["branches"]]) == (
+            offset,
+            [("Q", 9), ("N", 1)],
+        )
