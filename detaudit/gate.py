@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from detaudit.analysis.summary import summarize_run
 from detaudit.errors import EXIT_ENDPOINT, EXIT_GATE_FAILED, EXIT_OK, UsageError
 from detaudit.rundir.io import load_manifest
 from detaudit.rundir.schema import RunManifest
@@ -281,23 +282,25 @@ def _check_comparable(run: RunManifest, base: RunManifest, baseline_label: str) 
             raise UsageError(f"prompt {p.prompt_id!r}: max_tokens differs from baseline {baseline_label}")
 
 
-def run_gate(run_dir: Path, thresholds: GateThresholds) -> tuple[GateResult, RunManifest, dict[str, Any]]:
-    """Load the run (and baseline), summarise and judge. Returns the result plus the run's manifest and summary."""
-    from detaudit.analysis.summary import summarize_run
-
-    manifest = _complete_manifest(Path(run_dir))
-    summary = summarize_run(Path(run_dir))
+def judge(
+    run_dir: Path, manifest: RunManifest, summary: Mapping[str, Any], thresholds: GateThresholds
+) -> GateResult:
+    """Judge a summarized run, loading and checking the baseline when the thresholds name one."""
     baseline_summary = None
     baseline_label = None
     if thresholds.baseline is not None:
         baseline_label = str(thresholds.baseline)
-        base_manifest = load_manifest(Path(thresholds.baseline))
+        base_manifest = _complete_manifest(Path(thresholds.baseline))
         _check_comparable(manifest, base_manifest, baseline_label)
         baseline_summary = summarize_run(Path(thresholds.baseline))
-    result = evaluate_gate(
-        summary, thresholds, baseline_summary, run_label=str(run_dir), baseline_label=baseline_label
-    )
-    return result, manifest, summary
+    return evaluate_gate(summary, thresholds, baseline_summary, run_label=str(run_dir), baseline_label=baseline_label)
+
+
+def run_gate(run_dir: Path, thresholds: GateThresholds) -> tuple[GateResult, RunManifest, dict[str, Any]]:
+    """Load the run (and baseline), summarise and judge. Returns the result plus the run's manifest and summary."""
+    manifest = _complete_manifest(Path(run_dir))
+    summary = summarize_run(Path(run_dir))
+    return judge(Path(run_dir), manifest, summary, thresholds), manifest, summary
 
 
 def _complete_manifest(run_dir: Path) -> RunManifest:

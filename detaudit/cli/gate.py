@@ -13,11 +13,11 @@ import typer
 from rich.console import Console
 
 from detaudit.errors import EXIT_ENDPOINT, EndpointError, GateFailed
-from detaudit.gate import GateResult, GateThresholds, run_gate
+from detaudit.gate import GateResult, GateThresholds, judge, run_gate
 from detaudit.reports.junit import gate_junit
 from detaudit.reports.markdown import render_gate_markdown, render_markdown
 from detaudit.reports.model import build_report
-from detaudit.rundir.io import atomic_write_bytes
+from detaudit.rundir.io import atomic_write_bytes, load_manifest
 from detaudit.rundir.schema import RunManifest
 
 
@@ -57,6 +57,14 @@ def gate_command(
     publish_gate(result, run, manifest, summary, junit=junit, md=md)
 
 
+def gate_finished_run(run_dir: Path, summary: dict, thresholds: GateThresholds) -> None:
+    """`detaudit run --gate`: the same gate, on the summary the run just wrote."""
+    manifest = load_manifest(run_dir)
+    # stderr: stdout may carry the run's --json summary
+    console = Console(stderr=True)
+    publish_gate(judge(run_dir, manifest, summary, thresholds), run_dir, manifest, summary, console=console)
+
+
 def publish_gate(
     result: GateResult,
     run: Path,
@@ -65,12 +73,10 @@ def publish_gate(
     *,
     junit: Path | None = None,
     md: Path | None = None,
+    console: Console | None = None,
 ) -> None:
-    """Print one line per rule, write the Markdown/JUnit outputs, and raise the exit code's error if not passed.
-
-    Shared with `detaudit run --gate`.
-    """
-    console = Console()
+    """Print one line per rule, write the Markdown/JUnit outputs, and raise the exit code's error if not passed."""
+    console = console or Console()
     styles = {"PASS": "green", "FAIL": "bold red", "CANNOT": "yellow"}
     for line in result.lines():
         style = styles[line.split(" ", 1)[0]]

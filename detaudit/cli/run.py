@@ -14,7 +14,9 @@ from rich.table import Table
 from rich.text import Text
 
 from detaudit.analysis.summary import summarize_run
+from detaudit.cli.gate import gate_finished_run
 from detaudit.errors import EndpointError, UsageError
+from detaudit.gate import parse_gate_spec
 from detaudit.probes.suites import load_suite
 from detaudit.rundir.io import write_summary
 from detaudit.rundir.schema import PromptSpec, RequestParams
@@ -159,8 +161,13 @@ def run_command(
     force: bool = typer.Option(False, "--force", help="Replace an existing run directory in --out."),
     stream: bool = typer.Option(False, "--stream", help="Use streaming responses (same record, timed per stream)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
+    gate: list[str] = typer.Option([], "--gate", help="Judge the finished run like `detaudit gate` (exit 1 on "
+                                   "failure): RULE=VALUE[,...], e.g. max-unique=1,min-modal-share=0.99; also "
+                                   "min-first-divergence, max-error-rate, baseline=RUN, require-same-modal, "
+                                   "max-unique-increase (repeatable)."),  # fmt: skip
 ) -> None:
     console, err_console = Console(), Console(stderr=True)
+    thresholds = parse_gate_spec(gate) if gate else None  # bad rules fail before any request is sent
     if resume:
         if out is None:
             raise UsageError("--resume needs --out DIR (the run directory to finish)")
@@ -185,4 +192,6 @@ def run_command(
             suite=None if chosen is None else chosen.name if chosen.bundled else chosen.source,
         )  # fmt: skip
         outcome = execute_run(req, lambda: make_progress(err_console))
-    finish_run(outcome, as_json, console, err_console)
+    summary = finish_run(outcome, as_json, console, err_console)
+    if thresholds is not None:
+        gate_finished_run(outcome.run_dir, summary, thresholds)
