@@ -28,13 +28,16 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from detaudit.errors import EndpointError, UsageError
+from detaudit.errors import DetauditError, EndpointError, UsageError
 from detaudit.redact import MASK, Scrubber
+from detaudit.rundir.io import load_manifest, write_manifest
+from detaudit.rundir.schema import MANIFEST_FILE, RunManifest
+from detaudit.runner import RunOutcome, RunRequest, execute_run
 
 ENGINES = ("vllm", "sglang", "command")
 KERNELS = ("stock", "batch-invariant")
@@ -312,7 +315,8 @@ class ManagedServer:
 
     def _pump(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
-        with open(self.log_path, "a", encoding="utf-8") as log:
+        fd = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with open(fd, "a", encoding="utf-8") as log:
             log.write(f"# detaudit: started {shlex.join(self.spec.redacted_argv())}\n")
             log.flush()
             for raw in iter(self.proc.stdout.readline, b""):
@@ -490,3 +494,199 @@ def file_log(tmp: Path, out: Path) -> Path | None:
     dest = out.parent / f"{out.name}.{SERVER_LOG}"
     os.replace(tmp, dest)
     return dest
+
+
+# ---------------------------------------------------------------------------- the audit around a managed server
+
+
+class _Watchdog:
+    """Stops the runner (through its own SIGINT path) when the server dies mid-audit, instead of letting every
+    remaining request fail through its retries against a closed port."""
+
+    def __init__(self, server: ManagedServer) -> None:
+        self.server = server
+        self.active = True
+        self.fired = False
+        self._thread = threading.Thread(target=self._watch, name="detaudit-server-watchdog", daemon=True)
+
+    def __enter__(self) -> _Watchdog:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.active = False
+        self._thread.join(timeout=2)
+
+    def _watch(self) -> None:
+        while self.active:
+            if self.server.exited() is not None and not self.server.stopped_by_us:
+                if self.active:
+                    self.fired = True
+                    os.kill(os.getpid(), signal.SIGINT)
+                return
+            time.sleep(0.2)
+
+
+def run_managed(
+    launch: LaunchSpec,
+    req: RunRequest,
+    *,
+    startup_timeout_s: float,
+    make_progress: Callable[[], Any] | None = None,
+    resumed: RunManifest | None = None,
+) -> RunOutcome:
+    """Start the server, run the audit against it through the runner, stop it, and file its log in the run dir.
+
+    `req.out` must be set (the log needs a home); `req.base_url` is filled in here. Bad arguments and an occupied
+    --out are refused before the server starts, because a large model can take minutes to load.
+    """
+    assert req.out is not None
+    out = req.out
+    req.validate()
+    if resumed is None:
+        check_out(out, req.force)
+    stash = stash_log(out)
+    stash.unlink(missing_ok=True)
+    crash: EndpointError | None = None
+    outcome: RunOutcome | None = None
+    facts: dict[str, Any] = {}
+    try:
+        with managed_server(launch, stash, startup_timeout_s=startup_timeout_s) as server:
+            req.base_url = server.spec.base_url
+            try:
+                with _Watchdog(server):
+                    outcome = execute_run(req, make_progress, resumed=resumed)
+            except (DetauditError, KeyboardInterrupt):
+                if server.exited() is None or server.stopped_by_us:
+                    raise
+            code = server.exited()
+            if code is not None and not server.stopped_by_us:
+                crash = server.failure(f"the {launch.engine} server exited with code {code} during the audit")
+            facts = {
+                **server.spec.record(),
+                "engine_version": server.version,
+                "served_models": server.served_models,
+                "crashed": crash is not None,
+            }
+    except EndpointError as e:
+        logged = file_log(stash, out)
+        raise EndpointError(f"{e}\nfull server log: {logged}") from None
+    except BaseException:
+        file_log(stash, out)
+        raise
+    logged = file_log(stash, out)
+    if (out / MANIFEST_FILE).exists():
+        _record(out, facts, crash, resumed is not None)
+    if crash is not None:
+        raise EndpointError(f"{crash}\nfull server log: {logged}")
+    assert outcome is not None
+    return outcome
+
+
+def _record(out: Path, facts: dict[str, Any], crash: EndpointError | None, resumed: bool) -> None:
+    """Mark the run as audited through a managed server: kind local, and the engine facts in target.engine."""
+    manifest = load_manifest(out)
+    notes = list(manifest.notes)
+    if resumed:
+        notes.append(f"resumed with a new {facts['engine']} server session: target.engine describes the last one")
+    if crash is not None:
+        notes.append(f"the {facts['engine']} server crashed during the audit: see {SERVER_LOG}")
+    target = manifest.target.model_copy(update={"kind": "local", "engine": facts})
+    write_manifest(out, manifest.model_copy(update={"target": target, "notes": notes}))
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Refuse an occupied --out before the server starts (the runner repeats this check before writing)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not out.is_dir() or not force:
+            raise UsageError(f"--out {out} already exists; pass --resume to finish it or --force to replace it")
+        if not (out / MANIFEST_FILE).exists():
+            raise UsageError(f"--force refuses to clear {out}: it is not a detaudit run directory")
+
+
+def request_for_resume(out: Path, launch: LaunchSpec, *, backoff: float) -> tuple[RunRequest, RunManifest]:
+    """The interrupted managed run's request, from its manifest, aimed at the new server."""
+    manifest = load_manifest(out)
+    recorded = manifest.target.engine.get("engine") if manifest.target.engine.get("managed") else None
+    if recorded != launch.engine:
+        what = f"a managed {recorded} run" if recorded else "not a managed-engine run"
+        raise UsageError(f"{out} is {what}; resume it with the command that made it")
+    req = RunRequest(
+        out=out, base_url=launch.base_url, model=manifest.target.model, api=manifest.target.api,
+        prompts=manifest.prompts, repeats=manifest.repeats, concurrency=[a.concurrency for a in manifest.arms],
+        params=manifest.params, stream=bool(manifest.environment.get("stream", False)), backoff=backoff,
+        resume=True, suite=manifest.suite,
+    )  # fmt: skip
+    return req, manifest
+
+
+def local_managed(
+    *,
+    engine: str,
+    model: str | None,
+    tensor_parallel_size: int | None,
+    kernels: str,
+    server_cmd: str | None,
+    engine_args: str | None,
+    server_env: list[str],
+    attention_backend: str | None,
+    port: int | None,
+    startup_timeout: float,
+    prompts: list[str],
+    prompt_file: Path | None,
+    suite: str | None,
+    repeats: int,
+    concurrency: str,
+    max_tokens: int | None,
+    api: str,
+    top_logprobs: int | None,
+    timeout: float,
+    retries: int,
+    out: Path | None,
+    resume: bool,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """`detaudit local --engine vllm|sglang|command`: parse, run the managed audit, render like `detaudit run`."""
+    import typer
+    from rich.console import Console
+
+    from detaudit.cli.run import build_request, finish_run, make_progress
+    from detaudit.probes.suites import load_suite
+
+    console, err_console = Console(), Console(stderr=True)
+    if startup_timeout <= 0:
+        raise UsageError(f"--startup-timeout must be > 0, got {startup_timeout:g}")
+    launch = build_launch(
+        engine, model=model, port=port, tensor_parallel_size=tensor_parallel_size, kernels=kernels,
+        server_cmd=server_cmd, engine_args=engine_args, attention_backend=attention_backend, server_env=server_env,
+    )  # fmt: skip
+    if resume:
+        if out is None:
+            raise UsageError("--resume needs --out DIR (the run directory to finish)")
+        given = [n for n, v in (("--prompt", prompts), ("--prompt-file", prompt_file), ("--suite", suite)) if v]
+        if given:
+            raise UsageError(f"--resume takes the run's prompts from its manifest; drop {', '.join(given)}")
+        req, manifest = request_for_resume(out, launch, backoff=0.5)
+    else:
+        chosen = load_suite(suite) if suite else None
+        req = build_request(
+            prompts=prompts, prompt_file=prompt_file, extra_prompts=chosen.prompts if chosen else None,
+            repeats=repeats, base_url=launch.base_url, api_key_env="OPENAI_API_KEY", model=model, api=api,
+            max_tokens=max_tokens, temperature=0.0, top_p=None, seed=None, stop=[], top_logprobs=top_logprobs,
+            concurrency=concurrency, rate=None, timeout=timeout, retries=retries, backoff=0.5, extra_body=None,
+            headers=[], out=out or Path("runs") / f"{engine}-{time.strftime('%Y%m%d-%H%M%S')}", stream=False,
+            force=force, suite=None if chosen is None else chosen.name if chosen.bundled else chosen.source,
+        )  # fmt: skip
+        req.api_key = None  # the managed server listens on loopback without auth: never send the user's key there
+        manifest = None
+    err_console.print(f"starting {engine} server: {shlex.join(launch.redacted_argv())}", highlight=False)
+    outcome = run_managed(launch, req, startup_timeout_s=startup_timeout, make_progress=lambda: make_progress(
+        err_console), resumed=manifest)  # fmt: skip
+    if outcome.interrupted:
+        err_console.print(
+            f"interrupted: the run in {outcome.run_dir} is incomplete; finish it with the same command plus "
+            f"--resume --out {shlex.quote(str(outcome.run_dir))} (without --prompt/--suite)", highlight=False
+        )
+        raise typer.Exit(130)
+    finish_run(outcome, as_json, console, err_console)
