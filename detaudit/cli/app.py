@@ -73,11 +73,24 @@ def _register() -> None:
 _register()
 
 
+def _click_errors() -> tuple[type[Exception], ...]:
+    """click's ClickException and the copy that typer vendors (typer >= 0.2x raises its own)."""
+    import click
+
+    vendored = [c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"]
+    return tuple({click.ClickException, *vendored})
+
+
+_CLICK_ERRORS = _click_errors()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: user errors become one line on stderr and their exit code."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)
+        if isinstance(rc, int) and rc:  # typer.Exit(code) inside a command returns its code here
+            sys.exit(rc)
     except DetauditError as e:
         if debug:
             raise
@@ -91,9 +104,11 @@ def main(argv: list[str] | None = None) -> None:
 
         if isinstance(e, click.exceptions.Exit):
             sys.exit(e.exit_code)
-        if isinstance(e, click.ClickException):
+        if isinstance(e, _CLICK_ERRORS):
             # One line, like every other user error (README "Exit codes").
-            err_console.print(f"[bold red]error:[/] {escape(e.format_message())}", highlight=False, soft_wrap=True)
+            message = e.format_message()
+            if message:  # empty after `detaudit` with no arguments: the help was the message
+                err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             sys.exit(2)
         if isinstance(e, click.exceptions.Abort):
             err_console.print("aborted")
