@@ -10,9 +10,9 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from rich.text import Text
 
+from detaudit.analysis.render import render_summary
 from detaudit.analysis.summary import summarize_run
 from detaudit.cli.gate import gate_finished_run
 from detaudit.errors import EndpointError, UsageError
@@ -90,18 +90,11 @@ def build_request(
 
 
 def render_run(outcome: RunOutcome, summary: dict[str, Any], console: Console) -> None:
-    """Per prompt and arm: n, ok, errors, unique completions, earliest divergence."""
-    table = Table(title=f"detaudit run {outcome.manifest.run_id} ({summary['unit']} units)")
-    for col in ("prompt", "arm", "n", "ok", "errors", "unique", "earliest fork"):
-        table.add_column(col, justify="right" if col not in ("prompt", "arm") else "left")
-    for p in summary["prompts"]:
-        for a in p["arms"]:
-            fork = "-" if a["earliest_fork"] is None else str(a["earliest_fork"])
-            table.add_row(p["prompt_id"], a["arm"], str(a["n"]), str(a["ok"]), str(a["errors"]), str(a["unique"]), fork)
-    console.print(table)
+    """The analysis module's summary view, then what the reader of this run should know and where it is."""
+    render_summary(summary, console)
     for note in outcome.manifest.notes:
-        console.print(f"note: {note}", highlight=False)
-    console.print(f"run directory: {outcome.run_dir}", highlight=False)
+        console.print(f"note: {note}", highlight=False, markup=False)
+    console.print(f"run directory: {outcome.run_dir}", highlight=False, markup=False)
 
 
 def finish_run(outcome: RunOutcome, as_json: bool, console: Console, err_console: Console) -> dict[str, Any]:
