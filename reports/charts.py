@@ -22,6 +22,7 @@ def histogram_svg(histogram: Mapping[str | int, int], *, salt: str) -> str:
     counts = [c for _, c in points]
     span = max(positions) - min(positions) if positions else 0
     fig = Figure(figsize=(4.4, 1.9))
+    fig.subplots_adjust(left=0.13, right=0.98, top=0.95, bottom=0.25)  # fixed margins: no layout pass per chart
     ax = fig.add_subplot()
     ax.bar(positions, counts, width=max(0.8, span / 60), color=_BAR)
     ax.set_xlabel("first divergence (token index)", fontsize=8)
@@ -35,6 +36,6 @@ def histogram_svg(histogram: Mapping[str | int, int], *, salt: str) -> str:
         ax.spines[side].set_visible(False)
     buf = io.BytesIO()
     with matplotlib.rc_context({"svg.hashsalt": salt, "svg.fonttype": "none"}):
-        fig.savefig(buf, format="svg", metadata={"Date": None}, bbox_inches="tight")
+        fig.savefig(buf, format="svg", metadata={"Date": None})
     svg = buf.getvalue().decode("utf-8")
     return svg[svg.index("<svg") :]
