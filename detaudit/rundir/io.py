@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -170,46 +170,93 @@ def load_manifest(run_dir: Path) -> RunManifest:
         raise RunDirError(f"{path}: invalid manifest at {where}: {first['msg']}") from None
 
 
-def _read_parquet(path: Path) -> pa.Table:
+def _check_samples_file(path: Path) -> None:
+    """Refuse a corrupt, foreign or newer samples file from its footer alone (no data pages are read)."""
     try:
-        table = pq.read_table(path)
+        schema = pq.read_schema(path)
     except (OSError, pa.ArrowException) as e:
         raise RunDirError(f"{path}: corrupt or unreadable Parquet ({str(e).splitlines()[0]})") from None
-    meta = table.schema.metadata or {}
+    meta = schema.metadata or {}
     version = meta.get(b"detaudit.schema_version")
     if version is None:
         raise RunDirError(f"{path}: not a detaudit samples file (foreign Parquet)")
     if int(version) > SCHEMA_VERSION:
         raise RunDirError(f"{path}: samples schema version {int(version)} is newer than this detaudit supports")
-    missing = [f.name for f in SAMPLES_SCHEMA if f.name not in table.schema.names]
+    missing = [f.name for f in SAMPLES_SCHEMA if f.name not in schema.names]
     if missing:
         raise RunDirError(f"{path}: samples file lacks columns {', '.join(missing)}")
-    return table.select(SAMPLES_SCHEMA.names).cast(SAMPLES_SCHEMA)
 
 
-def read_samples(run_dir: Path, columns: list[str] | None = None) -> pa.Table:
-    """All sample rows of a run (samples.parquet plus any shards), one per sample_index, sorted by it."""
-    run_dir = Path(run_dir)
+def _projected_schema(columns: list[str]) -> pa.Schema:
+    return pa.schema([SAMPLES_SCHEMA.field(c) for c in columns], metadata=SAMPLES_SCHEMA.metadata)
+
+
+def _read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
+    """One samples file, only `columns` decoded (all by default), cast to SAMPLES_SCHEMA."""
+    _check_samples_file(path)
+    names = list(columns) if columns is not None else SAMPLES_SCHEMA.names
+    try:
+        table = pq.read_table(path, columns=names)
+    except (OSError, pa.ArrowException) as e:
+        raise RunDirError(f"{path}: corrupt or unreadable Parquet ({str(e).splitlines()[0]})") from None
+    return table.select(names).cast(_projected_schema(names))
+
+
+def _sample_parts(run_dir: Path) -> list[Path]:
     parts: list[Path] = []
     if (run_dir / SAMPLES_FILE).exists():
         parts.append(run_dir / SAMPLES_FILE)
     shard_dir = run_dir / SHARDS_DIR
     if shard_dir.is_dir():
         parts.extend(sorted(shard_dir.glob("part-*.parquet")))
+    return parts
+
+
+def read_samples(run_dir: Path, columns: list[str] | None = None) -> pa.Table:
+    """All sample rows of a run (samples.parquet plus any shards), one per sample_index, sorted by it.
+
+    Only `columns` are decoded from disk (the analysis of a large run needs a few of them).
+    """
+    run_dir = Path(run_dir)
+    parts = _sample_parts(run_dir)
+    read = None if columns is None else list(dict.fromkeys(["sample_index", *columns]))
     if not parts:
-        table = SAMPLES_SCHEMA.empty_table()
+        table = SAMPLES_SCHEMA.empty_table() if read is None else _projected_schema(read).empty_table()
     else:
-        table = pa.concat_tables([_read_parquet(p) for p in parts])
+        table = pa.concat_tables([_read_parquet(p, read) for p in parts])
     if table.num_rows:
         # Keep the last written row of each sample_index (a retried error row is replaced by its rerun).
         idx = table.column("sample_index").to_numpy()
-        order = idx.argsort(kind="stable")
-        sorted_idx = idx[order]
-        keep = order[(sorted_idx[1:] != sorted_idx[:-1]).tolist() + [True]]
-        table = table.take(pa.array(keep))
+        if not (idx[1:] > idx[:-1]).all():  # a finalized samples.parquet is already sorted and unique: no copy
+            order = idx.argsort(kind="stable")
+            sorted_idx = idx[order]
+            keep = order[(sorted_idx[1:] != sorted_idx[:-1]).tolist() + [True]]
+            table = table.take(pa.array(keep))
     if columns is not None:
         table = table.select(columns)
     return table
+
+
+def iter_samples(run_dir: Path, columns: list[str], batch_rows: int = 16384) -> Iterator[pa.RecordBatch]:
+    """The rows read_samples() returns, as record batches, without holding the whole run in memory.
+
+    A finalized run (samples.parquet alone, sorted and unique by sample_index) streams from disk; a run with
+    shards left (killed, or still going) is read whole, since a later shard may replace an earlier row.
+    """
+    run_dir = Path(run_dir)
+    parts = _sample_parts(run_dir)
+    if len(parts) == 1 and parts[0].name == SAMPLES_FILE:
+        path = parts[0]
+        idx = _read_parquet(path, ["sample_index"]).column("sample_index").to_numpy()
+        if (idx[1:] > idx[:-1]).all():
+            schema = _projected_schema(list(columns))
+            try:
+                for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=list(columns)):
+                    yield batch.select(list(columns)).cast(schema)
+            except (OSError, pa.ArrowException) as e:
+                raise RunDirError(f"{path}: corrupt or unreadable Parquet ({str(e).splitlines()[0]})") from None
+            return
+    yield from read_samples(run_dir, list(columns)).to_batches(batch_rows)
 
 
 def open_run(run_dir: Path) -> tuple[RunManifest, pa.Table]:
