@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import platform
 import signal
 import sys
@@ -43,6 +44,7 @@ from detaudit.rundir.io import (
 from detaudit.rundir.schema import ArmSpec, PromptSpec, RequestParams, RunManifest, TargetSpec
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 DEFAULT_TOP_LOGPROBS = 2  # top-1 vs top-2 margin at each fork; --top-logprobs 0 turns alternatives off
 FLUSH_INTERVAL_S = 1.0
 FLUSH_ROWS = 2000
@@ -167,6 +169,18 @@ def parse_headers(values: list[str]) -> dict[str, str]:
     return headers
 
 
+def api_key_from_env(env_name: str) -> str | None:
+    """The key in `env_name`; an explicitly named variable that is unset is an error, the default one is not."""
+    key = os.environ.get(env_name)
+    if env_name != DEFAULT_KEY_ENV and not key:
+        raise UsageError(f"--api-key-env {env_name}: that environment variable is not set")
+    return key or None
+
+
+def base_url_or_default(base_url: str | None) -> str:
+    return base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+
+
 def parse_extra_body(value: str | None) -> dict[str, Any]:
     if not value:
         return {}
@@ -275,7 +289,7 @@ def _endpoint_usage_error(what: str, err: CallError | str) -> UsageError:
     return UsageError(f"{what}: {err}")
 
 
-async def _resolve_model(client: OpenAIClient, model: str | None, base_url: str) -> tuple[str | None, list[str]]:
+async def resolve_model(client: OpenAIClient, model: str | None, base_url: str) -> tuple[str | None, list[str]]:
     """Reach the endpoint once: unreachable, 401 and unknown model are usage errors (exit 2), before any write."""
     try:
         models = await client.list_models()
@@ -505,7 +519,7 @@ async def _execute(req: RunRequest, make_progress: Callable[[], Any] | None,
     async with OpenAIClient(req.base_url, api_key=req.api_key, headers=req.headers, timeout=req.params.timeout_s,
                             retries=req.params.retries, backoff=req.backoff, max_connections=max_conn,
                             scrubber=scrubber) as client:  # fmt: skip
-        model, models = await _resolve_model(client, req.model, req.base_url)
+        model, models = await resolve_model(client, req.model, req.base_url)
         if resumed is None:
             probe = await probe_api(client, req.api, model, req.params.extra_body)
             if not probe["ok"]:

@@ -56,7 +56,9 @@ def _register() -> None:
 
     app.command("suites", help="List the bundled probe suites, or show and validate one suite.")(suites.suites_command)
     from detaudit.cli import run
+    from detaudit.cli.probe import probe_app
 
+    app.add_typer(probe_app, name="probe")
     app.command("run", help="Fire N temperature-0 requests per prompt per load arm and record every token stream.")(
         run.run_command
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +20,11 @@ from detaudit.probes.suites import load_suite
 from detaudit.rundir.io import write_summary
 from detaudit.rundir.schema import PromptSpec, RequestParams
 from detaudit.runner import (
-    DEFAULT_BASE_URL,
+    DEFAULT_KEY_ENV,
     RunOutcome,
     RunRequest,
+    api_key_from_env,
+    base_url_or_default,
     execute_run,
     gather_prompts,
     parse_concurrency,
@@ -50,13 +51,6 @@ def make_progress(console: Console) -> Progress:
     )  # fmt: skip
 
 
-def _api_key(env_name: str, explicit: bool) -> str | None:
-    key = os.environ.get(env_name)
-    if explicit and not key:
-        raise UsageError(f"--api-key-env {env_name}: that environment variable is not set")
-    return key or None
-
-
 def build_request(
     *, prompts: list[str], prompt_file: Path | None, extra_prompts: list[PromptSpec] | None, repeats: int,
     base_url: str | None, api_key_env: str, model: str | None, api: str, max_tokens: int | None,
@@ -69,8 +63,8 @@ def build_request(
         raise UsageError(f"--api must be chat or completions, got {api!r}")
     req = RunRequest(
         out=out,
-        base_url=base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL,
-        api_key=_api_key(api_key_env, explicit=api_key_env != "OPENAI_API_KEY"),
+        base_url=base_url_or_default(base_url),
+        api_key=api_key_from_env(api_key_env),
         headers=parse_headers(headers),
         model=model,
         api=api,  # type: ignore[arg-type]
@@ -128,7 +122,7 @@ def run_command(
                                 "(never the API's n field)."),  # fmt: skip
     base_url: str | None = typer.Option(None, "--base-url", help="Endpoint base URL (default: env "
                                         "OPENAI_BASE_URL, else https://api.openai.com/v1)."),  # fmt: skip
-    api_key_env: str = typer.Option("OPENAI_API_KEY", "--api-key-env", help="Environment variable holding the "
+    api_key_env: str = typer.Option(DEFAULT_KEY_ENV, "--api-key-env", help="Environment variable holding the "
                                     "API key (the key itself is never written anywhere)."),  # fmt: skip
     model: str | None = typer.Option(None, "--model", "-m", help="Model name (default: the only model /models lists)."),
     api: str = typer.Option("chat", "--api", help="chat or completions."),
@@ -169,7 +163,7 @@ def run_command(
         if given:
             raise UsageError(f"--resume takes the run's settings from its manifest; drop {', '.join(given)}")
         req, manifest = request_from_manifest(
-            out, base_url=base_url, api_key=_api_key(api_key_env, explicit=api_key_env != "OPENAI_API_KEY"),
+            out, base_url=base_url, api_key=api_key_from_env(api_key_env),
             headers=parse_headers(header), stream=stream, backoff=backoff,
         )  # fmt: skip
         outcome = execute_run(req, lambda: make_progress(err_console), resumed=manifest)

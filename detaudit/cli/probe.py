@@ -1,0 +1,96 @@
+"""`detaudit probe ...`: what a target can do. `probe endpoint` asks an OpenAI-compatible endpoint directly."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from detaudit.client import OpenAIClient
+from detaudit.errors import UsageError
+from detaudit.probe import probe_endpoint
+from detaudit.redact import redact_url
+from detaudit.runner import (
+    DEFAULT_KEY_ENV,
+    api_key_from_env,
+    base_url_or_default,
+    parse_extra_body,
+    parse_headers,
+    resolve_model,
+)
+
+probe_app = typer.Typer(help="Probe what a target can do before auditing it.", no_args_is_help=True)
+
+_ROWS = [
+    ("answers", "ok"),
+    ("seed accepted", "seed_accepted"),
+    ("system_fingerprint", "system_fingerprint"),
+    ("logprobs", "logprobs"),
+    ("top_logprobs", "top_logprobs"),
+    ("token bytes", "bytes"),
+    ("token ids via", "token_ids"),
+    ("streaming", "stream"),
+    ("capture a run gets", "capture"),
+]
+
+
+async def _probe(base_url: str, api_key: str | None, headers: dict[str, str], model: str | None,
+                 apis: tuple[Any, ...], timeout: float, retries: int,
+                 extra: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
+    async with OpenAIClient(base_url, api_key=api_key, headers=headers, timeout=timeout, retries=retries,
+                            backoff=0.2) as client:  # fmt: skip
+        model, models = await resolve_model(client, model, base_url)
+        result = await probe_endpoint(client, model, apis, extra)
+    return {"base_url": redact_url(base_url), "models": models, **result}
+
+
+def render_probe(result: dict[str, Any], console: Console) -> None:
+    table = Table(title=f"{result['base_url']}  model {result['model']}")
+    table.add_column("capability")
+    for api in result["apis"]:
+        table.add_column(api)
+    for label, key in _ROWS:
+        cells = []
+        for res in result["apis"].values():
+            v = res.get(key)
+            cells.append("yes" if v is True else "no" if v in (False, None) else str(v))
+        table.add_row(label, *cells)
+    console.print(table)
+    for api, res in result["apis"].items():
+        if res.get("error"):
+            console.print(f"{api}: {res['error']}", highlight=False, markup=False)
+
+
+@probe_app.command("endpoint", help="Which APIs answer; whether logprobs, top_logprobs, token ids, streaming, seed "
+                   "and system_fingerprint come back.")  # fmt: skip
+def endpoint_command(
+    base_url: str | None = typer.Option(None, "--base-url", help="Endpoint base URL (default: env "
+                                        "OPENAI_BASE_URL, else https://api.openai.com/v1)."),  # fmt: skip
+    api_key_env: str = typer.Option(DEFAULT_KEY_ENV, "--api-key-env", help="Environment variable holding the key."),
+    model: str | None = typer.Option(None, "--model", "-m", help="Model name (default: the only model listed)."),
+    api: str = typer.Option("both", "--api", help="chat, completions or both."),
+    header: list[str] = typer.Option([], "--header", "-H", help="Extra 'Name: value' header (repeatable)."),
+    extra_body: str | None = typer.Option(None, "--extra-body", help="JSON object merged into every request."),
+    timeout: float = typer.Option(30.0, "--timeout", help="Seconds per HTTP attempt."),
+    retries: int = typer.Option(2, "--retries", help="Retries per probe request."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    if api not in ("chat", "completions", "both"):
+        raise UsageError(f"--api must be chat, completions or both, got {api!r}")
+    if timeout <= 0 or retries < 0:
+        raise UsageError("--timeout must be > 0 and --retries >= 0")
+    url = base_url_or_default(base_url)
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"--base-url must start with http:// or https://, got {redact_url(url)!r}")
+    key = api_key_from_env(api_key_env)
+    apis = ("chat", "completions") if api == "both" else (api,)
+    result = asyncio.run(_probe(url, key, parse_headers(header), model, apis, timeout, retries,
+                                parse_extra_body(extra_body)))  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        render_probe(result, Console())
