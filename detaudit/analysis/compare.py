@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from detaudit.analysis.decode import Decoder, shorten_tail
-from detaudit.analysis.summary import COLUMNS, GroupResult, analyze
+from detaudit.analysis.summary import GroupResult, RunDirReader, analyze
 from detaudit.analysis.units import SOURCES, Source
-from detaudit.rundir.io import load_manifest, read_samples
+from detaudit.rundir.io import load_manifest
 from detaudit.rundir.schema import PromptSpec, RunManifest
 
 COMPARE_SCHEMA = "detaudit.compare/1"
@@ -49,7 +49,7 @@ class _Side:
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir
         self.manifest = load_manifest(run_dir)
-        self.summary, self.seqs, self.dec, self.pooled = analyze(self.manifest, read_samples(run_dir, COLUMNS))
+        self.summary, self.seqs, self.dec, self.pooled = analyze(self.manifest, RunDirReader(run_dir))
         self.prompts = {p["prompt_id"]: p for p in self.summary["prompts"]}
 
     def header(self) -> dict[str, Any]:

@@ -9,6 +9,7 @@ at most, never per token.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,8 +48,8 @@ class Sequences:
         return self.values[self.starts[u] : self.starts[u] + self.lens[u]]
 
 
-def _list_chunks(col: pa.ChunkedArray) -> list[pa.Array]:
-    return [c for c in col.chunks if len(c)]
+class SourceMissing(Exception):
+    """An ok row lacks the column being compared: the caller retries with the next source in units.SOURCES."""
 
 
 def _as_binary_view(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
@@ -59,33 +60,6 @@ def _as_binary_view(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
     byte_offsets = offsets.astype(np.int64) * values.dtype.itemsize
     buffers = [None, pa.py_buffer(byte_offsets), pa.py_buffer(np.ascontiguousarray(values))]
     return pa.Array.from_buffers(pa.large_binary(), len(offsets) - 1, buffers)
-
-
-def _int_views(col: pa.ChunkedArray, source: Source) -> tuple[list[pa.Array], np.dtype]:
-    """Binary views of a list column, one per chunk, with token strings/bytes first mapped to sorted codes."""
-    chunks = _list_chunks(col)
-    views: list[pa.Array] = []
-    if source == "token_ids":
-        for c in chunks:
-            vals = c.values.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
-            views.append(_as_binary_view(np.asarray(c.offsets), vals))
-        return views, np.dtype(np.int32)
-    # token strings / bytes: number the distinct tokens in sorted order, so codes order like the tokens do
-    vocab = pc.unique(pa.chunked_array([c.values for c in chunks], type=col.type.value_type))
-    vocab = vocab.take(pc.sort_indices(vocab))
-    for c in chunks:
-        codes = pc.index_in(c.values, value_set=vocab).fill_null(-1).to_numpy(zero_copy_only=False)
-        views.append(_as_binary_view(np.asarray(c.offsets), codes.astype(np.int32)))
-    return views, np.dtype(np.int32)
-
-
-def _group(keys: pa.ChunkedArray, ok: np.ndarray) -> tuple[np.ndarray, pa.Array]:
-    """Per row the index of its key among the distinct keys of ok rows (-1 elsewhere), and those keys."""
-    ok_keys = keys.filter(pa.array(ok))
-    uniq = pc.unique(ok_keys.combine_chunks() if ok_keys.num_chunks != 1 else ok_keys.chunk(0))
-    idx = pc.index_in(keys, value_set=uniq).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-    idx[~ok] = -1
-    return idx, uniq
 
 
 def _lex_rank(values: np.ndarray, lens: np.ndarray) -> np.ndarray:
@@ -111,36 +85,129 @@ def _gather_index(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
     return np.repeat(starts, lens) + (np.arange(total) - first[seg])
 
 
-def encode_sequences(table: pa.Table, source: Source) -> Sequences:
-    """Group the ok rows of `table` by completion, compared as `source`."""
-    ok = pc.equal(table.column("status"), "ok").fill_null(False).to_numpy(zero_copy_only=False)
-    ok = np.asarray(ok, dtype=bool)
-    if source == "text":
-        text = pc.fill_null(table.column("text"), "")
-        row_seq, uniq = _group(text, ok)
-        texts = uniq.to_pylist()
-        parts = [np.frombuffer(t.encode("utf-32-le"), dtype="<u4").astype(np.int32) for t in texts]
-        lens = np.array([len(p) for p in parts], dtype=np.int64)
-        values = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
-    else:
-        views, dtype = _int_views(table.column(source), source)
-        row_seq, uniq = _group(pa.chunked_array(views, type=pa.large_binary()), ok)
-        texts = []
-        if len(uniq):
-            byte_offsets = np.frombuffer(uniq.buffers()[1], dtype=np.int64)[uniq.offset : uniq.offset + len(uniq) + 1]
-            data = np.frombuffer(uniq.buffers()[2], dtype=dtype)
-            base = byte_offsets[0] // dtype.itemsize
-            values = data[base : byte_offsets[-1] // dtype.itemsize]
-            lens = np.diff(byte_offsets) // dtype.itemsize
+def _ok_mask(batch: pa.RecordBatch) -> np.ndarray:
+    ok = pc.equal(batch.column("status"), "ok").fill_null(False)
+    return np.asarray(ok.to_numpy(zero_copy_only=False), dtype=bool)
+
+
+def _child_slice(col: pa.Array) -> tuple[np.ndarray, pa.Array]:
+    """Offsets rebased to 0 and exactly the child values this (possibly sliced) list array covers."""
+    offsets = np.asarray(col.offsets, dtype=np.int64)
+    values = col.values.slice(int(offsets[0]), int(offsets[-1] - offsets[0]))
+    return offsets - offsets[0], values
+
+
+class _Encoder:
+    """Accumulates distinct completions batch by batch, so a run never has to be in memory at once.
+
+    Each row's completion becomes one opaque key (its text, or its integer sequence viewed as bytes); Arrow's
+    hash kernels find the distinct keys of a batch, and only keys not seen before are kept.
+    """
+
+    def __init__(self, source: Source) -> None:
+        self.source = source
+        self.known: pa.Array | None = None  # distinct keys so far, in order of first appearance
+        self.vocab: pa.Array | None = None  # token strings/bytes sources: distinct tokens, first appearance
+        self.row_seq: list[np.ndarray] = []
+        self.rep_row: list[np.ndarray] = []
+        self.rows = 0
+
+    def _codes(self, values: pa.Array) -> np.ndarray:
+        """Token strings/bytes as integer codes, stable across batches (order of first appearance)."""
+        distinct = pc.unique(values.drop_null())
+        if self.vocab is None:
+            self.vocab = distinct
+        else:
+            fresh = distinct.filter(pc.invert(pc.is_in(distinct, value_set=self.vocab)))
+            if len(fresh):
+                self.vocab = pa.concat_arrays([self.vocab, fresh])
+        return pc.index_in(values, value_set=self.vocab).fill_null(-1).to_numpy(zero_copy_only=False)
+
+    def _keys(self, batch: pa.RecordBatch, ok: np.ndarray) -> pa.Array:
+        col = batch.column(self.source)
+        if self.source == "text":
+            return pc.fill_null(col, "")
+        if pc.any(pc.and_(pc.is_null(col), pa.array(ok))).as_py():
+            raise SourceMissing(self.source)
+        offsets, values = _child_slice(col)
+        if self.source == "token_ids":
+            ints = values.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+        else:
+            if (
+                self.source == "token_bytes"
+                and values.null_count
+                and pc.list_flatten(col.filter(pa.array(ok))).null_count
+            ):
+                raise SourceMissing(self.source)
+            ints = self._codes(values).astype(np.int32)
+        return _as_binary_view(offsets, ints)
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        ok = _ok_mask(batch)
+        keys = self._keys(batch, ok)
+        distinct = pc.unique(keys.filter(pa.array(ok)))
+        base = 0 if self.known is None else len(self.known)
+        if self.known is None or not len(self.known):
+            global_ids = np.arange(len(distinct), dtype=np.int64)
+            fresh_mask = np.ones(len(distinct), dtype=bool)
+        else:
+            pos = pc.index_in(distinct, value_set=self.known).fill_null(-1).to_numpy(zero_copy_only=False)
+            fresh_mask = pos < 0
+            global_ids = pos.astype(np.int64)
+            global_ids[fresh_mask] = base + np.arange(int(fresh_mask.sum()))
+        if fresh_mask.any():
+            fresh = distinct.filter(pa.array(fresh_mask))
+            self.known = fresh if self.known is None else pa.concat_arrays([self.known, fresh])
+        local = pc.index_in(keys, value_set=distinct).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        local[~ok] = -1
+        row_seq = np.where(local >= 0, global_ids[np.maximum(local, 0)], -1)
+        # the first row of each new distinct completion represents it (for text, tokens, logprobs)
+        ok_rows = np.flatnonzero(local >= 0)
+        first_local, first_at = np.unique(local[ok_rows], return_index=True)
+        new = fresh_mask[first_local]
+        order = np.argsort(global_ids[first_local[new]])
+        self.rep_row.append((self.rows + ok_rows[first_at[new]])[order])
+        self.row_seq.append(row_seq)
+        self.rows += batch.num_rows
+
+    def finish(self) -> Sequences:
+        row_seq = np.concatenate(self.row_seq) if self.row_seq else np.zeros(0, dtype=np.int64)
+        rep_row = np.concatenate(self.rep_row) if self.rep_row else np.zeros(0, dtype=np.int64)
+        known = self.known if self.known is not None else pa.array([], pa.large_binary())
+        texts: list[str] = []
+        if self.source == "text":
+            texts = known.to_pylist()
+            parts = [np.frombuffer(t.encode("utf-32-le"), dtype="<u4").astype(np.int32) for t in texts]
+            lens = np.array([len(p) for p in parts], dtype=np.int64)
+            values = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+        elif len(known):
+            byte_offsets = np.frombuffer(known.buffers()[1], dtype=np.int64)[
+                known.offset : known.offset + len(known) + 1
+            ]
+            data = np.frombuffer(known.buffers()[2], dtype=np.int32)
+            values = data[byte_offsets[0] // 4 : byte_offsets[-1] // 4]
+            lens = np.diff(byte_offsets) // 4
+            if self.source != "token_ids" and self.vocab is not None and len(self.vocab):
+                # renumber token codes in the tokens' own sorted order, so ties break by text, not by arrival
+                rank = np.empty(len(self.vocab), dtype=np.int32)
+                rank[pc.sort_indices(self.vocab).to_numpy()] = np.arange(len(self.vocab), dtype=np.int32)
+                values = np.where(values >= 0, rank[np.maximum(values, 0)], -1).astype(np.int32)
         else:
             values, lens = np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
-    lens = lens.astype(np.int64)
-    starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64) if len(lens) else lens
-    rep_row = np.full(len(lens), -1, dtype=np.int64)
-    ok_rows = np.flatnonzero(row_seq >= 0)
-    first_u, first_at = np.unique(row_seq[ok_rows], return_index=True)
-    rep_row[first_u] = ok_rows[first_at]
-    return Sequences(source, row_seq, values, starts, lens, _lex_rank(values, lens), rep_row, texts)
+        lens = lens.astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64) if len(lens) else lens
+        return Sequences(self.source, row_seq, values, starts, lens, _lex_rank(values, lens), rep_row, texts)
+
+
+def encode_sequences(batches: Iterable[pa.RecordBatch], source: Source) -> Sequences:
+    """Group the ok rows of `batches` (status + the source column) by completion, compared as `source`.
+
+    Raises SourceMissing when an ok row lacks that source.
+    """
+    enc = _Encoder(source)
+    for batch in batches:
+        enc.add(batch)
+    return enc.finish()
 
 
 def lcp_pairs(seqs: Sequences, a: np.ndarray, b: np.ndarray) -> np.ndarray:

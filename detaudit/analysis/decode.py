@@ -1,15 +1,16 @@
 """Turning fork positions back into text a person can read.
 
-Only a handful of rows are ever decoded (one representative per shown completion or fork branch), so this reads
-single rows as Python values. Token bytes are preferred: a multi-byte UTF-8 character split across tokens is
-shown whole, on the branch that decides it, rather than as replacement characters. With only token ids, a token
-shows as "<id:123>".
+Only a handful of rows are ever decoded (one representative per shown completion or fork branch): the summary
+reads their display columns alone, and this turns single cells into Python values. Token bytes are preferred:
+a multi-byte UTF-8 character split across tokens is shown whole, on the branch that decides it, rather than as
+replacement characters. With only token ids, a token shows as "<id:123>".
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from detaudit.analysis.core import Sequences
@@ -37,15 +38,17 @@ def _utf8_missing(data: bytes) -> tuple[int, int]:
 class Decoder:
     """Text of completions, prefixes and branch tokens, for the source the completions were compared as."""
 
-    def __init__(self, table: pa.Table, seqs: Sequences) -> None:
-        self.table = table
+    def __init__(self, display: pa.Table, rows: np.ndarray, seqs: Sequences) -> None:
+        """`display` holds the display columns of the run rows `rows` (same order); nothing else is decoded."""
+        self.display = display
+        self.where = {int(r): i for i, r in enumerate(rows)}
         self.seqs = seqs
         self._cache: dict[tuple[str, int], Any] = {}
 
     def _cell(self, column: str, row: int) -> Any:
         key = (column, row)
         if key not in self._cache:
-            self._cache[key] = self.table.column(column)[row].as_py() if column in self.table.column_names else None
+            self._cache[key] = self.display.column(column)[self.where[row]].as_py()
         return self._cache[key]
 
     def _bytes(self, u: int) -> list[bytes] | None:

@@ -6,27 +6,27 @@ reads a run directory and calls it. docs/summary.md documents every key.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from detaudit.analysis.core import Sequences, encode_sequences, find_forks, lcp_pairs
+from detaudit.analysis.core import Sequences, SourceMissing, encode_sequences, find_forks, lcp_pairs
 from detaudit.analysis.decode import Decoder
 from detaudit.analysis.stats import arm_stats
-from detaudit.analysis.units import Source, table_source, unit_of
-from detaudit.rundir.io import load_manifest, read_samples
-from detaudit.rundir.schema import PromptSpec, RunManifest
+from detaudit.analysis.units import SOURCES, Source, unit_of
+from detaudit.rundir.io import iter_samples, load_manifest
+from detaudit.rundir.schema import SAMPLES_SCHEMA, PromptSpec, RunManifest
 
 SUMMARY_SCHEMA = "detaudit.summary/1"
-# The columns the analysis reads; the others (latency, usage, ...) never leave the Parquet file.
-COLUMNS = [
-    "sample_index", "prompt_id", "arm", "concurrency", "status", "text",
-    "token_ids", "tokens", "token_bytes", "top_logprobs", "system_fingerprint",
-]  # fmt: skip
+# Read for every row, beside the one column completions are compared on (units.SOURCES).
+META_COLUMNS = ["sample_index", "prompt_id", "arm", "concurrency", "status", "system_fingerprint"]
+# Read only for the rows that represent a distinct completion someone will see (completions, fork branches).
+DISPLAY_COLUMNS = ["text", "token_ids", "tokens", "token_bytes", "top_logprobs"]
 MIN_SAMPLES = 2  # fewer ok samples than this cannot show a divergence: the arm is inconclusive
 CONTEXT_UNITS = 6  # units each side of a completion's first divergence kept for the report's aligned view
 
@@ -68,10 +68,13 @@ def _first_divergence(seqs: Sequences, uniq: np.ndarray) -> np.ndarray:
     return lcp_pairs(seqs, uniq, np.full(len(uniq), uniq[0]))
 
 
-def _forks(seqs: Sequences, dec: Decoder, uniq: np.ndarray, counts: np.ndarray, limits: Limits) -> tuple[list, int]:
-    """Branching nodes of the prefix trie of these completions, weighted by their counts."""
+def _fork_plan(seqs: Sequences, uniq: np.ndarray, counts: np.ndarray, limits: Limits):
+    """Branching nodes of the prefix trie of these completions, weighted by their counts: the numbers only.
+
+    Returns (forks shown, total forks, sorted uniques, sorted counts, completions the text of the forks needs).
+    """
     if len(uniq) < 2:
-        return [], 0
+        return [], 0, uniq, counts, set()
     srt = np.argsort(seqs.rank[uniq], kind="stable")
     su, sc = uniq[srt], counts[srt]
     cum = np.concatenate([[0], np.cumsum(sc)])
@@ -79,31 +82,41 @@ def _forks(seqs: Sequences, dec: Decoder, uniq: np.ndarray, counts: np.ndarray, 
     # keep the forks most samples pass through, then list them by depth
     raw.sort(key=lambda f: (-(cum[f.last + 1] - cum[f.first]), f.position))
     shown = sorted(raw[: limits.forks], key=lambda f: (f.position, -(cum[f.last + 1] - cum[f.first])))
-    out = []
+    plans, needed = [], set()
     for f in shown:
         children = []
         for a, b in f.children:
             best = a + int(np.argmax(sc[a : b + 1]))  # the most frequent completion on this branch
-            children.append((int(cum[b + 1] - cum[a]), a, int(su[best])))
-        children.sort(key=lambda c: (-c[0], c[1]))  # by count, ties in token order ("ended here" first)
-        branches = [
-            {"token": dec.token(int(su[a]), f.position), "token_id": dec.token_id(int(su[a]), f.position), "count": n}
-            for n, a, _ in children[: limits.branches]
-        ]
-        on_modal = next((rep for _, a, rep in children if seqs.lens[su[a]] > f.position), None)
+            children.append((int(cum[b + 1] - cum[a]), int(su[a]), int(su[best]), seqs.lens[su[a]] > f.position))
+        children.sort(key=lambda c: (-c[0], int(seqs.rank[c[1]])))  # by count, ties in token order ("ended" first)
+        on_modal = next((rep for _, _, rep, has_token in children if has_token), None)
+        plans.append((f, int(cum[f.last + 1] - cum[f.first]), children, on_modal, int(su[f.first])))
+        needed.update(c[1] for c in children[: limits.branches])
+        needed.add(int(su[f.first]))
+        if on_modal is not None:
+            needed.add(on_modal)
+    return plans, len(raw), su, sc, needed
+
+
+def _fork_json(plans: list, sorted_counts: np.ndarray, dec: Decoder, limits: Limits) -> list[dict]:
+    out = []
+    for f, prefix_count, children, on_modal, prefix_u in plans:
         out.append(
             {
                 "position": f.position,
-                "prefix_count": int(cum[f.last + 1] - cum[f.first]),
-                "prefix": dec.prefix(int(su[f.first]), f.position),
-                "branches": branches,
+                "prefix_count": prefix_count,
+                "prefix": dec.prefix(prefix_u, f.position),
+                "branches": [
+                    {"token": dec.token(u, f.position), "token_id": dec.token_id(u, f.position), "count": n}
+                    for n, u, _, _ in children[: limits.branches]
+                ],
                 "branches_total": len(children),
                 "margin": dec.margin(on_modal, f.position) if on_modal is not None else None,
                 "parent": None,
             }
         )
-    _link_parents(shown, out, sc, limits)
-    return out, len(raw)
+    _link_parents([p[0] for p in plans], out, sorted_counts, limits)
+    return out
 
 
 def _link_parents(shown: list, out: list[dict], sorted_counts: np.ndarray, limits: Limits) -> None:
@@ -158,41 +171,52 @@ def _histogram(fd: np.ndarray, counts: np.ndarray) -> dict[str, Any]:
 
 
 def _arm(
-    seqs: Sequences, dec: Decoder, rows: np.ndarray, fp_codes: np.ndarray, fp_names: list, limits: Limits
-) -> tuple[dict, GroupResult]:
-    """The arm block of the summary for the table rows `rows`."""
+    seqs: Sequences, rows: np.ndarray, fp_codes: np.ndarray, fp_names: list, limits: Limits
+) -> tuple[Callable[[Decoder], dict], GroupResult, set[int]]:
+    """The arm block for the rows `rows`: computed now, turned into text later by the returned builder.
+
+    Also returns the distinct completions whose text the block shows, so only their rows are read from disk.
+    """
     row_seq = seqs.row_seq[rows]
     ok_rows = rows[row_seq >= 0]
     row_seq = row_seq[row_seq >= 0]
     n_ok = len(row_seq)
-    block: dict[str, Any] = {"n": len(rows), "ok": n_ok, "errors": len(rows) - n_ok}
+    head: dict[str, Any] = {"n": len(rows), "ok": n_ok, "errors": len(rows) - n_ok}
     if n_ok == 0:
-        block.update(unique=0, completions=[], first_divergence=_histogram(np.zeros(0), np.zeros(0)), forks=[])
-        block.update(forks_total=0, earliest_fork=None, stats=arm_stats(0, 0, 0), system_fingerprints=None)
-        return block, GroupResult(0, np.zeros(0, np.int64), np.zeros(0, np.int64), None)
+        head.update(unique=0, completions=[], first_divergence=_histogram(np.zeros(0), np.zeros(0)), forks=[])
+        head.update(forks_total=0, earliest_fork=None, stats=arm_stats(0, 0, 0), system_fingerprints=None)
+        return lambda dec: head, GroupResult(0, np.zeros(0, np.int64), np.zeros(0, np.int64), None), set()
     uniq, counts = _order_uniques(seqs, row_seq)
     fd = _first_divergence(seqs, uniq)
-    forks, forks_total = _forks(seqs, dec, uniq, counts, limits)
-    block["unique"] = len(uniq)
-    block["completions"] = [
-        {
-            "count": int(c),
-            "share": int(c) / n_ok,
-            "first_divergence": None if i == 0 else int(fd[i]),
-            "length": int(seqs.lens[u]),
-            "text": dec.completion_text(int(u)),
-        }
-        for i, (u, c) in enumerate(zip(uniq[: limits.completions], counts[: limits.completions], strict=True))
-    ]
-    for i, comp in enumerate(block["completions"][1:], start=1):
-        comp["context"] = _context(dec, seqs, int(uniq[0]), int(uniq[i]), int(fd[i]))
-    block["first_divergence"] = _histogram(fd, counts)
-    block["forks"] = forks
-    block["forks_total"] = forks_total
-    block["earliest_fork"] = forks[0]["position"] if forks else None
-    block["stats"] = arm_stats(n_ok, int(counts[0]), len(uniq))
-    block["system_fingerprints"] = _by_fingerprint(seqs, ok_rows, fp_codes, fp_names)
-    return block, GroupResult(n_ok, uniq, counts, block["earliest_fork"])
+    plans, forks_total, _, sorted_counts, needed = _fork_plan(seqs, uniq, counts, limits)
+    shown = [int(u) for u in uniq[: limits.completions]]
+    needed.update(shown)
+    earliest = plans[0][0].position if plans else None
+
+    def build(dec: Decoder) -> dict:
+        block = dict(head)
+        block["unique"] = len(uniq)
+        block["completions"] = [
+            {
+                "count": int(counts[i]),
+                "share": int(counts[i]) / n_ok,
+                "first_divergence": None if i == 0 else int(fd[i]),
+                "length": int(seqs.lens[u]),
+                "text": dec.completion_text(u),
+            }
+            for i, u in enumerate(shown)
+        ]
+        for i, comp in enumerate(block["completions"][1:], start=1):
+            comp["context"] = _context(dec, seqs, shown[0], shown[i], int(fd[i]))
+        block["first_divergence"] = _histogram(fd, counts)
+        block["forks"] = _fork_json(plans, sorted_counts, dec, limits)
+        block["forks_total"] = forks_total
+        block["earliest_fork"] = earliest
+        block["stats"] = arm_stats(n_ok, int(counts[0]), len(uniq))
+        block["system_fingerprints"] = _by_fingerprint(seqs, ok_rows, fp_codes, fp_names)
+        return block
+
+    return build, GroupResult(n_ok, uniq, counts, earliest), needed
 
 
 def _by_fingerprint(seqs: Sequences, ok_rows: np.ndarray, fp_codes: np.ndarray, fp_names: list) -> list | None:
@@ -288,26 +312,110 @@ def _agreement(
 _CAPTURE_SOURCE: dict[str, Source] = {"token_ids": "token_ids", "tokens": "tokens", "text": "text"}
 
 
+class SampleReader(Protocol):
+    """Where the rows come from: a table in memory, or a run directory read batch by batch."""
+
+    def batches(self, columns: list[str]) -> Iterable[pa.RecordBatch]: ...
+
+    def rows(self, rows: np.ndarray, columns: list[str]) -> pa.Table: ...
+
+
+class TableReader:
+    """Rows already in memory (summarize())."""
+
+    def __init__(self, table: pa.Table, batch_rows: int = 16384) -> None:
+        self.table = table
+        self.batch_rows = batch_rows
+
+    def batches(self, columns: list[str]) -> Iterable[pa.RecordBatch]:
+        return self.table.select(columns).to_batches(self.batch_rows)
+
+    def rows(self, rows: np.ndarray, columns: list[str]) -> pa.Table:
+        return self.table.select(columns).take(pa.array(rows, pa.int64()))
+
+
+class RunDirReader:
+    """Rows of a run directory, streamed: only the compared column for all rows, display columns for a few."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.run_dir = run_dir
+
+    def batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
+        return iter_samples(self.run_dir, columns)
+
+    def rows(self, rows: np.ndarray, columns: list[str]) -> pa.Table:
+        wanted = np.sort(rows)
+        parts, offset = [], 0
+        for batch in iter_samples(self.run_dir, columns):
+            lo, hi = np.searchsorted(wanted, [offset, offset + batch.num_rows])
+            if hi > lo:
+                parts.append(pa.Table.from_batches([batch.take(pa.array(wanted[lo:hi] - offset))]))
+            offset += batch.num_rows
+        if not parts:
+            return _schema(columns).empty_table()
+        back = np.searchsorted(wanted, rows)  # back to the caller's order
+        return pa.concat_tables(parts).take(pa.array(back, pa.int64()))
+
+
+def _schema(columns: list[str]) -> pa.Schema:
+    return pa.schema([SAMPLES_SCHEMA.field(c) for c in columns])
+
+
+def _encode(reader: SampleReader, manifest: RunManifest) -> tuple[Sequences, pa.Table, Source]:
+    """One pass over the rows: distinct completions in the richest source every ok row carries, plus row meta.
+
+    A source that some ok row lacks is abandoned at the first batch showing it, and the next one is tried.
+    """
+
+    def attempt(source: Source) -> tuple[Sequences, pa.Table]:
+        meta: list[pa.RecordBatch] = []
+
+        def tee(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
+            for b in batches:
+                meta.append(b.select(META_COLUMNS))
+                yield b
+
+        seqs = encode_sequences(tee(reader.batches(META_COLUMNS + [source])), source)
+        return seqs, pa.Table.from_batches(meta, schema=_schema(META_COLUMNS))
+
+    for source in SOURCES[:-1]:
+        try:
+            seqs, meta = attempt(source)
+        except SourceMissing:
+            continue
+        if not (seqs.row_seq >= 0).any():  # no ok row: nothing says what was captured but the manifest
+            source = _CAPTURE_SOURCE.get(manifest.capture, "text")
+        return seqs, meta, source
+    seqs, meta = attempt("text")
+    return seqs, meta, "text"
+
+
 def summarize(manifest: RunManifest, table: pa.Table, limits: Limits = Limits()) -> dict[str, Any]:
-    """The detaudit.summary/1 document of a run, from its manifest and sample rows."""
-    return analyze(manifest, table, limits)[0]
+    """The detaudit.summary/1 document of a run, from its manifest and sample rows (in SAMPLES_SCHEMA)."""
+    return analyze(manifest, TableReader(table), limits)[0]
+
+
+def summarize_run(run_dir: Path | str, limits: Limits = Limits()) -> dict[str, Any]:
+    """Read a run directory (manifest + samples) and summarize it; raises RunDirError for what is not a run.
+
+    The samples are streamed: all rows of the compared column, and the display columns of a few rows only.
+    """
+    manifest = load_manifest(Path(run_dir))
+    return analyze(manifest, RunDirReader(Path(run_dir)), limits)[0]
 
 
 def analyze(
-    manifest: RunManifest, table: pa.Table, limits: Limits = Limits()
+    manifest: RunManifest, reader: SampleReader, limits: Limits = Limits()
 ) -> tuple[dict[str, Any], Sequences, Decoder, dict[str, GroupResult]]:
     """summarize(), plus the internals compare needs: sequences, decoder and each prompt's pooled result."""
-    source = table_source(table, default=_CAPTURE_SOURCE.get(manifest.capture, "text"))
-    seqs = encode_sequences(table, source)
-    dec = Decoder(table, seqs)
-    p_codes, p_names = _codes(table.column("prompt_id"))
-    a_codes, a_names = _codes(table.column("arm"))
-    fp_codes, fp_names = _codes(table.column("system_fingerprint"))
+    seqs, meta, source = _encode(reader, manifest)
+    p_codes, p_names = _codes(meta.column("prompt_id"))
+    a_codes, a_names = _codes(meta.column("arm"))
+    fp_codes, fp_names = _codes(meta.column("system_fingerprint"))
 
     # prompts and arms in manifest order, then any found only in the rows
-    prompt_order = [p.prompt_id for p in manifest.prompts] + [
-        p for p in p_names if p not in {q.prompt_id for q in manifest.prompts}
-    ]
+    known_prompts = {q.prompt_id for q in manifest.prompts}
+    prompt_order = [p.prompt_id for p in manifest.prompts] + [p for p in p_names if p not in known_prompts]
     arm_conc = {a.name: a.concurrency for a in manifest.arms}
     arm_order = list(arm_conc) + [a for a in a_names if a not in arm_conc]
     p_index = {name: i for i, name in enumerate(p_names)}
@@ -322,32 +430,48 @@ def analyze(
         k = p_index[p] * (len(a_names) + 1) + a_index[a]
         return order[bounds[k] : bounds[k + 1]]
 
-    prompt_text = {q.prompt_id: _prompt_text(q) for q in manifest.prompts}
-    prompts, groups, pooled_results = [], [], {}
+    # numbers first, for every prompt and arm; the text of what will be shown is read afterwards, in one pass
+    needed: set[int] = set()
+    plan = []
+    groups, pooled_results = [], {}
     for p in prompt_order:
         arms, arm_rows = [], []
         for a in arm_order:
             rows = rows_of(p, a)
             if not len(rows) and a not in arm_conc:
                 continue
-            block, _ = _arm(seqs, dec, rows, fp_codes, fp_names, limits)
-            c = arm_conc[a] if a in arm_conc else table.column("concurrency")[int(rows[0])].as_py()
-            arms.append({"arm": a, "concurrency": c, "expected": manifest.repeats if a in arm_conc else None, **block})
+            build, _, wanted = _arm(seqs, rows, fp_codes, fp_names, limits)
+            needed |= wanted
+            c = arm_conc[a] if a in arm_conc else meta.column("concurrency")[int(rows[0])].as_py()
+            arms.append((a, c, build))
             arm_rows.append((a, c, rows))
         all_rows = np.concatenate([r for _, _, r in arm_rows]) if arm_rows else np.zeros(0, np.int64)
         pooled_seq = seqs.row_seq[all_rows]
         pooled_seq = pooled_seq[pooled_seq >= 0]
+        plan.append((p, arms, len(np.unique(pooled_seq))))
         if len(pooled_seq):
             uniq, counts = _order_uniques(seqs, pooled_seq)
-            earliest = min((a["earliest_fork"] for a in arms if a["earliest_fork"] is not None), default=None)
-            pooled_results[p] = GroupResult(len(pooled_seq), uniq, counts, earliest)
-        pooled_unique = len(np.unique(pooled_seq))
-        v, why = verdict(arms, pooled_unique)
+            pooled_results[p] = GroupResult(len(pooled_seq), uniq, counts, None)
+            needed.add(int(uniq[0]))
+        groups.append((p, arm_rows))
+
+    wanted_rows = seqs.rep_row[np.array(sorted(needed), dtype=np.int64)]
+    dec = Decoder(reader.rows(wanted_rows, DISPLAY_COLUMNS), wanted_rows, seqs)
+    prompt_text = {q.prompt_id: _prompt_text(q) for q in manifest.prompts}
+    prompts = []
+    for p, arms, pooled_unique in plan:
+        blocks = [
+            {"arm": a, "concurrency": c, "expected": manifest.repeats if a in arm_conc else None, **build(dec)}
+            for a, c, build in arms
+        ]
+        if p in pooled_results:
+            forks = [b["earliest_fork"] for b in blocks if b["earliest_fork"] is not None]
+            pooled_results[p].first_fork = min(forks, default=None)
+        v, why = verdict(blocks, pooled_unique)
         prompts.append(
-            {"prompt_id": p, "prompt": prompt_text.get(p), "unique_all_arms": pooled_unique, "arms": arms,
+            {"prompt_id": p, "prompt": prompt_text.get(p), "unique_all_arms": pooled_unique, "arms": blocks,
              "verdict": v, "verdict_reason": why}
         )  # fmt: skip
-        groups.append((p, arm_rows))
 
     earliest = None
     for pr in prompts:
@@ -361,7 +485,7 @@ def analyze(
                     "prefix": f["prefix"],
                     "branches": f["branches"],
                 }
-    status = np.asarray(pc.equal(table.column("status"), "ok").fill_null(False).to_numpy(zero_copy_only=False))
+    n_ok = int((seqs.row_seq >= 0).sum())
     summary = {
         "schema": SUMMARY_SCHEMA,
         "run_id": manifest.run_id,
@@ -375,9 +499,9 @@ def analyze(
         },
         "samples": {
             "expected": manifest.expected_samples,
-            "rows": table.num_rows,
-            "ok": int(status.sum()),
-            "errors": int(table.num_rows - status.sum()),
+            "rows": meta.num_rows,
+            "ok": n_ok,
+            "errors": meta.num_rows - n_ok,
         },
         "unique_per_prompt": [
             {
@@ -393,9 +517,3 @@ def analyze(
         "prompts": prompts,
     }
     return summary, seqs, dec, pooled_results
-
-
-def summarize_run(run_dir: Path | str, limits: Limits = Limits()) -> dict[str, Any]:
-    """Read a run directory (manifest + samples) and summarize it; raises RunDirError for what is not a run."""
-    manifest = load_manifest(Path(run_dir))
-    return summarize(manifest, read_samples(Path(run_dir), columns=COLUMNS), limits)

@@ -1,18 +1,16 @@
 """What a completion is compared as: token ids when recorded, else token bytes, else token strings, else text.
 
 The one place that decides the comparison unit. The runner's live counter keys single rows with
-`completion_key`; the analysis picks one source for a whole table with `table_source`. Both walk the same
-precedence (`SOURCES`), so whenever every ok row of a run carries the same capture (the runner asks every
-request for the same fields) the two agree on which completions are "the same".
+`completion_key`; the analysis (core.encode_sequences) takes, for a whole run, the first source of the same
+precedence (`SOURCES`) that every ok row carries, by the same rule as `row_source`. So whenever every ok row
+of a run carries the same capture (the runner asks every request for the same fields) the two agree on which
+completions are "the same".
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
-
-import pyarrow as pa
-import pyarrow.compute as pc
 
 Unit = Literal["token", "text"]
 Source = Literal["token_ids", "token_bytes", "tokens", "text"]
@@ -54,23 +52,3 @@ def completion_key(row: Mapping[str, Any]) -> tuple[str, Any] | None:
         return ("text", row.get("text") or "")
     seq: Sequence[Any] = row[source]
     return (_KEY_TAG[source], tuple(seq))
-
-
-def table_source(table: pa.Table, default: Source = "text") -> Source:
-    """The richest source that every ok row of `table` carries (the same test as `row_source`, column-wise).
-
-    With no ok row at all nothing says what was captured, so `default` (the manifest's capture) is returned.
-    """
-    ok = pc.equal(table.column("status"), "ok").fill_null(False)
-    if not pc.any(ok).as_py():
-        return default
-    for source in SOURCES[:-1]:
-        if source not in table.column_names:
-            continue
-        col = table.column(source).filter(ok)
-        if col.null_count:
-            continue
-        if source == "token_bytes" and pc.list_flatten(col).null_count:
-            continue
-        return source
-    return "text"

@@ -1,0 +1,155 @@
+"""Benchmark of the divergence analysis: time and peak memory of summarize_run on a large synthetic run.
+
+    python benchmarks/analysis.py                       # 100k samples x 1k tokens, ids-only and full capture
+    python benchmarks/analysis.py --samples 20000 --length 500 --captures ids
+
+Each corpus is shaped like the published Feynman result: one modal completion for ~92% of samples and 79 rarer
+variants that fork from it at random depths. Every measurement runs in a fresh child process (so the peak RSS is
+the analysis's own) and reports wall time, peak RSS above the interpreter-with-imports baseline, Arrow's peak
+allocation, and the size of samples.parquet. The corpus is written through detaudit.rundir.io like a real run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+CAPTURES = ("ids", "full", "all-different")
+
+
+def generate(out: Path, samples: int, length: int, capture: str, seed: int = 0) -> Path:
+    """Write a finished run directory of `samples` rows of `length` tokens (see module docstring for the shape)."""
+    from detaudit.rundir.io import atomic_write_table, rows_to_table, write_manifest
+    from detaudit.rundir.schema import SAMPLES_FILE, ArmSpec, PromptSpec, RequestParams, RunManifest, TargetSpec
+
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 150_000, size=length)
+    if capture == "all-different":
+        n_unique = samples  # the worst case: every sample forks from every other
+        uniq = [np.concatenate([[u], rng.integers(0, 150_000, size=length - 1)]) for u in range(n_unique)]
+        assign = np.arange(samples)
+    else:
+        n_unique = 80
+        uniq = [base]
+        for _ in range(n_unique - 1):
+            fork = int(rng.integers(length // 10, length))
+            uniq.append(np.concatenate([base[:fork], rng.integers(0, 150_000, size=length - fork)]))
+        weights = np.full(n_unique, 0.08 / (n_unique - 1))
+        weights[0] = 0.92
+        assign = rng.choice(n_unique, size=samples, p=weights)
+    rows = []
+    for seq in uniq:
+        ids = seq.astype(int).tolist()
+        row = {"status": "ok", "token_ids": ids, "text": " ".join(f"w{t}" for t in ids[:200])}
+        if capture == "full":
+            toks = [f" w{t}" for t in ids]
+            lps = rng.uniform(-2, 0, size=length).astype(np.float32)
+            row.update(
+                tokens=toks,
+                token_bytes=[t.encode() for t in toks],
+                logprobs=lps.tolist(),
+                top_logprobs=[[float(lp), float(lp) - 1.5] for lp in lps],
+                finish_reason="length",
+                system_fingerprint="fp_bench",
+            )
+        rows.append(row)
+        del row
+    unique_table = rows_to_table(rows)
+    table = unique_table.take(pa.array(assign))
+    n = table.num_rows
+    for name, values in (
+        ("run_id", pa.array(["bench"] * n)),
+        ("sample_index", pa.array(np.arange(n), pa.int64())),
+        ("prompt_id", pa.array(["p0"] * n)),
+        ("arm", pa.array(["c64"] * n)),
+        ("concurrency", pa.array(np.full(n, 64), pa.int32())),
+        ("repeat", pa.array(np.arange(n), pa.int32())),
+    ):
+        table = table.set_column(table.schema.get_field_index(name), table.schema.field(name), values)
+    manifest = RunManifest(
+        run_id="bench",
+        tool_version="bench",
+        status="complete",
+        created_at=datetime.now(timezone.utc),
+        target=TargetSpec(kind="endpoint", base_url="http://127.0.0.1:1/v1", model="bench"),
+        params=RequestParams(max_tokens=length),
+        prompts=[PromptSpec(prompt_id="p0", prompt="Tell me about Richard Feynman")],
+        arms=[ArmSpec(name="c64", concurrency=64)],
+        repeats=samples,
+        capture="token_ids",
+    )
+    write_manifest(out, manifest)
+    atomic_write_table(out / SAMPLES_FILE, table)
+    return out
+
+
+def _rss_mib() -> float:
+    scale = 1024 if sys.platform != "darwin" else 1024 * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def measure(run_dir: Path) -> dict:
+    """Run summarize_run once in this (fresh) process; time, peak RSS above the post-import baseline."""
+    from detaudit.analysis.summary import summarize_run
+
+    pa.default_memory_pool()  # load the allocator before taking the baseline
+    baseline = _rss_mib()
+    t0 = time.perf_counter()
+    summary = summarize_run(run_dir)
+    wall = time.perf_counter() - t0
+    arm = summary["prompts"][0]["arms"][0]
+    return {
+        "wall_s": round(wall, 3),
+        "peak_rss_above_baseline_mib": round(_rss_mib() - baseline, 1),
+        "arrow_peak_mib": round(pa.default_memory_pool().max_memory() / 2**20, 1),
+        "parquet_mib": round((run_dir / "samples.parquet").stat().st_size / 2**20, 1),
+        "unique": arm["unique"],
+        "forks_total": arm["forks_total"],
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--samples", type=int, default=100_000)
+    ap.add_argument("--length", type=int, default=1000)
+    ap.add_argument("--captures", default="ids,full", help=f"comma list of {', '.join(CAPTURES)}")
+    ap.add_argument("--repeat", type=int, default=3, help="measurements per corpus (the best time is reported)")
+    ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # child mode
+    args = ap.parse_args()
+    if args.measure:
+        print(json.dumps(measure(args.measure)))
+        return
+    import pyarrow
+
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()},"
+          f" pyarrow {pyarrow.__version__}, numpy {np.__version__}, {datetime.now(timezone.utc):%Y-%m-%d}")  # fmt: skip
+    print("| corpus | samples x tokens | parquet MiB | best wall s | peak RSS MiB | Arrow peak MiB | unique | forks |")
+    print("|---|---|---|---|---|---|---|---|")
+    for capture in args.captures.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            run_dir = generate(Path(tmp) / "run", args.samples, args.length, capture)
+            results = []
+            for _ in range(args.repeat):
+                proc = subprocess.run([sys.executable, __file__, "--measure", str(run_dir)], capture_output=True,
+                                      text=True, check=True)  # fmt: skip
+                results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            best = min(results, key=lambda r: r["wall_s"])
+            print(f"| {capture} | {args.samples} x {args.length} | {best['parquet_mib']} | {best['wall_s']} | "
+                  f"{max(r['peak_rss_above_baseline_mib'] for r in results)} | {best['arrow_peak_mib']} | "
+                  f"{best['unique']} | {best['forks_total']} |", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
