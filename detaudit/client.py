@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import httpx
 
-from detaudit.redact import Scrubber, url_secrets
+from detaudit.redact import Scrubber, redact_url, url_secrets
 
 Api = Literal["chat", "completions"]
 PATHS: dict[str, str] = {"chat": "/chat/completions", "completions": "/completions"}
@@ -269,7 +270,10 @@ class OpenAIClient:
         max_connections: int = 64,
         scrubber: Scrubber | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        # A query on the base URL (Azure's api-version, a key parameter) goes on every request, not into the path.
+        parts = urlsplit(base_url)
+        query = parse_qsl(parts.query, keep_blank_values=True)
+        self.base_url = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
         self.retries = retries
         self.backoff = backoff
         self.backoff_max = backoff_max
@@ -286,6 +290,7 @@ class OpenAIClient:
             self.scrubber.add(v)
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
+            params=query,
             headers=all_headers,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
@@ -309,7 +314,7 @@ class OpenAIClient:
             kind = type(e).__name__
             return CallError(f"timeout ({kind}) after {self.timeout:g}s", retryable=True)
         if isinstance(e, httpx.ConnectError):
-            return CallError(self._scrub(f"cannot connect to {self.base_url}: {e or type(e).__name__}"), retryable=True)
+            return CallError(self._scrub(f"cannot connect to {redact_url(self.base_url)}: {e or type(e).__name__}"), retryable=True)
         if isinstance(e, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
             return CallError(self._scrub(f"connection broken ({type(e).__name__}: {e})"), retryable=True)
         return CallError(self._scrub(f"{type(e).__name__}: {e}"), retryable=True)

@@ -33,12 +33,15 @@ def redact_url(url: str) -> str:
 
 
 def url_secrets(url: str) -> list[str]:
-    """The secret pieces of `url` (password, user, credential query values), to scrub from any text."""
+    """The secret pieces of `url` (password, credential query values), to scrub from any text.
+
+    The user name is masked in URLs by redact_url but not scrubbed from free text: it is rarely secret and often
+    a common word."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return [url]
-    found = [s for s in (parts.password, parts.username) if s]
+    found = [s for s in (parts.password,) if s]
     found += [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if v and _SECRET_QUERY.search(k)]
     return found
 

@@ -111,6 +111,6 @@ def test_secrets_are_scrubbed_from_errors(scripted_server) -> None:
     assert res.error.startswith("HTTP 401")
     assert redact_url(url) == server.base_url.replace("http://", "http://***@")
     assert redact_url("https://h/v1?api-key=abc123&x=1") == "https://h/v1?api-key=***&x=1"
-    assert set(url_secrets(url)) == {"alice", "hunter2pass"}
+    assert url_secrets(url) == ["hunter2pass"]
     scrub = Scrubber(["Bearer sk-live-abcdefgh9999", "tok-zzzz-5555"])
     assert scrub.scrub("sent sk-live-abcdefgh9999 and tok-zzzz-5555") == "sent *** and ***"
