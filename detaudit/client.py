@@ -314,7 +314,8 @@ class OpenAIClient:
             kind = type(e).__name__
             return CallError(f"timeout ({kind}) after {self.timeout:g}s", retryable=True)
         if isinstance(e, httpx.ConnectError):
-            return CallError(self._scrub(f"cannot connect to {redact_url(self.base_url)}: {e or type(e).__name__}"), retryable=True)
+            where = redact_url(self.base_url)
+            return CallError(self._scrub(f"cannot connect to {where}: {e or type(e).__name__}"), retryable=True)
         if isinstance(e, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):
             return CallError(self._scrub(f"connection broken ({type(e).__name__}: {e})"), retryable=True)
         return CallError(self._scrub(f"{type(e).__name__}: {e}"), retryable=True)
