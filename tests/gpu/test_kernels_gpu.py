@@ -1,0 +1,144 @@
+"""GPU proof of the kernels (run on the H100; skipped without CUDA). Output log: tests/gpu/LOG.txt."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_sweep_ours_invariant_stock_not(dtype: torch.dtype) -> None:
+    from detaudit.probes.kernel_probes import run_sweep
+
+    rows = run_sweep("cuda", dtype)
+    for r in rows:
+        print(f"{r.impl:5s} {r.op:40s} invariant={r.invariant} max_abs_diff={r.max_abs_diff:.3g} "
+              f"worst_batch={r.worst_batch} checked={r.checked}")
+    assert all(r.invariant for r in rows if r.impl == "ours")
+    assert any(not r.invariant for r in rows if r.impl == "stock"), "negative control: stock should break somewhere"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
+def test_every_matmul_config_gives_the_same_bits(dtype: torch.dtype) -> None:
+    from detaudit.kernels import triton_matmul as tm
+
+    assert tm.configs_agree(dtype, torch.device("cuda"))
+    cfgs = tm.all_configs(dtype)
+    print(f"{dtype}: configs {cfgs}")
+    g = torch.Generator().manual_seed(0)
+    for m, k, n in [(512, 4096, 4096), (300, 1000, 520), (64, 14336, 256)]:
+        a = torch.randn(m, k, generator=g).to("cuda", dtype)
+        w = torch.randn(n, k, generator=g).to("cuda", dtype)
+        b = torch.randn(n, generator=g).to("cuda", dtype)
+        outs = [tm.matmul(a, w.t(), b, config=c) for c in cfgs]
+        same = [torch.equal(o, outs[0]) for o in outs]
+        outs_t = [tm.matmul(a, w.t().contiguous(), config=c) for c in cfgs]  # row-major B
+        same += [torch.equal(o, outs_t[0]) for o in outs_t]
+        print(f"{dtype} {m}x{k}x{n}: configs agree {same}")
+        assert all(same)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
+def test_matmul_matches_torch(dtype: torch.dtype) -> None:
+    from detaudit.kernels import triton_matmul as tm
+
+    tol = 1e-5 if dtype == torch.float32 else 8e-3  # fp32 must be IEEE, not TF32 (~3e-4)
+    for m, k, n in [(1, 4096, 4096), (37, 333, 129), (1024, 4096, 14336)]:
+        a = torch.randn(m, k, device="cuda", dtype=dtype)
+        w = torch.randn(n, k, device="cuda", dtype=dtype)
+        bias = torch.randn(n, device="cuda", dtype=dtype)
+        ref = 0.5 * (a.double() @ w.double().t()) + 2.0 * bias.double()
+        out = tm.matmul(a, w.t(), bias, alpha=0.5, beta=2.0)
+        assert out.dtype == dtype
+        assert _rel(out, ref) < tol, (m, k, n, _rel(out, ref))
+        ab = torch.randn(3, m, k, device="cuda", dtype=dtype)
+        assert _rel(tm.bmm(ab, w.t().expand(3, k, n)), ab.double() @ w.double().t()) < tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
+def test_rowwise_match_torch(dtype: torch.dtype) -> None:
+    from detaudit.kernels import rmsnorm
+    from detaudit.kernels import triton_rowwise as tr
+
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for m, d in [(7, 4096), (33, 20000), (5, 131)]:
+        x = torch.randn(m, d, device="cuda", dtype=dtype)
+        r = torch.randn(m, d, device="cuda", dtype=dtype)
+        w = torch.randn(d, device="cuda", dtype=dtype)
+        ref = F.rms_norm(x.double(), (d,), w.double(), 1e-6)
+        assert _rel(rmsnorm.rms_norm(x, w, 1e-6), ref) < tol
+        normed, new_res = rmsnorm.fused_add_rms_norm(x, r, w, 1e-6)
+        assert torch.equal(new_res, x + r)
+        assert _rel(normed, F.rms_norm((x + r).double(), (d,), w.double(), 1e-6)) < tol
+        assert _rel(tr.softmax(x, -1, True), x.double().log_softmax(-1)) < tol
+        assert _rel(tr.softmax(x, 0, False), x.double().softmax(0)) < tol
+        assert _rel(tr.reduce_sum(x, [-1], False, dtype), x.double().sum(-1)) < tol
+        assert _rel(tr.reduce_sum(x, [0], True, torch.float32, mean=True), x.double().mean(0, keepdim=True)) < tol
+
+
+def _paged(lens: list[int], hkv: int, d: int, page: int, dtype: torch.dtype, g: torch.Generator):
+    n_pages = sum(-(-c // page) for c in lens) + 3
+    kc = torch.randn(n_pages, page, hkv, d, generator=g).to("cuda", dtype)
+    vc = torch.randn(n_pages, page, hkv, d, generator=g).to("cuda", dtype)
+    kc[-1] = float("nan")  # a page no sequence owns: must never be read
+    vc[-1] = float("nan")
+    perm = torch.randperm(n_pages - 1, generator=g)
+    bt = torch.full((len(lens), -(-max(lens) // page)), n_pages - 1, dtype=torch.int32)
+    i = 0
+    for b, c in enumerate(lens):
+        for j in range(-(-c // page)):
+            bt[b, j] = perm[i]
+            i += 1
+    return kc, vc, bt.cuda()
+
+
+@pytest.mark.parametrize("gqa", [1, 2, 4, 7, 8])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
+def test_attention_correct_and_prefill_decode_invariant(gqa: int, dtype: torch.dtype) -> None:
+    from detaudit.kernels.attention import paged_attention
+
+    g = torch.Generator().manual_seed(gqa)
+    hkv, d, page = 2, 128, 16
+    hq = hkv * gqa
+    lens = [1000, 37, 300, 1]
+    qlens = [1000, 5, 1, 1]
+    kc, vc, bt = _paged(lens, hkv, d, page, dtype, g)
+    qs = torch.randn(sum(qlens), hq, d, generator=g).to("cuda", dtype)
+
+    def call(q, tables, ql, ctx, inv=True, caches=(kc, vc)):
+        cu = torch.tensor([0, *torch.tensor(ql).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+        return paged_attention(q, caches[0], caches[1], tables, cu, torch.tensor(ctx, dtype=torch.int32,
+                               device="cuda"), 1 / math.sqrt(d), batch_invariant=inv)
+
+    full = call(qs, bt, qlens, lens)
+    ref = call(qs.double(), bt, qlens, lens, inv=False, caches=(kc.double(), vc.double()))
+    assert not torch.isnan(full).any()
+    assert _rel(full, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    for p in [0, 15, 16, 63, 64, 500, 999]:  # token p of sequence 0: decode alone vs inside the mixed prefill batch
+        assert torch.equal(call(qs[p:p + 1], bt[:1], [1], [p + 1]), full[p:p + 1]), p
+    chunk = call(qs[640:1000], bt[:1], [360], [1000])  # chunked prefill of the tail
+    assert torch.equal(chunk, full[640:1000])
+
+
+def test_overrides_under_torch_compile_and_coverage() -> None:
+    from detaudit.kernels import batch_invariant, coverage
+
+    lin = torch.nn.Linear(512, 256, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(33, 512, device="cuda", dtype=torch.bfloat16)
+    with batch_invariant(), torch.inference_mode():
+        with coverage() as cov:
+            y = torch.log_softmax(lin(x).float(), -1)
+        one = torch.log_softmax(lin(x[:1]).float(), -1)
+    assert torch.equal(y[:1], one)
+    assert cov.protected["aten::addmm"] >= 1 and cov.protected["aten::_log_softmax"] >= 1, cov.to_dict()
