@@ -147,8 +147,9 @@ def _run_info(path: Path, manifest: RunManifest, summary: Mapping[str, Any], lab
         kernels = t.engine.get("kernels")
         title = f"local engine, {kernels} kernels" if kernels else "local engine"
     p = manifest.params
-    params = [f"temperature={p.temperature:g}", f"max_tokens={p.max_tokens}"]
-    params += [f"{k}={v}" for k, v in (("top_p", p.top_p), ("seed", p.seed), ("top_logprobs", p.top_logprobs)) if v]
+    params = [f"temperature={p.temperature:g}"]
+    optional = (("max_tokens", p.max_tokens), ("top_p", p.top_p), ("seed", p.seed), ("top_logprobs", p.top_logprobs))
+    params += [f"{k}={v}" for k, v in optional if v is not None]
     if p.stop:
         params.append(f"stop={p.stop!r}")
     meta = [("target", title), ("model", t.model or "—")]
