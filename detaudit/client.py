@@ -390,10 +390,10 @@ class OpenAIClient:
             for choice in choices:
                 if isinstance(choice, dict) and choice.get("index", 0) == 0:
                     acc.choice(choice, api, delta=True)
-        if not done:
-            raise CallError("stream ended before [DONE] (truncated)", retryable=True)
-        if acc.finish is None:
-            raise CallError("stream ended without a finish_reason", retryable=True)
+        # Some servers (transformers serve) close a finished stream without [DONE]; a finish_reason still proves
+        # the end was reached. Neither means the stream was cut.
+        if not done and acc.finish is None:
+            raise CallError("stream ended before [DONE] or a finish_reason (truncated)", retryable=True)
         return acc.result()
 
     def _delay(self, attempt: int, err: CallError) -> float:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
+import httpx
 import pytest
-from scripted_server import ScriptedServer  # tests/ is on sys.path under pytest (rootdir conftest, no __init__.py)
+from scripted_server import ScriptedServer, free_port  # tests/ is on sys.path under pytest (no __init__.py)
 
 
 @pytest.fixture
@@ -24,3 +30,48 @@ def scripted_server() -> Iterator[Callable[..., ScriptedServer]]:
     yield make
     for server in started:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight qwen3 with an offline tokenizer (detaudit.tiny), built once per session."""
+    from detaudit.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "qwen3-tiny", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def transformers_serve(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`transformers serve` of the tiny model on 127.0.0.1 (continuous batching, bf16: nondeterministic under load,
+    no logprobs). Yields the base URL; the model name to send is str(tiny_model_dir)."""
+    port = free_port()
+    cache = tmp_path_factory.mktemp("hf-cache")  # must exist, or /v1/models answers 500 (platform.md §5)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "TRANSFORMERS_OFFLINE": "1"}
+    exe = Path(sys.executable).with_name("transformers")
+    log = open(tmp_path_factory.mktemp("serve-log") / "serve.log", "wb")
+    proc = subprocess.Popen([str(exe), "serve", str(tiny_model_dir), "--device", "cpu", "--host", "127.0.0.1",
+                             "--port", str(port), "--continuous-batching", "--dtype", "bfloat16"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"transformers serve exited with {proc.returncode}; see {log.name}")
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"transformers serve not ready after 120 s; see {log.name}")
+            time.sleep(0.5)
+        yield f"{base}/v1"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

@@ -78,7 +78,7 @@ def test_client_errors_are_not_retried(scripted_server) -> None:
         ("malformed", False, "malformed JSON"),
         ("non_openai", False, "not an OpenAI completion"),
         ("reset", False, "connection broken"),
-        ("truncated_sse", True, "stream ended before [DONE]"),
+        ("truncated_sse", True, "stream ended before [DONE] or a finish_reason"),
         ("reset", True, "connection broken"),
         ("html", False, "HTML error page"),
         ("timeout", False, "timeout (ReadTimeout)"),
