@@ -1,0 +1,71 @@
+"""`detaudit local`: rerun prompts on the bundled engine under server-like load, stock or batch-invariant kernels."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from detaudit.engine.config import DTYPES, KERNELS
+from detaudit.engine.load import SCENARIOS
+
+
+def local_command(
+    model: str = typer.Option(..., "--model", help="Hub id or local model directory (Llama, Mistral, Qwen2, Qwen3)."),
+    prompt: list[str] = typer.Option(..., "--prompt", help="Target prompt (repeatable); sent as one user message."),
+    repeats: int = typer.Option(100, "-n", "--repeats", help="N: target requests per prompt per scenario."),
+    kernels: str = typer.Option("stock", "--kernels", help=f"{' or '.join(KERNELS)}."),
+    scenario: str = typer.Option("mixed", "--scenario", help=f"Comma list of {', '.join(SCENARIOS)}; one arm each."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Sequences per engine step (the arm's concurrency)."),
+    max_tokens: int = typer.Option(64, "--max-tokens", help="Tokens generated per target request."),
+    max_batched_tokens: int = typer.Option(512, "--max-batched-tokens", help="Token budget per step (chunks prompts)."),
+    max_model_len: int = typer.Option(1024, "--max-model-len", help="Longest prompt + completion the KV cache holds."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help=f"{', '.join(DTYPES)}."),
+    seed: int = typer.Option(0, "--seed", help="Seeds the filler requests and their arrivals."),
+    top_logprobs: int = typer.Option(5, "--top-logprobs", help="Top-k alternatives recorded per token (0-20)."),
+    out: Path | None = typer.Option(None, "--out", help="Run directory (default runs/local-<kernels>-<time>)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing run directory at --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+) -> None:
+    from detaudit.analysis.render import render_summary
+    from detaudit.analysis.summary import summarize_run
+    from detaudit.engine.llm import EngineConfig
+    from detaudit.engine.local import LocalRunSpec, run_local
+    from detaudit.rundir.io import write_summary
+
+    out = out or Path("runs") / f"local-{kernels}-{datetime.now():%Y%m%d-%H%M%S}"
+    spec = LocalRunSpec(
+        engine=EngineConfig(model, device=device, dtype=dtype, kernels=kernels, max_batch=max_batch,
+                            max_batched_tokens=max_batched_tokens, max_model_len=max_model_len),
+        prompts=prompt,
+        repeats=repeats,
+        scenarios=[s.strip() for s in scenario.split(",") if s.strip()],
+        out=out,
+        max_tokens=max_tokens,
+        top_logprobs=top_logprobs,
+        seed=seed,
+        force=force,
+    )
+    console = Console(stderr=as_json)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        tasks: dict[str, int] = {}
+
+        def progress(arm: str, done: int, total: int) -> None:
+            if arm not in tasks:
+                tasks[arm] = bar.add_task(f"{arm} ({kernels})", total=total)
+            bar.update(tasks[arm], completed=done)
+
+        run_dir = run_local(spec, progress)
+    summary = summarize_run(run_dir)
+    write_summary(run_dir, summary)
+    if as_json:
+        typer.echo(json.dumps(summary, indent=2, default=str))
+    else:
+        render_summary(summary, console)
+        console.print(f"run directory: {run_dir}")

@@ -1,0 +1,112 @@
+"""Which checkpoints the engine runs, read from the HF config.json before any torch is imported."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from detaudit.errors import UsageError
+
+# model_type -> whether q/k get a per-head RMSNorm (Qwen3) and whether q/k/v carry a bias by default (Qwen2).
+SUPPORTED = {"llama": (False, False), "mistral": (False, False), "qwen2": (False, True), "qwen3": (True, False)}
+DTYPES = ("bfloat16", "float16", "float32")
+KERNELS = ("stock", "batch-invariant")
+_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    path: Path
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    qk_norm: bool
+    qkv_bias: bool
+    tie_word_embeddings: bool
+    max_position_embeddings: int
+    sliding_window: int | None
+    eos_token_ids: tuple[int, ...]
+
+
+def resolve_model(model: str) -> Path:
+    """A local directory as is; a hub id ("org/name") through the hub cache/download. Unknown paths are exit 2."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    looks_like_id = model.count("/") == 1 and not model.startswith((".", "/", "~")) and not path.exists()
+    if not looks_like_id:
+        raise UsageError(f"model directory {model} does not exist")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.model"]))
+    except Exception as e:  # offline, gated, no such repo: all the user's to fix
+        why = type(e).__name__
+        raise UsageError(f"model {model!r} is not a local directory and cannot be downloaded ({why})") from None
+
+
+def load_spec(model_dir: Path) -> ModelSpec:
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise UsageError(f"{model_dir} has no config.json: not a Hugging Face model directory")
+    cfg = json.loads(cfg_path.read_text())
+    cfg = {**cfg.get("text_config", {}), **cfg}
+    mtype = cfg.get("model_type")
+    if mtype not in SUPPORTED:
+        raise UsageError(f"unsupported architecture {mtype!r}; supported: {', '.join(SUPPORTED)}")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise UsageError(f"unsupported activation {cfg['hidden_act']!r}; only silu models are supported")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in _ROPE_TYPES:
+        raise UsageError(f"unsupported rope type {rope.get('rope_type')!r}; supported: {', '.join(_ROPE_TYPES)}")
+    if not any(model_dir.glob("*.safetensors")):
+        raise UsageError(f"{model_dir} holds no *.safetensors weights")
+    qk_norm, qkv_bias = SUPPORTED[mtype]
+    heads = cfg["num_attention_heads"]
+    eos = cfg.get("eos_token_id")
+    gen_cfg = model_dir / "generation_config.json"
+    if gen_cfg.is_file():
+        eos = json.loads(gen_cfg.read_text()).get("eos_token_id", eos)
+    eos_ids = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
+    use_window = cfg.get("use_sliding_window", mtype == "mistral")
+    return ModelSpec(
+        path=model_dir,
+        model_type=mtype,
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        qk_norm=qk_norm,
+        qkv_bias=cfg.get("attention_bias", qkv_bias),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        sliding_window=cfg.get("sliding_window") if use_window else None,
+        eos_token_ids=eos_ids,
+    )
+
+
+def check_device_dtype(device: str, dtype: str, kernels: str) -> None:
+    """Refuse a device or dtype the engine and kernels cannot run, before loading anything (exit 2)."""
+    import torch
+
+    if dtype not in DTYPES:
+        raise UsageError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise UsageError(f"unsupported device {device!r}; use cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked but this machine has no CUDA device (torch sees none)")
+    if kernels not in KERNELS:
+        raise UsageError(f"unknown kernels {kernels!r}; use one of {', '.join(KERNELS)}")
+    if device == "cpu" and dtype == "float16":
+        raise UsageError("float16 is not supported on CPU; use bfloat16 or float32")

@@ -1,0 +1,193 @@
+"""The engine facade: model + tokenizer + scheduler + runner, driven one packed step at a time."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass
+from typing import Any
+
+from detaudit import __version__
+from detaudit.engine.block_manager import BlockManager
+from detaudit.engine.config import check_device_dtype, load_spec, resolve_model
+from detaudit.engine.scheduler import Scheduler
+from detaudit.engine.sequence import SamplingParams, Sequence
+from detaudit.errors import UsageError
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    model: str
+    device: str = "cpu"
+    dtype: str = "bfloat16"
+    kernels: str = "stock"
+    max_batch: int = 32
+    max_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    block_size: int = 16
+
+
+def _byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: byte-level BPE token characters back to raw bytes."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+class Engine:
+    """Loads a checkpoint and serves requests with continuous batching; see docs/engine.md."""
+
+    def __init__(self, cfg: EngineConfig) -> None:
+        check_device_dtype(cfg.device, cfg.dtype, cfg.kernels)
+        import torch
+
+        path = resolve_model(cfg.model)
+        self.spec = load_spec(path)
+        self.cfg = cfg
+        self.tokenizer = _load_tokenizer(path)
+        limit = min(self.spec.max_position_embeddings, self.spec.sliding_window or 1 << 30)
+        self.max_model_len = min(cfg.max_model_len, limit)
+        blocks_per_seq = -(-self.max_model_len // cfg.block_size)
+        from detaudit.engine.runner import ModelRunner
+
+        self.runner = ModelRunner(
+            self.spec,
+            {**json.loads((path / "config.json").read_text())},
+            device=cfg.device,
+            dtype=getattr(torch, cfg.dtype),
+            kernels=cfg.kernels,
+            num_blocks=cfg.max_batch * blocks_per_seq,
+            block_size=cfg.block_size,
+            max_blocks_per_seq=blocks_per_seq,
+        )
+        self.scheduler = Scheduler(
+            BlockManager(cfg.max_batch * blocks_per_seq, cfg.block_size),
+            max_batch=cfg.max_batch,
+            max_batched_tokens=cfg.max_batched_tokens,
+        )
+        self.eos_ids = set(self.spec.eos_token_ids)
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        self._byte_dec = _byte_decoder()
+        self.steps = 0
+        self.last_batch = (0, 0)  # (sequences, tokens) of the latest step
+
+    # ---------------------------------------------------------------- text <-> ids
+
+    def encode_chat(self, messages: list[dict[str, Any]]) -> list[int]:
+        if not self.tokenizer.chat_template:
+            raise UsageError(f"{self.spec.path} has no chat template; use the completions API")
+        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def encode_text(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt, add_special_tokens=True)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes a token stands for (byte-level BPE and SentencePiece byte-fallback aware)."""
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if piece is None:
+            return b""
+        if all(c in self._byte_dec for c in piece):
+            return bytes(self._byte_dec[c] for c in piece)
+        if len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            return bytes([int(piece[3:5], 16)])
+        return piece.replace("\u2581", " ").encode()
+
+    def token_str(self, token_id: int) -> str:
+        return self.token_bytes(token_id).decode("utf-8", errors="replace")
+
+    # ---------------------------------------------------------------- requests
+
+    def add(self, seq: Sequence) -> Sequence:
+        if not seq.prompt_ids:
+            raise UsageError("empty prompt: it tokenizes to no tokens")
+        if seq.max_len > self.max_model_len:
+            raise UsageError(
+                f"prompt ({len(seq.prompt_ids)} tokens) + max_tokens ({seq.params.max_tokens}) exceeds the engine's "
+                f"max model length {self.max_model_len}"
+            )
+        self.scheduler.add(seq)
+        return seq
+
+    def step(self) -> list[Sequence]:
+        """One packed forward over the current batch; returns the sequences that finished in it."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return []
+        self.runner.step(batch, self.eos_ids)
+        self.steps += 1
+        self.last_batch = (len(batch.seqs), batch.num_tokens)
+        return self.scheduler.finish_step(batch)
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
+        """Run prompts to completion together (all admitted as seats free up); results in input order."""
+        seqs = [self.add(Sequence(list(p), params)) for p in prompts]
+        while self.scheduler.has_work():
+            self.step()
+        return seqs
+
+    def score(self, pairs: list[tuple[list[int], list[int]]]) -> list[list[float]]:
+        """Teacher-forced logprob of every completion token given its prompt, one prefill per pair."""
+        seqs = [
+            self.add(Sequence(list(p) + list(c), SamplingParams(max_tokens=0), score_only=True, score_from=len(p)))
+            for p, c in pairs
+        ]
+        while self.scheduler.has_work():
+            self.step()
+        return [s.logprobs for s in seqs]
+
+    def info(self) -> dict[str, Any]:
+        """Engine facts for the run manifest and the server's system_fingerprint."""
+        import torch
+
+        gpu = torch.cuda.get_device_name(self.runner.device) if self.runner.device.type == "cuda" else None
+        try:
+            import triton
+
+            triton_version = triton.__version__
+        except ImportError:
+            triton_version = None
+        return {
+            "engine": f"detaudit-engine {__version__}",
+            "kernels": self.cfg.kernels,
+            "dtype": self.cfg.dtype,
+            "device": self.cfg.device,
+            "gpu": gpu,
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "triton": triton_version,
+            "transformers": _transformers_version(),
+            "model_path": str(self.spec.path),
+            "architecture": self.spec.model_type,
+            "max_batch": self.cfg.max_batch,
+            "max_batched_tokens": self.cfg.max_batched_tokens,
+            "max_model_len": self.max_model_len,
+            "block_size": self.cfg.block_size,
+        }
+
+
+def _transformers_version() -> str:
+    import transformers
+
+    return transformers.__version__
+
+
+def _load_tokenizer(path):
+    """tokenizer.json through PreTrainedTokenizerFast when present: AutoTokenizer rebuilds a different
+    pre-tokenizer for qwen2 directories (platform.md §4.1); otherwise whatever AutoTokenizer picks."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if (path / "tokenizer.json").is_file():
+        return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)

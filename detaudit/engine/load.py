@@ -1,0 +1,57 @@
+"""Server-like load for local reruns: the N target requests among seeded filler requests arriving over time.
+
+Time is counted in engine steps, not seconds, so a (scenario, seed) pair always gives the same arrivals and the
+same batch compositions: a stock-kernel run is reproducible, yet each of its N target requests meets different
+neighbours. Scenarios follow SGLang's determinism test:
+  single  only the target prompts, arriving at random steps, so batch sizes vary;
+  mixed   targets among as many fillers of random prompt and output lengths;
+  prefix  targets among fillers whose prompts start with the target prompt and go on for a random length.
+Pure Python: no torch.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+SCENARIOS = ("single", "mixed", "prefix")
+_WORDS = (
+    "the a model token batch kernel server request cache prompt layer vector matrix sum order float bit "
+    "round error seed river mountain history science music poem story city market energy light water "
+    "theory number garden window machine language memory signal network random table column value"
+).split()
+
+
+@dataclass
+class Arrival:
+    """One request of the workload: when it arrives, its chat text, its output budget, and which target it is."""
+
+    step: int
+    text: str
+    max_tokens: int
+    target: tuple[int, int] | None  # (prompt position, repeat) for target requests, None for fillers
+
+
+def _words(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(_WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def build_workload(
+    scenario: str, prompts: list[str], n: int, *, max_tokens: int, max_batch: int, seed: int
+) -> list[Arrival]:
+    """All arrivals of one arm, sorted by step (ties keep the shuffled order)."""
+    if scenario not in SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}")
+    rng = random.Random(f"{scenario}:{seed}")
+    reqs = [Arrival(0, p, max_tokens, (i, r)) for i, p in enumerate(prompts) for r in range(n)]
+    n_fill = 0 if scenario == "single" else len(reqs)
+    for _ in range(n_fill):
+        base = rng.choice(prompts) + " " if scenario == "prefix" else ""
+        reqs.append(Arrival(0, base + _words(rng, 4, 48), rng.randint(1, max_tokens), None))
+    rng.shuffle(reqs)
+    # Offered load about one batch's worth of work per step: queues build up in bursts and drain in lulls.
+    horizon = max(1, sum(r.max_tokens for r in reqs) // max_batch)
+    steps = sorted(rng.randrange(horizon) for _ in reqs)
+    for r, s in zip(reqs, steps, strict=True):
+        r.step = s
+    return reqs

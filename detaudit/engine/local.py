@@ -1,0 +1,197 @@
+"""`detaudit local`: rerun prompts on the local engine under server-like load, into a standard run directory."""
+
+from __future__ import annotations
+
+import os
+import platform
+import secrets
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from detaudit import __version__
+from detaudit.engine.llm import Engine, EngineConfig
+from detaudit.engine.load import SCENARIOS, Arrival, build_workload
+from detaudit.engine.sequence import SamplingParams, Sequence
+from detaudit.errors import UsageError
+from detaudit.rundir.io import ShardWriter, finalize_samples, prepare_out_dir, write_manifest
+from detaudit.rundir.schema import ArmSpec, PromptSpec, RequestParams, RunManifest, TargetSpec
+
+_FLUSH_ROWS = 64
+
+
+@dataclass(frozen=True)
+class LocalRunSpec:
+    engine: EngineConfig
+    prompts: list[str]
+    repeats: int
+    scenarios: list[str]
+    out: Path
+    max_tokens: int = 64
+    top_logprobs: int = 5
+    seed: int = 0
+    force: bool = False
+
+
+def validate(spec: LocalRunSpec) -> None:
+    """Every argument error is raised before anything is loaded or written (exit 2)."""
+    if not spec.prompts or any(not p.strip() for p in spec.prompts):
+        raise UsageError("give at least one non-empty --prompt")
+    if spec.repeats < 1:
+        raise UsageError("-n must be at least 1")
+    if spec.max_tokens < 1:
+        raise UsageError("--max-tokens must be at least 1")
+    if spec.engine.max_batch < 1:
+        raise UsageError("--max-batch must be at least 1")
+    if not 0 <= spec.top_logprobs <= 20:
+        raise UsageError("--top-logprobs must be between 0 and 20")
+    bad = [s for s in spec.scenarios if s not in SCENARIOS]
+    if bad or not spec.scenarios:
+        raise UsageError(f"unknown scenario {bad[0] if bad else ''!r}; choose from {', '.join(SCENARIOS)}")
+    if len(set(spec.scenarios)) != len(spec.scenarios):
+        raise UsageError("--scenario lists a scenario twice")
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def run_local(spec: LocalRunSpec, progress: Callable[[str, int, int], None] | None = None) -> Path:
+    """Generate every (prompt, scenario, repeat) target request and write the run directory; returns its path."""
+    validate(spec)
+    prepare_out_dir(spec.out, resume=False, force=spec.force)
+    engine = Engine(spec.engine)
+    info = engine.info()
+    fingerprint = f"detaudit-{spec.engine.kernels}-{spec.engine.dtype}-{spec.engine.device}"
+    manifest = RunManifest(
+        run_id=f"local-{_now():%Y%m%dT%H%M%S}-{secrets.token_hex(3)}",
+        tool_version=__version__,
+        created_at=_now(),
+        target=TargetSpec(
+            kind="local",
+            api="chat",
+            model=spec.engine.model,
+            engine={**info, "scenarios": spec.scenarios, "seed": spec.seed, "system_fingerprint": fingerprint},
+        ),
+        params=RequestParams(max_tokens=spec.max_tokens, temperature=0.0, seed=spec.seed,
+                             top_logprobs=spec.top_logprobs or None),
+        prompts=[PromptSpec(prompt_id=f"p{i}", prompt=p) for i, p in enumerate(spec.prompts)],
+        arms=[ArmSpec(name=s, concurrency=spec.engine.max_batch) for s in spec.scenarios],
+        repeats=spec.repeats,
+        capture="token_ids",
+        environment={"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count()},
+        notes=[
+            "Local rerun: target requests interleaved with seeded filler requests; arrivals are counted in "
+            "engine steps, so the batch composition of every step is reproducible from (scenario, seed)."
+        ],
+    )
+    write_manifest(spec.out, manifest)
+    writer = ShardWriter(spec.out)
+    try:
+        for arm_pos, scenario in enumerate(spec.scenarios):
+            work = build_workload(scenario, spec.prompts, spec.repeats, max_tokens=spec.max_tokens,
+                                  max_batch=spec.engine.max_batch, seed=spec.seed)
+            stats = _run_arm(engine, work, manifest, arm_pos, spec, fingerprint, writer, progress)
+            manifest.target.engine.setdefault("arms", {})[scenario] = stats
+    except BaseException:
+        manifest.status = "interrupted"
+        manifest.finished_at = _now()
+        write_manifest(spec.out, manifest)
+        raise
+    finalize_samples(spec.out)
+    manifest.status = "complete"
+    manifest.finished_at = _now()
+    write_manifest(spec.out, manifest)
+    return spec.out
+
+
+def _run_arm(
+    engine: Engine,
+    work: list[Arrival],
+    manifest: RunManifest,
+    arm_pos: int,
+    spec: LocalRunSpec,
+    fingerprint: str,
+    writer: ShardWriter,
+    progress: Callable[[str, int, int], None] | None,
+) -> dict[str, Any]:
+    """Feed arrivals into the engine step by step; record each finished target request as a sample row."""
+    arm = manifest.arms[arm_pos]
+    pending = list(work)
+    started: dict[int, tuple[Arrival, datetime, float]] = {}
+    rows: list[dict[str, Any]] = []
+    step = done = 0
+    shapes: list[tuple[int, int]] = []
+    n_targets = sum(a.target is not None for a in work)
+    while pending or engine.scheduler.has_work():
+        while pending and pending[0].step <= step:
+            a = pending.pop(0)
+            params = SamplingParams(max_tokens=a.max_tokens, seed=spec.seed,
+                                    top_logprobs=spec.top_logprobs if a.target else 0)
+            seq = engine.add(Sequence(engine.encode_chat([{"role": "user", "content": a.text}]), params))
+            started[seq.seq_id] = (a, _now(), time.perf_counter())
+        if not engine.scheduler.has_work():
+            step = pending[0].step
+            continue
+        finished = engine.step()
+        shapes.append(engine.last_batch)
+        step += 1
+        for seq in finished:
+            a, t0, p0 = started.pop(seq.seq_id)
+            if a.target is None:
+                continue
+            rows.append(_row(engine, seq, a, manifest, arm_pos, t0, time.perf_counter() - p0, fingerprint))
+            done += 1
+        if len(rows) >= _FLUSH_ROWS:
+            writer.write(rows)
+            rows = []
+        if progress and finished:
+            progress(arm.name, done, n_targets)
+    writer.write(rows)
+    seqs = [b for b, _ in shapes] or [0]
+    return {
+        "requests": len(work),
+        "fillers": len(work) - n_targets,
+        "steps": len(shapes),
+        "batch_seqs_min": min(seqs),
+        "batch_seqs_max": max(seqs),
+        "batch_seqs_mean": round(sum(seqs) / len(seqs), 2),
+        "batch_tokens_max": max((t for _, t in shapes), default=0),
+        "distinct_batch_shapes": len(set(shapes)),
+    }
+
+
+def _row(engine: Engine, seq: Sequence, a: Arrival, manifest: RunManifest, arm_pos: int, t0: datetime,
+         latency: float, fingerprint: str) -> dict[str, Any]:
+    prompt_pos, repeat = a.target  # type: ignore[misc]
+    ids = seq.output_ids
+    return {
+        "run_id": manifest.run_id,
+        "sample_index": manifest.sample_index(prompt_pos, arm_pos, repeat),
+        "prompt_id": manifest.prompts[prompt_pos].prompt_id,
+        "arm": manifest.arms[arm_pos].name,
+        "concurrency": manifest.arms[arm_pos].concurrency,
+        "repeat": repeat,
+        "status": "ok",
+        "attempts": 1,
+        "text": engine.decode(ids),
+        "token_ids": ids,
+        "tokens": [engine.token_str(t) for t in ids],
+        "token_bytes": [engine.token_bytes(t) for t in ids],
+        "logprobs": seq.logprobs,
+        "top_tokens": [[engine.token_str(t) for t in row] for row in seq.top_ids] if seq.params.top_logprobs else None,
+        "top_token_ids": seq.top_ids if seq.params.top_logprobs else None,
+        "top_logprobs": seq.top_logprobs if seq.params.top_logprobs else None,
+        "finish_reason": seq.finish_reason,
+        "model": manifest.target.model,
+        "system_fingerprint": fingerprint,
+        "prompt_tokens": len(seq.prompt_ids),
+        "completion_tokens": len(ids),
+        "latency_s": latency,
+        "started_at": t0,
+        "finished_at": _now(),
+    }

@@ -1,0 +1,179 @@
+"""Compact decoder-only model code for Llama / Mistral / Qwen2 / Qwen3 dense checkpoints over packed batches.
+
+The math follows the transformers modules op for op (RMSNorm in fp32, RoPE cos/sin cast to the model dtype,
+separate q/k/v and gate/up projections) so logits match HF's; what differs is the batch layout: hidden states
+are [tokens, hidden] for all sequences of a step packed end to end, and attention reads a paged KV cache that
+the step's new keys/values are written into first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from torch import nn
+
+from detaudit.engine.config import ModelSpec
+from detaudit.errors import UsageError
+
+
+@dataclass
+class StepInputs:
+    """Everything attention needs about the packed batch of one step (built by the runner)."""
+
+    positions: torch.Tensor  # [T] int64, absolute position of each token in its sequence
+    slot_mapping: torch.Tensor  # [T] int64, flat cache slot each new token's K/V goes to
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    cu_seqlens_q: torch.Tensor  # [B+1] int32
+    context_lens: torch.Tensor  # [B] int32, cached tokens of each sequence including this step's
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Rotary(nn.Module):
+    """A cos/sin table over all positions, computed exactly as HF computes it per position."""
+
+    def __init__(self, spec: ModelSpec, config: dict) -> None:
+        super().__init__()
+        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+        if rope_type == "default":
+            inv_freq = 1.0 / (theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float) / spec.head_dim))
+            scaling = 1.0
+        else:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            cfg = SimpleNamespace(**config)
+            cfg.rope_parameters = {**rope, "rope_theta": theta, "rope_type": rope_type}
+            cfg.head_dim = spec.head_dim
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, "cpu")
+        pos = torch.arange(spec.max_position_embeddings, dtype=torch.float)
+        freqs = pos[:, None] * inv_freq[None, :].float()
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos", emb.cos() * scaling, persistent=False)
+        self.register_buffer("sin", emb.sin() * scaling, persistent=False)
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = self.cos[positions].to(q.dtype).unsqueeze(1)
+        sin = self.sin[positions].to(q.dtype).unsqueeze(1)
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+class Attention(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        d, hq, hkv = spec.head_dim, spec.num_heads, spec.num_kv_heads
+        self.q_proj = nn.Linear(spec.hidden_size, hq * d, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(spec.hidden_size, hkv * d, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(spec.hidden_size, hkv * d, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(hq * d, spec.hidden_size, bias=False)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(d, spec.rms_norm_eps)
+            self.k_norm = RMSNorm(d, spec.rms_norm_eps)
+        self.scale = d**-0.5
+
+    def forward(self, x, rotary, inp: StepInputs, k_cache, v_cache, attn_fn) -> torch.Tensor:
+        t, d = x.shape[0], self.spec.head_dim
+        q = self.q_proj(x).view(t, self.spec.num_heads, d)
+        k = self.k_proj(x).view(t, self.spec.num_kv_heads, d)
+        v = self.v_proj(x).view(t, self.spec.num_kv_heads, d)
+        if self.spec.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary(q, k, inp.positions)
+        # Write this step's keys/values first, then attend over the cache: prefill and decode read the same layout.
+        k_cache.view(-1, *k_cache.shape[2:])[inp.slot_mapping] = k
+        v_cache.view(-1, *v_cache.shape[2:])[inp.slot_mapping] = v
+        o = attn_fn(q, k_cache, v_cache, inp.block_tables, inp.cu_seqlens_q, inp.context_lens, self.scale)
+        return self.o_proj(o.reshape(t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.self_attn = Attention(spec)
+        self.mlp = MLP(spec)
+        self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+    def forward(self, x, rotary, inp, k_cache, v_cache, attn_fn) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rotary, inp, k_cache, v_cache, attn_fn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Body(nn.Module):
+    def __init__(self, spec: ModelSpec) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
+        self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    """HF parameter names (model.layers.N.self_attn.q_proj.weight, lm_head.weight) so checkpoints load as saved."""
+
+    def __init__(self, spec: ModelSpec, config: dict) -> None:
+        super().__init__()
+        self.spec = spec
+        self.model = Body(spec)
+        self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.rotary = Rotary(spec, config)
+
+    def forward(self, input_ids, inp: StepInputs, kv_caches, attn_fn, logits_rows: torch.Tensor) -> torch.Tensor:
+        """Logits (model dtype) of the rows in `logits_rows` only: the lm_head runs on just those rows."""
+        x = self.model.embed_tokens(input_ids)
+        for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches, strict=True):
+            x = layer(x, self.rotary, inp, k_cache, v_cache, attn_fn)
+        return self.lm_head(self.model.norm(x[logits_rows]))
+
+
+def load_model(spec: ModelSpec, config: dict, device: str, dtype: torch.dtype) -> CausalLM:
+    """Build the module on the meta device and fill it straight from the safetensors shards on `device`."""
+    with torch.device("meta"):
+        model = CausalLM(spec, config)
+    expected = dict(model.named_parameters())
+    state: dict[str, torch.Tensor] = {}
+    for shard in sorted(spec.path.glob("*.safetensors")):
+        with safe_open(shard, framework="pt", device="cpu") as f:
+            for name in f.keys():
+                if name in expected:
+                    state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
+    if spec.tie_word_embeddings and "lm_head.weight" not in state and "model.embed_tokens.weight" in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        raise UsageError(f"{spec.path}: checkpoint lacks {len(missing)} weights, e.g. {missing[0]}")
+    model.load_state_dict(state, strict=False, assign=True)
+    model.rotary = Rotary(spec, config).to(device)
+    return model.eval()

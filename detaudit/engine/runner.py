@@ -1,0 +1,107 @@
+"""Turns a scheduled batch into packed tensors, runs the model over the paged KV cache and samples."""
+
+from __future__ import annotations
+
+import contextlib
+from functools import partial
+
+import torch
+
+from detaudit.engine.config import ModelSpec
+from detaudit.engine.model import StepInputs, load_model
+from detaudit.engine.sampler import sample
+from detaudit.engine.scheduler import ScheduledBatch
+
+
+def kernel_context(kernels: str) -> contextlib.AbstractContextManager:
+    """`batch-invariant` runs the whole step under detaudit.kernels' aten overrides; `stock` uses plain torch ops."""
+    if kernels == "batch-invariant":
+        from detaudit.kernels import batch_invariant
+
+        return batch_invariant()
+    return contextlib.nullcontext()
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        config: dict,
+        *,
+        device: str,
+        dtype: torch.dtype,
+        kernels: str,
+        num_blocks: int,
+        block_size: int,
+        max_blocks_per_seq: int,
+    ) -> None:
+        from detaudit.kernels.attention import paged_attention
+
+        self.device = torch.device(device)
+        self.kernels = kernels
+        self.block_size = block_size
+        self.max_blocks_per_seq = max_blocks_per_seq
+        self.model = load_model(spec, config, device, dtype)
+        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        self.kv_caches = [
+            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+            for _ in range(spec.num_layers)
+        ]
+        self.attn_fn = partial(paged_attention, batch_invariant=kernels == "batch-invariant")
+
+    def _inputs(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepInputs, list[int], list[tuple]]:
+        """Packed inputs, the token rows whose logits are needed, and per sequence (seq, first logit row, count)."""
+        ids, positions, slots, cu, ctx, tables, rows, spans = [], [], [], [0], [], [], [], []
+        bs = self.block_size
+        for seq, n in zip(batch.seqs, batch.num_new, strict=True):
+            start = seq.num_cached
+            ids.extend(seq.tokens[start : start + n])
+            for p in range(start, start + n):
+                positions.append(p)
+                slots.append(seq.block_table[p // bs] * bs + p % bs)
+            # A scored sequence needs the rows predicting each token after its context; a generating one its last
+            # row, once its prompt is complete (a chunk in the middle of a prompt samples nothing).
+            end = cu[-1] + n
+            if seq.score_only:
+                first, end = end - (len(seq) - seq.score_from) - 1, end - 1
+            else:
+                first = end - 1 if start + n == len(seq) else end
+            spans.append((seq, len(rows), end - first))
+            rows.extend(range(first, end))
+            cu.append(cu[-1] + n)
+            ctx.append(start + n)
+            tables.append(seq.block_table + [0] * (self.max_blocks_per_seq - len(seq.block_table)))
+
+        def t(x: list, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
+
+        inp = StepInputs(
+            positions=t(positions, torch.int64),
+            slot_mapping=t(slots, torch.int64),
+            block_tables=t(tables, torch.int32),
+            cu_seqlens_q=t(cu, torch.int32),
+            context_lens=t(ctx, torch.int32),
+        )
+        return t(ids, torch.int64), inp, rows, spans
+
+    @torch.inference_mode()
+    def step(self, batch: ScheduledBatch, eos_ids: set[int]) -> None:
+        """Run one packed step and record its results on the sequences (scheduler.finish_step does the rest)."""
+        input_ids, inp, rows, spans = self._inputs(batch)
+        with kernel_context(self.kernels):
+            rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
+            logits = self.model(input_ids, inp, self.kv_caches, self.attn_fn, rows_t)
+            gen = [(s, o) for s, o, k in spans if not s.score_only and k]
+            if gen:
+                idx = torch.tensor([o for _, o in gen], device=self.device)
+                seqs = [s for s, _ in gen]
+                out = sample(logits[idx], [s.params for s in seqs], [len(s.output_ids) for s in seqs])
+                for s, tok, lp, top_ids, top_lps in zip(seqs, *out, strict=True):
+                    s.append(tok, lp, top_ids, top_lps, eos_ids)
+            scored = [(s, o, k) for s, o, k in spans if s.score_only]
+            if scored:
+                idx = torch.tensor([r for _, o, k in scored for r in range(o, o + k)], device=self.device)
+                targets = torch.tensor([t for s, _, _ in scored for t in s.tokens[s.score_from :]], device=self.device)
+                flat = torch.log_softmax(logits[idx].float(), dim=-1).gather(1, targets[:, None])[:, 0].tolist()
+                for s, _, k in scored:
+                    s.logprobs, flat = flat[:k], flat[k:]

@@ -1,0 +1,75 @@
+"""Requests as the scheduler sees them. Pure Python: the scheduler and block manager never touch torch."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+
+_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request decoding settings. temperature 0 is greedy; >0 samples with a generator seeded from `seed`."""
+
+    max_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+    top_logprobs: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass
+class Sequence:
+    """One request: prompt ids, what was generated so far, and where its KV lives (block table).
+
+    A `score_only` sequence is a teacher-forced prefill: it runs once over all its tokens and records the logprob
+    of every token from index `score_from` on (rescore), generating nothing.
+    """
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    score_only: bool = False
+    score_from: int = 0
+    seq_id: int = field(default_factory=lambda: next(_ids))
+    status: Status = Status.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_ids: list[list[int]] = field(default_factory=list)
+    top_logprobs: list[list[float]] = field(default_factory=list)
+    block_table: list[int] = field(default_factory=list)
+    num_cached: int = 0
+    finish_reason: str | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    def __len__(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def max_len(self) -> int:
+        """Tokens this sequence may ever hold in the KV cache (its reservation)."""
+        return len(self.prompt_ids) if self.score_only else len(self.prompt_ids) + self.params.max_tokens
+
+    def append(self, token_id: int, logprob: float, top_ids: list[int], top_lps: list[float], eos_ids: set[int]
+               ) -> None:
+        """Record one sampled token and decide whether the sequence is done."""
+        self.output_ids.append(token_id)
+        self.logprobs.append(logprob)
+        self.top_ids.append(top_ids)
+        self.top_logprobs.append(top_lps)
+        if not self.params.ignore_eos and (token_id in eos_ids or token_id in self.params.stop_token_ids):
+            self.finish_reason = "stop"
+        elif len(self.output_ids) >= self.params.max_tokens:
+            self.finish_reason = "length"

@@ -1,0 +1,122 @@
+"""The local engine on tiny CPU models: HF parity, batch invariance with bundled kernels, decode == re-prefill."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from detaudit.engine.llm import Engine, EngineConfig
+from detaudit.engine.sequence import SamplingParams, Sequence
+from detaudit.tiny import ARCHS
+
+PROMPT = [{"role": "user", "content": "def fibonacci(n):"}]
+OTHERS = ["import os", "class Vector:\n    def __init__(self, x, y):", "Tell me about Richard Feynman " * 6, "x = 1"]
+
+
+@pytest.fixture(scope="module")
+def arch_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    from detaudit.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("engine-archs")
+    return {a: build_tiny_model(root / a, a, seed=1) for a in ARCHS}
+
+
+def _engine(model: Path, kernels: str = "stock", dtype: str = "bfloat16", **kw) -> Engine:
+    cfg = dict(max_batch=8, max_model_len=256, max_batched_tokens=64)
+    cfg.update(kw)
+    return Engine(EngineConfig(str(model), device="cpu", dtype=dtype, kernels=kernels, **cfg))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_matches_transformers_fp32(arch_dirs, arch):
+    """Own model code == the transformers module: same greedy tokens, logprobs within fp32 noise."""
+    from transformers import AutoModelForCausalLM
+
+    eng = _engine(arch_dirs[arch], dtype="float32")
+    ids = eng.encode_chat(PROMPT)
+    seq = eng.generate([ids], SamplingParams(max_tokens=12, ignore_eos=True, top_logprobs=3))[0]
+    hf = AutoModelForCausalLM.from_pretrained(arch_dirs[arch], dtype=torch.float32).eval()
+    with torch.no_grad():
+        lp = torch.log_softmax(hf(torch.tensor([ids + seq.output_ids])).logits[0].float(), -1)
+    rows = lp[len(ids) - 1 : -1]
+    assert rows.argmax(-1).tolist() == seq.output_ids
+    ref = rows.gather(1, torch.tensor(seq.output_ids)[:, None])[:, 0]
+    assert torch.allclose(ref, torch.tensor(seq.logprobs), atol=1e-4)
+    assert seq.top_ids[0][0] == seq.output_ids[0] and len(seq.top_ids[0]) == 3
+
+
+def _alone_and_in_batch(model: Path, kernels: str) -> tuple[Sequence, list[Sequence]]:
+    """The target request alone, then among others arriving over time under several token budgets, which cut
+    its prompt into chunks at different places (as load does on a server)."""
+    params = SamplingParams(max_tokens=24, ignore_eos=True)
+    eng = _engine(model, kernels)
+    target = eng.encode_chat(PROMPT)
+    alone = eng.generate([target], params)[0]
+    others = [eng.encode_chat([{"role": "user", "content": t}]) for t in OTHERS]
+    in_batch = []
+    for budget in (24, 40, 64):
+        eng.scheduler.max_batched_tokens = budget
+        eng.add(Sequence(others[0], params))
+        eng.add(Sequence(others[2], params))
+        eng.step()
+        eng.step()
+        eng.add(Sequence(others[1], params))
+        in_batch.append(eng.add(Sequence(target, params)))
+        eng.add(Sequence(others[3], params))
+        while eng.scheduler.has_work():
+            eng.step()
+    return alone, in_batch
+
+
+def test_alone_vs_in_batch_bitwise_with_bundled_kernels(tiny_model_dir):
+    alone, in_batch = _alone_and_in_batch(tiny_model_dir, "batch-invariant")
+    for seq in in_batch:
+        assert seq.output_ids == alone.output_ids
+        assert seq.logprobs == alone.logprobs  # every step, bitwise
+
+
+def _decode_vs_prefill(model: Path, kernels: str) -> tuple[list[float], list[float]]:
+    eng = _engine(model, kernels, max_batched_tokens=256)
+    prompts = [eng.encode_chat(PROMPT)] + [eng.encode_chat([{"role": "user", "content": t}]) for t in OTHERS]
+    seqs = eng.generate(prompts, SamplingParams(max_tokens=20, ignore_eos=True))
+    rescored = eng.score([(s.prompt_ids, s.output_ids) for s in seqs])
+    return [lp for s in seqs for lp in s.logprobs], [lp for r in rescored for lp in r]
+
+
+def test_decode_logprobs_equal_prefill_recompute_bitwise(tiny_model_dir):
+    decoded, prefilled = _decode_vs_prefill(tiny_model_dir, "batch-invariant")
+    assert decoded == prefilled
+
+
+def test_stock_kernels_are_sensitive(tiny_model_dir):
+    """Negative control: with stock SDPA the same checks see different bits, so the two tests above can fail."""
+    decoded, prefilled = _decode_vs_prefill(tiny_model_dir, "stock")
+    assert decoded != prefilled
+    assert max(abs(a - b) for a, b in zip(decoded, prefilled, strict=True)) < 0.1  # same model, just other bits
+    alone, in_batch = _alone_and_in_batch(tiny_model_dir, "stock")
+    assert any(seq.logprobs != alone.logprobs for seq in in_batch)
+
+
+def test_seeded_sampling_is_reproducible_and_batch_independent(tiny_model_dir):
+    eng = _engine(tiny_model_dir, "batch-invariant")
+    ids = eng.encode_chat(PROMPT)
+    hot = SamplingParams(max_tokens=16, temperature=1.0, seed=7, ignore_eos=True)
+    a = eng.generate([ids], hot)[0]
+    b, _, _ = eng.generate([ids, eng.encode_chat([{"role": "user", "content": OTHERS[1]}]), ids[:5]], hot)
+    c = eng.generate([ids], SamplingParams(max_tokens=16, temperature=1.0, seed=8, ignore_eos=True))[0]
+    greedy = eng.generate([ids], SamplingParams(max_tokens=16, ignore_eos=True))[0]
+    assert a.output_ids == b.output_ids
+    assert c.output_ids != a.output_ids and greedy.output_ids != a.output_ids
+
+
+def test_stop_on_eos_and_length(tiny_model_dir):
+    eng = _engine(tiny_model_dir)
+    ids = eng.encode_chat(PROMPT)
+    free = eng.generate([ids], SamplingParams(max_tokens=5))[0]
+    assert free.finish_reason == "length" and len(free.output_ids) == 5
+    stop_at = free.output_ids[2]
+    stopped = eng.generate([ids], SamplingParams(max_tokens=5, stop_token_ids=(stop_at,)))[0]
+    assert stopped.finish_reason == "stop" and stopped.output_ids[-1] == stop_at
+    assert len(stopped.output_ids) == free.output_ids.index(stop_at) + 1
