@@ -96,12 +96,20 @@ def generate(out: Path, samples: int, length: int, capture: str, seed: int = 0) 
 
 
 def _rss_mib() -> float:
-    scale = 1024 if sys.platform != "darwin" else 1024 * 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+    """Peak resident memory of this process. Linux's VmHWM starts afresh at exec; ru_maxrss would carry over
+    the (much larger) peak of the parent that generated the corpus."""
+    status = Path("/proc/self/status")
+    if status.exists():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # macOS: bytes
 
 
 def measure(run_dir: Path) -> dict:
     """Run summarize_run once in this (fresh) process; time, peak RSS above the post-import baseline."""
+    import pyarrow.dataset  # noqa: F401  # code, not data: pq.read_table loads it; count it in the baseline
+
     from detaudit.analysis.summary import summarize_run
 
     pa.default_memory_pool()  # load the allocator before taking the baseline

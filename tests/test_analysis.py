@@ -6,6 +6,7 @@ import random
 from datetime import datetime, timezone
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from detaudit.analysis.summary import Limits, summarize_run
@@ -288,3 +289,33 @@ def test_forks_match_a_brute_force_trie(tmp_path, seed):
         (f["position"], -f["prefix_count"]) for f in arm["forks"]
     )
     assert arm["unique"] == len(set(seqs))
+
+
+def test_large_run_reads_display_rows_from_few_row_groups(tmp_path):
+    """Over several Parquet row groups: the same answers, and shown rows come from as few row groups as possible."""
+    from detaudit.analysis.summary import RunDirReader, _sample_rows, analyze
+    from detaudit.rundir.io import ROW_GROUP_ROWS, load_manifest, read_sample_rows, sample_row_groups
+
+    n = 3 * ROW_GROUP_ROWS + 100
+    rng = random.Random(3)
+    variants = [[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 6], [7]]
+    seqs = [variants[0] if rng.random() < 0.9 else rng.choice(variants[1:]) for _ in range(n)]
+    top = [[-0.1, -0.3]] * 4
+    rows = [{"token_ids": s, "tokens": [f"t{t}" for t in s], "text": str(s), "top_logprobs": top} for s in seqs]
+    path = make_run(tmp_path, rows)
+    bounds = sample_row_groups(path)
+    assert len(bounds) == 5 and bounds[-1] == n
+    table = read_samples(path)
+    picked = np.array([5, n - 1, ROW_GROUP_ROWS, 17])
+    assert (
+        read_sample_rows(path, picked, ["sample_index", "text"]).to_pylist()
+        == table.select(["sample_index", "text"]).take(picked).to_pylist()
+    )
+    summary, s, _, _ = analyze(load_manifest(path), RunDirReader(path))
+    arm = only_arm(summary)
+    counts = {tuple(v): seqs.count(v) for v in variants}
+    assert sorted(c["count"] for c in arm["completions"]) == sorted(counts.values())
+    assert fork_shape(arm)[0][0] == 0 and arm["forks"][0]["margin"] == pytest.approx(0.2)
+    chosen = _sample_rows(s, np.arange(s.n_unique), bounds)
+    assert [seqs[r] for r in chosen] == [list(s.seq(u)) for u in range(s.n_unique)]
+    assert len(np.unique(np.searchsorted(bounds, chosen, side="right"))) == 1  # every variant is in row group 0

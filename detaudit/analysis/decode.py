@@ -38,35 +38,35 @@ def _utf8_missing(data: bytes) -> tuple[int, int]:
 class Decoder:
     """Text of completions, prefixes and branch tokens, for the source the completions were compared as."""
 
-    def __init__(self, display: pa.Table, rows: np.ndarray, seqs: Sequences) -> None:
-        """`display` holds the display columns of the run rows `rows` (same order); nothing else is decoded."""
+    def __init__(self, display: pa.Table, uniques: np.ndarray, seqs: Sequences) -> None:
+        """`display` holds the display columns of one sample of each of `uniques` (same order); nothing else."""
         self.display = display
-        self.where = {int(r): i for i, r in enumerate(rows)}
+        self.where = {int(u): i for i, u in enumerate(uniques)}
         self.seqs = seqs
         self._cache: dict[tuple[str, int], Any] = {}
 
-    def _cell(self, column: str, row: int) -> Any:
-        key = (column, row)
+    def _cell(self, column: str, u: int) -> Any:
+        """Column `column` of the sample that represents distinct completion u."""
+        key = (column, u)
         if key not in self._cache:
-            self._cache[key] = self.display.column(column)[self.where[row]].as_py()
+            self._cache[key] = self.display.column(column)[self.where[u]].as_py()
         return self._cache[key]
 
     def _bytes(self, u: int) -> list[bytes] | None:
-        tb = self._cell("token_bytes", int(self.seqs.rep_row[u]))
+        tb = self._cell("token_bytes", u)
         return tb if tb is not None and all(b is not None for b in tb) else None
 
     def completion_text(self, u: int) -> str:
         """The completion as the target returned it (the text column), else joined from its tokens."""
         if self.seqs.source == "text":
             return self.seqs.texts[u]
-        row = int(self.seqs.rep_row[u])
-        text = self._cell("text", row)
+        text = self._cell("text", u)
         if text is not None:
             return text
         tb = self._bytes(u)
         if tb is not None:
             return b"".join(tb).decode("utf-8", errors="replace")
-        tokens = self._cell("tokens", row)
+        tokens = self._cell("tokens", u)
         if tokens is not None:
             return "".join(t or "" for t in tokens)
         return "".join(f"<id:{i}>" for i in self.seqs.seq(u).tolist())
@@ -80,7 +80,7 @@ class Decoder:
             data = b"".join(tb[:position])
             cut, _ = _utf8_missing(data)
             return shorten_tail(data[: len(data) - cut].decode("utf-8", errors="replace"))
-        tokens = self._cell("tokens", int(self.seqs.rep_row[u]))
+        tokens = self._cell("tokens", u)
         if tokens is not None:
             return shorten_tail("".join(t or "" for t in tokens[:position]))
         ids = self.seqs.seq(u)[:position].tolist()
@@ -101,7 +101,7 @@ class Decoder:
             if missing:
                 data += b"".join(tb[position + 1 : position + 4])[:missing]
             return data.decode("utf-8", errors="replace")
-        tokens = self._cell("tokens", int(self.seqs.rep_row[u]))
+        tokens = self._cell("tokens", u)
         if tokens is not None and tokens[position] is not None:
             return tokens[position]
         return f"<id:{int(self.seqs.seq(u)[position])}>"
@@ -114,7 +114,7 @@ class Decoder:
             return self.seqs.seq(u).tolist()
         if self.seqs.source == "text":
             return None
-        value = self._cell(source, int(self.seqs.rep_row[u]))
+        value = self._cell(source, u)
         if value is None or (source == "token_bytes" and any(b is None for b in value)):
             return None
         return value
@@ -128,7 +128,7 @@ class Decoder:
         """Top-1 minus top-2 logprob at `position` of completion u's first sample; None when not recorded."""
         if self.seqs.source == "text":
             return None  # positions are characters; logprobs are per token
-        top = self._cell("top_logprobs", int(self.seqs.rep_row[u]))
+        top = self._cell("top_logprobs", u)
         if top is None or position >= len(top) or top[position] is None:
             return None
         vals = sorted((v for v in top[position] if v is not None), reverse=True)

@@ -19,7 +19,7 @@ from detaudit.analysis.core import Sequences, SourceMissing, encode_sequences, f
 from detaudit.analysis.decode import Decoder
 from detaudit.analysis.stats import arm_stats
 from detaudit.analysis.units import SOURCES, Source, unit_of
-from detaudit.rundir.io import iter_samples, load_manifest
+from detaudit.rundir.io import iter_samples, load_manifest, read_sample_rows, sample_row_groups
 from detaudit.rundir.schema import SAMPLES_SCHEMA, PromptSpec, RunManifest
 
 SUMMARY_SCHEMA = "detaudit.summary/1"
@@ -27,6 +27,8 @@ SUMMARY_SCHEMA = "detaudit.summary/1"
 META_COLUMNS = ["sample_index", "prompt_id", "arm", "concurrency", "status", "system_fingerprint"]
 # Read only for the rows that represent a distinct completion someone will see (completions, fork branches).
 DISPLAY_COLUMNS = ["text", "token_ids", "tokens", "token_bytes", "top_logprobs"]
+# Rows per record batch read from disk: bounds memory to a few of them (1k tokens x 4096 rows = 16 MiB of ids).
+BATCH_ROWS = 4096
 MIN_SAMPLES = 2  # fewer ok samples than this cannot show a divergence: the arm is inconclusive
 CONTEXT_UNITS = 6  # units each side of a completion's first divergence kept for the report's aligned view
 
@@ -319,6 +321,8 @@ class SampleReader(Protocol):
 
     def rows(self, rows: np.ndarray, columns: list[str]) -> pa.Table: ...
 
+    def units(self) -> np.ndarray: ...
+
 
 class TableReader:
     """Rows already in memory (summarize())."""
@@ -333,6 +337,9 @@ class TableReader:
     def rows(self, rows: np.ndarray, columns: list[str]) -> pa.Table:
         return self.table.select(columns).take(pa.array(rows, pa.int64()))
 
+    def units(self) -> np.ndarray:
+        return np.array([0, self.table.num_rows], dtype=np.int64)  # in memory: any row is as cheap as another
+
 
 class RunDirReader:
     """Rows of a run directory, streamed: only the compared column for all rows, display columns for a few."""
@@ -341,24 +348,48 @@ class RunDirReader:
         self.run_dir = run_dir
 
     def batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
-        return iter_samples(self.run_dir, columns)
+        return iter_samples(self.run_dir, columns, BATCH_ROWS)
 
     def rows(self, rows: np.ndarray, columns: list[str]) -> pa.Table:
-        wanted = np.sort(rows)
-        parts, offset = [], 0
-        for batch in iter_samples(self.run_dir, columns):
-            lo, hi = np.searchsorted(wanted, [offset, offset + batch.num_rows])
-            if hi > lo:
-                parts.append(pa.Table.from_batches([batch.take(pa.array(wanted[lo:hi] - offset))]))
-            offset += batch.num_rows
+        # one row group at a time: only the chosen rows of the heavy columns stay in memory
+        bounds = self.units()
+        unit = np.searchsorted(bounds, rows, side="right") - 1
+        order = np.argsort(unit, kind="stable")
+        parts = [read_sample_rows(self.run_dir, rows[order][unit[order] == u], columns) for u in np.unique(unit)]
         if not parts:
-            return _schema(columns).empty_table()
-        back = np.searchsorted(wanted, rows)  # back to the caller's order
-        return pa.concat_tables(parts).take(pa.array(back, pa.int64()))
+            return read_sample_rows(self.run_dir, rows, columns)
+        back = np.empty(len(rows), dtype=np.int64)
+        back[order] = np.arange(len(rows))
+        return pa.concat_tables(parts).take(pa.array(back))
+
+    def units(self) -> np.ndarray:
+        return sample_row_groups(self.run_dir)
 
 
 def _schema(columns: list[str]) -> pa.Schema:
     return pa.schema([SAMPLES_SCHEMA.field(c) for c in columns])
+
+
+def _sample_rows(seqs: Sequences, uniques: np.ndarray, bounds: np.ndarray) -> np.ndarray:
+    """One sample row for each of `uniques`, taken from as few read units (row groups) as possible.
+
+    Greedy set cover: repeatedly take the unit holding the most completions still without a row. In a run
+    shaped like the Feynman result a handful of row groups hold every variant, so only those are decoded.
+    """
+    if len(bounds) <= 2 or not len(uniques):
+        return seqs.rep_row[uniques]
+    pos = np.flatnonzero(np.isin(seqs.row_seq, uniques))
+    which = np.searchsorted(uniques, seqs.row_seq[pos])
+    unit = np.searchsorted(bounds, pos, side="right") - 1
+    pairs, first = np.unique(unit * len(uniques) + which, return_index=True)
+    p_unit, p_which, p_row = pairs // len(uniques), pairs % len(uniques), pos[first]
+    chosen = np.full(len(uniques), -1, dtype=np.int64)
+    while (chosen < 0).any():
+        live = chosen[p_which] < 0
+        best = np.bincount(p_unit[live], minlength=len(bounds)).argmax()
+        take = live & (p_unit == best)
+        chosen[p_which[take]] = p_row[take]
+    return chosen
 
 
 def _encode(reader: SampleReader, manifest: RunManifest) -> tuple[Sequences, pa.Table, Source]:
@@ -455,8 +486,8 @@ def analyze(
             needed.add(int(uniq[0]))
         groups.append((p, arm_rows))
 
-    wanted_rows = seqs.rep_row[np.array(sorted(needed), dtype=np.int64)]
-    dec = Decoder(reader.rows(wanted_rows, DISPLAY_COLUMNS), wanted_rows, seqs)
+    shown = np.array(sorted(needed), dtype=np.int64)
+    dec = Decoder(reader.rows(_sample_rows(seqs, shown, reader.units()), DISPLAY_COLUMNS), shown, seqs)
     prompt_text = {q.prompt_id: _prompt_text(q) for q in manifest.prompts}
     prompts = []
     for p, arms, pooled_unique in plan:

@@ -14,6 +14,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import ValidationError
@@ -62,11 +63,15 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n").encode())
 
 
+# Rows per Parquet row group: small enough that reading a few chosen rows (read_sample_rows) decodes little.
+ROW_GROUP_ROWS = 1024
+
+
 def atomic_write_table(path: Path, table: pa.Table) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        pq.write_table(table, tmp, compression="zstd")
+        pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -237,6 +242,19 @@ def read_samples(run_dir: Path, columns: list[str] | None = None) -> pa.Table:
     return table
 
 
+def _streamable(run_dir: Path) -> Path | None:
+    """samples.parquet when it alone holds the run, sorted and unique by sample_index (a finalized run)."""
+    parts = _sample_parts(run_dir)
+    if len(parts) != 1 or parts[0].name != SAMPLES_FILE:
+        return None
+    idx = _read_parquet(parts[0], ["sample_index"]).column("sample_index").to_numpy()
+    return parts[0] if (idx[1:] > idx[:-1]).all() else None
+
+
+def _corrupt(path: Path, e: Exception) -> RunDirError:
+    return RunDirError(f"{path}: corrupt or unreadable Parquet ({str(e).splitlines()[0]})")
+
+
 def iter_samples(run_dir: Path, columns: list[str], batch_rows: int = 16384) -> Iterator[pa.RecordBatch]:
     """The rows read_samples() returns, as record batches, without holding the whole run in memory.
 
@@ -244,19 +262,52 @@ def iter_samples(run_dir: Path, columns: list[str], batch_rows: int = 16384) -> 
     shards left (killed, or still going) is read whole, since a later shard may replace an earlier row.
     """
     run_dir = Path(run_dir)
-    parts = _sample_parts(run_dir)
-    if len(parts) == 1 and parts[0].name == SAMPLES_FILE:
-        path = parts[0]
-        idx = _read_parquet(path, ["sample_index"]).column("sample_index").to_numpy()
-        if (idx[1:] > idx[:-1]).all():
-            schema = _projected_schema(list(columns))
-            try:
-                for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_rows, columns=list(columns)):
-                    yield batch.select(list(columns)).cast(schema)
-            except (OSError, pa.ArrowException) as e:
-                raise RunDirError(f"{path}: corrupt or unreadable Parquet ({str(e).splitlines()[0]})") from None
-            return
-    yield from read_samples(run_dir, list(columns)).to_batches(batch_rows)
+    path = _streamable(run_dir)
+    if path is None:
+        yield from read_samples(run_dir, list(columns)).to_batches(batch_rows)
+        return
+    schema = _projected_schema(list(columns))
+    try:
+        # pre_buffer off: buffering whole column chunks ahead would cost memory and buys no speed here
+        for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=batch_rows, columns=list(columns)):
+            yield batch.select(list(columns)).cast(schema)
+    except (OSError, pa.ArrowException) as e:
+        raise _corrupt(path, e) from None
+
+
+def sample_row_groups(run_dir: Path) -> np.ndarray:
+    """Boundaries of the units read_sample_rows() decodes: row-group starts of a finalized samples.parquet, then
+    the row count ([0, n] for a run with shards, which is read whole). Lets a caller pick rows that share units."""
+    run_dir = Path(run_dir)
+    path = _streamable(run_dir)
+    if path is None:
+        return np.array([0, read_samples(run_dir, ["sample_index"]).num_rows], dtype=np.int64)
+    meta = pq.ParquetFile(path).metadata
+    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+
+
+def read_sample_rows(run_dir: Path, rows: np.ndarray, columns: list[str]) -> pa.Table:
+    """The rows at these positions (of read_samples() order), in the given order, decoding only the row groups
+    that hold them: a few rows of heavy columns (token strings, top-k logprobs) cost a few row groups."""
+    run_dir = Path(run_dir)
+    rows = np.asarray(rows, dtype=np.int64)
+    path = _streamable(run_dir)
+    if path is None:
+        return read_samples(run_dir, list(columns)).take(pa.array(rows))
+    bounds = sample_row_groups(run_dir)
+    groups = np.unique(np.searchsorted(bounds, rows, side="right") - 1)
+    if not len(groups):
+        return _projected_schema(list(columns)).empty_table()
+    try:
+        table = pq.ParquetFile(path).read_row_groups(groups.tolist(), columns=list(columns))
+    except (OSError, pa.ArrowException) as e:
+        raise _corrupt(path, e) from None
+    sizes = bounds[groups + 1] - bounds[groups]
+    starts_in_table = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    g = np.searchsorted(bounds, rows, side="right") - 1
+    local = starts_in_table[np.searchsorted(groups, g)] + (rows - bounds[g])
+    return table.select(list(columns)).cast(_projected_schema(list(columns))).take(pa.array(local))
 
 
 def open_run(run_dir: Path) -> tuple[RunManifest, pa.Table]:
