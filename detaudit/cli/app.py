@@ -70,6 +70,11 @@ def _register() -> None:
     app.command("gate", help="Pass or fail a run on thresholds (and a baseline run); exit 0/1/2/3 for CI.")(
         gate.gate_command
     )
+    from detaudit.cli import local
+
+    app.command("local", help="Rerun prompts on the bundled engine under server-like load (stock or batch-invariant).")(
+        local.local_command
+    )
 
 
 _register()
