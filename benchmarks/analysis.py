@@ -37,8 +37,17 @@ def generate(out: Path, samples: int, length: int, capture: str, seed: int = 0) 
     rng = np.random.default_rng(seed)
     base = rng.integers(0, 150_000, size=length)
     if capture == "all-different":
-        n_unique = samples  # the worst case: every sample forks from every other
-        uniq = [np.concatenate([[u], rng.integers(0, 150_000, size=length - 1)]) for u in range(n_unique)]
+        # the worst case: every sample its own completion, forking at a random depth from a common stem
+        forks = rng.integers(0, length, size=samples)
+        ids = np.tile(base, (samples, 1))
+        tails = np.arange(length)[None, :] >= forks[:, None]
+        ids[tails] = rng.integers(0, 150_000, size=int(tails.sum()))
+        offsets = pa.array(np.arange(samples + 1, dtype=np.int32) * length)
+        unique_table = rows_to_table([{"status": "ok"}] * samples)
+        column = pa.ListArray.from_arrays(offsets, pa.array(ids.ravel().astype(np.int32)))
+        unique_table = unique_table.set_column(
+            unique_table.schema.get_field_index("token_ids"), unique_table.schema.field("token_ids"), column
+        )
         assign = np.arange(samples)
     else:
         n_unique = 80
@@ -49,24 +58,23 @@ def generate(out: Path, samples: int, length: int, capture: str, seed: int = 0) 
         weights = np.full(n_unique, 0.08 / (n_unique - 1))
         weights[0] = 0.92
         assign = rng.choice(n_unique, size=samples, p=weights)
-    rows = []
-    for seq in uniq:
-        ids = seq.astype(int).tolist()
-        row = {"status": "ok", "token_ids": ids, "text": " ".join(f"w{t}" for t in ids[:200])}
-        if capture == "full":
-            toks = [f" w{t}" for t in ids]
-            lps = rng.uniform(-2, 0, size=length).astype(np.float32)
-            row.update(
-                tokens=toks,
-                token_bytes=[t.encode() for t in toks],
-                logprobs=lps.tolist(),
-                top_logprobs=[[float(lp), float(lp) - 1.5] for lp in lps],
-                finish_reason="length",
-                system_fingerprint="fp_bench",
-            )
-        rows.append(row)
-        del row
-    unique_table = rows_to_table(rows)
+        rows = []
+        for seq in uniq:
+            ids = seq.astype(int).tolist()
+            row = {"status": "ok", "token_ids": ids, "text": " ".join(f"w{t}" for t in ids[:200])}
+            if capture == "full":
+                toks = [f" w{t}" for t in ids]
+                lps = rng.uniform(-2, 0, size=length).astype(np.float32)
+                row.update(
+                    tokens=toks,
+                    token_bytes=[t.encode() for t in toks],
+                    logprobs=lps.tolist(),
+                    top_logprobs=[[float(lp), float(lp) - 1.5] for lp in lps],
+                    finish_reason="length",
+                    system_fingerprint="fp_bench",
+                )
+            rows.append(row)
+        unique_table = rows_to_table(rows)
     table = unique_table.take(pa.array(assign))
     n = table.num_rows
     for name, values in (

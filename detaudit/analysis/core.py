@@ -66,7 +66,8 @@ def _lex_rank(values: np.ndarray, lens: np.ndarray) -> np.ndarray:
     """Lexicographic rank of contiguous sequences: big-endian unsigned bytes sort bytewise as the integers do."""
     if len(lens) == 0:
         return np.zeros(0, dtype=np.int64)
-    be = (values.astype(np.int64) + (1 << 31)).astype(">u4")  # shift so -1 (unknown) sorts first
+    # flip the sign bit (signed order becomes unsigned order, so -1 "unknown" sorts first), then big-endian
+    be = (values.astype(np.int32, copy=False).view(np.uint32) ^ np.uint32(1 << 31)).astype(">u4")
     offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64) * 4
     binary = pa.Array.from_buffers(pa.large_binary(), len(lens), [None, pa.py_buffer(offsets), pa.py_buffer(be)])
     order = pc.sort_indices(binary).to_numpy()
@@ -101,16 +102,15 @@ class _Encoder:
     """Accumulates distinct completions batch by batch, so a run never has to be in memory at once.
 
     Each row's completion becomes one opaque key (its text, or its integer sequence viewed as bytes); Arrow's
-    hash kernels find the distinct keys of a batch, and only keys not seen before are kept.
+    hash kernels find the distinct keys of each batch, which are kept; one more hash pass over those (not over
+    the rows) merges them when the run has been read.
     """
 
     def __init__(self, source: Source) -> None:
         self.source = source
-        self.known: pa.Array | None = None  # distinct keys so far, in order of first appearance
+        self.distinct: list[pa.Array] = []  # per batch: its distinct keys
+        self.local: list[np.ndarray] = []  # per batch: each row's index into its batch's distinct keys, -1 if not ok
         self.vocab: pa.Array | None = None  # token strings/bytes sources: distinct tokens, first appearance
-        self.row_seq: list[np.ndarray] = []
-        self.rep_row: list[np.ndarray] = []
-        self.rows = 0
 
     def _codes(self, values: pa.Array) -> np.ndarray:
         """Token strings/bytes as integer codes, stable across batches (order of first appearance)."""
@@ -146,34 +146,38 @@ class _Encoder:
         ok = _ok_mask(batch)
         keys = self._keys(batch, ok)
         distinct = pc.unique(keys.filter(pa.array(ok)))
-        base = 0 if self.known is None else len(self.known)
-        if self.known is None or not len(self.known):
-            global_ids = np.arange(len(distinct), dtype=np.int64)
-            fresh_mask = np.ones(len(distinct), dtype=bool)
-        else:
-            pos = pc.index_in(distinct, value_set=self.known).fill_null(-1).to_numpy(zero_copy_only=False)
-            fresh_mask = pos < 0
-            global_ids = pos.astype(np.int64)
-            global_ids[fresh_mask] = base + np.arange(int(fresh_mask.sum()))
-        if fresh_mask.any():
-            fresh = distinct.filter(pa.array(fresh_mask))
-            self.known = fresh if self.known is None else pa.concat_arrays([self.known, fresh])
         local = pc.index_in(keys, value_set=distinct).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
         local[~ok] = -1
-        row_seq = np.where(local >= 0, global_ids[np.maximum(local, 0)], -1)
-        # the first row of each new distinct completion represents it (for text, tokens, logprobs)
-        ok_rows = np.flatnonzero(local >= 0)
-        first_local, first_at = np.unique(local[ok_rows], return_index=True)
-        new = fresh_mask[first_local]
-        order = np.argsort(global_ids[first_local[new]])
-        self.rep_row.append((self.rows + ok_rows[first_at[new]])[order])
-        self.row_seq.append(row_seq)
-        self.rows += batch.num_rows
+        self.distinct.append(distinct)
+        self.local.append(local)
+
+    def _merge(self) -> tuple[pa.Array, np.ndarray]:
+        """All distinct keys of the run, and each row's index among them (-1 for rows that are not ok)."""
+        key_type = pa.string() if self.source == "text" else pa.large_binary()
+        if not self.distinct:
+            return pa.array([], key_type), np.zeros(0, dtype=np.int64)
+        per_batch = pa.chunked_array(self.distinct, type=key_type)
+        known = pc.unique(per_batch)
+        if isinstance(known, pa.ChunkedArray):
+            known = known.combine_chunks()
+        to_global = pc.index_in(per_batch, value_set=known).to_numpy().astype(np.int64)
+        sizes = np.array([len(d) for d in self.distinct], dtype=np.int64)
+        base = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        row_seq = np.concatenate(
+            [
+                np.where(loc >= 0, to_global[np.maximum(loc, 0) + off], -1)
+                for loc, off in zip(self.local, base, strict=True)
+            ]
+        )
+        return known, row_seq
 
     def finish(self) -> Sequences:
-        row_seq = np.concatenate(self.row_seq) if self.row_seq else np.zeros(0, dtype=np.int64)
-        rep_row = np.concatenate(self.rep_row) if self.rep_row else np.zeros(0, dtype=np.int64)
-        known = self.known if self.known is not None else pa.array([], pa.large_binary())
+        known, row_seq = self._merge()
+        self.distinct, self.local = [], []
+        rep_row = np.full(len(known), -1, dtype=np.int64)
+        ok_rows = np.flatnonzero(row_seq >= 0)
+        first_u, first_at = np.unique(row_seq[ok_rows], return_index=True)
+        rep_row[first_u] = ok_rows[first_at]
         texts: list[str] = []
         if self.source == "text":
             texts = known.to_pylist()
@@ -210,30 +214,45 @@ def encode_sequences(batches: Iterable[pa.RecordBatch], source: Source) -> Seque
     return enc.finish()
 
 
+def _first_mismatch(seqs: Sequences, a: np.ndarray, b: np.ndarray, offset: int, width: np.ndarray) -> np.ndarray:
+    """Per pair, the first i < width[k] where a and b differ at offset + i, else width[k] (all widths > 0)."""
+    ai = _gather_index(seqs.starts[a] + offset, width)
+    bi = _gather_index(seqs.starts[b] + offset, width)
+    within = ai - np.repeat(seqs.starts[a] + offset, width)
+    marked = np.where(seqs.values[ai] != seqs.values[bi], within, np.iinfo(np.int64).max)
+    first = np.minimum.reduceat(marked, np.concatenate([[0], np.cumsum(width)[:-1]]))
+    return np.minimum(first, width)
+
+
 def lcp_pairs(seqs: Sequences, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Length of the longest common prefix of distinct completions a[i] and b[i], for every i."""
+    """Length of the longest common prefix of distinct completions a[i] and b[i], for every i.
+
+    Compares in blocks that double in width from the start of the sequences, dropping each pair at its first
+    difference, so the work is about twice the common prefixes (not the whole lengths) and memory stays bounded.
+    """
     a = np.asarray(a, dtype=np.int64)
     b = np.asarray(b, dtype=np.int64)
     minlen = np.minimum(seqs.lens[a], seqs.lens[b])
     out = minlen.copy()
-    i = 0
-    n = len(a)
-    while i < n:
-        # take pairs until the chunk holds _LCP_CHUNK elements (always at least one pair)
-        csum = np.cumsum(minlen[i:])
-        j = i + max(1, int(np.searchsorted(csum, _LCP_CHUNK, side="right")))
-        ml = minlen[i:j]
-        if ml.sum():
-            ai = _gather_index(seqs.starts[a[i:j]], ml)
-            bi = _gather_index(seqs.starts[b[i:j]], ml)
-            diff = np.flatnonzero(seqs.values[ai] != seqs.values[bi])
-            if len(diff):
-                seg_ends = np.cumsum(ml)
-                seg = np.searchsorted(seg_ends, diff, side="right")
-                first_seg, first_at = np.unique(seg, return_index=True)
-                seg_starts = seg_ends - ml
-                out[i + first_seg] = diff[first_at] - seg_starts[first_seg]
-        i = j
+    active = np.flatnonzero(minlen > 0)
+    offset, width = 0, 32
+    while len(active):
+        w = np.minimum(minlen[active] - offset, width)
+        first = np.empty(len(active), dtype=np.int64)
+        # bound the transient arrays: about _LCP_CHUNK compared elements per numpy pass
+        csum = np.cumsum(w)
+        lo = 0
+        while lo < len(active):
+            done = int(csum[lo - 1]) if lo else 0
+            hi = max(lo + 1, int(np.searchsorted(csum, done + _LCP_CHUNK, side="right")))
+            first[lo:hi] = _first_mismatch(seqs, a[active[lo:hi]], b[active[lo:hi]], offset, w[lo:hi])
+            lo = hi
+        ended = first < w
+        out[active[ended]] = offset + first[ended]
+        offset += width
+        keep = ~ended & (minlen[active] > offset)
+        active = active[keep]
+        width *= 2
     return out
 
 

@@ -351,16 +351,7 @@ class RunDirReader:
         return iter_samples(self.run_dir, columns, BATCH_ROWS)
 
     def rows(self, rows: np.ndarray, columns: list[str]) -> pa.Table:
-        # one row group at a time: only the chosen rows of the heavy columns stay in memory
-        bounds = self.units()
-        unit = np.searchsorted(bounds, rows, side="right") - 1
-        order = np.argsort(unit, kind="stable")
-        parts = [read_sample_rows(self.run_dir, rows[order][unit[order] == u], columns) for u in np.unique(unit)]
-        if not parts:
-            return read_sample_rows(self.run_dir, rows, columns)
-        back = np.empty(len(rows), dtype=np.int64)
-        back[order] = np.arange(len(rows))
-        return pa.concat_tables(parts).take(pa.array(back))
+        return read_sample_rows(self.run_dir, rows, columns)
 
     def units(self) -> np.ndarray:
         return sample_row_groups(self.run_dir)

@@ -289,25 +289,32 @@ def sample_row_groups(run_dir: Path) -> np.ndarray:
 
 def read_sample_rows(run_dir: Path, rows: np.ndarray, columns: list[str]) -> pa.Table:
     """The rows at these positions (of read_samples() order), in the given order, decoding only the row groups
-    that hold them: a few rows of heavy columns (token strings, top-k logprobs) cost a few row groups."""
+    that hold them, one at a time: a few rows of heavy columns (token strings, top-k logprobs) cost a few row
+    groups of time and one row group of memory."""
     run_dir = Path(run_dir)
     rows = np.asarray(rows, dtype=np.int64)
     path = _streamable(run_dir)
     if path is None:
         return read_samples(run_dir, list(columns)).take(pa.array(rows))
-    bounds = sample_row_groups(run_dir)
-    groups = np.unique(np.searchsorted(bounds, rows, side="right") - 1)
-    if not len(groups):
-        return _projected_schema(list(columns)).empty_table()
+    schema = _projected_schema(list(columns))
+    meta = pq.ParquetFile(path).metadata
+    sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
+    bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    group = np.searchsorted(bounds, rows, side="right") - 1
+    order = np.argsort(group, kind="stable")
+    parts = []
     try:
-        table = pq.ParquetFile(path).read_row_groups(groups.tolist(), columns=list(columns))
+        f = pq.ParquetFile(path, pre_buffer=False)
+        for g in np.unique(group):
+            mine = rows[order][group[order] == g] - bounds[g]
+            parts.append(f.read_row_group(int(g), columns=list(columns)).select(list(columns)).take(pa.array(mine)))
     except (OSError, pa.ArrowException) as e:
         raise _corrupt(path, e) from None
-    sizes = bounds[groups + 1] - bounds[groups]
-    starts_in_table = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    g = np.searchsorted(bounds, rows, side="right") - 1
-    local = starts_in_table[np.searchsorted(groups, g)] + (rows - bounds[g])
-    return table.select(list(columns)).cast(_projected_schema(list(columns))).take(pa.array(local))
+    if not parts:
+        return schema.empty_table()
+    back = np.empty(len(rows), dtype=np.int64)
+    back[order] = np.arange(len(rows))
+    return pa.concat_tables(parts).cast(schema).take(pa.array(back))
 
 
 def open_run(run_dir: Path) -> tuple[RunManifest, pa.Table]:
