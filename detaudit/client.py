@@ -11,8 +11,10 @@ Secrets: the API key and header values stay in this object's memory; every error
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import random
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ Api = Literal["chat", "completions"]
 PATHS: dict[str, str] = {"chat": "/chat/completions", "completions": "/completions"}
 RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 521, 522, 523, 524, 529})
 MAX_RETRY_AFTER_S = 120.0
+POOL_SIZE = 32  # connections per httpx pool (see OpenAIClient.__init__)
 _TOKEN_ID_PREFIX = "token_id:"
 
 
@@ -115,12 +118,14 @@ def _error_message(resp: httpx.Response) -> str:
 
 def _split_token(tok: Any) -> tuple[str | None, int | None]:
     """vLLM's return_tokens_as_token_ids gives "token_id:123": an id, not a string."""
-    if isinstance(tok, str) and tok.startswith(_TOKEN_ID_PREFIX):
+    if tok.__class__ is not str:
+        return None, None
+    if tok.startswith(_TOKEN_ID_PREFIX):
         try:
             return None, int(tok[len(_TOKEN_ID_PREFIX) :])
         except ValueError:
             return tok, None
-    return (tok if isinstance(tok, str) else None), None
+    return tok, None
 
 
 class _Acc:
@@ -150,34 +155,47 @@ class _Acc:
             self.usage = obj["usage"]
 
     def _top(self, entries: list[tuple[Any, Any]]) -> None:
-        entries = sorted(entries, key=lambda e: -(e[1] if isinstance(e[1], (int, float)) else float("-inf")))
         strs, ids, lps = [], [], []
         for tok, lp in entries:
-            s, i = _split_token(tok)
-            strs.append(s if s is not None else str(tok))
-            if i is not None:
-                ids.append(i)
-            lps.append(float(lp) if lp is not None else float("nan"))
+            if tok.__class__ is str and not tok.startswith(_TOKEN_ID_PREFIX):
+                strs.append(tok)
+            else:
+                s, i = _split_token(tok)
+                strs.append(s if s is not None else str(tok))
+                if i is not None:
+                    ids.append(i)
+            lps.append(float(lp) if lp.__class__ in (float, int) else float("nan"))
+        if any(lps[k] < lps[k + 1] for k in range(len(lps) - 1)):  # servers send best first; sort only if not
+            order = sorted(range(len(lps)), key=lambda k: -lps[k] if lps[k] == lps[k] else float("inf"))
+            strs, lps = [strs[k] for k in order], [lps[k] for k in order]
+            ids = [ids[k] for k in order] if len(ids) == len(order) else ids
         self.top_strs.append(strs)
         self.top_ids.append(ids if len(ids) == len(entries) else [])
         self.top_lps.append(lps)
-        self.any_top = self.any_top or bool(entries)
+        if entries:
+            self.any_top = True
 
     def chat_logprobs(self, lp: Any) -> None:
-        if not isinstance(lp, dict) or not isinstance(lp.get("content"), list):
+        content = lp.get("content") if isinstance(lp, dict) else None
+        if not isinstance(content, list):
             return
-        for entry in lp["content"]:
-            if not isinstance(entry, dict):
+        nan = float("nan")
+        for entry in content:
+            if entry.__class__ is not dict:
                 raise CallError("malformed logprobs entry", retryable=True)
             s, i = _split_token(entry.get("token"))
             self.strs.append(s)
             self.str_ids.append(i)
             b = entry.get("bytes")
-            self.bytes.append(bytes(b) if isinstance(b, list) else None)
-            self.any_bytes = self.any_bytes or isinstance(b, list)
-            self.logprobs.append(float(entry["logprob"]) if entry.get("logprob") is not None else float("nan"))
-            top = entry.get("top_logprobs") or []
-            self._top([(t.get("token"), t.get("logprob")) for t in top if isinstance(t, dict)])
+            if b.__class__ is list:
+                self.bytes.append(bytes(b))
+                self.any_bytes = True
+            else:
+                self.bytes.append(None)
+            v = entry.get("logprob")
+            self.logprobs.append(float(v) if v is not None else nan)
+            top = entry.get("top_logprobs")
+            self._top([(t.get("token"), t.get("logprob")) for t in top if t.__class__ is dict] if top else [])
 
     def completion_logprobs(self, lp: Any) -> None:
         if not isinstance(lp, dict) or not isinstance(lp.get("tokens"), list):
@@ -254,6 +272,14 @@ def _parse_whole(obj: Any, api: Api) -> Completion:
     return acc.result()
 
 
+@functools.lru_cache(maxsize=1)
+def _ssl_context() -> ssl.SSLContext:
+    """One verified TLS context for all pools (building one per pool costs ~0.1 s each)."""
+    import certifi
+
+    return ssl.create_default_context(cafile=certifi.where())
+
+
 class OpenAIClient:
     """One connection pool to one endpoint. Use as `async with OpenAIClient(...) as c:`."""
 
@@ -288,14 +314,24 @@ class OpenAIClient:
         for k, v in (headers or {}).items():
             all_headers[k] = v
             self.scrubber.add(v)
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url,
-            params=query,
-            headers=all_headers,
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
-            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections),
-            follow_redirects=False,
-        )
+        # httpx scans its whole pool on every request, so one pool of ~1000 connections costs more CPU than the
+        # requests; several small pools, each used by a fixed set of workers, keep that scan short.
+        n_pools = max(1, -(-max_connections // POOL_SIZE))
+        per_pool = -(-max_connections // n_pools)
+        verify = _ssl_context()
+        self._pools = [
+            httpx.AsyncClient(
+                verify=verify,
+                base_url=self.base_url,
+                params=query,
+                headers=all_headers,
+                timeout=httpx.Timeout(timeout, connect=min(timeout, 30.0)),
+                limits=httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool),
+                follow_redirects=False,
+            )
+            for _ in range(n_pools)
+        ]
+        self._next_pool = 0
 
     async def __aenter__(self) -> OpenAIClient:
         return self
@@ -304,7 +340,14 @@ class OpenAIClient:
         await self.aclose()
 
     async def aclose(self) -> None:
-        await self._http.aclose()
+        for pool in self._pools:
+            await pool.aclose()
+
+    def _pool(self, slot: int | None) -> httpx.AsyncClient:
+        if slot is None:
+            slot = self._next_pool
+            self._next_pool += 1
+        return self._pools[slot % len(self._pools)]
 
     def _scrub(self, text: str) -> str:
         return self.scrubber.scrub(text)
@@ -328,7 +371,7 @@ class OpenAIClient:
     async def list_models(self) -> list[str]:
         """Model ids from GET /models (one attempt; callers turn failures into usage errors)."""
         try:
-            resp = await self._http.get("/models")
+            resp = await self._pools[0].get("/models")
         except httpx.HTTPError as e:
             raise self._transport_error(e) from None
         if resp.status_code != 200:
@@ -341,12 +384,14 @@ class OpenAIClient:
             raise CallError("/models answer has no data list", retryable=False)
         return [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m]
 
-    async def request(self, api: Api, body: Mapping[str, Any], *, stream: bool = False) -> Completion:
-        """One attempt. Raises CallError."""
+    async def request(self, api: Api, body: Mapping[str, Any], *, stream: bool = False,
+                      slot: int | None = None) -> Completion:  # fmt: skip
+        """One attempt. Raises CallError. `slot` (e.g. a worker's number) picks the connection pool."""
         path = PATHS[api]
+        http = self._pool(slot)
         try:
             if not stream:
-                resp = await self._http.post(path, json=dict(body))
+                resp = await http.post(path, json=dict(body))
                 if resp.status_code != 200:
                     raise self._status_error(resp)
                 try:
@@ -355,7 +400,7 @@ class OpenAIClient:
                     raise CallError(f"malformed JSON in a 200 answer ({e})", retryable=True) from None
                 return _parse_whole(obj, api)
             payload = {**body, "stream": True}
-            async with self._http.stream("POST", path, json=payload) as resp:
+            async with http.stream("POST", path, json=payload) as resp:
                 if resp.status_code != 200:
                     await resp.aread()
                     raise self._status_error(resp)
@@ -402,7 +447,8 @@ class OpenAIClient:
         base = min(self.backoff * (2 ** (attempt - 1)), self.backoff_max)
         return base * random.uniform(0.5, 1.0)
 
-    async def call(self, api: Api, body: Mapping[str, Any], *, stream: bool = False) -> CallResult:
+    async def call(self, api: Api, body: Mapping[str, Any], *, stream: bool = False,
+                   slot: int | None = None) -> CallResult:  # fmt: skip
         """Up to 1 + retries attempts with exponential backoff (Retry-After wins); a failure is a result too."""
         started = datetime.now(timezone.utc)
         t0 = time.perf_counter()
@@ -411,7 +457,7 @@ class OpenAIClient:
         while True:
             attempt += 1
             try:
-                completion = await self.request(api, body, stream=stream)
+                completion = await self.request(api, body, stream=stream, slot=slot)
             except CallError as e:
                 errors.append(str(e))
                 if not e.retryable or attempt > self.retries:

@@ -399,14 +399,15 @@ class _Runner:
         prompts = self.manifest.prompts
         bodies = [_base_body(self.req, self.manifest, s) for s in prompts]
 
-        async def worker() -> None:
+        async def worker(slot: int) -> None:
             while not self.stop.is_set():
                 try:
                     prompt_pos, repeat = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
                 await self._rate_wait()
-                res = await client.call(self.manifest.target.api, bodies[prompt_pos], stream=self.req.stream)
+                res = await client.call(self.manifest.target.api, bodies[prompt_pos], stream=self.req.stream,
+                                        slot=slot)  # fmt: skip
                 idx = self.manifest.sample_index(prompt_pos, arm_pos, repeat)
                 row = _row(self.manifest, idx, prompts[prompt_pos], arm, repeat, res)
                 self.buffer.append(row)
@@ -414,7 +415,7 @@ class _Runner:
                     await self.flush()
                 self._count(row, tally, task_id)
 
-        workers = [asyncio.create_task(worker()) for _ in range(min(arm.concurrency, len(todo)))]
+        workers = [asyncio.create_task(worker(slot)) for slot in range(min(arm.concurrency, len(todo)))]
         try:
             await asyncio.gather(*workers)
         finally:
