@@ -553,6 +553,9 @@ def run_managed(
     try:
         with managed_server(launch, stash, startup_timeout_s=startup_timeout_s) as server:
             req.base_url = server.spec.base_url
+            if launch.engine == "command" and len(server.served_models) == 1 and req.model not in server.served_models:
+                # `--model` went into {model} (often a path); the server names the model its own way.
+                req.model = server.served_models[0]
             try:
                 with _Watchdog(server):
                     outcome = execute_run(req, make_progress, resumed=resumed)
@@ -620,6 +623,33 @@ def request_for_resume(out: Path, launch: LaunchSpec, *, backoff: float) -> tupl
     return req, manifest
 
 
+# `detaudit local` options that only one side uses: given on the command line for the other side, they are refused
+# rather than silently ignored (e.g. --dtype means nothing to a vLLM command line; use --engine-args there).
+INHOUSE_ONLY = ("scenario", "max_batch", "max_batched_tokens", "max_model_len", "device", "dtype", "seed")
+MANAGED_ONLY = ("suite", "concurrency", "server_cmd", "tensor_parallel_size", "engine_args", "server_env",
+                "attention_backend", "port", "startup_timeout", "resume", "request_timeout")  # fmt: skip
+
+
+def given_options(ctx: Any) -> set[str]:
+    """Names of the parameters given on the command line (click's ParameterSource), not left at their default."""
+    import click
+
+    return {
+        p.name for p in ctx.command.params
+        if p.name and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE
+    }  # fmt: skip
+
+
+def refuse_foreign_options(engine: str, given: set[str]) -> None:
+    """--engine detaudit takes no managed-engine option, and a managed engine takes no built-in engine option."""
+    foreign = MANAGED_ONLY if engine == "detaudit" else INHOUSE_ONLY
+    bad = sorted(given & set(foreign))
+    if bad:
+        flags = ", ".join("--" + b.replace("_", "-") for b in bad)
+        side = "vllm, sglang or command" if engine == "detaudit" else "detaudit (the built-in engine)"
+        raise UsageError(f"{flags} only apply with --engine {side}")
+
+
 def local_managed(
     *,
     engine: str,
@@ -633,19 +663,19 @@ def local_managed(
     port: int | None,
     startup_timeout: float,
     prompts: list[str],
-    prompt_file: Path | None,
     suite: str | None,
     repeats: int,
     concurrency: str,
     max_tokens: int | None,
-    api: str,
     top_logprobs: int | None,
     timeout: float,
-    retries: int,
     out: Path | None,
     resume: bool,
     force: bool,
     as_json: bool,
+    prompt_file: Path | None = None,
+    api: str = "chat",
+    retries: int = 3,
 ) -> None:
     """`detaudit local --engine vllm|sglang|command`: parse, run the managed audit, render like `detaudit run`."""
     import typer

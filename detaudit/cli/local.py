@@ -13,10 +13,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from detaudit.engine.config import DTYPES, KERNELS
 from detaudit.engine.load import SCENARIOS
 
+_MANAGED = "Managed engine (--engine vllm|sglang|command; docs/scale.md)"
+
 
 def local_command(
+    ctx: typer.Context,
     model: str = typer.Option(..., "--model", help="Hub id or local model directory (Llama, Mistral, Qwen2, Qwen3)."),
-    prompt: list[str] = typer.Option(..., "--prompt", help="Target prompt (repeatable); sent as one user message."),
+    prompt: list[str] = typer.Option([], "--prompt", help="Target prompt (repeatable); sent as one user message."),
     repeats: int = typer.Option(100, "-n", "--repeats", help="N: target requests per prompt per scenario."),
     kernels: str = typer.Option("stock", "--kernels", help=f"{' or '.join(KERNELS)}."),
     scenario: str = typer.Option("mixed", "--scenario", help=f"Comma list of {', '.join(SCENARIOS)}; one arm each."),
@@ -31,7 +34,42 @@ def local_command(
     out: Path | None = typer.Option(None, "--out", help="Run directory (default runs/local-<kernels>-<time>)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run directory at --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    engine: str = typer.Option("detaudit", "--engine", help="detaudit (built-in), or a server detaudit starts and "
+                               "audits over HTTP: vllm, sglang, command.", rich_help_panel=_MANAGED),  # fmt: skip
+    suite: str | None = typer.Option(None, "--suite", help="Probe suite name or file.", rich_help_panel=_MANAGED),
+    concurrency: str = typer.Option("1,32", "--concurrency", help="Load arms (in-flight requests), comma list.",
+                                    rich_help_panel=_MANAGED),  # fmt: skip
+    server_cmd: str | None = typer.Option(None, "--server-cmd", rich_help_panel=_MANAGED,
+                                          help="--engine command: server command line ({port}, {host}, {model})."),
+    tensor_parallel_size: int | None = typer.Option(None, "--tensor-parallel-size", help="vllm/sglang TP size.",
+                                                    rich_help_panel=_MANAGED),  # fmt: skip
+    engine_args: str | None = typer.Option(None, "--engine-args", help="Extra arguments for the engine's command "
+                                           "line.", rich_help_panel=_MANAGED),  # fmt: skip
+    server_env: list[str] = typer.Option([], "--server-env", help="NAME=VALUE for the server (repeatable).",
+                                         rich_help_panel=_MANAGED),  # fmt: skip
+    attention_backend: str | None = typer.Option(None, "--attention-backend", rich_help_panel=_MANAGED,
+                                                 help="Engine attention backend (vllm batch-invariant: FLASH_ATTN)."),
+    port: int | None = typer.Option(None, "--port", help="Server port (default: a free one).",
+                                    rich_help_panel=_MANAGED),  # fmt: skip
+    startup_timeout: float = typer.Option(900.0, "--startup-timeout", help="Seconds to wait for the server's "
+                                          "health endpoint.", rich_help_panel=_MANAGED),  # fmt: skip
+    request_timeout: float = typer.Option(300.0, "--request-timeout", help="Seconds per HTTP attempt.",
+                                          rich_help_panel=_MANAGED),  # fmt: skip
+    resume: bool = typer.Option(False, "--resume", help="Finish the interrupted run in --out.",
+                                rich_help_panel=_MANAGED),  # fmt: skip
 ) -> None:
+    from detaudit.managed import given_options, local_managed, refuse_foreign_options
+
+    refuse_foreign_options(engine, given_options(ctx))
+    if engine != "detaudit":
+        local_managed(
+            engine=engine, model=model, tensor_parallel_size=tensor_parallel_size, kernels=kernels,
+            server_cmd=server_cmd, engine_args=engine_args, server_env=server_env, attention_backend=attention_backend,
+            port=port, startup_timeout=startup_timeout, prompts=prompt, suite=suite, repeats=repeats,
+            concurrency=concurrency, max_tokens=max_tokens, top_logprobs=top_logprobs, timeout=request_timeout,
+            out=out, resume=resume, force=force, as_json=as_json,
+        )  # fmt: skip
+        return
     from detaudit.analysis.render import render_summary
     from detaudit.analysis.summary import summarize_run
     from detaudit.engine.llm import EngineConfig

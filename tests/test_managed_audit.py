@@ -1,0 +1,128 @@
+"""`detaudit local --engine command`: the managed-server audit end to end, through the CLI, with real processes.
+
+The child is the scripted loopback server (fast, exact answers) started as a command, a variant of it that dies
+mid-audit, and — for the real engine — `detaudit serve` with a tiny offline model on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+from runhelp import cli
+
+from detaudit.rundir.io import load_manifest, read_samples
+
+TESTS = Path(__file__).resolve().parent
+PY = sys.executable
+LOCAL = ("local", "--engine", "command", "--model", "m")
+
+
+def _scripted_cmd(tmp_path: Path, **script) -> str:
+    path = tmp_path / "script.json"
+    path.write_text(json.dumps(script))
+    return f"{PY} {TESTS / 'scripted_server.py'} --port {{port}} --script {path}"
+
+
+def _closed(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) != 0
+
+
+def test_command_engine_runs_the_audit_and_stops_the_server(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    res = cli(capsys, *LOCAL, "--server-cmd", _scripted_cmd(tmp_path), "--suite", "smoke",
+              "-n", "3", "--concurrency", "1,2", "--out", out, "--server-env", "HF_TOKEN=hf_secret12345")  # fmt: skip
+    assert res.code == 0, res.err
+    manifest = load_manifest(out)
+    eng = manifest.target.engine
+    assert manifest.target.kind == "local" and manifest.status == "complete" and manifest.suite == "smoke"
+    assert eng["managed"] and eng["engine"] == "command" and eng["served_models"] == ["scripted-model"]
+    assert eng["command"][1:3] == [str(TESTS / "scripted_server.py"), "--port"] and not eng["crashed"]
+    assert eng["env_switches"] == {"HF_TOKEN": "***"}
+    assert "hf_secret12345" not in (out / "manifest.json").read_text()
+    rows = read_samples(out, columns=["prompt_id", "arm", "status"]).to_pylist()
+    assert Counter((r["prompt_id"], r["arm"]) for r in rows) == {
+        (p, a): 3 for p in ("capital", "count", "feynman-short") for a in ("c1", "c2")
+    }
+    assert "READY" in (out / "server.log").read_text()
+    assert _closed(eng["port"])
+
+
+def test_server_dying_mid_audit_is_exit_3_with_its_last_words(tmp_path: Path, capsys) -> None:
+    dying = tmp_path / "dying.py"
+    dying.write_text(
+        "import os, sys, time\n"
+        f"sys.path.insert(0, {str(TESTS)!r})\n"
+        "from scripted_server import ScriptedServer\n"
+        "server = ScriptedServer(port=int(sys.argv[1]), latency_s=0.01).start()\n"
+        "while server.stats['requests'] < 10:\n"
+        "    time.sleep(0.01)\n"
+        "print('Fatal: simulated GPU fault (Xid 79)', flush=True)\n"
+        "os._exit(9)\n"
+    )
+    out = tmp_path / "run"
+    start = time.monotonic()
+    res = cli(capsys, *LOCAL, "--server-cmd", f"{PY} {dying} {{port}}", "--suite", "smoke",
+              "-n", "200", "--concurrency", "1,4", "--out", out)  # fmt: skip
+    assert res.code == 3
+    assert "exited with code 9 during the audit" in res.err and "simulated GPU fault (Xid 79)" in res.err
+    assert time.monotonic() - start < 60  # stopped at once, not after 1200 failing requests with retries
+    manifest = load_manifest(out)
+    assert manifest.status == "interrupted" and manifest.target.engine["crashed"]
+    assert any("crashed during the audit" in n for n in manifest.notes)
+    assert "Xid 79" in (out / "server.log").read_text()
+
+
+def test_startup_failure_is_exit_3_and_leaves_the_log_next_to_out(tmp_path: Path, capsys) -> None:
+    script = "import sys; print('ValueError: model not found: nope'); sys.exit(1)"
+    out = tmp_path / "run"
+    res = cli(capsys, *LOCAL, "--server-cmd", f'{PY} -c "{script}" {{port}}', "--suite",
+              "smoke", "-n", "2", "--out", out)  # fmt: skip
+    assert res.code == 3
+    assert "exited with code 1 before it was ready" in res.err and "model not found: nope" in res.err
+    assert not out.exists()
+    assert "model not found" in (tmp_path / "run.server.log").read_text()
+
+
+def test_busy_port_and_bad_options_exit_2_before_starting(tmp_path: Path, capsys) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        res = cli(capsys, *LOCAL, "--server-cmd", _scripted_cmd(tmp_path), "--port", port,
+                  "--suite", "smoke", "--out", tmp_path / "r")  # fmt: skip
+    assert res.code == 2 and "something already listens" in res.err
+    res = cli(capsys, *LOCAL, "--server-cmd", _scripted_cmd(tmp_path),
+              "--kernels", "batch-invariant", "--suite", "smoke", "--out", tmp_path / "r")  # fmt: skip
+    assert res.code == 2 and "needs --engine vllm or sglang" in res.err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "r.server.log").exists()
+
+
+def test_ctrl_c_stops_the_server_and_resume_finishes_the_run(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = _scripted_cmd(tmp_path, latency_s=0.05)
+    args = [*LOCAL, "--server-cmd", cmd, "--suite", "smoke", "-n", "20", "--out", str(out)]
+    proc = subprocess.Popen([PY, "-m", "detaudit", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (out / "shards").is_dir() and time.monotonic() < deadline:  # the audit is under way
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    manifest = load_manifest(out)
+    assert manifest.status == "interrupted" and _closed(manifest.target.engine["port"])
+    assert "--resume --out" in err
+    res = subprocess.run([PY, "-m", "detaudit", *LOCAL, "--server-cmd", cmd,
+                          "--resume", "--out", str(out)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    manifest = load_manifest(out)
+    assert manifest.status == "complete" and any("resumed with a new command server" in n for n in manifest.notes)
+    assert read_samples(out, columns=["status"]).num_rows == 3 * 20 * 2  # 3 prompts, N=20, arms c1 and c32
+    assert (out / "server.log").read_text().count("# detaudit: started") == 2
