@@ -631,13 +631,16 @@ MANAGED_ONLY = ("suite", "concurrency", "server_cmd", "tensor_parallel_size", "e
 
 
 def given_options(ctx: Any) -> set[str]:
-    """Names of the parameters given on the command line (click's ParameterSource), not left at their default."""
-    import click
+    """Names of the parameters given on the command line (click's ParameterSource), not left at their default.
 
-    return {
-        p.name for p in ctx.command.params
-        if p.name and ctx.get_parameter_source(p.name) == click.core.ParameterSource.COMMANDLINE
-    }  # fmt: skip
+    Compared by name: typer may vendor its own click, whose enum is not click's.
+    """
+    given = set()
+    for p in ctx.command.params:
+        source = ctx.get_parameter_source(p.name) if p.name else None
+        if source is not None and source.name == "COMMANDLINE":
+            given.add(p.name)
+    return given
 
 
 def refuse_foreign_options(engine: str, given: set[str]) -> None:

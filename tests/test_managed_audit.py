@@ -7,6 +7,7 @@ mid-audit, and — for the real engine — `detaudit serve` with a tiny offline 
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -126,3 +127,15 @@ def test_ctrl_c_stops_the_server_and_resume_finishes_the_run(tmp_path: Path) -> 
     assert manifest.status == "complete" and any("resumed with a new command server" in n for n in manifest.notes)
     assert read_samples(out, columns=["status"]).num_rows == 3 * 20 * 2  # 3 prompts, N=20, arms c1 and c32
     assert (out / "server.log").read_text().count("# detaudit: started") == 2
+
+
+def test_options_of_the_other_engine_and_a_missing_vllm_exit_2(tmp_path: Path, capsys) -> None:
+    res = cli(capsys, "local", "--model", "m", "--prompt", "hi", "--suite", "smoke", "--out", tmp_path / "a")
+    assert res.code == 2 and "--suite only apply with --engine vllm, sglang or command" in res.err
+    res = cli(capsys, "local", "--engine", "vllm", "--model", "m", "--dtype", "float32", "--suite", "smoke",
+              "--out", tmp_path / "b")  # fmt: skip
+    assert res.code == 2 and "--dtype only apply with --engine detaudit" in res.err
+    if shutil.which("vllm") is None:  # the project machines: the preset's program is simply not there
+        res = cli(capsys, "local", "--engine", "vllm", "--model", "m", "--suite", "smoke", "--out", tmp_path / "c")
+        assert res.code == 2 and "cannot start 'vllm': not found; install vLLM" in res.err
+    assert not any(tmp_path.iterdir())
