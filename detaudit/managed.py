@@ -300,6 +300,7 @@ class ManagedServer:
                 stderr=subprocess.STDOUT,
                 env=env,
                 start_new_session=True,  # own process group: engine workers are stopped with it
+                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
             )
         except FileNotFoundError:
             hint = {
@@ -372,6 +373,14 @@ class ManagedServer:
 
     def looks_like_port_clash(self) -> bool:
         return any(_PORT_IN_USE.search(line) for line in self.tail)
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM it when detaudit dies, even by SIGKILL, so no server keeps the GPUs."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def _signal_group(pid: int, sig: signal.Signals) -> None:

@@ -139,3 +139,21 @@ def test_options_of_the_other_engine_and_a_missing_vllm_exit_2(tmp_path: Path, c
         res = cli(capsys, "local", "--engine", "vllm", "--model", "m", "--suite", "smoke", "--out", tmp_path / "c")
         assert res.code == 2 and "cannot start 'vllm': not found; install vLLM" in res.err
     assert not any(tmp_path.iterdir())
+
+
+def test_server_dies_with_detaudit_even_on_sigkill(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    cmd = _scripted_cmd(tmp_path, latency_s=0.05)
+    proc = subprocess.Popen([PY, "-m", "detaudit", *LOCAL, "--server-cmd", cmd, "--suite", "smoke", "-n", "200",
+                             "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not (out / "manifest.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    port = int(load_manifest(out).target.base_url.rsplit(":", 1)[1].split("/")[0])
+    assert not _closed(port)
+    proc.kill()
+    proc.wait()
+    deadline = time.monotonic() + 10
+    while not _closed(port) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _closed(port)
