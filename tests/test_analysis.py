@@ -319,3 +319,12 @@ def test_large_run_reads_display_rows_from_few_row_groups(tmp_path):
     chosen = _sample_rows(s, np.arange(s.n_unique), bounds)
     assert [seqs[r] for r in chosen] == [list(s.seq(u)) for u in range(s.n_unique)]
     assert len(np.unique(np.searchsorted(bounds, chosen, side="right"))) == 1  # every variant is in row group 0
+
+
+def test_in_memory_summary_equals_the_streamed_one(tmp_path):
+    from detaudit.analysis.summary import summarize
+    from detaudit.rundir.io import load_manifest
+
+    rows = token_rows([["a", "b"]] * 5 + [["a", "c"]] * 2) + [{"status": "error", "error": "timeout"}]
+    path = make_run(tmp_path, rows, capture="tokens")
+    assert summarize(load_manifest(path), read_samples(path)) == summarize_run(path)

@@ -1,7 +1,9 @@
 """The run summary (detaudit.summary/1): unique completions, first divergence, forks, statistics and verdicts.
 
-`summarize(manifest, table)` is a pure function of a run's manifest and sample rows; `summarize_run(run_dir)`
-reads a run directory and calls it. docs/summary.md documents every key.
+`summarize(manifest, table)` is a pure function of a run's manifest and sample rows in memory;
+`summarize_run(run_dir)` streams them from a run directory instead. Both run `analyze()`: one pass that groups
+the completions, the numbers per prompt and arm, then the text of what is shown, read for a few rows only.
+docs/summary.md documents every key.
 """
 
 from __future__ import annotations
@@ -398,7 +400,7 @@ def _encode(reader: SampleReader, manifest: RunManifest) -> tuple[Sequences, pa.
                 yield b
 
         seqs = encode_sequences(tee(reader.batches(META_COLUMNS + [source])), source)
-        return seqs, pa.Table.from_batches(meta, schema=_schema(META_COLUMNS))
+        return seqs, pa.Table.from_batches(meta) if meta else _schema(META_COLUMNS).empty_table()
 
     for source in SOURCES[:-1]:
         try:
