@@ -130,17 +130,18 @@ class _Schedule:
             return {self.serial, *self.loaded}
         return set(self.order)
 
-    def pick(self, in_flight: int) -> str:
+    def pick(self, in_flight: int, advance: bool = True) -> str:
+        """The next completion; advance=False (a fault will cut the answer) leaves the slot for the next request."""
         if self.kind == "fixed":
             return self.fixed
         if self.kind == "load":
             if in_flight <= 1:
                 return self.serial
             name = self.loaded[self.loaded_count % len(self.loaded)]
-            self.loaded_count += 1
+            self.loaded_count += advance
             return name
         name = self.order[self.count % len(self.order)]
-        self.count += 1
+        self.count += advance
         return name
 
 
@@ -351,7 +352,7 @@ class ScriptedServer:
         self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self.in_flight)
         try:
             sched = self.schedules.get(key, self.default)
-            name = sched.pick(self.in_flight)
+            name = sched.pick(self.in_flight, advance=fault is None)
             if self.latency_s:
                 await asyncio.sleep(self.latency_s)
         finally:
@@ -375,7 +376,7 @@ class ScriptedServer:
         if stream:
             include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
             await self._stream(ctx, send, truncate=fault == "truncated_sse", include_usage=include_usage)
-        elif fault == "truncated_sse":  # a non-streaming request cannot be truncated as SSE: reset it instead
+        elif fault == "truncated_sse":  # a non-streaming answer cannot be truncated as SSE: reset it instead
             await _reset_mid_body(send, json.dumps(ctx.full()).encode())
         else:
             self.stats["ok"] += 1

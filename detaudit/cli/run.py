@@ -97,7 +97,7 @@ def finish_run(outcome: RunOutcome, as_json: bool, console: Console, err_console
         done = sum(t.done for t in outcome.tallies)
         msg = (f"interrupted: {done} of {outcome.manifest.expected_samples} samples recorded in {outcome.run_dir}; "
                f"finish with:\n  {outcome.resume_command()}")  # fmt: skip
-        err_console.print(msg, highlight=False, markup=False)
+        err_console.print(msg, highlight=False, markup=False, soft_wrap=True)  # copy-pastable, never wrapped
         raise typer.Exit(130)
     summary = summarize_run(outcome.run_dir)
     write_summary(outcome.run_dir, summary)
