@@ -139,3 +139,16 @@ def test_scripted_server_other_captures(scripted_server, capsys, tmp_path, captu
             offset,
             [("Q", 9), ("N", 1)],
         )
+
+
+def test_model_text_that_looks_like_markup_is_printed_literally(tmp_path, capsys):
+    rows = [{"tokens": ["x", "[/]"], "token_bytes": [b"x", b"[/]"], "text": "x[/]", "prompt_id": "[red]p"}] * 2
+    rows += [{"tokens": ["x", "[bold]"], "token_bytes": [b"x", b"[bold]"], "text": "x[bold]", "prompt_id": "[red]p"}]
+    a = make_run(tmp_path / "a", rows, prompts=("[red]p",), capture="tokens")
+    r = cli(capsys, "analyze", a)
+    assert r.code == 0, r.err
+    assert "'[/]' ×2" in r.out and "'[bold]' ×1" in r.out and "[red]p" in r.out
+    b = make_run(tmp_path / "b", rows[2:] * 2, prompts=("[red]p",), capture="tokens")
+    r = cli(capsys, "compare", a, b)
+    assert r.code == 0, r.err
+    assert "'[/]'" in r.out and "'[bold]'" in r.out

@@ -60,7 +60,7 @@ def _arm_table(prompt: dict[str, Any]) -> Table:
         fd = arm["first_divergence"]
         first = "–" if fd["min"] is None else f"{fd['min']}/{fd['median']}"
         table.add_row(
-            arm["arm"],
+            Text(arm["arm"]),
             str(arm["concurrency"]),
             f"{arm['ok']}/{arm['n']}",
             str(arm["errors"]),
@@ -118,9 +118,10 @@ def render_summary(summary: dict[str, Any], console: Console) -> None:
                 console.print(hint)
             for fp in arm.get("system_fingerprints") or []:
                 console.print(
-                    f"  system_fingerprint {fp['system_fingerprint']}: n={fp['n']} unique={fp['unique']} "
-                    f"modal {_pct(fp['modal_share'])}",
-                    highlight=False,
+                    Text(
+                        f"  system_fingerprint {fp['system_fingerprint']}: n={fp['n']} unique={fp['unique']} "
+                        f"modal {_pct(fp['modal_share'])}"
+                    )
                 )
     if len(summary["prompts"]) > 1:
         ag = summary["agreement"]
@@ -132,22 +133,21 @@ def render_summary(summary: dict[str, Any], console: Console) -> None:
             )
         )
         for arm in ag["by_arm"]:
-            console.print(f"  {arm['arm']}: {arm['all_identical']}/{arm['prompts']} ({_pct(arm['share'])})")
+            console.print(Text(f"  {arm['arm']}: {arm['all_identical']}/{arm['prompts']} ({_pct(arm['share'])})"))
         for fp in ag.get("by_system_fingerprint") or []:
             console.print(
-                f"  system_fingerprint {fp['system_fingerprint']}: {fp['all_identical']}/{fp['prompts']}",
-                highlight=False,
+                Text(f"  system_fingerprint {fp['system_fingerprint']}: {fp['all_identical']}/{fp['prompts']}")
             )
         if summary["earliest_fork"]:
             ef = summary["earliest_fork"]
-            console.print(f"earliest fork: prompt {ef['prompt_id']}, arm {ef['arm']}, position {ef['position']}")
+            console.print(Text(f"earliest fork: prompt {ef['prompt_id']}, arm {ef['arm']}, position {ef['position']}"))
 
 
 def render_compare(result: dict[str, Any], console: Console) -> None:
     """Print a comparison of two runs: setup differences, then per prompt whether the modal completions agree."""
     a, b = result["a"], result["b"]
     console.print(Text(f"A {a['run_id']} ({a['model']})  vs  B {b['run_id']} ({b['model']})", style="bold"))
-    console.print(f"compared as {result['compared_as']}", highlight=False)
+    console.print(Text(f"compared as {result['compared_as']}"))
     if not result["same_model"]:
         console.print(Text(f"models differ: {a['model']} vs {b['model']}", style="yellow"))
     for name, (va, vb) in result["param_differences"].items():
@@ -161,12 +161,12 @@ def render_compare(result: dict[str, Any], console: Console) -> None:
         split = p["modal_split"]
         ef = p["earliest_fork"]
         table.add_row(
-            p["prompt_id"],
+            Text(p["prompt_id"]),
             Text("yes", style="green") if p["modal_equal"] else Text("no", style="red"),
             f"{p['unique']['a']}/{p['unique']['b']}",
             f"{ef['a'] if ef['a'] is not None else '–'}/{ef['b'] if ef['b'] is not None else '–'}",
             "–" if split is None else str(split["position"]),
-            "" if split is None else repr(split["a"]),
-            "" if split is None else repr(split["b"]),
+            Text("" if split is None else repr(split["a"])),
+            Text("" if split is None else repr(split["b"])),
         )
     console.print(table)
