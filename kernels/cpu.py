@@ -110,7 +110,9 @@ def sum_dim(x: torch.Tensor, dims: Sequence[int] | None, keepdim: bool = False,
 
 def _softmax_like(x: torch.Tensor, dim: int, half_to_float: bool,
                   kernel: Callable[..., torch.Tensor]) -> torch.Tensor:
-    out_dtype = torch.float32 if half_to_float else x.dtype
+    if half_to_float:  # stock CPU kernels refuse half_to_float; upcasting first is the same math
+        x, half_to_float = x.to(torch.float32), False
+    out_dtype = x.dtype
     if x.dim() == 0:
         return kernel(x, 0, half_to_float, out=torch.empty((), dtype=out_dtype))
     dim = dim % x.dim()

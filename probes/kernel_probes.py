@@ -51,8 +51,9 @@ def default_config(device: str, quick: bool = False) -> ProbeConfig:
     if device == "cuda":
         return ProbeConfig(hidden=4096, vocab=32000, sizes=GPU_SIZES[:20] if quick else GPU_SIZES,
                            attn_batches=(1, 2, 5, 16, 64), attn_ctx=600)
-    return ProbeConfig(hidden=256, vocab=2000, sizes=CPU_SIZES[:12] if quick else CPU_SIZES,
-                       attn_batches=(1, 2, 5), attn_ctx=150)
+    if quick:
+        return ProbeConfig(hidden=128, vocab=1000, sizes=CPU_SIZES[:9], attn_batches=(1, 3), attn_ctx=80)
+    return ProbeConfig(hidden=256, vocab=2000, sizes=CPU_SIZES, attn_batches=(1, 2, 5), attn_ctx=150)
 
 
 def _row_ops(hidden: int, vocab: int, dtype: torch.dtype, device: str,

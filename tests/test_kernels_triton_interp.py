@@ -1,0 +1,136 @@
+"""The Triton kernels' logic on CPU under TRITON_INTERPRET=1: small fp32/fp16 shapes (the interpreter cannot do
+bf16 ``tl.dot``). Triton reads the variable when it decorates kernels (its own standard library included) and when
+it launches them, so these tests run in a subprocess started with it set; other tests never see it.
+
+Invariance caveat: the interpreter runs ``tl.dot`` through numpy, whose fp32 matmul goes to a BLAS that can treat a
+tile's edge rows differently; fp32 invariance is therefore checked tile-aligned, fp16 (numpy's own loop) anywhere.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+_MODULES = ("triton_matmul", "triton_rowwise", "triton_attention")
+
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+inner = pytest.mark.skipif(not INTERPRETED, reason="runs inside test_under_interpreter's subprocess")
+
+
+def test_under_interpreter() -> None:
+    """Run this file's kernel tests in a fresh interpreter with TRITON_INTERPRET=1 set from the start."""
+    if INTERPRETED:
+        pytest.skip("already inside the interpreter run")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest", __file__],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert "6 passed" in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.fixture(scope="module")
+def tk() -> SimpleNamespace:
+    return SimpleNamespace(**{name: importlib.import_module(f"detaudit.kernels.{name}") for name in _MODULES})
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.double() - ref.double()).norm() / ref.double().norm())
+
+
+@inner
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_matmul_logic(tk: SimpleNamespace, dtype: torch.dtype) -> None:
+    tm = tk.triton_matmul
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(70, 50, generator=g).to(dtype)  # masked edges in M, N and K
+    w = torch.randn(29, 50, generator=g).to(dtype)
+    bias = torch.randn(29, generator=g).to(dtype)
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    ref = 0.5 * (a.double() @ w.double().t()) + 2.0 * bias.double()
+    assert _rel(tm.matmul(a, w.t(), bias, alpha=0.5, beta=2.0), ref) < tol
+    assert _rel(tm.matmul(a, w.t().contiguous()), a.double() @ w.double().t()) < tol  # row-major B
+    bias2 = torch.randn(70, 29, generator=g).to(dtype)
+    assert _rel(tm.matmul(a, w.t(), bias2), a.double() @ w.double().t() + bias2.double()) < tol
+    assert _rel(tm.matmul(a, w.t(), bias, beta=0.0), a.double() @ w.double().t()) < tol
+    b3 = torch.randn(3, 50, 29, generator=g).to(dtype)
+    assert _rel(tm.bmm(a.expand(3, 70, 50), b3), a.double() @ b3.double()) < tol
+    full = tm.matmul(a, w.t())
+    rows = [(32, 64)] if dtype == torch.float32 else [(0, 1), (5, 9), (31, 33), (64, 70)]
+    for r0, r1 in rows:
+        assert torch.equal(tm.matmul(a[r0:r1], w.t()), full[r0:r1]), (r0, r1)
+
+
+@inner
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_rowwise_logic(tk: SimpleNamespace, dtype: torch.dtype) -> None:
+    tr = tk.triton_rowwise
+    g = torch.Generator().manual_seed(1)
+    tol = 1e-5 if dtype == torch.float32 else 3e-3
+    for n in (300, 9000):  # single-pass and chunked paths
+        x = torch.randn(5, n, generator=g).to(dtype)
+        r = torch.randn(5, n, generator=g).to(dtype)
+        w = torch.randn(n, generator=g).to(dtype)
+        y, _ = tr.rms_norm(x, w, 1e-6)
+        assert _rel(y, torch.nn.functional.rms_norm(x.double(), (n,), w.double(), 1e-6)) < tol
+        assert torch.equal(tr.rms_norm(x[2:3], w, 1e-6)[0], y[2:3])
+        yr, new_res = tr.rms_norm(x, w, 1e-6, residual=r)
+        assert torch.equal(new_res, x + r)
+        assert _rel(yr, torch.nn.functional.rms_norm((x + r).double(), (n,), w.double(), 1e-6)) < tol
+        ls = tr.softmax(x, -1, True)
+        assert _rel(ls, x.double().log_softmax(-1)) < tol
+        assert torch.equal(tr.softmax(x[3:], -1, True), ls[3:])
+        assert _rel(tr.softmax(x, -1, False, torch.float32), x.double().softmax(-1)) < tol
+        assert _rel(tr.reduce_sum(x, [-1], False, torch.float32), x.double().sum(-1)) < tol
+    x = torch.randn(4, 6, 7, generator=g).to(dtype)
+    assert _rel(tr.reduce_sum(x, [0, 2], True, dtype, mean=True), x.double().mean((0, 2), keepdim=True)) < tol
+    assert _rel(tr.softmax(x, 1, False), x.double().softmax(1)) < tol
+    assert torch.equal(tr.reduce_sum(x > 0, [1], False, torch.int64), (x > 0).sum(1))
+    masked = torch.full((2, 5), -math.inf, dtype=dtype)
+    masked[:, 1] = 0.0
+    assert torch.equal(tr.softmax(masked, -1, False), masked.softmax(-1))
+
+
+@inner
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_attention_logic(tk: SimpleNamespace, dtype: torch.dtype) -> None:
+    from detaudit.kernels.attention import _stock
+
+    ta = tk.triton_attention
+    g = torch.Generator().manual_seed(2)
+    hkv, gqa, d, page = 2, 3, 16, 8
+    lens, qlens = [70, 20, 5], [70, 3, 1]
+    n_pages = sum(-(-c // page) for c in lens) + 1
+    kc = torch.randn(n_pages, page, hkv, d, generator=g).to(dtype)
+    vc = torch.randn(n_pages, page, hkv, d, generator=g).to(dtype)
+    kc[-1] = float("nan")
+    vc[-1] = float("nan")
+    perm = torch.randperm(n_pages - 1, generator=g)
+    bt = torch.full((3, -(-max(lens) // page)), n_pages - 1, dtype=torch.int32)
+    i = 0
+    for b, c in enumerate(lens):
+        for j in range(-(-c // page)):
+            bt[b, j] = perm[i]
+            i += 1
+    q = torch.randn(sum(qlens), hkv * gqa, d, generator=g).to(dtype)
+
+    def call(fn, qq, tables, ql, ctx, caches=(kc, vc)):
+        cu = torch.tensor([0, *torch.tensor(ql).cumsum(0).tolist()], dtype=torch.int32)
+        return fn(qq, caches[0], caches[1], tables, cu, torch.tensor(ctx, dtype=torch.int32), 0.25)
+
+    full = call(ta.paged_attention, q, bt, qlens, lens)
+    ref = call(_stock, q.double(), bt, qlens, lens, caches=(kc.double(), vc.double()))
+    assert _rel(full, ref) < (1e-6 if dtype == torch.float32 else 2e-3)
+    if dtype == torch.float16:
+        for p in (0, 31, 32, 69):
+            assert torch.equal(call(ta.paged_attention, q[p:p + 1], bt[:1], [1], [p + 1]), full[p:p + 1]), p
+        assert torch.equal(call(ta.paged_attention, q[70:73], bt[1:2], [3], [20]), full[70:73])
