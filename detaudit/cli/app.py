@@ -55,9 +55,12 @@ def _register() -> None:
     from detaudit.cli import suites
 
     app.command("suites", help="List the bundled probe suites, or show and validate one suite.")(suites.suites_command)
-    from detaudit.cli import run
+    from detaudit.cli import probe_kernels, run
     from detaudit.cli.probe import probe_app
 
+    probe_app.command("kernels", help="Sweep our kernels and stock torch over batch sizes: invariant or not, per op.")(
+        probe_kernels.kernels_command
+    )
     app.add_typer(probe_app, name="probe")
     app.command("run", help="Fire N temperature-0 requests per prompt per load arm and record every token stream.")(
         run.run_command
