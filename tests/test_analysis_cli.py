@@ -10,6 +10,7 @@ import pytest
 from runhelp import FEYNMAN, QUEENS, cli, cli_process
 from test_analysis import ids_rows, make_run
 
+from detaudit.rundir.io import ShardWriter
 from detaudit.rundir.schema import SUMMARY_FILE
 
 # A third completion that follows QUEENS for 8 tokens: a second fork, nested in the " Queens" branch.
@@ -152,3 +153,31 @@ def test_model_text_that_looks_like_markup_is_printed_literally(tmp_path, capsys
     r = cli(capsys, "compare", a, b)
     assert r.code == 0, r.err
     assert "'[/]'" in r.out and "'[bold]'" in r.out
+
+
+def test_load_dependent_server_gets_the_load_dependent_verdict(scripted_server, capsys, tmp_path):
+    server = scripted_server(completions={"Q": QUEENS, "N": NYC}, latency_s=0.02,
+                             schedules={FEYNMAN: {"serial": "Q", "loaded": ["Q", "N"]}})  # fmt: skip
+    out = tmp_path / "run"
+    r = cli(capsys, "run", "--base-url", server.base_url, "-p", FEYNMAN, "-n", 16, "-c", "1,8", "--out", out)
+    assert r.code == 0, r.err
+    s = json.loads(cli(capsys, "analyze", out, "--json").out)
+    serial, loaded = s["prompts"][0]["arms"]
+    assert (serial["unique"], serial["stats"]["divergence_rate_upper95"]) == (1, pytest.approx(1 - 0.05 ** (1 / 16)))
+    assert loaded["unique"] == 2 and [f["position"] for f in loaded["forks"]] == [5]
+    assert s["prompts"][0]["verdict"] == "load-dependent"
+    r = cli(capsys, "analyze", out)
+    assert "load-dependent" in r.out and "@5" in r.out
+
+
+def test_a_run_still_in_shards_is_analysed(tmp_path, capsys):
+    """A killed run (shards, no samples.parquet) reads like a finished one; a later shard replaces a row."""
+    run = make_run(tmp_path / "run", ids_rows([[1, 2]] * 3))
+    (run / "samples.parquet").unlink()
+    writer = ShardWriter(run)
+    writer.write([{"sample_index": 0, "status": "error", "error": "timeout", "prompt_id": "p0", "arm": "c1"}])
+    writer.write([{"sample_index": 0, "status": "ok", "token_ids": [1, 3], "prompt_id": "p0", "arm": "c1"}])
+    writer.write([{"sample_index": 1, "status": "ok", "token_ids": [1, 2], "prompt_id": "p0", "arm": "c1"}])
+    s = json.loads(cli(capsys, "analyze", run, "--json").out)
+    arm = s["prompts"][0]["arms"][0]
+    assert (arm["n"], arm["ok"], arm["unique"]) == (2, 2, 2) and arm["forks"][0]["position"] == 1
