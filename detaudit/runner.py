@@ -513,6 +513,23 @@ def request_from_manifest(out: Path, *, base_url: str | None, api_key: str | Non
     return req, manifest
 
 
+def _ensure_fd_limit(connections: int) -> None:
+    """Concurrency 1,024 needs more descriptors than the common soft limit of 1,024: raise it toward the hard one."""
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + 256  # sockets plus Parquet, Python and the event loop's own descriptors
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return
+    new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+    if new < want:
+        raise UsageError(f"--concurrency {connections} needs about {want} open files but the limit is {hard}; "
+                         f"lower --concurrency or raise the limit (ulimit -n)")  # fmt: skip
+
+
 async def _execute(req: RunRequest, make_progress: Callable[[], Any] | None,
                    resumed: RunManifest | None) -> RunOutcome:  # fmt: skip
     scrubber = Scrubber()
@@ -625,6 +642,7 @@ def execute_run(req: RunRequest, make_progress: Callable[[], Any] | None = None,
                 resumed: RunManifest | None = None) -> RunOutcome:  # fmt: skip
     """Validate, reach the endpoint, write the run directory; returns where it is and how it ended."""
     req.validate()
+    _ensure_fd_limit(max(req.concurrency))
     if resumed is None and req.out is not None:
         _check_out(req.out, req.force)
     return asyncio.run(_execute(req, make_progress, resumed))

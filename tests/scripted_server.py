@@ -558,6 +558,10 @@ def main(argv: list[str] | None = None) -> None:
     for name, spec in (kwargs.get("schedules") or {}).items():
         if isinstance(spec, list):
             kwargs["schedules"][name] = [tuple(x) for x in spec]
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # load tests hold thousands of connections
     server = ScriptedServer(port=args.port, **kwargs).start()
     print(f"READY {server.base_url}", flush=True)
     try:
