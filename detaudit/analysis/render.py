@@ -12,6 +12,7 @@ from rich.table import Table
 from rich.text import Text
 
 FORKS_SHOWN = 3  # per arm, in the terminal; the JSON has them all (up to the summary's limits)
+PROMPT_SHOWN = 48  # characters of the prompt shown beside its id
 _VERDICT_STYLE = {
     "deterministic": "bold green",
     "load-dependent": "bold yellow",
@@ -22,6 +23,10 @@ _VERDICT_STYLE = {
 
 def _pct(x: float | None, digits: int = 1) -> str:
     return "–" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def _short(text: str, limit: int = PROMPT_SHOWN) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _branch_text(branch: dict[str, Any]) -> str:
@@ -101,7 +106,10 @@ def render_summary(summary: dict[str, Any], console: Console) -> None:
     )
     for prompt in summary["prompts"]:
         console.print()
-        title = Text(f"prompt {prompt['prompt_id']}: ", style="bold")
+        title = Text(f"prompt {prompt['prompt_id']}", style="bold")
+        if prompt.get("prompt"):
+            title.append(f" {_short(prompt['prompt'])!r}")
+        title.append(": ", style="bold")
         title.append(prompt["verdict"], style=_VERDICT_STYLE.get(prompt["verdict"], "bold"))
         title.append(f" — {prompt['verdict_reason']}", style="dim")
         console.print(title)
