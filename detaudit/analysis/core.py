@@ -52,13 +52,11 @@ class SourceMissing(Exception):
     """An ok row lacks the column being compared: the caller retries with the next source in units.SOURCES."""
 
 
-def _as_binary_view(offsets: np.ndarray, values: np.ndarray) -> pa.Array:
-    """Each list row's integer values as one large_binary value, without copying the values.
-
-    Null lists need no validity here: they only occur on rows that are not ok, which are masked out anyway.
-    """
+def _as_binary_view(offsets: np.ndarray, values: np.ndarray, ok: np.ndarray) -> pa.Array:
+    """Each list row's integer values as one large_binary value, without copying the values; null where not ok."""
     byte_offsets = offsets.astype(np.int64) * values.dtype.itemsize
-    buffers = [None, pa.py_buffer(byte_offsets), pa.py_buffer(np.ascontiguousarray(values))]
+    validity = pa.array(ok, pa.bool_()).buffers()[1]  # a boolean array's data is a validity bitmap
+    buffers = [validity, pa.py_buffer(byte_offsets), pa.py_buffer(np.ascontiguousarray(values))]
     return pa.Array.from_buffers(pa.large_binary(), len(offsets) - 1, buffers)
 
 
@@ -126,7 +124,7 @@ class _Encoder:
     def _keys(self, batch: pa.RecordBatch, ok: np.ndarray) -> pa.Array:
         col = batch.column(self.source)
         if self.source == "text":
-            return pc.fill_null(col, "")
+            return pc.if_else(pa.array(ok), pc.fill_null(col, ""), pa.scalar(None, pa.string()))
         if pc.any(pc.and_(pc.is_null(col), pa.array(ok))).as_py():
             raise SourceMissing(self.source)
         offsets, values = _child_slice(col)
@@ -140,27 +138,22 @@ class _Encoder:
             ):
                 raise SourceMissing(self.source)
             ints = self._codes(values).astype(np.int32)
-        return _as_binary_view(offsets, ints)
+        return _as_binary_view(offsets, ints, ok)
 
     def add(self, batch: pa.RecordBatch) -> None:
         ok = _ok_mask(batch)
-        keys = self._keys(batch, ok)
-        distinct = pc.unique(keys.filter(pa.array(ok)))
-        local = pc.index_in(keys, value_set=distinct).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-        local[~ok] = -1
-        self.distinct.append(distinct)
-        self.local.append(local)
+        enc = pc.dictionary_encode(self._keys(batch, ok))  # rows that are not ok are null: no index
+        self.distinct.append(enc.dictionary)
+        self.local.append(enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64))
 
     def _merge(self) -> tuple[pa.Array, np.ndarray]:
         """All distinct keys of the run, and each row's index among them (-1 for rows that are not ok)."""
         key_type = pa.string() if self.source == "text" else pa.large_binary()
         if not self.distinct:
             return pa.array([], key_type), np.zeros(0, dtype=np.int64)
-        per_batch = pa.chunked_array(self.distinct, type=key_type)
-        known = pc.unique(per_batch)
-        if isinstance(known, pa.ChunkedArray):
-            known = known.combine_chunks()
-        to_global = pc.index_in(per_batch, value_set=known).to_numpy().astype(np.int64)
+        merged = pc.dictionary_encode(pa.chunked_array(self.distinct, type=key_type))
+        known = merged.chunk(merged.num_chunks - 1).dictionary  # one dictionary, shared by every chunk
+        to_global = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in merged.chunks]).astype(np.int64)
         sizes = np.array([len(d) for d in self.distinct], dtype=np.int64)
         base = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         row_seq = np.concatenate(
@@ -216,12 +209,13 @@ def encode_sequences(batches: Iterable[pa.RecordBatch], source: Source) -> Seque
 
 def _first_mismatch(seqs: Sequences, a: np.ndarray, b: np.ndarray, offset: int, width: np.ndarray) -> np.ndarray:
     """Per pair, the first i < width[k] where a and b differ at offset + i, else width[k] (all widths > 0)."""
-    ai = _gather_index(seqs.starts[a] + offset, width)
-    bi = _gather_index(seqs.starts[b] + offset, width)
-    within = ai - np.repeat(seqs.starts[a] + offset, width)
-    marked = np.where(seqs.values[ai] != seqs.values[bi], within, np.iinfo(np.int64).max)
-    first = np.minimum.reduceat(marked, np.concatenate([[0], np.cumsum(width)[:-1]]))
-    return np.minimum(first, width)
+    cols = np.arange(int(width.max()))
+    inside = cols[None, :] < width[:, None]
+    last = len(seqs.values) - 1  # cells past a pair's width are masked; clip them to stay in bounds
+    ia = np.minimum(seqs.starts[a][:, None] + offset + cols, last)
+    ib = np.minimum(seqs.starts[b][:, None] + offset + cols, last)
+    differ = (seqs.values[ia] != seqs.values[ib]) & inside
+    return np.where(differ.any(axis=1), differ.argmax(axis=1), width)
 
 
 def lcp_pairs(seqs: Sequences, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -240,13 +234,10 @@ def lcp_pairs(seqs: Sequences, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         w = np.minimum(minlen[active] - offset, width)
         first = np.empty(len(active), dtype=np.int64)
         # bound the transient arrays: about _LCP_CHUNK compared elements per numpy pass
-        csum = np.cumsum(w)
-        lo = 0
-        while lo < len(active):
-            done = int(csum[lo - 1]) if lo else 0
-            hi = max(lo + 1, int(np.searchsorted(csum, done + _LCP_CHUNK, side="right")))
+        step = max(1, _LCP_CHUNK // width)
+        for lo in range(0, len(active), step):
+            hi = lo + step
             first[lo:hi] = _first_mismatch(seqs, a[active[lo:hi]], b[active[lo:hi]], offset, w[lo:hi])
-            lo = hi
         ended = first < w
         out[active[ended]] = offset + first[ended]
         offset += width
