@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from detaudit.analysis.units import Source
 
-# Pairs of sequences compared per numpy pass in lcp_pairs: bounds the transient memory (~40 bytes/element).
+# Elements compared per numpy pass in lcp_pairs: bounds its transient arrays (~30 bytes per element).
 _LCP_CHUNK = 1 << 21
 
 
