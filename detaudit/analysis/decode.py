@@ -125,7 +125,7 @@ class Decoder:
         return int(self.seqs.seq(u)[position])
 
     def margin(self, u: int, position: int) -> float | None:
-        """Top-1 minus top-2 logprob at `position` of completion u's first sample; None when not recorded."""
+        """Top-1 minus top-2 logprob at `position` in the sample representing u; None when not recorded."""
         if self.seqs.source == "text":
             return None  # positions are characters; logprobs are per token
         top = self._cell("top_logprobs", u)
