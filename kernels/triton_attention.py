@@ -1,10 +1,14 @@
 """Batch-invariant paged attention in Triton (one kernel for prefill, chunked prefill and decode rows).
 
-Grid: (q-blocks, KV heads). A q-block holds ``BLOCK_Q`` consecutive query tokens of one sequence times the G query
-heads that share a KV head (row r -> token r // G, head r % G), ``BLOCK_M`` rows in all; both depend on G and the
-dtype only. Keys/values are read from the paged cache in tiles of ``TILE`` absolute positions starting at 0 with an
-fp32 online softmax. Tiles past a row's own position are fully masked and are exact no-ops (alpha = 1, p = 0), so a
-row's bits do not depend on which tokens share its q-block, how far the block walks, or what else is in the batch.
+Grid: (q-blocks, KV heads[, splits]). A q-block holds ``BLOCK_Q`` consecutive query tokens of one sequence times
+the G query heads that share a KV head (row r -> token r // G, head r % G), ``BLOCK_M`` rows in all; both depend on
+G and the dtype only. Keys/values are read from the paged cache in tiles of ``TILE`` absolute positions starting at
+0 with an fp32 online softmax. Tiles past a row's own position are fully masked and are exact no-ops (alpha = 1,
+p = 0), so a row's bits do not depend on which tokens share its q-block, how far the block walks, or what else is
+in the batch.
+Keys are grouped into splits of ``SPLIT`` positions, each reduced from scratch and merged in order; for all-decode
+batches with little parallelism each split runs in its own program and a combine kernel merges them (flash-decoding
+with a fixed split size in tokens), which gives the same bits as the one-program launch.
 
 Import this module only when a GPU or ``TRITON_INTERPRET=1`` is present: kernels are decorated at import time.
 """
@@ -19,14 +23,28 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Keys are reduced in splits of this many absolute positions (a multiple of every tile size), merged in order.
+SPLIT = 512
+# Merging must round identically in the one-program and split launches: no FMA contraction in either.
+_NO_FMA = {} if INTERPRET else {"enable_fp_fusion": False}
 
 
 @triton.jit
-def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, ctx_ptr,
+def _merge(m, lsum, acc, m_s, l_s, acc_s):
+    """Fold one split's partial softmax state into the running one (exact no-op for a fully masked split)."""
+    m_new = tl.maximum(m, m_s)
+    a = tl.where(m == m_new, 1.0, tl.exp2(m - m_new))
+    b = tl.where(m_s == m_new, 1.0, tl.exp2(m_s - m_new))
+    return m_new, lsum * a + l_s * b, acc * a[:, None] + acc_s * b[:, None]
+
+
+@triton.jit
+def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, ctx_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr,
                  sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_t, so_h, sbt,
-                 num_seqs, scale_log2, D,
+                 num_seqs, scale_log2, D, HQ, NS,
                  G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                 TILE: tl.constexpr, PAGE: tl.constexpr, CAST_F32: tl.constexpr, IEEE: tl.constexpr):
+                 TILE: tl.constexpr, SPLIT: tl.constexpr, PAGE: tl.constexpr, SPLIT_LAUNCH: tl.constexpr,
+                 CAST_F32: tl.constexpr, IEEE: tl.constexpr):
     qb = tl.program_id(0)
     kvh = tl.program_id(1).to(tl.int64)
     # Sequence b owns global q-blocks [cu[b] // BLOCK_Q + b, cu[b + 1] // BLOCK_Q + b + 1): binary search.
@@ -44,9 +62,18 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, ctx_ptr,
     seq_q1 = tl.load(cu_ptr + b + 1)
     local = qb - (seq_q0 // BLOCK_Q + b)
     q_start = seq_q0 + local * BLOCK_Q
-    if q_start < seq_q1:
-        ctx = tl.load(ctx_ptr + b)
-        q_len = seq_q1 - seq_q0
+    ctx = tl.load(ctx_ptr + b)
+    q_len = seq_q1 - seq_q0
+    last = tl.minimum(q_start + BLOCK_Q, seq_q1) - 1
+    max_pos = ctx - q_len + (last - seq_q0)
+    n_tiles = max_pos // TILE + 1
+    if SPLIT_LAUNCH:
+        s_lo = tl.program_id(2)
+        s_hi = s_lo + 1
+    else:
+        s_lo = 0
+        s_hi = max_pos // SPLIT + 1
+    if (q_start < seq_q1) & (s_lo * SPLIT <= max_pos):
         rows = tl.arange(0, BLOCK_M)
         tok = rows // G
         head = kvh * G + rows % G
@@ -59,43 +86,82 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, ctx_ptr,
                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
         if CAST_F32:
             q = q.to(tl.float32)
-        last = tl.minimum(q_start + BLOCK_Q, seq_q1) - 1
-        max_pos = ctx - q_len + (last - seq_q0)
         m = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
         lsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-        for t in range(0, max_pos // TILE + 1):
-            kpos = t * TILE + tl.arange(0, TILE)
-            k_ok = kpos < ctx
-            page = tl.load(bt_ptr + b.to(tl.int64) * sbt + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
-            slot = (kpos % PAGE).to(tl.int64)
-            kt = tl.load(k_ptr + (page * sk_b + slot * sk_s)[None, :] + kvh * sk_h + offs_d[:, None],
-                         mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-            v = tl.load(v_ptr + (page * sv_b + slot * sv_s)[:, None] + kvh * sv_h + offs_d[None, :],
-                        mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-            if CAST_F32:
-                kt = kt.to(tl.float32)
-                v = v.to(tl.float32)
-            if IEEE:
-                s = tl.dot(q, kt, input_precision="ieee")
+        for sp in range(s_lo, s_hi):
+            # Each split of SPLIT absolute positions starts a fresh online softmax; splits merge in order.
+            m_s = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
+            l_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            acc_s = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+            t0 = sp * (SPLIT // TILE)
+            t1 = tl.minimum(t0 + SPLIT // TILE, n_tiles)
+            for t in range(t0, t1):
+                kpos = t * TILE + tl.arange(0, TILE)
+                k_ok = kpos < ctx
+                page = tl.load(bt_ptr + b.to(tl.int64) * sbt + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
+                slot = (kpos % PAGE).to(tl.int64)
+                kt = tl.load(k_ptr + (page * sk_b + slot * sk_s)[None, :] + kvh * sk_h + offs_d[:, None],
+                             mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+                v = tl.load(v_ptr + (page * sv_b + slot * sv_s)[:, None] + kvh * sv_h + offs_d[None, :],
+                            mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+                if CAST_F32:
+                    kt = kt.to(tl.float32)
+                    v = v.to(tl.float32)
+                if IEEE:
+                    sc = tl.dot(q, kt, input_precision="ieee")
+                else:
+                    sc = tl.dot(q, kt)
+                sc = sc * scale_log2
+                visible = (kpos[None, :] <= pos[:, None]) & k_ok[None, :]
+                sc = tl.where(visible, sc, -float("inf"))
+                m_new = tl.maximum(m_s, tl.max(sc, axis=1))
+                p = tl.where(visible, tl.exp2(sc - m_new[:, None]), 0.0)
+                alpha = tl.where(m_new == m_s, 1.0, tl.exp2(m_s - m_new))
+                l_s = l_s * alpha + tl.sum(p, axis=1)
+                if IEEE:
+                    pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
+                else:
+                    pv = tl.dot(p.to(v.dtype), v)
+                acc_s = acc_s * alpha[:, None] + pv
+                m_s = m_new
+            if SPLIT_LAUNCH:
+                m, lsum, acc = m_s, l_s, acc_s
             else:
-                s = tl.dot(q, kt)
-            s = s * scale_log2
-            visible = (kpos[None, :] <= pos[:, None]) & k_ok[None, :]
-            s = tl.where(visible, s, -float("inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            p = tl.where(visible, tl.exp2(s - m_new[:, None]), 0.0)
-            alpha = tl.where(m_new == m, 1.0, tl.exp2(m - m_new))
-            lsum = lsum * alpha + tl.sum(p, axis=1)
-            if IEEE:
-                pv = tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m = m_new
-        out = acc / lsum[:, None]
-        tl.store(o_ptr + q_idx.to(tl.int64)[:, None] * so_t + head[:, None] * so_h + offs_d[None, :],
-                 out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+                m, lsum, acc = _merge(m, lsum, acc, m_s, l_s, acc_s)
+        mask = row_ok[:, None] & d_ok[None, :]
+        if SPLIT_LAUNCH:
+            ws = (q_idx.to(tl.int64) * HQ + head) * NS + s_lo
+            tl.store(ws_m_ptr + ws, m, mask=row_ok)
+            tl.store(ws_l_ptr + ws, lsum, mask=row_ok)
+            tl.store(ws_acc_ptr + ws[:, None] * BLOCK_D + offs_d[None, :], acc, mask=mask)
+        else:
+            out = acc / lsum[:, None]
+            tl.store(o_ptr + q_idx.to(tl.int64)[:, None] * so_t + head[:, None] * so_h + offs_d[None, :],
+                     out.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _combine_kernel(o_ptr, ctx_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr, so_t, so_h, D, HQ, NS,
+                    BLOCK_D: tl.constexpr, SPLIT: tl.constexpr):
+    # Decode launch only: token t is sequence t's single query, at position ctx[t] - 1.
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    n = (tl.load(ctx_ptr + t) - 1) // SPLIT + 1
+    offs_d = tl.arange(0, BLOCK_D)
+    zero = tl.zeros((1,), dtype=tl.int64)
+    m = tl.full((1,), -float("inf"), dtype=tl.float32)
+    lsum = tl.zeros((1,), dtype=tl.float32)
+    acc = tl.zeros((1, BLOCK_D), dtype=tl.float32)
+    base = (t * HQ + h) * NS
+    for sp in range(0, n):
+        m_s = tl.load(ws_m_ptr + base + sp + zero)
+        l_s = tl.load(ws_l_ptr + base + sp + zero)
+        acc_s = tl.load(ws_acc_ptr + (base + sp + zero)[:, None] * BLOCK_D + offs_d[None, :])
+        m, lsum, acc = _merge(m, lsum, acc, m_s, l_s, acc_s)
+    out = acc / lsum[:, None]
+    tl.store(o_ptr + t * so_t + h * so_h + offs_d[None, :] + zero[:, None], out.to(o_ptr.dtype.element_ty),
+             mask=(offs_d < D)[None, :])
 
 
 def tile_size(dtype: torch.dtype) -> int:
@@ -109,8 +175,14 @@ def block_m(g: int) -> int:
 
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
-    """Launch the kernel; shapes as in :func:`detaudit.kernels.attention.paged_attention`."""
+                    cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float,
+                    split_launch: bool | None = None) -> torch.Tensor:
+    """Launch the kernels; shapes as in :func:`detaudit.kernels.attention.paged_attention`.
+
+    Keys are always reduced in splits of ``SPLIT`` absolute positions merged in order. ``split_launch`` only picks
+    how that is scheduled: one program per (q-block, KV head) walking all splits, or, for all-decode batches with
+    little parallelism, one program per split plus a combine kernel — the same arithmetic, so the same bits.
+    """
     t_total, hq, d = q.shape
     num_seqs = context_lens.shape[0]
     page, hkv = k_cache.shape[1], k_cache.shape[2]
@@ -122,18 +194,41 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise ValueError("paged_attention: last dims of q, k_cache and v_cache must be contiguous")
     bm = block_m(g)
     bq = bm // g
+    block_d = triton.next_power_of_2(d)
     cu = cu_seqlens_q.to(torch.int32).contiguous()
     ctx = context_lens.to(torch.int32).contiguous()
     bt = block_tables.to(torch.int32)
+    max_ctx = bt.shape[1] * page  # upper bound on any context, known without a device sync
+    n_split = triton.cdiv(max_ctx, SPLIT)
+    if split_launch is None:
+        split_launch = t_total == num_seqs and n_split > 1 and num_seqs * hkv < 2 * _sm_count(q.device)
+    if split_launch and t_total != num_seqs:
+        raise ValueError("paged_attention: the split launch serves all-decode batches (one query per sequence)")
     n_qblocks = t_total // bq + num_seqs
-    grid = (n_qblocks, hkv)
+    if split_launch:
+        ws_m = torch.empty((t_total, hq, n_split), dtype=torch.float32, device=q.device)
+        ws_l = torch.empty_like(ws_m)
+        ws_acc = torch.empty((t_total, hq, n_split, block_d), dtype=torch.float32, device=q.device)
+        grid: tuple[int, ...] = (n_qblocks, hkv, n_split)
+    else:
+        ws_m = ws_l = ws_acc = out
+        grid = (n_qblocks, hkv)
     _attn_kernel[grid](
-        q, k_cache, v_cache, out, bt, cu, ctx,
+        q, k_cache, v_cache, out, bt, cu, ctx, ws_m, ws_l, ws_acc,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), bt.stride(0),
-        num_seqs, float(scale * math.log2(math.e)), d,
-        G=g, BLOCK_Q=bq, BLOCK_M=bm, BLOCK_D=triton.next_power_of_2(d), TILE=tile_size(q.dtype), PAGE=page,
-        CAST_F32=INTERPRET and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
-        num_warps=4, num_stages=2,
+        num_seqs, float(scale * math.log2(math.e)), d, hq, n_split,
+        G=g, BLOCK_Q=bq, BLOCK_M=bm, BLOCK_D=block_d, TILE=tile_size(q.dtype), SPLIT=SPLIT, PAGE=page,
+        SPLIT_LAUNCH=split_launch, CAST_F32=INTERPRET and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
+        num_warps=4, num_stages=2, **_NO_FMA,
     )
+    if split_launch:
+        _combine_kernel[(t_total, hq)](out, ctx, ws_m, ws_l, ws_acc, out.stride(0), out.stride(1), d, hq, n_split,
+                                       BLOCK_D=block_d, SPLIT=SPLIT, num_warps=1, **_NO_FMA)
     return out
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-SINGLE_MAX = 8192
+SINGLE_MAX = 32768
 CHUNK = 2048
 
 
@@ -25,7 +25,7 @@ def _block(n: int) -> tuple[int, bool]:
 
 
 def _warps(block: int) -> int:
-    return 4 if block <= 1024 else 8 if block <= 4096 else 16
+    return 4 if block <= 1024 else 8 if block <= 4096 else 16 if block <= 16384 else 32
 
 
 @triton.jit

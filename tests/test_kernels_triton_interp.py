@@ -108,7 +108,7 @@ def test_attention_logic(tk: SimpleNamespace, dtype: torch.dtype) -> None:
     ta = tk.triton_attention
     g = torch.Generator().manual_seed(2)
     hkv, gqa, d, page = 2, 3, 16, 8
-    lens, qlens = [70, 20, 5], [70, 3, 1]
+    lens, qlens = [560, 20, 5], [40, 3, 1]  # sequence 0: a 40-token chunk at positions 520..559 (2 splits)
     n_pages = sum(-(-c // page) for c in lens) + 1
     kc = torch.randn(n_pages, page, hkv, d, generator=g).to(dtype)
     vc = torch.randn(n_pages, page, hkv, d, generator=g).to(dtype)
@@ -130,7 +130,14 @@ def test_attention_logic(tk: SimpleNamespace, dtype: torch.dtype) -> None:
     full = call(ta.paged_attention, q, bt, qlens, lens)
     ref = call(_stock, q.double(), bt, qlens, lens, caches=(kc.double(), vc.double()))
     assert _rel(full, ref) < (1e-6 if dtype == torch.float32 else 2e-3)
+    dec = [559, 19, 4]  # one decode query per sequence: both launches, same bits
+    q_dec = torch.randn(3, hkv * gqa, d, generator=g).to(dtype)
+    cu3 = torch.arange(4, dtype=torch.int32)
+    ctx3 = torch.tensor([p + 1 for p in dec], dtype=torch.int32)
+    one = ta.paged_attention(q_dec, kc, vc, bt, cu3, ctx3, 0.25, split_launch=False)
+    split = ta.paged_attention(q_dec, kc, vc, bt, cu3, ctx3, 0.25, split_launch=True)
+    assert torch.equal(one, split)
     if dtype == torch.float16:
-        for p in (0, 31, 32, 69):
-            assert torch.equal(call(ta.paged_attention, q[p:p + 1], bt[:1], [1], [p + 1]), full[p:p + 1]), p
-        assert torch.equal(call(ta.paged_attention, q[70:73], bt[1:2], [3], [20]), full[70:73])
+        for i in (0, 39):  # a chunk row vs the same token decoded alone (split launch)
+            assert torch.equal(call(ta.paged_attention, q[i:i + 1], bt[:1], [1], [521 + i]), full[i:i + 1]), i
+        assert torch.equal(call(ta.paged_attention, q[40:43], bt[1:2], [3], [20]), full[40:43])

@@ -142,3 +142,19 @@ def test_overrides_under_torch_compile_and_coverage() -> None:
         one = torch.log_softmax(lin(x[:1]).float(), -1)
     assert torch.equal(y[:1], one)
     assert cov.protected["aten::addmm"] >= 1 and cov.protected["aten::_log_softmax"] >= 1, cov.to_dict()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
+def test_attention_split_launch_gives_the_same_bits(dtype: torch.dtype) -> None:
+    from detaudit.kernels import triton_attention as ta
+
+    g = torch.Generator().manual_seed(7)
+    lens = [3000, 1, 511, 512, 513, 1024, 2047, 77]
+    kc, vc, bt = _paged(lens, 8, 128, 16, dtype, g)
+    q = torch.randn(len(lens), 32, 128, generator=g).to("cuda", dtype)
+    cu = torch.arange(len(lens) + 1, dtype=torch.int32, device="cuda")
+    ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    one = ta.paged_attention(q, kc, vc, bt, cu, ctx, 0.088, split_launch=False)
+    split = ta.paged_attention(q, kc, vc, bt, cu, ctx, 0.088, split_launch=True)
+    assert not torch.isnan(one).any()
+    assert torch.equal(one, split)
