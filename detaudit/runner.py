@@ -513,6 +513,13 @@ def request_from_manifest(out: Path, *, base_url: str | None, api_key: str | Non
     return req, manifest
 
 
+def _remove_stale_temp_files(run_dir: Path) -> None:
+    """Half-written temporaries of a killed run (atomic writes never renamed): never read, safe to drop on resume."""
+    for pattern in (".*.tmp", "shards/.*.tmp"):
+        for path in run_dir.glob(pattern):
+            path.unlink(missing_ok=True)
+
+
 def _ensure_fd_limit(connections: int) -> None:
     """Concurrency 1,024 needs more descriptors than the common soft limit of 1,024: raise it toward the hard one."""
     try:
@@ -549,6 +556,7 @@ async def _execute(req: RunRequest, make_progress: Callable[[], Any] | None,
         else:
             manifest = resumed.model_copy(update={"status": "started", "finished_at": None})
             run_dir = req.out or Path(".")
+            _remove_stale_temp_files(run_dir)
         write_manifest(run_dir, manifest)
         progress = make_progress() if make_progress is not None else None
         runner = _Runner(req, manifest, run_dir, progress)
