@@ -39,6 +39,16 @@ def test_corrupt_and_foreign_parquet(tmp_path, capsys):
     _one_line_error(cli(capsys, "analyze", run), "foreign")
 
 
+def test_damaged_data_pages(tmp_path, capsys):
+    """The footer is intact, the column data is not: found while streaming, still one line and exit 2."""
+    run = make_run(tmp_path / "run", ids_rows([[i, i + 1, i + 2] * 50 for i in range(400)]))
+    data = bytearray((run / "samples.parquet").read_bytes())
+    for k in range(len(data) // 3, len(data) // 3 + 2000):
+        data[k] ^= 0x5A
+    (run / "samples.parquet").write_bytes(bytes(data))
+    _one_line_error(cli(capsys, "analyze", run), "corrupt or unreadable Parquet")
+
+
 def test_unknown_schema_versions(tmp_path, capsys):
     run = make_run(tmp_path / "run", ids_rows([[1, 2]] * 3))
     manifest = run / "manifest.json"
