@@ -56,6 +56,11 @@ def test_unknown_schema_versions(tmp_path, capsys):
     _one_line_error(cli(capsys, "analyze", run), "newer than this detaudit supports")
     manifest.write_text(manifest.read_text().replace('"detaudit.run/7"', '"somebody.else/1"'))
     _one_line_error(cli(capsys, "analyze", run), "not a detaudit manifest")
+    manifest.write_text(manifest.read_text().replace('"somebody.else/1"', '"detaudit.run/1"'))
+    table = pq.read_table(run / "samples.parquet")
+    newer = table.replace_schema_metadata({"detaudit.schema_version": "9"})
+    pq.write_table(newer, run / "samples.parquet")
+    _one_line_error(cli(capsys, "analyze", run), "samples schema version 9 is newer")
 
 
 def test_bad_input_exit_code_of_the_real_process(tmp_path):
