@@ -209,11 +209,17 @@ def build_launch(
             raise UsageError("--server-cmd is only for --engine command")
         tp = tensor_parallel_size or 1
         tensor_parallel_size = tp
+        if attention_backend == "auto":  # leave the choice to the engine (e.g. a vLLM without --attention-backend)
+            attention_backend = None
+            pinned = False
+        else:
+            pinned = True
         if engine == "vllm":
             argv = ["vllm", "serve", model, "--host", HOST, "--port", "{port}", "--tensor-parallel-size", str(tp)]
             if kernels == "batch-invariant":
                 env["VLLM_BATCH_INVARIANT"] = "1"
-                attention_backend = attention_backend or VLLM_BI_ATTENTION
+                if pinned:
+                    attention_backend = attention_backend or VLLM_BI_ATTENTION
             else:
                 # An inherited VLLM_BATCH_INVARIANT=1 would silently turn the stock arm deterministic.
                 env["VLLM_BATCH_INVARIANT"] = "0"

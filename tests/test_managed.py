@@ -44,6 +44,8 @@ def test_vllm_preset_maps_batch_invariant_to_env_and_attention_backend() -> None
     assert stock.argv[stock.argv.index("--tensor-parallel-size") + 1] == "1"
     triton = build_launch("vllm", model="m", kernels="batch-invariant", attention_backend="TRITON_ATTN")
     assert triton.argv[-2:] == ["--attention-backend", "TRITON_ATTN"]
+    auto = build_launch("vllm", model="m", kernels="batch-invariant", attention_backend="auto")
+    assert "--attention-backend" not in auto.argv and auto.env == {"VLLM_BATCH_INVARIANT": "1"}
 
 
 def test_sglang_preset_maps_batch_invariant_to_its_flag() -> None:
