@@ -162,3 +162,18 @@ def test_odd_model_output_is_recorded_exactly(capture, scripted_server, capsys, 
         assert by_prompt["p2"]["token_bytes"][:2] == [b"\xe2\x82", b"\xac"]  # one "€" split over two tokens
     summary = json.loads(r.out)
     assert [p["unique"] for p in summary["unique_per_prompt"]] == [1, 1, 1]
+
+
+def test_logprobs_missing_half_way_lowers_the_capture(scripted_server, capsys, tmp_path) -> None:
+    server = scripted_server(completions={"Q": QUEENS, "N": NYC}, schedules={FEYNMAN: [("Q", 19), ("N", 1)]},
+                             capture="openai", drop_logprobs_after=13)  # fmt: skip  (probe's 3 answers + 10)
+    out = tmp_path / "half"
+    r = cli(capsys, "run", "--base-url", server.base_url, "-p", FEYNMAN, "-n", 20, "--out", out, "--json")
+    assert r.code == 0, r.err
+    manifest = load_manifest(out)
+    assert manifest.probe["capture"] == "tokens" and manifest.capture == "text"
+    assert any("capture dropped from tokens to text on 10 of 20" in n for n in manifest.notes)
+    rows = read_samples(out).to_pylist()
+    assert sum(row["tokens"] is None for row in rows) == 10
+    summary = json.loads(r.out)
+    assert summary["unit"] == "text" and summary["unique_per_prompt"][0]["unique"] == 2
