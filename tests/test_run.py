@@ -142,3 +142,47 @@ def test_failed_requests_become_error_rows_after_retries(scripted_server, capsys
     summary = json.loads((out / "summary.json").read_text())
     assert summary["samples"]["ok"] + summary["samples"]["errors"] == 4
     assert summary["samples"]["ok"] == sum(row["status"] == "ok" for row in rows)
+
+
+def test_rate_cap_spaces_the_requests(scripted_server, capsys, tmp_path) -> None:
+    server = scripted_server(completions={"Q": QUEENS}, default="Q")
+    out = tmp_path / "r"
+    r = cli(capsys, "run", "--base-url", server.base_url, "-p", "hi", "-n", 16, "-c", 8, "--rate", 20, "--out", out)
+    assert r.code == 0, r.err
+    starts = sorted(read_samples(out).column("started_at").to_pylist())
+    assert (starts[-1] - starts[0]).total_seconds() >= 15 / 20 * 0.95  # 16 sends at most 20/s apart
+    assert load_manifest(out).params.rate == 20
+
+
+def test_resume_reruns_failed_rows_and_force_replaces(scripted_server, capsys, tmp_path) -> None:
+    server = scripted_server(completions={"Q": QUEENS}, default="Q",
+                             faults={"rate": 0.5, "seed": 2, "kinds": ["503"], "prompts": ["hi"]})  # fmt: skip
+    out = tmp_path / "r"
+    r = cli(capsys, "run", "--base-url", server.base_url, "-p", "hi", "-n", 40, "-c", 4, "--retries", 0, "--out", out)
+    assert r.code == 0, r.err  # about half failed: kept, summarized, not above the exit-3 threshold
+    failed = {row["sample_index"] for row in read_samples(out).to_pylist() if row["status"] == "error"}
+    assert 5 < len(failed) <= 20
+    server.fault_rate = 0.0
+    before = server.stats["requests"]
+    r = cli(capsys, "run", "--resume", "--out", out)
+    assert r.code == 0, r.err
+    rows = read_samples(out).to_pylist()
+    assert sorted(row["sample_index"] for row in rows) == list(range(40))
+    assert all(row["status"] == "ok" for row in rows)
+    # only the failed indices were sent again (plus /models; a resume does not probe again)
+    assert server.stats["requests"] - before == len(failed) + 1
+    assert load_manifest(out).status == "complete" and not (out / "shards").exists()
+    run_id = load_manifest(out).run_id
+    r = cli(capsys, "run", "--base-url", server.base_url, "-p", "other", "-n", 2, "--out", out, "--force")
+    assert r.code == 0, r.err
+    assert load_manifest(out).run_id != run_id and read_samples(out).num_rows == 2
+
+
+def test_mostly_failing_endpoint_exits_3_and_keeps_the_run(scripted_server, capsys, tmp_path) -> None:
+    server = scripted_server(completions={"Q": QUEENS}, default="Q",
+                             faults={"rate": 0.8, "seed": 1, "kinds": ["500"], "prompts": ["hi"]})  # fmt: skip
+    out = tmp_path / "r"
+    r = cli(capsys, "run", "--base-url", server.base_url, "-p", "hi", "-n", 30, "--retries", 0, "--out", out)
+    assert r.code == 3, r.err
+    assert "requests failed" in r.err and load_manifest(out).status == "complete"
+    assert read_samples(out).num_rows == 30
