@@ -328,3 +328,31 @@ def test_in_memory_summary_equals_the_streamed_one(tmp_path):
     rows = token_rows([["a", "b"]] * 5 + [["a", "c"]] * 2) + [{"status": "error", "error": "timeout"}]
     path = make_run(tmp_path, rows, capture="tokens")
     assert summarize(load_manifest(path), read_samples(path)) == summarize_run(path)
+
+
+def test_runs_of_failed_requests_only(tmp_path):
+    """Every request failed: counted, nothing compared, the verdict says so (and nothing crashes)."""
+    s = summarize_run(make_run(tmp_path, [{"status": "error", "error": "HTTP 503"}] * 4))
+    arm = only_arm(s)
+    assert (arm["n"], arm["ok"], arm["errors"], arm["unique"], arm["forks"]) == (4, 0, 4, 0, [])
+    assert s["prompts"][0]["verdict"] == "inconclusive" and s["unit_detail"]["compared_as"] == "token_ids"
+    assert s["agreement"]["prompts"] == 0 and s["agreement"]["share"] is None
+
+
+@pytest.mark.parametrize("capture", ["token_ids", "tokens", "text"])
+def test_any_batching_gives_the_same_summary(tmp_path, capture):
+    """Batches of one row, of failed requests only, or of a mix: the streamed result does not depend on them."""
+    from detaudit.analysis.summary import TableReader, analyze
+    from detaudit.rundir.io import load_manifest
+
+    rng = random.Random(5)
+    seqs = [[rng.randrange(4) for _ in range(rng.randrange(6))] for _ in range(60)]
+    rows = {"token_ids": ids_rows(seqs), "tokens": token_rows([[f"é{t}" for t in s] for s in seqs])}.get(
+        capture, [{"text": "".join(map(str, s))} for s in seqs]
+    )
+    failed = [{"status": "error", "error": "timeout"}]
+    path = make_run(tmp_path, failed * 5 + rows[:30] + failed * 9 + rows[30:], capture=capture)
+    streamed = summarize_run(path, Limits(forks=1000))
+    for batch_rows in (1, 2, 7):
+        reader = TableReader(read_samples(path), batch_rows=batch_rows)
+        assert analyze(load_manifest(path), reader, Limits(forks=1000))[0] == streamed

@@ -149,19 +149,20 @@ class _Encoder:
     def _merge(self) -> tuple[pa.Array, np.ndarray]:
         """All distinct keys of the run, and each row's index among them (-1 for rows that are not ok)."""
         key_type = pa.string() if self.source == "text" else pa.large_binary()
-        if not self.distinct:
-            return pa.array([], key_type), np.zeros(0, dtype=np.int64)
+        rows = sum(len(loc) for loc in self.local)
+        if not any(len(d) for d in self.distinct):  # no ok row at all
+            return pa.array([], key_type), np.full(rows, -1, dtype=np.int64)
         merged = pc.dictionary_encode(pa.chunked_array(self.distinct, type=key_type))
         known = merged.chunk(merged.num_chunks - 1).dictionary  # one dictionary, shared by every chunk
         to_global = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in merged.chunks]).astype(np.int64)
         sizes = np.array([len(d) for d in self.distinct], dtype=np.int64)
         base = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        row_seq = np.concatenate(
-            [
-                np.where(loc >= 0, to_global[np.maximum(loc, 0) + off], -1)
-                for loc, off in zip(self.local, base, strict=True)
-            ]
-        )
+        row_seq = np.full(rows, -1, dtype=np.int64)
+        at = 0
+        for loc, off in zip(self.local, base, strict=True):
+            ok = loc >= 0  # a batch of failed requests only has no keys at all
+            row_seq[at : at + len(loc)][ok] = to_global[loc[ok] + off]
+            at += len(loc)
         return known, row_seq
 
     def finish(self) -> Sequences:
