@@ -275,11 +275,25 @@ def _naive_forks(seqs: list[tuple]) -> list[tuple]:
     return sorted(out, key=lambda f: (f[0], -f[1], f[2]))
 
 
-@pytest.mark.parametrize("seed", range(5))
-def test_forks_match_a_brute_force_trie(tmp_path, seed):
+_ALPHABETS = {"token_ids": [0, 1, 2], "tokens": ["x", "yy", "é"], "text": ["a", "b", "ç"]}
+
+
+def _rows_for(capture: str, seqs: list[tuple]) -> list[dict]:
+    if capture == "token_ids":
+        return ids_rows([list(s) for s in seqs])
+    if capture == "tokens":
+        return token_rows([list(s) for s in seqs])
+    return [{"text": "".join(s)} for s in seqs]
+
+
+@pytest.mark.parametrize("capture", ["token_ids", "tokens", "text"])
+@pytest.mark.parametrize("seed", range(4))
+def test_everything_matches_brute_force(tmp_path, seed, capture):
+    """Forks, counts, modal order with ties, first divergences: against brute force over random corpora."""
     rng = random.Random(seed)
-    seqs = [tuple(rng.randrange(3) for _ in range(rng.randrange(6))) for _ in range(120)]
-    arm = only_arm(summarize_run(make_run(tmp_path, ids_rows([list(s) for s in seqs])), Limits(forks=10_000)))
+    alphabet = _ALPHABETS[capture]
+    seqs = [tuple(rng.choice(alphabet) for _ in range(rng.randrange(6))) for _ in range(120)]
+    arm = only_arm(summarize_run(make_run(tmp_path, _rows_for(capture, seqs), capture=capture), Limits(10**4, 10**4)))
     got = sorted(
         ((f["position"], f["prefix_count"], [b["count"] for b in f["branches"]]) for f in arm["forks"]),
         key=lambda f: (f[0], -f[1], f[2]),
@@ -288,6 +302,15 @@ def test_forks_match_a_brute_force_trie(tmp_path, seed):
     assert [(f["position"], -f["prefix_count"]) for f in arm["forks"]] == sorted(
         (f["position"], -f["prefix_count"]) for f in arm["forks"]
     )
+    # most frequent first, ties in lexicographic order (token bytes for strings, code points for text)
+    key = (lambda s: tuple(t.encode() for t in s)) if capture == "tokens" else (lambda s: s)
+    expected = sorted(set(seqs), key=lambda s: (-seqs.count(s), key(s)))
+    modal = expected[0]
+    lcp = [
+        next((i for i in range(min(len(s), len(modal))) if s[i] != modal[i]), min(len(s), len(modal))) for s in expected
+    ]
+    assert [(c["count"], c["length"]) for c in arm["completions"]] == [(seqs.count(s), len(s)) for s in expected]
+    assert [c["first_divergence"] for c in arm["completions"]] == [None] + lcp[1:]
     assert arm["unique"] == len(set(seqs))
 
 
