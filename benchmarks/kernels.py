@@ -133,6 +133,10 @@ def bench_rowwise(copy_gbps: float) -> list[dict[str, Any]]:
     for m, v in [(256, 128256), (2048, 128256), (4096, 32000)]:
         x = torch.randn(m, v, device="cuda", dtype=torch.float32)
         nbytes = 2 * m * v * 4
+        if v > tr.SINGLE_MAX:  # how many programs should share the rows of the two-pass path?
+            for p in (m, 264, 132, 96, 64, 48, 32):
+                t = _bench(lambda x=x, p=p: tr.softmax(x, -1, True, programs=p))
+                print(f"  log_softmax {m}x{v} programs={p}: {nbytes / t / 1e6:.0f} GB/s", flush=True)
         ms = _bench(lambda x=x: tr.softmax(x, -1, True))
         ms_s = _bench(lambda x=x: torch.log_softmax(x, -1))
         gbps = nbytes / ms / 1e6

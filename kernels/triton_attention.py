@@ -15,6 +15,7 @@ Import this module only when a GPU or ``TRITON_INTERPRET=1`` is present: kernels
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -25,8 +26,8 @@ import triton.language as tl
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Keys are reduced in splits of this many absolute positions (a multiple of every tile size), merged in order.
 SPLIT = 512
-# Merging must round identically in the one-program and split launches: no FMA contraction in either.
-_NO_FMA = {} if INTERPRET else {"enable_fp_fusion": False}
+# (device, dtype) -> did the split launch reproduce the one-program launch bitwise on this device?
+_split_ok: dict[tuple[str, torch.dtype], bool] = {}
 
 
 @triton.jit
@@ -201,7 +202,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     max_ctx = bt.shape[1] * page  # upper bound on any context, known without a device sync
     n_split = triton.cdiv(max_ctx, SPLIT)
     if split_launch is None:
-        split_launch = t_total == num_seqs and n_split > 1 and num_seqs * hkv < 2 * _sm_count(q.device)
+        split_launch = (t_total == num_seqs and n_split >= 4 and num_seqs * hkv < 2 * _sm_count(q.device)
+                        and split_launch_agrees(q.device, q.dtype))
     if split_launch and t_total != num_seqs:
         raise ValueError("paged_attention: the split launch serves all-decode batches (one query per sequence)")
     n_qblocks = t_total // bq + num_seqs
@@ -220,15 +222,40 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         num_seqs, float(scale * math.log2(math.e)), d, hq, n_split,
         G=g, BLOCK_Q=bq, BLOCK_M=bm, BLOCK_D=block_d, TILE=tile_size(q.dtype), SPLIT=SPLIT, PAGE=page,
         SPLIT_LAUNCH=split_launch, CAST_F32=INTERPRET and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
-        num_warps=4, num_stages=2, **_NO_FMA,
+        num_warps=4, num_stages=2,
     )
     if split_launch:
         _combine_kernel[(t_total, hq)](out, ctx, ws_m, ws_l, ws_acc, out.stride(0), out.stride(1), d, hq, n_split,
-                                       BLOCK_D=block_d, SPLIT=SPLIT, num_warps=1, **_NO_FMA)
+                                       BLOCK_D=block_d, SPLIT=SPLIT, num_warps=1)
     return out
 
 
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split_launch_agrees(device: torch.device, dtype: torch.dtype) -> bool:
+    """Once per (device, dtype): do both launches give the same bits? If not, only the one-program launch is used."""
+    key = (str(device), dtype)
+    if key not in _split_ok:
+        g = torch.Generator().manual_seed(3)
+        lens = [2100, 600, 1]
+        hkv, page = 2, 16
+        n_pages = sum(-(-c // page) for c in lens)
+        kc = torch.randn(n_pages, page, hkv, 64, generator=g).to(device, dtype)
+        vc = torch.randn(n_pages, page, hkv, 64, generator=g).to(device, dtype)
+        bt = torch.zeros(3, -(-max(lens) // page), dtype=torch.int32)
+        start = 0
+        for b, c in enumerate(lens):
+            k = -(-c // page)
+            bt[b, :k] = torch.arange(start, start + k, dtype=torch.int32)
+            start += k
+        q = torch.randn(3, 8, 64, generator=g).to(device, dtype)
+        args = (q, kc, vc, bt.to(device), torch.arange(4, dtype=torch.int32, device=device),
+                torch.tensor(lens, dtype=torch.int32, device=device), 0.125)
+        _split_ok[key] = torch.equal(paged_attention(*args, split_launch=False),
+                                     paged_attention(*args, split_launch=True))
+    return _split_ok[key]

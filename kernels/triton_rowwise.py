@@ -10,6 +10,8 @@ Import this module only when a GPU or ``TRITON_INTERPRET=1`` is present: kernels
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -49,7 +51,7 @@ def _rms_kernel(x_ptr, r_ptr, w_ptr, y_ptr, ro_ptr, sx, sr, sy, sro, N, eps,
         y = h * rstd
         if HAS_W:
             y = y * tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_row + cols, y.to(y_row.dtype.element_ty), mask=mask)
     else:
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for off in range(0, N, BLOCK):
@@ -73,14 +75,18 @@ def _rms_kernel(x_ptr, r_ptr, w_ptr, y_ptr, ro_ptr, sx, sr, sy, sro, N, eps,
             y = h * rstd
             if HAS_W:
                 y = y * tl.load(w_ptr + c, mask=mask, other=0.0).to(tl.float32)
-            tl.store(y_row + c, y.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_row + c, y.to(y_row.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _softmax_kernel(x_ptr, y_ptr, sx, sy, N, LOG: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * sx
-    y_row = y_ptr + row * sy
+def _softmax_kernel(x_ptr, y_ptr, sx, sy, N, R, LOG: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+    # Rows pid, pid + P, ...: with few programs a long row is still in L2 when its second pass reads it again.
+    for row in range(tl.program_id(0).to(tl.int64), R, tl.num_programs(0)):  # int64: row * stride can be large
+        _softmax_row(x_ptr + row * sx, y_ptr + row * sy, N, LOG, BLOCK, SINGLE)
+
+
+@triton.jit
+def _softmax_row(x_row, y_row, N, LOG: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
     cols = tl.arange(0, BLOCK)
     if SINGLE:
         mask = cols < N
@@ -92,7 +98,7 @@ def _softmax_kernel(x_ptr, y_ptr, sx, sy, N, LOG: tl.constexpr, BLOCK: tl.conste
             y = x - mx - tl.log(s)
         else:
             y = e / s
-        tl.store(y_row + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_row + cols, y.to(y_row.dtype.element_ty), mask=mask)
     else:
         # Per-lane online max/sum, combined across lanes once at the end: order fixed by N.
         m_vec = tl.full((BLOCK,), -float("inf"), dtype=tl.float32)
@@ -115,7 +121,7 @@ def _softmax_kernel(x_ptr, y_ptr, sx, sy, N, LOG: tl.constexpr, BLOCK: tl.conste
                 y = x - mx - log_s
             else:
                 y = tl.exp(x - mx) / s
-            tl.store(y_row + c, y.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.store(y_row + c, y.to(y_row.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -136,6 +142,16 @@ def _sum_kernel(x_ptr, y_ptr, sx, N, divisor, ACC_F64: tl.constexpr, ACC_INT: tl
     if not ACC_INT:
         total = total / divisor
     tl.store(y_ptr + row, total.to(y_ptr.dtype.element_ty))
+
+
+@functools.cache
+def _l2_bytes(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 1 << 20
+
+
+def _l2_programs(rows: int, row_bytes: int, device: torch.device) -> int:
+    """Programs for the two-pass path: few enough that the rows in flight fit in half the L2."""
+    return max(1, min(rows, (_l2_bytes(device) // 2) // max(row_bytes, 1)))
 
 
 def _rows2d(x: torch.Tensor, n: int) -> torch.Tensor:
@@ -170,8 +186,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, residual:
     return y, ro
 
 
-def softmax(x: torch.Tensor, dim: int, log: bool, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """(log-)softmax along ``dim`` (moved last), one program per row."""
+def softmax(x: torch.Tensor, dim: int, log: bool, out_dtype: torch.dtype | None = None,
+            programs: int | None = None) -> torch.Tensor:
+    """(log-)softmax along ``dim`` (moved last), one program per row (``programs``: fewer, each taking every
+    P-th row; the row's arithmetic is the same either way)."""
     dim = dim % max(x.dim(), 1)
     xt = x.movedim(dim, -1) if x.dim() else x.reshape(1)
     shape = xt.shape
@@ -180,8 +198,11 @@ def softmax(x: torch.Tensor, dim: int, log: bool, out_dtype: torch.dtype | None 
     y2 = torch.empty(x2.shape, dtype=out_dtype or x.dtype, device=x.device)
     if x2.shape[0] and n:
         block, single = _block(n)
-        _softmax_kernel[(x2.shape[0],)](x2, y2, x2.stride(0), y2.stride(0), n, LOG=log, BLOCK=block, SINGLE=single,
-                                        num_warps=_warps(block))
+        rows = x2.shape[0]
+        if programs is None:
+            programs = rows if single else _l2_programs(rows, n * x2.element_size(), x.device)
+        _softmax_kernel[(max(1, min(rows, programs)),)](x2, y2, x2.stride(0), y2.stride(0), n, rows, LOG=log,
+                                                        BLOCK=block, SINGLE=single, num_warps=_warps(block))
     y = y2.reshape(shape)
     return (y.movedim(-1, dim) if x.dim() else y.reshape(())).contiguous()
 
