@@ -20,10 +20,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
+from operator import itemgetter
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import httpx
+import orjson
 
 from detaudit.redact import Scrubber, redact_url, url_secrets
 
@@ -33,6 +35,7 @@ RETRYABLE_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504, 520, 521, 
 MAX_RETRY_AFTER_S = 120.0
 POOL_SIZE = 32  # connections per httpx pool (see OpenAIClient.__init__)
 _TOKEN_ID_PREFIX = "token_id:"
+_TOKEN, _LOGPROB, _BYTES = itemgetter("token"), itemgetter("logprob"), itemgetter("bytes")
 
 
 class CallError(Exception):
@@ -78,6 +81,14 @@ class CallResult:
     finished_at: datetime
     latency_s: float
     errors: list[str] = field(default_factory=list)
+
+
+def _loads(data: bytes | str) -> Any:
+    """orjson for speed; the stdlib for what orjson refuses but JSON allows (lone surrogate escapes)."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:
@@ -175,9 +186,48 @@ class _Acc:
         if entries:
             self.any_top = True
 
+    def _fast(self, toks: list[Any], lps: list[Any], byts: list[bytes] | None, top_s: list[list[Any]],
+              top_l: list[list[Any]]) -> bool:  # fmt: skip
+        """Take the common shape whole (plain token strings, numeric logprobs, alternatives best first) with list
+        operations only; False sends anything else to the careful per-entry path."""
+        try:
+            lps = list(map(float, lps))
+            top_l = [list(map(float, row)) for row in top_l]
+            if _TOKEN_ID_PREFIX in "\x00".join(toks) or _TOKEN_ID_PREFIX in "\x00".join(map("\x00".join, top_s)):
+                return False
+        except (TypeError, ValueError):
+            return False
+        if len(lps) != len(toks) or len(top_l) != len(toks):
+            return False
+        if any(r[k] < r[k + 1] for r in top_l for k in range(len(r) - 1)):
+            return False
+        n = len(toks)
+        self.strs.extend(toks)
+        self.str_ids.extend([None] * n)
+        if byts is not None:
+            self.bytes.extend(byts)
+            self.any_bytes = self.any_bytes or n > 0
+        else:
+            self.bytes.extend([None] * n)
+        self.logprobs.extend(lps)
+        self.top_strs.extend(top_s)
+        self.top_ids.extend([[]] * n)
+        self.top_lps.extend(top_l)
+        self.any_top = self.any_top or any(top_l)
+        return True
+
     def chat_logprobs(self, lp: Any) -> None:
         content = lp.get("content") if isinstance(lp, dict) else None
         if not isinstance(content, list):
+            return
+        try:
+            tops = [e.get("top_logprobs") or () for e in content]
+            fast = self._fast(list(map(_TOKEN, content)), list(map(_LOGPROB, content)),
+                              [bytes(b) for b in map(_BYTES, content)], [list(map(_TOKEN, r)) for r in tops],
+                              [list(map(_LOGPROB, r)) for r in tops])  # fmt: skip
+        except (AttributeError, KeyError, TypeError, ValueError):
+            fast = False
+        if fast:
             return
         nan = float("nan")
         for entry in content:
@@ -200,6 +250,13 @@ class _Acc:
     def completion_logprobs(self, lp: Any) -> None:
         if not isinstance(lp, dict) or not isinstance(lp.get("tokens"), list):
             return
+        try:
+            tops = lp.get("top_logprobs") or [{}] * len(lp["tokens"])
+            if self._fast(lp["tokens"], lp["token_logprobs"], None, [list(d) for d in tops],
+                          [list(d.values()) for d in tops]):  # fmt: skip
+                return
+        except (AttributeError, KeyError, TypeError, ValueError):
+            pass
         tlps, tops = lp.get("token_logprobs") or [], lp.get("top_logprobs") or []
         for k, tok in enumerate(lp["tokens"]):
             tlp = tlps[k] if k < len(tlps) else None
@@ -395,7 +452,7 @@ class OpenAIClient:
                 if resp.status_code != 200:
                     raise self._status_error(resp)
                 try:
-                    obj = json.loads(resp.content)
+                    obj = _loads(resp.content)
                 except ValueError as e:
                     raise CallError(f"malformed JSON in a 200 answer ({e})", retryable=True) from None
                 return _parse_whole(obj, api)
@@ -419,7 +476,7 @@ class OpenAIClient:
                 done = True
                 break
             try:
-                obj = json.loads(data)
+                obj = _loads(data)
             except ValueError as e:
                 raise CallError(f"malformed JSON in a stream event ({e})", retryable=True) from None
             if not isinstance(obj, dict):
