@@ -15,6 +15,7 @@ import asyncio
 import json
 import os
 import platform
+import shlex
 import signal
 import sys
 import threading
@@ -259,7 +260,7 @@ class ArmTally:
     done: int = 0
     ok: int = 0
     errors: int = 0
-    keys: set[Any] = field(default_factory=set)
+    keys: set[int] = field(default_factory=set)  # hashes of the distinct completions seen
 
 
 @dataclass
@@ -270,16 +271,10 @@ class RunOutcome:
     tallies: list[ArmTally] = field(default_factory=list)
 
     def resume_command(self) -> str:
-        cmd = f"detaudit run --resume --out {_shell_quote(str(self.run_dir))}"
+        cmd = f"detaudit run --resume --out {shlex.quote(str(self.run_dir))}"
         if self.manifest.target.header_names:
             cmd += " " + " ".join(f"--header '{n}: …'" for n in self.manifest.target.header_names)
         return cmd
-
-
-def _shell_quote(s: str) -> str:
-    import shlex
-
-    return shlex.quote(s)
 
 
 # ---------------------------------------------------------------------------- the pipeline
@@ -427,7 +422,7 @@ class _Runner:
         tally.done += 1
         if row["status"] == "ok":
             tally.ok += 1
-            tally.keys.add((row["prompt_id"], completion_key(row)))
+            tally.keys.add(_key_hash(row))
             self.capture_seen[_row_capture(row)] += 1
         else:
             tally.errors += 1
@@ -443,20 +438,37 @@ def _row_capture(row: Mapping[str, Any]) -> str:
     return "text"
 
 
-def _todo(manifest: RunManifest, run_dir: Path, arm_pos: int, tally: ArmTally) -> list[tuple[int, int]]:
+_KEY_COLUMNS = ["sample_index", "status", "prompt_id", "token_ids", "token_bytes", "tokens", "text"]
+
+
+def _recorded(run_dir: Path) -> dict[int, int | None]:
+    """sample_index -> hash of its completion key for ok rows (None for failed rows) already on disk."""
+    if not (run_dir / "samples.parquet").exists() and not (run_dir / "shards").is_dir():
+        return {}
+    table = read_samples(run_dir, columns=_KEY_COLUMNS)
+    out: dict[int, int | None] = {}
+    for batch in table.to_batches(max_chunksize=4096):  # bounded Python objects at a time
+        for row in batch.to_pylist():
+            out[row["sample_index"]] = _key_hash(row) if row["status"] == "ok" else None
+    return out
+
+
+def _key_hash(row: Mapping[str, Any]) -> int:
+    """The live distinct counter keeps a 64-bit hash per completion, not the completion: bounded memory."""
+    return hash((row["prompt_id"], completion_key(row)))
+
+
+def _todo(manifest: RunManifest, recorded: dict[int, int | None], arm_pos: int,
+          tally: ArmTally) -> list[tuple[int, int]]:  # fmt: skip
     """(prompt_pos, repeat) pairs of this arm still to send: never sent, or failed last time."""
-    done: dict[int, Mapping[str, Any]] = {}
-    if (run_dir / "samples.parquet").exists() or (run_dir / "shards").is_dir():
-        for row in read_samples(run_dir).to_pylist():
-            done[row["sample_index"]] = row
     todo = []
-    for prompt_pos, spec in enumerate(manifest.prompts):
+    for prompt_pos in range(len(manifest.prompts)):
         for repeat in range(manifest.repeats):
-            row = done.get(manifest.sample_index(prompt_pos, arm_pos, repeat))
-            if row is not None and row["status"] == "ok":
+            key = recorded.get(manifest.sample_index(prompt_pos, arm_pos, repeat))
+            if key is not None:
                 tally.done += 1
                 tally.ok += 1
-                tally.keys.add((spec.prompt_id, completion_key(row)))
+                tally.keys.add(key)
             else:
                 todo.append((prompt_pos, repeat))
     return todo
@@ -581,9 +593,10 @@ async def _execute(req: RunRequest, make_progress: Callable[[], Any] | None,
         try:
             if progress is not None:
                 progress.start()
+            recorded = _recorded(run_dir)
             for arm_pos, arm in enumerate(manifest.arms):
                 tally = tallies[arm_pos]
-                todo = _todo(manifest, run_dir, arm_pos, tally)
+                todo = _todo(manifest, recorded, arm_pos, tally)
                 task_id = None
                 if progress is not None:
                     task_id = progress.add_task(f"arm {arm.name}", total=tally.total, completed=tally.done,
