@@ -73,10 +73,23 @@ def _register() -> None:
     app.command("gate", help="Pass or fail a run on thresholds (and a baseline run); exit 0/1/2/3 for CI.")(
         gate.gate_command
     )
+    from detaudit.cli import demo
+
+    app.command("demo", help="Offline demo: tiny model served with stock kernels, audited, rerun batch-invariant.")(
+        demo.demo_command
+    )
     from detaudit.cli import local
 
     app.command("local", help="Rerun prompts on the bundled engine under server-like load (stock or batch-invariant).")(
         local.local_command
+    )
+    from detaudit.cli import serve
+
+    app.command("serve", help="Serve a model on the local engine through an OpenAI-compatible API.")(serve.serve_command)
+    from detaudit.cli import rescore
+
+    app.command("rescore", help="Recompute a run's token logprobs by teacher-forced prefill; report the gap.")(
+        rescore.rescore_command
     )
 
 

@@ -47,7 +47,7 @@ def build_workload(
     n_fill = 0 if scenario == "single" else len(reqs)
     for _ in range(n_fill):
         base = rng.choice(prompts) + " " if scenario == "prefix" else ""
-        reqs.append(Arrival(0, base + _words(rng, 4, 48), rng.randint(1, max_tokens), None))
+        reqs.append(Arrival(0, base + _words(rng, 2, 32), rng.randint(1, max_tokens), None))
     rng.shuffle(reqs)
     # Offered load about one batch's worth of work per step: queues build up in bursts and drain in lulls.
     horizon = max(1, sum(r.max_tokens for r in reqs) // max_batch)

@@ -22,6 +22,8 @@ from pydantic import ValidationError
 from detaudit.errors import RunDirError, UsageError
 from detaudit.rundir.schema import (
     MANIFEST_FILE,
+    RESCORE_FILE,
+    RESCORE_SCHEMA,
     SAMPLES_FILE,
     SAMPLES_SCHEMA,
     SCHEMA_VERSION,
@@ -325,3 +327,20 @@ def open_run(run_dir: Path) -> tuple[RunManifest, pa.Table]:
 
 def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> None:
     atomic_write_json(Path(run_dir) / SUMMARY_FILE, summary)
+
+
+def write_rescore(run_dir: Path, rows: Iterable[Mapping[str, Any]]) -> None:
+    """rescore.parquet (RESCORE_SCHEMA), replacing any earlier rescore of the run."""
+    table = pa.Table.from_pylist([dict(r) for r in rows], schema=RESCORE_SCHEMA)
+    atomic_write_table(Path(run_dir) / RESCORE_FILE, table)
+
+
+def read_rescore(run_dir: Path) -> pa.Table | None:
+    """The run's rescore table, or None when it was never rescored."""
+    path = Path(run_dir) / RESCORE_FILE
+    if not path.exists():
+        return None
+    try:
+        return pq.read_table(path).select(RESCORE_SCHEMA.names).cast(RESCORE_SCHEMA)
+    except (OSError, KeyError, pa.ArrowException) as e:
+        raise _corrupt(path, e) from None

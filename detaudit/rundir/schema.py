@@ -8,6 +8,8 @@ A run directory is detaudit's record of one audit, remote or local alike:
       shards/            part-NNNNN.parquet files flushed while the run is going; folded into
                          samples.parquet at the end (a reader takes both, so a killed run stays readable)
       summary.json       the analysis (detaudit.summary/1), rewritten by `detaudit analyze`
+      rescore.parquet    optional: `detaudit rescore`'s teacher-forced logprobs (RESCORE_SCHEMA), one row per
+                         rescored sample, keyed by sample_index
 
 Schema changes are append-only: new columns are nullable, and every bump of SCHEMA_VERSION comes with a
 named migration in io.py and a fixture of the old version in tests/fixtures/.
@@ -27,6 +29,7 @@ SAMPLES_FILE = "samples.parquet"
 SHARDS_DIR = "shards"
 MANIFEST_FILE = "manifest.json"
 SUMMARY_FILE = "summary.json"
+RESCORE_FILE = "rescore.parquet"
 
 # Column name -> (arrow type, description). Order is the file's column order.
 SAMPLE_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
@@ -59,6 +62,23 @@ SAMPLE_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
 
 SAMPLES_SCHEMA = pa.schema(
     [pa.field(name, typ, nullable=True, metadata={"doc": doc}) for name, (typ, doc) in SAMPLE_COLUMNS.items()],
+    metadata={"detaudit.schema_version": str(SCHEMA_VERSION)},
+)
+
+# rescore.parquet (additive, optional): what a trainer-side prefill computes for the tokens a run recorded.
+RESCORE_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
+    "sample_index": (pa.int64(), "The samples.parquet row this rescore belongs to."),
+    "status": (pa.string(), "'ok', or 'skipped' when the row could not be rescored."),
+    "reason": (pa.string(), "Why the row was skipped (null when ok)."),
+    "rescored_logprobs": (pa.list_(pa.float32()), "Teacher-forced logprob of each recorded token."),
+    "abs_delta": (pa.list_(pa.float32()), "|reported - rescored| per token (null where none was reported)."),
+    "max_abs_delta": (pa.float64(), "Largest |delta| of the row."),
+    "mean_abs_delta": (pa.float64(), "Mean |delta| of the row."),
+    "kl_estimate": (pa.float64(), "Sum over tokens of reported - rescored logprob (k1 estimate of KL per sequence)."),
+    "first_diff": (pa.int32(), "First token position whose logprobs differ at all (null when every one is equal)."),
+}
+RESCORE_SCHEMA = pa.schema(
+    [pa.field(name, typ, nullable=True, metadata={"doc": doc}) for name, (typ, doc) in RESCORE_COLUMNS.items()],
     metadata={"detaudit.schema_version": str(SCHEMA_VERSION)},
 )
 

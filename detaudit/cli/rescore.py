@@ -1,0 +1,61 @@
+"""`detaudit rescore RUN`: teacher-forced logprobs of a run's tokens on the local engine vs what was reported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from detaudit.engine.config import DTYPES, KERNELS
+
+
+def rescore_command(
+    run_dir: Path = typer.Argument(..., help="Run directory to rescore (any target that returned tokens)."),
+    model: str = typer.Option(..., "--model", help="Hub id or local model directory: the model the run sampled."),
+    kernels: str = typer.Option("batch-invariant", "--kernels", help=f"{' or '.join(KERNELS)}."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help=f"{', '.join(DTYPES)}."),
+    max_batch: int = typer.Option(16, "--max-batch", help="Sequences prefilled per engine step."),
+    max_model_len: int = typer.Option(4096, "--max-model-len", help="Longest prompt + completion to rescore."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rescore section as JSON."),
+) -> None:
+    from detaudit.analysis.summary import summarize_run
+    from detaudit.engine.llm import Engine, EngineConfig
+    from detaudit.engine.rescore import rescore_run
+    from detaudit.rundir.io import load_manifest, write_summary
+
+    load_manifest(run_dir)  # a bad run directory fails before the model loads
+    engine = Engine(EngineConfig(model, device=device, dtype=dtype, kernels=kernels, max_batch=max_batch,
+                                 max_batched_tokens=max(max_model_len, max_batch), max_model_len=max_model_len))
+    section = rescore_run(run_dir, engine)
+    summary = summarize_run(run_dir)
+    summary["rescore"] = section
+    write_summary(run_dir, summary)
+    if as_json:
+        typer.echo(json.dumps(section, indent=2))
+        return
+    table = Table(title=f"rescore of {run_dir} ({kernels}, {dtype}, {device})")
+    for col in ("rows", "tokens", "equal tokens", "max |Δ|", "mean |Δ|", "KL mean", "first diff min/median"):
+        table.add_column(col)
+
+    def fmt(x: float | None) -> str:
+        return "–" if x is None else f"{x:.3g}"
+
+    table.add_row(
+        f"{section['rows_compared']}/{section['rows']}",
+        str(section["tokens_compared"]),
+        str(section["tokens_equal"]),
+        fmt(section["max_abs_delta"]),
+        fmt(section["mean_abs_delta"]),
+        fmt(section["kl_mean"]),
+        f"{section['first_diff_min'] if section['first_diff_min'] is not None else '–'}"
+        f"/{section['first_diff_median'] if section['first_diff_median'] is not None else '–'}",
+    )
+    console = Console()
+    console.print(table)
+    if section["rows_compared"] and section["max_abs_delta"] == 0:
+        console.print("every reported logprob equals the teacher-forced one, bit for bit")
+    console.print(f"wrote {run_dir / 'rescore.parquet'} and the summary's rescore section")

@@ -1,0 +1,39 @@
+"""`detaudit serve`: the local engine behind an OpenAI-compatible HTTP API (loopback unless --host is given)."""
+
+from __future__ import annotations
+
+import typer
+from rich.console import Console
+
+from detaudit.engine.config import DTYPES, KERNELS
+
+
+def serve_command(
+    model: str = typer.Option(..., "--model", help="Hub id or local model directory (Llama, Mistral, Qwen2, Qwen3)."),
+    kernels: str = typer.Option("stock", "--kernels", help=f"{' or '.join(KERNELS)}."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; loopback by default."),
+    port: int = typer.Option(8000, "--port", help="TCP port."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+    dtype: str = typer.Option("bfloat16", "--dtype", help=f"{', '.join(DTYPES)}."),
+    max_batch: int = typer.Option(32, "--max-batch", help="Sequences per engine step."),
+    max_batched_tokens: int = typer.Option(512, "--max-batched-tokens", help="Token budget per step (chunks prompts)."),
+    max_model_len: int = typer.Option(2048, "--max-model-len", help="Longest prompt + completion the KV cache holds."),
+    max_queue: int = typer.Option(1024, "--max-queue", help="Waiting requests before answering 503."),
+    served_model_name: str | None = typer.Option(None, "--served-model-name", help="Model id (default --model)."),
+) -> None:
+    import uvicorn
+
+    from detaudit.engine.llm import Engine, EngineConfig
+    from detaudit.engine.server import create_app
+    from detaudit.errors import UsageError
+
+    if not 0 < port < 65536:
+        raise UsageError(f"--port {port} is not a TCP port")
+    engine = Engine(EngineConfig(model, device=device, dtype=dtype, kernels=kernels, max_batch=max_batch,
+                                 max_batched_tokens=max_batched_tokens, max_model_len=max_model_len))
+    name = served_model_name or model
+    app = create_app(engine, model_name=name, max_queue=max_queue)
+    Console(stderr=True).print(f"serving {name} ({kernels} kernels, {dtype}, {device}) at http://{host}:{port}/v1")
+    # uvicorn turns SIGINT/SIGTERM into a graceful shutdown: stop accepting, finish or time out requests, then
+    # the app's lifespan stops the engine thread.
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)

@@ -1,0 +1,129 @@
+"""`detaudit rescore`: recompute, by teacher-forced prefill on the local engine, the logprob of every token a run
+recorded, and measure how far the sampler's reported logprobs are from what a trainer would compute.
+
+With the same model and batch-invariant kernels on both sides the gap is exactly 0 (true on-policy RL); with
+stock kernels the sampler's decode-time numbers and the trainer's prefill numbers part ways.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+import numpy as np
+
+from detaudit.engine.llm import Engine
+from detaudit.errors import UsageError
+from detaudit.rundir.io import load_manifest, read_samples, write_rescore
+from detaudit.rundir.schema import RunManifest
+
+
+def _prompt_ids(engine: Engine, manifest: RunManifest) -> dict[str, list[int]]:
+    ids = {}
+    for p in manifest.prompts:
+        if manifest.target.api == "completions":
+            ids[p.prompt_id] = engine.encode_text(p.prompt or "")
+        else:
+            ids[p.prompt_id] = engine.encode_chat(p.messages or [{"role": "user", "content": p.prompt or ""}])
+    return ids
+
+
+def _vocab_by_bytes(engine: Engine) -> dict[bytes, int]:
+    """Token bytes -> id, for runs whose endpoint returned token strings or bytes but no ids."""
+    rev: dict[bytes, int] = {}
+    for i in range(len(engine.tokenizer)):
+        rev.setdefault(engine.token_bytes(i), i)
+    return rev
+
+
+def _token_ids(row: dict[str, Any], rev: dict[bytes, int] | None) -> list[int] | None:
+    if row["token_ids"] is not None:
+        return list(row["token_ids"])
+    pieces = row["token_bytes"] or ([t.encode() for t in row["tokens"]] if row["tokens"] is not None else None)
+    if pieces is None or rev is None or any(p is None or p not in rev for p in pieces):
+        return None
+    return [rev[p] for p in pieces]
+
+
+def compare(reported: list[float | None] | None, rescored: list[float]) -> dict[str, Any]:
+    """Per-row figures: |delta| per token, max, mean, KL estimate, first position where the two differ."""
+    rescored32 = np.asarray(rescored, dtype=np.float32)
+    if reported is None:
+        return {"rescored_logprobs": rescored32.tolist(), "abs_delta": None, "max_abs_delta": None,
+                "mean_abs_delta": None, "kl_estimate": None, "first_diff": None}  # fmt: skip
+    rep = np.asarray([math.nan if v is None else v for v in reported], dtype=np.float32)
+    delta = np.abs(rep - rescored32)
+    known = ~np.isnan(delta)
+    differs = np.flatnonzero(known & (rep != rescored32))
+    return {
+        "rescored_logprobs": rescored32.tolist(),
+        "abs_delta": [None if not k else float(d) for d, k in zip(delta, known, strict=True)],
+        "max_abs_delta": float(delta[known].max()) if known.any() else None,
+        "mean_abs_delta": float(delta[known].mean()) if known.any() else None,
+        "kl_estimate": float((rep[known].astype(np.float64) - rescored32[known]).sum()) if known.any() else None,
+        "first_diff": int(differs[0]) if len(differs) else None,
+    }
+
+
+def rescore_run(run_dir, engine: Engine) -> dict[str, Any]:
+    """Rescore every ok row of the run, write rescore.parquet, and return the summary's `rescore` section."""
+    manifest = load_manifest(run_dir)
+    table = read_samples(run_dir, ["sample_index", "prompt_id", "status", "token_ids", "tokens", "token_bytes",
+                                   "logprobs"]).to_pylist()  # fmt: skip
+    prompts = _prompt_ids(engine, manifest)
+    needs_rev = any(r["status"] == "ok" and r["token_ids"] is None for r in table)
+    rev = _vocab_by_bytes(engine) if needs_rev else None
+    rows: list[dict[str, Any]] = []
+    todo: dict[tuple[str, tuple[int, ...]], list[dict[str, Any]]] = {}
+    for r in table:
+        if r["status"] != "ok":
+            continue
+        ids = _token_ids(r, rev)
+        if ids is None or r["prompt_id"] not in prompts:
+            why = "unknown prompt" if r["prompt_id"] not in prompts else "no token ids, and tokens not in the vocab"
+            rows.append({"sample_index": r["sample_index"], "status": "skipped", "reason": why})
+            continue
+        if not ids:
+            rows.append({"sample_index": r["sample_index"], "status": "skipped", "reason": "empty completion"})
+            continue
+        todo.setdefault((r["prompt_id"], tuple(ids)), []).append(r)
+    if not todo:
+        raise UsageError(f"{run_dir}: no row can be rescored (no ok rows with token ids or vocabulary tokens)")
+    keys = list(todo)
+    # Each distinct completion is prefilled once, as a trainer would; the engine packs them into batches.
+    scored = engine.score([(prompts[p], list(ids)) for p, ids in keys])
+    for key, rescored in zip(keys, scored, strict=True):
+        for r in todo[key]:
+            rows.append({"sample_index": r["sample_index"], "status": "ok", **compare(r["logprobs"], rescored)})
+    rows.sort(key=lambda x: x["sample_index"])
+    write_rescore(run_dir, rows)
+    return summarize_rescore(rows, engine)
+
+
+def summarize_rescore(rows: list[dict[str, Any]], engine: Engine) -> dict[str, Any]:
+    ok = [r for r in rows if r["status"] == "ok"]
+    with_ref = [r for r in ok if r["abs_delta"] is not None]
+    deltas = [d for r in with_ref for d in r["abs_delta"] if d is not None]
+    firsts = [r["first_diff"] for r in with_ref if r["first_diff"] is not None]
+    kls = [r["kl_estimate"] for r in with_ref]
+    info = engine.info()
+    return {
+        "model": engine.cfg.model,
+        "kernels": info["kernels"],
+        "dtype": info["dtype"],
+        "device": info["device"],
+        "rows": len(rows),
+        "rows_rescored": len(ok),
+        "rows_skipped": len(rows) - len(ok),
+        "rows_compared": len(with_ref),
+        "tokens_compared": len(deltas),
+        "tokens_equal": sum(d == 0 for d in deltas),
+        "rows_equal": sum(r["first_diff"] is None for r in with_ref),
+        "max_abs_delta": max(deltas, default=None),
+        "mean_abs_delta": statistics.fmean(deltas) if deltas else None,
+        "kl_mean": statistics.fmean(kls) if kls else None,
+        "kl_max": max(kls, default=None),
+        "first_diff_min": min(firsts, default=None),
+        "first_diff_median": statistics.median(firsts) if firsts else None,
+    }
