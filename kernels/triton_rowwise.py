@@ -10,8 +10,6 @@ Import this module only when a GPU or ``TRITON_INTERPRET=1`` is present: kernels
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -79,14 +77,10 @@ def _rms_kernel(x_ptr, r_ptr, w_ptr, y_ptr, ro_ptr, sx, sr, sy, sro, N, eps,
 
 
 @triton.jit
-def _softmax_kernel(x_ptr, y_ptr, sx, sy, N, R, LOG: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
-    # Rows pid, pid + P, ...: with few programs a long row is still in L2 when its second pass reads it again.
-    for row in range(tl.program_id(0).to(tl.int64), R, tl.num_programs(0)):  # int64: row * stride can be large
-        _softmax_row(x_ptr + row * sx, y_ptr + row * sy, N, LOG, BLOCK, SINGLE)
-
-
-@triton.jit
-def _softmax_row(x_row, y_row, N, LOG: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+def _softmax_kernel(x_ptr, y_ptr, sx, sy, N, LOG: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = x_ptr + row * sx
+    y_row = y_ptr + row * sy
     cols = tl.arange(0, BLOCK)
     if SINGLE:
         mask = cols < N
@@ -144,16 +138,6 @@ def _sum_kernel(x_ptr, y_ptr, sx, N, divisor, ACC_F64: tl.constexpr, ACC_INT: tl
     tl.store(y_ptr + row, total.to(y_ptr.dtype.element_ty))
 
 
-@functools.cache
-def _l2_bytes(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).L2_cache_size if device.type == "cuda" else 1 << 20
-
-
-def _l2_programs(rows: int, row_bytes: int, device: torch.device) -> int:
-    """Programs for the two-pass path: few enough that the rows in flight fit in half the L2."""
-    return max(1, min(rows, (_l2_bytes(device) // 2) // max(row_bytes, 1)))
-
-
 def _rows2d(x: torch.Tensor, n: int) -> torch.Tensor:
     x2 = x.reshape(-1, n) if n else x.reshape(-1, 0)
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
@@ -186,10 +170,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, residual:
     return y, ro
 
 
-def softmax(x: torch.Tensor, dim: int, log: bool, out_dtype: torch.dtype | None = None,
-            programs: int | None = None) -> torch.Tensor:
-    """(log-)softmax along ``dim`` (moved last), one program per row (``programs``: fewer, each taking every
-    P-th row; the row's arithmetic is the same either way)."""
+def softmax(x: torch.Tensor, dim: int, log: bool, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """(log-)softmax along ``dim`` (moved last), one program per row."""
     dim = dim % max(x.dim(), 1)
     xt = x.movedim(dim, -1) if x.dim() else x.reshape(1)
     shape = xt.shape
@@ -198,11 +180,8 @@ def softmax(x: torch.Tensor, dim: int, log: bool, out_dtype: torch.dtype | None 
     y2 = torch.empty(x2.shape, dtype=out_dtype or x.dtype, device=x.device)
     if x2.shape[0] and n:
         block, single = _block(n)
-        rows = x2.shape[0]
-        if programs is None:
-            programs = rows if single else _l2_programs(rows, n * x2.element_size(), x.device)
-        _softmax_kernel[(max(1, min(rows, programs)),)](x2, y2, x2.stride(0), y2.stride(0), n, rows, LOG=log,
-                                                        BLOCK=block, SINGLE=single, num_warps=_warps(block))
+        _softmax_kernel[(x2.shape[0],)](x2, y2, x2.stride(0), y2.stride(0), n, LOG=log, BLOCK=block, SINGLE=single,
+                                        num_warps=_warps(block))
     y = y2.reshape(shape)
     return (y.movedim(-1, dim) if x.dim() else y.reshape(())).contiguous()
 

@@ -89,7 +89,6 @@ def test_rowwise_logic(tk: SimpleNamespace, dtype: torch.dtype) -> None:
         ls = tr.softmax(x, -1, True)
         assert _rel(ls, x.double().log_softmax(-1)) < tol
         assert torch.equal(tr.softmax(x[3:], -1, True), ls[3:])
-        assert torch.equal(tr.softmax(x, -1, True, programs=2), ls)  # rows shared by fewer programs: same bits
         assert _rel(tr.softmax(x, -1, False, torch.float32), x.double().softmax(-1)) < tol
         assert _rel(tr.reduce_sum(x, [-1], False, torch.float32), x.double().sum(-1)) < tol
     x = torch.randn(4, 6, 7, generator=g).to(dtype)

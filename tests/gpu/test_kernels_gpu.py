@@ -158,3 +158,4 @@ def test_attention_split_launch_gives_the_same_bits(dtype: torch.dtype) -> None:
     split = ta.paged_attention(q, kc, vc, bt, cu, ctx, 0.088, split_launch=True)
     assert not torch.isnan(one).any()
     assert torch.equal(one, split)
+    assert ta.split_launch_agrees(torch.device("cuda"), dtype)
