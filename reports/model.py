@@ -162,9 +162,7 @@ def _run_info(path: Path, manifest: RunManifest, summary: Mapping[str, Any], lab
         ("status", f"{manifest.status}; started {manifest.created_at:%Y-%m-%d %H:%M:%S} UTC"),
         ("detaudit", manifest.tool_version),
     ]
-    fingerprints = sorted(
-        {fp for pr in summary.get("prompts", []) for arm in pr.get("arms", []) for fp in _fingerprints(arm)}
-    )
+    fingerprints = summary.get("system_fingerprints") or []
     meta.append(("system_fingerprint", ", ".join(fingerprints) if fingerprints else "not reported"))
     for note in manifest.notes:
         meta.append(("note", note))
@@ -183,11 +181,8 @@ def _run_info(path: Path, manifest: RunManifest, summary: Mapping[str, Any], lab
 
 
 def _fingerprints(arm: Mapping[str, Any]) -> dict[str, int]:
-    """system_fingerprint -> sample count, from whichever shape the summary gives (a dict or a list of splits)."""
-    raw = arm.get("system_fingerprints") or arm.get("fingerprints") or {}
-    if isinstance(raw, Mapping):
-        return {str(k): int(v if isinstance(v, (int, float)) else v.get("n", 0)) for k, v in raw.items()}
-    return {str(item.get("system_fingerprint")): int(item.get("n", 0)) for item in raw if isinstance(item, Mapping)}
+    """system_fingerprint -> ok samples, when the fingerprint varies within the arm (the summary omits it otherwise)."""
+    return {str(item.get("system_fingerprint")): int(item.get("n", 0)) for item in arm.get("system_fingerprints") or []}
 
 
 def statistic_text(arm: Mapping[str, Any]) -> str:

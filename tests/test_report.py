@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import xml.etree.ElementTree as ET
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -38,6 +39,7 @@ def make_run(
     errors: dict[str, int] | None = None,
     prompt: str = "Tell me about Richard Feynman",
     status: str = "complete",
+    fingerprint: Callable[[str, int], str | None] = lambda arm, repeat: "fp_a",
 ) -> Path:
     """A complete run directory: arms = {name: (concurrency, [(tokens, count), ...])}, token ids from a vocab."""
     vocab: dict[str, int] = {}
@@ -81,6 +83,7 @@ def make_run(
                         "logprobs": [-0.01] * len(tokens),
                         "top_logprobs": [[-0.01, -0.5]] * len(tokens),
                         "finish_reason": "stop",
+                        "system_fingerprint": fingerprint(name, repeat),
                     }
                 )
                 repeat += 1
@@ -154,6 +157,15 @@ def test_report_model_nests_forks_and_aligns_variants(tmp_path):
     assert [(t.end, t.diverges) for t in short.variant[5:7]] == [(True, True), (False, False)]
     assert short.variant[6].blank
     assert report.prompts[0].verdicts == [("endpoint", "load-dependent"), ("local-bi", "deterministic")]
+
+
+def test_fingerprints_in_run_metadata_and_where_they_vary(tmp_path):
+    run = make_run(tmp_path / "fp", {"c1": (1, [(MODAL, 4)]), "c8": (8, [(MODAL, 3), (SHORT, 3)])},
+                   fingerprint=lambda arm, repeat: "fp_b" if arm == "c8" and repeat >= 3 else "fp_a")
+    report = build_report(load_runs([run]))
+    assert ("system_fingerprint", "fp_a, fp_b") in report.runs[0].meta
+    assert [c.fingerprints for c in report.prompts[0].cells] == [{}, {"fp_a": 3, "fp_b": 3}]
+    assert "system_fingerprint varies: <code>fp_a</code> ×3, <code>fp_b</code> ×3" in render_html(report)
 
 
 def test_html_is_self_contained_and_escapes_model_text(tmp_path):

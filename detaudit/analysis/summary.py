@@ -515,6 +515,7 @@ def analyze(
         "run_id": manifest.run_id,
         "run_status": manifest.status,
         "model": manifest.target.model,
+        "system_fingerprints": sorted(str(n) for n in fp_names if n is not None),  # every value the run saw
         "unit": unit_of(source),
         "unit_detail": {
             "compared_as": source,
