@@ -2,7 +2,9 @@
 
 The scripted server (tests/scripted_server.py) runs in its own process. The bare loop sends the very body detaudit
 sends (logprobs, top_logprobs 2, return_token_ids) with the same number of requests in flight and only parses the
-JSON; `detaudit run` also retries, parses every token, counts distinct completions and flushes Parquet shards.
+JSON, once with one httpx client (a plain loop) and once with connections split over clients of POOL_SIZE as
+detaudit's client does (so the difference to detaudit is the recording alone). `detaudit run` also retries,
+parses every token, counts distinct completions and flushes Parquet shards.
 detaudit's figure is its arm's requests/s from the recorded timestamps (first send to last answer) — the probe,
 process start and final summary are reported separately as wall time.
 
@@ -26,6 +28,7 @@ from pathlib import Path
 import httpx
 import pyarrow.compute as pc
 
+from detaudit.client import POOL_SIZE
 from detaudit.rundir.io import read_samples
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,22 +48,31 @@ def start_server(tmp: Path) -> tuple[subprocess.Popen, str]:
     return proc, line.split()[1]
 
 
-async def bare_loop(base_url: str, n: int, concurrency: int) -> float:
+async def bare_loop(base_url: str, n: int, concurrency: int, pool_size: int | None = None) -> float:
+    """n requests, `concurrency` in flight, JSON parsed and dropped. pool_size: split connections over several
+    httpx clients of that size, as detaudit does (None: one client, as a plain loop would)."""
     body = {"model": "scripted-model", "messages": [{"role": "user", "content": PROMPT}], "temperature": 0,
             "logprobs": True, "top_logprobs": 2, "return_token_ids": True}  # fmt: skip
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60) as client:
-        queue = list(range(n))
+    n_pools = 1 if pool_size is None else -(-concurrency // pool_size)
+    per_pool = -(-(concurrency + 4) // n_pools)
+    limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
+    clients = [httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60) for _ in range(n_pools)]
+    queue = list(range(n))
 
-        async def worker() -> None:
-            while queue:
-                queue.pop()
-                resp = await client.post("/chat/completions", json=body)
-                json.loads(resp.content)
+    async def worker(slot: int) -> None:
+        client = clients[slot % n_pools]
+        while queue:
+            queue.pop()
+            resp = await client.post("/chat/completions", json=body)
+            json.loads(resp.content)
 
+    try:
         t0 = time.perf_counter()
-        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        await asyncio.gather(*[worker(i) for i in range(concurrency)])
         return n / (time.perf_counter() - t0)
+    finally:
+        for c in clients:
+            await c.aclose()
 
 
 def detaudit_run(base_url: str, n: int, concurrency: int, out: Path) -> tuple[float, float]:
@@ -88,20 +100,23 @@ def main() -> None:
         server, base_url = start_server(tmp)
         try:
             asyncio.run(bare_loop(base_url, 200, args.concurrency))  # warm up both sides
-            bare, ours, walls = [], [], []
+            bare, sharded, ours, walls = [], [], [], []
             for r in range(args.rounds):
                 bare.append(asyncio.run(bare_loop(base_url, args.n, args.concurrency)))
+                sharded.append(asyncio.run(bare_loop(base_url, args.n, args.concurrency, POOL_SIZE)))
                 rps, wall = detaudit_run(base_url, args.n, args.concurrency, tmp / f"run{r}")
                 ours.append(rps)
                 walls.append(wall)
-                print(f"round {r}: bare {bare[-1]:.0f} req/s, detaudit {rps:.0f} req/s (command wall {wall:.1f} s)")
+                print(f"round {r}: bare {bare[-1]:.0f} req/s, bare with pools of {POOL_SIZE} {sharded[-1]:.0f} req/s, "
+                      f"detaudit {rps:.0f} req/s (command wall {wall:.1f} s)", flush=True)  # fmt: skip
         finally:
             server.terminate()
             server.wait()
-    b, d = statistics.median(bare), statistics.median(ours)
+    b, p, d = statistics.median(bare), statistics.median(sharded), statistics.median(ours)
     print(json.dumps({
         "n": args.n, "concurrency": args.concurrency, "rounds": args.rounds, "bare_rps_median": round(b, 1),
-        "detaudit_rps_median": round(d, 1), "ratio": round(d / b, 3), "detaudit_wall_s_median": round(
+        "bare_pooled_rps_median": round(p, 1), "detaudit_rps_median": round(d, 1), "ratio_vs_bare": round(d / b, 3),
+        "ratio_vs_bare_pooled": round(d / p, 3), "detaudit_wall_s_median": round(
             statistics.median(walls), 2), "cpus": os.cpu_count(), "python": platform.python_version(),
         "platform": platform.platform(), "httpx": httpx.__version__,
     }, indent=2))  # fmt: skip

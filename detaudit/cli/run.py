@@ -47,7 +47,7 @@ def make_progress(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
         TextColumn("errors {task.fields[errors]}"), TextColumn("distinct {task.fields[distinct]}"),
-        TimeElapsedColumn(), console=console, transient=False,
+        TimeElapsedColumn(), console=console, transient=False, refresh_per_second=4,
     )  # fmt: skip
 
 
