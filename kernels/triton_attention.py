@@ -202,7 +202,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     max_ctx = bt.shape[1] * page  # upper bound on any context, known without a device sync
     n_split = triton.cdiv(max_ctx, SPLIT)
     if split_launch is None:
-        split_launch = (t_total == num_seqs and n_split >= 4 and num_seqs * hkv < 2 * _sm_count(q.device)
+        split_launch = (t_total == num_seqs and n_split >= 2 and num_seqs * hkv < 2 * _sm_count(q.device)
                         and split_launch_agrees(q.device, q.dtype))
     if split_launch and t_total != num_seqs:
         raise ValueError("paged_attention: the split launch serves all-decode batches (one query per sequence)")
