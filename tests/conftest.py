@@ -66,6 +66,9 @@ def transformers_serve(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFa
             if time.monotonic() > deadline:
                 raise RuntimeError(f"transformers serve not ready after 120 s; see {log.name}")
             time.sleep(0.5)
+        # The first generation warms the server up (tens of seconds on a busy CPU): do it here, not in a test.
+        httpx.post(f"{base}/v1/completions", json={"model": str(tiny_model_dir), "prompt": "x", "max_tokens": 1},
+                   timeout=300)  # fmt: skip
         yield f"{base}/v1"
     finally:
         proc.terminate()
