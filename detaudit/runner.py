@@ -357,6 +357,7 @@ class _Runner:
         # A flush awaited by a cancelled task keeps running in its thread: the lock keeps shard numbers apart.
         self._write_lock = threading.Lock()
         self.buffer: list[dict[str, Any]] = []
+        self._pending: set[asyncio.Future[None]] = set()
         self.stop = asyncio.Event()
         self._next_slot = 0.0
         self.capture_seen: Counter[str] = Counter()
@@ -375,7 +376,18 @@ class _Runner:
         if not self.buffer:
             return
         rows, self.buffer = self.buffer, []
-        await asyncio.to_thread(self._write, rows)
+        # The write runs on in its thread even if this awaiter is cancelled (a worker or the flusher being
+        # stopped): keep it in _pending so drain() waits for it before the shards are folded.
+        write = asyncio.ensure_future(asyncio.to_thread(self._write, rows))
+        self._pending.add(write)
+        write.add_done_callback(self._pending.discard)
+        await asyncio.shield(write)
+
+    async def drain(self) -> None:
+        """Flush the buffer and wait for every shard write still in flight."""
+        await self.flush()
+        while self._pending:
+            await asyncio.gather(*list(self._pending))
 
     def _write(self, rows: list[dict[str, Any]]) -> None:
         with self._write_lock:
@@ -618,7 +630,7 @@ async def _execute(req: RunRequest, make_progress: Callable[[], Any] | None,
                 loop.remove_signal_handler(sig)
             flusher.cancel()
             await asyncio.gather(flusher, return_exceptions=True)
-            await runner.flush()
+            await runner.drain()
             if progress is not None:
                 progress.stop()
         if interrupted:
