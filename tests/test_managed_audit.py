@@ -7,6 +7,7 @@ mid-audit, and — for the real engine — `detaudit serve` with a tiny offline 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -16,6 +17,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import pytest
 from runhelp import cli
 
 from detaudit.rundir.io import load_manifest, read_samples
@@ -157,3 +159,53 @@ def test_server_dies_with_detaudit_even_on_sigkill(tmp_path: Path) -> None:
     while not _closed(port) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert _closed(port)
+
+
+STAND_IN = """\
+import json, os, sys
+argv = sys.argv[1:]
+with open({record!r}, "w") as f:
+    json.dump({{"argv": argv, "env": {{k: os.environ.get(k) for k in ("VLLM_BATCH_INVARIANT", "NCCL_ALGO")}}}}, f)
+port = argv[argv.index("--port") + 1]
+os.execv(sys.executable, [sys.executable, {scripted!r}, "--port", port, "--script", {script!r}])
+"""
+
+
+@pytest.mark.parametrize("engine", ["vllm", "sglang"])
+def test_engine_presets_end_to_end_with_stand_in_programs(engine: str, tmp_path: Path, capsys, monkeypatch) -> None:
+    """Real vLLM/SGLang cannot be installed here: a stand-in `vllm` program (on PATH) or `sglang.launch_server`
+    module (on PYTHONPATH) records how it was started, then serves the scripted server on the port it was given."""
+    record = tmp_path / "started.json"
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps({"models": ["Qwen/Qwen3-8B"]}))
+    code = STAND_IN.format(record=str(record), scripted=str(TESTS / "scripted_server.py"), script=str(script))
+    if engine == "vllm":
+        exe = tmp_path / "bin" / "vllm"
+        exe.parent.mkdir()
+        exe.write_text(f"#!{PY}\n{code}")
+        exe.chmod(0o755)
+        monkeypatch.setenv("PATH", f"{exe.parent}{os.pathsep}{os.environ['PATH']}")
+    else:
+        pkg = tmp_path / "py" / "sglang"
+        pkg.mkdir(parents=True)
+        (pkg / "__init__.py").write_text("")
+        (pkg / "launch_server.py").write_text(code)
+        monkeypatch.setenv("PYTHONPATH", str(pkg.parent))
+    out = tmp_path / "run"
+    res = cli(capsys, "local", "--engine", engine, "--model", "Qwen/Qwen3-8B", "--tensor-parallel-size", "2",
+              "--kernels", "batch-invariant", "--server-env", "NCCL_ALGO=Tree", "--suite", "smoke", "-n", "2",
+              "--concurrency", "1,2", "--out", out)  # fmt: skip
+    assert res.code == 0, res.err
+    started = json.loads(record.read_text())
+    eng = load_manifest(out).target.engine
+    if engine == "vllm":
+        assert started["argv"][:2] == ["serve", "Qwen/Qwen3-8B"]
+        assert started["argv"][-4:] == ["--tensor-parallel-size", "2", "--attention-backend", "FLASH_ATTN"]
+        assert started["env"] == {"VLLM_BATCH_INVARIANT": "1", "NCCL_ALGO": "Tree"}
+        assert eng["env_switches"] == {"NCCL_ALGO": "Tree", "VLLM_BATCH_INVARIANT": "1"}
+    else:
+        assert started["argv"][:2] == ["--model-path", "Qwen/Qwen3-8B"]
+        assert started["argv"][-3:] == ["--tp-size", "2", "--enable-deterministic-inference"]
+        assert started["env"]["VLLM_BATCH_INVARIANT"] is None
+    assert eng["engine"] == engine and eng["kernels"] == "batch-invariant" and eng["tensor_parallel_size"] == 2
+    assert read_samples(out, columns=["status"]).num_rows == 3 * 2 * 2
