@@ -186,3 +186,14 @@ def test_mostly_failing_endpoint_exits_3_and_keeps_the_run(scripted_server, caps
     assert r.code == 3, r.err
     assert "requests failed" in r.err and load_manifest(out).status == "complete"
     assert read_samples(out).num_rows == 30
+
+
+def test_endpoint_failing_every_sample_still_gets_a_summary(scripted_server, capsys, tmp_path) -> None:
+    server = scripted_server(faults={"rate": 1.0, "kinds": ["503"], "prompts": ["hi"]})
+    out = tmp_path / "r"
+    r = cli(capsys, "run", "--base-url", server.base_url, "-p", "hi", "-n", 5, "--retries", 1, "--backoff", 0.01,
+            "--out", out)  # fmt: skip
+    assert r.code == 3 and "5 of 5 requests failed" in r.err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["samples"]["ok"] == 0 and summary["samples"]["errors"] == 5
+    assert {row["error"] for row in read_samples(out).to_pylist()} == {"HTTP 503: Injected 503 (after 2 attempts)"}
