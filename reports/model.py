@@ -6,6 +6,7 @@ stock rerun and a local batch-invariant rerun) become one report with the runs s
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,7 +155,7 @@ def _run_info(path: Path, manifest: RunManifest, summary: Mapping[str, Any], lab
         params.append(f"stop={p.stop!r}")
     meta = [("target", title), ("model", t.model or "—")]
     if t.engine:
-        meta.append(("engine", ", ".join(f"{k}={v}" for k, v in sorted(t.engine.items()))))
+        meta.append(("engine", _engine_facts(t.engine)))
     meta += [
         ("params", ", ".join(params)),
         ("capture", f"{manifest.capture} (compared as {summary.get('unit', '?')})"),
@@ -178,6 +179,20 @@ def _run_info(path: Path, manifest: RunManifest, summary: Mapping[str, Any], lab
         unit=str(summary.get("unit", "?")),
         agreement=float(agreement) if isinstance(agreement, (int, float)) else None,
     )
+
+
+_ENGINE_FIRST = ("kernels", "dtype", "device", "gpu", "torch", "triton", "engine", "scenarios", "seed")
+
+
+def _engine_facts(engine: Mapping[str, Any]) -> str:
+    """Engine facts as one line: the ones that explain determinism first, nested values as compact JSON."""
+    keys = [k for k in _ENGINE_FIRST if k in engine] + sorted(k for k in engine if k not in _ENGINE_FIRST)
+    parts = []
+    for k in keys:
+        v = engine[k]
+        text = json.dumps(v, separators=(",", ":"), default=str) if isinstance(v, (dict, list)) else str(v)
+        parts.append(f"{k}={text}")
+    return ", ".join(parts)
 
 
 def _fingerprints(arm: Mapping[str, Any]) -> dict[str, int]:

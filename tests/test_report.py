@@ -143,6 +143,7 @@ def test_summary_completions_carry_context_around_their_fork(tmp_path):
 def test_report_model_nests_forks_and_aligns_variants(tmp_path):
     report = build_report(load_runs([endpoint_run(tmp_path), invariant_run(tmp_path)]))
     assert [r.label for r in report.runs] == ["endpoint", "local-bi"]
+    assert ("engine", "kernels=batch-invariant") in report.runs[1].meta
     cells = report.prompts[0].cells
     assert [(c.run.label, c.arm, c.unique) for c in cells] == [("endpoint", "c1", 1), ("endpoint", "c16", 4),
                                                               ("local-bi", "c16", 1)]
