@@ -126,7 +126,7 @@ class RuleResult:
         failed = [c for c in self.checks if not c.passed]
         if failed:
             return f"FAIL {head}: {'; '.join(f'{c.where} {c.observed}' for c in failed)}"
-        return f"PASS {head} ({len(self.checks)} prompt/arm checked)"
+        return f"PASS {head} ({len(self.checks)} checks)"
 
 
 @dataclass
@@ -218,6 +218,13 @@ def evaluate_gate(
         base_prompt = base_prompts.get(pid)
         if baseline is not None and base_prompt is None:
             raise UsageError(f"baseline {baseline_label or ''} has no prompt {pid!r}; gate a run of the same prompts")
+        arms_ok = [a for a in prompt.get("arms", []) if int(a.get("ok", 0)) > 0]
+        if "max-unique" in rules and len(arms_ok) > 1 and prompt.get("unique_all_arms") is not None:
+            # Arms that each agree with themselves but not with each other are load-dependent too.
+            pooled = int(prompt["unique_all_arms"])
+            rules["max-unique"].checks.append(
+                Check(f"{pid}@all-arms", pooled <= t.max_unique, f"{pooled} unique across arms")
+            )
         for arm in prompt.get("arms", []):
             where = f"{pid}@{arm_name(arm)}"
             n, ok, errors = int(arm.get("n", 0)), int(arm.get("ok", 0)), int(arm.get("errors", 0))

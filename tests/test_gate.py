@@ -38,10 +38,18 @@ STABLE = summary(arm(1, [100]), arm(16, [100]))
 SHAKY = summary(arm(1, [100]), arm(16, [90, 8, 2], first=12))
 
 
+def test_max_unique_also_counts_completions_across_arms():
+    s = summary(arm(1, [100], texts=["A"]), arm(16, [100], texts=["B"]))
+    s["prompts"][0]["unique_all_arms"] = 2
+    result = evaluate_gate(s, GateThresholds(max_unique=1))
+    assert result.lines() == ["FAIL max-unique ≤ 1: p@all-arms 2 unique across arms"]
+    assert evaluate_gate(s, GateThresholds(max_unique=2)).exit_code == 0
+
+
 def test_gate_passes_when_every_arm_is_within_max_unique():
     result = evaluate_gate(STABLE, GateThresholds(max_unique=1))
     assert result.exit_code == 0
-    assert result.lines() == ["PASS max-unique ≤ 1 (2 prompt/arm checked)"]
+    assert result.lines() == ["PASS max-unique ≤ 1 (2 checks)"]
 
 
 def test_gate_fails_max_unique_with_one_line_naming_the_arm():

@@ -22,8 +22,8 @@ def test_gate_passes_exit_0_and_prints_one_line_per_rule(tmp_path, capsys):
     r = cli(capsys, "gate", stable(tmp_path), "--max-unique", "1", "--min-modal-share", "1")
     assert r.code == 0, r.err
     assert r.out.splitlines() == [
-        "PASS max-unique ≤ 1 (2 prompt/arm checked)",
-        "PASS min-modal-share ≥ 1 (2 prompt/arm checked)",
+        "PASS max-unique ≤ 1 (3 checks)",
+        "PASS min-modal-share ≥ 1 (2 checks)",
         "gate passed: 2 rules",
     ]
 
@@ -33,9 +33,9 @@ def test_gate_fails_exit_1_with_the_reason_per_failed_rule(tmp_path, capsys):
             "--min-modal-share", "0.8")  # fmt: skip
     assert r.code == 1
     assert r.out.splitlines() == [
-        "FAIL max-unique ≤ 1: feynman@c8 2 unique in 20",
-        "PASS min-modal-share ≥ 0.8 (2 prompt/arm checked)",
-        "PASS min-first-divergence ≥ 3 tokens (2 prompt/arm checked)",
+        "FAIL max-unique ≤ 1: feynman@all-arms 2 unique across arms; feynman@c8 2 unique in 20",
+        "PASS min-modal-share ≥ 0.8 (2 checks)",
+        "PASS min-first-divergence ≥ 3 tokens (2 checks)",
     ]
     assert r.err.strip() == "error: gate failed: 1 of 3 rules"
 
@@ -97,12 +97,14 @@ def test_gate_writes_step_summary_junit_and_markdown(tmp_path, capsys, monkeypat
     assert r.code == 1
     summary = step.read_text()
     assert summary.startswith("earlier step\n## detaudit gate ❌ failed\n")
-    assert "| max-unique | ≤ 1 | **FAIL** (feynman@c8: 2 unique in 20) |" in summary
+    failed = "feynman@all-arms: 2 unique across arms; feynman@c8: 2 unique in 20"
+    assert f"| max-unique | ≤ 1 | **FAIL** ({failed}) |" in summary
     assert "### Audit" in summary
     assert "| shaky | endpoint http://127.0.0.1:9/v1 (chat) | c8 | 20/20 | **2** |" in summary
     assert md.read_text() in summary
     root = ET.parse(junit).getroot()
     assert [(c.get("name"), c.find("failure") is not None) for c in root.iter("testcase")] == [
+        ("feynman@all-arms ≤ 1", True),
         ("feynman@c1 ≤ 1", False),
         ("feynman@c8 ≤ 1", True),
         ("feynman@c1 ≥ 0.5", False),
