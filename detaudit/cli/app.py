@@ -85,7 +85,9 @@ def _register() -> None:
     )
     from detaudit.cli import serve
 
-    app.command("serve", help="Serve a model on the local engine through an OpenAI-compatible API.")(serve.serve_command)
+    app.command("serve", help="Serve a model on the local engine through an OpenAI-compatible API.")(
+        serve.serve_command
+    )
     from detaudit.cli import rescore
 
     app.command("rescore", help="Recompute a run's token logprobs by teacher-forced prefill; report the gap.")(
