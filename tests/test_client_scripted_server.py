@@ -70,3 +70,24 @@ def test_auth_and_streaming_truncation(scripted_server) -> None:
     assert "[DONE]" not in cut.text and whole.text.rstrip().endswith("data: [DONE]")
     events = [json.loads(line[6:]) for line in whole.text.splitlines() if line.startswith("data: {")]
     assert "".join(e["choices"][0]["delta"]["content"] for e in events) == server.text("A")
+
+
+def test_standalone_process_mode(tmp_path) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "script.json"
+    script.write_text(json.dumps({"completions": {"A": A, "B": B}, "schedules": {"P": [["A", 3], ["B", 1]]}}))
+    exe = Path(__file__).with_name("scripted_server.py")
+    proc = subprocess.Popen([sys.executable, str(exe), "--script", str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line.startswith("READY http://127.0.0.1:")
+        base_url = line.split()[1]
+        replies = asyncio.run(_many(base_url, [_chat("P") for _ in range(4)]))
+        texts = Counter(r.json()["choices"][0]["message"]["content"] for r in replies)
+        assert texts == {"".join(A): 3, "".join(B): 1}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)

@@ -130,6 +130,17 @@ def test_sigint_flushes_and_prints_the_resume_command(scripted_server, tmp_path)
     _check_exactly_once(out, 600)
 
 
+def test_sigterm_is_an_interrupt_too(scripted_server, tmp_path) -> None:
+    server = scripted_server(completions={"Q": QUEENS}, default="Q", latency_s=0.02)
+    out = tmp_path / "sigterm"
+    proc = _start("--base-url", server.base_url, "-p", "hi", "-n", 400, "-c", 2, "--out", out)
+    _wait_for(lambda: (out / "shards").is_dir() and any((out / "shards").glob("part-*.parquet")))
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and f"detaudit run --resume --out {out}" in stderr
+    assert load_manifest(out).status == "interrupted" and 0 < read_samples(out).num_rows < 400
+
+
 def test_many_connections_no_fd_leak(scripted_server, capsys, tmp_path) -> None:
     server = scripted_server(completions={"Q": QUEENS}, default="Q", latency_s=0.05)
     fds_before = len(os.listdir("/proc/self/fd"))
