@@ -6,9 +6,6 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping
 
-import matplotlib
-from matplotlib.figure import Figure
-
 _BAR = "#c2410c"  # one accent colour, matching the report CSS
 
 
@@ -17,6 +14,10 @@ def histogram_svg(histogram: Mapping[str | int, int], *, salt: str) -> str:
 
     `salt` makes matplotlib's generated element ids unique per chart, so several charts can share one page.
     """
+    # Imported here, not at module load: matplotlib costs ~1 s, and every CLI start would pay it.
+    import matplotlib
+    from matplotlib.figure import Figure
+
     points = sorted((int(k), int(v)) for k, v in histogram.items())
     positions = [p for p, _ in points]
     counts = [c for _, c in points]
