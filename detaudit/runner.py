@@ -310,11 +310,13 @@ async def resolve_model(client: OpenAIClient, model: str | None, base_url: str) 
 
 
 def _base_body(req: RunRequest, manifest: RunManifest, spec: PromptSpec) -> dict[str, Any]:
+    """The request body: capture fields from the probe, then --extra-body (which may override them, e.g.
+    "logprobs": false), then the explicit options, which nothing overrides."""
     p = manifest.params
-    body: dict[str, Any] = dict(p.extra_body)
-    body.update(manifest.probe.get("request_fields", {}))
+    body: dict[str, Any] = dict(manifest.probe.get("request_fields", {}))
     if manifest.capture != "text":
         body.update(logprob_fields(manifest.target.api, p.top_logprobs or 0))
+    body.update(p.extra_body)
     body["model"] = manifest.target.model
     body["temperature"] = p.temperature
     max_tokens = spec.max_tokens or p.max_tokens

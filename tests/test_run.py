@@ -197,3 +197,17 @@ def test_endpoint_failing_every_sample_still_gets_a_summary(scripted_server, cap
     summary = json.loads((out / "summary.json").read_text())
     assert summary["samples"]["ok"] == 0 and summary["samples"]["errors"] == 5
     assert {row["error"] for row in read_samples(out).to_pylist()} == {"HTTP 503: Injected 503 (after 2 attempts)"}
+
+
+def test_extra_body_overrides_capture_fields_not_explicit_options(scripted_server, capsys, tmp_path) -> None:
+    server = scripted_server(completions={"Q": QUEENS}, default="Q")
+    out = tmp_path / "r"
+    extra = '{"logprobs": false, "return_token_ids": false, "temperature": 1.0, "top_k": 1}'
+    r = cli(capsys, "run", "--base-url", server.base_url, "-p", "hi", "-n", 2, "--temperature", 0, "--out", out,
+            "--extra-body", extra)  # fmt: skip
+    assert r.code == 0, r.err
+    body = list(server.log)[-1]["body"]
+    assert body["logprobs"] is False and body["return_token_ids"] is False and body["top_k"] == 1
+    assert body["temperature"] == 0  # --temperature wins over --extra-body
+    manifest = load_manifest(out)
+    assert manifest.capture == "text" and any("capture dropped" in n for n in manifest.notes)
