@@ -9,7 +9,7 @@ from __future__ import annotations
 import html
 import re
 
-from detaudit.reports.model import Cell, ForkNode, Report, shorten
+from detaudit.reports.model import Cell, ForkNode, Report, RunInfo, shorten
 
 from detaudit.gate import GateResult
 
@@ -52,6 +52,20 @@ def _first(cell: Cell) -> str:
     return "—" if cell.first_min is None else f"{cell.first_min} (median {cell.first_median:g})"
 
 
+def _run_figures(run: RunInfo) -> str:
+    """The multi-prompt figures of one run: share of prompts all identical, earliest fork across prompts."""
+    parts = []
+    if run.agreement is not None:
+        counts = f" ({run.agreement_counts[0]}/{run.agreement_counts[1]})" if run.agreement_counts else ""
+        parts.append(f"{run.agreement:.1%} of prompts fully identical{counts}")
+    if run.earliest_fork is not None:
+        pos, prompt, arm = run.earliest_fork
+        parts.append(f"earliest fork at token {pos} ({md_text(prompt)} · {md_text(arm)})")
+    elif run.agreement is not None:
+        parts.append("no fork in any prompt")
+    return f"**{md_text(run.label)}**: " + "; ".join(parts) if parts else ""
+
+
 def render_markdown(report: Report, *, heading: str = "## detaudit report") -> str:
     """Headline table (one row per run/prompt/arm), forks per cell, completions in collapsed details."""
     lines = [heading, ""]
@@ -79,6 +93,8 @@ def render_markdown(report: Report, *, heading: str = "## detaudit report") -> s
             ]
             lines.append("| " + " | ".join(row) + " |")
     lines.append("")
+    if many_prompts:
+        lines += [f"- {line}" for run in report.runs if (line := _run_figures(run))] + [""]
     fork_lines = []
     for p in report.prompts:
         for c in p.cells:

@@ -32,6 +32,8 @@ class RunInfo:
     meta: list[tuple[str, str]]
     unit: str
     agreement: float | None
+    agreement_counts: tuple[int, int] | None  # (prompts all identical, prompts judged)
+    earliest_fork: tuple[int, str, str] | None  # (position, prompt id, arm) of the shallowest fork in the run
 
 
 @dataclass
@@ -168,8 +170,14 @@ def _run_info(path: Path, manifest: RunManifest, summary: Mapping[str, Any], lab
     for note in manifest.notes:
         meta.append(("note", note))
     agreement = summary.get("agreement")
+    counts = None
     if isinstance(agreement, Mapping):
+        if isinstance(agreement.get("prompts"), int) and isinstance(agreement.get("all_identical"), int):
+            counts = (agreement["all_identical"], agreement["prompts"])
         agreement = agreement.get("share")
+    earliest = summary.get("earliest_fork")
+    if isinstance(earliest, Mapping):
+        earliest = (int(earliest["position"]), str(earliest["prompt_id"]), str(earliest["arm"]))
     return RunInfo(
         label=label,
         path=str(path),
@@ -178,6 +186,8 @@ def _run_info(path: Path, manifest: RunManifest, summary: Mapping[str, Any], lab
         meta=meta,
         unit=str(summary.get("unit", "?")),
         agreement=float(agreement) if isinstance(agreement, (int, float)) else None,
+        agreement_counts=counts,
+        earliest_fork=earliest if isinstance(earliest, tuple) else None,
     )
 
 

@@ -250,3 +250,21 @@ def test_write_reports_refuses_a_missing_output_directory(tmp_path):
     with pytest.raises(UsageError, match="does not exist"):
         write_reports([endpoint_run(tmp_path)], html=tmp_path / "nope" / "r.html")
     assert load_manifest(tmp_path / "endpoint").status == "complete"
+
+
+def test_multi_prompt_figures_in_markdown_and_html(scripted_server, capsys, tmp_path):
+    """Share of prompts fully identical and the earliest fork across prompts reach both reports."""
+    from runhelp import FEYNMAN, NYC, QUEENS, cli
+
+    server = scripted_server(completions={"Q": QUEENS, "N": NYC},
+                             schedules={FEYNMAN: [("Q", 9), ("N", 1)], "steady": "Q"})  # fmt: skip
+    out = tmp_path / "two"
+    assert cli(capsys, "run", "--base-url", server.base_url, "-p", FEYNMAN, "-p", "steady", "-n", 10,
+               "--out", out).code == 0  # fmt: skip
+    md, html_path = tmp_path / "r.md", tmp_path / "r.html"
+    assert cli(capsys, "report", str(out), "--md", str(md), "--html", str(html_path)).code == 0
+    text = md.read_text()
+    assert "50.0% of prompts fully identical (1/2)" in text
+    assert "earliest fork at token 5 (p0 · c1)" in text
+    page = html_path.read_text()
+    assert "(1/2)" in page and "token 5 (p0 · c1)" in page
