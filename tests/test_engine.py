@@ -15,6 +15,15 @@ PROMPT = [{"role": "user", "content": "def fibonacci(n):"}]
 OTHERS = ["import os", "class Vector:\n    def __init__(self, x, y):", "Tell me about Richard Feynman " * 6, "x = 1"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny matrices gain nothing from a second thread, and a busy machine makes OpenMP spin: pin to one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def arch_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from detaudit.tiny import build_tiny_model

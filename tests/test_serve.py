@@ -17,16 +17,18 @@ import openai
 import pytest
 from scripted_server import free_port  # tests/ is on sys.path under pytest
 
+from detaudit.rundir.io import load_manifest
+
 PROMPT = [{"role": "user", "content": "def fibonacci(n):"}]
 
 
-def _start(model: Path, kernels: str, log_dir: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+def _start(model: Path, kernels: str, log_dir: Path, budget: int = 48) -> tuple[subprocess.Popen, str]:
     port = free_port()
     exe = Path(sys.executable).with_name("detaudit")
     log = open(log_dir / f"serve-{kernels}.log", "wb")
     proc = subprocess.Popen([str(exe), "serve", "--model", str(model), "--kernels", kernels, "--port", str(port),
-                             "--max-batch", "8", "--max-batched-tokens", "48", "--max-model-len", "512", *extra],
-                            stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+                             "--max-batch", "8", "--max-batched-tokens", str(budget), "--max-model-len", "512"],
+                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while True:
@@ -166,3 +168,28 @@ def test_graceful_shutdown_finishes_in_flight_requests(tiny_model_dir, tmp_path)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 200
     assert code in (0, -signal.SIGTERM)
     assert "shut down cleanly" in (tmp_path / "serve-stock.log").read_text()
+
+
+@pytest.mark.slow
+def test_detaudit_run_sees_load_dependence_with_stock_and_none_with_bundled(bi_server, tiny_model_dir, tmp_path,
+                                                                           capsys):  # fmt: skip
+    """The project's own audit against this server: 16 identical requests in flight get their prompts chunked at
+    different places; stock attention turns that into different completions, bundled kernels do not."""
+    from runhelp import cli
+
+    # A 16-token budget cuts the 23-token prompt differently depending on what else runs in the step.
+    stock_proc, stock_base = _start(tiny_model_dir, "stock", tmp_path, budget=16)
+    verdicts = {}
+    try:
+        for name, base in (("stock", stock_base), ("bi", bi_server[0])):
+            out = tmp_path / name
+            res = cli(capsys, "run", "--base-url", base, "--model", str(tiny_model_dir), "--prompt",
+                      "Tell me about Richard Feynman", "-n", "24", "--concurrency", "1,16", "--max-tokens", "8",
+                      "--out", out, "--json")  # fmt: skip
+            assert res.code == 0, res.err
+            summary = json.loads((out / "summary.json").read_text())
+            verdicts[name] = summary["prompts"][0]["verdict"]
+            assert load_manifest(out).capture == "token_ids"
+    finally:
+        _stop(stock_proc)
+    assert verdicts == {"stock": "load-dependent", "bi": "deterministic"}

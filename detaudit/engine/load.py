@@ -12,7 +12,13 @@ Pure Python: no torch.
 from __future__ import annotations
 
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from detaudit.engine.sequence import SamplingParams, Sequence
 
 SCENARIOS = ("single", "mixed", "prefix")
 _WORDS = (
@@ -55,3 +61,50 @@ def build_workload(
     for r, s in zip(reqs, steps, strict=True):
         r.step = s
     return reqs
+
+
+def drive(
+    engine: Any,
+    work: list[Arrival],
+    *,
+    seed: int,
+    top_logprobs: int,
+    on_target: Callable[[Arrival, Sequence, datetime, float], None],
+) -> dict[str, Any]:
+    """Feed arrivals into `engine` (a detaudit.engine.llm.Engine) step by step, calling `on_target(arrival, seq,
+    started_at, latency_s)` for each finished target request; returns the arm's batch statistics."""
+    pending = list(work)
+    started: dict[int, tuple[Arrival, datetime, float]] = {}
+    step = generated = 0
+    shapes: list[tuple[int, int]] = []
+    t_start = time.perf_counter()
+    while pending or engine.scheduler.has_work():
+        while pending and pending[0].step <= step:
+            a = pending.pop(0)
+            params = SamplingParams(max_tokens=a.max_tokens, seed=seed, top_logprobs=top_logprobs if a.target else 0)
+            seq = engine.add(Sequence(engine.encode_chat([{"role": "user", "content": a.text}]), params))
+            started[seq.seq_id] = (a, datetime.now(timezone.utc), time.perf_counter())
+        if not engine.scheduler.has_work():
+            step = pending[0].step
+            continue
+        finished = engine.step()
+        shapes.append(engine.last_batch)
+        step += 1
+        for seq in finished:
+            a, t0, p0 = started.pop(seq.seq_id)
+            generated += len(seq.output_ids)
+            if a.target is not None:
+                on_target(a, seq, t0, time.perf_counter() - p0)
+    seqs = [b for b, _ in shapes] or [0]
+    return {
+        "requests": len(work),
+        "fillers": sum(a.target is None for a in work),
+        "steps": len(shapes),
+        "batch_seqs_min": min(seqs),
+        "batch_seqs_max": max(seqs),
+        "batch_seqs_mean": round(sum(seqs) / len(seqs), 2),
+        "batch_tokens_max": max((t for _, t in shapes), default=0),
+        "distinct_batch_shapes": len(set(shapes)),
+        "generated_tokens": generated,
+        "wall_s": round(time.perf_counter() - t_start, 3),
+    }

@@ -6,7 +6,6 @@ import os
 import platform
 import secrets
 import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -15,8 +14,8 @@ from typing import Any
 
 from detaudit import __version__
 from detaudit.engine.llm import Engine, EngineConfig
-from detaudit.engine.load import SCENARIOS, Arrival, build_workload
-from detaudit.engine.sequence import SamplingParams, Sequence
+from detaudit.engine.load import SCENARIOS, Arrival, build_workload, drive
+from detaudit.engine.sequence import Sequence
 from detaudit.errors import UsageError
 from detaudit.rundir.io import ShardWriter, finalize_samples, prepare_out_dir, write_manifest
 from detaudit.rundir.schema import ArmSpec, PromptSpec, RequestParams, RunManifest, TargetSpec
@@ -119,50 +118,25 @@ def _run_arm(
     writer: ShardWriter,
     progress: Callable[[str, int, int], None] | None,
 ) -> dict[str, Any]:
-    """Feed arrivals into the engine step by step; record each finished target request as a sample row."""
+    """Drive one arm's arrivals through the engine; record each finished target request as a sample row."""
     arm = manifest.arms[arm_pos]
-    pending = list(work)
-    started: dict[int, tuple[Arrival, datetime, float]] = {}
     rows: list[dict[str, Any]] = []
-    step = done = 0
-    shapes: list[tuple[int, int]] = []
     n_targets = sum(a.target is not None for a in work)
-    while pending or engine.scheduler.has_work():
-        while pending and pending[0].step <= step:
-            a = pending.pop(0)
-            params = SamplingParams(max_tokens=a.max_tokens, seed=spec.seed,
-                                    top_logprobs=spec.top_logprobs if a.target else 0)
-            seq = engine.add(Sequence(engine.encode_chat([{"role": "user", "content": a.text}]), params))
-            started[seq.seq_id] = (a, _now(), time.perf_counter())
-        if not engine.scheduler.has_work():
-            step = pending[0].step
-            continue
-        finished = engine.step()
-        shapes.append(engine.last_batch)
-        step += 1
-        for seq in finished:
-            a, t0, p0 = started.pop(seq.seq_id)
-            if a.target is None:
-                continue
-            rows.append(_row(engine, seq, a, manifest, arm_pos, t0, time.perf_counter() - p0, fingerprint))
-            done += 1
+    done = 0
+
+    def on_target(a: Arrival, seq: Sequence, t0: datetime, latency: float) -> None:
+        nonlocal rows, done
+        rows.append(_row(engine, seq, a, manifest, arm_pos, t0, latency, fingerprint))
+        done += 1
         if len(rows) >= _FLUSH_ROWS:
             writer.write(rows)
             rows = []
-        if progress and finished:
+        if progress:
             progress(arm.name, done, n_targets)
+
+    stats = drive(engine, work, seed=spec.seed, top_logprobs=spec.top_logprobs, on_target=on_target)
     writer.write(rows)
-    seqs = [b for b, _ in shapes] or [0]
-    return {
-        "requests": len(work),
-        "fillers": len(work) - n_targets,
-        "steps": len(shapes),
-        "batch_seqs_min": min(seqs),
-        "batch_seqs_max": max(seqs),
-        "batch_seqs_mean": round(sum(seqs) / len(seqs), 2),
-        "batch_tokens_max": max((t for _, t in shapes), default=0),
-        "distinct_batch_shapes": len(set(shapes)),
-    }
+    return stats
 
 
 def _row(engine: Engine, seq: Sequence, a: Arrival, manifest: RunManifest, arm_pos: int, t0: datetime,

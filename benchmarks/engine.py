@@ -1,0 +1,141 @@
+"""Local-engine benchmark: N target requests under load with stock vs batch-invariant kernels, and engine tokens/s
+vs transformers' generate() on the same model and batch. Writes one JSON (updated after every phase, so a run cut
+short still leaves its finished figures). Uses `detaudit local`'s workload and load loop (detaudit.engine.load)
+but writes no run directory, so it needs only torch, triton and transformers on the GPU machine.
+
+    python benchmarks/engine.py --out OUT_DIR [--preset qwen3-1.7b] [--device cuda] [-n 1000] [--max-tokens 100]
+
+No weights can be downloaded on the benchmark machines: the model is a random-weight one of the preset's shapes,
+built here with detaudit.tiny (detaudit tiny-model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from detaudit.engine.llm import Engine, EngineConfig
+from detaudit.engine.load import build_workload, drive
+from detaudit.engine.sequence import SamplingParams
+from detaudit.tiny import build_tiny_model
+
+PROMPT = "Tell me about Richard Feynman"
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def local_phase(model: Path, kernels: str, args: argparse.Namespace) -> dict:
+    """`detaudit local`'s load loop (without the run directory): unique target completions and generation time."""
+    eng = Engine(EngineConfig(str(model), device=args.device, dtype="bfloat16", kernels=kernels,
+                              max_batch=args.max_batch, max_batched_tokens=args.max_batched_tokens,
+                              max_model_len=1024))  # fmt: skip
+    work = build_workload(args.scenario, [PROMPT], args.n, max_tokens=args.max_tokens, max_batch=args.max_batch,
+                          seed=0)  # fmt: skip
+    outs: list[tuple[int, ...]] = []
+    stats = drive(eng, work, seed=0, top_logprobs=0,
+                  on_target=lambda _a, seq, _t0, _lat: outs.append(tuple(seq.output_ids)))
+    counts = sorted(Counter(outs).values(), reverse=True)
+    modal = Counter(outs).most_common(1)[0][0]
+    first_div = [next((i for i, (x, y) in enumerate(zip(o, modal, strict=False)) if x != y), None) for o in outs]
+    first_div = [d for d in first_div if d is not None]
+    return {**stats, "n": len(outs), "unique": len(counts), "counts": counts[:10],
+            "first_divergence_min": min(first_div, default=None),
+            "tok_per_s": round(stats["generated_tokens"] / stats["wall_s"], 1), "engine": eng.info()}  # fmt: skip
+
+
+def hf_phase(model: Path, args: argparse.Namespace) -> dict:
+    """tokens/s of HF generate() vs the engine on the same prompts, batch and length."""
+    from transformers import AutoModelForCausalLM
+
+    eng = Engine(EngineConfig(str(model), device=args.device, dtype="bfloat16", kernels=args.hf_engine_kernels,
+                              max_batch=args.hf_batch, max_batched_tokens=4096, max_model_len=512))  # fmt: skip
+    texts = [f"{PROMPT}, part {i}" for i in range(args.hf_batch)]
+    prompts = [eng.encode_chat([{"role": "user", "content": t}]) for t in texts]
+    params = SamplingParams(max_tokens=args.hf_tokens, ignore_eos=True)
+    eng.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
+    _sync(args.device)
+    t0 = time.perf_counter()
+    seqs = eng.generate(prompts, params)
+    _sync(args.device)
+    engine_s = time.perf_counter() - t0
+    n_tokens = sum(len(s.output_ids) for s in seqs)
+    del eng
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).to(args.device).eval()
+    tok = __import__("transformers").PreTrainedTokenizerFast.from_pretrained(model)
+    tok.padding_side = "left"
+    enc = tok([tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
+               for t in texts], return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
+    kw = dict(max_new_tokens=args.hf_tokens, min_new_tokens=args.hf_tokens, do_sample=False,
+              pad_token_id=tok.pad_token_id)  # fmt: skip
+    hf.generate(**{k: v[:2] for k, v in enc.items()}, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+    _sync(args.device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = hf.generate(**enc, **kw)
+    _sync(args.device)
+    hf_s = time.perf_counter() - t0
+    hf_tokens = (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
+    return {"batch": args.hf_batch, "tokens_each": args.hf_tokens, "engine_kernels": args.hf_engine_kernels,
+            "engine_s": round(engine_s, 3),
+            "engine_tok_per_s": round(n_tokens / engine_s, 1), "hf_generate_s": round(hf_s, 3),
+            "hf_tok_per_s": round(hf_tokens / hf_s, 1), "speedup": round((n_tokens / engine_s) / (hf_tokens / hf_s), 2)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--preset", default="qwen3-1.7b")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("-n", type=int, default=1000)
+    ap.add_argument("--max-tokens", type=int, default=100)
+    ap.add_argument("--max-batch", type=int, default=128)
+    ap.add_argument("--max-batched-tokens", type=int, default=2048)
+    ap.add_argument("--scenario", default="mixed")
+    ap.add_argument("--hf-batch", type=int, default=64)
+    ap.add_argument("--hf-tokens", type=int, default=128)
+    ap.add_argument("--hf-engine-kernels", default="batch-invariant")
+    ap.add_argument("--phases", default="batch-invariant,stock,hf")
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    result: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
+                    "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}  # fmt: skip
+    try:
+        import triton
+
+        result["triton"] = triton.__version__
+    except ImportError:
+        result["triton"] = None
+    path = args.out / "engine_bench.json"
+
+    def save() -> None:
+        path.write_text(json.dumps(result, indent=2))
+        print(json.dumps(result), flush=True)
+
+    t0 = time.perf_counter()
+    model = build_tiny_model(args.out / "model", "qwen3", preset=args.preset, dtype="bfloat16")
+    result["model_build_s"] = round(time.perf_counter() - t0, 1)
+    save()
+    for phase in args.phases.split(","):
+        try:
+            result[phase] = hf_phase(model, args) if phase == "hf" else local_phase(model, phase, args)
+        except Exception:
+            result[phase] = {"error": traceback.format_exc(limit=6)}
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        save()
+    if "wall_s" in result.get("stock", {}) and "wall_s" in result.get("batch-invariant", {}):
+        result["bi_over_stock_wall"] = round(result["batch-invariant"]["wall_s"] / result["stock"]["wall_s"], 3)
+        save()
+
+
+if __name__ == "__main__":
+    main()
