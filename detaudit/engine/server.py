@@ -126,9 +126,13 @@ class AsyncEngine:
                 incoming, self._incoming = self._incoming, []
                 aborts, self._aborts = self._aborts, []
             for job in incoming:
+                try:
+                    self.engine.add(job.seq)
+                except UsageError as e:  # checked by the handler already; never let it kill the engine thread
+                    self._emit(job, ("error", str(e)))
+                    continue
                 self._jobs[job.seq.seq_id] = job
                 self._sent[job.seq.seq_id] = 0
-                self.engine.add(job.seq)
             for seq in aborts:
                 if seq.seq_id in self._jobs:
                     self.engine.scheduler.abort(seq)
