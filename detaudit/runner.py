@@ -12,6 +12,8 @@ Order of work, so that bad input writes nothing: validate arguments and prompts,
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import json
 import os
 import platform
@@ -22,7 +24,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -680,4 +682,20 @@ def execute_run(req: RunRequest, make_progress: Callable[[], Any] | None = None,
     _ensure_fd_limit(max(req.concurrency))
     if resumed is None and req.out is not None:
         _check_out(req.out, req.force)
-    return asyncio.run(_execute(req, make_progress, resumed))
+    with _gc_tuned():
+        return asyncio.run(_execute(req, make_progress, resumed))
+
+
+@contextlib.contextmanager
+def _gc_tuned() -> Iterator[None]:
+    """Each answer allocates about a thousand short-lived, acyclic JSON objects that reference counting frees; the
+    cyclic collector would still rescan the whole heap (pyarrow, rich, ...) every few answers. Freeze the objects
+    that exist at start and collect young objects less often for the run, then restore."""
+    thresholds = gc.get_threshold()
+    gc.freeze()
+    gc.set_threshold(max(thresholds[0], 50_000), *thresholds[1:])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*thresholds)
+        gc.unfreeze()
