@@ -85,3 +85,12 @@ def test_every_prompt_token_is_cached_exactly_once(budget):
         assert steps < 100
     assert all(q.finish_reason == "length" and q.num_cached == len(q) - 1 for q in seqs)
     assert s.blocks.num_free == s.blocks.num_blocks
+
+
+def test_scheduler_block_manager_and_load_import_no_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys, detaudit.engine.scheduler, detaudit.engine.block_manager, detaudit.engine.load; "
+            "sys.exit('torch' in sys.modules)")  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0
