@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -29,7 +31,16 @@ def arch_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from detaudit.tiny import build_tiny_model
 
     root = tmp_path_factory.mktemp("engine-archs")
-    return {a: build_tiny_model(root / a, a, seed=1) for a in ARCHS}
+    dirs = {a: build_tiny_model(root / a, a, seed=1) for a in ARCHS}
+    # Llama 3's scaled RoPE, in the config.json form hub checkpoints have (rope_scaling + top-level rope_theta).
+    dirs["llama3-rope"] = root / "llama3-rope"
+    shutil.copytree(dirs["llama"], dirs["llama3-rope"])
+    cfg = json.loads((dirs["llama"] / "config.json").read_text())
+    cfg.pop("rope_parameters", None)
+    cfg.update(rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    (dirs["llama3-rope"] / "config.json").write_text(json.dumps(cfg))
+    return dirs
 
 
 def _engine(model: Path, kernels: str = "stock", dtype: str = "bfloat16", **kw) -> Engine:
@@ -38,7 +49,7 @@ def _engine(model: Path, kernels: str = "stock", dtype: str = "bfloat16", **kw) 
     return Engine(EngineConfig(str(model), device="cpu", dtype=dtype, kernels=kernels, **cfg))
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [*ARCHS, "llama3-rope"])
 def test_matches_transformers_fp32(arch_dirs, arch):
     """Own model code == the transformers module: same greedy tokens, logprobs within fp32 noise."""
     from transformers import AutoModelForCausalLM

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import platform
 from dataclasses import dataclass
 from typing import Any
@@ -62,7 +61,7 @@ class Engine:
 
         self.runner = ModelRunner(
             self.spec,
-            {**json.loads((path / "config.json").read_text())},
+            _hf_config(path, self.spec.head_dim),
             device=cfg.device,
             dtype=getattr(torch, cfg.dtype),
             kernels=cfg.kernels,
@@ -179,6 +178,16 @@ class Engine:
             "max_model_len": self.max_model_len,
             "block_size": self.cfg.block_size,
         }
+
+
+def _hf_config(path, head_dim: int):
+    """transformers' config object: it standardizes RoPE parameters across config.json vintages."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(path)
+    if getattr(config, "head_dim", None) is None:
+        config.head_dim = head_dim
+    return config
 
 
 def _transformers_version() -> str:

@@ -9,7 +9,7 @@ the step's new keys/values are written into first.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from types import SimpleNamespace
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -52,21 +52,17 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Rotary(nn.Module):
     """A cos/sin table over all positions, computed exactly as HF computes it per position."""
 
-    def __init__(self, spec: ModelSpec, config: dict) -> None:
+    def __init__(self, spec: ModelSpec, config: Any) -> None:
         super().__init__()
-        rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        theta = rope.get("rope_theta", config.get("rope_theta", 10000.0))
-        if rope_type == "default":
+        rope = config.rope_parameters  # transformers' standardized form, whatever the checkpoint's config.json says
+        if rope["rope_type"] == "default":
+            theta = rope["rope_theta"]
             inv_freq = 1.0 / (theta ** (torch.arange(0, spec.head_dim, 2, dtype=torch.float) / spec.head_dim))
             scaling = 1.0
         else:
             from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-            cfg = SimpleNamespace(**config)
-            cfg.rope_parameters = {**rope, "rope_theta": theta, "rope_type": rope_type}
-            cfg.head_dim = spec.head_dim
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](cfg, "cpu")
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope["rope_type"]](config, "cpu")
         pos = torch.arange(spec.max_position_embeddings, dtype=torch.float)
         freqs = pos[:, None] * inv_freq[None, :].float()
         emb = torch.cat((freqs, freqs), dim=-1)
@@ -143,12 +139,12 @@ class Body(nn.Module):
 class CausalLM(nn.Module):
     """HF parameter names (model.layers.N.self_attn.q_proj.weight, lm_head.weight) so checkpoints load as saved."""
 
-    def __init__(self, spec: ModelSpec, config: dict) -> None:
+    def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec
         self.model = Body(spec)
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
-        self.rotary = Rotary(spec, config)
+        self.rotary: Rotary | None = None  # built by load_model on the real device (not the meta one)
 
     def forward(self, input_ids, inp: StepInputs, kv_caches, attn_fn, logits_rows: torch.Tensor) -> torch.Tensor:
         """Logits (model dtype) of the rows in `logits_rows` only: the lm_head runs on just those rows."""
@@ -158,10 +154,12 @@ class CausalLM(nn.Module):
         return self.lm_head(self.model.norm(x[logits_rows]))
 
 
-def load_model(spec: ModelSpec, config: dict, device: str, dtype: torch.dtype) -> CausalLM:
-    """Build the module on the meta device and fill it straight from the safetensors shards on `device`."""
+def load_model(spec: ModelSpec, config: Any, device: str, dtype: torch.dtype) -> CausalLM:
+    """Build the module on the meta device and fill it straight from the safetensors shards on `device`.
+
+    `config` is the transformers config object (AutoConfig), used for RoPE's parameters."""
     with torch.device("meta"):
-        model = CausalLM(spec, config)
+        model = CausalLM(spec)
     expected = dict(model.named_parameters())
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(spec.path.glob("*.safetensors")):

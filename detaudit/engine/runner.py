@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -26,7 +27,7 @@ class ModelRunner:
     def __init__(
         self,
         spec: ModelSpec,
-        config: dict,
+        config: Any,
         *,
         device: str,
         dtype: torch.dtype,
