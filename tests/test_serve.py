@@ -193,3 +193,16 @@ def test_detaudit_run_sees_load_dependence_with_stock_and_none_with_bundled(bi_s
     finally:
         _stop(stock_proc)
     assert verdicts == {"stock": "load-dependent", "bi": "deterministic"}
+
+
+def test_overloaded_queue_answers_503(tiny_model_dir):
+    """In process (ASGI test client): with no room left in the wait queue a request gets OpenAI's 503 shape."""
+    from fastapi.testclient import TestClient
+
+    from detaudit.engine.llm import Engine, EngineConfig
+    from detaudit.engine.server import create_app
+
+    engine = Engine(EngineConfig(str(tiny_model_dir), max_batch=2, max_batched_tokens=32, max_model_len=128))
+    with TestClient(create_app(engine, model_name="tiny", max_queue=0)) as client:
+        r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": PROMPT, "max_tokens": 2})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
