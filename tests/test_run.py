@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from collections import Counter
 
@@ -147,8 +148,10 @@ def test_failed_requests_become_error_rows_after_retries(scripted_server, capsys
 def test_rate_cap_spaces_the_requests(scripted_server, capsys, tmp_path) -> None:
     server = scripted_server(completions={"Q": QUEENS}, default="Q")
     out = tmp_path / "r"
+    thresholds = gc.get_threshold()
     r = cli(capsys, "run", "--base-url", server.base_url, "-p", "hi", "-n", 16, "-c", 8, "--rate", 20, "--out", out)
     assert r.code == 0, r.err
+    assert gc.get_threshold() == thresholds and gc.get_freeze_count() == 0  # the run's GC tuning is undone
     starts = sorted(read_samples(out).column("started_at").to_pylist())
     assert (starts[-1] - starts[0]).total_seconds() >= 15 / 20 * 0.95  # 16 sends at most 20/s apart
     assert load_manifest(out).params.rate == 20
