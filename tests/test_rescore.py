@@ -41,6 +41,10 @@ def test_same_model_and_kernels_give_zero_gap_stock_does_not(bi_run, tiny_model_
     samples = {r["sample_index"]: r for r in read_samples(bi_run).to_pylist()}
     assert all(r["rescored_logprobs"] == samples[r["sample_index"]]["logprobs"] for r in table)
     assert json.loads((bi_run / "summary.json").read_text())["rescore"]["max_abs_delta"] == 0
+    main(["analyze", str(bi_run), "--json"])  # rewrites summary.json: the rescore section must survive
+    capsys.readouterr()
+    kept = json.loads((bi_run / "summary.json").read_text())["rescore"]
+    assert kept == bi and kept["kernels"] == "batch-invariant" and kept["model"] == str(tiny_model_dir)
 
     main(["rescore", str(bi_run), "--model", str(tiny_model_dir), "--kernels", "stock", "--json"])
     stock = json.loads(capsys.readouterr().out)

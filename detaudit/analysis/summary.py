@@ -19,9 +19,10 @@ import pyarrow.compute as pc
 
 from detaudit.analysis.core import Sequences, SourceMissing, encode_sequences, find_forks, lcp_pairs
 from detaudit.analysis.decode import Decoder
+from detaudit.analysis.rescore import summarize_rescore
 from detaudit.analysis.stats import arm_stats
 from detaudit.analysis.units import SOURCES, Source, unit_of
-from detaudit.rundir.io import iter_samples, load_manifest, read_sample_rows, sample_row_groups
+from detaudit.rundir.io import iter_samples, load_manifest, read_rescore, read_sample_rows, sample_row_groups
 from detaudit.rundir.schema import SAMPLES_SCHEMA, PromptSpec, RunManifest
 
 SUMMARY_SCHEMA = "detaudit.summary/1"
@@ -425,7 +426,11 @@ def summarize_run(run_dir: Path | str, limits: Limits = Limits()) -> dict[str, A
     The samples are streamed: all rows of the compared column, and the display columns of a few rows only.
     """
     manifest = load_manifest(Path(run_dir))
-    return analyze(manifest, RunDirReader(Path(run_dir)), limits)[0]
+    summary = analyze(manifest, RunDirReader(Path(run_dir)), limits)[0]
+    rescored = read_rescore(Path(run_dir))
+    if rescored is not None:
+        summary["rescore"] = summarize_rescore(rescored)
+    return summary
 
 
 def analyze(

@@ -30,9 +30,9 @@ def rescore_command(
     load_manifest(run_dir)  # a bad run directory fails before the model loads
     engine = Engine(EngineConfig(model, device=device, dtype=dtype, kernels=kernels, max_batch=max_batch,
                                  max_batched_tokens=max(max_model_len, max_batch), max_model_len=max_model_len))
-    section = rescore_run(run_dir, engine)
-    summary = summarize_run(run_dir)
-    summary["rescore"] = section
+    rescore_run(run_dir, engine)
+    summary = summarize_run(run_dir)  # its rescore section is built from the rescore.parquet just written
+    section = summary["rescore"]
     write_summary(run_dir, summary)
     if as_json:
         typer.echo(json.dumps(section, indent=2))

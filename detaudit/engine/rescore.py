@@ -8,7 +8,6 @@ stock kernels the sampler's decode-time numbers and the trainer's prefill number
 from __future__ import annotations
 
 import math
-import statistics
 from typing import Any
 
 import numpy as np
@@ -66,8 +65,8 @@ def compare(reported: list[float | None] | None, rescored: list[float]) -> dict[
     }
 
 
-def rescore_run(run_dir, engine: Engine) -> dict[str, Any]:
-    """Rescore every ok row of the run, write rescore.parquet, and return the summary's `rescore` section."""
+def rescore_run(run_dir, engine: Engine) -> None:
+    """Rescore every ok row of the run into RUN/rescore.parquet (the summary's rescore section is built from it)."""
     manifest = load_manifest(run_dir)
     table = read_samples(run_dir, ["sample_index", "prompt_id", "status", "token_ids", "tokens", "token_bytes",
                                    "logprobs"]).to_pylist()  # fmt: skip
@@ -97,33 +96,5 @@ def rescore_run(run_dir, engine: Engine) -> dict[str, Any]:
         for r in todo[key]:
             rows.append({"sample_index": r["sample_index"], "status": "ok", **compare(r["logprobs"], rescored)})
     rows.sort(key=lambda x: x["sample_index"])
-    write_rescore(run_dir, rows)
-    return summarize_rescore(rows, engine)
-
-
-def summarize_rescore(rows: list[dict[str, Any]], engine: Engine) -> dict[str, Any]:
-    ok = [r for r in rows if r["status"] == "ok"]
-    with_ref = [r for r in ok if r["abs_delta"] is not None]
-    deltas = [d for r in with_ref for d in r["abs_delta"] if d is not None]
-    firsts = [r["first_diff"] for r in with_ref if r["first_diff"] is not None]
-    kls = [r["kl_estimate"] for r in with_ref]
     info = engine.info()
-    return {
-        "model": engine.cfg.model,
-        "kernels": info["kernels"],
-        "dtype": info["dtype"],
-        "device": info["device"],
-        "rows": len(rows),
-        "rows_rescored": len(ok),
-        "rows_skipped": len(rows) - len(ok),
-        "rows_compared": len(with_ref),
-        "tokens_compared": len(deltas),
-        "tokens_equal": sum(d == 0 for d in deltas),
-        "rows_equal": sum(r["first_diff"] is None for r in with_ref),
-        "max_abs_delta": max(deltas, default=None),
-        "mean_abs_delta": statistics.fmean(deltas) if deltas else None,
-        "kl_mean": statistics.fmean(kls) if kls else None,
-        "kl_max": max(kls, default=None),
-        "first_diff_min": min(firsts, default=None),
-        "first_diff_median": statistics.median(firsts) if firsts else None,
-    }
+    write_rescore(run_dir, rows, {"model": engine.cfg.model, **{k: info[k] for k in ("kernels", "dtype", "device")}})

@@ -329,10 +329,24 @@ def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> None:
     atomic_write_json(Path(run_dir) / SUMMARY_FILE, summary)
 
 
-def write_rescore(run_dir: Path, rows: Iterable[Mapping[str, Any]]) -> None:
-    """rescore.parquet (RESCORE_SCHEMA), replacing any earlier rescore of the run."""
+RESCORE_INFO_KEY = b"detaudit.rescore_info"
+
+
+def write_rescore(run_dir: Path, rows: Iterable[Mapping[str, Any]], info: Mapping[str, Any]) -> None:
+    """rescore.parquet (RESCORE_SCHEMA), replacing any earlier rescore of the run.
+
+    `info` (model, kernels, dtype, device of the rescoring engine) rides in the file's metadata, so the
+    summary's rescore section can be rebuilt from the run directory alone by every `detaudit analyze`.
+    """
     table = pa.Table.from_pylist([dict(r) for r in rows], schema=RESCORE_SCHEMA)
-    atomic_write_table(Path(run_dir) / RESCORE_FILE, table)
+    meta = {**(table.schema.metadata or {}), RESCORE_INFO_KEY: json.dumps(dict(info), default=str).encode()}
+    atomic_write_table(Path(run_dir) / RESCORE_FILE, table.replace_schema_metadata(meta))
+
+
+def rescore_info(table: pa.Table) -> dict[str, Any]:
+    """Who rescored: the `info` given to write_rescore ({} for files written without it)."""
+    raw = (table.schema.metadata or {}).get(RESCORE_INFO_KEY)
+    return json.loads(raw) if raw else {}
 
 
 def read_rescore(run_dir: Path) -> pa.Table | None:
@@ -341,6 +355,8 @@ def read_rescore(run_dir: Path) -> pa.Table | None:
     if not path.exists():
         return None
     try:
-        return pq.read_table(path).select(RESCORE_SCHEMA.names).cast(RESCORE_SCHEMA)
+        table = pq.read_table(path)
+        meta = table.schema.metadata
+        return table.select(RESCORE_SCHEMA.names).cast(RESCORE_SCHEMA).replace_schema_metadata(meta)
     except (OSError, KeyError, pa.ArrowException) as e:
         raise _corrupt(path, e) from None
