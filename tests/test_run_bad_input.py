@@ -146,6 +146,8 @@ def test_existing_and_broken_run_directories_are_refused_untouched(scripted_serv
     _assert_one_line_exit_2(r, "not a detaudit run directory")
     r = cli(capsys, *base, "--resume", "--out", run, "-p", "other prompt")
     _assert_one_line_exit_2(r, "drop --prompt")
+    r = cli(capsys, *base, "--resume", "--out", run, "-n", 500, "--timeout", 5)
+    _assert_one_line_exit_2(r, "drop --repeats, --timeout")
     assert tree_snapshot(run) == before
 
     def broken(name: str, mutate) -> Path:

@@ -112,7 +112,25 @@ def finish_run(outcome: RunOutcome, as_json: bool, console: Console, err_console
     return summary
 
 
+# What a resumed run takes from its manifest: giving one of these with --resume is refused, never ignored.
+_MANIFEST_SETTINGS = ("prompt", "prompt_file", "suite", "repeats", "model", "api", "max_tokens", "temperature",
+                      "top_p", "seed", "stop", "top_logprobs", "concurrency", "rate", "timeout", "retries",
+                      "extra_body", "force")  # fmt: skip
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """Whether the user set `name` (command line or environment) rather than leaving its default."""
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name != "DEFAULT"
+
+
+def _flag(ctx: typer.Context, name: str) -> str:
+    param = next(p for p in ctx.command.params if p.name == name)
+    return max(param.opts, key=len)
+
+
 def run_command(
+    ctx: typer.Context,
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt text (repeatable)."),
     prompt_file: Path | None = typer.Option(None, "--prompt-file", help="Plain-text prompt, or JSONL of "
                                             '{"prompt": ...} / {"messages": [...]} objects.'),  # fmt: skip
@@ -158,8 +176,7 @@ def run_command(
     if resume:
         if out is None:
             raise UsageError("--resume needs --out DIR (the run directory to finish)")
-        given = [name for name, v in (("--prompt", prompt), ("--prompt-file", prompt_file), ("--model", model),
-                                      ("--extra-body", extra_body), ("--suite", suite)) if v]  # fmt: skip
+        given = [_flag(ctx, name) for name in _MANIFEST_SETTINGS if _given(ctx, name)]
         if given:
             raise UsageError(f"--resume takes the run's settings from its manifest; drop {', '.join(given)}")
         req, manifest = request_from_manifest(
