@@ -28,21 +28,16 @@ import pyarrow.parquet as pq
 from detaudit.rundir.io import load_manifest, read_samples
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the scripted loopback server lives with the tests
+from scripted_server import spawn  # noqa: E402
+
 DETAUDIT = str(Path(sys.executable).with_name("detaudit"))
 
 
 def start_server(tmp: Path) -> tuple[subprocess.Popen, str]:
-    script = tmp / "script.json"
     tokens = [f" t{i}" for i in range(48)]
-    script.write_text(json.dumps({"completions": {"A": tokens, "B": tokens[:20] + [" fork"]},
-                                  "schedules": {"crash": [["A", 99], ["B", 1]]}, "latency_s": 0.005}))  # fmt: skip
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "scripted_server.py"), "--script", str(script)],
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
-    line = proc.stdout.readline() if proc.stdout else ""
-    if not line.startswith("READY "):
-        proc.kill()
-        raise SystemExit(f"scripted server did not start: {line!r}")
-    return proc, line.split()[1]
+    return spawn({"completions": {"A": tokens, "B": tokens[:20] + [" fork"]},
+                  "schedules": {"crash": [["A", 99], ["B", 1]]}, "latency_s": 0.005}, tmp)  # fmt: skip
 
 
 def _tmp_files(out: Path, where: str) -> list[Path]:

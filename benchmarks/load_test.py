@@ -26,19 +26,13 @@ import pyarrow.compute as pc
 from detaudit.rundir.io import load_manifest, read_samples
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the scripted loopback server lives with the tests
+from scripted_server import spawn  # noqa: E402
 
 
 def start_server(tmp: Path, latency: float) -> tuple[subprocess.Popen, str]:
-    script = tmp / "script.json"
     tokens = [f" t{i}" for i in range(32)]
-    script.write_text(json.dumps({"completions": {"A": tokens}, "default": "A", "latency_s": latency}))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "scripted_server.py"), "--script", str(script)],
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
-    line = proc.stdout.readline() if proc.stdout else ""
-    if not line.startswith("READY "):
-        proc.kill()
-        raise SystemExit(f"scripted server did not start: {line!r}")
-    return proc, line.split()[1]
+    return spawn({"completions": {"A": tokens}, "default": "A", "latency_s": latency}, tmp)
 
 
 class Sampler(threading.Thread):

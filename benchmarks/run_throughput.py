@@ -32,20 +32,15 @@ from detaudit.client import POOL_SIZE
 from detaudit.rundir.io import read_samples
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the scripted loopback server lives with the tests
+from scripted_server import spawn  # noqa: E402
+
 TOKENS = [f" tok{i}" for i in range(64)]  # a 64-token completion
 PROMPT = "Tell me about Richard Feynman"
 
 
 def start_server(tmp: Path) -> tuple[subprocess.Popen, str]:
-    script = tmp / "script.json"
-    script.write_text(json.dumps({"completions": {"A": TOKENS}, "default": "A"}))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "scripted_server.py"), "--script", str(script)],
-                            stdout=subprocess.PIPE, text=True)  # fmt: skip
-    line = proc.stdout.readline() if proc.stdout else ""
-    if not line.startswith("READY "):
-        proc.kill()
-        raise SystemExit(f"scripted server did not start: {line!r}")
-    return proc, line.split()[1]
+    return spawn({"completions": {"A": TOKENS}, "default": "A"}, tmp)
 
 
 async def bare_loop(base_url: str, n: int, concurrency: int, pool_size: int | None = None) -> float:

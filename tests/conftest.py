@@ -78,3 +78,14 @@ def transformers_serve(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFa
             proc.kill()
             proc.wait()
         log.close()
+
+
+@pytest.fixture
+def one_torch_thread() -> Iterator[None]:
+    """Tiny matrices gain nothing from a second thread, and a busy machine makes OpenMP spin: pin to one."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -78,10 +78,12 @@ import asyncio
 import json
 import random
 import socket
+import subprocess
 import sys
 import threading
 import time
 from collections import Counter, deque
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -546,6 +548,18 @@ async def _reset_mid_body(send: Any, body: bytes) -> None:
     await send({"type": "http.response.start", "status": 200,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True})
+
+
+def spawn(script: dict[str, Any], workdir: Path) -> tuple[subprocess.Popen, str]:
+    """Start a scripted server in another process (benchmarks measure the client alone); returns it and its URL."""
+    path = workdir / "script.json"
+    path.write_text(json.dumps(script))
+    proc = subprocess.Popen([sys.executable, __file__, "--script", str(path)], stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline() if proc.stdout else ""
+    if not line.startswith("READY "):
+        proc.kill()
+        raise SystemExit(f"scripted server did not start: {line!r}")
+    return proc, line.split()[1]
 
 
 def main(argv: list[str] | None = None) -> None:

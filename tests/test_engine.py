@@ -17,13 +17,7 @@ PROMPT = [{"role": "user", "content": "def fibonacci(n):"}]
 OTHERS = ["import os", "class Vector:\n    def __init__(self, x, y):", "Tell me about Richard Feynman " * 6, "x = 1"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices gain nothing from a second thread, and a busy machine makes OpenMP spin: pin to one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

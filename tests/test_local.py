@@ -18,13 +18,7 @@ ARGS = ["--prompt", "Tell me about Richard Feynman", "-n", str(N), "--scenario",
         str(MAX_TOKENS), "--max-batch", "16", "--max-batched-tokens", "32", "--dtype", "bfloat16"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices gain nothing from a second thread, and a busy machine makes OpenMP spin: pin to one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _run(model: Path, out: Path, kernels: str) -> dict:

@@ -6,20 +6,12 @@ import json
 import math
 
 import pytest
-import torch
 
 from detaudit.cli.app import main
 from detaudit.engine.rescore import compare
 from detaudit.rundir.io import read_rescore, read_samples
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices gain nothing from a second thread, and a busy machine makes OpenMP spin: pin to one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
