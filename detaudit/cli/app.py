@@ -37,62 +37,55 @@ def _root(
 
 
 def _register() -> None:
-    # Each command module exposes plain functions; registration lives here so the command list is one place.
-    from detaudit.cli import analyze, schema, tiny_model
-
-    app.command("schema", help="Print the run-directory schema (samples.parquet columns, manifest fields).")(
-        schema.schema_command
+    """Every command, in the order `detaudit --help` lists them; each module exposes plain functions."""
+    from detaudit.cli import (
+        analyze,
+        demo,
+        gate,
+        local,
+        probe_kernels,
+        report,
+        rescore,
+        run,
+        schema,
+        serve,
+        suites,
+        tiny_model,
     )
-    app.command("tiny-model", help="Build a tiny random-weight model with an offline tokenizer (tests, demos).")(
-        tiny_model.tiny_model_command
-    )
-    app.command("analyze", help="Analyse a run: unique completions, forks, statistics, load verdict.")(
-        analyze.analyze_command
-    )
-    app.command("compare", help="Compare two runs: same setup? same modal completions? where do they part?")(
-        analyze.compare_command
-    )
-    from detaudit.cli import suites
-
-    app.command("suites", help="List the bundled probe suites, or show and validate one suite.")(suites.suites_command)
-    from detaudit.cli import probe_kernels, run
     from detaudit.cli.probe import probe_app
 
+    commands = [
+        ("demo", demo.demo_command,
+         "Offline demo: tiny model served with stock kernels, audited, rerun batch-invariant."),
+        ("run", run.run_command,
+         "Fire N temperature-0 requests per prompt per load arm and record every token stream."),
+        ("analyze", analyze.analyze_command,
+         "Analyse a run: unique completions, forks, statistics, load verdict."),
+        ("compare", analyze.compare_command,
+         "Compare two runs: same setup? same modal completions? where do they part?"),
+        ("report", report.report_command,
+         "Render runs side by side as self-contained HTML, Markdown and/or JUnit XML."),
+        ("gate", gate.gate_command,
+         "Pass or fail a run on thresholds (and a baseline run); exit 0/1/2/3 for CI."),
+        ("suites", suites.suites_command,
+         "List the bundled probe suites, or show and validate one suite."),
+        ("local", local.local_command,
+         "Rerun prompts on the bundled engine under server-like load (stock or batch-invariant)."),
+        ("serve", serve.serve_command,
+         "Serve a model on the local engine through an OpenAI-compatible API."),
+        ("rescore", rescore.rescore_command,
+         "Recompute a run's token logprobs by teacher-forced prefill; report the gap."),
+        ("tiny-model", tiny_model.tiny_model_command,
+         "Build a tiny random-weight model with an offline tokenizer (tests, demos)."),
+        ("schema", schema.schema_command,
+         "Print the run-directory schema (samples.parquet columns, manifest fields)."),
+    ]
+    for name, func, text in commands:
+        app.command(name, help=text)(func)
     probe_app.command("kernels", help="Sweep our kernels and stock torch over batch sizes: invariant or not, per op.")(
         probe_kernels.kernels_command
     )
     app.add_typer(probe_app, name="probe")
-    app.command("run", help="Fire N temperature-0 requests per prompt per load arm and record every token stream.")(
-        run.run_command
-    )
-    from detaudit.cli import gate, report
-
-    app.command("report", help="Render runs side by side as self-contained HTML, Markdown and/or JUnit XML.")(
-        report.report_command
-    )
-    app.command("gate", help="Pass or fail a run on thresholds (and a baseline run); exit 0/1/2/3 for CI.")(
-        gate.gate_command
-    )
-    from detaudit.cli import demo
-
-    app.command("demo", help="Offline demo: tiny model served with stock kernels, audited, rerun batch-invariant.")(
-        demo.demo_command
-    )
-    from detaudit.cli import local
-
-    app.command("local", help="Rerun prompts on the bundled engine under server-like load (stock or batch-invariant).")(
-        local.local_command
-    )
-    from detaudit.cli import serve
-
-    app.command("serve", help="Serve a model on the local engine through an OpenAI-compatible API.")(
-        serve.serve_command
-    )
-    from detaudit.cli import rescore
-
-    app.command("rescore", help="Recompute a run's token logprobs by teacher-forced prefill; report the gap.")(
-        rescore.rescore_command
-    )
 
 
 _register()
@@ -140,5 +133,15 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(EXIT_INTERRUPTED)
         if debug:
             raise
-        err_console.print(f"[bold red]internal error:[/] {type(e).__name__}: {e} (rerun with --debug for details)")
+        if isinstance(e, OSError) and e.strerror:
+            # The file system refused a path the user named (unwritable, a directory, a full disk): their input.
+            where = ": ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
+            message = f"{where}: {e.strerror}" if where else e.strerror
+            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+        err_console.print(
+            f"[bold red]internal error:[/] {escape(f'{type(e).__name__}: {e}')} (rerun with --debug for details)",
+            highlight=False,
+            soft_wrap=True,
+        )
         sys.exit(70)
