@@ -14,7 +14,7 @@ from detaudit.reports.model import Report, build_report
 
 from detaudit.analysis.summary import summarize_run
 from detaudit.errors import UsageError
-from detaudit.rundir.io import atomic_write_bytes, load_manifest
+from detaudit.rundir.io import load_manifest, write_output_file
 from detaudit.rundir.schema import RunManifest
 
 
@@ -33,11 +33,7 @@ def load_runs(run_dirs: Sequence[Path]) -> list[tuple[Path, RunManifest, dict[st
 
 
 def _write(path: Path, text: str) -> Path:
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        raise UsageError(f"{path}: directory {path.parent} does not exist")
-    atomic_write_bytes(path, text.encode("utf-8"))
-    return path
+    return write_output_file(path, text.encode("utf-8"))
 
 
 def write_reports(

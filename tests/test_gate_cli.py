@@ -87,6 +87,16 @@ def test_gate_bad_input_exits_2(tmp_path, capsys):
     assert (r.code, "run is started, not complete" in r.err) == (2, True)
 
 
+def test_gate_outputs_never_replace_the_run_files(tmp_path, capsys):
+    run = stable(tmp_path)
+    manifest = (run / "manifest.json").read_bytes()
+    r = cli(capsys, "gate", run, "--max-unique", "1", "--md", run / "manifest.json")
+    assert (r.code, r.err.count("\n"), "belongs to the run directory" in r.err) == (2, 1, True)
+    assert (run / "manifest.json").read_bytes() == manifest
+    r = cli(capsys, "gate", run, "--max-unique", "1", "--junit", tmp_path)
+    assert (r.code, r.err.count("\n"), "is a directory" in r.err) == (2, 1, True)
+
+
 def test_gate_writes_step_summary_junit_and_markdown(tmp_path, capsys, monkeypatch):
     step = tmp_path / "step_summary.md"
     step.write_text("earlier step\n")

@@ -252,6 +252,30 @@ def test_write_reports_refuses_a_missing_output_directory(tmp_path):
     assert load_manifest(tmp_path / "endpoint").status == "complete"
 
 
+def test_report_outputs_never_replace_run_files_or_directories(tmp_path, capsys):
+    """--md/--html/--junit naming a run's own file or a directory: one line, exit 2, the run left whole."""
+    from runhelp import cli
+
+    run = endpoint_run(tmp_path)
+    manifest = (run / "manifest.json").read_bytes()
+    for flag, target in [("--md", run / "manifest.json"), ("--html", run / "summary.json"), ("--junit", run)]:
+        r = cli(capsys, "report", run, flag, target)
+        assert r.code == 2 and r.err.count("\n") == 1 and "Traceback" not in r.err, r.err
+    assert (run / "manifest.json").read_bytes() == manifest
+    r = cli(capsys, "report", run, "--md", run / "report.md")  # a report next to the run's files is fine
+    assert r.code == 0 and (run / "report.md").exists()
+
+
+def test_report_file_the_os_refuses_is_one_line_naming_it(tmp_path, capsys):
+    """An OSError on a path the user named (here: a name too long, refused even for root) is exit 2, one line."""
+    from runhelp import cli
+
+    target = tmp_path / ("x" * 300 + ".html")
+    r = cli(capsys, "report", endpoint_run(tmp_path), "--html", target)
+    assert r.code == 2 and r.err.count("\n") == 1 and "File name too long" in r.err, r.err
+    assert ".tmp" not in r.err and "Traceback" not in r.err
+
+
 def test_multi_prompt_figures_in_markdown_and_html(scripted_server, capsys, tmp_path):
     """Share of prompts fully identical and the earliest fork across prompts reach both reports."""
     from runhelp import FEYNMAN, NYC, QUEENS, cli

@@ -83,3 +83,12 @@ def test_existing_out_needs_resume_or_force(tmp_path):
     with pytest.raises(UsageError, match="not a detaudit run directory"):
         prepare_out_dir(tmp_path, resume=False, force=True)
     assert (tmp_path / "keep.txt").read_text() == "x"
+
+
+def test_force_never_clears_a_directory_with_someone_elses_manifest(tmp_path):
+    """A browser extension or web app has a manifest.json too; only a detaudit manifest lets --force delete."""
+    (tmp_path / "manifest.json").write_text('{"manifest_version": 3}')
+    (tmp_path / "keep.txt").write_text("x")
+    with pytest.raises(UsageError, match="not a detaudit run directory"):
+        prepare_out_dir(tmp_path, resume=False, force=True)
+    assert (tmp_path / "keep.txt").read_text() == "x"

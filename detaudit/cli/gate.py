@@ -17,7 +17,7 @@ from detaudit.gate import GateResult, GateThresholds, judge, run_gate
 from detaudit.reports.junit import gate_junit
 from detaudit.reports.markdown import render_gate_markdown, render_markdown
 from detaudit.reports.model import build_report
-from detaudit.rundir.io import atomic_write_bytes, load_manifest
+from detaudit.rundir.io import load_manifest, write_output_file
 from detaudit.rundir.schema import RunManifest
 
 
@@ -85,9 +85,9 @@ def publish_gate(
         build_report([(run, manifest, summary)]), heading="### Audit"
     )
     if md is not None:
-        atomic_write_bytes(md, markdown.encode())
+        write_output_file(md, markdown.encode())
     if junit is not None:
-        atomic_write_bytes(junit, gate_junit(result).encode())
+        write_output_file(junit, gate_junit(result).encode())
     step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if step_summary:
         with open(step_summary, "a", encoding="utf-8") as f:  # GitHub expects appends: steps share the file

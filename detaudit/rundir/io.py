@@ -48,17 +48,42 @@ def _fsync_dir(path: Path) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that a reader sees the old file or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:  # name the file asked for, not the temporary one
+        raise OSError(e.errno, e.strerror, str(path)) from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(e.errno, e.strerror, str(path)) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync_dir(path.parent)
+
+
+# The files of a run directory, which no report or verdict file may replace.
+_RUN_FILES = (MANIFEST_FILE, SAMPLES_FILE, SUMMARY_FILE, RESCORE_FILE, SHARDS_DIR)
+
+
+def write_output_file(path: Path, data: bytes) -> Path:
+    """Write a file the user named (--html, --md, --junit), refusing a directory or a run directory's own file."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory; give a file name")
+    if not path.parent.is_dir():
+        why = "is not a directory" if path.parent.exists() else "does not exist"
+        raise UsageError(f"{path}: directory {path.parent} {why}")
+    in_run = path.parent if path.parent.name != SHARDS_DIR else path.parent.parent
+    if (in_run / MANIFEST_FILE).exists() and (path.name in _RUN_FILES or in_run != path.parent):
+        raise UsageError(f"{path} belongs to the run directory {in_run}; write the file elsewhere")
+    atomic_write_bytes(path, data)
+    return path
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -100,9 +125,18 @@ def prepare_out_dir(out: Path, *, resume: bool, force: bool) -> None:
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise UsageError(f"--out {out} already exists; pass --resume to finish it or --force to replace it")
-        if not (out / MANIFEST_FILE).exists():
+        if not _is_run_dir(out):
             raise UsageError(f"--force refuses to clear {out}: it is not a detaudit run directory")
         shutil.rmtree(out)
+
+
+def _is_run_dir(path: Path) -> bool:
+    """Whether `path` holds a detaudit manifest (any version, valid or not): what --force may delete."""
+    try:
+        data = json.loads((path / MANIFEST_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and str(data.get("schema", "")).startswith("detaudit.run/")
 
 
 def write_manifest(run_dir: Path, manifest: RunManifest) -> None:
