@@ -6,6 +6,7 @@ import concurrent.futures as cf
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -141,6 +142,20 @@ def test_bad_serve_arguments_exit_2(tmp_path):
     r = subprocess.run([str(exe), "serve", "--model", str(tmp_path / "missing")], capture_output=True, text=True,
                        timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
     assert r.returncode == 2 and "does not exist" in r.stderr
+
+
+def test_busy_port_and_bad_queue_are_one_line_exit_2_before_the_model_loads(tmp_path, capsys):
+    """uvicorn alone logged a bind error over three lines and exited 3, after loading the model."""
+    from runhelp import cli
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = cli(capsys, "serve", "--model", tmp_path / "not-loaded", "--port", port)
+    assert (r.code, r.err.count("\n")) == (2, 1) and f"cannot listen on 127.0.0.1:{port}" in r.err, r.err
+    r = cli(capsys, "serve", "--model", tmp_path / "not-loaded", "--max-queue", "-1")
+    assert (r.code, r.err.count("\n")) == (2, 1) and "--max-queue must be at least 1" in r.err, r.err
 
 
 def test_json_body_roundtrip_is_plain_json(bi_server):

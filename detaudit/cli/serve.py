@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import typer
 from rich.console import Console
 
@@ -29,6 +31,9 @@ def serve_command(
 
     if not 0 < port < 65536:
         raise UsageError(f"--port {port} is not a TCP port")
+    if max_queue < 1:
+        raise UsageError(f"--max-queue must be at least 1, got {max_queue}")
+    sock = _listen(host, port)  # before the model loads: a busy port fails in a second, not after minutes
     engine = Engine(EngineConfig(model, device=device, dtype=dtype, kernels=kernels, max_batch=max_batch,
                                  max_batched_tokens=max_batched_tokens, max_model_len=max_model_len))
     name = served_model_name or model
@@ -36,4 +41,23 @@ def serve_command(
     Console(stderr=True).print(f"serving {name} ({kernels} kernels, {dtype}, {device}) at http://{host}:{port}/v1")
     # uvicorn turns SIGINT/SIGTERM into a graceful shutdown: stop accepting, finish or time out requests, then
     # the app's lifespan stops the engine thread.
-    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The bound server socket, or a one-line usage error (uvicorn would log a line and exit 3)."""
+    from detaudit.errors import UsageError
+
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except OSError as e:
+        raise UsageError(f"--host {host}: {e.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(addr)
+    except OSError as e:
+        sock.close()
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    return sock
