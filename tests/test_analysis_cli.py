@@ -10,7 +10,7 @@ import pytest
 from runhelp import FEYNMAN, QUEENS, cli, cli_process
 from test_analysis import ids_rows, make_run
 
-from detaudit.rundir.io import ShardWriter
+from detaudit.rundir.io import ShardWriter, load_manifest, write_manifest
 from detaudit.rundir.schema import SUMMARY_FILE
 
 # A third completion that follows QUEENS for 8 tokens: a second fork, nested in the " Queens" branch.
@@ -73,10 +73,23 @@ def test_bad_input_exit_code_of_the_real_process(tmp_path):
 def test_a_run_with_no_samples_yet(tmp_path, capsys):
     run = make_run(tmp_path / "run", ids_rows([[1]]))
     (run / "samples.parquet").unlink()
+    write_manifest(run, load_manifest(run).model_copy(update={"status": "started"}))
     r = cli(capsys, "analyze", run, "--json")
     assert r.code == 0, r.err
     summary = json.loads(r.out)
     assert summary["samples"]["rows"] == 0 and summary["prompts"][0]["verdict"] == "inconclusive"
+
+
+def test_a_complete_run_that_lost_its_samples_is_refused_not_read_as_empty(tmp_path, capsys):
+    """It read as 0/0 inconclusive, and analyze replaced the run's summary.json with that."""
+    run = make_run(tmp_path / "run", ids_rows([[1]]))
+    other = make_run(tmp_path / "other", ids_rows([[1]]))
+    (run / "samples.parquet").unlink()
+    (run / SUMMARY_FILE).write_text("kept")
+    for args in [("analyze", run), ("compare", other, run), ("report", run)]:
+        r = cli(capsys, *args)
+        assert (r.code, r.err.count("\n")) == (2, 1) and "samples.parquet is missing" in r.err, (args, r.err)
+    assert (run / SUMMARY_FILE).read_text() == "kept"
 
 
 def test_analyze_writes_summary_json_and_renders(tmp_path, capsys):

@@ -11,9 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from detaudit.analysis.decode import Decoder, shorten_tail
-from detaudit.analysis.summary import GroupResult, RunDirReader, analyze
+from detaudit.analysis.summary import GroupResult, RunDirReader, analyze, load_run_manifest
 from detaudit.analysis.units import SOURCES, Source
-from detaudit.rundir.io import load_manifest
 from detaudit.rundir.schema import PromptSpec, RunManifest
 
 COMPARE_SCHEMA = "detaudit.compare/1"
@@ -48,7 +47,7 @@ class _Side:
 
     def __init__(self, run_dir: Path) -> None:
         self.path = run_dir
-        self.manifest = load_manifest(run_dir)
+        self.manifest = load_run_manifest(run_dir)
         self.summary, self.seqs, self.dec, self.pooled = analyze(self.manifest, RunDirReader(run_dir))
         self.prompts = {p["prompt_id"]: p for p in self.summary["prompts"]}
 

@@ -22,8 +22,16 @@ from detaudit.analysis.decode import Decoder
 from detaudit.analysis.rescore import summarize_rescore
 from detaudit.analysis.stats import arm_stats
 from detaudit.analysis.units import SOURCES, Source, unit_of
-from detaudit.rundir.io import iter_samples, load_manifest, read_rescore, read_sample_rows, sample_row_groups
-from detaudit.rundir.schema import SAMPLES_SCHEMA, PromptSpec, RunManifest
+from detaudit.errors import RunDirError
+from detaudit.rundir.io import (
+    has_samples,
+    iter_samples,
+    load_manifest,
+    read_rescore,
+    read_sample_rows,
+    sample_row_groups,
+)
+from detaudit.rundir.schema import SAMPLES_FILE, SAMPLES_SCHEMA, PromptSpec, RunManifest
 
 SUMMARY_SCHEMA = "detaudit.summary/1"
 # Read for every row, beside the one column completions are compared on (units.SOURCES).
@@ -420,12 +428,21 @@ def summarize(manifest: RunManifest, table: pa.Table, limits: Limits = Limits())
     return analyze(manifest, TableReader(table), limits)[0]
 
 
+def load_run_manifest(run_dir: Path) -> RunManifest:
+    """The manifest of a run to analyse, refusing a finished run whose samples file is gone (it would read as 0/0)."""
+    manifest = load_manifest(run_dir)
+    # A finished run always has some: samples.parquet is written before the manifest says complete.
+    if manifest.status == "complete" and not has_samples(run_dir):
+        raise RunDirError(f"{run_dir}: {SAMPLES_FILE} is missing, though the manifest says the run is complete")
+    return manifest
+
+
 def summarize_run(run_dir: Path | str, limits: Limits = Limits()) -> dict[str, Any]:
     """Read a run directory (manifest + samples) and summarize it; raises RunDirError for what is not a run.
 
     The samples are streamed: all rows of the compared column, and the display columns of a few rows only.
     """
-    manifest = load_manifest(Path(run_dir))
+    manifest = load_run_manifest(Path(run_dir))
     summary = analyze(manifest, RunDirReader(Path(run_dir)), limits)[0]
     rescored = read_rescore(Path(run_dir))
     if rescored is not None:

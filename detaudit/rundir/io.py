@@ -253,6 +253,11 @@ def _sample_parts(run_dir: Path) -> list[Path]:
     return parts
 
 
+def has_samples(run_dir: Path) -> bool:
+    """Whether any sample file (samples.parquet or a shard) is on disk."""
+    return bool(_sample_parts(Path(run_dir)))
+
+
 def read_samples(run_dir: Path, columns: list[str] | None = None) -> pa.Table:
     """All sample rows of a run (samples.parquet plus any shards), one per sample_index, sorted by it.
 
