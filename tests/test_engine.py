@@ -134,3 +134,24 @@ def test_stop_on_eos_and_length(tiny_model_dir):
     stopped = eng.generate([ids], SamplingParams(max_tokens=5, stop_token_ids=(stop_at,)))[0]
     assert stopped.finish_reason == "stop" and stopped.output_ids[-1] == stop_at
     assert len(stopped.output_ids) == free.output_ids.index(stop_at) + 1
+
+
+def test_a_broken_model_directory_is_a_usage_error_not_an_internal_one(tiny_model_dir, tmp_path):
+    """Corrupt config.json / safetensors / tokenizer and a file for a directory were tracebacks (exit 70)."""
+    from detaudit.errors import UsageError
+
+    def broken(name: str, damage) -> str:
+        path = tmp_path / name
+        shutil.copytree(tiny_model_dir, path)
+        damage(path)
+        return str(path)
+
+    cases = {
+        broken("config", lambda p: (p / "config.json").write_text("{bad")): "config.json: not valid JSON",
+        broken("weights", lambda p: (p / "model.safetensors").write_bytes(b"junk")): "unreadable safetensors",
+        broken("tokenizer", lambda p: (p / "tokenizer.json").unlink()): "cannot load its tokenizer",
+        str(tiny_model_dir / "config.json"): "is not a directory",
+    }
+    for model, message in cases.items():
+        with pytest.raises(UsageError, match=message):
+            Engine(EngineConfig(model, dtype="float32"))

@@ -140,7 +140,9 @@ def main(argv: list[str] | None = None) -> None:
             err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
             sys.exit(2)
         err_console.print(
-            f"[bold red]internal error:[/] {escape(f'{type(e).__name__}: {e}')} (rerun with --debug for details)",
+            # One line even for a multi-line exception message; --debug shows all of it.
+            f"[bold red]internal error:[/] {escape(type(e).__name__ + ': ' + ' '.join(str(e).split()))} "
+            "(rerun with --debug for details)",
             highlight=False,
             soft_wrap=True,
         )

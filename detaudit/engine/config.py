@@ -42,7 +42,7 @@ def resolve_model(model: str) -> Path:
         return path
     looks_like_id = model.count("/") == 1 and not model.startswith((".", "/", "~")) and not path.exists()
     if not looks_like_id:
-        raise UsageError(f"model directory {model} does not exist")
+        raise UsageError(f"model directory {model} {'is not a directory' if path.exists() else 'does not exist'}")
     try:
         from huggingface_hub import snapshot_download
 
@@ -56,7 +56,10 @@ def load_spec(model_dir: Path) -> ModelSpec:
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
         raise UsageError(f"{model_dir} has no config.json: not a Hugging Face model directory")
-    cfg = json.loads(cfg_path.read_text())
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"{cfg_path}: not valid JSON ({e})") from None
     cfg = {**cfg.get("text_config", {}), **cfg}
     mtype = cfg.get("model_type")
     if mtype not in SUPPORTED:

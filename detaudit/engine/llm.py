@@ -201,6 +201,9 @@ def _load_tokenizer(path):
     pre-tokenizer for qwen2 directories (platform.md §4.1); otherwise whatever AutoTokenizer picks."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    if (path / "tokenizer.json").is_file():
-        return PreTrainedTokenizerFast.from_pretrained(path)
-    return AutoTokenizer.from_pretrained(path)
+    try:
+        if (path / "tokenizer.json").is_file():
+            return PreTrainedTokenizerFast.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:  # missing or corrupt tokenizer files: the model directory is the user's
+        raise UsageError(f"{path}: cannot load its tokenizer ({' '.join(str(e).split())})") from None

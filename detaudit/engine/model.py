@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from detaudit.engine.config import ModelSpec
@@ -163,7 +163,11 @@ def load_model(spec: ModelSpec, config: Any, device: str, dtype: torch.dtype) ->
     expected = dict(model.named_parameters())
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(spec.path.glob("*.safetensors")):
-        with safe_open(shard, framework="pt", device="cpu") as f:
+        try:
+            f = safe_open(shard, framework="pt", device="cpu")
+        except (OSError, SafetensorError) as e:
+            raise UsageError(f"{shard}: unreadable safetensors file ({e})") from None
+        with f:
             for name in f.keys():
                 if name in expected:
                     state[name] = f.get_tensor(name).to(device=device, dtype=dtype)
