@@ -703,8 +703,10 @@ def local_managed(
     from detaudit.probes.suites import load_suite
 
     console, err_console = Console(), Console(stderr=True)
-    if startup_timeout <= 0:
+    if not startup_timeout > 0:  # written so that NaN (which would wait forever) fails too
         raise UsageError(f"--startup-timeout must be > 0, got {startup_timeout:g}")
+    if not timeout > 0:  # checked here too so the message names this command's option, not run's --timeout
+        raise UsageError(f"--request-timeout must be > 0, got {timeout:g}")
     launch = build_launch(
         engine, model=model, port=port, tensor_parallel_size=tensor_parallel_size, kernels=kernels,
         server_cmd=server_cmd, engine_args=engine_args, attention_backend=attention_backend, server_env=server_env,

@@ -51,6 +51,9 @@ DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 DEFAULT_TOP_LOGPROBS = 2  # top-1 vs top-2 margin at each fork; --top-logprobs 0 turns alternatives off
 FLUSH_INTERVAL_S = 1.0
 FLUSH_ROWS = 2000
+# Requests per run: each one is a row in memory while its arm runs (the to-do list) and on disk. 10^7 is hours of
+# requests at 1000 req/s; a mistyped -n (1e20) was an out-of-memory kill instead of a message.
+MAX_SAMPLES = 10_000_000
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -224,22 +227,26 @@ class RunRequest:
             raise UsageError(f"-n/--repeats must be >= 1, got {self.repeats}")
         if not self.concurrency or min(self.concurrency) < 1:
             raise UsageError("--concurrency must be >= 1")
+        total = self.repeats * max(len(self.prompts), 1) * len(self.concurrency)
+        if total > MAX_SAMPLES:
+            raise UsageError(f"-n/--repeats {self.repeats} makes {total} requests; a run holds at most {MAX_SAMPLES}")
+        # Comparisons below are written so that NaN fails them too (nan < 0 and nan <= 0 are both False).
         p = self.params
         if p.max_tokens is not None and p.max_tokens < 1:
             raise UsageError(f"--max-tokens must be >= 1, got {p.max_tokens}")
-        if p.temperature < 0:
+        if not p.temperature >= 0:
             raise UsageError(f"--temperature must be >= 0, got {p.temperature}")
         if p.top_p is not None and not 0 < p.top_p <= 1:
             raise UsageError(f"--top-p must be in (0, 1], got {p.top_p}")
         if p.top_logprobs is not None and not 0 <= p.top_logprobs <= 20:
             raise UsageError(f"--top-logprobs must be between 0 and 20, got {p.top_logprobs}")
-        if p.timeout_s <= 0:
+        if not p.timeout_s > 0:
             raise UsageError(f"--timeout must be > 0, got {p.timeout_s}")
         if p.retries < 0:
             raise UsageError(f"--retries must be >= 0, got {p.retries}")
-        if p.rate is not None and p.rate <= 0:
+        if p.rate is not None and not p.rate > 0:
             raise UsageError(f"--rate must be > 0, got {p.rate}")
-        if self.backoff < 0:
+        if not self.backoff >= 0:
             raise UsageError(f"--backoff must be >= 0, got {self.backoff}")
         if not self.base_url.startswith(("http://", "https://")):
             raise UsageError(f"--base-url must start with http:// or https://, got {redact_url(self.base_url)!r}")

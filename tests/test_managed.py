@@ -183,3 +183,14 @@ def test_log_is_filed_into_the_run_dir_or_next_to_it(tmp_path: Path) -> None:
     tmp.write_text("b\n")
     file_log(tmp, out)
     assert (out / "server.log").read_text() == "a\nb\n"
+
+
+@pytest.mark.parametrize("option", ["--startup-timeout", "--request-timeout"])
+def test_nan_timeouts_are_refused_before_starting(option: str, tmp_path: Path, capsys) -> None:
+    """--startup-timeout nan passed `<= 0` and waited forever for the server; --request-timeout nan named --timeout."""
+    from runhelp import cli
+
+    r = cli(capsys, "local", "--model", "m", "--prompt", "hi", "--engine", "command", "--server-cmd", "sleep {port}",
+            "--out", tmp_path / "run", option, "nan")  # fmt: skip
+    assert (r.code, r.err.count("\n")) == (2, 1) and f"{option} must be > 0, got nan" in r.err, r.err
+    assert not (tmp_path / "run").exists()

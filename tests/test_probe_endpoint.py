@@ -57,3 +57,9 @@ def test_probe_with_token_id_strings_only(scripted_server, capsys) -> None:
     r = cli(capsys, "probe", "endpoint", "--base-url", server.base_url, "--api", "completions", "--json")
     got = json.loads(r.out)["apis"]["completions"]
     assert got["token_ids"] is None and got["logprobs"] and got["request_fields"] == {}
+
+
+def test_probe_nan_timeout_is_a_usage_error(capsys) -> None:
+    """It was an internal error (httpx: deadline must not be NaN); refused before any connection."""
+    r = cli(capsys, "probe", "endpoint", "--base-url", "http://127.0.0.1:9/v1", "--timeout", "nan")
+    assert (r.code, r.err.count("\n")) == (2, 1) and "--timeout must be > 0" in r.err, r.err

@@ -30,6 +30,13 @@ ARG_CASES = [
     ("timeout-zero", ["-p", "hi", "--timeout", "0"], {}, "--timeout must be > 0"),
     ("retries-negative", ["-p", "hi", "--retries", "-1"], {}, "--retries must be >= 0"),
     ("rate-zero", ["-p", "hi", "--rate", "0"], {}, "--rate must be > 0"),
+    # NaN passed every `x < 0` check: --timeout nan was an internal error, --temperature nan one after the run began
+    ("timeout-nan", ["-p", "hi", "--timeout", "nan"], {}, "--timeout must be > 0"),
+    ("temperature-nan", ["-p", "hi", "--temperature", "nan"], {}, "--temperature must be >= 0"),
+    ("rate-nan", ["-p", "hi", "--rate", "nan"], {}, "--rate must be > 0"),
+    ("backoff-nan", ["-p", "hi", "--backoff", "nan"], {}, "--backoff must be >= 0"),
+    # a mistyped -n was an out-of-memory kill
+    ("n-huge", ["-p", "hi", "-n", "99999999999999999999"], {}, "a run holds at most 10000000"),
     ("header-no-colon", ["-p", "hi", "--header", "X-Token"], {}, "expected 'Name: value'"),
     ("unknown-option", ["-p", "hi", "--repeat", "3"], {}, "No such option"),
     ("key-env-unset", ["-p", "hi", "--api-key-env", "DETAUDIT_TEST_UNSET_KEY"], {}, "is not set"),

@@ -81,7 +81,7 @@ def endpoint_command(
 ) -> None:
     if api not in ("chat", "completions", "both"):
         raise UsageError(f"--api must be chat, completions or both, got {api!r}")
-    if timeout <= 0 or retries < 0:
+    if not timeout > 0 or retries < 0:  # `not >`: NaN fails too
         raise UsageError("--timeout must be > 0 and --retries >= 0")
     url = base_url_or_default(base_url)
     if not url.startswith(("http://", "https://")):
