@@ -94,4 +94,9 @@ def test_bad_input_exits_2_and_writes_nothing(tiny_model_dir, tmp_path, capsys):
     if not torch.cuda.is_available():
         code, err = _exit([*base, "--model", str(tiny_model_dir), "--device", "cuda"], capsys)
         assert code == 2 and "no CUDA device" in err
+    # -n 1e20 built its workload until memory ran out; --max-tokens past --max-model-len left a started run behind
+    code, err = _exit([*base, "--model", str(tiny_model_dir), "-n", "99999999999999999999"], capsys)
+    assert code == 2 and "a run holds at most" in err
+    code, err = _exit([*base, "--model", str(tiny_model_dir), "--max-tokens", "5000"], capsys)  # --max-model-len 1024
+    assert code == 2 and "leaves no room for a prompt" in err
     assert not (tmp_path / "out").exists()

@@ -19,6 +19,7 @@ from detaudit.engine.sequence import Sequence
 from detaudit.errors import UsageError
 from detaudit.rundir.io import ShardWriter, finalize_samples, prepare_out_dir, write_manifest
 from detaudit.rundir.schema import ArmSpec, PromptSpec, RequestParams, RunManifest, TargetSpec
+from detaudit.runner import MAX_SAMPLES
 
 _FLUSH_ROWS = 64
 
@@ -42,8 +43,14 @@ def validate(spec: LocalRunSpec) -> None:
         raise UsageError("give at least one non-empty --prompt")
     if spec.repeats < 1:
         raise UsageError("-n must be at least 1")
+    total = spec.repeats * len(spec.prompts) * max(len(spec.scenarios), 1)
+    if total > MAX_SAMPLES:  # a mistyped -n built its workload until memory ran out
+        raise UsageError(f"-n {spec.repeats} makes {total} target requests; a run holds at most {MAX_SAMPLES}")
     if spec.max_tokens < 1:
         raise UsageError("--max-tokens must be at least 1")
+    if spec.max_tokens >= spec.engine.max_model_len:  # else found only after the model loads, with a filler's numbers
+        raise UsageError(f"--max-tokens {spec.max_tokens} leaves no room for a prompt in --max-model-len "
+                         f"{spec.engine.max_model_len}")  # fmt: skip
     if spec.engine.max_batch < 1:
         raise UsageError("--max-batch must be at least 1")
     if not 0 <= spec.top_logprobs <= 20:
