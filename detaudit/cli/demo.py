@@ -9,6 +9,7 @@ from rich.console import Console
 
 from detaudit.demo import DemoSettings, run_demo
 from detaudit.errors import UsageError
+from detaudit.runner import MAX_SAMPLES
 
 
 def demo_command(
@@ -20,6 +21,8 @@ def demo_command(
     """Offline, CPU only: shows a load-dependent endpoint next to a batch-invariant rerun with one completion."""
     if repeats < 2:
         raise UsageError(f"-n must be at least 2, got {repeats}")
+    if repeats * len(DemoSettings.concurrency) > MAX_SAMPLES:  # else found by the run, after the model is built
+        raise UsageError(f"-n {repeats} is too many: a run holds at most {MAX_SAMPLES} requests")
     if max_tokens < 1:
         raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
     console = Console()
