@@ -155,3 +155,11 @@ def test_a_broken_model_directory_is_a_usage_error_not_an_internal_one(tiny_mode
     for model, message in cases.items():
         with pytest.raises(UsageError, match=message):
             Engine(EngineConfig(model, dtype="float32"))
+
+
+def test_a_kv_cache_that_cannot_be_allocated_is_a_usage_error(tiny_model_dir):
+    """--max-batch 1e11 was an internal error (DefaultCPUAllocator: can't allocate memory)."""
+    from detaudit.errors import UsageError
+
+    with pytest.raises(UsageError, match="does not fit in cpu memory"):
+        Engine(EngineConfig(str(tiny_model_dir), dtype="float32", max_batch=10**11, max_batched_tokens=10**11))

@@ -12,6 +12,7 @@ from detaudit.engine.config import ModelSpec
 from detaudit.engine.model import StepInputs, load_model
 from detaudit.engine.sampler import sample
 from detaudit.engine.scheduler import ScheduledBatch
+from detaudit.errors import UsageError
 
 
 def kernel_context(kernels: str) -> contextlib.AbstractContextManager:
@@ -44,10 +45,18 @@ class ModelRunner:
         self.max_blocks_per_seq = max_blocks_per_seq
         self.model = load_model(spec, config, device, dtype)
         shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-            for _ in range(spec.num_layers)
-        ]
+        try:
+            self.kv_caches = [
+                (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+                for _ in range(spec.num_layers)
+            ]
+        except RuntimeError as e:  # torch.OutOfMemoryError (CUDA) is one; on CPU only the message tells
+            if not isinstance(e, torch.OutOfMemoryError) and "allocate" not in str(e):
+                raise
+            raise UsageError(
+                f"the KV cache ({num_blocks} blocks of {block_size} tokens per layer) does not fit in {device} memory; "
+                "lower --max-batch or --max-model-len"
+            ) from None
         self.attn_fn = partial(paged_attention, batch_invariant=kernels == "batch-invariant")
 
     def _inputs(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepInputs, list[int], list[tuple]]:
