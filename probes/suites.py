@@ -81,6 +81,8 @@ def load_suite(name_or_path: str) -> Suite:
         return load_suite_file(path)
     if path.exists():
         raise UsageError(f"suite {name_or_path}: not a file")
+    if path.suffix in SUITE_EXTENSIONS or "/" in name_or_path:  # meant as a path: say it is missing
+        raise UsageError(f"suite file {name_or_path} does not exist")
     raise UsageError(
         f"unknown suite {name_or_path!r}: bundled suites are {', '.join(bundled_names())}; "
         f"or give the path of a {'/'.join(SUITE_EXTENSIONS)} file"

@@ -124,6 +124,9 @@ def test_unknown_suite_lists_the_bundled_ones(tmp_path: Path) -> None:
         load_suite("nope")
     with pytest.raises(UsageError, match="suite files end in"):
         load_suite(str(_write(tmp_path, GOOD, "s.txt")))
+    # a missing file was "unknown suite ...: or give the path of a .yaml file", though a path was given
+    with pytest.raises(UsageError, match="suite file .*missing.yaml does not exist"):
+        load_suite(str(tmp_path / "missing.yaml"))
 
 
 def test_cli_lists_suites_and_rejects_a_malformed_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
