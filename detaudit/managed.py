@@ -167,7 +167,7 @@ def build_launch(
 ) -> LaunchSpec:
     """Turn the CLI's choices into a command line and environment switches, checking what can be checked early."""
     if engine not in ENGINES:
-        raise UsageError(f"--engine {engine!r}: use one of {', '.join(ENGINES)}")
+        raise UsageError(f"--engine {engine!r}: use detaudit (built-in) or one of {', '.join(ENGINES)}")
     if kernels not in KERNELS:
         raise UsageError(f"--kernels {kernels!r}: a managed engine takes {' or '.join(KERNELS)}")
     if tensor_parallel_size is not None and tensor_parallel_size < 1:

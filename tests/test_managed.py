@@ -87,7 +87,7 @@ def test_command_preset_substitutes_placeholders_and_records_without_secrets() -
         ({"engine": "vllm", "model": None}, "needs --model"),
         ({"engine": "vllm", "model": "m", "kernels": "fast"}, "--kernels 'fast'"),
         ({"engine": "sglang", "model": "m", "server_cmd": "x"}, "only for --engine command"),
-        ({"engine": "tgi", "model": "m"}, "use one of vllm, sglang, command"),
+        ({"engine": "tgi", "model": "m"}, "or one of vllm, sglang, command"),
         ({"engine": "vllm", "model": "m", "server_env": ["NOEQUALS"]}, "use NAME=VALUE"),
     ],
 )
