@@ -171,6 +171,8 @@ def parse_headers(values: list[str]) -> dict[str, str]:
         name = name.strip()
         if not sep or not name or any(c.isspace() for c in name):
             raise UsageError(f"--header {name or '?'!r}: expected 'Name: value'")
+        if any(ord(c) < 32 or ord(c) == 127 for c in val.strip()):  # the server answers 400 to every request
+            raise UsageError(f"--header {name!r}: the value holds a control character (the value is not shown)")
         headers[name] = val.strip()
     return headers
 

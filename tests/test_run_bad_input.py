@@ -38,6 +38,8 @@ ARG_CASES = [
     # a mistyped -n was an out-of-memory kill
     ("n-huge", ["-p", "hi", "-n", "99999999999999999999"], {}, "a run holds at most 10000000"),
     ("header-no-colon", ["-p", "hi", "--header", "X-Token"], {}, "expected 'Name: value'"),
+    # every request got HTTP 400, reported as "--model is required: .../models answered HTTP 400"
+    ("header-control-char", ["-p", "hi", "--header", "X-Token: se\x01cret"], {}, "holds a control character"),
     ("unknown-option", ["-p", "hi", "--repeat", "3"], {}, "No such option"),
     ("key-env-unset", ["-p", "hi", "--api-key-env", "DETAUDIT_TEST_UNSET_KEY"], {}, "is not set"),
     ("extra-body-invalid", ["-p", "hi", "--extra-body", "{cache_salt: 1}"], {}, "--extra-body is not valid JSON"),
