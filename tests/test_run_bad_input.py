@@ -38,6 +38,8 @@ ARG_CASES = [
     # a mistyped -n was an out-of-memory kill
     ("n-huge", ["-p", "hi", "-n", "99999999999999999999"], {}, "a run holds at most 10000000"),
     ("header-no-colon", ["-p", "hi", "--header", "X-Token"], {}, "expected 'Name: value'"),
+    # found only after every request of the run had been sent
+    ("gate-baseline-missing", ["-p", "hi", "--gate", "max-unique=1,baseline=nope"], {}, "nope: no such run directory"),
     # every request got HTTP 400, reported as "--model is required: .../models answered HTTP 400"
     ("header-control-char", ["-p", "hi", "--header", "X-Token: se\x01cret"], {}, "holds a control character"),
     ("unknown-option", ["-p", "hi", "--repeat", "3"], {}, "No such option"),

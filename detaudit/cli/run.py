@@ -17,7 +17,7 @@ from detaudit.cli.gate import gate_finished_run
 from detaudit.errors import EndpointError, UsageError
 from detaudit.gate import parse_gate_spec
 from detaudit.probes.suites import load_suite
-from detaudit.rundir.io import write_summary
+from detaudit.rundir.io import load_manifest, write_summary
 from detaudit.rundir.schema import PromptSpec, RequestParams
 from detaudit.runner import (
     DEFAULT_KEY_ENV,
@@ -173,6 +173,8 @@ def run_command(
 ) -> None:
     console, err_console = Console(), Console(stderr=True)
     thresholds = parse_gate_spec(gate) if gate else None  # bad rules fail before any request is sent
+    if thresholds is not None and thresholds.baseline is not None:
+        load_manifest(thresholds.baseline)  # so does a baseline that is not a run
     if resume:
         if out is None:
             raise UsageError("--resume needs --out DIR (the run directory to finish)")
