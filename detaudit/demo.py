@@ -45,6 +45,7 @@ LOCAL_RUN = "local-batch-invariant"
 LOCAL_SCENARIO = "single"
 # What `--force` may remove from an existing demo directory: only what the demo itself writes.
 _OUTPUTS = ("model", "runs", "report.html", "report.md")
+_MARKER = ".detaudit-demo"  # proof that the outputs in a directory are the demo's, not the user's
 
 
 @dataclass(frozen=True)
@@ -94,10 +95,13 @@ def _prepare(settings: DemoSettings) -> None:
     present = [name for name in _OUTPUTS if (out / name).exists()]
     if present and not settings.force:
         raise UsageError(f"{out} already holds a demo ({', '.join(present)}); pass --force to redo it")
+    if present and not (out / _MARKER).exists():
+        raise UsageError(f"--force refuses to clear {', '.join(present)} in {out}: detaudit demo did not write them")
     for name in present:
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
+    (out / _MARKER).write_text("written by `detaudit demo`; --force may replace model/, runs/ and the reports here\n")
 
 
 def _engine_config(model_dir: Path, kernels: str) -> Any:

@@ -43,6 +43,10 @@ def test_demo_refuses_to_overwrite_without_force(tmp_path, capsys):
     r = cli(capsys, "demo", "--out", tmp_path)
     assert r.code == 2
     assert "already holds a demo (runs); pass --force to redo it" in r.err
+    (tmp_path / "runs" / "mine.txt").write_text("keep")
+    r = cli(capsys, "demo", "--out", tmp_path, "--force")
+    assert r.code == 2 and "detaudit demo did not write them" in r.err
+    assert (tmp_path / "runs" / "mine.txt").read_text() == "keep"
 
 
 def test_demo_without_the_local_extra_says_what_to_install(tmp_path, capsys, monkeypatch):
