@@ -94,6 +94,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--preset", default="qwen3-1.7b")
+    ap.add_argument("--model", type=Path, help="an existing model directory (else one of --preset's shape is built)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("-n", type=int, default=1000)
     ap.add_argument("--max-tokens", type=int, default=100)
@@ -121,7 +122,7 @@ def main() -> None:
         print(json.dumps(result), flush=True)
 
     t0 = time.perf_counter()
-    model = build_tiny_model(args.out / "model", "qwen3", preset=args.preset, dtype="bfloat16")
+    model = args.model or build_tiny_model(args.out / "model", "qwen3", preset=args.preset, dtype="bfloat16")
     result["model_build_s"] = round(time.perf_counter() - t0, 1)
     save()
     for phase in args.phases.split(","):

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# One device call: install detaudit (+ the wheels carried in .whl/ for what the GPU image lacks), then run the
+# steps named in $STEPS (default: all) with their output under $OUT. Each step has its own time limit so one slow
+# step cannot take the others' logs with it.
+#
+#   STEPS="probe rescore engine" bash benchmarks/gpu_session.sh
+#
+# probe:   detaudit probe kernels on cuda in bf16 and fp32 (stock torch vs ours, every op)
+# rescore: detaudit local (batch-invariant) on a Qwen3-1.7B-shaped random model, rescored with bi and stock kernels
+# engine:  benchmarks/engine.py: N target requests stock vs batch-invariant, and engine vs HF generate()
+# local:   detaudit local N = 1000 with stock and batch-invariant kernels, each analysed (the issue's must-show)
+set -u
+: "${OUT:?OUT must name the output folder}"
+STEPS=${STEPS:-"probe rescore engine"}
+ENGINE_ARGS=${ENGINE_ARGS:-"-n 1000 --max-tokens 100 --scenario single --max-batch 128 --max-batched-tokens 2048 \
+--hf-batch 64 --hf-tokens 128 --phases batch-invariant,stock,hf"}
+LOCAL_N=${LOCAL_N:-1000}
+PRESET=${PRESET:-qwen3-1.7b}
+export PYTHONUNBUFFERED=1
+t0=$(date +%s)
+left() { echo $(( ${BUDGET:-560} - ($(date +%s) - t0) )); }
+
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || exit 1
+# The package as installed (kernels/, probes/, reports/ under detaudit/), without a build step: the image's
+# setuptools may be too old for pyproject.toml's license field.
+rm -rf /tmp/pkg && mkdir -p /tmp/pkg && cp -r detaudit /tmp/pkg/ && for d in kernels probes reports; do
+    cp -r $d /tmp/pkg/detaudit/$d; done
+export PYTHONPATH=/tmp/pkg:/tmp/site
+mkdir -p /tmp/bin && cat > /tmp/bin/detaudit <<'SH' && chmod +x /tmp/bin/detaudit && export PATH=/tmp/bin:$PATH
+#!/usr/bin/env python3
+from detaudit.cli.app import main
+main()
+SH
+{
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+    python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton", triton.__version__,
+"transformers", transformers.__version__)'
+} 2>&1 | tee "$OUT/machine.txt"
+
+MODEL=/tmp/model-$PRESET
+build_model() {
+    [ -d "$MODEL" ] && return 0
+    timeout 240 detaudit tiny-model "$MODEL" --arch qwen3 --preset "$PRESET" --dtype bfloat16 2>&1 | tee -a "$OUT/model.log"
+}
+
+for step in $STEPS; do
+    echo "== $step ($(left) s left)"
+    case $step in
+    probe)
+        for dt in bf16 fp32; do
+            timeout 150 detaudit probe kernels --device cuda --dtype $dt 2>&1 | tee "$OUT/probe_kernels_$dt.txt"
+        done ;;
+    rescore)
+        build_model
+        r=/tmp/r-bi
+        {
+            timeout 150 detaudit local --model "$MODEL" --device cuda --kernels batch-invariant -n 64 --max-tokens 64 \
+                --scenario mixed --max-batch 32 --out $r --force
+            echo "-- rescore with batch-invariant kernels"
+            timeout 90 detaudit rescore $r --model "$MODEL" --device cuda --kernels batch-invariant
+            echo "-- rescore with stock kernels"
+            timeout 90 detaudit rescore $r --model "$MODEL" --device cuda --kernels stock
+            detaudit analyze $r --json > "$OUT/rescore_summary.json"
+        } 2>&1 | tee "$OUT/rescore.log" ;;
+    engine)
+        build_model
+        mkdir -p /tmp/eb && ln -sfn "$MODEL" /tmp/eb/model
+        # shellcheck disable=SC2086
+        timeout "$(left)" python3 benchmarks/engine.py --out /tmp/eb --model "$MODEL" $ENGINE_ARGS 2>&1 \
+            | tee "$OUT/engine_bench.log"
+        cp /tmp/eb/engine_bench.json "$OUT/" ;;
+    local)
+        build_model
+        for k in stock batch-invariant; do
+            timeout "$(( $(left) / 2 ))" detaudit local --model "$MODEL" --device cuda --kernels $k -n "$LOCAL_N" \
+                --max-tokens 100 --scenario single --max-batch 128 --max-batched-tokens 2048 --top-logprobs 0 \
+                --out /tmp/local-$k --force 2>&1 | tee "$OUT/local_$k.log"
+            detaudit analyze /tmp/local-$k 2>&1 | tee -a "$OUT/local_$k.log"
+        done ;;
+    *) echo "unknown step $step"; exit 2 ;;
+    esac
+done
+echo "== done in $(( $(date +%s) - t0 )) s"
