@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 
 from detaudit.cli.app import main
-from detaudit.engine.rescore import compare
-from detaudit.rundir.io import read_rescore, read_samples
+from detaudit.engine.rescore import check_model, compare
+from detaudit.rundir.io import load_manifest, read_rescore, read_samples, write_manifest
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -26,7 +27,9 @@ def bi_run(tiny_model_dir, tmp_path_factory):
 def test_same_model_and_kernels_give_zero_gap_stock_does_not(bi_run, tiny_model_dir, capsys):
     capsys.readouterr()
     main(["rescore", str(bi_run), "--model", str(tiny_model_dir), "--kernels", "batch-invariant", "--json"])
-    bi = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    bi = json.loads(captured.out)
+    assert captured.err == "" and bi["model_check"]["status"] == "same"  # the model that sampled: no warning
     assert bi["rows_compared"] == 12 and bi["tokens_compared"] == 12 * 16
     assert bi["max_abs_delta"] == 0 and bi["tokens_equal"] == bi["tokens_compared"] and bi["kl_mean"] == 0
     table = read_rescore(bi_run).to_pylist()
@@ -56,3 +59,44 @@ def test_not_a_run_dir_exits_2(tmp_path, tiny_model_dir, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["rescore", str(tmp_path), "--model", str(tiny_model_dir)])
     assert exc.value.code == 2 and "not a detaudit run directory" in capsys.readouterr().err
+
+
+def _warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("warning:")]
+
+
+def test_another_model_warns_once_and_is_recorded(bi_run, tiny_model_dir, tmp_path, capsys):
+    run = shutil.copytree(bi_run, tmp_path / "run")
+    other = shutil.copytree(tiny_model_dir, tmp_path / "other-model")
+    capsys.readouterr()
+    main(["rescore", str(run), "--model", str(other), "--json"])
+    captured = capsys.readouterr()
+    assert len(_warnings(captured.err)) == 1 and len(captured.err.splitlines()) == 1
+    assert "is not the model that sampled" in captured.err and str(tiny_model_dir) in captured.err
+    check = json.loads(captured.out)["model_check"]
+    assert check["status"] == "different" and check["model"] == str(other)
+    assert check["run_model"] == str(tiny_model_dir)
+    assert json.loads((run / "summary.json").read_text())["rescore"]["model_check"] == check
+
+    # An endpoint run records a served name: not an error, but said to be unverified.
+    manifest = load_manifest(run)
+    target = manifest.target.model_copy(update={"kind": "endpoint", "model": "my-model", "engine": {}})
+    write_manifest(run, manifest.model_copy(update={"target": target}))
+    main(["rescore", str(run), "--model", str(tiny_model_dir), "--json"])
+    captured = capsys.readouterr()
+    assert len(captured.err.splitlines()) == 1 and "could not be verified" in captured.err
+    assert "'my-model'" in captured.err and json.loads(captured.out)["model_check"]["status"] == "unverified"
+
+
+def test_check_model_verdicts(bi_run, tiny_model_dir, tmp_path):
+    manifest = load_manifest(bi_run)
+    info = {"architecture": "qwen3", "model_path": str(tiny_model_dir)}
+    assert check_model(manifest, str(tiny_model_dir), info)["status"] == "same"
+    assert check_model(manifest, str(tiny_model_dir), {**info, "architecture": "llama"})["status"] == "different"
+    moved = manifest.model_copy(update={"target": manifest.target.model_copy(
+        update={"model": "gone", "engine": {**manifest.target.engine, "model_path": str(tmp_path / "gone")}})})
+    verdict = check_model(moved, str(tiny_model_dir), info)
+    assert verdict["status"] == "unverified" and "not a directory here" in verdict["reason"]
+    nameless = manifest.model_copy(update={"target": manifest.target.model_copy(update={"model": None,
+                                                                                          "engine": {}})})
+    assert check_model(nameless, str(tiny_model_dir), info)["status"] == "unverified"

@@ -24,6 +24,7 @@ def summarize_rescore(table: pa.Table) -> dict[str, Any]:
         "kernels": info.get("kernels"),
         "dtype": info.get("dtype"),
         "device": info.get("device"),
+        "model_check": info.get("model_check"),  # null for a rescore.parquet written before the check existed
         "rows": len(rows),
         "rows_rescored": len(ok),
         "rows_skipped": len(rows) - len(ok),

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from detaudit.engine.config import DTYPES, KERNELS
@@ -24,13 +25,20 @@ def rescore_command(
 ) -> None:
     from detaudit.analysis.summary import summarize_run
     from detaudit.engine.llm import Engine, EngineConfig
-    from detaudit.engine.rescore import rescore_run
+    from detaudit.engine.rescore import check_model, rescore_run
     from detaudit.rundir.io import load_manifest, write_summary
 
-    load_manifest(run_dir)  # a bad run directory fails before the model loads
+    manifest = load_manifest(run_dir)  # a bad run directory fails before the model loads
     engine = Engine(EngineConfig(model, device=device, dtype=dtype, kernels=kernels, max_batch=max_batch,
                                  max_batched_tokens=max(max_model_len, max_batch), max_model_len=max_model_len))
-    rescore_run(run_dir, engine)
+    check = check_model(manifest, model, engine.info())
+    if check["status"] != "same":
+        # A warning, not an error: a served name cannot be matched to a directory, and rescoring with another
+        # model on purpose is legitimate. The section records it either way.
+        what = "is not the model that sampled" if check["status"] == "different" else "could not be verified against"
+        line = f"--model {model} {what} {run_dir}: {check['reason']}"
+        Console(stderr=True).print(f"[bold yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    rescore_run(run_dir, engine, check)
     summary = summarize_run(run_dir)  # its rescore section is built from the rescore.parquet just written
     section = summary["rescore"]
     write_summary(run_dir, summary)

@@ -8,6 +8,9 @@ stock kernels the sampler's decode-time numbers and the trainer's prefill number
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -65,8 +68,53 @@ def compare(reported: list[float | None] | None, rescored: list[float]) -> dict[
     }
 
 
-def rescore_run(run_dir, engine: Engine) -> None:
-    """Rescore every ok row of the run into RUN/rescore.parquet (the summary's rescore section is built from it)."""
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def check_model(manifest: RunManifest, model: str, info: Mapping[str, Any]) -> dict[str, Any]:
+    """Is `model` (with `info`, the rescoring engine's facts) the model that sampled the run?
+
+    The gap rescore measures is sampler vs trainer only when both ran the same model, so a mismatch is recorded.
+    `status` is 'same' (the name the run recorded, or the same directory), 'different' (another directory or
+    architecture) or 'unverified' (nothing to compare with: e.g. an endpoint's served name). The manifest holds
+    names, a path and the architecture, not a hash of the weights, so 'same' is not a proof of equal weights.
+    """
+    target = manifest.target
+    recorded = [str(n) for n in (target.model, target.engine.get("model_path")) if n]
+    out = {"model": model, "run_model": target.model, "run_kind": target.kind}
+
+    def verdict(status: str, reason: str) -> dict[str, Any]:
+        return {**out, "status": status, "reason": reason}
+
+    run_arch, arch = target.engine.get("architecture"), info.get("architecture")
+    if run_arch and arch and run_arch != arch:
+        return verdict("different", f"the run was sampled by a {run_arch} model, --model is a {arch} model")
+    if model in recorded:
+        return verdict("same", "--model is the model name the run recorded")
+    given = Path(str(info.get("model_path") or model)).expanduser()
+    dirs = [Path(n).expanduser() for n in recorded if Path(n).expanduser().is_dir()]
+    if given.is_dir() and dirs:
+        if any(_same_dir(given, d) for d in dirs):
+            return verdict("same", "--model is the directory the run recorded")
+        return verdict("different", f"the run recorded the model {str(dirs[0])!r}, another directory")
+    if not recorded:
+        return verdict("unverified", "the run's manifest names no model")
+    if target.kind == "endpoint":
+        return verdict("unverified", f"the run sampled the served model {target.model!r} from an endpoint; "
+                                     "a served name cannot be matched to --model")  # fmt: skip
+    return verdict("unverified", f"the run recorded the model {recorded[-1]!r}, which is not a directory here")
+
+
+def rescore_run(run_dir, engine: Engine, check: Mapping[str, Any] | None = None) -> None:
+    """Rescore every ok row of the run into RUN/rescore.parquet (the summary's rescore section is built from it).
+
+    `check` is check_model's verdict on the rescoring model (computed here when not given); it is recorded with
+    the rescore, so the section says whether the gap is between one model's sampler and trainer or two models.
+    """
     manifest = load_manifest(run_dir)
     table = read_samples(run_dir, ["sample_index", "prompt_id", "status", "token_ids", "tokens", "token_bytes",
                                    "logprobs"]).to_pylist()  # fmt: skip
@@ -97,4 +145,6 @@ def rescore_run(run_dir, engine: Engine) -> None:
             rows.append({"sample_index": r["sample_index"], "status": "ok", **compare(r["logprobs"], rescored)})
     rows.sort(key=lambda x: x["sample_index"])
     info = engine.info()
-    write_rescore(run_dir, rows, {"model": engine.cfg.model, **{k: info[k] for k in ("kernels", "dtype", "device")}})
+    check = dict(check) if check is not None else check_model(manifest, engine.cfg.model, info)
+    write_rescore(run_dir, rows, {"model": engine.cfg.model, **{k: info[k] for k in ("kernels", "dtype", "device")},
+                                  "model_check": check})  # fmt: skip

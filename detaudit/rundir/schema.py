@@ -66,6 +66,8 @@ SAMPLES_SCHEMA = pa.schema(
 )
 
 # rescore.parquet (additive, optional): what a trainer-side prefill computes for the tokens a run recorded.
+# Its Parquet metadata (io.RESCORE_INFO_KEY) names the rescoring model, kernels, dtype, device and, since
+# `model_check` was added, whether that model is the one that sampled the run (docs/engine.md).
 RESCORE_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "sample_index": (pa.int64(), "The samples.parquet row this rescore belongs to."),
     "status": (pa.string(), "'ok', or 'skipped' when the row could not be rescored."),
