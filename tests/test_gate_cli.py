@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
+from pathlib import Path
 
 from runhelp import FEYNMAN, NYC, QUEENS, cli
 from test_report import MODAL, NEW_YORK, make_run
@@ -95,6 +96,28 @@ def test_gate_outputs_never_replace_the_run_files(tmp_path, capsys):
     assert (run / "manifest.json").read_bytes() == manifest
     r = cli(capsys, "gate", run, "--max-unique", "1", "--junit", tmp_path)
     assert (r.code, r.err.count("\n"), "is a directory" in r.err) == (2, 1, True)
+
+
+def test_gate_refuses_bad_output_paths_before_printing_or_writing(tmp_path, capsys):
+    run = shaky(tmp_path)
+    missing_parent = tmp_path / "no-such-dir" / "gate.md"
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = [
+        ("--md", missing_parent, "directory " + str(missing_parent.parent) + " does not exist"),
+        ("--junit", tmp_path, "is a directory"),
+        ("--md", a_file / "gate.md", "is not a directory"),
+        ("--junit", Path("/proc/self/gate.xml"), "is not writable"),  # not even root may create files there
+    ]
+    for option, path, message in cases:
+        good = tmp_path / f"good{option}"  # the other output, valid: it must not be written either
+        other = "--junit" if option == "--md" else "--md"
+        r = cli(capsys, "gate", run, "--max-unique", "1", option, path, other, good)
+        assert (r.code, r.out, r.err.count("\n")) == (2, "", 1), (option, path, r)
+        assert message in r.err and option in r.err, r.err
+        assert not good.exists() and not missing_parent.parent.exists()
+    r = cli(capsys, "gate", run, "--max-unique", "1", "--md", tmp_path / "same", "--junit", tmp_path / "same")
+    assert (r.code, r.out, "--md and --junit name the same file" in r.err) == (2, "", True)
 
 
 def test_gate_writes_step_summary_junit_and_markdown(tmp_path, capsys, monkeypatch):

@@ -12,12 +12,12 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from detaudit.errors import EXIT_ENDPOINT, EndpointError, GateFailed
+from detaudit.errors import EXIT_ENDPOINT, EndpointError, GateFailed, UsageError
 from detaudit.gate import GateResult, GateThresholds, judge, run_gate
 from detaudit.reports.junit import gate_junit
 from detaudit.reports.markdown import render_gate_markdown, render_markdown
 from detaudit.reports.model import build_report
-from detaudit.rundir.io import load_manifest, write_output_file
+from detaudit.rundir.io import check_output_file, load_manifest, write_output_file
 from detaudit.rundir.schema import RunManifest
 
 
@@ -44,6 +44,12 @@ def gate_command(
     md: Path | None = typer.Option(None, "--md", help="Write the Markdown verdict and report here."),
 ) -> None:
     """Judge a run against thresholds (and a baseline run); exit code 0/1/2/3 as documented in the README."""
+    # Output paths first: a typo must fail before any rule line is printed or either file written.
+    for option, path in (("--md", md), ("--junit", junit)):
+        if path is not None:
+            check_output_file(path, option)
+    if md is not None and junit is not None and md.resolve() == junit.resolve():
+        raise UsageError(f"--md and --junit name the same file {md}; give two file names")
     thresholds = GateThresholds(
         max_unique=max_unique,
         min_modal_share=min_modal_share,

@@ -71,17 +71,35 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 _RUN_FILES = (MANIFEST_FILE, SAMPLES_FILE, SUMMARY_FILE, RESCORE_FILE, SHARDS_DIR)
 
 
-def write_output_file(path: Path, data: bytes) -> Path:
-    """Write a file the user named (--html, --md, --junit), refusing a directory or a run directory's own file."""
+def check_output_file(path: Path, option: str = "") -> Path:
+    """Refuse a file the user named (--html, --md, --junit) that could not be written: a directory, a missing or
+    unwritable parent, a run directory's own file. Commands call it up front, so a typo fails before any output.
+
+    Writability is tried with a temporary file that is removed at once (permission bits say nothing for root,
+    a read-only file system or a special one like /proc).
+    """
     path = Path(path)
+    name = f"{option} {path}" if option else str(path)
     if path.is_dir():
-        raise UsageError(f"{path} is a directory; give a file name")
+        raise UsageError(f"{name} is a directory; give a file name")
     if not path.parent.is_dir():
         why = "is not a directory" if path.parent.exists() else "does not exist"
-        raise UsageError(f"{path}: directory {path.parent} {why}")
+        raise UsageError(f"{name}: directory {path.parent} {why}")
     in_run = path.parent if path.parent.name != SHARDS_DIR else path.parent.parent
     if (in_run / MANIFEST_FILE).exists() and (path.name in _RUN_FILES or in_run != path.parent):
-        raise UsageError(f"{path} belongs to the run directory {in_run}; write the file elsewhere")
+        raise UsageError(f"{name} belongs to the run directory {in_run}; write the file elsewhere")
+    try:
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as e:
+        raise UsageError(f"{name}: directory {path.parent} is not writable ({e.strerror})") from None
+    os.close(fd)
+    os.unlink(probe)
+    return path
+
+
+def write_output_file(path: Path, data: bytes) -> Path:
+    """Write a file the user named (--html, --md, --junit) atomically, after check_output_file's checks."""
+    path = check_output_file(path)
     atomic_write_bytes(path, data)
     return path
 
