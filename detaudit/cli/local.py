@@ -18,26 +18,32 @@ _MANAGED = "Managed engine (--engine vllm|sglang|command; docs/scale.md)"
 
 def local_command(
     ctx: typer.Context,
-    model: str = typer.Option(..., "--model", help="Hub id or local model directory (Llama, Mistral, Qwen2, Qwen3)."),
-    prompt: list[str] = typer.Option([], "--prompt", help="Target prompt (repeatable); sent as one user message."),
-    repeats: int = typer.Option(100, "-n", "--repeats", help="N: target requests per prompt per scenario."),
+    model: str = typer.Option(..., "--model", "-m", help="Hub id or local model directory (Llama, Mistral, "
+                              "Qwen2, Qwen3)."),  # fmt: skip
+    prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt text (repeatable)."),
+    repeats: int = typer.Option(100, "-n", "--repeats", help="N independent requests per prompt per arm "
+                                "(never the API's n field)."),  # fmt: skip
     kernels: str = typer.Option("stock", "--kernels", help=f"{' or '.join(KERNELS)}."),
     scenario: str = typer.Option("mixed", "--scenario", help=f"Comma list of {', '.join(SCENARIOS)}; one arm each."),
     max_batch: int = typer.Option(16, "--max-batch", help="Sequences per engine step (the arm's concurrency)."),
-    max_tokens: int = typer.Option(64, "--max-tokens", help="Tokens generated per target request."),
+    max_tokens: int = typer.Option(64, "--max-tokens", help="max_tokens per request."),
     max_batched_tokens: int = typer.Option(512, "--max-batched-tokens", help="Token budget per step (chunks prompts)."),
     max_model_len: int = typer.Option(1024, "--max-model-len", help="Longest prompt + completion the KV cache holds."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: str = typer.Option("bfloat16", "--dtype", help=f"{', '.join(DTYPES)}."),
     seed: int = typer.Option(0, "--seed", help="Seeds the filler requests and their arrivals."),
     top_logprobs: int = typer.Option(5, "--top-logprobs", help="Top-k alternatives recorded per token (0-20)."),
-    out: Path | None = typer.Option(None, "--out", help="Run directory (default runs/local-<kernels>-<time>)."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing run directory at --out."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Run directory to create (default: a new one in "
+                                    "runs/)."),  # fmt: skip
+    force: bool = typer.Option(False, "--force", help="Replace an existing run directory in --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
     engine: str = typer.Option("detaudit", "--engine", help="detaudit (built-in), or a server detaudit starts and "
                                "audits over HTTP: vllm, sglang, command.", rich_help_panel=_MANAGED),  # fmt: skip
-    suite: str | None = typer.Option(None, "--suite", help="Probe suite name or file.", rich_help_panel=_MANAGED),
-    concurrency: str = typer.Option("1,32", "--concurrency", help="Load arms (in-flight requests), comma list.",
+    suite: str | None = typer.Option(None, "--suite", help="A probe suite: bundled name (see `detaudit suites`) "
+                                     "or a .yaml/.jsonl file; every entry is its own prompt id.",
+                                     rich_help_panel=_MANAGED),  # fmt: skip
+    concurrency: str = typer.Option("1,32", "--concurrency", "-c", help="In-flight requests; a comma list gives one "
+                                    "arm per value, run one after another (e.g. 1,64).",
                                     rich_help_panel=_MANAGED),  # fmt: skip
     server_cmd: str | None = typer.Option(None, "--server-cmd", rich_help_panel=_MANAGED,
                                           help="--engine command: server command line ({port}, {host}, {model})."),
@@ -55,7 +61,7 @@ def local_command(
                                           "health endpoint.", rich_help_panel=_MANAGED),  # fmt: skip
     request_timeout: float = typer.Option(300.0, "--request-timeout", help="Seconds per HTTP attempt.",
                                           rich_help_panel=_MANAGED),  # fmt: skip
-    resume: bool = typer.Option(False, "--resume", help="Finish the interrupted run in --out.",
+    resume: bool = typer.Option(False, "--resume", help="Finish the run in --out: only missing or failed samples.",
                                 rich_help_panel=_MANAGED),  # fmt: skip
 ) -> None:
     from detaudit.managed import given_options, local_managed, refuse_foreign_options

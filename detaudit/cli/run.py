@@ -161,7 +161,8 @@ def run_command(
                                           "(e.g. vLLM's cache_salt)."),  # fmt: skip
     header: list[str] = typer.Option([], "--header", "-H", help="Extra 'Name: value' header (repeatable; the "
                                      "value is never written anywhere)."),  # fmt: skip
-    out: Path | None = typer.Option(None, "--out", "-o", help="Run directory to create (default: runs/<run id>)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Run directory to create (default: a new one in "
+                                    "runs/)."),  # fmt: skip
     resume: bool = typer.Option(False, "--resume", help="Finish the run in --out: only missing or failed samples."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run directory in --out."),
     stream: bool = typer.Option(False, "--stream", help="Use streaming responses (same record, timed per stream)."),
