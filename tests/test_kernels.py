@@ -12,6 +12,7 @@ from detaudit.kernels import batch_invariant, coverage, cpu, disable, enable, is
 from detaudit.kernels.attention import paged_attention
 from detaudit.kernels.rmsnorm import fused_add_rms_norm, rms_norm
 from detaudit.probes.kernel_probes import ProbeConfig, run_sweep
+from kvcache import paged_kv_cache  # tests/ is on sys.path under pytest
 
 SMALL = ProbeConfig(hidden=128, vocab=1000, sizes=(1, 2, 3, 7, 15, 16, 17, 33, 64, 255, 256, 257),
                     attn_batches=(1, 2, 5), attn_ctx=100)
@@ -141,29 +142,13 @@ def test_rms_norm_api_matches_torch_and_is_invariant() -> None:
     assert torch.equal(n1, normed[:1]) and torch.equal(r1, new_res[:1])
 
 
-def _paged_case(lens: list[int], hkv: int, d: int, page: int, dtype: torch.dtype, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    n_pages = sum(-(-c // page) for c in lens) + 1
-    kc = torch.randn(n_pages, page, hkv, d, generator=g).to(dtype)
-    vc = torch.randn(n_pages, page, hkv, d, generator=g).to(dtype)
-    kc[-1] = float("nan")  # an unowned page, referenced by the table's padding: never read
-    vc[-1] = float("nan")
-    perm = torch.randperm(n_pages - 1, generator=g)
-    bt = torch.full((len(lens), -(-max(lens) // page)), n_pages - 1, dtype=torch.int32)
-    i = 0
-    for b, c in enumerate(lens):
-        for j in range(-(-c // page)):
-            bt[b, j] = perm[i]
-            i += 1
-    return kc, vc, bt, g
-
-
 @pytest.mark.parametrize("gqa", [1, 2, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_paged_attention_cpu_correct_and_prefill_decode_invariant(gqa: int, dtype: torch.dtype) -> None:
     hkv, d, page = 2, 32, 16
     lens, qlens = [150, 20, 9], [150, 4, 1]
-    kc, vc, bt, g = _paged_case(lens, hkv, d, page, dtype, gqa)
+    g = torch.Generator().manual_seed(gqa)
+    kc, vc, bt = paged_kv_cache(lens, hkv, d, page, dtype, g)
     q = torch.randn(sum(qlens), hkv * gqa, d, generator=g).to(dtype)
     scale = 1 / math.sqrt(d)
 

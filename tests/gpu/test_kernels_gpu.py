@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from kvcache import paged_kv_cache  # tests/kvcache.py: tests/ is on sys.path under pytest
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
@@ -88,19 +89,7 @@ def test_rowwise_match_torch(dtype: torch.dtype) -> None:
 
 
 def _paged(lens: list[int], hkv: int, d: int, page: int, dtype: torch.dtype, g: torch.Generator):
-    n_pages = sum(-(-c // page) for c in lens) + 3
-    kc = torch.randn(n_pages, page, hkv, d, generator=g).to("cuda", dtype)
-    vc = torch.randn(n_pages, page, hkv, d, generator=g).to("cuda", dtype)
-    kc[-1] = float("nan")  # a page no sequence owns: must never be read
-    vc[-1] = float("nan")
-    perm = torch.randperm(n_pages - 1, generator=g)
-    bt = torch.full((len(lens), -(-max(lens) // page)), n_pages - 1, dtype=torch.int32)
-    i = 0
-    for b, c in enumerate(lens):
-        for j in range(-(-c // page)):
-            bt[b, j] = perm[i]
-            i += 1
-    return kc, vc, bt.cuda()
+    return paged_kv_cache(lens, hkv, d, page, dtype, g, device="cuda", spare_pages=3)
 
 
 @pytest.mark.parametrize("gqa", [1, 2, 4, 7, 8])
