@@ -640,7 +640,8 @@ def request_for_resume(out: Path, launch: LaunchSpec, *, backoff: float) -> tupl
 
 # `detaudit local` options that only one side uses: given on the command line for the other side, they are refused
 # rather than silently ignored (e.g. --dtype means nothing to a vLLM command line; use --engine-args there).
-INHOUSE_ONLY = ("scenario", "max_batch", "max_batched_tokens", "max_model_len", "device", "dtype", "seed")
+INHOUSE_ONLY = ("scenario", "max_batch", "max_batched_tokens", "max_model_len", "device", "dtype", "seed",
+                "cuda_graphs")
 MANAGED_ONLY = ("suite", "concurrency", "server_cmd", "tensor_parallel_size", "engine_args", "server_env",
                 "attention_backend", "port", "startup_timeout", "resume", "request_timeout")  # fmt: skip
 

@@ -1,6 +1,13 @@
-"""Paged, variable-length attention with a KV cache: batch-invariant (ours) or stock (SDPA per sequence)."""
+"""Paged, variable-length attention with a KV cache: batch-invariant (ours) or stock.
+
+Stock on CUDA is what a serving engine runs: one fused paged-attention launch whose KV split count follows a
+flash-decoding heuristic from the batch (so its bits depend on the batch, as FlashAttention / FlashInfer decode does
+in vLLM and SGLang). Stock on CPU gathers each sequence's cache and calls SDPA per sequence.
+"""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -21,18 +28,65 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     ``batch_invariant=True``: fixed KV tiles from position 0, fp32 online softmax, one kernel for prefill and decode
     rows, so a token's output has the same bits in prefill, chunked prefill or decode, alone or in any batch (Triton
-    on CUDA, a fixed-tile torch loop on CPU). ``batch_invariant=False``: the stock path, gathering each sequence's
-    K/V and calling ``F.scaled_dot_product_attention`` per sequence.
+    on CUDA, a fixed-tile torch loop on CPU). ``batch_invariant=False``: the stock path — on CUDA the same Triton
+    kernel with a split size chosen from the batch (:func:`stock_split`), on CPU SDPA per sequence.
+
+    On CUDA neither path reads device values on the host, so both can be captured in a CUDA graph.
     """
     _check(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens)
+    if use_triton(q):
+        from detaudit.kernels import triton_attention as ta
+
+        if batch_invariant:
+            return ta.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
+        split, split_launch = stock_split(q.shape[0], context_lens.shape[0], k_cache.shape[2],
+                                          block_tables.shape[1] * k_cache.shape[1], ta.tile_size(q.dtype),
+                                          _sm_count(q.device))
+        return ta.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
+                                  split_launch=split_launch, split=split)
     if not batch_invariant:
         return _stock(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
-    if use_triton(q):
-        from detaudit.kernels import triton_attention
-
-        return triton_attention.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens,
-                                                scale)
     return cpu.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
+
+
+def num_splits(programs: int, sm_count: int, n_blocks: int, max_splits: int = 128) -> int:
+    """FlashAttention-2's ``num_splits_heuristic``: how many KV splits fill the GPU when ``programs`` (sequences x
+    KV heads x q-blocks) alone would not. No split once the batch nearly fills the SMs; otherwise the fewest splits
+    whose wave efficiency is within 85% of the best, skipping split counts that give the same blocks per split."""
+    if programs >= 0.8 * sm_count:
+        return 1
+    max_splits = min(max_splits, sm_count, n_blocks)
+
+    def eligible(s: int) -> bool:
+        return s == 1 or -(-n_blocks // s) != -(-n_blocks // (s - 1))
+
+    eff: dict[int, float] = {}
+    for s in range(1, max_splits + 1):
+        if eligible(s):
+            waves = programs * s / sm_count
+            eff[s] = waves / -(-waves // 1)
+    best = max(eff.values(), default=0.0)
+    return next((s for s, e in eff.items() if e >= 0.85 * best), 1)
+
+
+def stock_split(num_tokens: int, num_seqs: int, kv_heads: int, max_ctx: int, tile: int,
+                sm_count: int) -> tuple[int, bool]:
+    """(split size in tokens, split launch?) for stock attention on CUDA.
+
+    Only all-decode batches are split (as flash-decoding does; prefill rows give enough programs): the split count
+    comes from :func:`num_splits` over sequences x KV heads and the context bound ``max_ctx`` (the block table's
+    capacity, known on the host without a sync and the same at CUDA-graph capture and replay), so the reduction
+    order of a sequence's keys depends on how many sequences share the step. Otherwise one split spans the context.
+    """
+    n_blocks = max(1, -(-max_ctx // tile))
+    splits = num_splits(num_seqs * kv_heads, sm_count, n_blocks) if num_tokens == num_seqs else 1
+    per_split = -(-n_blocks // splits)
+    return per_split * tile, splits > 1
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,

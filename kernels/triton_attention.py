@@ -177,12 +177,14 @@ def block_m(g: int) -> int:
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                    split_launch: bool | None = None) -> torch.Tensor:
+                    split_launch: bool | None = None, split: int = SPLIT) -> torch.Tensor:
     """Launch the kernels; shapes as in :func:`detaudit.kernels.attention.paged_attention`.
 
-    Keys are always reduced in splits of ``SPLIT`` absolute positions merged in order. ``split_launch`` only picks
+    Keys are always reduced in splits of ``split`` absolute positions merged in order. ``split_launch`` only picks
     how that is scheduled: one program per (q-block, KV head) walking all splits, or, for all-decode batches with
     little parallelism, one program per split plus a combine kernel — the same arithmetic, so the same bits.
+    ``split`` (a multiple of the dtype's tile) stays ``SPLIT`` for batch-invariant use; the stock path in
+    :mod:`detaudit.kernels.attention` picks it from the batch, as flash-decoding does.
     """
     t_total, hq, d = q.shape
     num_seqs = context_lens.shape[0]
@@ -193,6 +195,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return out
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("paged_attention: last dims of q, k_cache and v_cache must be contiguous")
+    if split < 1 or split % tile_size(q.dtype):
+        raise ValueError(f"paged_attention: split {split} must be a positive multiple of {tile_size(q.dtype)}")
     bm = block_m(g)
     bq = bm // g
     block_d = triton.next_power_of_2(d)
@@ -200,7 +204,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     ctx = context_lens.to(torch.int32).contiguous()
     bt = block_tables.to(torch.int32)
     max_ctx = bt.shape[1] * page  # upper bound on any context, known without a device sync
-    n_split = triton.cdiv(max_ctx, SPLIT)
+    n_split = triton.cdiv(max_ctx, split)
     if split_launch is None:
         split_launch = (t_total == num_seqs and n_split >= 2 and num_seqs * hkv < 2 * _sm_count(q.device)
                         and split_launch_agrees(q.device, q.dtype))
@@ -220,13 +224,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), bt.stride(0),
         num_seqs, float(scale * math.log2(math.e)), d, hq, n_split,
-        G=g, BLOCK_Q=bq, BLOCK_M=bm, BLOCK_D=block_d, TILE=tile_size(q.dtype), SPLIT=SPLIT, PAGE=page,
+        G=g, BLOCK_Q=bq, BLOCK_M=bm, BLOCK_D=block_d, TILE=tile_size(q.dtype), SPLIT=split, PAGE=page,
         SPLIT_LAUNCH=split_launch, CAST_F32=INTERPRET and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
         num_warps=4, num_stages=2,
     )
     if split_launch:
         _combine_kernel[(t_total, hq)](out, ctx, ws_m, ws_l, ws_acc, out.stride(0), out.stride(1), d, hq, n_split,
-                                       BLOCK_D=block_d, SPLIT=SPLIT, num_warps=1)
+                                       BLOCK_D=block_d, SPLIT=split, num_warps=1)
     return out
 
 

@@ -29,8 +29,10 @@ def rescore_command(
     from detaudit.rundir.io import load_manifest, write_summary
 
     manifest = load_manifest(run_dir)  # a bad run directory fails before the model loads
+    # Rescoring only prefills (no decode step), so no CUDA graph would ever be replayed: none is captured.
     engine = Engine(EngineConfig(model, device=device, dtype=dtype, kernels=kernels, max_batch=max_batch,
-                                 max_batched_tokens=max(max_model_len, max_batch), max_model_len=max_model_len))
+                                 max_batched_tokens=max(max_model_len, max_batch), max_model_len=max_model_len,
+                                 cuda_graphs=False))
     check = check_model(manifest, model, engine.info())
     if check["status"] != "same":
         # A warning, not an error: a served name cannot be matched to a directory, and rescoring with another

@@ -17,6 +17,8 @@ def serve_command(
     port: int = typer.Option(8000, "--port", help="TCP port."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: str = typer.Option("bfloat16", "--dtype", help=f"{', '.join(DTYPES)}."),
+    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="Replay decode-only steps from "
+                                     "CUDA graphs (CUDA only; --no-cuda-graphs runs every step eagerly)."),
     max_batch: int = typer.Option(32, "--max-batch", help="Sequences per engine step."),
     max_batched_tokens: int = typer.Option(512, "--max-batched-tokens", help="Token budget per step (chunks prompts)."),
     max_model_len: int = typer.Option(2048, "--max-model-len", help="Longest prompt + completion the KV cache holds."),
@@ -35,7 +37,8 @@ def serve_command(
         raise UsageError(f"--max-queue must be at least 1, got {max_queue}")
     sock = _listen(host, port)  # before the model loads: a busy port fails in a second, not after minutes
     engine = Engine(EngineConfig(model, device=device, dtype=dtype, kernels=kernels, max_batch=max_batch,
-                                 max_batched_tokens=max_batched_tokens, max_model_len=max_model_len))
+                                 max_batched_tokens=max_batched_tokens, max_model_len=max_model_len,
+                                 cuda_graphs=cuda_graphs))
     name = served_model_name or model
     app = create_app(engine, model_name=name, max_queue=max_queue)
     Console(stderr=True).print(f"serving {name} ({kernels} kernels, {dtype}, {device}) at http://{host}:{port}/v1")

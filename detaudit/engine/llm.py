@@ -24,6 +24,7 @@ class EngineConfig:
     max_batched_tokens: int = 2048
     max_model_len: int = 2048
     block_size: int = 16
+    cuda_graphs: bool = True  # decode-only steps replay CUDA graphs; only effective on a CUDA device
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -68,6 +69,8 @@ class Engine:
             num_blocks=cfg.max_batch * blocks_per_seq,
             block_size=cfg.block_size,
             max_blocks_per_seq=blocks_per_seq,
+            max_batch=cfg.max_batch,
+            cuda_graphs=cfg.cuda_graphs,
         )
         self.scheduler = Scheduler(
             BlockManager(cfg.max_batch * blocks_per_seq, cfg.block_size),
@@ -149,6 +152,12 @@ class Engine:
             self.step()
         return [s.logprobs for s in seqs]
 
+    @property
+    def graph_replays(self) -> int:
+        """Decode steps replayed from a CUDA graph so far (0 when the engine runs eagerly)."""
+        graphs = self.runner.decode_graphs
+        return graphs.replays if graphs is not None else 0
+
     def info(self) -> dict[str, Any]:
         """Engine facts for the run manifest and the server's system_fingerprint."""
         import torch
@@ -177,6 +186,8 @@ class Engine:
             "max_batched_tokens": self.cfg.max_batched_tokens,
             "max_model_len": self.max_model_len,
             "block_size": self.cfg.block_size,
+            "cuda_graphs": self.runner.decode_graphs is not None,
+            "cuda_graph_sizes": self.runner.decode_graphs.buckets if self.runner.decode_graphs is not None else [],
         }
 
 

@@ -77,6 +77,7 @@ def drive(
     started: dict[int, tuple[Arrival, datetime, float]] = {}
     step = generated = 0
     shapes: list[tuple[int, int]] = []
+    replays0 = engine.graph_replays
     t_start = time.perf_counter()
     while pending or engine.scheduler.has_work():
         while pending and pending[0].step <= step:
@@ -106,5 +107,6 @@ def drive(
         "batch_tokens_max": max((t for _, t in shapes), default=0),
         "distinct_batch_shapes": len(set(shapes)),
         "generated_tokens": generated,
+        "graph_steps": engine.graph_replays - replays0,
         "wall_s": round(time.perf_counter() - t_start, 3),
     }

@@ -98,8 +98,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q, k, inp.positions)
         # Write this step's keys/values first, then attend over the cache: prefill and decode read the same layout.
-        k_cache.view(-1, *k_cache.shape[2:])[inp.slot_mapping] = k
-        v_cache.view(-1, *v_cache.shape[2:])[inp.slot_mapping] = v
+        # index_copy_ never reads the indices on the host, so the write can sit inside a CUDA graph.
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, inp.slot_mapping, k)
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, inp.slot_mapping, v)
         o = attn_fn(q, k_cache, v_cache, inp.block_tables, inp.cu_seqlens_q, inp.context_lens, self.scale)
         return self.o_proj(o.reshape(t, -1))
 
@@ -146,12 +147,14 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.rotary: Rotary | None = None  # built by load_model on the real device (not the meta one)
 
-    def forward(self, input_ids, inp: StepInputs, kv_caches, attn_fn, logits_rows: torch.Tensor) -> torch.Tensor:
-        """Logits (model dtype) of the rows in `logits_rows` only: the lm_head runs on just those rows."""
+    def forward(self, input_ids, inp: StepInputs, kv_caches, attn_fn, logits_rows: torch.Tensor | None
+                ) -> torch.Tensor:
+        """Logits (model dtype) of the rows in `logits_rows` only (None: every row, as in a decode step): the
+        lm_head runs on just those rows."""
         x = self.model.embed_tokens(input_ids)
         for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches, strict=True):
             x = layer(x, self.rotary, inp, k_cache, v_cache, attn_fn)
-        return self.lm_head(self.model.norm(x[logits_rows]))
+        return self.lm_head(self.model.norm(x if logits_rows is None else x[logits_rows]))
 
 
 def load_model(spec: ModelSpec, config: Any, device: str, dtype: torch.dtype) -> CausalLM:

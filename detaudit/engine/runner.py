@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from detaudit.engine.config import ModelSpec
+from detaudit.engine.graphs import DecodeGraphs, is_decode_only
 from detaudit.engine.model import StepInputs, load_model
 from detaudit.engine.sampler import sample
 from detaudit.engine.scheduler import ScheduledBatch
@@ -36,6 +37,8 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         max_blocks_per_seq: int,
+        max_batch: int,
+        cuda_graphs: bool,
     ) -> None:
         from detaudit.kernels.attention import paged_attention
 
@@ -44,7 +47,9 @@ class ModelRunner:
         self.block_size = block_size
         self.max_blocks_per_seq = max_blocks_per_seq
         self.model = load_model(spec, config, device, dtype)
-        shape = (num_blocks, block_size, spec.num_kv_heads, spec.head_dim)
+        # One block past the block manager's: padding rows of graph-replayed decode steps write and read only it.
+        self.dummy_block = num_blocks
+        shape = (num_blocks + 1, block_size, spec.num_kv_heads, spec.head_dim)
         try:
             self.kv_caches = [
                 (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
@@ -58,6 +63,10 @@ class ModelRunner:
                 "lower --max-batch or --max-model-len"
             ) from None
         self.attn_fn = partial(paged_attention, batch_invariant=kernels == "batch-invariant")
+        # Decode-only steps replay CUDA graphs (detaudit.engine.graphs); None runs every step eagerly, unpadded.
+        self.decode_graphs: DecodeGraphs | None = None
+        if cuda_graphs and self.device.type == "cuda":
+            self.decode_graphs = DecodeGraphs(self, max_batch, capture=True)
 
     def _inputs(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepInputs, list[int], list[tuple]]:
         """Packed inputs, the token rows whose logits are needed, and per sequence (seq, first logit row, count)."""
@@ -97,10 +106,14 @@ class ModelRunner:
     @torch.inference_mode()
     def step(self, batch: ScheduledBatch, eos_ids: set[int]) -> None:
         """Run one packed step and record its results on the sequences (scheduler.finish_step does the rest)."""
-        input_ids, inp, rows, spans = self._inputs(batch)
         with kernel_context(self.kernels):
-            rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
-            logits = self.model(input_ids, inp, self.kv_caches, self.attn_fn, rows_t)
+            if self.decode_graphs is not None and is_decode_only(batch):
+                logits = self.decode_graphs.run(batch)
+                spans = [(s, i, 1) for i, s in enumerate(batch.seqs)]
+            else:
+                input_ids, inp, rows, spans = self._inputs(batch)
+                rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
+                logits = self.model(input_ids, inp, self.kv_caches, self.attn_fn, rows_t)
             gen = [(s, o) for s, o, k in spans if not s.score_only and k]
             if gen:
                 idx = torch.tensor([o for _, o in gen], device=self.device)

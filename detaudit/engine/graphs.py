@@ -1,0 +1,131 @@
+"""Decode-only steps through static padded buffers, replayed from one CUDA graph per batch-size bucket.
+
+An eager decode step of a 28-layer model is hundreds of kernel launches, and with batch-invariant kernels every
+matmul, norm and reduction also passes through a Python ``torch.library`` override before its Triton launch: on
+a GPU the step is bound by host overhead, not by the GPU. As vLLM and nano-vllm do, a step in which every sequence
+adds exactly one token to a complete prompt is padded to the next bucket size (1, 2, 4, 8, then multiples of 8 up
+to ``max_batch``) and replayed from a graph captured once for that size; prefill and mixed steps stay eager.
+
+Padding rows are dummies: token 0 at position 0, written to and read from a KV block that the block manager never
+hands out (``dummy_block``), context length 1; their logits are ignored. With batch-invariant kernels a real row's
+bits do not depend on the rows beside it, so padding and replay give the same bits as the eager unpadded step.
+
+All graphs are captured up front, largest first, into one shared memory pool: the warm-up before each capture
+compiles that size's Triton kernels and runs the kernels' one-time device checks (matmul config agreement, the
+attention split-launch check), none of which may run inside a capture; the startup cost is paid once, outside
+any timed request; and a GPU short of memory fails at startup, not in the middle of a run.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from detaudit.engine.model import StepInputs
+from detaudit.engine.scheduler import ScheduledBatch
+from detaudit.engine.sequence import Sequence
+from detaudit.errors import UsageError
+
+if TYPE_CHECKING:
+    from detaudit.engine.runner import ModelRunner
+
+
+def decode_buckets(max_batch: int) -> list[int]:
+    """Padded batch sizes with a graph each: 1, 2, 4, 8, multiples of 8, and max_batch itself."""
+    sizes = {s for s in (1, 2, 4) if s < max_batch} | set(range(8, max_batch, 8)) | {max_batch}
+    return sorted(sizes)
+
+
+def is_decode_only(batch: ScheduledBatch) -> bool:
+    """Every sequence adds exactly its one newest token to a complete prompt (and generates: not score-only)."""
+    return all(n == 1 and not s.score_only and s.num_cached + 1 == len(s)
+               for s, n in zip(batch.seqs, batch.num_new, strict=True))
+
+
+class DecodeGraphs:
+    """Static input/output buffers for padded decode steps and, when `capture`, their CUDA graphs."""
+
+    def __init__(self, runner: ModelRunner, max_batch: int, *, capture: bool) -> None:
+        self.runner = runner
+        self.buckets = decode_buckets(max_batch)
+        n, dev = self.buckets[-1], runner.device
+        self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(n, runner.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.int32, device=dev)  # one query per row, always
+        head = runner.model.lm_head.weight
+        self.logits = torch.empty(n, head.shape[0], dtype=head.dtype, device=dev)
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.replays = 0
+        if capture:
+            try:
+                self._capture()
+            except torch.OutOfMemoryError:
+                self.graphs.clear()
+                raise UsageError("capturing the decode CUDA graphs ran out of GPU memory; lower --max-batch or "
+                                 "--max-model-len, or pass --no-cuda-graphs") from None
+
+    def bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def run(self, batch: ScheduledBatch) -> torch.Tensor:
+        """Logits [len(batch.seqs), vocab] of a decode-only step (call under the step's kernel context)."""
+        n = len(batch.seqs)
+        bs = self.bucket(n)
+        self._fill(batch.seqs, bs)
+        graph = self.graphs.get(bs)
+        if graph is None:
+            self._forward(bs)
+        else:
+            graph.replay()
+            self.replays += 1
+        return self.logits[:n]
+
+    def _fill(self, seqs: list[Sequence], bs: int) -> None:
+        """Copy the step's inputs into the first `bs` rows of the static buffers; rows past the batch are dummies."""
+        r = self.runner
+        page, width, dummy = r.block_size, r.max_blocks_per_seq, r.dummy_block
+        ids, pos, slots, ctx, tables = [], [], [], [], []
+        for seq in seqs:
+            p = seq.num_cached
+            ids.append(seq.tokens[p])
+            pos.append(p)
+            slots.append(seq.block_table[p // page] * page + p % page)
+            ctx.append(p + 1)
+            tables.append(seq.block_table + [0] * (width - len(seq.block_table)))
+        pad = bs - len(seqs)
+        ids += [0] * pad
+        pos += [0] * pad
+        slots += [dummy * page] * pad
+        ctx += [1] * pad
+        tables += [[dummy] + [0] * (width - 1)] * pad
+        for buf, values in ((self.input_ids, ids), (self.positions, pos), (self.slot_mapping, slots),
+                            (self.context_lens, ctx), (self.block_tables, tables)):
+            buf[:bs].copy_(torch.tensor(values, dtype=buf.dtype), non_blocking=True)
+
+    def _forward(self, bs: int) -> None:
+        r = self.runner
+        inp = StepInputs(positions=self.positions[:bs], slot_mapping=self.slot_mapping[:bs],
+                         block_tables=self.block_tables[:bs], cu_seqlens_q=self.cu_seqlens_q[:bs + 1],
+                         context_lens=self.context_lens[:bs])
+        self.logits[:bs] = r.model(self.input_ids[:bs], inp, r.kv_caches, r.attn_fn, None)
+
+    def _capture(self) -> None:
+        from detaudit.engine.runner import kernel_context
+
+        pool = None
+        dev = self.runner.device
+        with torch.inference_mode(), kernel_context(self.runner.kernels):
+            for bs in reversed(self.buckets):  # largest first: smaller graphs reuse its pool memory
+                self._fill([], bs)
+                self._forward(bs)  # warm-up: compiles, one-time device checks, nothing of it inside the capture
+                torch.cuda.synchronize(dev)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self._forward(bs)
+                pool = graph.pool() if pool is None else pool
+                self.graphs[bs] = graph
+        torch.cuda.synchronize(dev)

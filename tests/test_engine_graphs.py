@@ -1,0 +1,121 @@
+"""The padded decode path that CUDA graphs replay, run eagerly on CPU: with bundled kernels it gives the same bits as
+the unpadded step; buckets, the decode-only test, the reserved dummy block and the --cuda-graphs switch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from detaudit.engine.graphs import DecodeGraphs, decode_buckets, is_decode_only
+from detaudit.engine.llm import Engine, EngineConfig
+from detaudit.engine.scheduler import ScheduledBatch
+from detaudit.engine.sequence import SamplingParams, Sequence
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TEXTS = ["def fibonacci(n):", "import os", "Tell me about Richard Feynman", "x = 1", "class Vector:", "the river"]
+
+
+def _engine(model, kernels: str) -> Engine:
+    return Engine(EngineConfig(str(model), device="cpu", dtype="bfloat16", kernels=kernels, max_batch=6,
+                               max_model_len=128, max_batched_tokens=64))  # fmt: skip
+
+
+def _staggered(eng: Engine) -> tuple[list[Sequence], list[int]]:
+    """Requests arriving one a step with different lengths, so decode steps of 1..6 sequences occur (3 and 5
+    pad to buckets 4 and 6) next to mixed prefill + decode steps; returns them and the sizes of the steps that
+    took the padded decode path."""
+    sizes: list[int] = []
+    graphs = eng.runner.decode_graphs
+    if graphs is not None:
+        run = graphs.run
+
+        def counting(batch: ScheduledBatch):  # noqa: ANN202 - same return as DecodeGraphs.run
+            sizes.append(len(batch.seqs))
+            return run(batch)
+
+        graphs.run = counting  # type: ignore[method-assign]
+    seqs = []
+    for i, text in enumerate(TEXTS):
+        params = SamplingParams(max_tokens=8 + 2 * i, ignore_eos=True, top_logprobs=2)
+        seqs.append(eng.add(Sequence(eng.encode_chat([{"role": "user", "content": text}]), params)))
+        eng.step()
+    while eng.scheduler.has_work():
+        eng.step()
+    return seqs, sizes
+
+
+def test_padded_decode_path_gives_the_same_bits_with_bundled_kernels(tiny_model_dir):
+    """The graph path's input building and padding rows, run eagerly: logprobs, tokens and top-k bitwise equal."""
+    plain = _engine(tiny_model_dir, "batch-invariant")
+    assert plain.runner.decode_graphs is None  # CPU: eager and unpadded by default
+    ref, no_sizes = _staggered(plain)
+    padded = _engine(tiny_model_dir, "batch-invariant")
+    padded.runner.decode_graphs = DecodeGraphs(padded.runner, padded.cfg.max_batch, capture=False)
+    got, sizes = _staggered(padded)
+    assert not no_sizes
+    assert {3, 5} <= set(sizes) and 1 in sizes  # padding rows were there (3 -> 4, 5 -> 6)
+    for a, b in zip(ref, got, strict=True):
+        assert a.output_ids == b.output_ids
+        assert a.logprobs == b.logprobs  # bitwise
+        assert a.top_ids == b.top_ids and a.top_logprobs == b.top_logprobs
+    assert padded.graph_replays == 0  # nothing captured on CPU: the padded forward ran eagerly
+    # Padding rows wrote only the dummy block: every block the block manager hands out holds the same bits.
+    n = plain.scheduler.blocks.num_blocks
+    for (k0, v0), (k1, v1) in zip(plain.runner.kv_caches, padded.runner.kv_caches, strict=True):
+        assert torch.equal(k0[:n], k1[:n]) and torch.equal(v0[:n], v1[:n])
+        assert not torch.equal(k0[n], k1[n])
+
+
+def test_padded_decode_path_runs_with_stock_kernels(tiny_model_dir):
+    """Stock SDPA on CPU takes the padding rows (context 1 in the dummy block) too; tokens stay the model's."""
+    padded = _engine(tiny_model_dir, "stock")
+    padded.runner.decode_graphs = DecodeGraphs(padded.runner, padded.cfg.max_batch, capture=False)
+    seqs, sizes = _staggered(padded)
+    assert sizes and all(len(s.output_ids) == s.params.max_tokens for s in seqs)
+    ref, _ = _staggered(_engine(tiny_model_dir, "stock"))
+    assert [s.output_ids for s in seqs] == [s.output_ids for s in ref]
+
+
+def test_dummy_block_is_outside_the_block_managers_range(tiny_model_dir):
+    eng = _engine(tiny_model_dir, "stock")
+    n = eng.scheduler.blocks.num_blocks
+    assert eng.runner.dummy_block == n and eng.runner.kv_caches[0][0].shape[0] == n + 1
+    taken = []
+    while eng.scheduler.blocks.num_free:
+        seq = Sequence([1], SamplingParams(max_tokens=15))
+        eng.scheduler.blocks.allocate(seq)
+        taken += seq.block_table
+    assert sorted(taken) == list(range(n))
+
+
+def test_buckets_and_decode_only():
+    assert decode_buckets(1) == [1]
+    assert decode_buckets(6) == [1, 2, 4, 6]
+    assert decode_buckets(128) == [1, 2, 4, *range(8, 129, 8)]
+    assert decode_buckets(20) == [1, 2, 4, 8, 16, 20]
+    decoding = Sequence([5, 6], SamplingParams())
+    decoding.output_ids = [7]
+    decoding.num_cached = 2
+    fresh = Sequence([5, 6], SamplingParams())
+    one_token_prompt = Sequence([5], SamplingParams())
+    scored = Sequence([5, 6], SamplingParams(max_tokens=0), score_only=True, score_from=1)
+    scored.num_cached = 1
+    assert is_decode_only(ScheduledBatch([decoding, one_token_prompt], [1, 1]))
+    assert not is_decode_only(ScheduledBatch([decoding, fresh], [1, 2]))
+    assert not is_decode_only(ScheduledBatch([decoding, fresh], [1, 1]))  # a 1-token chunk mid-prompt
+    assert not is_decode_only(ScheduledBatch([scored], [1]))
+
+
+def test_cuda_graphs_are_recorded_and_only_effective_on_cuda(tiny_model_dir):
+    eng = Engine(EngineConfig(str(tiny_model_dir), device="cpu", dtype="float32", cuda_graphs=True))
+    assert eng.info()["cuda_graphs"] is False and eng.info()["cuda_graph_sizes"] == []
+
+
+def test_cuda_graphs_switch_is_refused_for_a_managed_engine(capsys):
+    from detaudit.cli.app import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["local", "--engine", "vllm", "--model", "m", "--prompt", "x", "--no-cuda-graphs"])
+    assert e.value.code == 2
+    assert "--cuda-graphs only apply with --engine detaudit" in capsys.readouterr().err

@@ -1,0 +1,90 @@
+"""Stock attention on CUDA: the flash-decoding split heuristic, and (under TRITON_INTERPRET=1, small fp32 shapes) the
+Triton kernel at the split sizes it picks — correct at every split, and batch-dependent, as a server's is.
+
+The interpreter cases run in a subprocess started with the variable set (Triton reads it when it decorates the
+kernels), as tests/test_kernels_triton_interp.py does.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from detaudit.kernels.attention import _stock, num_splits, stock_split
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+inner = pytest.mark.skipif(not INTERPRETED, reason="runs inside test_under_interpreter's subprocess")
+H100_SMS = 132
+
+
+@pytest.mark.skipif(INTERPRETED, reason="outer test")
+def test_num_splits_follows_flash_attention():
+    assert num_splits(106, H100_SMS, 16) == 1  # >= 80% of the SMs busy: no split
+    assert num_splits(8, H100_SMS, 16) == 16  # 8 programs: split the 16 key blocks as far as they go
+    assert num_splits(32, H100_SMS, 16) == 4  # 128 of 132 SMs in one wave
+    assert num_splits(8, H100_SMS, 64) == 16  # the fewest splits within 85% of the best wave efficiency
+    assert num_splits(1, 4, 3) == 3 and num_splits(1, 1, 100) == 1
+    # 7 splits of 16 blocks are 3 blocks each, the same as 6: never chosen over 6
+    assert all(num_splits(p, H100_SMS, 16) not in (7, 9, 10, 11, 12, 13, 14, 15) for p in range(1, 200))
+
+
+@pytest.mark.skipif(INTERPRETED, reason="outer test")
+def test_stock_split_depends_on_the_batch_and_covers_the_context():
+    picks = {n: stock_split(n, n, 8, 1024, 64, H100_SMS) for n in range(1, 129)}
+    assert picks[1] == (64, True) and picks[4] == (256, True) and picks[14] == (1024, False)
+    assert len({split for split, _ in picks.values()}) >= 5  # the reduction order changes with the batch size
+    for split, launch in picks.values():
+        assert split % 64 == 0 and launch == (split < 1024)
+    assert stock_split(50, 4, 8, 1024, 64, H100_SMS) == (1024, False)  # prefill rows: one split over the context
+    assert stock_split(1, 1, 1, 1000, 32, 4) == (256, True)  # 32 tiles of 32 in 4 splits
+
+
+def test_under_interpreter():
+    if INTERPRETED:
+        pytest.skip("already inside the interpreter run")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest", __file__],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
+    assert "1 passed" in proc.stdout, proc.stdout[-2000:]
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.double() - ref.double()).norm() / ref.double().norm())
+
+
+@inner
+def test_stock_kernel_at_the_heuristics_splits():
+    from detaudit.kernels import triton_attention as ta
+
+    g = torch.Generator().manual_seed(5)
+    hkv, gqa, d, page, tile = 2, 2, 16, 8, ta.tile_size(torch.float32)
+    lens = [300, 77, 161, 5]
+    width = -(-max(lens) // page)
+    n_pages = len(lens) * width
+    kc = torch.randn(n_pages, page, hkv, d, generator=g)
+    vc = torch.randn(n_pages, page, hkv, d, generator=g)
+    bt = torch.randperm(n_pages, generator=g).to(torch.int32).reshape(len(lens), width)
+    q = torch.randn(len(lens), hkv * gqa, d, generator=g)
+    ctx = torch.tensor(lens, dtype=torch.int32)
+    max_ctx = width * page
+
+    def stock(b: int, sms: int) -> tuple[torch.Tensor, int]:
+        """The first b sequences decoding together, with the split the heuristic picks on a GPU of `sms` SMs."""
+        split, launch = stock_split(b, b, hkv, max_ctx, tile, sms)
+        cu = torch.arange(b + 1, dtype=torch.int32)
+        out = ta.paged_attention(q[:b], kc, vc, bt[:b], cu, ctx[:b], 0.25, split_launch=launch, split=split)
+        ref = _stock(q[:b].double(), kc.double(), vc.double(), bt[:b], cu, ctx[:b], 0.25)
+        assert _rel(out, ref) < 1e-6, (b, sms, split)
+        return out, split
+
+    alone, split_alone = stock(1, 8)  # 2 programs on 8 SMs: the 10 tiles of 32 in 4 splits of 3 tiles
+    batch, split_batch = stock(4, 8)  # 8 programs: one split over the whole context
+    assert (split_alone, split_batch) == (3 * tile, 10 * tile)
+    # The same sequence, alone or among others: its keys are reduced in another order, so other bits.
+    assert not torch.equal(alone[0], batch[0])
+    for b in (2, 3):
+        stock(b, 8)
