@@ -55,7 +55,7 @@ for step in $STEPS; do
         build_model
         r=/tmp/r-bi
         {
-            timeout 150 detaudit local --model "$MODEL" --device cuda --kernels batch-invariant -n 64 --max-tokens 64 \
+            timeout 150 detaudit local --model "$MODEL" --prompt "Tell me about Richard Feynman" --device cuda --kernels batch-invariant -n 64 --max-tokens 64 \
                 --scenario mixed --max-batch 32 --out $r --force
             echo "-- rescore with batch-invariant kernels"
             timeout 90 detaudit rescore $r --model "$MODEL" --device cuda --kernels batch-invariant
@@ -73,7 +73,7 @@ for step in $STEPS; do
     local)
         build_model
         for k in stock batch-invariant; do
-            timeout "$(( $(left) / 2 ))" detaudit local --model "$MODEL" --device cuda --kernels $k -n "$LOCAL_N" \
+            timeout "$(( $(left) / 2 ))" detaudit local --model "$MODEL" --prompt "Tell me about Richard Feynman" --device cuda --kernels $k -n "$LOCAL_N" \
                 --max-tokens 100 --scenario single --max-batch 128 --max-batched-tokens 2048 --top-logprobs 0 \
                 --out /tmp/local-$k --force 2>&1 | tee "$OUT/local_$k.log"
             detaudit analyze /tmp/local-$k 2>&1 | tee -a "$OUT/local_$k.log"
