@@ -3,7 +3,11 @@ vs transformers' generate() on the same model and batch. Writes one JSON (update
 short still leaves its finished figures). Uses `detaudit local`'s workload and load loop (detaudit.engine.load)
 but writes no run directory, so it needs only torch, triton and transformers on the GPU machine.
 
-    python benchmarks/engine.py --out OUT_DIR [--preset qwen3-1.7b] [--device cuda] [-n 1000] [--max-tokens 100]
+    python benchmarks/engine.py --out OUT_DIR [--preset qwen3-1.7b] [--device cuda] [-n 1000] [--max-tokens 100] \
+        [--phases batch-invariant,stock,batch-invariant-eager,stock-eager,hf]
+
+Phases `batch-invariant` and `stock` run the engine as users get it (decode steps replayed from CUDA graphs on a
+GPU); `<kernels>-eager` runs every step eagerly. The JSON gets `bi_over_stock_wall` (and `_eager`) ratios.
 
 No weights can be downloaded on the benchmark machines: the model is a random-weight one of the preset's shapes,
 built here with detaudit.tiny (detaudit tiny-model).
@@ -33,11 +37,26 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def local_phase(model: Path, kernels: str, args: argparse.Namespace) -> dict:
+def _variant(name: str) -> tuple[str, bool]:
+    """A phase or engine name: kernels, then `-eager` for the engine without CUDA graphs (users get graphs)."""
+    kernels = name.removesuffix("-eager")
+    return kernels, kernels == name
+
+
+def _engine(model: Path, name: str, args: argparse.Namespace, **cfg) -> tuple[Engine, float]:
+    """The engine of a phase name and its start-up time (weights, KV cache, CUDA-graph capture)."""
+    kernels, graphs = _variant(name)
+    t0 = time.perf_counter()
+    eng = Engine(EngineConfig(str(model), device=args.device, dtype="bfloat16", kernels=kernels, cuda_graphs=graphs,
+                              **cfg))  # fmt: skip
+    _sync(args.device)
+    return eng, round(time.perf_counter() - t0, 2)
+
+
+def local_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
     """`detaudit local`'s load loop (without the run directory): unique target completions and generation time."""
-    eng = Engine(EngineConfig(str(model), device=args.device, dtype="bfloat16", kernels=kernels,
-                              max_batch=args.max_batch, max_batched_tokens=args.max_batched_tokens,
-                              max_model_len=1024))  # fmt: skip
+    eng, start_s = _engine(model, name, args, max_batch=args.max_batch, max_batched_tokens=args.max_batched_tokens,
+                           max_model_len=1024)  # fmt: skip
     work = build_workload(args.scenario, [PROMPT], args.n, max_tokens=args.max_tokens, max_batch=args.max_batch,
                           seed=0)  # fmt: skip
     outs: list[tuple[int, ...]] = []
@@ -49,28 +68,36 @@ def local_phase(model: Path, kernels: str, args: argparse.Namespace) -> dict:
     first_div = [d for d in first_div if d is not None]
     return {**stats, "n": len(outs), "unique": len(counts), "counts": counts[:10],
             "first_divergence_min": min(first_div, default=None),
-            "tok_per_s": round(stats["generated_tokens"] / stats["wall_s"], 1), "engine": eng.info()}  # fmt: skip
+            "tok_per_s": round(stats["generated_tokens"] / stats["wall_s"], 1), "engine_start_s": start_s,
+            "engine": eng.info()}  # fmt: skip
 
 
 def hf_phase(model: Path, args: argparse.Namespace) -> dict:
-    """tokens/s of HF generate() vs the engine on the same prompts, batch and length."""
-    from transformers import AutoModelForCausalLM
+    """tokens/s of HF generate() vs the engine on the same prompts, batch and length; one engine per name in
+    --hf-engine-kernels (the first one gives the top-level figures)."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-    eng = Engine(EngineConfig(str(model), device=args.device, dtype="bfloat16", kernels=args.hf_engine_kernels,
-                              max_batch=args.hf_batch, max_batched_tokens=4096, max_model_len=512))  # fmt: skip
     texts = [f"{PROMPT}, part {i}" for i in range(args.hf_batch)]
-    prompts = [eng.encode_chat([{"role": "user", "content": t}]) for t in texts]
     params = SamplingParams(max_tokens=args.hf_tokens, ignore_eos=True)
-    eng.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
-    _sync(args.device)
-    t0 = time.perf_counter()
-    seqs = eng.generate(prompts, params)
-    _sync(args.device)
-    engine_s = time.perf_counter() - t0
-    n_tokens = sum(len(s.output_ids) for s in seqs)
-    del eng
+    engines: dict[str, dict] = {}
+    for name in args.hf_engine_kernels.split(","):
+        eng, start_s = _engine(model, name, args, max_batch=args.hf_batch, max_batched_tokens=4096,
+                               max_model_len=512)  # fmt: skip
+        prompts = [eng.encode_chat([{"role": "user", "content": t}]) for t in texts]
+        eng.generate(prompts, SamplingParams(max_tokens=3, ignore_eos=True))  # warm-up: the same prefill shapes
+        _sync(args.device)
+        t0 = time.perf_counter()
+        seqs = eng.generate(prompts, params)
+        _sync(args.device)
+        engine_s = time.perf_counter() - t0
+        n_tokens = sum(len(s.output_ids) for s in seqs)
+        engines[name] = {"engine_s": round(engine_s, 3), "engine_tok_per_s": round(n_tokens / engine_s, 1),
+                         "engine_start_s": start_s, "cuda_graphs": eng.info()["cuda_graphs"]}  # fmt: skip
+        del eng, seqs
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).to(args.device).eval()
-    tok = __import__("transformers").PreTrainedTokenizerFast.from_pretrained(model)
+    tok = PreTrainedTokenizerFast.from_pretrained(model)
     tok.padding_side = "left"
     enc = tok([tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
                for t in texts], return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
@@ -83,11 +110,12 @@ def hf_phase(model: Path, args: argparse.Namespace) -> dict:
         out = hf.generate(**enc, **kw)
     _sync(args.device)
     hf_s = time.perf_counter() - t0
-    hf_tokens = (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0]
-    return {"batch": args.hf_batch, "tokens_each": args.hf_tokens, "engine_kernels": args.hf_engine_kernels,
-            "engine_s": round(engine_s, 3),
-            "engine_tok_per_s": round(n_tokens / engine_s, 1), "hf_generate_s": round(hf_s, 3),
-            "hf_tok_per_s": round(hf_tokens / hf_s, 1), "speedup": round((n_tokens / engine_s) / (hf_tokens / hf_s), 2)}
+    hf_tok_per_s = (out.shape[1] - enc["input_ids"].shape[1]) * out.shape[0] / hf_s
+    for e in engines.values():
+        e["speedup"] = round(e["engine_tok_per_s"] / hf_tok_per_s, 2)
+    first = next(iter(engines))
+    return {"batch": args.hf_batch, "tokens_each": args.hf_tokens, "engine_kernels": first, **engines[first],
+            "hf_generate_s": round(hf_s, 3), "hf_tok_per_s": round(hf_tok_per_s, 1), "engines": engines}
 
 
 def main() -> None:
@@ -103,8 +131,11 @@ def main() -> None:
     ap.add_argument("--scenario", default="mixed")
     ap.add_argument("--hf-batch", type=int, default=64)
     ap.add_argument("--hf-tokens", type=int, default=128)
-    ap.add_argument("--hf-engine-kernels", default="batch-invariant")
-    ap.add_argument("--phases", default="batch-invariant,stock,hf")
+    ap.add_argument("--hf-engine-kernels", default="batch-invariant",
+                    help="comma list of engines to time against HF: kernels, -eager for no CUDA graphs")
+    ap.add_argument("--phases", default="batch-invariant,stock,hf",
+                    help="comma list: batch-invariant, stock (CUDA graphs on, as users run them), the same with "
+                         "-eager (graphs off), hf")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
@@ -133,9 +164,11 @@ def main() -> None:
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
         save()
-    if "wall_s" in result.get("stock", {}) and "wall_s" in result.get("batch-invariant", {}):
-        result["bi_over_stock_wall"] = round(result["batch-invariant"]["wall_s"] / result["stock"]["wall_s"], 3)
-        save()
+    for suffix in ("", "-eager"):  # with CUDA graphs (what users get) and, when measured, without
+        bi, stock = result.get("batch-invariant" + suffix, {}), result.get("stock" + suffix, {})
+        if "wall_s" in bi and "wall_s" in stock:
+            result["bi_over_stock_wall" + suffix.replace("-", "_")] = round(bi["wall_s"] / stock["wall_s"], 3)
+    save()
 
 
 if __name__ == "__main__":

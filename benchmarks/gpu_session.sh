@@ -7,13 +7,16 @@
 #
 # probe:   detaudit probe kernels on cuda in bf16 and fp32 (stock torch vs ours, every op)
 # rescore: detaudit local (batch-invariant) on a Qwen3-1.7B-shaped random model, rescored with bi and stock kernels
-# engine:  benchmarks/engine.py: N target requests stock vs batch-invariant, and engine vs HF generate()
+# engine:  benchmarks/engine.py: N target requests stock vs batch-invariant (CUDA graphs on, as users run it, and
+#          eager), and engine (bi and stock) vs HF generate()
+# enginegpu: tests/gpu/test_engine_gpu.py (graph replay == eager bitwise with bi kernels, stock split attention)
 # local:   detaudit local N = 1000 with stock and batch-invariant kernels, each analysed (the issue's must-show)
 set -u
 : "${OUT:?OUT must name the output folder}"
 STEPS=${STEPS:-"probe rescore engine"}
 ENGINE_ARGS=${ENGINE_ARGS:-"-n 1000 --max-tokens 100 --scenario single --max-batch 128 --max-batched-tokens 2048 \
---hf-batch 64 --hf-tokens 128 --phases batch-invariant,stock,hf"}
+--hf-batch 64 --hf-tokens 128 --hf-engine-kernels batch-invariant,stock \
+--phases batch-invariant,stock,batch-invariant-eager,stock-eager,hf"}
 LOCAL_N=${LOCAL_N:-1000}
 PRESET=${PRESET:-qwen3-1.7b}
 export PYTHONUNBUFFERED=1
@@ -70,6 +73,11 @@ for step in $STEPS; do
         timeout "$(left)" python3 benchmarks/engine.py --out /tmp/eb --model "$MODEL" $ENGINE_ARGS 2>&1 \
             | tee "$OUT/engine_bench.log"
         cp /tmp/eb/engine_bench.json "$OUT/" ;;
+    enginegpu)
+        # From /tmp: run from the repository root, python -m would import ./detaudit, which lacks kernels/.
+        repo=$(pwd)
+        (cd /tmp && timeout 300 python3 -m pytest -q -s -p no:cacheprovider --noconftest \
+            "$repo/tests/gpu/test_engine_gpu.py") 2>&1 | tee "$OUT/engine_gpu_tests.log" ;;
     local)
         build_model
         for k in stock batch-invariant; do

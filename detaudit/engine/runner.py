@@ -107,8 +107,9 @@ class ModelRunner:
     def step(self, batch: ScheduledBatch, eos_ids: set[int]) -> None:
         """Run one packed step and record its results on the sequences (scheduler.finish_step does the rest)."""
         with kernel_context(self.kernels):
-            if self.decode_graphs is not None and is_decode_only(batch):
-                logits = self.decode_graphs.run(batch)
+            decode = self.decode_graphs is not None and is_decode_only(batch)
+            if decode:
+                logits = self.decode_graphs.run(batch)  # row i: sequence i's next token
                 spans = [(s, i, 1) for i, s in enumerate(batch.seqs)]
             else:
                 input_ids, inp, rows, spans = self._inputs(batch)
@@ -116,9 +117,9 @@ class ModelRunner:
                 logits = self.model(input_ids, inp, self.kv_caches, self.attn_fn, rows_t)
             gen = [(s, o) for s, o, k in spans if not s.score_only and k]
             if gen:
-                idx = torch.tensor([o for _, o in gen], device=self.device)
+                picked = logits if decode else logits[torch.tensor([o for _, o in gen], device=self.device)]
                 seqs = [s for s, _ in gen]
-                out = sample(logits[idx], [s.params for s in seqs], [len(s.output_ids) for s in seqs])
+                out = sample(picked, [s.params for s in seqs], [len(s.output_ids) for s in seqs])
                 for s, tok, lp, top_ids, top_lps in zip(seqs, *out, strict=True):
                     s.append(tok, lp, top_ids, top_lps, eos_ids)
             scored = [(s, o, k) for s, o, k in spans if s.score_only]
