@@ -69,10 +69,18 @@ class Rotary(nn.Module):
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = self.cos.index_select(0, positions).to(q.dtype).unsqueeze(1)
-        sin = self.sin.index_select(0, positions).to(q.dtype).unsqueeze(1)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [T, 1, head_dim] of the step's positions in the model dtype: gathered once per step, used by
+        every layer (index_select reads no index on the host, so this can sit inside a CUDA graph)."""
+        cos = self.cos.index_select(0, positions).to(dtype).unsqueeze(1)
+        sin = self.sin.index_select(0, positions).to(dtype).unsqueeze(1)
+        return cos, sin
+
+
+def apply_rope(q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    cos, sin = rope
+    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 class Attention(nn.Module):
@@ -89,14 +97,14 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, spec.rms_norm_eps)
         self.scale = d**-0.5
 
-    def forward(self, x, rotary, inp: StepInputs, k_cache, v_cache, attn_fn) -> torch.Tensor:
+    def forward(self, x, rope, inp: StepInputs, k_cache, v_cache, attn_fn) -> torch.Tensor:
         t, d = x.shape[0], self.spec.head_dim
         q = self.q_proj(x).view(t, self.spec.num_heads, d)
         k = self.k_proj(x).view(t, self.spec.num_kv_heads, d)
         v = self.v_proj(x).view(t, self.spec.num_kv_heads, d)
         if self.spec.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, k, inp.positions)
+        q, k = apply_rope(q, k, rope)
         # Write this step's keys/values first, then attend over the cache: prefill and decode read the same layout.
         # index_copy_ never reads the indices on the host, so the write can sit inside a CUDA graph.
         k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, inp.slot_mapping, k)
@@ -124,8 +132,8 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
-    def forward(self, x, rotary, inp, k_cache, v_cache, attn_fn) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rotary, inp, k_cache, v_cache, attn_fn)
+    def forward(self, x, rope, inp, k_cache, v_cache, attn_fn) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, inp, k_cache, v_cache, attn_fn)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -152,8 +160,9 @@ class CausalLM(nn.Module):
         """Logits (model dtype) of the rows in `logits_rows` only (None: every row, as in a decode step): the
         lm_head runs on just those rows."""
         x = self.model.embed_tokens(input_ids)
+        rope = self.rotary(inp.positions, x.dtype)
         for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, self.rotary, inp, k_cache, v_cache, attn_fn)
+            x = layer(x, rope, inp, k_cache, v_cache, attn_fn)
         return self.lm_head(self.model.norm(x if logits_rows is None else x[logits_rows]))
 
 
