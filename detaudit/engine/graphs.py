@@ -118,7 +118,8 @@ class DecodeGraphs:
 
         pool = None
         dev = self.runner.device
-        with torch.inference_mode(), kernel_context(self.runner.kernels):
+        # The capture stream belongs to the current device: make that the engine's (e.g. cuda:1).
+        with torch.cuda.device(dev), torch.inference_mode(), kernel_context(self.runner.kernels):
             for bs in reversed(self.buckets):  # largest first: smaller graphs reuse its pool memory
                 self._fill([], bs)
                 self._forward(bs)  # warm-up: compiles, one-time device checks, nothing of it inside the capture

@@ -79,7 +79,10 @@ def test_stock_engine_runs_with_graphs(model_dir: Path) -> None:
     assert graphs.graph_replays > 10
     for x, y in zip(a, b, strict=True):
         assert len(x.output_ids) == x.params.max_tokens
-        assert abs(x.logprobs[0] - y.logprobs[0]) < 0.05  # the same prefill, decoded through another path
+        same = next((i for i, (s, t) in enumerate(zip(x.output_ids, y.output_ids, strict=True)) if s != t),
+                    len(x.output_ids))  # fmt: skip
+        # While the tokens agree, the graph-replayed decode steps give the eager logprobs up to bf16 noise.
+        assert max(abs(u - v) for u, v in zip(x.logprobs[:same], y.logprobs[:same], strict=True)) < 0.1
 
 
 def _paged(lens: list[int], hkv: int, gqa: int, d: int, dtype: torch.dtype, page: int = 16):
