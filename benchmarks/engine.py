@@ -16,6 +16,7 @@ built here with detaudit.tiny (detaudit tiny-model).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 import traceback
@@ -35,6 +36,13 @@ PROMPT = "Tell me about Richard Feynman"
 def _sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def _release(device: str) -> None:
+    """Give the last engine's KV cache and graph pool back before the next phase builds its own."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 def _variant(name: str) -> tuple[str, bool]:
@@ -94,8 +102,7 @@ def hf_phase(model: Path, args: argparse.Namespace) -> dict:
         engines[name] = {"engine_s": round(engine_s, 3), "engine_tok_per_s": round(n_tokens / engine_s, 1),
                          "engine_start_s": start_s, "cuda_graphs": eng.info()["cuda_graphs"]}  # fmt: skip
         del eng, seqs
-        if args.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        _release(args.device)
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).to(args.device).eval()
     tok = PreTrainedTokenizerFast.from_pretrained(model)
     tok.padding_side = "left"
@@ -161,8 +168,7 @@ def main() -> None:
             result[phase] = hf_phase(model, args) if phase == "hf" else local_phase(model, phase, args)
         except Exception:
             result[phase] = {"error": traceback.format_exc(limit=6)}
-        if args.device.startswith("cuda"):
-            torch.cuda.empty_cache()
+        _release(args.device)
         save()
     for suffix in ("", "-eager"):  # with CUDA graphs (what users get) and, when measured, without
         bi, stock = result.get("batch-invariant" + suffix, {}), result.get("stock" + suffix, {})

@@ -47,7 +47,11 @@ class DecodeGraphs:
     """Static input/output buffers for padded decode steps and, when `capture`, their CUDA graphs."""
 
     def __init__(self, runner: ModelRunner, max_batch: int, *, capture: bool) -> None:
-        self.runner = runner
+        # The runner's parts, not the runner: it holds this object, and a reference cycle would keep the KV cache
+        # and the graphs' memory alive until the garbage collector happens to run.
+        self.model, self.kv_caches, self.attn_fn = runner.model, runner.kv_caches, runner.attn_fn
+        self.kernels, self.device = runner.kernels, runner.device
+        self.page, self.width, self.dummy_block = runner.block_size, runner.max_blocks_per_seq, runner.dummy_block
         self.buckets = decode_buckets(max_batch)
         n, dev = self.buckets[-1], runner.device
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
@@ -86,8 +90,7 @@ class DecodeGraphs:
 
     def _fill(self, seqs: list[Sequence], bs: int) -> None:
         """Copy the step's inputs into the first `bs` rows of the static buffers; rows past the batch are dummies."""
-        r = self.runner
-        page, width, dummy = r.block_size, r.max_blocks_per_seq, r.dummy_block
+        page, width, dummy = self.page, self.width, self.dummy_block
         ids, pos, slots, ctx, tables = [], [], [], [], []
         for seq in seqs:
             p = seq.num_cached
@@ -107,19 +110,18 @@ class DecodeGraphs:
             buf[:bs].copy_(torch.tensor(values, dtype=buf.dtype), non_blocking=True)
 
     def _forward(self, bs: int) -> None:
-        r = self.runner
         inp = StepInputs(positions=self.positions[:bs], slot_mapping=self.slot_mapping[:bs],
                          block_tables=self.block_tables[:bs], cu_seqlens_q=self.cu_seqlens_q[:bs + 1],
                          context_lens=self.context_lens[:bs])
-        self.logits[:bs] = r.model(self.input_ids[:bs], inp, r.kv_caches, r.attn_fn, None)
+        self.logits[:bs] = self.model(self.input_ids[:bs], inp, self.kv_caches, self.attn_fn, None)
 
     def _capture(self) -> None:
         from detaudit.engine.runner import kernel_context
 
         pool = None
-        dev = self.runner.device
+        dev = self.device
         # The capture stream belongs to the current device: make that the engine's (e.g. cuda:1).
-        with torch.cuda.device(dev), torch.inference_mode(), kernel_context(self.runner.kernels):
+        with torch.cuda.device(dev), torch.inference_mode(), kernel_context(self.kernels):
             for bs in reversed(self.buckets):  # largest first: smaller graphs reuse its pool memory
                 self._fill([], bs)
                 self._forward(bs)  # warm-up: compiles, one-time device checks, nothing of it inside the capture
