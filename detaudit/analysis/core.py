@@ -1,10 +1,16 @@
 """Vectorised kernels of the analysis: group identical completions, order them, measure common prefixes, find forks.
 
-The work is done on unique completions, never on every sample token by token: each row's token list is viewed
-as one opaque byte string (zero copy) and Arrow's hash kernels group identical rows; only the distinct
-completions are then sorted lexicographically, and the fork tree of the prefix trie is read off the longest
-common prefixes of sorted neighbours (the lcp-interval tree). A Python loop runs once per distinct completion
-at most, never per token.
+Data layout: the distinct completions live in one flat buffer of 4-byte units (token ids, codes of token
+strings/bytes, or code points), each completion a contiguous slice, stored big-endian with the sign bit
+flipped so that comparing the bytes compares the integers. Rows are read a small batch at a time; Arrow's hash
+kernel groups a batch's rows (each row's units viewed as one binary value, zero copy), and only the batch's
+distinct completions are looked up in the run-wide table (by hash, then compared exactly) and appended to the
+buffer when new. So memory is the distinct completions plus one batch, whatever the number of samples.
+
+The distinct completions are then sorted as byte strings (Arrow, over a zero-copy view of the buffer), and the
+fork tree of the prefix trie is read off the longest common prefixes of sorted neighbours (the lcp-interval
+tree); the lcp of any two completions is the minimum of the neighbour lcps between them. A Python loop runs
+once per distinct completion of a batch at most, never per token.
 """
 
 from __future__ import annotations
@@ -15,25 +21,32 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+from numpy.lib.stride_tricks import sliding_window_view
 
 from detaudit.analysis.units import Source
 
-# Elements compared per numpy pass in lcp_pairs: bounds its transient arrays (~30 bytes per element).
-_LCP_CHUNK = 1 << 21
+# Widest block of units compared per step in lcp_pairs; the buffer keeps this many spare units at its end so a
+# block that starts inside the last completion never reads past it.
+_LCP_MAX_WIDTH = 256
+# Units compared per numpy pass in lcp_pairs: bounds its transient arrays (~10 bytes per unit).
+_LCP_CHUNK = 1 << 20
+_SIGN = np.uint32(1 << 31)
+_UNIT = 4  # bytes per unit
 
 
 @dataclass
 class Sequences:
     """Every ok row mapped to one distinct completion, and the distinct completions as integer sequences.
 
-    `values[starts[u] : starts[u] + lens[u]]` is distinct completion u: token ids, codes of distinct token
-    strings/bytes (numbered in their sorted order), or Unicode code points for text. `rank[u]` is u's place in
-    lexicographic order (a shorter prefix first), which breaks ties between equally frequent completions.
+    `values[starts[u] : starts[u] + lens[u]]` is distinct completion u, as big-endian unsigned integers with the
+    sign bit flipped (bytewise order = integer order): token ids, codes of distinct token strings/bytes
+    (numbered in their sorted order), or Unicode code points for text. `rank[u]` is u's place in lexicographic
+    order (a shorter prefix first), which breaks ties between equally frequent completions.
     """
 
     source: Source
     row_seq: np.ndarray  # per table row: distinct-completion index, -1 for rows that are not ok
-    values: np.ndarray
+    values: np.ndarray  # dtype >u4, with _LCP_MAX_WIDTH spare units at the end
     starts: np.ndarray
     lens: np.ndarray
     rank: np.ndarray
@@ -45,43 +58,28 @@ class Sequences:
         return len(self.lens)
 
     def seq(self, u: int) -> np.ndarray:
-        return self.values[self.starts[u] : self.starts[u] + self.lens[u]]
+        """Completion u as the integers it was compared as (int32)."""
+        raw = self.values[self.starts[u] : self.starts[u] + self.lens[u]]
+        return (raw ^ _SIGN).astype(np.uint32).view(np.int32)
 
 
 class SourceMissing(Exception):
     """An ok row lacks the column being compared: the caller retries with the next source in units.SOURCES."""
 
 
-def _as_binary_view(offsets: np.ndarray, values: np.ndarray, ok: np.ndarray) -> pa.Array:
-    """Each list row's integer values as one large_binary value, without copying the values; null where not ok."""
+def _to_sortable(buf: np.ndarray, step: int = 1 << 22) -> None:
+    """Native int32 units to big-endian with the sign bit flipped, in place (a chunk at a time: no copy)."""
+    for lo in range(0, len(buf), step):
+        part = buf[lo : lo + step]
+        part ^= _SIGN
+        part.byteswap(inplace=True)
+
+
+def _binary_view(values: np.ndarray, offsets: np.ndarray, validity: pa.Buffer | None = None) -> pa.Array:
+    """Each slice values[offsets[i]:offsets[i+1]] as one large_binary value, without copying the values."""
     byte_offsets = offsets.astype(np.int64) * values.dtype.itemsize
-    validity = pa.array(ok, pa.bool_()).buffers()[1]  # a boolean array's data is a validity bitmap
-    buffers = [validity, pa.py_buffer(byte_offsets), pa.py_buffer(np.ascontiguousarray(values))]
-    return pa.Array.from_buffers(pa.large_binary(), len(offsets) - 1, buffers)
-
-
-def _lex_rank(values: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Lexicographic rank of contiguous sequences: big-endian unsigned bytes sort bytewise as the integers do."""
-    if len(lens) == 0:
-        return np.zeros(0, dtype=np.int64)
-    # flip the sign bit (signed order becomes unsigned order, so -1 "unknown" sorts first), then big-endian
-    be = (values.astype(np.int32, copy=False).view(np.uint32) ^ np.uint32(1 << 31)).astype(">u4")
-    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64) * 4
-    binary = pa.Array.from_buffers(pa.large_binary(), len(lens), [None, pa.py_buffer(offsets), pa.py_buffer(be)])
-    order = pc.sort_indices(binary).to_numpy()
-    rank = np.empty(len(lens), dtype=np.int64)
-    rank[order] = np.arange(len(lens))
-    return rank
-
-
-def _gather_index(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """Positions of sequence 0's elements, then sequence 1's, ...: a vectorised concatenation of ranges."""
-    total = int(lens.sum())
-    if total == 0:
-        return np.zeros(0, dtype=np.int64)
-    seg = np.repeat(np.arange(len(lens)), lens)
-    first = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    return np.repeat(starts, lens) + (np.arange(total) - first[seg])
+    data = pa.py_buffer(values)
+    return pa.Array.from_buffers(pa.large_binary(), len(offsets) - 1, [validity, pa.py_buffer(byte_offsets), data])
 
 
 def _ok_mask(batch: pa.RecordBatch) -> np.ndarray:
@@ -97,17 +95,22 @@ def _child_slice(col: pa.Array) -> tuple[np.ndarray, pa.Array]:
 
 
 class _Encoder:
-    """Accumulates distinct completions batch by batch, so a run never has to be in memory at once.
+    """Accumulates distinct completions batch by batch into one flat buffer (see the module docstring).
 
-    Each row's completion becomes one opaque key (its text, or its integer sequence viewed as bytes); Arrow's
-    hash kernels find the distinct keys of each batch, which are kept; one more hash pass over those (not over
-    the rows) merges them when the run has been read.
+    `capacity`, an upper bound on the units of all rows, sizes the buffer once: its pages are only touched as
+    completions are written, so an over-estimate costs address space, not memory. Without it the buffer grows.
     """
 
-    def __init__(self, source: Source) -> None:
+    def __init__(self, source: Source, capacity: int | None = None) -> None:
         self.source = source
-        self.distinct: list[pa.Array] = []  # per batch: its distinct keys
-        self.local: list[np.ndarray] = []  # per batch: each row's index into its batch's distinct keys, -1 if not ok
+        self.buf = np.empty((capacity or 1 << 16) + _LCP_MAX_WIDTH, dtype=np.int32)
+        self.used = 0  # units written
+        self.starts: list[int] = []
+        self.lens: list[int] = []
+        self.by_hash: dict[int, int | list[int]] = {}  # hash of a completion's bytes -> its index (list: collision)
+        self.by_text: dict[str, int] = {}  # text source: the distinct texts
+        self.texts: list[str] = []
+        self.row_seq: list[np.ndarray] = []
         self.vocab: pa.Array | None = None  # token strings/bytes sources: distinct tokens, first appearance
 
     def _codes(self, values: pa.Array) -> np.ndarray:
@@ -121,130 +124,152 @@ class _Encoder:
                 self.vocab = pa.concat_arrays([self.vocab, fresh])
         return pc.index_in(values, value_set=self.vocab).fill_null(-1).to_numpy(zero_copy_only=False)
 
-    def _keys(self, batch: pa.RecordBatch, ok: np.ndarray) -> pa.Array:
+    def _units(self, batch: pa.RecordBatch, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Offsets and native int32 units of the batch's compared column; raises SourceMissing for a gap."""
         col = batch.column(self.source)
-        if self.source == "text":
-            return pc.if_else(pa.array(ok), pc.fill_null(col, ""), pa.scalar(None, pa.string()))
         if pc.any(pc.and_(pc.is_null(col), pa.array(ok))).as_py():
             raise SourceMissing(self.source)
         offsets, values = _child_slice(col)
         if self.source == "token_ids":
-            ints = values.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
-        else:
-            if (
-                self.source == "token_bytes"
-                and values.null_count
-                and pc.list_flatten(col.filter(pa.array(ok))).null_count
-            ):
-                raise SourceMissing(self.source)
-            ints = self._codes(values).astype(np.int32)
-        return _as_binary_view(offsets, ints, ok)
+            return offsets, values.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+        if self.source == "token_bytes" and values.null_count and pc.list_flatten(col.filter(pa.array(ok))).null_count:
+            raise SourceMissing(self.source)
+        return offsets, self._codes(values).astype(np.int32)
+
+    def _append(self, data: bytes) -> int:
+        """Store a new distinct completion (its native units as bytes); returns its index."""
+        n = len(data) // _UNIT
+        if self.used + n + _LCP_MAX_WIDTH > len(self.buf):  # no (or a too small) capacity given: grow
+            grown = np.empty(max(2 * len(self.buf), self.used + n + _LCP_MAX_WIDTH), dtype=np.int32)
+            grown[: self.used] = self.buf[: self.used]
+            self.buf = grown
+        self.buf[self.used : self.used + n] = np.frombuffer(data, dtype=np.int32)
+        self.starts.append(self.used)
+        self.lens.append(n)
+        self.used += n
+        return len(self.lens) - 1
+
+    def _lookup(self, data: bytes) -> int:
+        """Index of the distinct completion whose units are `data`, added if new. Exact: a hash match is checked."""
+        h = hash(data)
+        known = self.by_hash.get(h)
+        candidates = [] if known is None else [known] if isinstance(known, int) else known
+        for u in candidates:
+            s = self.starts[u]
+            if self.lens[u] * _UNIT == len(data) and self.buf[s : s + self.lens[u]].tobytes() == data:
+                return u
+        u = self._append(data)
+        self.by_hash[h] = u if known is None else [*candidates, u]
+        return u
 
     def add(self, batch: pa.RecordBatch) -> None:
         ok = _ok_mask(batch)
-        enc = pc.dictionary_encode(self._keys(batch, ok))  # rows that are not ok are null: no index
-        self.distinct.append(enc.dictionary)
-        self.local.append(enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64))
+        validity = pa.array(ok, pa.bool_()).buffers()[1]  # a boolean array's data is a validity bitmap
+        if self.source == "text":
+            keys = pc.fill_null(batch.column("text"), "")
+            enc = pc.dictionary_encode(pc.if_else(pa.array(ok), keys, pa.scalar(None, pa.string())))
+            to_global = np.array([self._text(t) for t in enc.dictionary.to_pylist()], dtype=np.int64)
+        else:
+            offsets, ints = self._units(batch, ok)
+            enc = pc.dictionary_encode(_binary_view(ints, offsets, validity))  # rows not ok are null: no index
+            to_global = self._global(enc.dictionary)
+        local = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+        self.row_seq.append(np.where(local >= 0, to_global[np.maximum(local, 0)] if len(to_global) else -1, -1))
 
-    def _merge(self) -> tuple[pa.Array, np.ndarray]:
-        """All distinct keys of the run, and each row's index among them (-1 for rows that are not ok)."""
-        key_type = pa.string() if self.source == "text" else pa.large_binary()
-        rows = sum(len(loc) for loc in self.local)
-        if not any(len(d) for d in self.distinct):  # no ok row at all
-            return pa.array([], key_type), np.full(rows, -1, dtype=np.int64)
-        merged = pc.dictionary_encode(pa.chunked_array(self.distinct, type=key_type))
-        known = merged.chunk(merged.num_chunks - 1).dictionary  # one dictionary, shared by every chunk
-        to_global = np.concatenate([c.indices.to_numpy(zero_copy_only=False) for c in merged.chunks]).astype(np.int64)
-        sizes = np.array([len(d) for d in self.distinct], dtype=np.int64)
-        base = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-        row_seq = np.full(rows, -1, dtype=np.int64)
-        at = 0
-        for loc, off in zip(self.local, base, strict=True):
-            ok = loc >= 0  # a batch of failed requests only has no keys at all
-            row_seq[at : at + len(loc)][ok] = to_global[loc[ok] + off]
-            at += len(loc)
-        return known, row_seq
+    def _global(self, d: pa.Array) -> np.ndarray:
+        """Run-wide indices of a batch's distinct completions (a large_binary array of their native units)."""
+        if not len(d):
+            return np.zeros(0, dtype=np.int64)
+        bounds = np.frombuffer(d.buffers()[1], dtype=np.int64)[d.offset : d.offset + len(d) + 1].tolist()
+        view = memoryview(d.buffers()[2] or b"").cast("B")
+        return np.array([self._lookup(bytes(view[a:b])) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
+
+    def _text(self, text: str) -> int:
+        u = self.by_text.get(text)
+        if u is None:
+            u = self.by_text[text] = len(self.texts)
+            self.texts.append(text)
+        return u
 
     def finish(self) -> Sequences:
-        known, row_seq = self._merge()
-        self.distinct, self.local = [], []
-        rep_row = np.full(len(known), -1, dtype=np.int64)
+        row_seq = np.concatenate(self.row_seq) if self.row_seq else np.zeros(0, dtype=np.int64)
+        if self.source == "text":
+            for t in self.texts:  # code points, appended in order of first appearance (= text index)
+                self._append(t.encode("utf-32-le"))
+        elif self.source != "token_ids" and self.vocab is not None and len(self.vocab):
+            # renumber token codes in the tokens' own sorted order, so ties break by text, not by arrival
+            rank = np.empty(len(self.vocab), dtype=np.int32)
+            rank[pc.sort_indices(self.vocab).to_numpy()] = np.arange(len(self.vocab), dtype=np.int32)
+            for lo in range(0, self.used, 1 << 22):
+                part = self.buf[lo : min(self.used, lo + (1 << 22))]
+                part[:] = np.where(part >= 0, rank[np.maximum(part, 0)], -1)
+        buf = self.buf
+        buf[self.used : self.used + _LCP_MAX_WIDTH] = 0  # spare units: read by lcp blocks, never counted
+        _to_sortable(buf[: self.used])
+        values = buf[: self.used + _LCP_MAX_WIDTH].view(">u4")
+        starts = np.array(self.starts, dtype=np.int64)
+        lens = np.array(self.lens, dtype=np.int64)
+        rep_row = np.full(len(lens), -1, dtype=np.int64)
         ok_rows = np.flatnonzero(row_seq >= 0)
         first_u, first_at = np.unique(row_seq[ok_rows], return_index=True)
         rep_row[first_u] = ok_rows[first_at]
-        texts: list[str] = []
-        if self.source == "text":
-            texts = known.to_pylist()
-            parts = [np.frombuffer(t.encode("utf-32-le"), dtype="<u4").astype(np.int32) for t in texts]
-            lens = np.array([len(p) for p in parts], dtype=np.int64)
-            values = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
-        elif len(known):
-            byte_offsets = np.frombuffer(known.buffers()[1], dtype=np.int64)[
-                known.offset : known.offset + len(known) + 1
-            ]
-            data = np.frombuffer(known.buffers()[2], dtype=np.int32)
-            values = data[byte_offsets[0] // 4 : byte_offsets[-1] // 4]
-            lens = np.diff(byte_offsets) // 4
-            if self.source != "token_ids" and self.vocab is not None and len(self.vocab):
-                # renumber token codes in the tokens' own sorted order, so ties break by text, not by arrival
-                rank = np.empty(len(self.vocab), dtype=np.int32)
-                rank[pc.sort_indices(self.vocab).to_numpy()] = np.arange(len(self.vocab), dtype=np.int32)
-                values = np.where(values >= 0, rank[np.maximum(values, 0)], -1).astype(np.int32)
-        else:
-            values, lens = np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int64)
-        lens = lens.astype(np.int64)
-        starts = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int64) if len(lens) else lens
-        return Sequences(self.source, row_seq, values, starts, lens, _lex_rank(values, lens), rep_row, texts)
+        rank = np.zeros(len(lens), dtype=np.int64)
+        if len(lens):
+            order = pc.sort_indices(_binary_view(values, np.append(starts, self.used))).to_numpy()
+            rank[order] = np.arange(len(lens))
+        self.by_hash, self.by_text, self.row_seq = {}, {}, []
+        return Sequences(self.source, row_seq, values, starts, lens, rank, rep_row, self.texts)
 
 
-def encode_sequences(batches: Iterable[pa.RecordBatch], source: Source) -> Sequences:
+def encode_sequences(batches: Iterable[pa.RecordBatch], source: Source, capacity: int | None = None) -> Sequences:
     """Group the ok rows of `batches` (status + the source column) by completion, compared as `source`.
 
-    Raises SourceMissing when an ok row lacks that source.
+    `capacity`: an upper bound on the units of all rows, if known (sizes the buffer once). Raises SourceMissing
+    when an ok row lacks that source.
     """
-    enc = _Encoder(source)
+    enc = _Encoder(source, capacity)
     for batch in batches:
         enc.add(batch)
     return enc.finish()
 
 
-def _first_mismatch(seqs: Sequences, a: np.ndarray, b: np.ndarray, offset: int, width: np.ndarray) -> np.ndarray:
-    """Per pair, the first i < width[k] where a and b differ at offset + i, else width[k] (all widths > 0)."""
-    cols = np.arange(int(width.max()))
-    inside = cols[None, :] < width[:, None]
-    last = len(seqs.values) - 1  # cells past a pair's width are masked; clip them to stay in bounds
-    ia = np.minimum(seqs.starts[a][:, None] + offset + cols, last)
-    ib = np.minimum(seqs.starts[b][:, None] + offset + cols, last)
-    differ = (seqs.values[ia] != seqs.values[ib]) & inside
-    return np.where(differ.any(axis=1), differ.argmax(axis=1), width)
-
-
 def lcp_pairs(seqs: Sequences, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Length of the longest common prefix of distinct completions a[i] and b[i], for every i.
 
-    Compares in blocks that double in width from the start of the sequences, dropping each pair at its first
-    difference, so the work is about twice the common prefixes (not the whole lengths) and memory stays bounded.
+    Compares blocks that double in width (up to _LCP_MAX_WIDTH) from the start of the sequences, dropping each
+    pair at its first difference, so the work is about twice the common prefixes, not the whole lengths. A
+    block is one row of a sliding-window view of the buffer, so gathering it is one contiguous copy.
     """
     a = np.asarray(a, dtype=np.int64)
     b = np.asarray(b, dtype=np.int64)
     minlen = np.minimum(seqs.lens[a], seqs.lens[b])
     out = minlen.copy()
     active = np.flatnonzero(minlen > 0)
-    offset, width = 0, 32
+    sa, sb = seqs.starts[a], seqs.starts[b]
+    offset, width = 0, 16
     while len(active):
-        w = np.minimum(minlen[active] - offset, width)
+        windows = sliding_window_view(seqs.values, width)
         first = np.empty(len(active), dtype=np.int64)
-        # bound the transient arrays: about _LCP_CHUNK compared elements per numpy pass
         step = max(1, _LCP_CHUNK // width)
         for lo in range(0, len(active), step):
-            hi = lo + step
-            first[lo:hi] = _first_mismatch(seqs, a[active[lo:hi]], b[active[lo:hi]], offset, w[lo:hi])
-        ended = first < w
+            part = active[lo : lo + step]
+            differ = windows[sa[part] + offset] != windows[sb[part] + offset]
+            first[lo : lo + step] = np.where(differ.any(axis=1), differ.argmax(axis=1), width)
+        left = minlen[active] - offset
+        ended = first < np.minimum(left, width)
         out[active[ended]] = offset + first[ended]
         offset += width
-        keep = ~ended & (minlen[active] > offset)
-        active = active[keep]
-        width *= 2
+        active = active[~ended & (left > width)]
+        width = min(2 * width, _LCP_MAX_WIDTH)
+    return out
+
+
+def lcp_with(neighbour_lcp: np.ndarray, at: int) -> np.ndarray:
+    """Per sorted sequence, its lcp with the one at sorted position `at` (-1 there): the minimum of the neighbour
+    lcps between the two."""
+    out = np.full(len(neighbour_lcp) + 1, -1, dtype=np.int64)
+    out[at + 1 :] = np.minimum.accumulate(neighbour_lcp[at:])
+    out[:at] = np.minimum.accumulate(neighbour_lcp[:at][::-1])[::-1]
     return out
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from detaudit.analysis.core import Sequences, SourceMissing, encode_sequences, find_forks, lcp_pairs
+from detaudit.analysis.core import Sequences, SourceMissing, encode_sequences, find_forks, lcp_pairs, lcp_with
 from detaudit.analysis.decode import Decoder
 from detaudit.analysis.rescore import summarize_rescore
 from detaudit.analysis.stats import arm_stats
@@ -29,17 +29,23 @@ from detaudit.rundir.io import (
     load_manifest,
     read_rescore,
     read_sample_rows,
+    sample_list_values,
     sample_row_groups,
 )
 from detaudit.rundir.schema import SAMPLES_FILE, SAMPLES_SCHEMA, PromptSpec, RunManifest
 
 SUMMARY_SCHEMA = "detaudit.summary/1"
-# Read for every row, beside the one column completions are compared on (units.SOURCES).
-META_COLUMNS = ["sample_index", "prompt_id", "arm", "concurrency", "status", "system_fingerprint"]
+# Kept for every row, beside the one column completions are compared on (units.SOURCES) and the status.
+META_COLUMNS = ["prompt_id", "arm", "concurrency", "system_fingerprint"]
+META_COMPACT_BATCHES = 64  # small batches' meta columns are copied into one table this often (exact-size buffers)
 # Read only for the rows that represent a distinct completion someone will see (completions, fork branches).
-DISPLAY_COLUMNS = ["text", "token_ids", "tokens", "token_bytes", "top_logprobs"]
-# Rows per record batch read from disk: bounds memory to a few of them (1k tokens x 4096 rows = 16 MiB of ids).
-BATCH_ROWS = 4096
+# Token ids are not among them: when compared, they are in Sequences already; else nothing shows them.
+DISPLAY_COLUMNS = ["text", "tokens", "token_bytes", "top_logprobs"]
+# Units (token ids, ...) per record batch read from disk, and the bounds on its rows: memory holds one batch
+# (1 MiB of ids) and the distinct completions, whatever the number of samples.
+BATCH_UNITS = 1 << 18
+BATCH_ROWS = (64, 16384)
+DISPLAY_BATCH_ROWS = 64  # display columns (token strings, top-k logprobs) are heavier per row
 MIN_SAMPLES = 2  # fewer ok samples than this cannot show a divergence: the arm is inconclusive
 CONTEXT_UNITS = 6  # units each side of a completion's first divergence kept for the report's aligned view
 
@@ -76,22 +82,24 @@ def _order_uniques(seqs: Sequences, row_seq: np.ndarray) -> tuple[np.ndarray, np
     return uniq[order], counts[order]
 
 
-def _first_divergence(seqs: Sequences, uniq: np.ndarray) -> np.ndarray:
-    """Per distinct completion the leading units it shares with the modal one (uniq[0])."""
-    return lcp_pairs(seqs, uniq, np.full(len(uniq), uniq[0]))
-
-
-def _fork_plan(seqs: Sequences, uniq: np.ndarray, counts: np.ndarray, limits: Limits):
-    """Branching nodes of the prefix trie of these completions, weighted by their counts: the numbers only.
-
-    Returns (forks shown, total forks, sorted uniques, sorted counts, completions the text of the forks needs).
-    """
-    if len(uniq) < 2:
-        return [], 0, uniq, counts, set()
+def _sorted(seqs: Sequences, uniq: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """These completions in lexicographic order: the order (indices into uniq), its inverse, neighbour lcps."""
     srt = np.argsort(seqs.rank[uniq], kind="stable")
-    su, sc = uniq[srt], counts[srt]
+    inv = np.empty_like(srt)
+    inv[srt] = np.arange(len(srt))
+    su = uniq[srt]
+    return srt, inv, lcp_pairs(seqs, su[:-1], su[1:])
+
+
+def _fork_plan(seqs: Sequences, su: np.ndarray, sc: np.ndarray, neighbour_lcp: np.ndarray, limits: Limits):
+    """Branching nodes of the prefix trie of these completions (sorted, with their counts): the numbers only.
+
+    Returns (forks shown, total forks, completions the text of the forks needs).
+    """
+    if len(su) < 2:
+        return [], 0, set()
     cum = np.concatenate([[0], np.cumsum(sc)])
-    raw = find_forks(lcp_pairs(seqs, su[:-1], su[1:]))
+    raw = find_forks(neighbour_lcp)
     # keep the forks most samples pass through, then list them by depth
     raw.sort(key=lambda f: (-(cum[f.last + 1] - cum[f.first]), f.position))
     shown = sorted(raw[: limits.forks], key=lambda f: (f.position, -(cum[f.last + 1] - cum[f.first])))
@@ -108,7 +116,7 @@ def _fork_plan(seqs: Sequences, uniq: np.ndarray, counts: np.ndarray, limits: Li
         needed.add(int(su[f.first]))
         if on_modal is not None:
             needed.add(on_modal)
-    return plans, len(raw), su, sc, needed
+    return plans, len(raw), needed
 
 
 def _fork_json(plans: list, sorted_counts: np.ndarray, dec: Decoder, limits: Limits) -> list[dict]:
@@ -200,8 +208,11 @@ def _arm(
         head.update(forks_total=0, earliest_fork=None, stats=arm_stats(0, 0, 0), system_fingerprints=None)
         return lambda dec: head, GroupResult(0, np.zeros(0, np.int64), np.zeros(0, np.int64), None), set()
     uniq, counts = _order_uniques(seqs, row_seq)
-    fd = _first_divergence(seqs, uniq)
-    plans, forks_total, _, sorted_counts, needed = _fork_plan(seqs, uniq, counts, limits)
+    srt, inv, neighbour_lcp = _sorted(seqs, uniq)
+    sorted_counts = counts[srt]
+    # first divergence: lcp with the modal completion (uniq[0]); -1 for the modal one itself, never shown
+    fd = lcp_with(neighbour_lcp, int(inv[0]))[inv]
+    plans, forks_total, needed = _fork_plan(seqs, uniq[srt], sorted_counts, neighbour_lcp, limits)
     shown = [int(u) for u in uniq[: limits.completions]]
     needed.update(shown)
     earliest = plans[0][0].position if plans else None
@@ -334,6 +345,8 @@ class SampleReader(Protocol):
 
     def units(self) -> np.ndarray: ...
 
+    def list_values(self, column: str) -> int: ...
+
 
 class TableReader:
     """Rows already in memory (summarize())."""
@@ -351,21 +364,38 @@ class TableReader:
     def units(self) -> np.ndarray:
         return np.array([0, self.table.num_rows], dtype=np.int64)  # in memory: any row is as cheap as another
 
+    def list_values(self, column: str) -> int:
+        """An upper bound on the elements of list column `column` (a sliced chunk counts its whole child)."""
+        return sum(len(chunk.values) for chunk in self.table.column(column).chunks)
+
 
 class RunDirReader:
     """Rows of a run directory, streamed: only the compared column for all rows, display columns for a few."""
 
     def __init__(self, run_dir: Path) -> None:
         self.run_dir = run_dir
+        self._list_values: dict[str, int] = {}
+        self._units: np.ndarray | None = None
 
     def batches(self, columns: list[str]) -> Iterator[pa.RecordBatch]:
-        return iter_samples(self.run_dir, columns, BATCH_ROWS)
+        """Batches of about BATCH_UNITS list elements, decoded on one thread (see io.iter_samples)."""
+        units = sum(self.list_values(c) for c in columns if pa.types.is_list(SAMPLES_SCHEMA.field(c).type))
+        rows = int(self.units()[-1])
+        batch_rows = int(np.clip(BATCH_UNITS * rows // max(units, 1), *BATCH_ROWS))
+        return iter_samples(self.run_dir, columns, batch_rows, use_threads=False)
 
     def rows(self, rows: np.ndarray, columns: list[str]) -> pa.Table:
-        return read_sample_rows(self.run_dir, rows, columns)
+        return read_sample_rows(self.run_dir, rows, columns, batch_rows=DISPLAY_BATCH_ROWS)
 
     def units(self) -> np.ndarray:
-        return sample_row_groups(self.run_dir)
+        if self._units is None:
+            self._units = sample_row_groups(self.run_dir)
+        return self._units
+
+    def list_values(self, column: str) -> int:
+        if column not in self._list_values:
+            self._list_values[column] = sample_list_values(self.run_dir, column)
+        return self._list_values[column]
 
 
 def _schema(columns: list[str]) -> pa.Schema:
@@ -401,15 +431,25 @@ def _encode(reader: SampleReader, manifest: RunManifest) -> tuple[Sequences, pa.
     """
 
     def attempt(source: Source) -> tuple[Sequences, pa.Table]:
-        meta: list[pa.RecordBatch] = []
+        meta: list[pa.Table] = [_schema(META_COLUMNS).empty_table()]
+        pending: list[pa.RecordBatch] = []
+
+        def compact() -> None:
+            if pending:
+                meta.append(pa.Table.from_batches(pending).combine_chunks())
+                pending.clear()
 
         def tee(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
             for b in batches:
-                meta.append(b.select(META_COLUMNS))
+                pending.append(b.select(META_COLUMNS))
+                if len(pending) >= META_COMPACT_BATCHES:
+                    compact()
                 yield b
+            compact()
 
-        seqs = encode_sequences(tee(reader.batches(META_COLUMNS + [source])), source)
-        return seqs, pa.Table.from_batches(meta) if meta else _schema(META_COLUMNS).empty_table()
+        capacity = None if source == "text" else reader.list_values(source)
+        seqs = encode_sequences(tee(reader.batches([*META_COLUMNS, "status", source])), source, capacity)
+        return seqs, pa.concat_tables(meta)
 
     for source in SOURCES[:-1]:
         try:

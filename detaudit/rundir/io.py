@@ -314,11 +314,15 @@ def _corrupt(path: Path, e: Exception) -> RunDirError:
     return RunDirError(f"{path}: corrupt or unreadable Parquet ({str(e).splitlines()[0]})")
 
 
-def iter_samples(run_dir: Path, columns: list[str], batch_rows: int = 16384) -> Iterator[pa.RecordBatch]:
+def iter_samples(
+    run_dir: Path, columns: list[str], batch_rows: int = 16384, use_threads: bool = True
+) -> Iterator[pa.RecordBatch]:
     """The rows read_samples() returns, as record batches, without holding the whole run in memory.
 
     A finalized run (samples.parquet alone, sorted and unique by sample_index) streams from disk; a run with
     shards left (killed, or still going) is read whole, since a later shard may replace an earlier row.
+    use_threads=False decodes one column at a time: slower on many cores, but the decoder's working set (and
+    the allocator's per-thread caches) stays at one small batch of one column.
     """
     run_dir = Path(run_dir)
     path = _streamable(run_dir)
@@ -328,7 +332,8 @@ def iter_samples(run_dir: Path, columns: list[str], batch_rows: int = 16384) -> 
     schema = _projected_schema(list(columns))
     try:
         # pre_buffer off: buffering whole column chunks ahead would cost memory and buys no speed here
-        for batch in pq.ParquetFile(path, pre_buffer=False).iter_batches(batch_size=batch_rows, columns=list(columns)):
+        reader = pq.ParquetFile(path, pre_buffer=False)
+        for batch in reader.iter_batches(batch_size=batch_rows, columns=list(columns), use_threads=use_threads):
             yield batch.select(list(columns)).cast(schema)
     except (OSError, pa.ArrowException) as e:
         raise _corrupt(path, e) from None
@@ -346,10 +351,25 @@ def sample_row_groups(run_dir: Path) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
 
 
-def read_sample_rows(run_dir: Path, rows: np.ndarray, columns: list[str]) -> pa.Table:
+def sample_list_values(run_dir: Path, column: str) -> int:
+    """An upper bound on the number of elements in list column `column` over all sample rows, from the Parquet
+    footer of a finalized run (its leaf level count); exact for a run with shards. Lets a reader size a buffer
+    for them once instead of growing it."""
+    run_dir = Path(run_dir)
+    path = _streamable(run_dir)
+    if path is None:
+        values = read_samples(run_dir, [column]).column(column)
+        return sum(len(chunk.values) for chunk in values.chunks)
+    meta = pq.ParquetFile(path).metadata
+    leaves = [j for j in range(meta.num_columns) if meta.schema.column(j).path.split(".")[0] == column]
+    return sum(meta.row_group(i).column(j).num_values for i in range(meta.num_row_groups) for j in leaves)
+
+
+def read_sample_rows(run_dir: Path, rows: np.ndarray, columns: list[str], batch_rows: int | None = None) -> pa.Table:
     """The rows at these positions (of read_samples() order), in the given order, decoding only the row groups
     that hold them, one at a time: a few rows of heavy columns (token strings, top-k logprobs) cost a few row
-    groups of time and one row group of memory."""
+    groups of time and one row group of memory. With batch_rows, a row group is decoded that many rows at a
+    time, on one thread, keeping only the rows asked for: memory of one small batch instead of a row group."""
     run_dir = Path(run_dir)
     rows = np.asarray(rows, dtype=np.int64)
     path = _streamable(run_dir)
@@ -360,13 +380,23 @@ def read_sample_rows(run_dir: Path, rows: np.ndarray, columns: list[str]) -> pa.
     sizes = [meta.row_group(i).num_rows for i in range(meta.num_row_groups)]
     bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
     group = np.searchsorted(bounds, rows, side="right") - 1
-    order = np.argsort(group, kind="stable")
+    order = np.lexsort((rows, group))  # by row group, then in file order (as batches decode them)
     parts = []
     try:
         f = pq.ParquetFile(path, pre_buffer=False)
         for g in np.unique(group):
             mine = rows[order][group[order] == g] - bounds[g]
-            parts.append(f.read_row_group(int(g), columns=list(columns)).select(list(columns)).take(pa.array(mine)))
+            if batch_rows is None:
+                parts.append(f.read_row_group(int(g), columns=list(columns)).select(list(columns)).take(pa.array(mine)))
+                continue
+            at = 0
+            for batch in f.iter_batches(batch_rows, row_groups=[int(g)], columns=list(columns), use_threads=False):
+                here = mine[(mine >= at) & (mine < at + batch.num_rows)] - at
+                if len(here):
+                    parts.append(pa.Table.from_batches([batch.select(list(columns)).take(pa.array(here))]))
+                at += batch.num_rows
+                if at > mine[-1]:
+                    break
     except (OSError, pa.ArrowException) as e:
         raise _corrupt(path, e) from None
     if not parts:
