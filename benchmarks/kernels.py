@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+ALT_SPLITS = [512]  # attention split sizes timed beside the shipped SPLIT (512 shipped until 2026-11-23)
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 128256)]  # (K, N)
 MS = [1, 4, 16, 64, 256, 1024, 4096, 8192]
 TUNE_CANDIDATES = {  # extra tile configs timed with --tune (the shipped table came from earlier sweeps)
@@ -176,11 +177,17 @@ def bench_attention(batches: list[int], ctxs: list[int]) -> list[dict[str, Any]]
             ms = _bench(ours, graph=False)
             ms_g = _bench(ours)
             kv_bytes = 2 * b * ctx * hkv * d * 2
-            rows.append({"batch": b, "ctx": ctx, "ms": ms, "sdpa_flash_ms": ms_sdpa, "ratio": ms_sdpa / ms,
-                         "graph_ms": ms_g, "sdpa_flash_graph_ms": ms_sdpa_g, "graph_ratio": ms_sdpa_g / ms_g,
-                         "GBps": kv_bytes / ms_g / 1e6})
+            row = {"batch": b, "ctx": ctx, "split": ta.SPLIT, "ms": ms, "sdpa_flash_ms": ms_sdpa,
+                   "ratio": ms_sdpa / ms, "graph_ms": ms_g, "sdpa_flash_graph_ms": ms_sdpa_g,
+                   "graph_ratio": ms_sdpa_g / ms_g, "GBps": kv_bytes / ms_g / 1e6}
+            for alt in ALT_SPLITS:  # other fixed split sizes, same kernels (graph replays)
+                ms_alt = _bench(lambda qp=qp, kc=kc, vc=vc, bt=bt, cu=cu, cl=cl, alt=alt: ta.paged_attention(
+                    qp, kc, vc, bt, cu, cl, 1 / math.sqrt(d), split=alt))
+                row[f"graph_ratio_split{alt}"] = ms_sdpa_g / ms_alt
+            rows.append(row)
             print(f"attn decode b={b} ctx={ctx}: ours {ms:.3f} ms, flash {ms_sdpa:.3f} ms, x{ms_sdpa / ms:.2f}; "
-                  f"graph replay: ours {ms_g:.3f}, flash {ms_sdpa_g:.3f}, x{ms_sdpa_g / ms_g:.2f}", flush=True)
+                  f"graph replay: ours {ms_g:.3f}, flash {ms_sdpa_g:.3f}, x{ms_sdpa_g / ms_g:.2f}; "
+                  + ", ".join(f"split {a}: x{row[f'graph_ratio_split{a}']:.2f}" for a in ALT_SPLITS), flush=True)
             del kc, vc
     return rows
 

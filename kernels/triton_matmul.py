@@ -4,12 +4,16 @@ No split-K, stream-K or atomics, so an output element's reduction order is "K in
 M is. Bias is added in fp32 in the epilogue (``alpha * acc + beta * bias``) before a single cast; fp32 inputs use
 IEEE precision (no TF32). Tile configs are chosen by M bucket; :func:`configs_agree` checks on the live device that
 every config gives bitwise the same result, and :func:`matmul` falls back to one config per dtype if they do not.
+For larger M (bf16/fp16) the config names the Hopper kernel: TMA descriptor loads, a persistent grid of at most one
+program per SM walking its tiles in grouped order, optionally warp-specialised; each tile still walks all of K in
+the same BLOCK_K order, so it gives the pointer-load kernel's bits (its fallback where TMA cannot run).
 
 Import this module only when a GPU or ``TRITON_INTERPRET=1`` is present: kernels are decorated at import time.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from typing import NamedTuple
@@ -22,7 +26,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 class Config(NamedTuple):
-    """One tile shape: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages."""
+    """One tile shape: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages; ``tma``: the Hopper kernel
+    (TMA descriptor loads, a persistent grid of at most one program per SM, optional warp specialisation ``ws``)."""
 
     bm: int
     bn: int
@@ -30,16 +35,22 @@ class Config(NamedTuple):
     group: int
     warps: int
     stages: int
+    tma: bool = False
+    ws: bool = False
 
 
 # (max M, config) buckets per dtype family, tuned on an H100 (benchmarks/RESULTS.md). Every program walks K in
-# order with fp32 accumulation; on H100 bf16/fp16 the bits did not depend on the tile shape or BLOCK_K
-# (tests/gpu), and configs_agree() re-checks that on the live device before the table is used.
-_HALF_SMALL_N = [(16, Config(16, 32, 256, 8, 2, 5)), (64, Config(64, 32, 128, 8, 4, 4)),
-                 (256, Config(64, 128, 128, 8, 4, 3)), (1 << 62, Config(256, 128, 64, 8, 8, 4))]
+# order with fp32 accumulation; on H100 bf16/fp16 the bits did not depend on the tile shape, BLOCK_K or the kernel
+# (pointer loads or TMA) (tests/gpu), and configs_agree() re-checks that on the live device before the table is used.
+# N <= 8192 (e.g. 4096x4096, 14336x4096) and N > 8192 (4096x14336, the 128,256-wide lm_head); M buckets from the
+# benchmarks/kernel_tuning.py sweep: the TMA kernel (128x256 tiles) from M = 257 on (N <= 8192) or from M = 65 on.
+_HALF_SMALL_N = [(4, Config(16, 32, 512, 8, 4, 4)), (16, Config(16, 32, 256, 8, 2, 5)),
+                 (64, Config(64, 32, 128, 8, 4, 4)), (256, Config(64, 128, 128, 8, 4, 3)),
+                 (2048, Config(128, 256, 64, 8, 8, 4, tma=True)), (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True))]
 _HALF_LARGE_N = [(16, Config(16, 64, 256, 8, 4, 3)), (64, Config(64, 64, 128, 8, 4, 4)),
-                 (256, Config(128, 128, 64, 8, 8, 4)), (4095, Config(128, 128, 64, 8, 8, 4)),
-                 (1 << 62, Config(256, 128, 64, 8, 8, 3))]
+                 (256, Config(128, 256, 64, 8, 8, 4, tma=True)),
+                 (2048, Config(128, 128, 64, 8, 4, 4, tma=True, ws=True)),
+                 (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True))]
 _F32_BUCKETS: list[tuple[int, Config]] = [
     (16, Config(16, 64, 32, 8, 4, 4)),
     (128, Config(64, 64, 32, 8, 4, 3)),
@@ -67,12 +78,20 @@ def buckets(dtype: torch.dtype, n: int = 0) -> list[tuple[int, Config]]:
 
 
 def all_configs(dtype: torch.dtype) -> list[Config]:
-    """Every config the dispatcher can pick for a dtype (what configs_agree() must prove equivalent)."""
+    """Every config the dispatcher can pick for a dtype (what configs_agree() must prove equivalent); a TMA config
+    comes with its pointer-load twin, which runs where TMA cannot (bmm, unaligned strides)."""
     seen: dict[Config, None] = {}
     for n in (0, 1 << 20):
         for _, c in buckets(dtype, n):
             seen[c] = None
+            if c.tma:
+                seen[pointer_twin(c)] = None
     return list(seen)
+
+
+def pointer_twin(cfg: Config) -> Config:
+    """The pointer-load config that runs in a TMA config's place: same tile, at most 3 stages (shared memory)."""
+    return cfg._replace(tma=False, ws=False, stages=min(cfg.stages, 3)) if cfg.tma else cfg
 
 
 def select_config(m: int, dtype: torch.dtype, device: torch.device | None = None, n: int = 0) -> Config:
@@ -150,6 +169,47 @@ def _mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, stride_ab, stride_bb, str
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
 
 
+@triton.jit
+def _tile_pid(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    num_pid_in_group = GROUP_M * num_pid_n
+    first_pid_m = (tile // num_pid_in_group) * GROUP_M
+    group_size_m = min(num_pid_m - first_pid_m, GROUP_M)
+    return first_pid_m + ((tile % num_pid_in_group) % group_size_m), (tile % num_pid_in_group) // group_size_m
+
+
+@triton.jit
+def _mm_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, M, N, K, stride_cm, stride_cn, stride_biasm, stride_biasn,
+                   alpha, beta, num_progs,
+                   HAS_BIAS: tl.constexpr, B_NK: tl.constexpr, WS: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    # Persistent: program p owns tiles p, p + num_progs, ...; each tile walks all of K in BLOCK_K steps exactly like
+    # _mm_kernel (TMA zero-fills the K tail and rows/cols past the edge, which are never stored).
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, num_progs, flatten=True, warp_specialize=WS):
+        pid_m, pid_n = _tile_pid(tile, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k in range(k_tiles):
+            a = a_desc.load([off_m, k * BLOCK_K])
+            if B_NK:
+                acc = tl.dot(a, b_desc.load([off_n, k * BLOCK_K]).T, acc)
+            else:
+                acc = tl.dot(a, b_desc.load([k * BLOCK_K, off_n]), acc)
+        acc = acc * alpha
+        offs_m = off_m.to(tl.int64) + tl.arange(0, BLOCK_M)
+        offs_n = off_n.to(tl.int64) + tl.arange(0, BLOCK_N)
+        c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + offs_m[:, None] * stride_biasm + offs_n[None, :] * stride_biasn, mask=c_mask,
+                           other=0.0)
+            acc = acc + bias.to(tl.float32) * beta
+        tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+                 acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+
+
 def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *, alpha: float = 1.0,
            beta: float = 1.0, out: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
     """``alpha * (a @ b) + beta * bias`` for 2-D ``a`` [M, K], ``b`` [K, N] (any strides), bias broadcast to [M, N].
@@ -182,9 +242,24 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *
     return out
 
 
+def _tma_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """TMA needs 16-byte aligned bases and row strides and a unit last stride (A row-major; B either layout)."""
+    if a.dtype not in (torch.bfloat16, torch.float16) or a.device.type != "cuda":
+        return False
+    es = a.element_size()
+    b_nk = b.stride(0) == 1  # b = W.t() of an nn.Linear weight W [N, K]
+    b_row = b.stride(1 if b_nk else 0)
+    return (a.stride(1) == 1 and (a.stride(0) * es) % 16 == 0 and (b_row * es) % 16 == 0
+            and (b.stride(0) == 1 or b.stride(1) == 1) and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0)
+
+
 def _launch(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias2: torch.Tensor, m: int, n: int, k: int,
             batch_strides: tuple[int, int, int], batch: int, sbm: int, sbn: int, alpha: float, beta: float,
             has_bias: bool, cfg: Config) -> None:
+    if cfg.tma and a.dim() == 2 and not INTERPRET and _tma_ok(a, b):
+        _launch_tma(a, b, out, bias2, m, n, k, sbm, sbn, alpha, beta, has_bias, cfg)
+        return
+    cfg = pointer_twin(cfg)
     grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), batch)
     _mm_kernel[grid](
         a, b, out, bias2, m, n, k, *batch_strides,
@@ -195,6 +270,30 @@ def _launch(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias2: torch.Te
         BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk, GROUP_M=cfg.group,
         num_warps=cfg.warps, num_stages=cfg.stages,
     )
+
+
+def _launch_tma(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias2: torch.Tensor, m: int, n: int, k: int,
+                sbm: int, sbn: int, alpha: float, beta: float, has_bias: bool, cfg: Config) -> None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    b_nk = b.stride(0) == 1
+    a_desc = TensorDescriptor(a, [m, k], [a.stride(0), 1], [cfg.bm, cfg.bk])
+    if b_nk:  # read W [N, K] directly, transpose the tile in the dot
+        b_desc = TensorDescriptor(b, [n, k], [b.stride(1), 1], [cfg.bn, cfg.bk])
+    else:
+        b_desc = TensorDescriptor(b, [k, n], [b.stride(0), 1], [cfg.bk, cfg.bn])
+    tiles = triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn)
+    progs = min(tiles, _sm_count(a.device))
+    _mm_tma_kernel[(progs,)](
+        a_desc, b_desc, out, bias2, m, n, k, out.stride(0), out.stride(1), sbm, sbn, float(alpha), float(beta), progs,
+        HAS_BIAS=has_bias, B_NK=b_nk, WS=cfg.ws, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk, GROUP_M=cfg.group,
+        num_warps=cfg.warps, num_stages=cfg.stages,
+    )
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -220,11 +319,14 @@ def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> to
 
 
 def configs_agree(dtype: torch.dtype, device: torch.device, m: int = 512, k: int = 1024, n: int = 768) -> bool:
-    """True when every config the dispatcher can pick gives bitwise the same product on this device."""
+    """True when every config the dispatcher can pick runs and gives bitwise the same product on this device."""
     g = torch.Generator(device="cpu").manual_seed(1234)
     a = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
     w = torch.randn(n, k, generator=g).to(device=device, dtype=dtype)
     bias = torch.randn(n, generator=g).to(device=device, dtype=dtype)
     cfgs = all_configs(dtype)
-    ref = matmul(a, w.t(), bias, config=cfgs[0])
-    return all(torch.equal(matmul(a, w.t(), bias, config=c), ref) for c in cfgs[1:])
+    try:
+        ref = matmul(a, w.t(), bias, config=cfgs[0])
+        return all(torch.equal(matmul(a, w.t(), bias, config=c), ref) for c in cfgs[1:])
+    except Exception:  # a config this device cannot compile or run (shared memory, TMA support, ...)
+        return False

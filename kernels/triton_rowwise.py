@@ -5,10 +5,19 @@ next power of two is <= ``SINGLE_MAX``, else fixed ``CHUNK``-wide chunks), never
 statistics accumulate in fp32 (fp64 for fp64 input). A row's result therefore has the same bits however many rows
 come with it. Callers pass 2-D [rows, N] views whose last dim is contiguous.
 
+(Log-)softmax rows wider than ``SINGLE_MAX`` are cut into fixed ``SEG``-column segments instead (a constant, never
+derived from the number of rows), one program each: a segment's (max, sum of exp) partial is published, the row's
+partials are combined in segment order, and the segment is written from registers, so the row is read once. The
+programs of a row wait for each other (a per-row counter); where that is unsafe (the CPU interpreter runs programs
+one after another, or a row has more than ``FUSED_MAX_SEGS`` segments) a two-launch form does the same arithmetic
+(stats, then a write pass that re-reads the row) and gives the same bits.
+
 Import this module only when a GPU or ``TRITON_INTERPRET=1`` is present: kernels are decorated at import time.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -16,6 +25,10 @@ import triton.language as tl
 
 SINGLE_MAX = 32768
 CHUNK = 2048
+SEG = 8192
+SEG_WARPS = 8
+FUSED_MAX_SEGS = 64
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def _block(n: int) -> tuple[int, bool]:
@@ -77,45 +90,54 @@ def _rms_kernel(x_ptr, r_ptr, w_ptr, y_ptr, ro_ptr, sx, sr, sy, sro, N, eps,
 
 
 @triton.jit
-def _softmax_kernel(x_ptr, y_ptr, sx, sy, N, LOG: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+def _softmax_kernel(x_ptr, y_ptr, sx, sy, N, LOG: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * sx
-    y_row = y_ptr + row * sy
     cols = tl.arange(0, BLOCK)
-    if SINGLE:
-        mask = cols < N
-        x = tl.load(x_row + cols, mask=mask, other=-float("inf")).to(tl.float32)
-        mx = tl.max(x, axis=0)
-        e = tl.where(mask, tl.exp(x - mx), 0.0)
-        s = tl.sum(e, axis=0)
+    mask = cols < N
+    x = tl.load(x_ptr + row * sx + cols, mask=mask, other=-float("inf")).to(tl.float32)
+    mx = tl.max(x, axis=0)
+    e = tl.where(mask, tl.exp(x - mx), 0.0)
+    s = tl.sum(e, axis=0)
+    if LOG:
+        y = x - mx - tl.log(s)
+    else:
+        y = e / s
+    tl.store(y_ptr + row * sy + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _seg_softmax_kernel(x_ptr, y_ptr, ws_ptr, cnt_ptr, sx, sy, N, NSEG, LOG: tl.constexpr, SEG: tl.constexpr,
+                        NSEG_P2: tl.constexpr, PHASE: tl.constexpr):
+    # PHASE 0: fused (publish partial, wait for the row's other segments, write); 1: publish only; 2: write only.
+    pid = tl.program_id(0)
+    row = (pid // NSEG).to(tl.int64)
+    seg = pid % NSEG
+    cols = seg * SEG + tl.arange(0, SEG)
+    mask = cols < N
+    x = tl.load(x_ptr + row * sx + cols, mask=mask, other=-float("inf")).to(tl.float32)
+    ws_row = ws_ptr + row * (2 * NSEG)
+    if PHASE != 2:
+        m_s = tl.max(x, axis=0)
+        s_s = tl.sum(tl.where(x == -float("inf"), 0.0, tl.exp(x - m_s)), axis=0)
+        tl.store(ws_row + 2 * seg, m_s)
+        tl.store(ws_row + 2 * seg + 1, s_s)
+    if PHASE == 0:
+        tl.debug_barrier()  # every thread's partial store happens before the release
+        tl.atomic_add(cnt_ptr + row, 1, sem="release", scope="gpu")
+        while tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu") < NSEG:
+            pass
+        tl.debug_barrier()
+    if PHASE != 1:
+        segs = tl.arange(0, NSEG_P2)
+        ms = tl.load(ws_row + 2 * segs, mask=segs < NSEG, other=-float("inf"), cache_modifier=".cg")
+        ss = tl.load(ws_row + 2 * segs + 1, mask=segs < NSEG, other=0.0, cache_modifier=".cg")
+        mx = tl.max(ms, axis=0)
+        s = tl.sum(tl.where(ms == -float("inf"), 0.0, ss * tl.exp(ms - mx)), axis=0)
         if LOG:
             y = x - mx - tl.log(s)
         else:
-            y = e / s
-        tl.store(y_row + cols, y.to(y_row.dtype.element_ty), mask=mask)
-    else:
-        # Per-lane online max/sum, combined across lanes once at the end: order fixed by N.
-        m_vec = tl.full((BLOCK,), -float("inf"), dtype=tl.float32)
-        s_vec = tl.zeros((BLOCK,), dtype=tl.float32)
-        for off in range(0, N, BLOCK):
-            c = off + cols
-            x = tl.load(x_row + c, mask=c < N, other=-float("inf")).to(tl.float32)
-            m_new = tl.maximum(m_vec, x)
-            s_vec = s_vec * tl.where(m_new == -float("inf"), 1.0, tl.exp(m_vec - m_new)) + tl.where(
-                x == -float("inf"), 0.0, tl.exp(x - m_new))
-            m_vec = m_new
-        mx = tl.max(m_vec, axis=0)
-        s = tl.sum(tl.where(m_vec == -float("inf"), 0.0, s_vec * tl.exp(m_vec - mx)), axis=0)
-        log_s = tl.log(s)
-        for off in range(0, N, BLOCK):
-            c = off + cols
-            mask = c < N
-            x = tl.load(x_row + c, mask=mask, other=-float("inf")).to(tl.float32)
-            if LOG:
-                y = x - mx - log_s
-            else:
-                y = tl.exp(x - mx) / s
-            tl.store(y_row + c, y.to(y_row.dtype.element_ty), mask=mask)
+            y = tl.exp(x - mx) / s
+        tl.store(y_ptr + row * sy + cols, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -178,12 +200,30 @@ def softmax(x: torch.Tensor, dim: int, log: bool, out_dtype: torch.dtype | None 
     n = shape[-1]
     x2 = _rows2d(xt, n)
     y2 = torch.empty(x2.shape, dtype=out_dtype or x.dtype, device=x.device)
-    if x2.shape[0] and n:
+    rows = x2.shape[0]
+    if rows and n:
         block, single = _block(n)
-        _softmax_kernel[(x2.shape[0],)](x2, y2, x2.stride(0), y2.stride(0), n, LOG=log, BLOCK=block, SINGLE=single,
-                                        num_warps=_warps(block))
+        if single:
+            _softmax_kernel[(rows,)](x2, y2, x2.stride(0), y2.stride(0), n, LOG=log, BLOCK=block,
+                                     num_warps=_warps(block))
+        else:
+            _seg_softmax(x2, y2, n, log)
     y = y2.reshape(shape)
     return (y.movedim(-1, dim) if x.dim() else y.reshape(())).contiguous()
+
+
+def _seg_softmax(x2: torch.Tensor, y2: torch.Tensor, n: int, log: bool, fused: bool | None = None) -> None:
+    """Segmented (log-)softmax of [rows, n] rows; ``fused`` None: one launch where safe (see the module doc)."""
+    rows = x2.shape[0]
+    nseg = triton.cdiv(n, SEG)
+    if fused is None:
+        fused = not INTERPRET and nseg <= FUSED_MAX_SEGS
+    ws = torch.empty((rows, 2 * nseg), dtype=torch.float32, device=x2.device)
+    cnt = torch.zeros((rows if fused else 1,), dtype=torch.int32, device=x2.device)
+    args = (x2, y2, ws, cnt, x2.stride(0), y2.stride(0), n, nseg)
+    meta = dict(LOG=log, SEG=SEG, NSEG_P2=triton.next_power_of_2(nseg), num_warps=SEG_WARPS)
+    for phase in ((0,) if fused else (1, 2)):
+        _seg_softmax_kernel[(rows * nseg,)](*args, PHASE=phase, **meta)
 
 
 def reduce_sum(x: torch.Tensor, dims: list[int] | None, keepdim: bool, out_dtype: torch.dtype,
