@@ -136,31 +136,58 @@ class _Encoder:
             raise SourceMissing(self.source)
         return offsets, self._codes(values).astype(np.int32)
 
-    def _append(self, data: bytes) -> int:
-        """Store a new distinct completion (its native units as bytes); returns its index."""
-        n = len(data) // _UNIT
+    def _append(self, units: np.ndarray, lens: np.ndarray) -> None:
+        """Store new distinct completions: `units` holds them one after another, `lens` their lengths."""
+        n = len(units)
         if self.used + n + _LCP_MAX_WIDTH > len(self.buf):  # no (or a too small) capacity given: grow
             grown = np.empty(max(2 * len(self.buf), self.used + n + _LCP_MAX_WIDTH), dtype=np.int32)
             grown[: self.used] = self.buf[: self.used]
             self.buf = grown
-        self.buf[self.used : self.used + n] = np.frombuffer(data, dtype=np.int32)
-        self.starts.append(self.used)
-        self.lens.append(n)
+        self.buf[self.used : self.used + n] = units
+        self.starts.extend((self.used + np.cumsum(lens) - lens).tolist())
+        self.lens.extend(lens.tolist())
         self.used += n
-        return len(self.lens) - 1
 
-    def _lookup(self, data: bytes) -> int:
-        """Index of the distinct completion whose units are `data`, added if new. Exact: a hash match is checked."""
-        h = hash(data)
-        known = self.by_hash.get(h)
-        candidates = [] if known is None else [known] if isinstance(known, int) else known
-        for u in candidates:
+    def _global(self, d: pa.Array) -> np.ndarray:
+        """Run-wide indices of a batch's distinct completions (a large_binary array of their native units),
+        appending the new ones. Exact: a hash match is confirmed by comparing the units."""
+        if not len(d):
+            return np.zeros(0, dtype=np.int64)
+        offsets = np.frombuffer(d.buffers()[1], dtype=np.int64)[d.offset : d.offset + len(d) + 1]
+        bounds = offsets.tolist()
+        view = memoryview(d.buffers()[2] or b"").cast("B")
+        known = len(self.lens)
+        fresh: list[int] = []  # entries of d that are new, in order: they become known, known + 1, ...
+        out = []
+        by_hash = self.by_hash
+        for j in range(len(d)):
+            data = bytes(view[bounds[j] : bounds[j + 1]])
+            h = hash(data)
+            hit = by_hash.get(h)
+            if hit is not None:  # most likely the same completion: confirm, else it is a collision
+                candidates = [hit] if isinstance(hit, int) else hit
+                u = next((c for c in candidates if self._units_of(c, known, fresh, bounds, view) == data), None)
+                if u is not None:
+                    out.append(u)
+                    continue
+            u = known + len(fresh)
+            fresh.append(j)
+            by_hash[h] = u if hit is None else [*candidates, u]
+            out.append(u)
+        if fresh:
+            taken = d.take(pa.array(fresh, pa.int64())) if len(fresh) < len(d) else d
+            offs = np.frombuffer(taken.buffers()[1], dtype=np.int64)[taken.offset : taken.offset + len(taken) + 1]
+            units = np.frombuffer(taken.buffers()[2] or b"", dtype=np.int32)[offs[0] // _UNIT : offs[-1] // _UNIT]
+            self._append(units, np.diff(offs) // _UNIT)
+        return np.array(out, dtype=np.int64)
+
+    def _units_of(self, u: int, known: int, fresh: list[int], bounds: list[int], view: memoryview) -> bytes:
+        """The native units of distinct completion u as bytes: stored, or new in the batch being added."""
+        if u < known:
             s = self.starts[u]
-            if self.lens[u] * _UNIT == len(data) and self.buf[s : s + self.lens[u]].tobytes() == data:
-                return u
-        u = self._append(data)
-        self.by_hash[h] = u if known is None else [*candidates, u]
-        return u
+            return self.buf[s : s + self.lens[u]].tobytes()
+        j = fresh[u - known]
+        return bytes(view[bounds[j] : bounds[j + 1]])
 
     def add(self, batch: pa.RecordBatch) -> None:
         ok = _ok_mask(batch)
@@ -176,14 +203,6 @@ class _Encoder:
         local = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
         self.row_seq.append(np.where(local >= 0, to_global[np.maximum(local, 0)] if len(to_global) else -1, -1))
 
-    def _global(self, d: pa.Array) -> np.ndarray:
-        """Run-wide indices of a batch's distinct completions (a large_binary array of their native units)."""
-        if not len(d):
-            return np.zeros(0, dtype=np.int64)
-        bounds = np.frombuffer(d.buffers()[1], dtype=np.int64)[d.offset : d.offset + len(d) + 1].tolist()
-        view = memoryview(d.buffers()[2] or b"").cast("B")
-        return np.array([self._lookup(bytes(view[a:b])) for a, b in zip(bounds[:-1], bounds[1:], strict=True)])
-
     def _text(self, text: str) -> int:
         u = self.by_text.get(text)
         if u is None:
@@ -195,7 +214,8 @@ class _Encoder:
         row_seq = np.concatenate(self.row_seq) if self.row_seq else np.zeros(0, dtype=np.int64)
         if self.source == "text":
             for t in self.texts:  # code points, appended in order of first appearance (= text index)
-                self._append(t.encode("utf-32-le"))
+                cps = np.frombuffer(t.encode("utf-32-le"), dtype=np.int32)
+                self._append(cps, np.array([len(cps)]))
         elif self.source != "token_ids" and self.vocab is not None and len(self.vocab):
             # renumber token codes in the tokens' own sorted order, so ties break by text, not by arrival
             rank = np.empty(len(self.vocab), dtype=np.int32)

@@ -9,6 +9,7 @@ docs/summary.md documents every key.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -490,10 +491,38 @@ def summarize_run(run_dir: Path | str, limits: Limits = Limits()) -> dict[str, A
     return summary
 
 
+@contextmanager
+def _frugal_arrow_pool() -> Iterator[None]:
+    """Arrow memory from jemalloc while the analysis runs, where this pyarrow build has it.
+
+    The analysis decodes many small batches one after another; pyarrow's default allocator on Linux (mimalloc)
+    keeps much of each batch's freed memory resident, jemalloc gives it back: on 100k x 1k token ids the peak
+    RSS is about half (benchmarks/RESULTS.md). Buffers remember their pool, so switching back is safe.
+    """
+    try:
+        pool = pa.jemalloc_memory_pool()
+    except NotImplementedError:  # a build without jemalloc (e.g. Windows): keep the default
+        yield
+        return
+    before = pa.default_memory_pool()
+    pa.set_memory_pool(pool)
+    try:
+        yield
+    finally:
+        pa.set_memory_pool(before)
+
+
 def analyze(
     manifest: RunManifest, reader: SampleReader, limits: Limits = Limits()
 ) -> tuple[dict[str, Any], Sequences, Decoder, dict[str, GroupResult]]:
     """summarize(), plus the internals compare needs: sequences, decoder and each prompt's pooled result."""
+    with _frugal_arrow_pool():
+        return _analyze(manifest, reader, limits)
+
+
+def _analyze(
+    manifest: RunManifest, reader: SampleReader, limits: Limits
+) -> tuple[dict[str, Any], Sequences, Decoder, dict[str, GroupResult]]:
     seqs, meta, source = _encode(reader, manifest)
     p_codes, p_names = _codes(meta.column("prompt_id"))
     a_codes, a_names = _codes(meta.column("arm"))
