@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from detaudit import __version__
 from detaudit.analysis.units import completion_key
@@ -186,7 +187,26 @@ def api_key_from_env(env_name: str) -> str | None:
 
 
 def base_url_or_default(base_url: str | None) -> str:
-    return base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+    """--base-url as given (an empty one is refused by check_base_url, never replaced by OpenAI's), else the env."""
+    return base_url if base_url is not None else os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+
+
+def check_base_url(url: str) -> str:
+    """Refuse a base URL no request could use, before any is sent: httpx would raise InvalidURL or a bare
+    ValueError from inside a worker task (a bad port, a broken IPv6 literal), or look up an empty host name."""
+    shown = redact_url(url)
+    if not url.startswith(("http://", "https://")):
+        raise UsageError(f"--base-url must start with http:// or https://, got {shown!r}")
+    if any(c.isspace() for c in url):
+        raise UsageError(f"--base-url {shown!r} contains whitespace")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - parsing the port is the check (non-numeric or past 65535 raises)
+    except ValueError as e:
+        raise UsageError(f"--base-url {shown!r}: {e}") from None
+    if not parts.hostname:
+        raise UsageError(f"--base-url {shown!r} names no host")
+    return url
 
 
 def parse_extra_body(value: str | None) -> dict[str, Any]:
@@ -250,8 +270,7 @@ class RunRequest:
             raise UsageError(f"--rate must be > 0, got {p.rate}")
         if not self.backoff >= 0:
             raise UsageError(f"--backoff must be >= 0, got {self.backoff}")
-        if not self.base_url.startswith(("http://", "https://")):
-            raise UsageError(f"--base-url must start with http:// or https://, got {redact_url(self.base_url)!r}")
+        check_base_url(self.base_url)
         if self.api == "completions":
             chat_only = [s.prompt_id for s in self.prompts if s.prompt is None]
             if chat_only:

@@ -65,6 +65,14 @@ ARG_CASES = [
     ("completions-with-messages", ["--api", "completions", "--prompt-file", "p.jsonl"],
      {"p.jsonl": b'{"messages": [{"role": "user", "content": "hi"}]}\n'}, "needs plain prompts"),
     ("base-url-scheme", ["-p", "hi", "--base-url", "ftp://example.org/v1"], {}, "must start with http"),
+    # an internal error (httpx's InvalidURL, or a ValueError out of a worker task) once the run had started
+    ("base-url-port-range", ["-p", "hi", "--base-url", "http://127.0.0.1:99999/v1"], {}, "Port out of range"),
+    ("base-url-port-word", ["-p", "hi", "--base-url", "http://127.0.0.1:abc/v1"], {}, "Port could not be cast"),
+    ("base-url-ipv6", ["-p", "hi", "--base-url", "http://[::1/v1"], {}, "Invalid IPv6 URL"),
+    ("base-url-no-host", ["-p", "hi", "--base-url", "http:///v1"], {}, "names no host"),
+    ("base-url-space", ["-p", "hi", "--base-url", "http://127.0.0.1 :80/v1"], {}, "contains whitespace"),
+    # an empty --base-url (an unset shell variable) quietly became https://api.openai.com/v1
+    ("base-url-empty", ["-p", "hi", "--base-url", ""], {}, "must start with http:// or https://, got ''"),
     ("resume-without-out", ["--resume"], {}, "--resume needs --out"),
 ]  # fmt: skip
 

@@ -18,6 +18,7 @@ from detaudit.runner import (
     DEFAULT_KEY_ENV,
     api_key_from_env,
     base_url_or_default,
+    check_base_url,
     parse_extra_body,
     parse_headers,
     resolve_model,
@@ -81,11 +82,11 @@ def endpoint_command(
 ) -> None:
     if api not in ("chat", "completions", "both"):
         raise UsageError(f"--api must be chat, completions or both, got {api!r}")
-    if not timeout > 0 or retries < 0:  # `not >`: NaN fails too
-        raise UsageError("--timeout must be > 0 and --retries >= 0")
-    url = base_url_or_default(base_url)
-    if not url.startswith(("http://", "https://")):
-        raise UsageError(f"--base-url must start with http:// or https://, got {redact_url(url)!r}")
+    if not timeout > 0:  # `not >`: NaN fails too
+        raise UsageError(f"--timeout must be > 0, got {timeout}")
+    if retries < 0:
+        raise UsageError(f"--retries must be >= 0, got {retries}")
+    url = check_base_url(base_url_or_default(base_url))
     key = api_key_from_env(api_key_env)
     apis = ("chat", "completions") if api == "both" else (api,)
     result = asyncio.run(_probe(url, key, parse_headers(header), model, apis, timeout, retries,

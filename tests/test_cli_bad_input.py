@@ -1,0 +1,39 @@
+"""Bad input to the smaller commands (probe endpoint, probe kernels, tiny-model, report, demo): one `error:` line on
+stderr, exit 2, nothing written. `run`, `gate` and `rescore` have their own files (test_run_bad_input.py,
+test_gate_cli.py, test_rescore.py)."""
+
+from __future__ import annotations
+
+import pytest
+from runhelp import cli
+from scripted_server import free_port
+
+
+def _one_error_line(r, fragment: str) -> None:
+    assert r.code == 2, (r.code, r.err)
+    assert r.err.count("\n") == 1 and r.err.startswith("error:") and "internal error" not in r.err, r.err
+    assert fragment in r.err, r.err
+
+
+# Each was an internal error (exit 70), or, for the empty URL, a probe of https://api.openai.com/v1.
+BASE_URLS = [
+    ("http://127.0.0.1:99999/v1", "Port out of range"),
+    ("http://127.0.0.1:abc/v1", "Port could not be cast"),
+    ("http://[::1/v1", "Invalid IPv6 URL"),
+    ("http:///v1", "names no host"),
+    ("", "must start with http:// or https://, got ''"),
+]
+
+
+@pytest.mark.parametrize("url,fragment", BASE_URLS, ids=[u or "empty" for u, _ in BASE_URLS])
+def test_probe_endpoint_refuses_an_unusable_base_url(url, fragment, capsys) -> None:
+    _one_error_line(cli(capsys, "probe", "endpoint", "--base-url", url, "-m", "x"), fragment)
+
+
+def test_probe_endpoint_names_the_bad_option(capsys) -> None:
+    url = f"http://127.0.0.1:{free_port()}/v1"
+    # one message named both options, whichever was wrong
+    _one_error_line(cli(capsys, "probe", "endpoint", "--base-url", url, "--timeout", "-1"), "--timeout must be > 0")
+    r = cli(capsys, "probe", "endpoint", "--base-url", url, "--retries", "-1")
+    _one_error_line(r, "--retries must be >= 0, got -1")
+    assert "--timeout" not in r.err
