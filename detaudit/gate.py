@@ -93,6 +93,12 @@ def parse_gate_spec(items: Iterable[str]) -> GateThresholds:
                 values[name] = kind(raw.strip())
             except ValueError:
                 raise UsageError(f"--gate: {key}={raw!r} is not a valid {kind.__name__}") from None
+    # In --gate's own words (GateThresholds speaks of `detaudit gate`'s options, which `run` does not have).
+    if not set(values) - {"baseline"}:
+        raise UsageError("--gate names no rule: give at least one of " + ", ".join(k for k in _SPEC_KEYS
+                                                                                  if k != "baseline"))
+    if (values.get("require_same_modal") or "max_unique_increase" in values) and "baseline" not in values:
+        raise UsageError("--gate: require-same-modal and max-unique-increase need baseline=RUN")
     return GateThresholds(**values)
 
 

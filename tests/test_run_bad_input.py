@@ -40,6 +40,10 @@ ARG_CASES = [
     ("header-no-colon", ["-p", "hi", "--header", "X-Token"], {}, "expected 'Name: value'"),
     # found only after every request of the run had been sent
     ("gate-baseline-missing", ["-p", "hi", "--gate", "max-unique=1,baseline=nope"], {}, "nope: no such run directory"),
+    # said "pass at least one of --max-unique, ..." and "need --baseline RUN": options `run` does not have
+    ("gate-no-rule", ["-p", "hi", "--gate", "baseline=nope"], {}, "--gate names no rule: give at least one of max-"),
+    ("gate-empty", ["-p", "hi", "--gate", ""], {}, "--gate names no rule"),
+    ("gate-needs-baseline", ["-p", "hi", "--gate", "require-same-modal"], {}, "need baseline=RUN"),
     # every request got HTTP 400, reported as "--model is required: .../models answered HTTP 400"
     ("header-control-char", ["-p", "hi", "--header", "X-Token: se\x01cret"], {}, "holds a control character"),
     ("unknown-option", ["-p", "hi", "--repeat", "3"], {}, "No such option"),
