@@ -37,3 +37,12 @@ def test_probe_endpoint_names_the_bad_option(capsys) -> None:
     r = cli(capsys, "probe", "endpoint", "--base-url", url, "--retries", "-1")
     _one_error_line(r, "--retries must be >= 0, got -1")
     assert "--timeout" not in r.err
+
+
+@pytest.mark.parametrize("seed", ["18446744073709551616", "-1"])
+def test_seeds_past_torchs_range_are_refused(seed, capsys, tmp_path) -> None:
+    # past 2**64 - 1 torch.manual_seed raised ValueError: an internal error, after the command had started
+    r = cli(capsys, "tiny-model", tmp_path / "m", "--seed", seed)
+    _one_error_line(r, "Invalid value for '--seed'")
+    assert not (tmp_path / "m").exists()
+    _one_error_line(cli(capsys, "probe", "kernels", "--quick", "--seed", seed), "Invalid value for '--seed'")

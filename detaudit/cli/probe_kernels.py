@@ -18,7 +18,8 @@ def kernels_command(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: str = typer.Option("fp32", "--dtype", help="bf16, fp16 or fp32."),
     quick: bool = typer.Option(False, "--quick", help="Fewer batch sizes (smoke test)."),
-    seed: int = typer.Option(0, "--seed", help="Seed for inputs, offsets and probed rows."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**64 - 1,  # torch.Generator's range: past it, a ValueError
+                             help="Seed for inputs, offsets and probed rows."),  # fmt: skip
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
 ) -> None:
     """Sweep every op over batch sizes that cross kernel-heuristic boundaries; report invariance per op."""

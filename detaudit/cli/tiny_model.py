@@ -15,7 +15,8 @@ def tiny_model_command(
     arch: str = typer.Option("qwen3", "--arch", help=f"Architecture: {', '.join(ARCHS)}."),
     preset: str = typer.Option("tiny", "--preset", help=f"Shape preset: {', '.join(PRESETS)}."),
     dtype: str = typer.Option("float32", "--dtype", help="Saved weight dtype: float32, bfloat16 or float16."),
-    seed: int = typer.Option(0, "--seed", help="Seed for the random weights."),
+    seed: int = typer.Option(0, "--seed", min=0, max=2**64 - 1,  # torch.manual_seed's range: past it, a ValueError
+                             help="Seed for the random weights."),  # fmt: skip
 ) -> None:
     path = build_tiny_model(out_dir, arch, preset=preset, dtype=dtype, seed=seed)
     Console().print(f"wrote {arch} ({preset}, {dtype}) to {path}")
