@@ -5,8 +5,9 @@ test_gate_cli.py, test_rescore.py)."""
 from __future__ import annotations
 
 import pytest
-from runhelp import cli
+from runhelp import cli, tree_snapshot
 from scripted_server import free_port
+from test_report import MODAL, make_run
 
 
 def _one_error_line(r, fragment: str) -> None:
@@ -46,3 +47,12 @@ def test_seeds_past_torchs_range_are_refused(seed, capsys, tmp_path) -> None:
     _one_error_line(r, "Invalid value for '--seed'")
     assert not (tmp_path / "m").exists()
     _one_error_line(cli(capsys, "probe", "kernels", "--quick", "--seed", seed), "Invalid value for '--seed'")
+
+
+def test_report_refuses_two_outputs_in_one_file(capsys, tmp_path) -> None:
+    run = make_run(tmp_path / "run", {"c1": (1, [(MODAL, 3)])})
+    before = tree_snapshot(tmp_path)
+    # the Markdown silently replaced the HTML report (exit 0)
+    r = cli(capsys, "report", run, "--html", tmp_path / "r", "--md", tmp_path / "r")
+    _one_error_line(r, "--html and --md name the same file")
+    assert tree_snapshot(tmp_path) == before

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from detaudit.errors import UsageError
 from detaudit.reports.pipeline import write_reports
 
 
@@ -18,6 +19,11 @@ def report_command(
     junit: Path | None = typer.Option(None, "--junit", help="Write JUnit XML (one case per prompt and arm) here."),
 ) -> None:
     """Without --html/--md/--junit the Markdown report is printed on stdout."""
+    named = [(opt, path) for opt, path in (("--html", html), ("--md", md), ("--junit", junit)) if path is not None]
+    for i, (opt, path) in enumerate(named):  # else the last one written silently replaces the other
+        same = [other for other, p in named[i + 1:] if p.resolve() == path.resolve()]
+        if same:
+            raise UsageError(f"{opt} and {same[0]} name the same file {path}; give each report its own file")
     result = write_reports(runs, html=html, md=md, junit=junit)
     if not result.written:
         typer.echo(result.markdown, nl=False)
