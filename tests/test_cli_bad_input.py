@@ -56,3 +56,13 @@ def test_report_refuses_two_outputs_in_one_file(capsys, tmp_path) -> None:
     r = cli(capsys, "report", run, "--html", tmp_path / "r", "--md", tmp_path / "r")
     _one_error_line(r, "--html and --md name the same file")
     assert tree_snapshot(tmp_path) == before
+
+
+def test_demo_refuses_a_run_directory_and_a_too_long_completion(capsys, tmp_path) -> None:
+    run = make_run(tmp_path / "run", {"c1": (1, [(MODAL, 3)])})
+    before = tree_snapshot(tmp_path)
+    # the demo wrote its model/, runs/ and reports into the run directory
+    _one_error_line(cli(capsys, "demo", "--out", run), "is a run directory")
+    # failed only after building, serving and auditing the model, in two lines
+    _one_error_line(cli(capsys, "demo", "--out", tmp_path / "demo", "--max-tokens", "4096"), "leaves no room")
+    assert tree_snapshot(tmp_path) == before

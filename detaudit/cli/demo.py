@@ -9,6 +9,7 @@ from rich.console import Console
 
 from detaudit.demo import DemoSettings, run_demo
 from detaudit.errors import UsageError
+from detaudit.rundir.schema import MANIFEST_FILE
 from detaudit.runner import MAX_SAMPLES
 
 
@@ -25,6 +26,13 @@ def demo_command(
         raise UsageError(f"-n {repeats} is too many: a run holds at most {MAX_SAMPLES} requests")
     if max_tokens < 1:
         raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
+    from detaudit.engine.llm import EngineConfig
+
+    if max_tokens >= EngineConfig.max_model_len:  # else found after the model was built, served and audited
+        raise UsageError(f"--max-tokens {max_tokens} leaves no room for the prompt: the demo's engine holds "
+                         f"{EngineConfig.max_model_len} tokens")  # fmt: skip
+    if (out / MANIFEST_FILE).exists():  # the demo's model/, runs/ and reports would land inside a run
+        raise UsageError(f"--out {out} is a run directory; give the demo a directory of its own")
     console = Console()
     result = run_demo(
         DemoSettings(out=out, repeats=repeats, max_tokens=max_tokens, force=force),
