@@ -169,12 +169,11 @@ def main() -> None:
         except Exception:
             result[phase] = {"error": traceback.format_exc(limit=6)}
         _release(args.device)
-        save()
-    for suffix in ("", "-eager"):  # with CUDA graphs (what users get) and, when measured, without
-        bi, stock = result.get("batch-invariant" + suffix, {}), result.get("stock" + suffix, {})
-        if "wall_s" in bi and "wall_s" in stock:
-            result["bi_over_stock_wall" + suffix.replace("-", "_")] = round(bi["wall_s"] / stock["wall_s"], 3)
-    save()
+        for suffix in ("", "-eager"):  # with CUDA graphs (what users get) and, when measured, without
+            bi, stock = result.get("batch-invariant" + suffix, {}), result.get("stock" + suffix, {})
+            if "wall_s" in bi and "wall_s" in stock:
+                result["bi_over_stock_wall" + suffix.replace("-", "_")] = round(bi["wall_s"] / stock["wall_s"], 3)
+        save()  # after every phase: a run cut short keeps its finished figures and ratios
 
 
 if __name__ == "__main__":
