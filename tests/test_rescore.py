@@ -100,3 +100,29 @@ def test_check_model_verdicts(bi_run, tiny_model_dir, tmp_path):
     nameless = manifest.model_copy(update={"target": manifest.target.model_copy(update={"model": None,
                                                                                           "engine": {}})})
     assert check_model(nameless, str(tiny_model_dir), info)["status"] == "unverified"
+
+
+def test_bad_run_directories_fail_before_the_model_loads(bi_run, tmp_path, capsys):
+    """--model names no model at all: the run directory's error must come first (it came after the model loaded,
+    and a missing samples.parquet read as 'no row can be rescored')."""
+    nope = str(tmp_path / "no-model")
+    missing = shutil.copytree(bi_run, tmp_path / "missing")
+    (missing / "samples.parquet").unlink()
+    corrupt = shutil.copytree(bi_run, tmp_path / "corrupt")
+    (corrupt / "samples.parquet").write_bytes(b"PAR1 garbage PAR1")
+    for run, fragment in ((missing, "samples.parquet is missing"), (corrupt, "corrupt or unreadable Parquet")):
+        with pytest.raises(SystemExit) as exc:
+            main(["rescore", str(run), "--model", nope])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.count("\n") == 1 and fragment in err, err
+
+
+def test_a_completion_past_max_model_len_is_named(bi_run, tiny_model_dir, tmp_path, capsys):
+    run = shutil.copytree(bi_run, tmp_path / "run")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["rescore", str(run), "--model", str(tiny_model_dir), "--max-model-len", "17"])
+    err = capsys.readouterr().err
+    # it said "prompt (N tokens) + max_tokens (0) exceeds the engine's max model length"
+    assert exc.value.code == 2 and err.count("\n") == 1 and "max_tokens" not in err, err
+    assert "12 sample(s) do not fit --max-model-len 17" in err and "+ 16 completion tokens" in err, err

@@ -23,12 +23,16 @@ def rescore_command(
     max_model_len: int = typer.Option(4096, "--max-model-len", help="Longest prompt + completion to rescore."),
     as_json: bool = typer.Option(False, "--json", help="Print the rescore section as JSON."),
 ) -> None:
-    from detaudit.analysis.summary import summarize_run
+    from detaudit.analysis.summary import load_run_manifest, summarize_run
     from detaudit.engine.llm import Engine, EngineConfig
     from detaudit.engine.rescore import check_model, rescore_run
-    from detaudit.rundir.io import load_manifest, write_summary
+    from detaudit.errors import UsageError
+    from detaudit.rundir.io import read_samples, write_summary
 
-    manifest = load_manifest(run_dir)  # a bad run directory fails before the model loads
+    # A bad run directory (manifest, a missing or corrupt samples file, nothing ok) fails before the model loads.
+    manifest = load_run_manifest(run_dir)
+    if "ok" not in read_samples(run_dir, ["status"]).column("status").to_pylist():
+        raise UsageError(f"{run_dir}: no ok sample to rescore")
     # Rescoring only prefills (no decode step), so no CUDA graph would ever be replayed: none is captured.
     engine = Engine(EngineConfig(model, device=device, dtype=dtype, kernels=kernels, max_batch=max_batch,
                                  max_batched_tokens=max(max_model_len, max_batch), max_model_len=max_model_len,

@@ -138,6 +138,12 @@ def rescore_run(run_dir, engine: Engine, check: Mapping[str, Any] | None = None)
     if not todo:
         raise UsageError(f"{run_dir}: no row can be rescored (no ok rows with token ids or vocabulary tokens)")
     keys = list(todo)
+    too_long = [(p, ids) for p, ids in keys if len(prompts[p]) + len(ids) > engine.max_model_len]
+    if too_long:  # else the engine's message speaks of "prompt + max_tokens (0)"
+        p, ids = max(too_long, key=lambda k: len(prompts[k[0]]) + len(k[1]))
+        raise UsageError(f"{run_dir}: {sum(len(todo[k]) for k in too_long)} sample(s) do not fit --max-model-len "
+                         f"{engine.max_model_len}: the longest, of prompt {p}, is {len(prompts[p])} prompt + "
+                         f"{len(ids)} completion tokens")  # fmt: skip
     # Each distinct completion is prefilled once, as a trainer would; the engine packs them into batches.
     scored = engine.score([(prompts[p], list(ids)) for p, ids in keys])
     for key, rescored in zip(keys, scored, strict=True):
