@@ -4,9 +4,15 @@
     python benchmarks/analysis.py --samples 20000 --length 500 --captures ids
 
 Each corpus is shaped like the published Feynman result: one modal completion for ~92% of samples and 79 rarer
-variants that fork from it at random depths. Every measurement runs in a fresh child process (so the peak RSS is
-the analysis's own) and reports wall time, peak RSS above the interpreter-with-imports baseline, Arrow's peak
-allocation, and the size of samples.parquet. The corpus is written through detaudit.rundir.io like a real run.
+variants that fork from it at random depths (all-different: every sample its own completion). Every measurement
+runs in a fresh child process (so the peak RSS is the analysis's own) and reports wall and CPU time (user + sys,
+resource.getrusage: less sensitive than wall time to other work on a shared machine), peak RSS above two
+baselines, Arrow's peak allocation, and the size of samples.parquet. The corpus is written through
+detaudit.rundir.io like a real run.
+
+Baselines: "cold" is the interpreter with detaudit, pyarrow.dataset and the allocator loaded; "warm" is the same
+process after it has analysed a 50-sample run, so the code pages, thread pools and allocator arenas that any
+analysis touches once are in it, and what is left is the memory that grows with the run.
 """
 
 from __future__ import annotations
@@ -114,22 +120,42 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # macOS: bytes
 
 
-def measure(run_dir: Path) -> dict:
-    """Run summarize_run once in this (fresh) process; time, peak RSS above the post-import baseline."""
+def _cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _arrow_peak_mib() -> float:
+    """Peak of Arrow's allocations: the default pool's, plus jemalloc's, which the analysis switches to."""
+    pools = [pa.default_memory_pool()]
+    try:
+        pools.append(pa.jemalloc_memory_pool())
+    except NotImplementedError:
+        pass
+    return sum(p.max_memory() for p in {p.backend_name: p for p in pools}.values()) / 2**20
+
+
+def measure(run_dir: Path, warm_dir: Path) -> dict:
+    """Run summarize_run once in this (fresh) process; time, peak RSS above the cold and the warm baseline."""
     import pyarrow.dataset  # noqa: F401  # code, not data: pq.read_table loads it; count it in the baseline
 
     from detaudit.analysis.summary import summarize_run
 
     pa.default_memory_pool()  # load the allocator before taking the baseline
-    baseline = _rss_mib()
-    t0 = time.perf_counter()
+    cold = _rss_mib()
+    summarize_run(warm_dir)
+    warm = _rss_mib()
+    t0, c0 = time.perf_counter(), _cpu_s()
     summary = summarize_run(run_dir)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
+    peak = _rss_mib()
     arm = summary["prompts"][0]["arms"][0]
     return {
         "wall_s": round(wall, 3),
-        "peak_rss_above_baseline_mib": round(_rss_mib() - baseline, 1),
-        "arrow_peak_mib": round(pa.default_memory_pool().max_memory() / 2**20, 1),
+        "cpu_s": round(cpu, 3),
+        "peak_rss_above_cold_mib": round(peak - cold, 1),
+        "peak_rss_above_warm_mib": round(peak - warm, 1),
+        "arrow_peak_mib": round(_arrow_peak_mib(), 1),
         "parquet_mib": round((run_dir / "samples.parquet").stat().st_size / 2**20, 1),
         "unique": arm["unique"],
         "forks_total": arm["forks_total"],
@@ -142,29 +168,33 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=1000)
     ap.add_argument("--captures", default="ids,full", help=f"comma list of {', '.join(CAPTURES)}")
     ap.add_argument("--repeat", type=int, default=3, help="measurements per corpus (the best time is reported)")
-    ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)  # child mode
+    ap.add_argument("--measure", type=Path, nargs=2, help=argparse.SUPPRESS)  # child mode: RUN WARM_RUN
     args = ap.parse_args()
     if args.measure:
-        print(json.dumps(measure(args.measure)))
+        print(json.dumps(measure(*args.measure)))
         return
     import pyarrow
 
     print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()},"
           f" pyarrow {pyarrow.__version__}, numpy {np.__version__}, {datetime.now(timezone.utc):%Y-%m-%d}")  # fmt: skip
-    print("| corpus | samples x tokens | parquet MiB | best wall s | peak RSS MiB | Arrow peak MiB | unique | forks |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| corpus | samples x tokens | parquet MiB | best wall s | its CPU s | peak RSS MiB above cold / warm "
+          "| Arrow peak MiB | unique | forks |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|---|")
     for capture in args.captures.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             run_dir = generate(Path(tmp) / "run", args.samples, args.length, capture)
+            warm_dir = generate(Path(tmp) / "warm", 50, 20, "ids")
             results = []
             for _ in range(args.repeat):
-                proc = subprocess.run([sys.executable, __file__, "--measure", str(run_dir)], capture_output=True,
-                                      text=True, check=True)  # fmt: skip
+                proc = subprocess.run([sys.executable, __file__, "--measure", str(run_dir), str(warm_dir)],
+                                      capture_output=True, text=True, check=True)  # fmt: skip
                 results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             best = min(results, key=lambda r: r["wall_s"])
+            cold = max(r["peak_rss_above_cold_mib"] for r in results)
+            warm = max(r["peak_rss_above_warm_mib"] for r in results)
             print(f"| {capture} | {args.samples} x {args.length} | {best['parquet_mib']} | {best['wall_s']} | "
-                  f"{max(r['peak_rss_above_baseline_mib'] for r in results)} | {best['arrow_peak_mib']} | "
-                  f"{best['unique']} | {best['forks_total']} |", flush=True)  # fmt: skip
+                  f"{best['cpu_s']} | {cold} / {warm} | {best['arrow_peak_mib']} | {best['unique']} | "
+                  f"{best['forks_total']} |", flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -131,7 +131,8 @@ class _Encoder:
             raise SourceMissing(self.source)
         offsets, values = _child_slice(col)
         if self.source == "token_ids":
-            return offsets, values.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
+            values = values.fill_null(-1) if values.null_count else values
+            return offsets, values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
         if self.source == "token_bytes" and values.null_count and pc.list_flatten(col.filter(pa.array(ok))).null_count:
             raise SourceMissing(self.source)
         return offsets, self._codes(values).astype(np.int32)
