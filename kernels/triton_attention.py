@@ -25,7 +25,7 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Keys are reduced in splits of this many absolute positions (a multiple of every tile size), merged in order.
-SPLIT = 256
+SPLIT = 512
 # (device, dtype) -> did the split launch reproduce the one-program launch bitwise on this device?
 _split_ok: dict[tuple[str, torch.dtype], bool] = {}
 
@@ -143,21 +143,9 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, ctx_ptr, ws_m_ptr, 
 
 
 @triton.jit
-def _partial(ws_m_ptr, ws_l_ptr, ws_acc_ptr, idx, ok, offs_d, BLOCK_D: tl.constexpr):
-    """One split's saved state; past the last split (``ok`` false) the padding state (-inf, 0, 0) that _merge folds
-    in as an exact no-op."""
-    m_s = tl.load(ws_m_ptr + idx, mask=ok, other=-float("inf"))
-    l_s = tl.load(ws_l_ptr + idx, mask=ok, other=0.0)
-    acc_s = tl.load(ws_acc_ptr + idx[:, None] * BLOCK_D + offs_d[None, :], mask=ok[:, None], other=0.0)
-    return m_s, l_s, acc_s
-
-
-@triton.jit
 def _combine_kernel(o_ptr, ctx_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr, so_t, so_h, D, HQ, NS,
                     BLOCK_D: tl.constexpr, SPLIT: tl.constexpr):
-    # Decode launch only: token t is sequence t's single query, at position ctx[t] - 1. Splits are folded in order
-    # (the one-program launch's order); four splits' loads are issued before their four folds, so a long context
-    # waits on memory once per four splits rather than once per split.
+    # Decode launch only: token t is sequence t's single query, at position ctx[t] - 1.
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
     n = (tl.load(ctx_ptr + t) - 1) // SPLIT + 1
@@ -166,16 +154,12 @@ def _combine_kernel(o_ptr, ctx_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr, so_t, so_h, 
     m = tl.full((1,), -float("inf"), dtype=tl.float32)
     lsum = tl.zeros((1,), dtype=tl.float32)
     acc = tl.zeros((1, BLOCK_D), dtype=tl.float32)
-    base = (t * HQ + h) * NS + zero
-    for sp in range(0, n, 4):
-        m0, l0, a0 = _partial(ws_m_ptr, ws_l_ptr, ws_acc_ptr, base + sp, sp + zero < n, offs_d, BLOCK_D)
-        m1, l1, a1 = _partial(ws_m_ptr, ws_l_ptr, ws_acc_ptr, base + sp + 1, sp + 1 + zero < n, offs_d, BLOCK_D)
-        m2, l2, a2 = _partial(ws_m_ptr, ws_l_ptr, ws_acc_ptr, base + sp + 2, sp + 2 + zero < n, offs_d, BLOCK_D)
-        m3, l3, a3 = _partial(ws_m_ptr, ws_l_ptr, ws_acc_ptr, base + sp + 3, sp + 3 + zero < n, offs_d, BLOCK_D)
-        m, lsum, acc = _merge(m, lsum, acc, m0, l0, a0)
-        m, lsum, acc = _merge(m, lsum, acc, m1, l1, a1)
-        m, lsum, acc = _merge(m, lsum, acc, m2, l2, a2)
-        m, lsum, acc = _merge(m, lsum, acc, m3, l3, a3)
+    base = (t * HQ + h) * NS
+    for sp in range(0, n):
+        m_s = tl.load(ws_m_ptr + base + sp + zero)
+        l_s = tl.load(ws_l_ptr + base + sp + zero)
+        acc_s = tl.load(ws_acc_ptr + (base + sp + zero)[:, None] * BLOCK_D + offs_d[None, :])
+        m, lsum, acc = _merge(m, lsum, acc, m_s, l_s, acc_s)
     out = acc / lsum[:, None]
     tl.store(o_ptr + t * so_t + h * so_h + offs_d[None, :] + zero[:, None], out.to(o_ptr.dtype.element_ty),
              mask=(offs_d < D)[None, :])

@@ -108,7 +108,7 @@ def test_attention_logic(tk: SimpleNamespace, dtype: torch.dtype) -> None:
     ta = tk.triton_attention
     g = torch.Generator().manual_seed(2)
     hkv, gqa, d, page = 2, 3, 16, 8
-    lens, qlens = [560, 20, 5], [40, 3, 1]  # sequence 0: a 40-token chunk at positions 520..559 (3 splits)
+    lens, qlens = [560, 20, 5], [40, 3, 1]  # sequence 0: a 40-token chunk at positions 520..559 (2 splits)
     n_pages = sum(-(-c // page) for c in lens) + 1
     kc = torch.randn(n_pages, page, hkv, d, generator=g).to(dtype)
     vc = torch.randn(n_pages, page, hkv, d, generator=g).to(dtype)
