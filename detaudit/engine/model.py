@@ -84,8 +84,12 @@ class Rotary(nn.Module):
 
 def apply_rope(q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's `x * cos + rotate_half(x) * sin` on q and k side by side: elementwise, so the same bits as one at a
+    time, in half the launches."""
     cos, sin = rope
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+    qk = torch.cat((q, k), dim=1)
+    qk = qk * cos + _rotate_half(qk) * sin
+    return qk[:, : q.shape[1]], qk[:, q.shape[1] :]
 
 
 class Attention(nn.Module):
