@@ -108,6 +108,18 @@ def test_busy_port_and_bad_options_exit_2_before_starting(tmp_path: Path, capsys
     assert not (tmp_path / "r").exists() and not (tmp_path / "r.server.log").exists()
 
 
+def test_command_engine_without_model_audits_the_servers_only_model(tmp_path: Path, capsys) -> None:
+    """--engine command finds the model its server lists; the option parser made --model required all the same."""
+    out = tmp_path / "run"
+    res = cli(capsys, "local", "--engine", "command", "--server-cmd", _scripted_cmd(tmp_path), "-p", "hi", "-n", "2",
+              "--concurrency", "1", "--out", out)  # fmt: skip
+    assert res.code == 0, res.err
+    assert load_manifest(out).target.model == "scripted-model"
+    res = cli(capsys, "local", "-p", "hi", "--out", tmp_path / "r")  # the built-in engine does need it
+    assert (res.code, res.err.strip()) == (2, "error: --engine detaudit needs --model (a hub id or local model "
+                                              "directory)")  # fmt: skip
+
+
 def test_ctrl_c_stops_the_server_and_resume_finishes_the_run(tmp_path: Path) -> None:
     out = tmp_path / "run"
     cmd = _scripted_cmd(tmp_path, latency_s=0.05)

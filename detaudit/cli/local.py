@@ -12,14 +12,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from detaudit.engine.config import DTYPES, KERNELS
 from detaudit.engine.load import SCENARIOS
+from detaudit.errors import UsageError
 
 _MANAGED = "Managed engine (--engine vllm|sglang|command; docs/scale.md)"
 
 
 def local_command(
     ctx: typer.Context,
-    model: str = typer.Option(..., "--model", "-m", help="Hub id or local model directory (Llama, Mistral, "
-                              "Qwen2, Qwen3)."),  # fmt: skip
+    model: str | None = typer.Option(None, "--model", "-m", help="Hub id or local model directory (Llama, "
+                                     "Mistral, Qwen2, Qwen3); --engine command: default the server's only model."),
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt text (repeatable)."),
     repeats: int = typer.Option(100, "-n", "--repeats", help="N independent requests per prompt per arm "
                                 "(never the API's n field)."),  # fmt: skip
@@ -78,6 +79,8 @@ def local_command(
             out=out, resume=resume, force=force, as_json=as_json,
         )  # fmt: skip
         return
+    if model is None:  # optional only for --engine command, whose server may name its own model
+        raise UsageError(f"--engine {engine} needs --model (a hub id or local model directory)")
     from detaudit.analysis.render import render_summary
     from detaudit.analysis.summary import summarize_run
     from detaudit.engine.llm import EngineConfig
