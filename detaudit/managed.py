@@ -193,12 +193,13 @@ def build_launch(
             )
         if attention_backend:
             raise UsageError("--attention-backend applies to vllm/sglang; put it in --server-cmd")
+        words = _split(server_cmd, "--server-cmd")  # an unbalanced quote first: it is why {port} looks missing
         if "{port}" not in server_cmd and chosen:
             raise UsageError("--server-cmd must contain {port} (detaudit picks a free port) unless --port is given")
         subst = {"{host}": HOST, "{model}": model or ""}
         if "{model}" in server_cmd and not model:
             raise UsageError("--server-cmd uses {model} but no --model was given")
-        argv = [_substitute(a, subst) for a in _split(server_cmd, "--server-cmd")] + extra
+        argv = [_substitute(a, subst) for a in words] + extra
         if not argv:
             raise UsageError("--server-cmd is empty")
         health = "/v1/models"
@@ -666,7 +667,7 @@ def refuse_foreign_options(engine: str, given: set[str]) -> None:
     if bad:
         flags = ", ".join("--" + b.replace("_", "-") for b in bad)
         side = "vllm, sglang or command" if engine == "detaudit" else "detaudit (the built-in engine)"
-        raise UsageError(f"{flags} only apply with --engine {side}")
+        raise UsageError(f"{flags} only {'applies' if len(bad) == 1 else 'apply'} with --engine {side}")
 
 
 def local_managed(
@@ -731,7 +732,8 @@ def local_managed(
         )  # fmt: skip
         req.api_key = None  # the managed server listens on loopback without auth: never send the user's key there
         manifest = None
-    err_console.print(f"starting {engine} server: {shlex.join(launch.redacted_argv())}", highlight=False)
+    err_console.print(f"starting {engine} server: {shlex.join(launch.redacted_argv())}", highlight=False,
+                      markup=False, soft_wrap=True)  # one line: the command stays copy-pastable
     outcome = run_managed(launch, req, startup_timeout_s=startup_timeout, make_progress=lambda: make_progress(
         err_console), resumed=manifest)  # fmt: skip
     if outcome.interrupted:

@@ -118,6 +118,14 @@ def test_command_engine_without_model_audits_the_servers_only_model(tmp_path: Pa
     res = cli(capsys, "local", "-p", "hi", "--out", tmp_path / "r")  # the built-in engine does need it
     assert (res.code, res.err.strip()) == (2, "error: --engine detaudit needs --model (a hub id or local model "
                                               "directory)")  # fmt: skip
+    res = cli(capsys, "local", "--model", "m", "-p", "hi", "--port", "5", "--suite", "smoke", "--out", tmp_path / "r")
+    assert res.code == 2 and "--port, --suite only apply with" in res.err  # one option "applies", two "apply"
+
+
+def test_unbalanced_quote_in_server_cmd_is_named(tmp_path: Path, capsys) -> None:
+    # it said "--server-cmd must contain {port}": fixing that still left a command line that cannot be split
+    res = cli(capsys, *LOCAL, "--server-cmd", "'srv --port 8000", "-p", "hi", "--out", tmp_path / "r")
+    assert res.code == 2 and "--server-cmd: cannot split into arguments (No closing quotation)" in res.err, res.err
 
 
 def test_ctrl_c_stops_the_server_and_resume_finishes_the_run(tmp_path: Path) -> None:
@@ -145,10 +153,10 @@ def test_ctrl_c_stops_the_server_and_resume_finishes_the_run(tmp_path: Path) -> 
 
 def test_options_of_the_other_engine_and_a_missing_vllm_exit_2(tmp_path: Path, capsys) -> None:
     res = cli(capsys, "local", "--model", "m", "--prompt", "hi", "--suite", "smoke", "--out", tmp_path / "a")
-    assert res.code == 2 and "--suite only apply with --engine vllm, sglang or command" in res.err
+    assert res.code == 2 and "--suite only applies with --engine vllm, sglang or command" in res.err
     res = cli(capsys, "local", "--engine", "vllm", "--model", "m", "--dtype", "float32", "--suite", "smoke",
               "--out", tmp_path / "b")  # fmt: skip
-    assert res.code == 2 and "--dtype only apply with --engine detaudit" in res.err
+    assert res.code == 2 and "--dtype only applies with --engine detaudit" in res.err
     if shutil.which("vllm") is None:  # the project machines: the preset's program is simply not there
         res = cli(capsys, "local", "--engine", "vllm", "--model", "m", "--suite", "smoke", "--out", tmp_path / "c")
         assert res.code == 2 and "cannot start 'vllm': not found; install vLLM" in res.err
