@@ -68,6 +68,13 @@ def test_matmul_logic(tk: SimpleNamespace, dtype: torch.dtype) -> None:
     full = tm.matmul(a, w.t())
     for r0, r1 in [(0, 32), (32, 64), (32, 33), (64, 70)]:  # tile-aligned starts (BLOCK_M = 32 here)
         assert torch.equal(tm.matmul(a[r0:r1], w.t()), full[r0:r1]), (r0, r1)
+    # A TMA config runs its pointer-load twin where TMA cannot (here: the interpreter), and every twin is among the
+    # configs that configs_agree() proves equivalent on a GPU.
+    tma = tm.Config(32, 32, 32, 8, 4, 4, tma=True, ws=True)
+    assert torch.equal(tm.matmul(a, w.t(), config=tma), tm.matmul(a, w.t(), config=tm.pointer_twin(tma)))
+    for dt in (torch.bfloat16, torch.float16, torch.float32):
+        cfgs = tm.all_configs(dt)
+        assert all(tm.pointer_twin(c) in cfgs for c in cfgs)
 
 
 @inner
