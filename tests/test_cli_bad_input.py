@@ -66,3 +66,10 @@ def test_demo_refuses_a_run_directory_and_a_too_long_completion(capsys, tmp_path
     # failed only after building, serving and auditing the model, in two lines
     _one_error_line(cli(capsys, "demo", "--out", tmp_path / "demo", "--max-tokens", "4096"), "leaves no room")
     assert tree_snapshot(tmp_path) == before
+
+
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(capsys, tmp_path) -> None:
+    # --debug re-raised the error: Python printed the traceback and exited 1 instead of 2
+    r = cli(capsys, "--debug", "analyze", tmp_path / "missing")
+    assert r.code == 2 and "Traceback (most recent call last)" in r.err and "RunDirError" in r.err
+    assert r.err.rstrip().splitlines()[-1].startswith("error:") and "no such run directory" in r.err

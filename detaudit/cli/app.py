@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import traceback
 
 import typer
 from rich.console import Console
@@ -110,8 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         if isinstance(rc, int) and rc:  # typer.Exit(code) inside a command returns its code here
             sys.exit(rc)
     except DetauditError as e:
-        if debug:
-            raise
+        if debug:  # the traceback, then the same line and exit code as without --debug (re-raising exited 1)
+            traceback.print_exc()
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
@@ -132,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
             err_console.print("aborted")
             sys.exit(EXIT_INTERRUPTED)
         if debug:
-            raise
+            traceback.print_exc()
         if isinstance(e, OSError) and e.strerror:
             # The file system refused a path the user named (unwritable, a directory, a full disk): their input.
             where = ": ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
@@ -141,8 +142,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(2)
         err_console.print(
             # One line even for a multi-line exception message; --debug shows all of it.
-            f"[bold red]internal error:[/] {escape(type(e).__name__ + ': ' + ' '.join(str(e).split()))} "
-            "(rerun with --debug for details)",
+            f"[bold red]internal error:[/] {escape(type(e).__name__ + ': ' + ' '.join(str(e).split()))}"
+            + ("" if debug else " (rerun with --debug for details)"),
             highlight=False,
             soft_wrap=True,
         )
