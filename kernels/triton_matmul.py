@@ -244,7 +244,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *
 
 def _tma_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
     """TMA needs 16-byte aligned bases and row strides and a unit last stride (A row-major; B either layout)."""
-    if a.dtype not in (torch.bfloat16, torch.float16) or a.device.type != "cuda":
+    if a.dtype not in (torch.bfloat16, torch.float16) or a.device.type != "cuda" or not _has_tma(a.device):
         return False
     es = a.element_size()
     b_nk = b.stride(0) == 1  # b = W.t() of an nn.Linear weight W [N, K]
@@ -294,6 +294,12 @@ def _launch_tma(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias2: torc
 @functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    """TMA (and the wgmma the kernel is built around) exists from Hopper (sm_90) on; older GPUs run the twins."""
+    return torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
