@@ -97,3 +97,15 @@ def test_list_value_count_bounds_the_elements(tmp_path):
     make_run(going, ids_rows(seqs[:10]))
     ShardWriter(going).write([{"sample_index": 10, "prompt_id": "p0", "arm": "c1", "status": "ok", "token_ids": [4]}])
     assert sample_list_values(going, "token_ids") == sum(map(len, seqs[:10])) + 1
+
+
+def test_the_default_arrow_pool_is_restored_even_when_analyses_overlap(tmp_path):
+    """The analysis borrows jemalloc for Arrow (where built in) and gives the process its own default back."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = make_run(tmp_path, ids_rows([[1, 2, 3]] * 30 + [[1, 2, 4]] * 3))
+    before = pa.default_memory_pool().backend_name
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: summarize_run(path), range(8)))
+    assert all(r == results[0] for r in results) and results[0]["prompts"][0]["arms"][0]["unique"] == 2
+    assert pa.default_memory_pool().backend_name == before
