@@ -8,9 +8,10 @@ come with it. Callers pass 2-D [rows, N] views whose last dim is contiguous.
 (Log-)softmax rows wider than ``SINGLE_MAX`` are cut into fixed ``SEG``-column segments instead (a constant, never
 derived from the number of rows), one program each: a segment's (max, sum of exp) partial is published, the row's
 partials are combined in segment order, and the segment is written from registers, so the row is read once. The
-programs of a row wait for each other (a per-row counter); where that is unsafe (the CPU interpreter runs programs
-one after another, or a row has more than ``FUSED_MAX_SEGS`` segments) a two-launch form does the same arithmetic
-(stats, then a write pass that re-reads the row) and gives the same bits.
+programs of a row wait for each other (a per-row counter; work is handed out by an atomic ticket so that a waiting
+program's row-mates have always been started, whatever order the hardware launches programs in); where that is
+unsafe (the CPU interpreter runs programs one after another, or a row has more than ``FUSED_MAX_SEGS`` segments)
+a two-launch form does the same arithmetic (stats, then a write pass that re-reads the row) and gives the same bits.
 
 Import this module only when a GPU or ``TRITON_INTERPRET=1`` is present: kernels are decorated at import time.
 """
@@ -109,7 +110,13 @@ def _softmax_kernel(x_ptr, y_ptr, sx, sy, N, LOG: tl.constexpr, BLOCK: tl.conste
 def _seg_softmax_kernel(x_ptr, y_ptr, ws_ptr, cnt_ptr, sx, sy, N, NSEG, LOG: tl.constexpr, SEG: tl.constexpr,
                         NSEG_P2: tl.constexpr, PHASE: tl.constexpr):
     # PHASE 0: fused (publish partial, wait for the row's other segments, write); 1: publish only; 2: write only.
-    pid = tl.program_id(0)
+    if PHASE == 0:
+        # Work is handed out by a ticket (cnt[0]), not by program_id: a program that holds ticket t knows every
+        # lower ticket is running or done whatever order the hardware starts programs in, so a row's programs
+        # (consecutive tickets) only ever wait for programs that can run: no deadlock as long as NSEG programs fit.
+        pid = tl.atomic_add(cnt_ptr, 1, sem="relaxed", scope="gpu")
+    else:
+        pid = tl.program_id(0)
     row = (pid // NSEG).to(tl.int64)
     seg = pid % NSEG
     cols = seg * SEG + tl.arange(0, SEG)
@@ -123,8 +130,8 @@ def _seg_softmax_kernel(x_ptr, y_ptr, ws_ptr, cnt_ptr, sx, sy, N, NSEG, LOG: tl.
         tl.store(ws_row + 2 * seg + 1, s_s)
     if PHASE == 0:
         tl.debug_barrier()  # every thread's partial store happens before the release
-        tl.atomic_add(cnt_ptr + row, 1, sem="release", scope="gpu")
-        while tl.atomic_add(cnt_ptr + row, 0, sem="acquire", scope="gpu") < NSEG:
+        tl.atomic_add(cnt_ptr + 1 + row, 1, sem="release", scope="gpu")
+        while tl.atomic_add(cnt_ptr + 1 + row, 0, sem="acquire", scope="gpu") < NSEG:
             pass
         tl.debug_barrier()
     if PHASE != 1:
@@ -219,7 +226,7 @@ def _seg_softmax(x2: torch.Tensor, y2: torch.Tensor, n: int, log: bool, fused: b
     if fused is None:
         fused = not INTERPRET and nseg <= FUSED_MAX_SEGS
     ws = torch.empty((rows, 2 * nseg), dtype=torch.float32, device=x2.device)
-    cnt = torch.zeros((rows if fused else 1,), dtype=torch.int32, device=x2.device)
+    cnt = torch.zeros((1 + rows if fused else 1,), dtype=torch.int32, device=x2.device)  # ticket, row counters
     args = (x2, y2, ws, cnt, x2.stride(0), y2.stride(0), n, nseg)
     meta = dict(LOG=log, SEG=SEG, NSEG_P2=triton.next_power_of_2(nseg), num_warps=SEG_WARPS)
     for phase in ((0,) if fused else (1, 2)):
