@@ -4,6 +4,8 @@ rule, $GITHUB_STEP_SUMMARY, JUnit, baseline comparison, and bad input."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -118,6 +120,33 @@ def test_gate_refuses_bad_output_paths_before_printing_or_writing(tmp_path, caps
         assert not good.exists() and not missing_parent.parent.exists()
     r = cli(capsys, "gate", run, "--max-unique", "1", "--md", tmp_path / "same", "--junit", tmp_path / "same")
     assert (r.code, r.out, "--md and --junit name the same file" in r.err) == (2, "", True)
+
+
+def test_gate_writes_through_links_and_into_pipes_without_replacing_them(tmp_path, capsys):
+    """The atomic rename replaced a symlink, a FIFO, and as root /dev/null or /dev/stdout, with a regular file."""
+    run = stable(tmp_path)
+    target = tmp_path / "real.md"
+    target.write_text("old")
+    link = tmp_path / "link.md"
+    link.symlink_to(target)
+    fifo = tmp_path / "pipe.xml"
+    os.mkfifo(fifo)
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader waits, as `cat pipe.xml` would
+    try:
+        r = cli(capsys, "gate", run, "--max-unique", "1", "--md", link, "--junit", fifo)
+        assert r.code == 0, r.err
+        assert link.is_symlink() and "detaudit gate" in target.read_text()
+        assert stat.S_ISFIFO(os.stat(fifo).st_mode) and b"<testsuites" in os.read(reader, 1 << 16)
+    finally:
+        os.close(reader)
+    into_run = tmp_path / "sneaky.md"
+    into_run.symlink_to(run / "manifest.json")
+    r = cli(capsys, "gate", run, "--max-unique", "1", "--md", into_run)
+    assert (r.code, r.out, "points into the run directory" in r.err) == (2, "", True)
+    dangling = tmp_path / "dangling.md"
+    dangling.symlink_to(tmp_path / "nowhere" / "x.md")
+    r = cli(capsys, "gate", run, "--max-unique", "1", "--md", dangling)
+    assert (r.code, r.out, "which does not exist" in r.err) == (2, "", True)
 
 
 def test_gate_writes_step_summary_junit_and_markdown(tmp_path, capsys, monkeypatch):

@@ -17,7 +17,7 @@ from detaudit.gate import GateResult, GateThresholds, judge, run_gate
 from detaudit.reports.junit import gate_junit
 from detaudit.reports.markdown import render_gate_markdown, render_markdown
 from detaudit.reports.model import build_report
-from detaudit.rundir.io import check_output_file, load_manifest, write_output_file
+from detaudit.rundir.io import check_output_file, load_manifest, same_output_file, write_output_file
 from detaudit.rundir.schema import RunManifest
 
 
@@ -48,7 +48,7 @@ def gate_command(
     for option, path in (("--md", md), ("--junit", junit)):
         if path is not None:
             check_output_file(path, option)
-    if md is not None and junit is not None and md.resolve() == junit.resolve():
+    if md is not None and junit is not None and same_output_file(md, junit):
         raise UsageError(f"--md and --junit name the same file {md}; give two file names")
     thresholds = GateThresholds(
         max_unique=max_unique,

@@ -9,6 +9,7 @@ from rich.console import Console
 
 from detaudit.errors import UsageError
 from detaudit.reports.pipeline import write_reports
+from detaudit.rundir.io import same_output_file
 
 
 def report_command(
@@ -21,7 +22,7 @@ def report_command(
     """Without --html/--md/--junit the Markdown report is printed on stdout."""
     named = [(opt, path) for opt, path in (("--html", html), ("--md", md), ("--junit", junit)) if path is not None]
     for i, (opt, path) in enumerate(named):  # else the last one written silently replaces the other
-        same = [other for other, p in named[i + 1:] if p.resolve() == path.resolve()]
+        same = [other for other, p in named[i + 1:] if same_output_file(p, path)]
         if same:
             raise UsageError(f"{opt} and {same[0]} name the same file {path}; give each report its own file")
     result = write_reports(runs, html=html, md=md, junit=junit)

@@ -76,12 +76,22 @@ def check_output_file(path: Path, option: str = "") -> Path:
     unwritable parent, a run directory's own file. Commands call it up front, so a typo fails before any output.
 
     Writability is tried with a temporary file that is removed at once (permission bits say nothing for root,
-    a read-only file system or a special one like /proc).
+    a read-only file system or a special one like /proc). What write_output_file writes in place (a symlink, or a
+    special file such as /dev/null, /dev/stdout or a FIFO) is judged by its permission to write.
     """
     path = Path(path)
     name = f"{option} {path}" if option else str(path)
     if path.is_dir():
         raise UsageError(f"{name} is a directory; give a file name")
+    if _written_in_place(path):
+        if not path.exists():
+            raise UsageError(f"{name} is a symlink to {os.readlink(path)}, which does not exist")
+        real = Path(os.path.realpath(path))
+        if real.is_file() and (real.parent / MANIFEST_FILE).exists():
+            raise UsageError(f"{name} points into the run directory {real.parent}; write the file elsewhere")
+        if not os.access(path, os.W_OK):
+            raise UsageError(f"{name} is not writable")
+        return path
     if not path.parent.is_dir():
         why = "is not a directory" if path.parent.exists() else "does not exist"
         raise UsageError(f"{name}: directory {path.parent} {why}")
@@ -97,11 +107,32 @@ def check_output_file(path: Path, option: str = "") -> Path:
     return path
 
 
+def _written_in_place(path: Path) -> bool:
+    """A symlink or a special file (/dev/null, /dev/stdout, a FIFO): an atomic rename would replace the link, the
+    device or the pipe itself with a regular file (as root, /dev/null too), so these are opened and written."""
+    return path.is_symlink() or (path.exists() and not path.is_file())
+
+
 def write_output_file(path: Path, data: bytes) -> Path:
-    """Write a file the user named (--html, --md, --junit) atomically, after check_output_file's checks."""
+    """Write a file the user named (--html, --md, --junit) after check_output_file's checks: a regular file
+    atomically, a symlink or special file in place."""
     path = check_output_file(path)
-    atomic_write_bytes(path, data)
+    if not _written_in_place(path):
+        atomic_write_bytes(path, data)
+        return path
+    try:
+        with open(path, "wb") as f:
+            f.write(data)
+    except OSError as e:  # e.g. /dev/full: name the file, which write() does not
+        raise OSError(e.errno, e.strerror, str(path)) from None
     return path
+
+
+def same_output_file(a: Path, b: Path) -> bool:
+    """Whether two output options name one file, so the second write would replace the first; a special file
+    such as /dev/null may take both."""
+    special = any(p.exists() and not p.is_file() for p in (a, b))
+    return not special and Path(a).resolve() == Path(b).resolve()
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
