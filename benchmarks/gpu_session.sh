@@ -10,6 +10,7 @@
 # engine:  benchmarks/engine.py: N target requests stock vs batch-invariant (CUDA graphs on, as users run it, and
 #          eager), and engine (bi and stock) vs HF generate()
 # enginegpu: tests/gpu/test_engine_gpu.py (graph replay == eager bitwise with bi kernels, stock split attention)
+# gputests: all of tests/gpu (the log becomes tests/gpu/LOG.txt)
 # local:   detaudit local N = 1000 with stock and batch-invariant kernels, each analysed (the must-show)
 set -u
 : "${OUT:?OUT must name the output folder}"
@@ -58,7 +59,8 @@ for step in $STEPS; do
         build_model
         r=/tmp/r-bi
         {
-            timeout 150 detaudit local --model "$MODEL" --prompt "Tell me about Richard Feynman" --device cuda --kernels batch-invariant -n 64 --max-tokens 64 \
+            timeout 150 detaudit local --model "$MODEL" --prompt "Tell me about Richard Feynman" --device cuda \
+                --kernels batch-invariant -n 64 --max-tokens 64 \
                 --scenario mixed --max-batch 32 --out $r --force
             echo "-- rescore with batch-invariant kernels"
             timeout 90 detaudit rescore $r --model "$MODEL" --device cuda --kernels batch-invariant
@@ -78,10 +80,16 @@ for step in $STEPS; do
         repo=$(pwd)
         (cd /tmp && timeout 300 python3 -m pytest -q -s -p no:cacheprovider --noconftest \
             "$repo/tests/gpu/test_engine_gpu.py") 2>&1 | tee "$OUT/engine_gpu_tests.log" ;;
+    gputests)
+        # Every GPU test (kernels and engine), 4 workers; tests/ on the path for its helper modules.
+        repo=$(pwd)
+        (cd /tmp && PYTHONPATH=$PYTHONPATH:$repo/tests timeout 330 python3 -m pytest -q -n 4 -p no:cacheprovider \
+            --noconftest -rfE "$repo/tests/gpu") 2>&1 | tee "$OUT/gpu_tests.log" ;;
     local)
         build_model
         for k in stock batch-invariant; do
-            timeout "$(( $(left) / 2 ))" detaudit local --model "$MODEL" --prompt "Tell me about Richard Feynman" --device cuda --kernels $k -n "$LOCAL_N" \
+            timeout "$(( $(left) / 2 ))" detaudit local --model "$MODEL" --prompt "Tell me about Richard Feynman" \
+                --device cuda --kernels $k -n "$LOCAL_N" \
                 --max-tokens 100 --scenario single --max-batch 128 --max-batched-tokens 2048 --top-logprobs 0 \
                 --out /tmp/local-$k --force 2>&1 | tee "$OUT/local_$k.log"
             detaudit analyze /tmp/local-$k 2>&1 | tee -a "$OUT/local_$k.log"
