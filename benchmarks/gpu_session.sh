@@ -90,7 +90,7 @@ for step in $STEPS; do
         for k in stock batch-invariant; do
             timeout "$(( $(left) / 2 ))" detaudit local --model "$MODEL" --prompt "Tell me about Richard Feynman" \
                 --device cuda --kernels $k -n "$LOCAL_N" \
-                --max-tokens 100 --scenario single --max-batch 128 --max-batched-tokens 2048 --top-logprobs 0 \
+                --max-tokens 100 --scenario single --max-batch 128 --max-batched-tokens 2048 \
                 --out /tmp/local-$k --force 2>&1 | tee "$OUT/local_$k.log"
             detaudit analyze /tmp/local-$k 2>&1 | tee -a "$OUT/local_$k.log"
         done ;;
