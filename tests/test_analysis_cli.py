@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -47,6 +48,19 @@ def test_damaged_data_pages(tmp_path, capsys):
         data[k] ^= 0x5A
     (run / "samples.parquet").write_bytes(bytes(data))
     _one_line_error(cli(capsys, "analyze", run), "corrupt or unreadable Parquet")
+
+
+def test_a_pipe_or_directory_in_place_of_a_run_file(tmp_path):
+    """A FIFO as manifest.json or samples.parquet hung the command forever (reading waits for a writer)."""
+    for name in ("manifest.json", "samples.parquet"):
+        run = make_run(tmp_path / name, ids_rows([[1, 2]] * 3))
+        (run / name).unlink()
+        os.mkfifo(run / name)
+        _one_line_error(cli_process("analyze", run, timeout=60), f"{name}: not a regular file")
+    run = make_run(tmp_path / "dir", ids_rows([[1, 2]] * 3))
+    (run / "samples.parquet").unlink()
+    (run / "samples.parquet").mkdir()
+    _one_line_error(cli_process("analyze", run, timeout=60), "samples.parquet: not a regular file")
 
 
 def test_unknown_schema_versions(tmp_path, capsys):

@@ -237,6 +237,8 @@ def load_manifest(run_dir: Path) -> RunManifest:
     path = run_dir / MANIFEST_FILE
     if not path.exists():
         raise RunDirError(f"{run_dir}: not a detaudit run directory (no {MANIFEST_FILE})")
+    if not path.is_file():  # a FIFO would block the read forever
+        raise RunDirError(f"{path}: not a regular file")
     try:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -262,6 +264,8 @@ def load_manifest(run_dir: Path) -> RunManifest:
 
 def _check_samples_file(path: Path) -> None:
     """Refuse a corrupt, foreign or newer samples file from its footer alone (no data pages are read)."""
+    if not path.is_file():  # a FIFO would block the read forever
+        raise RunDirError(f"{path}: not a regular file")
     try:
         schema = pq.read_schema(path)
     except (OSError, pa.ArrowException) as e:
