@@ -109,3 +109,12 @@ def test_the_default_arrow_pool_is_restored_even_when_analyses_overlap(tmp_path)
         results = list(pool.map(lambda _: summarize_run(path), range(8)))
     assert all(r == results[0] for r in results) and results[0]["prompts"][0]["arms"][0]["unique"] == 2
     assert pa.default_memory_pool().backend_name == before
+
+
+def test_prompts_and_arms_found_only_in_the_rows(tmp_path):
+    """Rows of a prompt and an arm the manifest does not list are analysed (a missing pair was an IndexError)."""
+    rows = ids_rows([[1, 2]] * 5) + ids_rows([[1, 3]] * 2, arm="c64", concurrency=64)
+    rows += ids_rows([[4]] * 3, prompt_id="px")
+    s = summarize_run(make_run(tmp_path, rows), Limits())
+    shape = {(p["prompt_id"], a["arm"], a["concurrency"], a["ok"]) for p in s["prompts"] for a in p["arms"]}
+    assert shape == {("p0", "c1", 1, 5), ("p0", "c64", 64, 2), ("px", "c1", 1, 3)}

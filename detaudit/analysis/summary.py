@@ -37,9 +37,9 @@ from detaudit.rundir.io import (
 from detaudit.rundir.schema import SAMPLES_FILE, SAMPLES_SCHEMA, PromptSpec, RunManifest
 
 SUMMARY_SCHEMA = "detaudit.summary/1"
-# Kept for every row, beside the one column completions are compared on (units.SOURCES) and the status.
+# Read for every row, beside the one column completions are compared on (units.SOURCES) and the status.
 META_COLUMNS = ["prompt_id", "arm", "concurrency", "system_fingerprint"]
-META_COMPACT_BATCHES = 64  # small batches' meta columns are copied into one table this often (exact-size buffers)
+_CODED = ("prompt_id", "arm", "system_fingerprint")  # kept as int32 codes per row, the few names once
 # Read only for the rows that represent a distinct completion someone will see (completions, fork branches).
 # Token ids are not among them: when compared, they are in Sequences already; else nothing shows them.
 DISPLAY_COLUMNS = ["text", "tokens", "token_bytes", "top_logprobs"]
@@ -71,11 +71,37 @@ class GroupResult:
     first_fork: int | None
 
 
-def _codes(col: pa.ChunkedArray) -> tuple[np.ndarray, list[Any]]:
-    """Dictionary codes of a column (nulls -> -1) and the dictionary as Python values."""
-    enc = pc.dictionary_encode(col).combine_chunks() if len(col) else pa.array([], pa.dictionary(pa.int32(), col.type))
-    codes = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-    return codes, enc.dictionary.to_pylist()
+class _RowMeta:
+    """Prompt, arm and system_fingerprint of every row as int32 codes (-1 = null), gathered batch by batch, with
+    their names in order of first appearance; and the concurrency column. 12 bytes a row, not the strings."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, dict[Any, int]] = {c: {} for c in _CODED}
+        self.parts: dict[str, list[np.ndarray]] = {c: [] for c in _CODED}
+        self.concurrency: list[pa.Array] = []
+        self.num_rows = 0
+
+    def add(self, batch: pa.RecordBatch) -> None:
+        for c in _CODED:
+            enc = pc.dictionary_encode(batch.column(c))
+            known = self.names[c]
+            to_global = np.array([known.setdefault(v, len(known)) for v in enc.dictionary.to_pylist()], np.int32)
+            local = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False)
+            self.parts[c].append(np.where(local >= 0, to_global[np.maximum(local, 0)] if len(to_global) else -1, -1))
+        self.concurrency.append(batch.column("concurrency"))
+        self.num_rows += batch.num_rows
+
+    def codes(self, column: str) -> tuple[np.ndarray, list[Any]]:
+        """Per row the code of its value (-1 for null), and the values in code order."""
+        parts = self.parts[column]
+        return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32), list(self.names[column])
+
+    def concurrency_at(self, row: int) -> Any:
+        for part in self.concurrency:
+            if row < len(part):
+                return part[row].as_py()
+            row -= len(part)
+        raise IndexError(row)
 
 
 def _order_uniques(seqs: Sequences, row_seq: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -400,10 +426,6 @@ class RunDirReader:
         return self._list_values[column]
 
 
-def _schema(columns: list[str]) -> pa.Schema:
-    return pa.schema([SAMPLES_SCHEMA.field(c) for c in columns])
-
-
 def _sample_rows(seqs: Sequences, uniques: np.ndarray, bounds: np.ndarray) -> np.ndarray:
     """One sample row for each of `uniques`, taken from as few read units (row groups) as possible.
 
@@ -426,32 +448,23 @@ def _sample_rows(seqs: Sequences, uniques: np.ndarray, bounds: np.ndarray) -> np
     return chosen
 
 
-def _encode(reader: SampleReader, manifest: RunManifest) -> tuple[Sequences, pa.Table, Source]:
+def _encode(reader: SampleReader, manifest: RunManifest) -> tuple[Sequences, _RowMeta, Source]:
     """One pass over the rows: distinct completions in the richest source every ok row carries, plus row meta.
 
     A source that some ok row lacks is abandoned at the first batch showing it, and the next one is tried.
     """
 
-    def attempt(source: Source) -> tuple[Sequences, pa.Table]:
-        meta: list[pa.Table] = [_schema(META_COLUMNS).empty_table()]
-        pending: list[pa.RecordBatch] = []
-
-        def compact() -> None:
-            if pending:
-                meta.append(pa.Table.from_batches(pending).combine_chunks())
-                pending.clear()
+    def attempt(source: Source) -> tuple[Sequences, _RowMeta]:
+        meta = _RowMeta()
 
         def tee(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
             for b in batches:
-                pending.append(b.select(META_COLUMNS))
-                if len(pending) >= META_COMPACT_BATCHES:
-                    compact()
+                meta.add(b)
                 yield b
-            compact()
 
         capacity = None if source == "text" else reader.list_values(source)
         seqs = encode_sequences(tee(reader.batches([*META_COLUMNS, "status", source])), source, capacity)
-        return seqs, pa.concat_tables(meta)
+        return seqs, meta
 
     for source in SOURCES[:-1]:
         try:
@@ -534,9 +547,9 @@ def _analyze(
     manifest: RunManifest, reader: SampleReader, limits: Limits
 ) -> tuple[dict[str, Any], Sequences, Decoder, dict[str, GroupResult]]:
     seqs, meta, source = _encode(reader, manifest)
-    p_codes, p_names = _codes(meta.column("prompt_id"))
-    a_codes, a_names = _codes(meta.column("arm"))
-    fp_codes, fp_names = _codes(meta.column("system_fingerprint"))
+    p_codes, p_names = meta.codes("prompt_id")
+    a_codes, a_names = meta.codes("arm")
+    fp_codes, fp_names = meta.codes("system_fingerprint")
 
     # prompts and arms in manifest order, then any found only in the rows
     known_prompts = {q.prompt_id for q in manifest.prompts}
@@ -545,9 +558,9 @@ def _analyze(
     arm_order = list(arm_conc) + [a for a in a_names if a not in arm_conc]
     p_index = {name: i for i, name in enumerate(p_names)}
     a_index = {name: i for i, name in enumerate(a_names)}
-    key = p_codes * (len(a_names) + 1) + a_codes
+    key = p_codes.astype(np.int64) * (len(a_names) + 1) + a_codes
     order = np.argsort(key, kind="stable")
-    bounds = np.searchsorted(key[order], np.arange(key.max() + 2 if len(key) else 1))
+    bounds = np.searchsorted(key[order], np.arange(len(p_names) * (len(a_names) + 1) + 1))  # every (p, a) key
 
     def rows_of(p: str, a: str) -> np.ndarray:
         if p not in p_index or a not in a_index:
@@ -567,7 +580,7 @@ def _analyze(
                 continue
             build, _, wanted = _arm(seqs, rows, fp_codes, fp_names, limits)
             needed |= wanted
-            c = arm_conc[a] if a in arm_conc else meta.column("concurrency")[int(rows[0])].as_py()
+            c = arm_conc[a] if a in arm_conc else meta.concurrency_at(int(rows[0]))
             arms.append((a, c, build))
             arm_rows.append((a, c, rows))
         all_rows = np.concatenate([r for _, _, r in arm_rows]) if arm_rows else np.zeros(0, np.int64)
