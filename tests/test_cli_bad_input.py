@@ -49,6 +49,12 @@ def test_seeds_past_torchs_range_are_refused(seed, capsys, tmp_path) -> None:
     _one_error_line(cli(capsys, "probe", "kernels", "--quick", "--seed", seed), "Invalid value for '--seed'")
 
 
+def test_tiny_model_onto_a_file(capsys, tmp_path) -> None:
+    (tmp_path / "f").write_text("x")
+    _one_error_line(cli(capsys, "tiny-model", tmp_path / "f"), "f exists and is not a directory")  # "f: Not a dir…"
+    assert (tmp_path / "f").read_text() == "x"
+
+
 def test_report_refuses_two_outputs_in_one_file(capsys, tmp_path) -> None:
     run = make_run(tmp_path / "run", {"c1": (1, [(MODAL, 3)])})
     before = tree_snapshot(tmp_path)

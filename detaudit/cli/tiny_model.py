@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from detaudit.errors import UsageError
 from detaudit.tiny import ARCHS, PRESETS, build_tiny_model
 
 
@@ -18,5 +19,7 @@ def tiny_model_command(
     seed: int = typer.Option(0, "--seed", min=0, max=2**64 - 1,  # torch.manual_seed's range: past it, a ValueError
                              help="Seed for the random weights."),  # fmt: skip
 ) -> None:
+    if out_dir.exists() and not out_dir.is_dir():  # else mkdir's bare "Not a directory", as if a parent were wrong
+        raise UsageError(f"{out_dir} exists and is not a directory")
     path = build_tiny_model(out_dir, arch, preset=preset, dtype=dtype, seed=seed)
     Console().print(f"wrote {arch} ({preset}, {dtype}) to {path}")
