@@ -82,9 +82,10 @@ def _binary_view(values: np.ndarray, offsets: np.ndarray, validity: pa.Buffer | 
     return pa.Array.from_buffers(pa.large_binary(), len(offsets) - 1, [validity, pa.py_buffer(byte_offsets), data])
 
 
-def _ok_mask(batch: pa.RecordBatch) -> np.ndarray:
-    ok = pc.equal(batch.column("status"), "ok").fill_null(False)
-    return np.asarray(ok.to_numpy(zero_copy_only=False), dtype=bool)
+def _ok_mask(batch: pa.RecordBatch) -> pa.Array:
+    """Whether each row is ok, as a boolean array without nulls."""
+    ok = pc.equal(batch.column("status"), "ok")
+    return ok.fill_null(False) if ok.null_count else ok
 
 
 def _child_slice(col: pa.Array) -> tuple[np.ndarray, pa.Array]:
@@ -124,16 +125,16 @@ class _Encoder:
                 self.vocab = pa.concat_arrays([self.vocab, fresh])
         return pc.index_in(values, value_set=self.vocab).fill_null(-1).to_numpy(zero_copy_only=False)
 
-    def _units(self, batch: pa.RecordBatch, ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _units(self, batch: pa.RecordBatch, ok: pa.Array) -> tuple[np.ndarray, np.ndarray]:
         """Offsets and native int32 units of the batch's compared column; raises SourceMissing for a gap."""
         col = batch.column(self.source)
-        if pc.any(pc.and_(pc.is_null(col), pa.array(ok))).as_py():
+        if col.null_count and pc.any(pc.and_(pc.is_null(col), ok)).as_py():
             raise SourceMissing(self.source)
         offsets, values = _child_slice(col)
         if self.source == "token_ids":
             values = values.fill_null(-1) if values.null_count else values
             return offsets, values.to_numpy(zero_copy_only=False).astype(np.int32, copy=False)
-        if self.source == "token_bytes" and values.null_count and pc.list_flatten(col.filter(pa.array(ok))).null_count:
+        if self.source == "token_bytes" and values.null_count and pc.list_flatten(col.filter(ok)).null_count:
             raise SourceMissing(self.source)
         return offsets, self._codes(values).astype(np.int32)
 
@@ -192,13 +193,13 @@ class _Encoder:
 
     def add(self, batch: pa.RecordBatch) -> None:
         ok = _ok_mask(batch)
-        validity = pa.array(ok, pa.bool_()).buffers()[1]  # a boolean array's data is a validity bitmap
         if self.source == "text":
             keys = pc.fill_null(batch.column("text"), "")
-            enc = pc.dictionary_encode(pc.if_else(pa.array(ok), keys, pa.scalar(None, pa.string())))
+            enc = pc.dictionary_encode(pc.if_else(ok, keys, pa.scalar(None, pa.string())))
             to_global = np.array([self._text(t) for t in enc.dictionary.to_pylist()], dtype=np.int64)
         else:
             offsets, ints = self._units(batch, ok)
+            validity = ok.buffers()[1]  # a boolean array without nulls: its data is a validity bitmap
             enc = pc.dictionary_encode(_binary_view(ints, offsets, validity))  # rows not ok are null: no index
             to_global = self._global(enc.dictionary)
         local = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)

@@ -40,6 +40,7 @@ SUMMARY_SCHEMA = "detaudit.summary/1"
 # Read for every row, beside the one column completions are compared on (units.SOURCES) and the status.
 META_COLUMNS = ["prompt_id", "arm", "concurrency", "system_fingerprint"]
 _CODED = ("prompt_id", "arm", "system_fingerprint")  # kept as int32 codes per row, the few names once
+META_FLUSH_BATCHES = 32
 # Read only for the rows that represent a distinct completion someone will see (completions, fork branches).
 # Token ids are not among them: when compared, they are in Sequences already; else nothing shows them.
 DISPLAY_COLUMNS = ["text", "tokens", "token_bytes", "top_logprobs"]
@@ -73,30 +74,43 @@ class GroupResult:
 
 class _RowMeta:
     """Prompt, arm and system_fingerprint of every row as int32 codes (-1 = null), gathered batch by batch, with
-    their names in order of first appearance; and the concurrency column. 12 bytes a row, not the strings."""
+    their names in order of first appearance; and the concurrency column. 12 bytes a row, not the strings.
+    Batches are coded META_FLUSH_BATCHES at a time (one Arrow call per column, not per small batch)."""
 
     def __init__(self) -> None:
         self.names: dict[str, dict[Any, int]] = {c: {} for c in _CODED}
         self.parts: dict[str, list[np.ndarray]] = {c: [] for c in _CODED}
         self.concurrency: list[pa.Array] = []
+        self.pending: list[pa.RecordBatch] = []
         self.num_rows = 0
 
     def add(self, batch: pa.RecordBatch) -> None:
+        self.pending.append(batch.select(META_COLUMNS))
+        self.num_rows += batch.num_rows
+        if len(self.pending) >= META_FLUSH_BATCHES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        table = pa.Table.from_batches(self.pending)
+        self.pending = []
         for c in _CODED:
-            enc = pc.dictionary_encode(batch.column(c))
+            enc = pc.dictionary_encode(table.column(c).combine_chunks())
             known = self.names[c]
             to_global = np.array([known.setdefault(v, len(known)) for v in enc.dictionary.to_pylist()], np.int32)
             local = enc.indices.fill_null(-1).to_numpy(zero_copy_only=False)
             self.parts[c].append(np.where(local >= 0, to_global[np.maximum(local, 0)] if len(to_global) else -1, -1))
-        self.concurrency.append(batch.column("concurrency"))
-        self.num_rows += batch.num_rows
+        self.concurrency.append(table.column("concurrency").combine_chunks())
 
     def codes(self, column: str) -> tuple[np.ndarray, list[Any]]:
         """Per row the code of its value (-1 for null), and the values in code order."""
+        self._flush()
         parts = self.parts[column]
         return np.concatenate(parts).astype(np.int32) if parts else np.zeros(0, np.int32), list(self.names[column])
 
     def concurrency_at(self, row: int) -> Any:
+        self._flush()
         for part in self.concurrency:
             if row < len(part):
                 return part[row].as_py()
