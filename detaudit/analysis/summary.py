@@ -427,7 +427,9 @@ class RunDirReader:
         return iter_samples(self.run_dir, columns, batch_rows, use_threads=False)
 
     def rows(self, rows: np.ndarray, columns: list[str]) -> pa.Table:
-        return read_sample_rows(self.run_dir, rows, columns, batch_rows=DISPLAY_BATCH_ROWS)
+        """One column at a time: the decoder then holds one column's pages, not those of all display columns."""
+        parts = [read_sample_rows(self.run_dir, rows, [c], batch_rows=DISPLAY_BATCH_ROWS).column(0) for c in columns]
+        return pa.Table.from_arrays(parts, names=columns)
 
     def units(self) -> np.ndarray:
         if self._units is None:
