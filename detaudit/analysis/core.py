@@ -214,6 +214,7 @@ class _Encoder:
 
     def finish(self) -> Sequences:
         row_seq = np.concatenate(self.row_seq) if self.row_seq else np.zeros(0, dtype=np.int64)
+        self.by_hash, self.by_text, self.row_seq = {}, {}, []  # not needed past the last batch
         if self.source == "text":
             for t in self.texts:  # code points, appended in order of first appearance (= text index)
                 cps = np.frombuffer(t.encode("utf-32-le"), dtype=np.int32)
@@ -239,7 +240,6 @@ class _Encoder:
         if len(lens):
             order = pc.sort_indices(_binary_view(values, np.append(starts, self.used))).to_numpy()
             rank[order] = np.arange(len(lens))
-        self.by_hash, self.by_text, self.row_seq = {}, {}, []
         return Sequences(self.source, row_seq, values, starts, lens, rank, rep_row, self.texts)
 
 
