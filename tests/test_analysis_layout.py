@@ -88,7 +88,7 @@ def test_display_rows_read_in_small_batches_equal_whole_row_groups(tmp_path):
 
 
 def test_list_value_count_bounds_the_elements(tmp_path):
-    """From the footer of a finished run, and counted for a run still in shards; never below the truth."""
+    """From the footers of a finished run and of a run still in shards: never below the truth, never far above."""
     seqs = [[1] * (i % 7) for i in range(3000)]
     finished = make_run(tmp_path / "done", ids_rows(seqs))
     assert sample_list_values(finished, "token_ids") >= sum(map(len, seqs))
@@ -96,7 +96,7 @@ def test_list_value_count_bounds_the_elements(tmp_path):
     going = tmp_path / "going"
     make_run(going, ids_rows(seqs[:10]))
     ShardWriter(going).write([{"sample_index": 10, "prompt_id": "p0", "arm": "c1", "status": "ok", "token_ids": [4]}])
-    assert sample_list_values(going, "token_ids") == sum(map(len, seqs[:10])) + 1
+    assert sum(map(len, seqs[:10])) + 1 <= sample_list_values(going, "token_ids") <= sum(map(len, seqs[:10])) + 12
 
 
 def test_the_default_arrow_pool_is_restored_even_when_analyses_overlap(tmp_path):

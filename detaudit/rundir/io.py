@@ -407,16 +407,18 @@ def sample_row_groups(run_dir: Path) -> np.ndarray:
 
 def sample_list_values(run_dir: Path, column: str) -> int:
     """An upper bound on the number of elements in list column `column` over all sample rows, from the Parquet
-    footer of a finalized run (its leaf level count); exact for a run with shards. Lets a reader size a buffer
+    footers alone (leaf level counts; a row that a later shard rewrites counts twice). Lets a reader size a buffer
     for them once instead of growing it."""
-    run_dir = Path(run_dir)
-    path = _streamable(run_dir)
-    if path is None:
-        values = read_samples(run_dir, [column]).column(column)
-        return sum(len(chunk.values) for chunk in values.chunks)
-    meta = pq.ParquetFile(path).metadata
-    leaves = [j for j in range(meta.num_columns) if meta.schema.column(j).path.split(".")[0] == column]
-    return sum(meta.row_group(i).column(j).num_values for i in range(meta.num_row_groups) for j in leaves)
+    total = 0
+    for path in _sample_parts(Path(run_dir)):
+        _check_samples_file(path)
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except (OSError, pa.ArrowException) as e:
+            raise _corrupt(path, e) from None
+        leaves = [j for j in range(meta.num_columns) if meta.schema.column(j).path.split(".")[0] == column]
+        total += sum(meta.row_group(i).column(j).num_values for i in range(meta.num_row_groups) for j in leaves)
+    return total
 
 
 def read_sample_rows(run_dir: Path, rows: np.ndarray, columns: list[str], batch_rows: int | None = None) -> pa.Table:
