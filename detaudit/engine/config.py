@@ -36,10 +36,13 @@ class ModelSpec:
 
 
 def resolve_model(model: str) -> Path:
-    """A local directory as is; a hub id ("org/name") through the hub cache/download. Unknown paths are exit 2."""
+    """A local directory (made absolute, so a run's manifest names it from any working directory); a hub id
+    ("org/name") through the hub cache/download. Unknown paths are exit 2."""
+    if not model.strip():
+        raise UsageError("--model is empty: give a model directory or a hub id")
     path = Path(model).expanduser()
     if path.is_dir():
-        return path
+        return path.resolve()
     looks_like_id = model.count("/") == 1 and not model.startswith((".", "/", "~")) and not path.exists()
     if not looks_like_id:
         raise UsageError(f"model directory {model} {'is not a directory' if path.exists() else 'does not exist'}")

@@ -1,0 +1,21 @@
+"""resolve_model: what a run's manifest records as the model must identify it from any working directory."""
+
+from __future__ import annotations
+
+import pytest
+
+from detaudit.engine.config import resolve_model
+from detaudit.errors import UsageError
+
+
+def test_relative_model_dir_is_recorded_absolute(tmp_path, monkeypatch) -> None:
+    (tmp_path / "m").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("m") == (tmp_path / "m").resolve()
+    assert resolve_model("./m/").is_absolute()
+
+
+@pytest.mark.parametrize("model", ["", "  "])
+def test_empty_model_is_a_usage_error(model: str) -> None:
+    with pytest.raises(UsageError, match="--model is empty"):
+        resolve_model(model)
