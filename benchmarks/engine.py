@@ -4,10 +4,13 @@ short still leaves its finished figures). Uses `detaudit local`'s workload and l
 but writes no run directory, so it needs only torch, triton and transformers on the GPU machine.
 
     python benchmarks/engine.py --out OUT_DIR [--preset qwen3-1.7b] [--device cuda] [-n 1000] [--max-tokens 100] \
-        [--phases batch-invariant,stock,batch-invariant-eager,stock-eager,hf]
+        [--phases batch-invariant,stock,batch-invariant-eager,stock-eager,offline-batch-invariant,offline-stock,hf]
 
-Phases `batch-invariant` and `stock` run the engine as users get it (decode steps replayed from CUDA graphs on a
-GPU); `<kernels>-eager` runs every step eagerly. The JSON gets `bi_over_stock_wall` (and `_eager`) ratios.
+Phases `batch-invariant` and `stock` run the engine as users get it (CUDA graphs on a GPU) under `detaudit local`'s
+server-like load; `<kernels>-eager` runs every step eagerly. `offline-<kernels>` times what vLLM's and SGLang's
+anchors time (`llm.generate` of 1000 prompts): N copies of the prompt submitted at once to Engine.generate, seats
+refilled as sequences finish, --max-tokens each. The JSON gets `bi_over_stock_wall` (and `_eager`, `_offline`,
+`_offline_eager`) ratios.
 
 No weights can be downloaded on the benchmark machines: the model is a random-weight one of the preset's shapes,
 built here with detaudit.tiny (detaudit tiny-model).
@@ -80,6 +83,27 @@ def local_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
             "engine": eng.info()}  # fmt: skip
 
 
+def offline_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
+    """N prompts submitted at once through Engine.generate (as `llm.generate` of the anchors), after a warm-up
+    generate of one full batch: wall time, tokens/s and unique completions."""
+    eng, start_s = _engine(model, name.removeprefix("offline-"), args, max_batch=args.max_batch,
+                           max_batched_tokens=args.max_batched_tokens, max_model_len=1024)  # fmt: skip
+    prompt = eng.encode_chat([{"role": "user", "content": PROMPT}])
+    eng.generate([prompt] * args.max_batch, SamplingParams(max_tokens=2, ignore_eos=True))
+    _sync(args.device)
+    steps0, replays0 = eng.steps, eng.graph_replays
+    t0 = time.perf_counter()
+    seqs = eng.generate([prompt] * args.n, SamplingParams(max_tokens=args.max_tokens, ignore_eos=True))
+    _sync(args.device)
+    wall = time.perf_counter() - t0
+    tokens = sum(len(s.output_ids) for s in seqs)
+    counts = sorted(Counter(tuple(s.output_ids) for s in seqs).values(), reverse=True)
+    return {"n": len(seqs), "steps": eng.steps - steps0, "graph_steps": eng.graph_replays - replays0,
+            "generated_tokens": tokens, "wall_s": round(wall, 3), "tok_per_s": round(tokens / wall, 1),
+            "unique": len(counts), "counts": counts[:10], "engine_start_s": start_s,
+            "engine": eng.info()}  # fmt: skip
+
+
 def hf_phase(model: Path, args: argparse.Namespace) -> dict:
     """tokens/s of HF generate() vs the engine on the same prompts, batch and length; one engine per name in
     --hf-engine-kernels (the first one gives the top-level figures)."""
@@ -142,7 +166,7 @@ def main() -> None:
                     help="comma list of engines to time against HF: kernels, -eager for no CUDA graphs")
     ap.add_argument("--phases", default="batch-invariant,stock,hf",
                     help="comma list: batch-invariant, stock (CUDA graphs on, as users run them), the same with "
-                         "-eager (graphs off), hf")
+                         "-eager (graphs off), offline-<kernels>[-eager] (N prompts at once), hf")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     result: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
@@ -165,14 +189,21 @@ def main() -> None:
     save()
     for phase in args.phases.split(","):
         try:
-            result[phase] = hf_phase(model, args) if phase == "hf" else local_phase(model, phase, args)
+            if phase == "hf":
+                result[phase] = hf_phase(model, args)
+            elif phase.startswith("offline-"):
+                result[phase] = offline_phase(model, phase, args)
+            else:
+                result[phase] = local_phase(model, phase, args)
         except Exception:
             result[phase] = {"error": traceback.format_exc(limit=6)}
         _release(args.device)
-        for suffix in ("", "-eager"):  # with CUDA graphs (what users get) and, when measured, without
-            bi, stock = result.get("batch-invariant" + suffix, {}), result.get("stock" + suffix, {})
+        # With CUDA graphs (what users get) and, when measured, without; under load and offline.
+        for prefix, suffix in (("", ""), ("", "-eager"), ("offline-", ""), ("offline-", "-eager")):
+            bi, stock = result.get(f"{prefix}batch-invariant{suffix}", {}), result.get(f"{prefix}stock{suffix}", {})
             if "wall_s" in bi and "wall_s" in stock:
-                result["bi_over_stock_wall" + suffix.replace("-", "_")] = round(bi["wall_s"] / stock["wall_s"], 3)
+                key = "bi_over_stock_wall" + ("_offline" if prefix else "") + ("_eager" if suffix else "")
+                result[key] = round(bi["wall_s"] / stock["wall_s"], 3)
         save()  # after every phase: a run cut short keeps its finished figures and ratios
 
 

@@ -7,8 +7,8 @@
 #
 # probe:   detaudit probe kernels on cuda in bf16 and fp32 (stock torch vs ours, every op)
 # rescore: detaudit local (batch-invariant) on a Qwen3-1.7B-shaped random model, rescored with bi and stock kernels
-# engine:  benchmarks/engine.py: N target requests stock vs batch-invariant (CUDA graphs on, as users run it, and
-#          eager), and engine (bi and stock) vs HF generate()
+# engine:  benchmarks/engine.py: N target requests stock vs batch-invariant under `single` load (CUDA graphs on, as
+#          users run it, and eager), N prompts at once (offline, as the vLLM/SGLang anchors), engine vs HF generate()
 # enginegpu: tests/gpu/test_engine_gpu.py (graph replay == eager bitwise with bi kernels, stock split attention)
 # gputests: all of tests/gpu (the log becomes tests/gpu/LOG.txt)
 # local:   detaudit local N = 1000 with stock and batch-invariant kernels, each analysed (the issue's must-show)
@@ -17,7 +17,7 @@ set -u
 STEPS=${STEPS:-"probe rescore engine"}
 ENGINE_ARGS=${ENGINE_ARGS:-"-n 1000 --max-tokens 100 --scenario single --max-batch 128 --max-batched-tokens 2048 \
 --hf-batch 64 --hf-tokens 128 --hf-engine-kernels batch-invariant,stock \
---phases batch-invariant,stock,hf,batch-invariant-eager,stock-eager"}
+--phases batch-invariant,stock,offline-batch-invariant,offline-stock,hf,batch-invariant-eager,stock-eager"}
 LOCAL_N=${LOCAL_N:-1000}
 PRESET=${PRESET:-qwen3-1.7b}
 export PYTHONUNBUFFERED=1
