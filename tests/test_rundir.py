@@ -85,6 +85,17 @@ def test_existing_out_needs_resume_or_force(tmp_path):
     assert (tmp_path / "keep.txt").read_text() == "x"
 
 
+def test_out_inside_another_run_is_refused(tmp_path):
+    """RUN/sub would be deleted by `--force` on RUN and mixed into RUN's files; nothing is created."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "manifest.json").write_text('{"schema": "detaudit.run/1"}')
+    for out in (tmp_path / "run" / "sub", tmp_path / "run" / "a" / "b"):
+        with pytest.raises(UsageError, match="inside the run directory"):
+            prepare_out_dir(out, resume=False, force=True)
+        assert not out.exists()
+    prepare_out_dir(tmp_path / "next-to-it", resume=False, force=False)  # a sibling is fine
+
+
 def test_force_never_clears_a_directory_with_someone_elses_manifest(tmp_path):
     """A browser extension or web app has a manifest.json too; only a detaudit manifest lets --force delete."""
     (tmp_path / "manifest.json").write_text('{"manifest_version": 3}')

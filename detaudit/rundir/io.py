@@ -171,6 +171,10 @@ def prepare_out_dir(out: Path, *, resume: bool, force: bool) -> None:
         return
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
+    # A run nested in another would be folded into, or deleted with, its parent (and `analyze` lists neither).
+    parent = next((p for p in out.absolute().parents if _is_run_dir(p)), None)
+    if parent is not None:
+        raise UsageError(f"--out {out} is inside the run directory {parent}; choose a path outside it")
     if out.is_dir() and any(out.iterdir()):
         if not force:
             raise UsageError(f"--out {out} already exists; pass --resume to finish it or --force to replace it")
