@@ -52,8 +52,9 @@ def test_damaged_data_pages(tmp_path, capsys):
 
 def test_a_pipe_or_directory_in_place_of_a_run_file(tmp_path):
     """A FIFO as manifest.json or samples.parquet hung the command forever (reading waits for a writer)."""
-    for name in ("manifest.json", "samples.parquet"):
+    for name in ("manifest.json", "samples.parquet", "rescore.parquet"):
         run = make_run(tmp_path / name, ids_rows([[1, 2]] * 3))
+        (run / name).touch()
         (run / name).unlink()
         os.mkfifo(run / name)
         _one_line_error(cli_process("analyze", run, timeout=60), f"{name}: not a regular file")

@@ -501,6 +501,8 @@ def read_rescore(run_dir: Path) -> pa.Table | None:
     path = Path(run_dir) / RESCORE_FILE
     if not path.exists():
         return None
+    if not path.is_file():  # a FIFO would block the read forever
+        raise RunDirError(f"{path}: not a regular file")
     try:
         table = pq.read_table(path)
         meta = table.schema.metadata
