@@ -91,7 +91,7 @@ def offline_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
     prompt = eng.encode_chat([{"role": "user", "content": PROMPT}])
     eng.generate([prompt] * args.max_batch, SamplingParams(max_tokens=2, ignore_eos=True))
     _sync(args.device)
-    steps0, replays0 = eng.steps, eng.graph_replays
+    steps0, replays0, prefill0 = eng.steps, eng.graph_replays, eng.prefill_graph_replays
     t0 = time.perf_counter()
     seqs = eng.generate([prompt] * args.n, SamplingParams(max_tokens=args.max_tokens, ignore_eos=True))
     _sync(args.device)
@@ -99,6 +99,7 @@ def offline_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
     tokens = sum(len(s.output_ids) for s in seqs)
     counts = sorted(Counter(tuple(s.output_ids) for s in seqs).values(), reverse=True)
     return {"n": len(seqs), "steps": eng.steps - steps0, "graph_steps": eng.graph_replays - replays0,
+            "prefill_graph_steps": eng.prefill_graph_replays - prefill0,
             "generated_tokens": tokens, "wall_s": round(wall, 3), "tok_per_s": round(tokens / wall, 1),
             "unique": len(counts), "counts": counts[:10], "engine_start_s": start_s,
             "engine": eng.info()}  # fmt: skip

@@ -17,7 +17,7 @@ set -u
 STEPS=${STEPS:-"probe rescore engine"}
 ENGINE_ARGS=${ENGINE_ARGS:-"-n 1000 --max-tokens 100 --scenario single --max-batch 128 --max-batched-tokens 2048 \
 --hf-batch 64 --hf-tokens 128 --hf-engine-kernels batch-invariant,stock \
---phases batch-invariant,stock,offline-batch-invariant,offline-stock,hf,batch-invariant-eager,stock-eager"}
+--phases batch-invariant,stock,offline-batch-invariant,offline-stock,batch-invariant-eager,stock-eager,hf"}
 LOCAL_N=${LOCAL_N:-1000}
 PRESET=${PRESET:-qwen3-1.7b}
 export PYTHONUNBUFFERED=1

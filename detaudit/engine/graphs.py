@@ -63,6 +63,7 @@ class DecodeGraphs:
         head = runner.model.lm_head.weight
         self.logits = torch.empty(n, head.shape[0], dtype=head.dtype, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool: tuple | None = None  # the graphs' memory pool, which the piecewise prefill graphs share
         self.replays = 0
         if capture:
             try:
@@ -132,3 +133,4 @@ class DecodeGraphs:
                 pool = graph.pool() if pool is None else pool
                 self.graphs[bs] = graph
         torch.cuda.synchronize(dev)
+        self.pool = pool

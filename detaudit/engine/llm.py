@@ -70,6 +70,7 @@ class Engine:
             block_size=cfg.block_size,
             max_blocks_per_seq=blocks_per_seq,
             max_batch=cfg.max_batch,
+            max_batched_tokens=cfg.max_batched_tokens,
             cuda_graphs=cfg.cuda_graphs,
         )
         self.scheduler = Scheduler(
@@ -154,8 +155,14 @@ class Engine:
 
     @property
     def graph_replays(self) -> int:
-        """Decode steps replayed from a CUDA graph so far (0 when the engine runs eagerly)."""
-        graphs = self.runner.decode_graphs
+        """Steps replayed from CUDA graphs so far, decode-only and piecewise prefill (0 when the engine runs
+        eagerly)."""
+        return sum(g.replays for g in (self.runner.decode_graphs, self.runner.prefill_graphs) if g is not None)
+
+    @property
+    def prefill_graph_replays(self) -> int:
+        """Of graph_replays, the steps with prefill (piecewise graphs with eager attention)."""
+        graphs = self.runner.prefill_graphs
         return graphs.replays if graphs is not None else 0
 
     def info(self) -> dict[str, Any]:
@@ -188,6 +195,8 @@ class Engine:
             "block_size": self.cfg.block_size,
             "cuda_graphs": self.runner.decode_graphs is not None,
             "cuda_graph_sizes": self.runner.decode_graphs.buckets if self.runner.decode_graphs is not None else [],
+            "cuda_graph_token_sizes": (self.runner.prefill_graphs.buckets if self.runner.prefill_graphs is not None
+                                       else []),
         }
 
 

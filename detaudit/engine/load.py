@@ -77,7 +77,7 @@ def drive(
     started: dict[int, tuple[Arrival, datetime, float]] = {}
     step = generated = 0
     shapes: list[tuple[int, int]] = []
-    replays0 = engine.graph_replays
+    replays0, prefill0 = engine.graph_replays, engine.prefill_graph_replays
     t_start = time.perf_counter()
     while pending or engine.scheduler.has_work():
         while pending and pending[0].step <= step:
@@ -108,5 +108,6 @@ def drive(
         "distinct_batch_shapes": len(set(shapes)),
         "generated_tokens": generated,
         "graph_steps": engine.graph_replays - replays0,
+        "prefill_graph_steps": engine.prefill_graph_replays - prefill0,
         "wall_s": round(time.perf_counter() - t_start, 3),
     }

@@ -106,6 +106,13 @@ class Attention(nn.Module):
         self.scale = d**-0.5
 
     def forward(self, x, rope, inp: StepInputs, k_cache, v_cache, attn_fn) -> torch.Tensor:
+        q = self.project(x, rope, inp.slot_mapping, k_cache, v_cache)
+        o = attn_fn(q, k_cache, v_cache, inp.block_tables, inp.cu_seqlens_q, inp.context_lens, self.scale)
+        return self.o_proj(o.reshape(x.shape[0], -1))
+
+    def project(self, x, rope, slot_mapping: torch.Tensor, k_cache, v_cache) -> torch.Tensor:
+        """Everything before attention: q [T, Hq, D] returned, this step's K/V written into the cache at
+        `slot_mapping` (the piecewise CUDA graphs of detaudit.engine.piecewise capture this part alone)."""
         t, d = x.shape[0], self.spec.head_dim
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = q.view(t, self.spec.num_heads, d)
@@ -116,10 +123,9 @@ class Attention(nn.Module):
         q, k = apply_rope(q, k, rope)
         # Write this step's keys/values first, then attend over the cache: prefill and decode read the same layout.
         # index_copy_ never reads the indices on the host, so the write can sit inside a CUDA graph.
-        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, inp.slot_mapping, k)
-        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, inp.slot_mapping, v)
-        o = attn_fn(q, k_cache, v_cache, inp.block_tables, inp.cu_seqlens_q, inp.context_lens, self.scale)
-        return self.o_proj(o.reshape(t, -1))
+        k_cache.view(-1, *k_cache.shape[2:]).index_copy_(0, slot_mapping, k)
+        v_cache.view(-1, *v_cache.shape[2:]).index_copy_(0, slot_mapping, v)
+        return q
 
 
 class MLP(nn.Module):
@@ -143,6 +149,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, rope, inp, k_cache, v_cache, attn_fn) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, inp, k_cache, v_cache, attn_fn)
+        return self.mlp_residual(x)
+
+    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The layer's second half (post-attention norm, MLP, residual add)."""
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

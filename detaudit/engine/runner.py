@@ -11,6 +11,7 @@ import torch
 from detaudit.engine.config import ModelSpec
 from detaudit.engine.graphs import DecodeGraphs, is_decode_only
 from detaudit.engine.model import StepInputs, load_model
+from detaudit.engine.piecewise import PiecewiseGraphs
 from detaudit.engine.sampler import sample
 from detaudit.engine.scheduler import ScheduledBatch
 from detaudit.errors import UsageError
@@ -38,6 +39,7 @@ class ModelRunner:
         block_size: int,
         max_blocks_per_seq: int,
         max_batch: int,
+        max_batched_tokens: int,
         cuda_graphs: bool,
     ) -> None:
         from detaudit.kernels.attention import paged_attention
@@ -63,13 +65,19 @@ class ModelRunner:
                 "lower --max-batch or --max-model-len"
             ) from None
         self.attn_fn = partial(paged_attention, batch_invariant=kernels == "batch-invariant")
-        # Decode-only steps replay CUDA graphs (detaudit.engine.graphs); None runs every step eagerly, unpadded.
+        # Decode-only steps replay whole-step CUDA graphs (detaudit.engine.graphs), steps with prefill piecewise ones
+        # (detaudit.engine.piecewise), in one shared graph pool; None runs those steps eagerly, unpadded.
         self.decode_graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PiecewiseGraphs | None = None
         if cuda_graphs and self.device.type == "cuda":
             self.decode_graphs = DecodeGraphs(self, max_batch, capture=True)
+            self.prefill_graphs = PiecewiseGraphs(self, max_batched_tokens, capture=True,
+                                                  pool=self.decode_graphs.pool)  # fmt: skip
 
-    def _inputs(self, batch: ScheduledBatch) -> tuple[torch.Tensor, StepInputs, list[int], list[tuple]]:
-        """Packed inputs, the token rows whose logits are needed, and per sequence (seq, first logit row, count)."""
+    def _host_inputs(self, batch: ScheduledBatch) -> tuple[list[int], list[int], list[int], tuple, list[int],
+                                                            list[tuple]]:
+        """Token ids, positions and cache slots (host lists), attention's block tables, cu_seqlens_q and context
+        lengths (device), the token rows whose logits are needed, and per sequence (seq, first logit row, count)."""
         ids, positions, slots, cu, ctx, tables, rows, spans = [], [], [], [0], [], [], [], []
         bs = self.block_size
         for seq, n in zip(batch.seqs, batch.num_new, strict=True):
@@ -90,18 +98,11 @@ class ModelRunner:
             cu.append(cu[-1] + n)
             ctx.append(start + n)
             tables.append(seq.block_table + [0] * (self.max_blocks_per_seq - len(seq.block_table)))
+        attn = (self._t(tables, torch.int32), self._t(cu, torch.int32), self._t(ctx, torch.int32))
+        return ids, positions, slots, attn, rows, spans
 
-        def t(x: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
-
-        inp = StepInputs(
-            positions=t(positions, torch.int64),
-            slot_mapping=t(slots, torch.int64),
-            block_tables=t(tables, torch.int32),
-            cu_seqlens_q=t(cu, torch.int32),
-            context_lens=t(ctx, torch.int32),
-        )
-        return t(ids, torch.int64), inp, rows, spans
+    def _t(self, x: list, dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
 
     @torch.inference_mode()
     def step(self, batch: ScheduledBatch, eos_ids: set[int]) -> None:
@@ -112,9 +113,13 @@ class ModelRunner:
                 logits = self.decode_graphs.run(batch)  # row i: sequence i's next token
                 spans = [(s, i, 1) for i, s in enumerate(batch.seqs)]
             else:
-                input_ids, inp, rows, spans = self._inputs(batch)
+                ids, positions, slots, attn, rows, spans = self._host_inputs(batch)
                 rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
-                logits = self.model(input_ids, inp, self.kv_caches, self.attn_fn, rows_t)
+                if self.prefill_graphs is not None and self.prefill_graphs.fits(len(ids)):
+                    logits = self.prefill_graphs.run(ids, positions, slots, attn, rows_t)
+                else:
+                    inp = StepInputs(self._t(positions, torch.int64), self._t(slots, torch.int64), *attn)
+                    logits = self.model(self._t(ids, torch.int64), inp, self.kv_caches, self.attn_fn, rows_t)
             gen = [(s, o) for s, o, k in spans if not s.score_only and k]
             if gen:
                 picked = logits if decode else logits[torch.tensor([o for _, o in gen], device=self.device)]

@@ -1,0 +1,132 @@
+"""The padded piecewise path that prefill CUDA graphs replay, run eagerly on CPU: with bundled kernels it gives the
+same bits as the unpadded engine (generation with chunked prefill and mixed steps, and teacher-forced scoring);
+buckets; and the captured pieces read nothing back from the device."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from detaudit.engine.graphs import DecodeGraphs
+from detaudit.engine.llm import Engine, EngineConfig
+from detaudit.engine.piecewise import PiecewiseGraphs, token_buckets
+from detaudit.engine.sequence import SamplingParams, Sequence
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TEXTS = ["def fibonacci(n):", "import os", "Tell me about Richard Feynman", "x = 1", "class Vector:", "the river"]
+
+
+def _engine(model, kernels: str, *, piecewise: bool) -> Engine:
+    """max_batched_tokens 40: prompts (about 15-20 tokens with the chat template) are chunked and share steps
+    with decodes, so step sizes vary and pad to buckets 16, 24, 32 and 40."""
+    eng = Engine(EngineConfig(str(model), device="cpu", dtype="bfloat16", kernels=kernels, max_batch=6,
+                              max_model_len=128, max_batched_tokens=40))  # fmt: skip
+    assert eng.runner.prefill_graphs is None  # CPU: eager and unpadded by default
+    if piecewise:
+        eng.runner.prefill_graphs = PiecewiseGraphs(eng.runner, eng.cfg.max_batched_tokens, capture=False)
+        eng.runner.decode_graphs = DecodeGraphs(eng.runner, eng.cfg.max_batch, capture=False)
+    return eng
+
+
+def _staggered(eng: Engine) -> tuple[list[Sequence], list[int]]:
+    """One arrival a step; returns the sequences and the real token counts of the steps run piecewise."""
+    sizes: list[int] = []
+    graphs = eng.runner.prefill_graphs
+    if graphs is not None:
+        run = graphs.run
+
+        def counting(ids, *args):  # noqa: ANN001, ANN002, ANN202 - same as PiecewiseGraphs.run
+            sizes.append(len(ids))
+            return run(ids, *args)
+
+        graphs.run = counting  # type: ignore[method-assign]
+    seqs = []
+    for i, text in enumerate(TEXTS):
+        params = SamplingParams(max_tokens=6 + 2 * i, ignore_eos=True, top_logprobs=2)
+        seqs.append(eng.add(Sequence(eng.encode_chat([{"role": "user", "content": text}]), params)))
+        eng.step()
+    while eng.scheduler.has_work():
+        eng.step()
+    return seqs, sizes
+
+
+def test_padded_piecewise_path_gives_the_same_bits_with_bundled_kernels(tiny_model_dir):
+    """Piecewise pieces over padded rows + attention on the real rows, run eagerly: logprobs, tokens and top-k
+    bitwise those of the unpadded engine, and every block the block manager owns holds the same K/V bits."""
+    plain = _engine(tiny_model_dir, "batch-invariant", piecewise=False)
+    ref, no_sizes = _staggered(plain)
+    padded = _engine(tiny_model_dir, "batch-invariant", piecewise=True)
+    got, sizes = _staggered(padded)
+    assert not no_sizes and len(sizes) >= 4
+    buckets = padded.runner.prefill_graphs.buckets
+    assert buckets == [16, 24, 32, 40]
+    assert any(s not in buckets for s in sizes) and any(s > 16 for s in sizes)  # padding rows were there
+    for a, b in zip(ref, got, strict=True):
+        assert a.output_ids == b.output_ids
+        assert a.logprobs == b.logprobs  # bitwise
+        assert a.top_ids == b.top_ids and a.top_logprobs == b.top_logprobs
+    assert padded.graph_replays == 0 and padded.prefill_graph_replays == 0  # CPU: nothing captured, ran eagerly
+    n = plain.scheduler.blocks.num_blocks
+    for (k0, v0), (k1, v1) in zip(plain.runner.kv_caches, padded.runner.kv_caches, strict=True):
+        assert torch.equal(k0[:n], k1[:n]) and torch.equal(v0[:n], v1[:n])
+        assert not torch.equal(k0[n], k1[n])  # the padding rows wrote the dummy block
+
+
+def test_piecewise_scoring_gives_the_same_bits_with_bundled_kernels(tiny_model_dir):
+    """Teacher-forced scoring (rescore) through the padded piecewise path: every logprob bitwise the same."""
+    plain = _engine(tiny_model_dir, "batch-invariant", piecewise=False)
+    padded = _engine(tiny_model_dir, "batch-invariant", piecewise=True)
+    pairs = [(plain.encode_chat([{"role": "user", "content": t}]), [5, 9, 14, 3][: 1 + i % 4])
+             for i, t in enumerate(TEXTS[:3])]  # fmt: skip
+    ref, got = plain.score(pairs), padded.score(pairs)
+    assert all(len(r) == len(c) for r, (_, c) in zip(ref, pairs, strict=True))
+    assert ref == got
+
+
+def test_padded_piecewise_path_runs_with_stock_kernels(tiny_model_dir):
+    """Stock kernels take the padded path too; on this CPU at these shapes the greedy tokens stay the model's."""
+    seqs, sizes = _staggered(_engine(tiny_model_dir, "stock", piecewise=True))
+    assert sizes and all(len(s.output_ids) == s.params.max_tokens for s in seqs)
+    ref, _ = _staggered(_engine(tiny_model_dir, "stock", piecewise=False))
+    assert [s.output_ids for s in seqs] == [s.output_ids for s in ref]
+
+
+def test_token_buckets():
+    assert token_buckets(16) == [16]
+    assert token_buckets(40) == [16, 24, 32, 40]
+    assert token_buckets(2048) == [16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048]
+    assert token_buckets(300) == [16, 24, 32, 48, 64, 96, 128, 192, 256, 300]
+    assert token_buckets(8) == [8]
+
+
+@pytest.mark.parametrize("kernels", ["stock", "batch-invariant"])
+def test_the_captured_pieces_read_nothing_back_from_the_device(tiny_model_dir, kernels):
+    """Every piece a prefill graph records (embedding, RoPE, norms, projections, KV write, MLP) asks the device
+    for no value on the host, so capture cannot fail on a sync; attention, between pieces, is not captured."""
+    from detaudit.engine.runner import kernel_context
+
+    eng = _engine(tiny_model_dir, kernels, piecewise=True)
+    graphs = eng.runner.prefill_graphs
+    with torch.inference_mode(), kernel_context(kernels), _host_reads() as reads:
+        for i in range(len(graphs.layers) + 1):
+            graphs._piece(i, 32)
+    assert reads.seen == []
+
+
+def _host_reads():  # noqa: ANN202 - a TorchDispatchMode recording host-reading ops
+    from test_engine_graphs import _HOST_READS
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Reads(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+            if func.name() in _HOST_READS or (func.name() == "aten::index.Tensor"
+                                              and any(i is not None and i.dtype == torch.bool for i in args[1])):
+                self.seen.append(func.name())
+            return func(*args, **(kwargs or {}))
+
+    return Reads()
