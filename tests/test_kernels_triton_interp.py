@@ -11,32 +11,22 @@ from __future__ import annotations
 
 import importlib
 import math
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
+from interp import inner, run_file_under_interpreter  # noqa: E402 - tests/interp.py, after the skip
 
 _MODULES = ("triton_matmul", "triton_rowwise", "triton_attention")
 
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-inner = pytest.mark.skipif(not INTERPRETED, reason="runs inside test_under_interpreter's subprocess")
 
 
 def test_under_interpreter() -> None:
     """Run this file's kernel tests in a fresh interpreter with TRITON_INTERPRET=1 set from the start."""
-    if INTERPRETED:
-        pytest.skip("already inside the interpreter run")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest", __file__],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert "6 passed" in proc.stdout, proc.stdout[-2000:]
+    run_file_under_interpreter(__file__, passed=6)
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,11 @@ kernels), as tests/test_kernels_triton_interp.py does.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from detaudit.kernels.attention import _stock, num_splits, stock_split
+from interp import INTERPRETED, inner, run_file_under_interpreter
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-inner = pytest.mark.skipif(not INTERPRETED, reason="runs inside test_under_interpreter's subprocess")
 H100_SMS = 132
 
 
@@ -43,13 +38,7 @@ def test_stock_split_depends_on_the_batch_and_covers_the_context():
 
 
 def test_under_interpreter():
-    if INTERPRETED:
-        pytest.skip("already inside the interpreter run")
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest", __file__],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-2000:]
-    assert "1 passed" in proc.stdout, proc.stdout[-2000:]
+    run_file_under_interpreter(__file__, passed=1)
 
 
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
