@@ -92,6 +92,11 @@ def test_padded_piecewise_path_runs_with_stock_kernels(tiny_model_dir):
     assert [s.output_ids for s in seqs] == [s.output_ids for s in ref]
 
 
+def test_no_graphs_off_cuda(tiny_model_dir):
+    info = _engine(tiny_model_dir, "stock", piecewise=False).info()
+    assert info["cuda_graph_token_sizes"] == [] and info["cuda_graph_stats"] is None
+
+
 def test_token_buckets():
     assert token_buckets(16) == [16]
     assert token_buckets(40) == [16, 24, 32, 40]

@@ -32,8 +32,9 @@ def local_command(
     max_model_len: int = typer.Option(1024, "--max-model-len", help="Longest prompt + completion the KV cache holds."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: str = typer.Option("bfloat16", "--dtype", help=f"{', '.join(DTYPES)}."),
-    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="Replay decode-only steps from "
-                                     "CUDA graphs (CUDA only; --no-cuda-graphs runs every step eagerly)."),
+    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="Replay steps from CUDA graphs "
+                                     "(decode-only whole, prefill piecewise; CUDA only; --no-cuda-graphs runs every "
+                                     "step eagerly)."),
     seed: int = typer.Option(0, "--seed", help="Seeds the filler requests and their arrivals."),
     top_logprobs: int = typer.Option(5, "--top-logprobs", help="Top-k alternatives recorded per token (0-20)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Run directory to create (default: a new one in "

@@ -17,8 +17,9 @@ def serve_command(
     port: int = typer.Option(8000, "--port", help="TCP port."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: str = typer.Option("bfloat16", "--dtype", help=f"{', '.join(DTYPES)}."),
-    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="Replay decode-only steps from "
-                                     "CUDA graphs (CUDA only; --no-cuda-graphs runs every step eagerly)."),
+    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="Replay steps from CUDA graphs "
+                                     "(decode-only whole, prefill piecewise; CUDA only; --no-cuda-graphs runs every "
+                                     "step eagerly)."),
     max_batch: int = typer.Option(32, "--max-batch", help="Sequences per engine step."),
     max_batched_tokens: int = typer.Option(512, "--max-batched-tokens", help="Token budget per step (chunks prompts)."),
     max_model_len: int = typer.Option(2048, "--max-model-len", help="Longest prompt + completion the KV cache holds."),

@@ -197,6 +197,7 @@ class Engine:
             "cuda_graph_sizes": self.runner.decode_graphs.buckets if self.runner.decode_graphs is not None else [],
             "cuda_graph_token_sizes": (self.runner.prefill_graphs.buckets if self.runner.prefill_graphs is not None
                                        else []),
+            "cuda_graph_stats": self.runner.graph_stats,  # capture seconds, decode and prefill graphs
         }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import time
 from functools import partial
 from typing import Any
 
@@ -69,10 +70,15 @@ class ModelRunner:
         # (detaudit.engine.piecewise), in one shared graph pool; None runs those steps eagerly, unpadded.
         self.decode_graphs: DecodeGraphs | None = None
         self.prefill_graphs: PiecewiseGraphs | None = None
+        self.graph_stats: dict[str, float] | None = None  # capture seconds (start-up cost), for the manifest
         if cuda_graphs and self.device.type == "cuda":
+            t0 = time.perf_counter()
             self.decode_graphs = DecodeGraphs(self, max_batch, capture=True)
+            t1 = time.perf_counter()
             self.prefill_graphs = PiecewiseGraphs(self, max_batched_tokens, capture=True,
                                                   pool=self.decode_graphs.pool)  # fmt: skip
+            self.graph_stats = {"decode_capture_s": round(t1 - t0, 2),
+                                "prefill_capture_s": round(time.perf_counter() - t1, 2)}
 
     def _host_inputs(self, batch: ScheduledBatch) -> tuple[list[int], list[int], list[int], tuple, list[int],
                                                             list[tuple]]:

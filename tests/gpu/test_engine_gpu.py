@@ -52,6 +52,9 @@ def test_graph_replay_gives_the_eager_bits_with_bundled_kernels(model_dir: Path)
     graphs, eager = _engine(model_dir, "batch-invariant", True), _engine(model_dir, "batch-invariant", False)
     assert graphs.info()["cuda_graphs"] and graphs.info()["cuda_graph_sizes"] == [1, 2, 4, 8]
     assert graphs.info()["cuda_graph_token_sizes"] == [16, 24, 32, 48, 64, 96, 128, 192, 256]
+    stats = graphs.info()["cuda_graph_stats"]
+    print(f"capture: {stats}")
+    assert stats["decode_capture_s"] > 0 and stats["prefill_capture_s"] > 0
     assert not eager.info()["cuda_graphs"]
     a, b = _staggered(graphs), _staggered(eager)
     print(f"graph replays {graphs.graph_replays} ({graphs.prefill_graph_replays} with prefill, piecewise) of "
