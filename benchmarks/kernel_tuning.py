@@ -74,7 +74,7 @@ def tune_matmul(tm: Any, res: dict[str, Any], out: Path) -> None:
             if _late():
                 break
             x = x_all[:m]
-            base = tm.select_config(m, torch.bfloat16, x.device, n)
+            base = tm.select_config(m, torch.bfloat16, x.device, n, k)
             ref = tm.matmul(x, w.t(), config=base)
             row: dict[str, Any] = {"K": k, "N": n, "M": m, "base": list(base),
                                    "base_rel_err": _rel(ref, F.linear(x.float(), w.float())),

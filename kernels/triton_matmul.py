@@ -2,8 +2,9 @@
 
 No split-K, stream-K or atomics, so an output element's reduction order is "K in order, BLOCK_K at a time" whatever
 M is. Bias is added in fp32 in the epilogue (``alpha * acc + beta * bias``) before a single cast; fp32 inputs use
-IEEE precision (no TF32). Tile configs are chosen by M bucket; :func:`configs_agree` checks on the live device that
-every config gives bitwise the same result, and :func:`matmul` falls back to one config per dtype if they do not.
+IEEE precision (no TF32). Tile configs are chosen by M bucket (from a table picked by N and K); :func:`configs_agree`
+checks on the live device that every config gives bitwise the same result, and :func:`matmul` falls back to one
+config per dtype if they do not.
 For larger M (bf16/fp16) the config names the Hopper kernel: TMA descriptor loads, a persistent grid of at most one
 program per SM walking its tiles in grouped order, optionally warp-specialised; each tile still walks all of K in
 the same BLOCK_K order, so it gives the pointer-load kernel's bits (its fallback where TMA cannot run).
@@ -44,10 +45,19 @@ class Config(NamedTuple):
 # (pointer loads or TMA) (tests/gpu), and configs_agree() re-checks that on the live device before the table is used.
 # N <= 8192 (e.g. 4096x4096, 14336x4096) and N > 8192 (4096x14336, the 128,256-wide lm_head); M buckets from the
 # benchmarks/kernel_tuning.py sweep: the TMA kernel (128x256 tiles) from M = 257 on (N <= 8192) or from M = 65 on.
+# Weights smaller than 4096 x 4096 with N <= 8192 (Qwen3-1.7B's qkv 2048x4096, o_proj 2048x2048, down 6144x2048)
+# have their own table (benchmarks/kernel_tuning_qwen3.py): at decode sizes 16 < M <= 1024 the Llama tiles leave
+# most SMs idle (N = 2048, M = 128 with 64x128 tiles: 32 programs), so smaller tiles and the TMA kernel from M = 33.
 _HALF_SMALL_N = [(4, Config(16, 32, 512, 8, 4, 4)), (16, Config(16, 32, 256, 8, 2, 5)),
                  (64, Config(64, 32, 128, 8, 4, 4)), (256, Config(64, 128, 128, 8, 4, 3)),
                  (2048, Config(128, 256, 64, 8, 8, 4, tma=True)), (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True))]
-_HALF_LARGE_N = [(16, Config(16, 64, 256, 8, 4, 3)), (64, Config(64, 64, 128, 8, 4, 4)),
+_HALF_SMALL_W = [(4, Config(16, 32, 512, 8, 4, 4)), (16, Config(16, 32, 256, 8, 2, 5)),
+                 (32, Config(32, 32, 256, 8, 4, 4)), (256, Config(64, 64, 128, 8, 4, 4, tma=True)),
+                 (1024, Config(64, 128, 64, 8, 4, 4, tma=True)), (2048, Config(128, 256, 64, 8, 8, 4, tma=True)),
+                 (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True))]
+_SMALL_W = 4096 * 4096
+_HALF_LARGE_N = [(16, Config(16, 64, 256, 8, 4, 3)), (32, Config(32, 128, 128, 8, 4, 4)),
+                 (64, Config(64, 64, 128, 8, 4, 4)),
                  (256, Config(128, 256, 64, 8, 8, 4, tma=True)),
                  (2048, Config(128, 128, 64, 8, 4, 4, tma=True, ws=True)),
                  (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True))]
@@ -70,19 +80,22 @@ def _family(dtype: torch.dtype) -> str:
     return "f32" if dtype == torch.float32 else "half"
 
 
-def buckets(dtype: torch.dtype, n: int = 0) -> list[tuple[int, Config]]:
-    """The M-bucketed config table for a dtype and output width N (exposed for tests and benchmarks)."""
+def buckets(dtype: torch.dtype, n: int = 0, k: int = 0) -> list[tuple[int, Config]]:
+    """The M-bucketed config table for a dtype, output width N and inner size K (0: unknown; exposed for tests and
+    benchmarks)."""
     if dtype == torch.float32:
         return _F32_BUCKETS
-    return _HALF_LARGE_N if n > 8192 else _HALF_SMALL_N
+    if n > 8192:
+        return _HALF_LARGE_N
+    return _HALF_SMALL_W if 0 < n * k < _SMALL_W else _HALF_SMALL_N
 
 
 def all_configs(dtype: torch.dtype) -> list[Config]:
     """Every config the dispatcher can pick for a dtype (what configs_agree() must prove equivalent); a TMA config
     comes with its pointer-load twin, which runs where TMA cannot (bmm, unaligned strides)."""
     seen: dict[Config, None] = {}
-    for n in (0, 1 << 20):
-        for _, c in buckets(dtype, n):
+    for n, k in ((0, 0), (1 << 20, 1), (1, 1)):  # every table: N <= 8192, N > 8192, small weights
+        for _, c in buckets(dtype, n, k):
             seen[c] = None
             if c.tma:
                 seen[pointer_twin(c)] = None
@@ -94,8 +107,8 @@ def pointer_twin(cfg: Config) -> Config:
     return cfg._replace(tma=False, ws=False, stages=min(cfg.stages, 3)) if cfg.tma else cfg
 
 
-def select_config(m: int, dtype: torch.dtype, device: torch.device | None = None, n: int = 0) -> Config:
-    """Config for M rows (and N columns); a single config when the device failed :func:`configs_agree`."""
+def select_config(m: int, dtype: torch.dtype, device: torch.device | None = None, n: int = 0, k: int = 0) -> Config:
+    """Config for M rows (N columns, inner size K); a single config when the device failed :func:`configs_agree`."""
     if INTERPRET:
         return _INTERP
     fam = _family(dtype)
@@ -106,10 +119,11 @@ def select_config(m: int, dtype: torch.dtype, device: torch.device | None = None
                 _agree[key] = configs_agree(dtype, device)
     if device is not None and not _agree.get(key, True):
         return _SINGLE[fam]
-    for max_m, cfg in buckets(dtype, n):
+    table = buckets(dtype, n, k)
+    for max_m, cfg in table:
         if m <= max_m:
             return cfg
-    return buckets(dtype, n)[-1][1]
+    return table[-1][1]
 
 
 @triton.jit
@@ -214,7 +228,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *
            beta: float = 1.0, out: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
     """``alpha * (a @ b) + beta * bias`` for 2-D ``a`` [M, K], ``b`` [K, N] (any strides), bias broadcast to [M, N].
 
-    ``config`` forces one tile config (tests and benchmarks); otherwise it is chosen by M.
+    ``config`` forces one tile config (tests and benchmarks); otherwise it is chosen by M, N and K.
     """
     if a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
         raise ValueError(f"matmul: bad shapes {tuple(a.shape)} @ {tuple(b.shape)}")
@@ -231,7 +245,7 @@ def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *
         if bias is not None and beta != 0:
             out.add_(bias.expand(m, n) * beta)
         return out
-    cfg = config or select_config(m, a.dtype, a.device, n)
+    cfg = config or select_config(m, a.dtype, a.device, n, k)
     has_bias = bias is not None and beta != 0
     if has_bias:
         bias2 = bias.expand(m, n)
@@ -316,7 +330,7 @@ def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> to
         return out
     if k == 0:
         return out.zero_()
-    cfg = select_config(m, a.dtype, a.device, n)
+    cfg = select_config(m, a.dtype, a.device, n, k)
     for b0 in range(0, nb, _MAX_GRID_Y):  # grid axis 1 holds at most 65535 programs
         a_, b_, o_ = a[b0:b0 + _MAX_GRID_Y], b[b0:b0 + _MAX_GRID_Y], out[b0:b0 + _MAX_GRID_Y]
         _launch(a_, b_, o_, o_, m, n, k, (a.stride(0), b.stride(0), out.stride(0)), a_.shape[0], 0, 0, 1.0, 1.0,

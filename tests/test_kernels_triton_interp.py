@@ -65,6 +65,9 @@ def test_matmul_logic(tk: SimpleNamespace, dtype: torch.dtype) -> None:
     for dt in (torch.bfloat16, torch.float16, torch.float32):
         cfgs = tm.all_configs(dt)
         assert all(tm.pointer_twin(c) in cfgs for c in cfgs)
+        # every table the dispatcher picks from (by N and K: Llama-3-8B and Qwen3-1.7B linear shapes) is covered
+        for n, k in [(4096, 4096), (4096, 14336), (128256, 4096), (2048, 2048), (4096, 2048), (2048, 6144)]:
+            assert all(c in cfgs for _, c in tm.buckets(dt, n, k)), (dt, n, k)
 
 
 @inner

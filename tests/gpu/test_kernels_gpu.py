@@ -39,7 +39,7 @@ def test_every_matmul_config_gives_the_same_bits(dtype: torch.dtype) -> None:
     print(f"{dtype}: configs {cfgs}")
     g = torch.Generator().manual_seed(0)
     # (300, 1001, 520): rows of 1001 elements are not 16-byte aligned, so TMA configs run their pointer-load twin
-    for m, k, n in [(512, 4096, 4096), (300, 1000, 520), (64, 14336, 256), (300, 1001, 520)]:
+    for m, k, n in [(512, 4096, 4096), (300, 1000, 520), (64, 14336, 256), (300, 1001, 520), (96, 6144, 2048)]:
         a = torch.randn(m, k, generator=g).to("cuda", dtype)
         w = torch.randn(n, k, generator=g).to("cuda", dtype)
         b = torch.randn(n, generator=g).to("cuda", dtype)
@@ -49,6 +49,25 @@ def test_every_matmul_config_gives_the_same_bits(dtype: torch.dtype) -> None:
         same += [torch.equal(o, outs_t[0]) for o in outs_t]
         print(f"{dtype} {m}x{k}x{n}: configs agree {same}")
         assert all(same)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_dispatched_matmul_row_invariant_on_engine_shapes(dtype: torch.dtype) -> None:
+    """The dispatcher's own picks (tables by N and K, M buckets) on Qwen3-1.7B's linear shapes at the engine's decode
+    and prefill bucket sizes: every row is bitwise what the whole batch gives it, across every bucket boundary."""
+    from detaudit.kernels import triton_matmul as tm
+
+    g = torch.Generator().manual_seed(3)
+    ms = [1, 2, 4, 8, 16, 24, 32, 40, 64, 96, 128, 136, 256, 384, 512, 768, 1024, 1536, 2048, 3000]
+    for k, n in [(2048, 4096), (2048, 2048), (6144, 2048), (2048, 12288)]:
+        x = torch.randn(max(ms), k, generator=g).to("cuda", dtype)
+        w = (torch.randn(n, k, generator=g) / math.sqrt(k)).to("cuda", dtype)
+        full = tm.matmul(x, w.t())
+        picked = {tuple(tm.select_config(m, dtype, x.device, n, k)) for m in ms}
+        print(f"{dtype} K={k} N={n}: {len(picked)} configs picked")
+        for m in ms:
+            assert torch.equal(tm.matmul(x[:m], w.t()), full[:m]), (k, n, m)
+            assert torch.equal(tm.matmul(x[m - 1:m], w.t()), full[m - 1:m]), (k, n, m)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
