@@ -45,8 +45,10 @@ class Engine:
 
     def __init__(self, cfg: EngineConfig) -> None:
         check_device_dtype(cfg.device, cfg.dtype, cfg.kernels)
-        if cfg.max_batch < 1 or cfg.max_model_len < 2:
-            raise UsageError("--max-batch must be at least 1 and --max-model-len at least 2")
+        if cfg.max_batch < 1:
+            raise UsageError(f"--max-batch must be at least 1, got {cfg.max_batch}")
+        if cfg.max_model_len < 2:
+            raise UsageError(f"--max-model-len must be at least 2, got {cfg.max_model_len}")
         if cfg.max_batched_tokens < cfg.max_batch:
             raise UsageError("--max-batched-tokens must be at least --max-batch (one decode token per sequence)")
         import torch
