@@ -229,7 +229,14 @@ def test_report_cli_writes_all_three_files(tmp_path, capsys):
     out.mkdir()
     main(["report", *runs, "--html", str(out / "r.html"), "--md", str(out / "r.md"), "--junit", str(out / "j.xml")])
     assert sorted(p.name for p in out.iterdir()) == ["j.xml", "r.html", "r.md"]
-    assert capsys.readouterr().out.count("wrote ") == 3
+    captured = capsys.readouterr()
+    assert captured.err.count("wrote ") == 3 and captured.out == ""  # status on stderr: stdout may be a report
+
+
+def test_report_to_stdout_carries_only_the_report(tmp_path, capfd):
+    main(["report", str(endpoint_run(tmp_path)), "--md", "/dev/stdout"])
+    captured = capfd.readouterr()
+    assert captured.out.startswith("## detaudit report\n") and "wrote " not in captured.out
 
 
 def test_report_cli_prints_markdown_without_outputs(tmp_path, capsys):

@@ -29,6 +29,6 @@ def report_command(
     if not result.written:
         typer.echo(result.markdown, nl=False)
         return
-    console = Console()
+    console = Console(stderr=True)  # stdout stays the reports' own (`--html /dev/stdout | gzip` gets no status lines)
     for path in result.written:
         console.print(f"wrote {path}", highlight=False)
