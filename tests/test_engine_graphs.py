@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_steps import staggered
 
 from detaudit.engine.graphs import DecodeGraphs, decode_buckets, is_decode_only
 from detaudit.engine.llm import Engine, EngineConfig
@@ -13,7 +14,6 @@ from detaudit.engine.sequence import SamplingParams, Sequence
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TEXTS = ["def fibonacci(n):", "import os", "Tell me about Richard Feynman", "x = 1", "class Vector:", "the river"]
 
 
 def _engine(model, kernels: str) -> Engine:
@@ -22,27 +22,9 @@ def _engine(model, kernels: str) -> Engine:
 
 
 def _staggered(eng: Engine) -> tuple[list[Sequence], list[int]]:
-    """Requests arriving one a step with different lengths, so decode steps of 1..6 sequences occur (3 and 5
-    pad to buckets 4 and 6) next to mixed prefill + decode steps; returns them and the sizes of the steps that
-    took the padded decode path."""
-    sizes: list[int] = []
-    graphs = eng.runner.decode_graphs
-    if graphs is not None:
-        run = graphs.run
-
-        def counting(batch: ScheduledBatch):  # noqa: ANN202 - same return as DecodeGraphs.run
-            sizes.append(len(batch.seqs))
-            return run(batch)
-
-        graphs.run = counting  # type: ignore[method-assign]
-    seqs = []
-    for i, text in enumerate(TEXTS):
-        params = SamplingParams(max_tokens=8 + 2 * i, ignore_eos=True, top_logprobs=2)
-        seqs.append(eng.add(Sequence(eng.encode_chat([{"role": "user", "content": text}]), params)))
-        eng.step()
-    while eng.scheduler.has_work():
-        eng.step()
-    return seqs, sizes
+    """Decode steps of 1..6 sequences occur (3 and 5 pad to buckets 4 and 6) next to mixed prefill + decode steps;
+    returns the sequences and the sizes of the steps that took the padded decode path."""
+    return staggered(eng, 8, eng.runner.decode_graphs, lambda batch: len(batch.seqs))
 
 
 def test_padded_decode_path_gives_the_same_bits_with_bundled_kernels(tiny_model_dir):

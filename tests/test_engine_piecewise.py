@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from engine_steps import TEXTS, staggered
 
 from detaudit.engine.graphs import DecodeGraphs
 from detaudit.engine.llm import Engine, EngineConfig
 from detaudit.engine.piecewise import PiecewiseGraphs, token_buckets
-from detaudit.engine.sequence import SamplingParams, Sequence
+from detaudit.engine.sequence import Sequence
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-TEXTS = ["def fibonacci(n):", "import os", "Tell me about Richard Feynman", "x = 1", "class Vector:", "the river"]
 
 
 def _engine(model, kernels: str, *, piecewise: bool) -> Engine:
@@ -31,24 +31,7 @@ def _engine(model, kernels: str, *, piecewise: bool) -> Engine:
 
 def _staggered(eng: Engine) -> tuple[list[Sequence], list[int]]:
     """One arrival a step; returns the sequences and the real token counts of the steps run piecewise."""
-    sizes: list[int] = []
-    graphs = eng.runner.prefill_graphs
-    if graphs is not None:
-        run = graphs.run
-
-        def counting(ids, *args):  # noqa: ANN001, ANN002, ANN202 - same as PiecewiseGraphs.run
-            sizes.append(len(ids))
-            return run(ids, *args)
-
-        graphs.run = counting  # type: ignore[method-assign]
-    seqs = []
-    for i, text in enumerate(TEXTS):
-        params = SamplingParams(max_tokens=6 + 2 * i, ignore_eos=True, top_logprobs=2)
-        seqs.append(eng.add(Sequence(eng.encode_chat([{"role": "user", "content": text}]), params)))
-        eng.step()
-    while eng.scheduler.has_work():
-        eng.step()
-    return seqs, sizes
+    return staggered(eng, 6, eng.runner.prefill_graphs, lambda ids, *_: len(ids))
 
 
 def test_padded_piecewise_path_gives_the_same_bits_with_bundled_kernels(tiny_model_dir):
