@@ -6,6 +6,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from detaudit.engine.llm import Engine
 from detaudit.engine.sequence import SamplingParams, Sequence
 
@@ -33,3 +36,22 @@ def staggered(eng: Engine, first_max_tokens: int, graphs: Any = None,
     while eng.scheduler.has_work():
         eng.step()
     return seqs, sizes
+
+
+# Ops whose result a host must read back from the device (a sync, which a CUDA graph cannot hold).
+HOST_READS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
+              "aten::unique_consecutive", "aten::unique_dim", "aten::repeat_interleave.Tensor")
+
+
+class HostReads(TorchDispatchMode):
+    """Records every op run under it that reads a device value on the host (boolean-mask indexing included)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        if func.name() in HOST_READS or (func.name() == "aten::index.Tensor"
+                                         and any(i is not None and i.dtype == torch.bool for i in args[1])):
+            self.seen.append(func.name())
+        return func(*args, **(kwargs or {}))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_steps import staggered
+from engine_steps import HostReads, staggered
 
 from detaudit.engine.graphs import DecodeGraphs, decode_buckets, is_decode_only
 from detaudit.engine.llm import Engine, EngineConfig
@@ -105,38 +105,21 @@ def test_cuda_graphs_switch_is_refused_for_a_managed_engine(capsys):
 
 
 # aten ops whose output size or value is only known after reading the device (a host sync, illegal in a capture).
-_HOST_READS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
-               "aten::unique_consecutive", "aten::unique_dim", "aten::repeat_interleave.Tensor")
-
-
 @pytest.mark.parametrize("kernels", ["stock", "batch-invariant"])
 def test_the_captured_forward_reads_nothing_back_from_the_device(tiny_model_dir, kernels):
     """What a decode graph records — embedding, RoPE, KV write, norms, projections, lm_head — asks the device for
     no value on the host. (Attention is left out: its CPU paths read lengths on the host; on CUDA it reads none,
     which tests/gpu checks by capturing it.)"""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from detaudit.engine.runner import kernel_context
-
-    class Reads(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.seen: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-            if func.name() in _HOST_READS or (func.name() == "aten::index.Tensor"
-                                              and any(i is not None and i.dtype == torch.bool for i in args[1])):
-                self.seen.append(func.name())
-            return func(*args, **(kwargs or {}))
 
     eng = _engine(tiny_model_dir, kernels)
     graphs = DecodeGraphs(eng.runner, eng.cfg.max_batch, capture=False)
     graphs.attn_fn = lambda q, *_args: q.clone()
     graphs._fill([], 4)
-    with torch.inference_mode(), kernel_context(kernels), Reads() as reads:
+    with torch.inference_mode(), kernel_context(kernels), HostReads() as reads:
         graphs._forward(4)
     assert reads.seen == []
-    with Reads() as control:  # the mode does see host reads
+    with HostReads() as control:  # the mode does see host reads
         torch.ones(3).sum().item()
         torch.ones(3)[torch.ones(3) > 0]
     assert control.seen == ["aten::_local_scalar_dense", "aten::index.Tensor"]

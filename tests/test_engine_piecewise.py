@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from engine_steps import TEXTS, staggered
+from engine_steps import TEXTS, HostReads, staggered
 
 from detaudit.engine.graphs import DecodeGraphs
 from detaudit.engine.llm import Engine, EngineConfig
@@ -96,25 +96,7 @@ def test_the_captured_pieces_read_nothing_back_from_the_device(tiny_model_dir, k
 
     eng = _engine(tiny_model_dir, kernels, piecewise=True)
     graphs = eng.runner.prefill_graphs
-    with torch.inference_mode(), kernel_context(kernels), _host_reads() as reads:
+    with torch.inference_mode(), kernel_context(kernels), HostReads() as reads:
         for i in range(len(graphs.layers) + 1):
             graphs._piece(i, 32)
     assert reads.seen == []
-
-
-def _host_reads():  # noqa: ANN202 - a TorchDispatchMode recording host-reading ops
-    from test_engine_graphs import _HOST_READS
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Reads(TorchDispatchMode):
-        def __init__(self) -> None:
-            super().__init__()
-            self.seen: list[str] = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-            if func.name() in _HOST_READS or (func.name() == "aten::index.Tensor"
-                                              and any(i is not None and i.dtype == torch.bool for i in args[1])):
-                self.seen.append(func.name())
-            return func(*args, **(kwargs or {}))
-
-    return Reads()
