@@ -100,3 +100,18 @@ def test_bad_input_exits_2_and_writes_nothing(tiny_model_dir, tmp_path, capsys):
     code, err = _exit([*base, "--model", str(tiny_model_dir), "--max-tokens", "5000"], capsys)  # --max-model-len 1024
     assert code == 2 and "leaves no room for a prompt" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_progress_reports_each_arm_from_zero_once_the_engine_is_loaded(tiny_model_dir, tmp_path):
+    """The CLI shows "loading …" until an arm reports 0 of N, so that call must come first, before any request ends."""
+    from detaudit.engine.llm import EngineConfig
+    from detaudit.engine.local import LocalRunSpec, run_local
+
+    calls: list[tuple[str, int, int]] = []
+    spec = LocalRunSpec(engine=EngineConfig(str(tiny_model_dir), max_batch=4, max_batched_tokens=64, max_model_len=128),
+                        prompts=["Tell me about Richard Feynman"], repeats=3, scenarios=["single", "mixed"],
+                        out=tmp_path / "run", max_tokens=3, top_logprobs=0, seed=0, force=False)  # fmt: skip
+    run_local(spec, lambda arm, done, total: calls.append((arm, done, total)))
+    assert [c for c in calls if c[1] == 0] == [("single", 0, 3), ("mixed", 0, 3)]
+    assert calls[0] == ("single", 0, 3) and calls[-1] == ("mixed", 3, 3)
+    assert [c[1] for c in calls if c[0] == "single"] == [0, 1, 2, 3]

@@ -105,9 +105,13 @@ def local_command(
     console = Console(stderr=as_json)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
-        tasks: dict[str, int] = {}
+        # Loading weights and capturing CUDA graphs can take a minute on a cold GPU: say so until the first request.
+        graphs = ", capturing CUDA graphs" if device.startswith("cuda") and cuda_graphs else ""
+        tasks: dict[str, int] = {"": bar.add_task(f"loading {model} ({kernels}{graphs})", total=None)}
 
         def progress(arm: str, done: int, total: int) -> None:
+            if "" in tasks:
+                bar.remove_task(tasks.pop(""))
             if arm not in tasks:
                 tasks[arm] = bar.add_task(f"{arm} ({kernels})", total=total)
             bar.update(tasks[arm], completed=done)

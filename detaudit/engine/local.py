@@ -141,6 +141,8 @@ def _run_arm(
         if progress:
             progress(arm.name, done, n_targets)
 
+    if progress:  # the arm has started (the engine is loaded): 0 of N
+        progress(arm.name, 0, n_targets)
     stats = drive(engine, work, seed=spec.seed, top_logprobs=spec.top_logprobs, on_target=on_target)
     writer.write(rows)
     return stats
