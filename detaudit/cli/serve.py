@@ -37,9 +37,11 @@ def serve_command(
     if max_queue < 1:
         raise UsageError(f"--max-queue must be at least 1, got {max_queue}")
     sock = _listen(host, port)  # before the model loads: a busy port fails in a second, not after minutes
-    engine = Engine(EngineConfig(model, device=device, dtype=dtype, kernels=kernels, max_batch=max_batch,
-                                 max_batched_tokens=max_batched_tokens, max_model_len=max_model_len,
-                                 cuda_graphs=cuda_graphs))
+    graphs = ", capturing CUDA graphs" if device.startswith("cuda") and cuda_graphs else ""
+    with Console(stderr=True).status(f"loading {model} ({kernels} kernels{graphs})"):  # a minute on a cold GPU
+        engine = Engine(EngineConfig(model, device=device, dtype=dtype, kernels=kernels, max_batch=max_batch,
+                                     max_batched_tokens=max_batched_tokens, max_model_len=max_model_len,
+                                     cuda_graphs=cuda_graphs))
     name = served_model_name or model
     app = create_app(engine, model_name=name, max_queue=max_queue)
     Console(stderr=True).print(f"serving {name} ({kernels} kernels, {dtype}, {device}) at http://{host}:{port}/v1")
