@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from detaudit.engine.llm import Engine, EngineConfig
-from detaudit.engine.load import build_workload, drive
+from detaudit.engine.load import CONTROL, build_workload, drive
 from detaudit.engine.sequence import SamplingParams
 from detaudit.tiny import build_tiny_model
 
@@ -71,7 +71,7 @@ def local_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
     work = build_workload(args.scenario, [PROMPT], args.n, max_tokens=args.max_tokens, max_batch=args.max_batch,
                           seed=0)  # fmt: skip
     outs: list[tuple[int, ...]] = []
-    stats = drive(eng, work, seed=0, top_logprobs=0,
+    stats = drive(eng, work, seed=0, top_logprobs=0, max_inflight=1 if args.scenario == CONTROL else None,
                   on_target=lambda _a, seq, _t0, _lat: outs.append(tuple(seq.output_ids)))
     counts = sorted(Counter(outs).values(), reverse=True)
     modal = Counter(outs).most_common(1)[0][0]

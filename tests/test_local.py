@@ -115,3 +115,21 @@ def test_progress_reports_each_arm_from_zero_once_the_engine_is_loaded(tiny_mode
     assert [c for c in calls if c[1] == 0] == [("single", 0, 3), ("mixed", 0, 3)]
     assert calls[0] == ("single", 0, 3) and calls[-1] == ("mixed", 3, 3)
     assert [c[1] for c in calls if c[0] == "single"] == [0, 1, 2, 3]
+
+
+def test_serial_control_arm_makes_the_stock_verdict_load_dependent(tiny_model_dir, tmp_path, capsys):
+    """`--scenario serial,mixed` is the local `--concurrency 1,N`: each serial request runs alone (batch size 1), so
+    stock kernels agree there and fork under load, and the analysis can say the divergence is load-dependent."""
+    out = tmp_path / "run"
+    main(["local", "--model", str(tiny_model_dir), "--kernels", "stock", "--out", str(out), "--json",
+          "--prompt", "Tell me about Richard Feynman", "-n", "40", "--scenario", "serial,mixed", "--max-tokens", "16",
+          "--max-batch", "16", "--max-batched-tokens", "32", "--top-logprobs", "0"])  # fmt: skip
+    capsys.readouterr()
+    summary = json.loads((out / "summary.json").read_text())
+    serial, mixed = summary["prompts"][0]["arms"]
+    assert (serial["arm"], serial["concurrency"], serial["unique"]) == ("serial", 1, 1)
+    assert (mixed["arm"], mixed["concurrency"]) == ("mixed", 16) and mixed["unique"] > 1
+    assert summary["prompts"][0]["verdict"] == "load-dependent"
+    stats = load_manifest(out).target.engine["arms"]
+    assert stats["serial"]["batch_seqs_max"] == 1 and stats["serial"]["fillers"] == 0
+    assert stats["mixed"]["batch_seqs_max"] > 1

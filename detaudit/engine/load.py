@@ -5,7 +5,9 @@ same batch compositions: a stock-kernel run is reproducible, yet each of its N t
 neighbours. Scenarios follow SGLang's determinism test:
   single  only the target prompts, arriving at random steps, so batch sizes vary;
   mixed   targets among as many fillers of random prompt and output lengths;
-  prefix  targets among fillers whose prompts start with the target prompt and go on for a random length.
+  prefix  targets among fillers whose prompts start with the target prompt and go on for a random length;
+and one control arm, the local counterpart of `detaudit run --concurrency 1`:
+  serial  only the target prompts, one at a time (each runs alone, batch size 1).
 Pure Python: no torch.
 """
 
@@ -20,7 +22,8 @@ from typing import Any
 
 from detaudit.engine.sequence import SamplingParams, Sequence
 
-SCENARIOS = ("single", "mixed", "prefix")
+SCENARIOS = ("single", "mixed", "prefix", "serial")
+CONTROL = "serial"  # runs one request at a time
 _WORDS = (
     "the a model token batch kernel server request cache prompt layer vector matrix sum order float bit "
     "round error seed river mountain history science music poem story city market energy light water "
@@ -50,6 +53,8 @@ def build_workload(
         raise ValueError(f"unknown scenario {scenario!r}")
     rng = random.Random(f"{scenario}:{seed}")
     reqs = [Arrival(0, p, max_tokens, (i, r)) for i, p in enumerate(prompts) for r in range(n)]
+    if scenario == CONTROL:  # all at step 0, in order; drive() admits them one at a time
+        return reqs
     n_fill = 0 if scenario == "single" else len(reqs)
     for _ in range(n_fill):
         base = rng.choice(prompts) + " " if scenario == "prefix" else ""
@@ -70,9 +75,11 @@ def drive(
     seed: int,
     top_logprobs: int,
     on_target: Callable[[Arrival, Sequence, datetime, float], None],
+    max_inflight: int | None = None,
 ) -> dict[str, Any]:
     """Feed arrivals into `engine` (a detaudit.engine.llm.Engine) step by step, calling `on_target(arrival, seq,
-    started_at, latency_s)` for each finished target request; returns the arm's batch statistics."""
+    started_at, latency_s)` for each finished target request; returns the arm's batch statistics. With
+    `max_inflight`, an arrival waits until fewer than that many requests are in the engine (1: serial)."""
     pending = list(work)
     started: dict[int, tuple[Arrival, datetime, float]] = {}
     step = generated = 0
@@ -80,7 +87,7 @@ def drive(
     replays0, prefill0 = engine.graph_replays, engine.prefill_graph_replays
     t_start = time.perf_counter()
     while pending or engine.scheduler.has_work():
-        while pending and pending[0].step <= step:
+        while pending and pending[0].step <= step and (max_inflight is None or len(started) < max_inflight):
             a = pending.pop(0)
             params = SamplingParams(max_tokens=a.max_tokens, seed=seed, top_logprobs=top_logprobs if a.target else 0)
             seq = engine.add(Sequence(engine.encode_chat([{"role": "user", "content": a.text}]), params))

@@ -14,7 +14,7 @@ from typing import Any
 
 from detaudit import __version__
 from detaudit.engine.llm import Engine, EngineConfig
-from detaudit.engine.load import SCENARIOS, Arrival, build_workload, drive
+from detaudit.engine.load import CONTROL, SCENARIOS, Arrival, build_workload, drive
 from detaudit.engine.sequence import Sequence
 from detaudit.errors import UsageError
 from detaudit.rundir.io import ShardWriter, finalize_samples, prepare_out_dir, write_manifest
@@ -86,7 +86,7 @@ def run_local(spec: LocalRunSpec, progress: Callable[[str, int, int], None] | No
         params=RequestParams(max_tokens=spec.max_tokens, temperature=0.0, seed=spec.seed,
                              top_logprobs=spec.top_logprobs or None),
         prompts=[PromptSpec(prompt_id=f"p{i}", prompt=p) for i, p in enumerate(spec.prompts)],
-        arms=[ArmSpec(name=s, concurrency=spec.engine.max_batch) for s in spec.scenarios],
+        arms=[ArmSpec(name=s, concurrency=1 if s == CONTROL else spec.engine.max_batch) for s in spec.scenarios],
         repeats=spec.repeats,
         capture="token_ids",
         environment={"python": sys.version.split()[0], "platform": platform.platform(), "cpu_count": os.cpu_count()},
@@ -143,7 +143,8 @@ def _run_arm(
 
     if progress:  # the arm has started (the engine is loaded): 0 of N
         progress(arm.name, 0, n_targets)
-    stats = drive(engine, work, seed=spec.seed, top_logprobs=spec.top_logprobs, on_target=on_target)
+    stats = drive(engine, work, seed=spec.seed, top_logprobs=spec.top_logprobs, on_target=on_target,
+                  max_inflight=1 if arm.name == CONTROL else None)  # fmt: skip
     writer.write(rows)
     return stats
 
