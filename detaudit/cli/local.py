@@ -10,7 +10,8 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from detaudit.engine.config import DTYPES, KERNELS
+from detaudit.cli import engine_options
+from detaudit.engine.config import KERNELS
 from detaudit.engine.load import SCENARIOS
 from detaudit.errors import UsageError
 
@@ -30,11 +31,9 @@ def local_command(
     max_tokens: int = typer.Option(64, "--max-tokens", help="max_tokens per request."),
     max_batched_tokens: int = typer.Option(512, "--max-batched-tokens", help="Token budget per step (chunks prompts)."),
     max_model_len: int = typer.Option(1024, "--max-model-len", help="Longest prompt + completion the KV cache holds."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    dtype: str = typer.Option("bfloat16", "--dtype", help=f"{', '.join(DTYPES)}."),
-    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="Replay steps from CUDA graphs "
-                                     "(decode-only whole, prefill piecewise; CUDA only; --no-cuda-graphs runs every "
-                                     "step eagerly)."),
+    device: str = engine_options.DEVICE,
+    dtype: str = engine_options.DTYPE,
+    cuda_graphs: bool = engine_options.CUDA_GRAPHS,
     seed: int = typer.Option(0, "--seed", help="Seeds the filler requests and their arrivals."),
     top_logprobs: int = typer.Option(5, "--top-logprobs", help="Top-k alternatives recorded per token (0-20)."),
     out: Path | None = typer.Option(None, "--out", "-o", help="Run directory to create (default: a new one in "
@@ -105,9 +104,7 @@ def local_command(
     console = Console(stderr=as_json)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True) as bar:
-        # Loading weights and capturing CUDA graphs can take a minute on a cold GPU: say so until the first request.
-        graphs = ", capturing CUDA graphs" if device.startswith("cuda") and cuda_graphs else ""
-        tasks: dict[str, int] = {"": bar.add_task(f"loading {model} ({kernels}{graphs})", total=None)}
+        tasks: dict[str, int] = {"": bar.add_task(spec.engine.loading_message(), total=None)}  # until an arm starts
 
         def progress(arm: str, done: int, total: int) -> None:
             if "" in tasks:

@@ -10,15 +10,16 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from detaudit.engine.config import DTYPES, KERNELS
+from detaudit.cli import engine_options
+from detaudit.engine.config import KERNELS
 
 
 def rescore_command(
     run_dir: Path = typer.Argument(..., help="Run directory to rescore (any target that returned tokens)."),
     model: str = typer.Option(..., "--model", help="Hub id or local model directory: the model the run sampled."),
     kernels: str = typer.Option("batch-invariant", "--kernels", help=f"{' or '.join(KERNELS)}."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    dtype: str = typer.Option("bfloat16", "--dtype", help=f"{', '.join(DTYPES)}."),
+    device: str = engine_options.DEVICE,
+    dtype: str = engine_options.DTYPE,
     max_batch: int = typer.Option(16, "--max-batch", help="Sequences prefilled per engine step."),
     max_model_len: int = typer.Option(4096, "--max-model-len", help="Longest prompt + completion to rescore."),
     as_json: bool = typer.Option(False, "--json", help="Print the rescore section as JSON."),

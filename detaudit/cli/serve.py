@@ -7,7 +7,8 @@ import socket
 import typer
 from rich.console import Console
 
-from detaudit.engine.config import DTYPES, KERNELS
+from detaudit.cli import engine_options
+from detaudit.engine.config import KERNELS
 
 
 def serve_command(
@@ -15,11 +16,9 @@ def serve_command(
     kernels: str = typer.Option("stock", "--kernels", help=f"{' or '.join(KERNELS)}."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; loopback by default."),
     port: int = typer.Option(8000, "--port", help="TCP port."),
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    dtype: str = typer.Option("bfloat16", "--dtype", help=f"{', '.join(DTYPES)}."),
-    cuda_graphs: bool = typer.Option(True, "--cuda-graphs/--no-cuda-graphs", help="Replay steps from CUDA graphs "
-                                     "(decode-only whole, prefill piecewise; CUDA only; --no-cuda-graphs runs every "
-                                     "step eagerly)."),
+    device: str = engine_options.DEVICE,
+    dtype: str = engine_options.DTYPE,
+    cuda_graphs: bool = engine_options.CUDA_GRAPHS,
     max_batch: int = typer.Option(32, "--max-batch", help="Sequences per engine step."),
     max_batched_tokens: int = typer.Option(512, "--max-batched-tokens", help="Token budget per step (chunks prompts)."),
     max_model_len: int = typer.Option(2048, "--max-model-len", help="Longest prompt + completion the KV cache holds."),
@@ -37,11 +36,10 @@ def serve_command(
     if max_queue < 1:
         raise UsageError(f"--max-queue must be at least 1, got {max_queue}")
     sock = _listen(host, port)  # before the model loads: a busy port fails in a second, not after minutes
-    graphs = ", capturing CUDA graphs" if device.startswith("cuda") and cuda_graphs else ""
-    with Console(stderr=True).status(f"loading {model} ({kernels} kernels{graphs})"):  # a minute on a cold GPU
-        engine = Engine(EngineConfig(model, device=device, dtype=dtype, kernels=kernels, max_batch=max_batch,
-                                     max_batched_tokens=max_batched_tokens, max_model_len=max_model_len,
-                                     cuda_graphs=cuda_graphs))
+    cfg = EngineConfig(model, device=device, dtype=dtype, kernels=kernels, max_batch=max_batch,
+                       max_batched_tokens=max_batched_tokens, max_model_len=max_model_len, cuda_graphs=cuda_graphs)
+    with Console(stderr=True).status(cfg.loading_message()):
+        engine = Engine(cfg)
     name = served_model_name or model
     app = create_app(engine, model_name=name, max_queue=max_queue)
     Console(stderr=True).print(f"serving {name} ({kernels} kernels, {dtype}, {device}) at http://{host}:{port}/v1")

@@ -24,7 +24,12 @@ class EngineConfig:
     max_batched_tokens: int = 2048
     max_model_len: int = 2048
     block_size: int = 16
-    cuda_graphs: bool = True  # decode-only steps replay CUDA graphs; only effective on a CUDA device
+    cuda_graphs: bool = True  # steps replay CUDA graphs (decode whole, prefill piecewise); only on a CUDA device
+
+    def loading_message(self) -> str:
+        """What a command shows while the engine starts: with graph capture a cold GPU start takes about a minute."""
+        graphs = ", capturing CUDA graphs" if self.cuda_graphs and self.device.startswith("cuda") else ""
+        return f"loading {self.model} ({self.kernels} kernels{graphs})"
 
 
 def _byte_decoder() -> dict[str, int]:
