@@ -47,7 +47,7 @@ def _late() -> bool:
     return time.time() - T0 > BUDGET_S
 
 
-def _bench(fn: Any, rep: int = 30) -> float:
+def bench(fn: Any, rep: int = 30) -> float:
     """Median ms of CUDA-graph replays (as benchmarks/kernels.py)."""
     import triton.testing
 
@@ -55,12 +55,31 @@ def _bench(fn: Any, rep: int = 30) -> float:
     return float(triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median"))
 
 
-def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+def rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
 
 
 def _poisoned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+
+
+def try_candidate(tm: Any, x: torch.Tensor, w: torch.Tensor, cfg: Any, ref: torch.Tensor, cublas_ms: float,
+                  rep: int = 30) -> dict[str, Any]:
+    """One matmul tile config on x @ w.T: into a NaN-poisoned output, bitwise vs the shipped config's `ref` (with
+    the error vs fp32 where it differs), then timed against cuBLAS; a config that cannot run records its error."""
+    entry: dict[str, Any] = {}
+    try:
+        o = _poisoned((x.shape[0], w.shape[0]), x.dtype)
+        tm.matmul(x, w.t(), out=o, config=cfg)
+        entry["same_bits"] = bool(torch.equal(o, ref))
+        if not entry["same_bits"]:
+            entry["rel_err"] = rel_err(o, F.linear(x.float(), w.float()))
+            entry["nan"] = bool(torch.isnan(o).any())
+        entry["ms"] = bench(lambda: tm.matmul(x, w.t(), config=cfg), rep=rep)
+        entry["ratio"] = cublas_ms / entry["ms"]
+    except Exception as e:  # out of shared memory, unsupported on this Triton, ...
+        entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return entry
 
 
 def tune_matmul(tm: Any, res: dict[str, Any], out: Path) -> None:
@@ -77,27 +96,12 @@ def tune_matmul(tm: Any, res: dict[str, Any], out: Path) -> None:
             base = tm.select_config(m, torch.bfloat16, x.device, n, k)
             ref = tm.matmul(x, w.t(), config=base)
             row: dict[str, Any] = {"K": k, "N": n, "M": m, "base": list(base),
-                                   "base_rel_err": _rel(ref, F.linear(x.float(), w.float())),
-                                   "cublas_ms": _bench(lambda x=x, w=w: F.linear(x, w))}
-            row["base_ms"] = _bench(lambda x=x, w=w, c=base: tm.matmul(x, w.t(), config=c))
+                                   "base_rel_err": rel_err(ref, F.linear(x.float(), w.float())),
+                                   "cublas_ms": bench(lambda x=x, w=w: F.linear(x, w))}
+            row["base_ms"] = bench(lambda x=x, w=w, c=base: tm.matmul(x, w.t(), config=c))
             row["base_inv_row0"] = bool(torch.equal(tm.matmul(x_all[:1], w.t(), config=base), ref[:1]))
             cands = GEMV_CANDS if m <= 16 else BIG_CANDS
-            row["cands"] = {}
-            for c in cands:
-                cfg = tm.Config(*c)
-                entry: dict[str, Any] = {}
-                try:
-                    o = _poisoned((m, n), torch.bfloat16)
-                    tm.matmul(x, w.t(), out=o, config=cfg)
-                    entry["same_bits"] = bool(torch.equal(o, ref))
-                    if not entry["same_bits"]:
-                        entry["rel_err"] = _rel(o, F.linear(x.float(), w.float()))
-                        entry["nan"] = bool(torch.isnan(o).any())
-                    entry["ms"] = _bench(lambda x=x, w=w, c=cfg: tm.matmul(x, w.t(), config=c))
-                    entry["ratio"] = row["cublas_ms"] / entry["ms"]
-                except Exception as e:  # out of shared memory, unsupported on this Triton, ...
-                    entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
-                row["cands"][str(c)] = entry
+            row["cands"] = {str(c): try_candidate(tm, x, w, tm.Config(*c), ref, row["cublas_ms"]) for c in cands}
             if (k, n, m) in ((4096, 4096, 4), (4096, 4096, 1024)):  # row-major B, every candidate
                 wt = w.t().contiguous()
                 ref_t = tm.matmul(x, wt, config=base)
@@ -123,7 +127,7 @@ def tune_softmax(tr: Any, res: dict[str, Any], out: Path) -> None:
 
     copy_ms = float(triton.testing.do_bench(lambda d=dst, s=src: d.copy_(s), warmup=15, rep=60, return_mode="median"))
     res["copy_GBps"] = 2 * 2 * 1024**3 / copy_ms / 1e6
-    res["copy_graph_GBps"] = 2 * 2 * 1024**3 / _bench(lambda d=dst, s=src: d.copy_(s)) / 1e6
+    res["copy_graph_GBps"] = 2 * 2 * 1024**3 / bench(lambda d=dst, s=src: d.copy_(s)) / 1e6
     del src, dst
     rows: list[dict[str, Any]] = []
     res["log_softmax"] = rows
@@ -138,7 +142,7 @@ def tune_softmax(tr: Any, res: dict[str, Any], out: Path) -> None:
                 x[0, ::7] = -float("inf")
                 _poisoned((m, v), torch.float32)  # freed: the caching allocator hands this block to the output
                 y = tr.softmax(x, -1, True)
-                entry[f"rel_err_{m}x{v}"] = _rel(torch.where(torch.isinf(y), 0, y),
+                entry[f"rel_err_{m}x{v}"] = rel_err(torch.where(torch.isinf(y), 0, y),
                                                  torch.where(torch.isinf(y), 0, x.double().log_softmax(-1)))
                 entry[f"nan_{m}x{v}"] = bool(torch.isnan(y).any())
                 entry[f"inv_{m}x{v}"] = bool(torch.equal(tr.softmax(x[1:2], -1, True), y[1:2]))
@@ -148,13 +152,13 @@ def tune_softmax(tr: Any, res: dict[str, Any], out: Path) -> None:
             for m, v in [(256, 128256), (2048, 128256)]:
                 x = torch.randn(m, v, device="cuda")
                 nbytes = 2 * m * v * 4
-                ms = _bench(lambda x=x: tr.softmax(x, -1, True))
+                ms = bench(lambda x=x: tr.softmax(x, -1, True))
                 entry[f"{m}x{v}_GBps"] = nbytes / ms / 1e6
                 entry[f"{m}x{v}_frac_of_copy"] = nbytes / ms / 1e6 / res["copy_GBps"]
                 y2 = torch.empty_like(x)
-                ms2 = _bench(lambda x=x, y2=y2, v=v: tr._seg_softmax(x, y2, v, True, fused=False))
+                ms2 = bench(lambda x=x, y2=y2, v=v: tr._seg_softmax(x, y2, v, True, fused=False))
                 entry[f"{m}x{v}_two_launch_frac_of_copy"] = nbytes / ms2 / 1e6 / res["copy_GBps"]
-                entry[f"{m}x{v}_stock_frac_of_copy"] = nbytes / _bench(lambda x=x: torch.log_softmax(x, -1)) / 1e6 / \
+                entry[f"{m}x{v}_stock_frac_of_copy"] = nbytes / bench(lambda x=x: torch.log_softmax(x, -1)) / 1e6 / \
                     res["copy_GBps"]
         except Exception as e:
             entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
@@ -177,7 +181,7 @@ def tune_attention(ta: Any, res: dict[str, Any], out: Path) -> None:
         v = torch.randn(b, hkv, ctx, d, device="cuda", dtype=torch.bfloat16)
         q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-            flash_ms = _bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+            flash_ms = bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)[:, :, 0]
         npg = ctx // page
         kc = k.permute(0, 2, 1, 3).reshape(b * npg, page, hkv, d).contiguous()
@@ -192,11 +196,11 @@ def tune_attention(ta: Any, res: dict[str, Any], out: Path) -> None:
             args = (qp, kc, vc, bt, cu, cl, 1 / math.sqrt(d))
             one = ta.paged_attention(*args, split_launch=False, split=split)
             sl = ta.paged_attention(*args, split_launch=True, split=split)
-            ms = _bench(lambda args=args, s=split: ta.paged_attention(*args, split=s))
-            ms_one = _bench(lambda args=args, s=split: ta.paged_attention(*args, split_launch=False, split=s))
-            ms_split = _bench(lambda args=args, s=split: ta.paged_attention(*args, split_launch=True, split=s))
+            ms = bench(lambda args=args, s=split: ta.paged_attention(*args, split=s))
+            ms_one = bench(lambda args=args, s=split: ta.paged_attention(*args, split_launch=False, split=s))
+            ms_split = bench(lambda args=args, s=split: ta.paged_attention(*args, split_launch=True, split=s))
             row[str(split)] = {"ms": ms, "ratio": flash_ms / ms, "one_launch_ratio": flash_ms / ms_one,
-                               "split_launch_ratio": flash_ms / ms_split, "rel_err": _rel(one, ref),
+                               "split_launch_ratio": flash_ms / ms_split, "rel_err": rel_err(one, ref),
                                "split_eq_one": bool(torch.equal(one, sl))}
         rows.append(row)
         print(f"attn b={b} ctx={ctx}: " + ", ".join(f"split {s}: x{row[str(s)]['ratio']:.2f} (one "

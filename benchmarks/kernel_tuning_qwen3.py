@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from kernel_tuning import bench, rel_err, try_candidate  # benchmarks/ is sys.path[0] when run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 # (K, N, what): qkv (16 q + 2 x 8 kv heads of 128) == the tiny tokenizer's 4096-wide lm_head, o_proj, gate_up, down,
@@ -49,18 +50,7 @@ BIG: list[C] = [(64, 128, 128, 8, 4, 3, False, False), (64, 64, 128, 8, 4, 4, Fa
                 (64, 64, 128, 8, 4, 4, True, False)]
 
 T0 = time.time()
-
-
-def _bench(fn: Any, rep: int = 20) -> float:
-    """Median ms of CUDA-graph replays (as benchmarks/kernels.py)."""
-    import triton.testing
-
-    torch.cuda.synchronize()
-    return float(triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median"))
-
-
-def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((a.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30))
+REP = 20  # CUDA-graph replays per timing (fewer than kernel_tuning.py's 30: ten times more points)
 
 
 def _cands(m: int) -> list[C]:
@@ -84,26 +74,12 @@ def sweep(tm: Any, res: dict[str, Any], out: Path, budget: float) -> None:
             base = tm.select_config(m, torch.bfloat16, x.device, n, k)
             ref = tm.matmul(x, w.t(), config=base)
             row: dict[str, Any] = {"K": k, "N": n, "M": m, "what": what, "base": list(base),
-                                   "base_rel_err": _rel(ref, F.linear(x.float(), w.float())),
-                                   "cublas_ms": _bench(lambda x=x, w=w: F.linear(x, w))}
-            row["base_ms"] = _bench(lambda x=x, w=w, c=base: tm.matmul(x, w.t(), config=c))
+                                   "base_rel_err": rel_err(ref, F.linear(x.float(), w.float())),
+                                   "cublas_ms": bench(lambda x=x, w=w: F.linear(x, w), rep=REP)}
+            row["base_ms"] = bench(lambda x=x, w=w, c=base: tm.matmul(x, w.t(), config=c), rep=REP)
             row["base_ratio"] = row["cublas_ms"] / row["base_ms"]
-            row["cands"] = {}
-            for c in _cands(m):
-                cfg = tm.Config(*c)
-                e: dict[str, Any] = {}
-                try:
-                    o = torch.full((m, n), float("nan"), dtype=torch.bfloat16, device="cuda")
-                    tm.matmul(x, w.t(), out=o, config=cfg)
-                    e["same_bits"] = bool(torch.equal(o, ref))
-                    if not e["same_bits"]:
-                        e["rel_err"] = _rel(o, F.linear(x.float(), w.float()))
-                        e["nan"] = bool(torch.isnan(o).any())
-                    e["ms"] = _bench(lambda x=x, w=w, c=cfg: tm.matmul(x, w.t(), config=c))
-                    e["ratio"] = row["cublas_ms"] / e["ms"]
-                except Exception as ex:  # out of shared memory, unsupported on this Triton, ...
-                    e["error"] = f"{type(ex).__name__}: {str(ex)[:300]}"
-                row["cands"][str(c)] = e
+            row["cands"] = {str(c): try_candidate(tm, x, w, tm.Config(*c), ref, row["cublas_ms"], rep=REP)
+                            for c in _cands(m)}  # fmt: skip
             ok = {c: e for c, e in row["cands"].items() if e.get("same_bits") and "ms" in e}
             best = min(ok, key=lambda c: ok[c]["ms"]) if ok else None
             row["best"], row["best_ratio"] = best, (ok[best]["ratio"] if best else None)
