@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+from runhelp import wait_healthy
 from scripted_server import ScriptedServer, free_port  # tests/ is on sys.path under pytest (no __init__.py)
 
 
@@ -54,18 +54,7 @@ def transformers_serve(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFa
                             env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"transformers serve exited with {proc.returncode}; see {log.name}")
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"transformers serve not ready after 120 s; see {log.name}")
-            time.sleep(0.5)
+        wait_healthy(proc, base, Path(log.name))
         # The first generation warms the server up (tens of seconds on a busy CPU): do it here, not in a test.
         httpx.post(f"{base}/v1/completions", json={"model": str(tiny_model_dir), "prompt": "x", "max_tokens": 1},
                    timeout=300)  # fmt: skip

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from runhelp import wait_healthy
 from scripted_server import free_port  # tests/ is on sys.path under pytest
 
 from detaudit.rundir.io import load_manifest
@@ -31,19 +32,8 @@ def _start(model: Path, kernels: str, log_dir: Path, budget: int = 48) -> tuple[
                              "--max-batch", "8", "--max-batched-tokens", str(budget), "--max-model-len", "512"],
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"detaudit serve exited with {proc.returncode}: {Path(log.name).read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, f"{base}/v1"
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("detaudit serve not ready after 120 s")
-        time.sleep(0.3)
+    wait_healthy(proc, base, Path(log.name))
+    return proc, f"{base}/v1"
 
 
 def _stop(proc: subprocess.Popen) -> int:
