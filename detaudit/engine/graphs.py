@@ -95,7 +95,7 @@ class DecodeGraphs:
         ids, pos, slots, ctx, tables = [], [], [], [], []
         for seq in seqs:
             p = seq.num_cached
-            ids.append(seq.tokens[p])
+            ids.append(seq.token_at(p))
             pos.append(p)
             slots.append(seq.block_table[p // page] * page + p % page)
             ctx.append(p + 1)

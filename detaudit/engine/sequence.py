@@ -54,6 +54,11 @@ class Sequence:
     def tokens(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def token_at(self, i: int) -> int:
+        """tokens[i] without building the whole list (the decode path asks for one token per sequence per step)."""
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.output_ids[i - n]
+
     def __len__(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
