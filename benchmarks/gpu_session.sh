@@ -12,6 +12,8 @@
 # enginegpu: tests/gpu/test_engine_gpu.py (graph replay == eager bitwise with bi kernels, stock split attention)
 # gputests: all of tests/gpu (the log becomes tests/gpu/LOG.txt)
 # local:   detaudit local N = 1000 with stock and batch-invariant kernels, each analysed (the must-show)
+# kernels: benchmarks/kernels.py (matmul vs cuBLAS and TML's matmul_persistent from .third_party/tml, row-wise
+#          bandwidth, attention decode vs flash), JSON under $OUT/kernels
 set -u
 : "${OUT:?OUT must name the output folder}"
 STEPS=${STEPS:-"probe rescore engine"}
@@ -94,6 +96,9 @@ for step in $STEPS; do
                 --out /tmp/local-$k --force 2>&1 | tee "$OUT/local_$k.log"
             detaudit analyze /tmp/local-$k 2>&1 | tee -a "$OUT/local_$k.log"
         done ;;
+    kernels)
+        timeout "$(left)" python3 benchmarks/kernels.py --out "$OUT/kernels" --tml .third_party/tml/tml_bio.py 2>&1 \
+            | tee "$OUT/kernels_bench.txt" ;;
     *) echo "unknown step $step"; exit 2 ;;
     esac
 done

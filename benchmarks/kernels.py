@@ -23,8 +23,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-ALT_SPLITS = [256]  # attention split sizes timed beside the shipped SPLIT (a smaller split: more programs)
+# Attention split schedules timed beside the shipped one (256-token splits below 1024, 512 beyond): uniform splits.
+ALT_SCHEDULES = {"uniform512": {"split": 512, "short_end": 0}, "uniform256": {"split": 256, "short_end": 0}}
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 128256)]  # (K, N)
+COLD_BYTES = 256 << 20  # weight copies rotated through for the cold-weight GEMV timings
 MS = [1, 4, 16, 64, 256, 1024, 4096, 8192]
 TUNE_CANDIDATES = {  # extra tile configs timed with --tune (the shipped table came from earlier sweeps)
     "small": [(16, 64, 128, 8, 4, 4), (16, 32, 256, 8, 4, 4), (16, 64, 256, 8, 4, 3), (16, 32, 512, 8, 4, 3)],
@@ -44,6 +46,12 @@ def _bench(fn: Any, rep: int = 60, graph: bool = True) -> float:
     if graph:
         return float(triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median"))
     return float(triton.testing.do_bench(fn, warmup=15, rep=rep, return_mode="median"))
+
+
+def _cold_ms(fn: Any, ws: list[torch.Tensor]) -> float:
+    """ms per call of fn(w) when consecutive calls read different weights whose total exceeds L2 (50 MB on an
+    H100): how a decoder's layers meet their weights. Graph replays of one call per weight, divided by the count."""
+    return _bench(lambda: [fn(w) for w in ws]) / len(ws)
 
 
 def _load_tml(path: str | None) -> Any:
@@ -89,7 +97,7 @@ def bench_matmul(tml: Any, dtype: torch.dtype, tune: bool, ms_list: list[int]) -
             row["cublas"]["inv"] = bool(torch.equal(F.linear(x, w)[:1], ref1["cublas"]))
             row["ours"] = _rate(m, k, n, _bench(lambda x=x, w=w: tm.matmul(x, w.t())))
             row["ours"]["inv"] = bool(torch.equal(tm.matmul(x, w.t())[:1], ref1["ours"]))
-            row["ours"]["config"] = list(tm.select_config(m, dtype, x.device, n))
+            row["ours"]["config"] = list(tm.select_config(m, dtype, x.device, n, k))
             row["ours"]["max_rel_err"] = float((tm.matmul(x, w.t()).float() - F.linear(x, w).float()).norm()
                                                 / F.linear(x, w).float().norm())
             if tml is not None:
@@ -106,11 +114,18 @@ def bench_matmul(tml: Any, dtype: torch.dtype, tune: bool, ms_list: list[int]) -
                     except Exception as e:  # a config that does not fit shared memory
                         row["tune"][str(c)] = f"error: {type(e).__name__}"
             row["ratio_ours"] = row["cublas"]["ms"] / row["ours"]["ms"]
+            if m <= 4 and w.nbytes < COLD_BYTES:  # the GEMV again with cold weights, as a decoder's layers read them
+                ws = [w] + [torch.randn_like(w) for _ in range(COLD_BYTES // w.nbytes)]
+                row["cold_ratio_ours"] = _cold_ms(lambda ww, x=x: F.linear(x, ww), ws) / _cold_ms(
+                    lambda ww, x=x: tm.matmul(x, ww.t()), ws)
+                del ws
             if tml is not None:
                 row["ratio_tml"] = row["cublas"]["ms"] / row["tml"]["ms"]
             rows.append(row)
             print(f"mm K={k} N={n} M={m}: cuBLAS {row['cublas']['ms']:.4f} ms, ours x{row['ratio_ours']:.2f}"
-                  + (f", tml x{row['ratio_tml']:.2f}" if tml is not None else ""), flush=True)
+                  + (f", tml x{row['ratio_tml']:.2f}" if tml is not None else "")
+                  + (f", cold weights: ours x{row['cold_ratio_ours']:.2f}" if "cold_ratio_ours" in row else ""),
+                  flush=True)
     return rows
 
 
@@ -177,17 +192,18 @@ def bench_attention(batches: list[int], ctxs: list[int]) -> list[dict[str, Any]]
             ms = _bench(ours, graph=False)
             ms_g = _bench(ours)
             kv_bytes = 2 * b * ctx * hkv * d * 2
-            row = {"batch": b, "ctx": ctx, "split": ta.SPLIT, "ms": ms, "sdpa_flash_ms": ms_sdpa,
+            row = {"batch": b, "ctx": ctx, "splits": f"{ta.SHORT_SPLIT} below {ta.SHORT_END}, then {ta.SPLIT}",
+                   "ms": ms, "sdpa_flash_ms": ms_sdpa,
                    "ratio": ms_sdpa / ms, "graph_ms": ms_g, "sdpa_flash_graph_ms": ms_sdpa_g,
                    "graph_ratio": ms_sdpa_g / ms_g, "GBps": kv_bytes / ms_g / 1e6}
-            for alt in ALT_SPLITS:  # other fixed split sizes, same kernels (graph replays)
-                ms_alt = _bench(lambda qp=qp, kc=kc, vc=vc, bt=bt, cu=cu, cl=cl, alt=alt: ta.paged_attention(
-                    qp, kc, vc, bt, cu, cl, 1 / math.sqrt(d), split=alt))
-                row[f"graph_ratio_split{alt}"] = ms_sdpa_g / ms_alt
+            for name, kw in ALT_SCHEDULES.items():  # other split schedules, same kernels (graph replays)
+                ms_alt = _bench(lambda qp=qp, kc=kc, vc=vc, bt=bt, cu=cu, cl=cl, kw=kw: ta.paged_attention(
+                    qp, kc, vc, bt, cu, cl, 1 / math.sqrt(d), **kw))
+                row[f"graph_ratio_{name}"] = ms_sdpa_g / ms_alt
             rows.append(row)
             print(f"attn decode b={b} ctx={ctx}: ours {ms:.3f} ms, flash {ms_sdpa:.3f} ms, x{ms_sdpa / ms:.2f}; "
                   f"graph replay: ours {ms_g:.3f}, flash {ms_sdpa_g:.3f}, x{ms_sdpa_g / ms_g:.2f}; "
-                  + ", ".join(f"split {a}: x{row[f'graph_ratio_split{a}']:.2f}" for a in ALT_SPLITS), flush=True)
+                  + ", ".join(f"{a}: x{row[f'graph_ratio_{a}']:.2f}" for a in ALT_SCHEDULES), flush=True)
             del kc, vc
     return rows
 

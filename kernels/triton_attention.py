@@ -6,9 +6,11 @@ G and the dtype only. Keys/values are read from the paged cache in tiles of ``TI
 0 with an fp32 online softmax. Tiles past a row's own position are fully masked and are exact no-ops (alpha = 1,
 p = 0), so a row's bits do not depend on which tokens share its q-block, how far the block walks, or what else is
 in the batch.
-Keys are grouped into splits of ``SPLIT`` positions, each reduced from scratch and merged in order; for all-decode
-batches with little parallelism each split runs in its own program and a combine kernel merges them (flash-decoding
-with a fixed split size in tokens), which gives the same bits as the one-program launch.
+Keys are grouped into splits fixed by absolute position (``SHORT_SPLIT`` positions each below ``SHORT_END``,
+``SPLIT`` each beyond), each reduced from scratch and merged in order; for all-decode batches with little
+parallelism each split runs in its own program and a combine kernel merges them (flash-decoding with split sizes
+fixed in tokens), which gives the same bits as the one-program launch. The short splits below ``SHORT_END`` give
+short contexts at small batch enough programs; the long ones keep long contexts from paying a partial per 256 keys.
 
 Import this module only when a GPU or ``TRITON_INTERPRET=1`` is present: kernels are decorated at import time.
 """
@@ -24,8 +26,13 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Keys are reduced in splits of this many absolute positions (a multiple of every tile size), merged in order.
+# Keys are reduced in splits of absolute positions (multiples of every tile size), merged in order: SHORT_SPLIT
+# positions each below SHORT_END, SPLIT each from there on (benchmarks/RESULTS.md, "Attention decode").
 SPLIT = 512
+SHORT_SPLIT = 256
+SHORT_END = 1024
+# Pipeline depth of the split launch's KV loads: few programs per SM there, so more tiles in flight pays.
+SPLIT_STAGES = 3
 # (device, dtype) -> did the split launch reproduce the one-program launch bitwise on this device?
 _split_ok: dict[tuple[str, torch.dtype], bool] = {}
 
@@ -40,29 +47,49 @@ def _merge(m, lsum, acc, m_s, l_s, acc_s):
 
 
 @triton.jit
+def _split_start(s, SHORT: tl.constexpr, N_SHORT: tl.constexpr, SPLIT: tl.constexpr):
+    """First absolute position of split s: N_SHORT splits of SHORT positions, then splits of SPLIT."""
+    return tl.where(s < N_SHORT, s * SHORT, N_SHORT * SHORT + (s - N_SHORT) * SPLIT)
+
+
+@triton.jit
+def _split_of(pos, SHORT: tl.constexpr, N_SHORT: tl.constexpr, SPLIT: tl.constexpr):
+    """Index of the split that holds absolute position pos."""
+    return tl.where(pos < N_SHORT * SHORT, pos // SHORT, N_SHORT + (pos - N_SHORT * SHORT) // SPLIT)
+
+
+@triton.jit
 def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, ctx_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr,
                  sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_t, so_h, sbt,
                  num_seqs, scale_log2, D, HQ, NS,
                  G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                 TILE: tl.constexpr, SPLIT: tl.constexpr, PAGE: tl.constexpr, SPLIT_LAUNCH: tl.constexpr,
+                 TILE: tl.constexpr, SHORT: tl.constexpr, N_SHORT: tl.constexpr, SPLIT: tl.constexpr,
+                 PAGE: tl.constexpr, SPLIT_LAUNCH: tl.constexpr,
                  CAST_F32: tl.constexpr, IEEE: tl.constexpr):
     qb = tl.program_id(0)
     kvh = tl.program_id(1).to(tl.int64)
-    # Sequence b owns global q-blocks [cu[b] // BLOCK_Q + b, cu[b + 1] // BLOCK_Q + b + 1): binary search.
-    lo = 0
-    hi = num_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        start_mid = tl.load(cu_ptr + mid) // BLOCK_Q + mid
-        if start_mid <= qb:
-            lo = mid + 1
-        else:
-            hi = mid
-    b = lo - 1
-    seq_q0 = tl.load(cu_ptr + b)
-    seq_q1 = tl.load(cu_ptr + b + 1)
-    local = qb - (seq_q0 // BLOCK_Q + b)
-    q_start = seq_q0 + local * BLOCK_Q
+    if SPLIT_LAUNCH:
+        # All-decode batch: program b serves sequence b's single query token b.
+        b = qb
+        seq_q0 = b
+        seq_q1 = b + 1
+        q_start = b
+    else:
+        # Sequence b owns global q-blocks [cu[b] // BLOCK_Q + b, cu[b + 1] // BLOCK_Q + b + 1): binary search.
+        lo = 0
+        hi = num_seqs
+        while lo < hi:
+            mid = (lo + hi) // 2
+            start_mid = tl.load(cu_ptr + mid) // BLOCK_Q + mid
+            if start_mid <= qb:
+                lo = mid + 1
+            else:
+                hi = mid
+        b = lo - 1
+        seq_q0 = tl.load(cu_ptr + b)
+        seq_q1 = tl.load(cu_ptr + b + 1)
+        local = qb - (seq_q0 // BLOCK_Q + b)
+        q_start = seq_q0 + local * BLOCK_Q
     ctx = tl.load(ctx_ptr + b)
     q_len = seq_q1 - seq_q0
     last = tl.minimum(q_start + BLOCK_Q, seq_q1) - 1
@@ -73,8 +100,8 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, ctx_ptr, ws_m_ptr, 
         s_hi = s_lo + 1
     else:
         s_lo = 0
-        s_hi = max_pos // SPLIT + 1
-    if (q_start < seq_q1) & (s_lo * SPLIT <= max_pos):
+        s_hi = _split_of(max_pos, SHORT, N_SHORT, SPLIT) + 1
+    if (q_start < seq_q1) & (_split_start(s_lo, SHORT, N_SHORT, SPLIT) <= max_pos):
         rows = tl.arange(0, BLOCK_M)
         tok = rows // G
         head = kvh * G + rows % G
@@ -91,12 +118,12 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, ctx_ptr, ws_m_ptr, 
         lsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         for sp in range(s_lo, s_hi):
-            # Each split of SPLIT absolute positions starts a fresh online softmax; splits merge in order.
+            # Each split of absolute positions starts a fresh online softmax; splits merge in order.
             m_s = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
             l_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
             acc_s = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-            t0 = sp * (SPLIT // TILE)
-            t1 = tl.minimum(t0 + SPLIT // TILE, n_tiles)
+            t0 = _split_start(sp, SHORT, N_SHORT, SPLIT) // TILE
+            t1 = tl.minimum(_split_start(sp + 1, SHORT, N_SHORT, SPLIT) // TILE, n_tiles)
             for t in range(t0, t1):
                 kpos = t * TILE + tl.arange(0, TILE)
                 k_ok = kpos < ctx
@@ -144,11 +171,11 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, ctx_ptr, ws_m_ptr, 
 
 @triton.jit
 def _combine_kernel(o_ptr, ctx_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr, so_t, so_h, D, HQ, NS,
-                    BLOCK_D: tl.constexpr, SPLIT: tl.constexpr):
+                    BLOCK_D: tl.constexpr, SHORT: tl.constexpr, N_SHORT: tl.constexpr, SPLIT: tl.constexpr):
     # Decode launch only: token t is sequence t's single query, at position ctx[t] - 1.
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    n = (tl.load(ctx_ptr + t) - 1) // SPLIT + 1
+    n = _split_of(tl.load(ctx_ptr + t) - 1, SHORT, N_SHORT, SPLIT) + 1
     offs_d = tl.arange(0, BLOCK_D)
     zero = tl.zeros((1,), dtype=tl.int64)
     m = tl.full((1,), -float("inf"), dtype=tl.float32)
@@ -177,14 +204,18 @@ def block_m(g: int) -> int:
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                    split_launch: bool | None = None, split: int = SPLIT) -> torch.Tensor:
+                    split_launch: bool | None = None, split: int = SPLIT, short_split: int = SHORT_SPLIT,
+                    short_end: int = SHORT_END, stages: int | None = None, rows: int | None = None,
+                    warps: int = 4) -> torch.Tensor:
     """Launch the kernels; shapes as in :func:`detaudit.kernels.attention.paged_attention`.
 
-    Keys are always reduced in splits of ``split`` absolute positions merged in order. ``split_launch`` only picks
-    how that is scheduled: one program per (q-block, KV head) walking all splits, or, for all-decode batches with
-    little parallelism, one program per split plus a combine kernel — the same arithmetic, so the same bits.
-    ``split`` (a multiple of the dtype's tile) stays ``SPLIT`` for batch-invariant use; the stock path in
-    :mod:`detaudit.kernels.attention` picks it from the batch, as flash-decoding does.
+    Keys are always reduced in splits of absolute positions merged in order: ``short_split`` positions each below
+    ``short_end``, ``split`` each from there on (multiples of the dtype's tile; ``short_end=0``: uniform splits).
+    ``split_launch`` only picks how that is scheduled: one program per (q-block, KV head) walking all splits, or,
+    for all-decode batches with little parallelism, one program per split plus a combine kernel — the same
+    arithmetic, so the same bits. The split sizes stay the module's constants for batch-invariant use; the stock
+    path in :mod:`detaudit.kernels.attention` picks a uniform split from the batch, as flash-decoding does.
+    ``stages``, ``rows`` (query rows per program) and ``warps`` are for benchmarks: the kernel's launch shape.
     """
     t_total, hq, d = q.shape
     num_seqs = context_lens.shape[0]
@@ -195,18 +226,22 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return out
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("paged_attention: last dims of q, k_cache and v_cache must be contiguous")
-    if split < 1 or split % tile_size(q.dtype):
-        raise ValueError(f"paged_attention: split {split} must be a positive multiple of {tile_size(q.dtype)}")
-    bm = block_m(g)
+    tile = tile_size(q.dtype)
+    if split < 1 or split % tile or short_split < 1 or short_split % tile or short_end % short_split:
+        raise ValueError(f"paged_attention: splits {short_split} (below {short_end}) and {split} must be positive "
+                         f"multiples of {tile}, and {short_end} a multiple of {short_split}")
+    bm = rows or block_m(g)
     bq = bm // g
     block_d = triton.next_power_of_2(d)
     cu = cu_seqlens_q.to(torch.int32).contiguous()
     ctx = context_lens.to(torch.int32).contiguous()
     bt = block_tables.to(torch.int32)
     max_ctx = bt.shape[1] * page  # upper bound on any context, known without a device sync
-    n_split = triton.cdiv(max_ctx, split)
+    n_short = short_end // short_split
+    n_split = triton.cdiv(max_ctx, short_split) if max_ctx <= short_end else n_short + triton.cdiv(
+        max_ctx - short_end, split)
     if split_launch is None:
-        split_launch = (t_total == num_seqs and n_split >= 2 and num_seqs * hkv < 2 * _sm_count(q.device)
+        split_launch = (t_total == num_seqs and n_split >= 2 and num_seqs * hkv < 4 * _sm_count(q.device)
                         and split_launch_agrees(q.device, q.dtype))
     if split_launch and t_total != num_seqs:
         raise ValueError("paged_attention: the split launch serves all-decode batches (one query per sequence)")
@@ -215,7 +250,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         ws_m = torch.empty((t_total, hq, n_split), dtype=torch.float32, device=q.device)
         ws_l = torch.empty_like(ws_m)
         ws_acc = torch.empty((t_total, hq, n_split, block_d), dtype=torch.float32, device=q.device)
-        grid: tuple[int, ...] = (n_qblocks, hkv, n_split)
+        grid: tuple[int, ...] = (num_seqs, hkv, n_split)
     else:
         ws_m = ws_l = ws_acc = out
         grid = (n_qblocks, hkv)
@@ -224,13 +259,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), bt.stride(0),
         num_seqs, float(scale * math.log2(math.e)), d, hq, n_split,
-        G=g, BLOCK_Q=bq, BLOCK_M=bm, BLOCK_D=block_d, TILE=tile_size(q.dtype), SPLIT=split, PAGE=page,
+        G=g, BLOCK_Q=bq, BLOCK_M=bm, BLOCK_D=block_d, TILE=tile, SHORT=short_split, N_SHORT=n_short, SPLIT=split,
+        PAGE=page,
         SPLIT_LAUNCH=split_launch, CAST_F32=INTERPRET and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
-        num_warps=4, num_stages=2,
+        num_warps=warps, num_stages=stages or (SPLIT_STAGES if split_launch else 2),
     )
     if split_launch:
         _combine_kernel[(t_total, hq)](out, ctx, ws_m, ws_l, ws_acc, out.stride(0), out.stride(1), d, hq, n_split,
-                                       BLOCK_D=block_d, SPLIT=split, num_warps=1)
+                                       BLOCK_D=block_d, SHORT=short_split, N_SHORT=n_short, SPLIT=split,
+                                       num_warps=1)
     return out
 
 
