@@ -97,7 +97,8 @@ for step in $STEPS; do
             detaudit analyze /tmp/local-$k 2>&1 | tee -a "$OUT/local_$k.log"
         done ;;
     kernels)
-        timeout "$(left)" python3 benchmarks/kernels.py --out "$OUT/kernels" --tml .third_party/tml/tml_bio.py 2>&1 \
+        timeout "$(left)" python3 benchmarks/kernels.py --out "$OUT/kernels" --tml .third_party/tml/tml_bio.py \
+            --only "${KERNELS_ONLY:-matmul,rowwise,attention}" 2>&1 \
             | tee "$OUT/kernels_bench.txt" ;;
     *) echo "unknown step $step"; exit 2 ;;
     esac
