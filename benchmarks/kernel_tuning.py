@@ -63,6 +63,22 @@ def _poisoned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype, device="cuda")
 
 
+def paged_decode_case(b: int, ctx: int, hq: int = 32, hkv: int = 8, d: int = 128,
+                      page: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[Any, ...]]:
+    """Random bf16 decode-attention inputs: dense q [b, hq, 1, d], k and v [b, hkv, ctx, d] for SDPA, and the same
+    K/V in a paged cache as the positional arguments of ``paged_attention``."""
+    k = torch.randn(b, hkv, ctx, d, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(b, hkv, ctx, d, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+    npg = ctx // page
+    kc = k.permute(0, 2, 1, 3).reshape(b * npg, page, hkv, d).contiguous()
+    vc = v.permute(0, 2, 1, 3).reshape(b * npg, page, hkv, d).contiguous()
+    bt = torch.arange(b * npg, device="cuda", dtype=torch.int32).reshape(b, npg)
+    cu = torch.arange(b + 1, device="cuda", dtype=torch.int32)
+    cl = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
+    return q, k, v, (q[:, :, 0].contiguous(), kc, vc, bt, cu, cl, 1 / math.sqrt(d))
+
+
 def try_candidate(tm: Any, x: torch.Tensor, w: torch.Tensor, cfg: Any, ref: torch.Tensor, cublas_ms: float,
                   rep: int = 30) -> dict[str, Any]:
     """One matmul tile config on x @ w.T: into a NaN-poisoned output, bitwise vs the shipped config's `ref` (with
@@ -171,29 +187,18 @@ def tune_softmax(tr: Any, res: dict[str, Any], out: Path) -> None:
 def tune_attention(ta: Any, res: dict[str, Any], out: Path) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    hq, hkv, d, page = 32, 8, 128, 64
     rows: list[dict[str, Any]] = []
     res["attention"] = rows
     for b, ctx in ATTN_POINTS:
         if _late():
             break
-        k = torch.randn(b, hkv, ctx, d, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(b, hkv, ctx, d, device="cuda", dtype=torch.bfloat16)
-        q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+        q, k, v, args = paged_decode_case(b, ctx)
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             flash_ms = bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)[:, :, 0]
-        npg = ctx // page
-        kc = k.permute(0, 2, 1, 3).reshape(b * npg, page, hkv, d).contiguous()
-        vc = v.permute(0, 2, 1, 3).reshape(b * npg, page, hkv, d).contiguous()
         del k, v
-        bt = torch.arange(b * npg, device="cuda", dtype=torch.int32).reshape(b, npg)
-        cu = torch.arange(b + 1, device="cuda", dtype=torch.int32)
-        cl = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
-        qp = q[:, :, 0].contiguous()
         row: dict[str, Any] = {"batch": b, "ctx": ctx, "flash_ms": flash_ms}
         for split in SPLITS:
-            args = (qp, kc, vc, bt, cu, cl, 1 / math.sqrt(d))
             one = ta.paged_attention(*args, split_launch=False, split=split)
             sl = ta.paged_attention(*args, split_launch=True, split=split)
             ms = bench(lambda args=args, s=split: ta.paged_attention(*args, split=s))
@@ -209,7 +214,7 @@ def tune_attention(ta: Any, res: dict[str, Any], out: Path) -> None:
                                                      f"{'' if row[str(s)]['split_eq_one'] else ' BITS DIFFER'}"
                                                      for s in SPLITS), flush=True)
         (out / "tuning.json").write_text(json.dumps(res, indent=1))
-        del kc, vc
+        del args
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from kernel_tuning import bench, rel_err, try_candidate  # benchmarks/ is sys.path[0] when run as a script
+from kernel_tuning import bench, paged_decode_case, rel_err, try_candidate  # benchmarks/ is on sys.path
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTN_POINTS = [(1, 1024), (4, 1024), (16, 1024), (1, 4096), (4, 4096), (16, 4096), (64, 4096), (1, 16384),
@@ -95,34 +95,24 @@ def _attn_point(ta: Any, args: tuple[Any, ...], flash_ms: float, ref: torch.Tens
 def tune_attention(ta: Any, res: dict[str, Any], out: Path, deadline: float) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    hq, hkv, d, page = 32, 8, 128, 64
     rows: list[dict[str, Any]] = []
     res["attention"] = rows
     for b, ctx in ATTN_POINTS:
         if time.time() - T0 > deadline:
             break
-        k = torch.randn(b, hkv, ctx, d, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(b, hkv, ctx, d, device="cuda", dtype=torch.bfloat16)
-        q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+        q, k, v, args = paged_decode_case(b, ctx)
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             flash_ms = bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), REP)
         ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), enable_gqa=True)[:, :, 0]
-        npg = ctx // page
-        kc = k.permute(0, 2, 1, 3).reshape(b * npg, page, hkv, d).contiguous()
-        vc = v.permute(0, 2, 1, 3).reshape(b * npg, page, hkv, d).contiguous()
         del k, v
-        bt = torch.arange(b * npg, device="cuda", dtype=torch.int32).reshape(b, npg)
-        cu = torch.arange(b + 1, device="cuda", dtype=torch.int32)
-        cl = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
-        row = {"batch": b, "ctx": ctx, **_attn_point(ta, (q[:, :, 0].contiguous(), kc, vc, bt, cu, cl,
-                                                          1 / math.sqrt(d)), flash_ms, ref)}
+        row = {"batch": b, "ctx": ctx, **_attn_point(ta, args, flash_ms, ref)}
         rows.append(row)
         best = row["best"]
         print(f"attn b={b} ctx={ctx}: one-launch 512 x{row['one_launch_512']:.2f}; best {best[0]} x{best[1]:.2f}; "
               + " ".join(f"{n}={v.get('ratio', 0):.2f}{'' if v.get('same_bits', True) else '!BITS'}"
                          for n, v in row["variants"].items()), flush=True)
         (out / "tuning_decode.json").write_text(json.dumps(res, indent=1))
-        del kc, vc
+        del args
     torch.cuda.empty_cache()
 
 

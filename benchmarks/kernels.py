@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from kernel_tuning import paged_decode_case  # benchmarks/ is sys.path[0] when run as a script
 
 ALT_SPLITS = [256]  # attention split sizes timed beside the shipped SPLIT (a smaller split: more programs)
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 128256)]  # (K, N)
@@ -170,21 +171,12 @@ def bench_attention(batches: list[int], ctxs: list[int]) -> list[dict[str, Any]]
         for b in batches:
             if b * ctx > 4_300_000:
                 continue
-            k = torch.randn(b, hkv, ctx, d, device="cuda", dtype=torch.bfloat16)
-            v = torch.randn(b, hkv, ctx, d, device="cuda", dtype=torch.bfloat16)
-            q = torch.randn(b, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+            q, k, v, (qp, kc, vc, bt, cu, cl, _) = paged_decode_case(b, ctx, hq, hkv, d, page)
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
                 ms_sdpa = _bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
                                  graph=False)
                 ms_sdpa_g = _bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
-            npg = ctx // page
-            kc = k.permute(0, 2, 1, 3).reshape(b * npg, page, hkv, d).contiguous()
-            vc = v.permute(0, 2, 1, 3).reshape(b * npg, page, hkv, d).contiguous()
             del k, v
-            bt = torch.arange(b * npg, device="cuda", dtype=torch.int32).reshape(b, npg)
-            cu = torch.arange(b + 1, device="cuda", dtype=torch.int32)
-            cl = torch.full((b,), ctx, device="cuda", dtype=torch.int32)
-            qp = q[:, :, 0].contiguous()
             def ours(qp=qp, kc=kc, vc=vc, bt=bt, cu=cu, cl=cl) -> torch.Tensor:
                 return ta.paged_attention(qp, kc, vc, bt, cu, cl, 1 / math.sqrt(d))
 
