@@ -109,12 +109,21 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, ctx_ptr, ws_m_ptr, 
             for t in range(t0, t1):
                 kpos = t * TILE + tl.arange(0, TILE)
                 k_ok = kpos < ctx
-                page = tl.load(bt_ptr + b.to(tl.int64) * sbt + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
-                slot = (kpos % PAGE).to(tl.int64)
-                kt = tl.load(k_ptr + (page * sk_b + slot * sk_s)[None, :] + kvh * sk_h + offs_d[:, None],
-                             mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-                v = tl.load(v_ptr + (page * sv_b + slot * sv_s)[:, None] + kvh * sv_h + offs_d[None, :],
-                            mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+                if PAGE >= TILE:
+                    # The whole tile sits in one page: one block-table read, a strided block of K and V.
+                    page = tl.load(bt_ptr + b.to(tl.int64) * sbt + (t * TILE) // PAGE).to(tl.int64)
+                    slot = ((t * TILE) % PAGE + tl.arange(0, TILE)).to(tl.int64)
+                    kt = tl.load(k_ptr + page * sk_b + kvh * sk_h + slot[None, :] * sk_s + offs_d[:, None],
+                                 mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+                    v = tl.load(v_ptr + page * sv_b + kvh * sv_h + slot[:, None] * sv_s + offs_d[None, :],
+                                mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+                else:
+                    page = tl.load(bt_ptr + b.to(tl.int64) * sbt + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
+                    slot = (kpos % PAGE).to(tl.int64)
+                    kt = tl.load(k_ptr + (page * sk_b + slot * sk_s)[None, :] + kvh * sk_h + offs_d[:, None],
+                                 mask=k_ok[None, :] & d_ok[:, None], other=0.0)
+                    v = tl.load(v_ptr + (page * sv_b + slot * sv_s)[:, None] + kvh * sv_h + offs_d[None, :],
+                                mask=k_ok[:, None] & d_ok[None, :], other=0.0)
                 if CAST_F32:
                     kt = kt.to(tl.float32)
                     v = v.to(tl.float32)

@@ -141,3 +141,15 @@ def test_attention_logic(tk: SimpleNamespace, dtype: torch.dtype) -> None:
     for i in (0, bq, 7 * bq):  # a chunk row vs the same token decoded alone, both first in their q-block
         assert torch.equal(call(ta.paged_attention, q[i:i + 1], bt[:1], [1], [521 + i]), full[i:i + 1]), i
     assert torch.equal(call(ta.paged_attention, q[40:43], bt[1:2], [3], [20]), full[40:43])  # alone vs in batch
+    # The same keys in pages of 64 (a whole tile per page: one block-table read per tile) give the same bits.
+    big = 64
+    kc64 = torch.zeros(len(lens) * -(-max(lens) // big), big, hkv, d).to(dtype)
+    vc64 = torch.zeros_like(kc64)
+    bt64 = torch.arange(kc64.shape[0], dtype=torch.int32).flip(0).reshape(len(lens), -1)  # pages out of order
+    for b, c in enumerate(lens):
+        pos = torch.arange(c)
+        src = bt[b, pos // page].long(), pos % page
+        dst = bt64[b, pos // big].long(), pos % big
+        kc64[dst] = kc[src]
+        vc64[dst] = vc[src]
+    assert torch.equal(call(ta.paged_attention, q, bt64, qlens, lens, caches=(kc64, vc64)), full)

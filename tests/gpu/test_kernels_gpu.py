@@ -139,13 +139,14 @@ def _paged(lens: list[int], hkv: int, d: int, page: int, dtype: torch.dtype, g: 
     return paged_kv_cache(lens, hkv, d, page, dtype, g, device="cuda", spare_pages=3)
 
 
+@pytest.mark.parametrize("page", [16, 64], ids=["tile-spans-pages", "page-holds-tiles"])
 @pytest.mark.parametrize("gqa", [1, 2, 4, 7, 8])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
-def test_attention_correct_and_prefill_decode_invariant(gqa: int, dtype: torch.dtype) -> None:
+def test_attention_correct_and_prefill_decode_invariant(gqa: int, dtype: torch.dtype, page: int) -> None:
     from detaudit.kernels.attention import _stock, paged_attention
 
     g = torch.Generator().manual_seed(gqa)
-    hkv, d, page = 2, 128, 16
+    hkv, d = 2, 128
     hq = hkv * gqa
     lens = [1000, 37, 300, 1]
     qlens = [1000, 5, 1, 1]
@@ -183,14 +184,15 @@ def test_overrides_under_torch_compile_and_coverage() -> None:
     assert cov.protected["aten::addmm"] >= 1 and cov.protected["aten::_log_softmax"] >= 1, cov.to_dict()
 
 
+@pytest.mark.parametrize("page", [16, 64], ids=["tile-spans-pages", "page-holds-tiles"])
 @pytest.mark.parametrize("split", [256, 512])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
-def test_attention_split_launch_gives_the_same_bits(dtype: torch.dtype, split: int) -> None:
+def test_attention_split_launch_gives_the_same_bits(dtype: torch.dtype, split: int, page: int) -> None:
     from detaudit.kernels import triton_attention as ta
 
     g = torch.Generator().manual_seed(7)
     lens = [3000, 1, 255, 256, 257, 511, 512, 513, 1023, 1024, 1025, 2047, 77]
-    kc, vc, bt = _paged(lens, 8, 128, 16, dtype, g)
+    kc, vc, bt = _paged(lens, 8, 128, page, dtype, g)
     q = torch.randn(len(lens), 32, 128, generator=g).to("cuda", dtype)
     cu = torch.arange(len(lens) + 1, dtype=torch.int32, device="cuda")
     ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
