@@ -6,9 +6,11 @@ G and the dtype only. Keys/values are read from the paged cache in tiles of ``TI
 0 with an fp32 online softmax. Tiles past a row's own position are fully masked and are exact no-ops (alpha = 1,
 p = 0), so a row's bits do not depend on which tokens share its q-block, how far the block walks, or what else is
 in the batch.
-Keys are grouped into splits of ``SPLIT`` positions, each reduced from scratch and merged in order; for all-decode
-batches with little parallelism each split runs in its own program and a combine kernel merges them (flash-decoding
-with a fixed split size in tokens), which gives the same bits as the one-program launch.
+Keys are grouped into splits fixed by absolute position (``SHORT_SPLIT`` positions each below ``SHORT_END``,
+``SPLIT`` each from there on), each reduced from scratch and merged in order; for all-decode batches with little
+parallelism each split runs in its own program and a combine kernel merges them (flash-decoding with split sizes
+fixed in tokens), which gives the same bits as the one-program launch. The short splits give short contexts at
+small batch enough programs; the long ones keep long contexts from paying a partial per 256 keys.
 
 Import this module only when a GPU or ``TRITON_INTERPRET=1`` is present: kernels are decorated at import time.
 """
@@ -24,8 +26,11 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Keys are reduced in splits of this many absolute positions (a multiple of every tile size), merged in order.
+# Keys are reduced in splits of absolute positions (multiples of every tile size), merged in order: SHORT_SPLIT
+# positions each below SHORT_END, SPLIT each from there on (benchmarks/RESULTS.md, "Attention decode").
 SPLIT = 512
+SHORT_SPLIT = 256
+SHORT_END = 1024
 # Pipeline depth of the split launch's KV loads (benchmarks/kernel_tuning_decode.py: 3 beat 2 by up to 0.06 of flash).
 SPLIT_STAGES = 3
 # (device, dtype) -> did the split launch reproduce the one-program launch bitwise on this device?
@@ -42,11 +47,25 @@ def _merge(m, lsum, acc, m_s, l_s, acc_s):
 
 
 @triton.jit
+def _split_start(s, SHORT: tl.constexpr, N_SHORT: tl.constexpr, SPLIT: tl.constexpr):
+    """First absolute position of split s: N_SHORT splits of SHORT positions, then splits of SPLIT. Arithmetic, not
+    a select: with tl.where here the H100 kernel ran 10-25 % slower (benchmarks/RESULTS.md)."""
+    return s * SHORT + tl.maximum(s - N_SHORT, 0) * (SPLIT - SHORT)
+
+
+@triton.jit
+def _split_count(pos, SHORT: tl.constexpr, N_SHORT: tl.constexpr, SPLIT: tl.constexpr):
+    """Number of splits that hold positions 0..pos."""
+    return tl.minimum(pos // SHORT + 1, N_SHORT) + (tl.maximum(pos - N_SHORT * SHORT, -1) + SPLIT) // SPLIT
+
+
+@triton.jit
 def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, ctx_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr,
                  sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_t, so_h, sbt,
                  num_seqs, scale_log2, D, HQ, NS,
                  G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                 TILE: tl.constexpr, SPLIT: tl.constexpr, PAGE: tl.constexpr, SPLIT_LAUNCH: tl.constexpr,
+                 TILE: tl.constexpr, SHORT: tl.constexpr, N_SHORT: tl.constexpr, SPLIT: tl.constexpr,
+                 PAGE: tl.constexpr, SPLIT_LAUNCH: tl.constexpr,
                  CAST_F32: tl.constexpr, IEEE: tl.constexpr):
     qb = tl.program_id(0)
     kvh = tl.program_id(1).to(tl.int64)
@@ -82,8 +101,8 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, ctx_ptr, ws_m_ptr, 
         s_hi = s_lo + 1
     else:
         s_lo = 0
-        s_hi = max_pos // SPLIT + 1
-    if (q_start < seq_q1) & (s_lo * SPLIT <= max_pos):
+        s_hi = _split_count(max_pos, SHORT, N_SHORT, SPLIT)
+    if (q_start < seq_q1) & (_split_start(s_lo, SHORT, N_SHORT, SPLIT) <= max_pos):
         rows = tl.arange(0, BLOCK_M)
         tok = rows // G
         head = kvh * G + rows % G
@@ -100,12 +119,12 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, ctx_ptr, ws_m_ptr, 
         lsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
         for sp in range(s_lo, s_hi):
-            # Each split of SPLIT absolute positions starts a fresh online softmax; splits merge in order.
+            # Each split of absolute positions starts a fresh online softmax; splits merge in order.
             m_s = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
             l_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
             acc_s = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-            t0 = sp * (SPLIT // TILE)
-            t1 = tl.minimum(t0 + SPLIT // TILE, n_tiles)
+            t0 = _split_start(sp, SHORT, N_SHORT, SPLIT) // TILE
+            t1 = tl.minimum(_split_start(sp + 1, SHORT, N_SHORT, SPLIT) // TILE, n_tiles)
             for t in range(t0, t1):
                 kpos = t * TILE + tl.arange(0, TILE)
                 k_ok = kpos < ctx
@@ -162,11 +181,11 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, ctx_ptr, ws_m_ptr, 
 
 @triton.jit
 def _combine_kernel(o_ptr, ctx_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr, so_t, so_h, D, HQ, NS,
-                    BLOCK_D: tl.constexpr, SPLIT: tl.constexpr):
+                    BLOCK_D: tl.constexpr, SHORT: tl.constexpr, N_SHORT: tl.constexpr, SPLIT: tl.constexpr):
     # Decode launch only: token t is sequence t's single query, at position ctx[t] - 1.
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    n = (tl.load(ctx_ptr + t) - 1) // SPLIT + 1
+    n = _split_count(tl.load(ctx_ptr + t) - 1, SHORT, N_SHORT, SPLIT)
     offs_d = tl.arange(0, BLOCK_D)
     zero = tl.zeros((1,), dtype=tl.int64)
     m = tl.full((1,), -float("inf"), dtype=tl.float32)
@@ -195,16 +214,19 @@ def block_m(g: int) -> int:
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                    split_launch: bool | None = None, split: int = SPLIT, stages: int | None = None,
-                    rows: int | None = None, warps: int = 4) -> torch.Tensor:
+                    split_launch: bool | None = None, split: int = SPLIT, short_split: int = SHORT_SPLIT,
+                    short_end: int = SHORT_END, stages: int | None = None, rows: int | None = None,
+                    warps: int = 4) -> torch.Tensor:
     """Launch the kernels; shapes as in :func:`detaudit.kernels.attention.paged_attention`.
 
-    Keys are always reduced in splits of ``split`` absolute positions merged in order. ``split_launch`` only picks
-    how that is scheduled: one program per (q-block, KV head) walking all splits, or, for all-decode batches with
-    little parallelism, one program per split plus a combine kernel — the same arithmetic, so the same bits.
-    ``split`` (a multiple of the dtype's tile) stays ``SPLIT`` for batch-invariant use; the stock path in
-    :mod:`detaudit.kernels.attention` picks it from the batch, as flash-decoding does. ``stages``, ``rows`` (query
-    rows per program) and ``warps`` are for benchmarks: the launch shape, which must not change the bits.
+    Keys are always reduced in splits of absolute positions merged in order: ``short_split`` positions each below
+    ``short_end``, ``split`` each from there on (multiples of the dtype's tile; ``short_end=0``: uniform splits).
+    ``split_launch`` only picks how that is scheduled: one program per (q-block, KV head) walking all splits, or,
+    for all-decode batches with little parallelism, one program per split plus a combine kernel — the same
+    arithmetic, so the same bits. The split sizes stay the module's constants for batch-invariant use; the stock
+    path in :mod:`detaudit.kernels.attention` picks a uniform split from the batch, as flash-decoding does.
+    ``stages``, ``rows`` (query rows per program) and ``warps`` are for benchmarks: the launch shape, which must not
+    change the bits.
     """
     t_total, hq, d = q.shape
     num_seqs = context_lens.shape[0]
@@ -215,8 +237,13 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         return out
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("paged_attention: last dims of q, k_cache and v_cache must be contiguous")
-    if split < 1 or split % tile_size(q.dtype):
-        raise ValueError(f"paged_attention: split {split} must be a positive multiple of {tile_size(q.dtype)}")
+    tile = tile_size(q.dtype)
+    if short_end == 0:
+        short_split = split
+    if split < 1 or split % tile or short_split < 1 or short_split % tile or short_end % short_split:
+        raise ValueError(f"paged_attention: split sizes {short_split} (below position {short_end}) and {split} must "
+                         f"be positive multiples of {tile}, and {short_end} a multiple of {short_split}")
+    n_short = short_end // short_split
     bm = rows or block_m(g)
     bq = bm // g
     block_d = triton.next_power_of_2(d)
@@ -224,7 +251,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     ctx = context_lens.to(torch.int32).contiguous()
     bt = block_tables.to(torch.int32)
     max_ctx = bt.shape[1] * page  # upper bound on any context, known without a device sync
-    n_split = triton.cdiv(max_ctx, split)
+    last = max_ctx - 1  # splits holding positions 0..last, as _split_count
+    n_split = min(last // short_split + 1, n_short) + (max(last - short_end, -1) + split) // split
     if split_launch is None:
         split_launch = (t_total == num_seqs and n_split >= 2 and num_seqs * hkv < 4 * _sm_count(q.device)
                         and split_launch_agrees(q.device, q.dtype))
@@ -244,13 +272,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), bt.stride(0),
         num_seqs, float(scale * math.log2(math.e)), d, hq, n_split,
-        G=g, BLOCK_Q=bq, BLOCK_M=bm, BLOCK_D=block_d, TILE=tile_size(q.dtype), SPLIT=split, PAGE=page,
+        G=g, BLOCK_Q=bq, BLOCK_M=bm, BLOCK_D=block_d, TILE=tile, SHORT=short_split, N_SHORT=n_short, SPLIT=split,
+        PAGE=page,
         SPLIT_LAUNCH=split_launch, CAST_F32=INTERPRET and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
         num_warps=warps, num_stages=stages or (SPLIT_STAGES if split_launch else 2),
     )
     if split_launch:
         _combine_kernel[(t_total, hq)](out, ctx, ws_m, ws_l, ws_acc, out.stride(0), out.stride(1), d, hq, n_split,
-                                       BLOCK_D=block_d, SPLIT=split, num_warps=1)
+                                       BLOCK_D=block_d, SHORT=short_split, N_SHORT=n_short, SPLIT=split,
+                                       num_warps=1)
     return out
 
 

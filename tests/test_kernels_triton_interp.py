@@ -108,7 +108,9 @@ def test_attention_logic(tk: SimpleNamespace, dtype: torch.dtype) -> None:
     ta = tk.triton_attention
     g = torch.Generator().manual_seed(2)
     hkv, gqa, d, page = 2, 3, 16, 8
-    lens, qlens = [560, 20, 5], [40, 3, 1]  # sequence 0: a 40-token chunk at positions 520..559 (2 splits)
+    # Sequence 0: a 40-token chunk at positions 1004..1043, across SHORT_END: its keys fall in four short splits,
+    # then long ones.
+    lens, qlens = [ta.SHORT_END + 20, 20, 5], [40, 3, 1]
     n_pages = sum(-(-c // page) for c in lens) + 1
     kc = torch.randn(n_pages, page, hkv, d, generator=g).to(dtype)
     vc = torch.randn(n_pages, page, hkv, d, generator=g).to(dtype)
@@ -130,7 +132,7 @@ def test_attention_logic(tk: SimpleNamespace, dtype: torch.dtype) -> None:
     full = call(ta.paged_attention, q, bt, qlens, lens)
     ref = call(_stock, q.double(), bt, qlens, lens, caches=(kc.double(), vc.double()))
     assert _rel(full, ref) < (1e-6 if dtype == torch.float32 else 2e-3)
-    dec = [559, 19, 4]  # one decode query per sequence: both launches, same bits
+    dec = [lens[0] - 1, 19, 4]  # one decode query per sequence: both launches, same bits
     q_dec = torch.randn(3, hkv * gqa, d, generator=g).to(dtype)
     cu3 = torch.arange(4, dtype=torch.int32)
     ctx3 = torch.tensor([p + 1 for p in dec], dtype=torch.int32)
@@ -139,7 +141,7 @@ def test_attention_logic(tk: SimpleNamespace, dtype: torch.dtype) -> None:
     assert torch.equal(one, split)
     bq = ta.block_m(gqa) // gqa
     for i in (0, bq, 7 * bq):  # a chunk row vs the same token decoded alone, both first in their q-block
-        assert torch.equal(call(ta.paged_attention, q[i:i + 1], bt[:1], [1], [521 + i]), full[i:i + 1]), i
+        assert torch.equal(call(ta.paged_attention, q[i:i + 1], bt[:1], [1], [lens[0] - 39 + i]), full[i:i + 1]), i
     assert torch.equal(call(ta.paged_attention, q[40:43], bt[1:2], [3], [20]), full[40:43])  # alone vs in batch
     # The same keys in pages of 64 (a whole tile per page: one block-table read per tile) give the same bits.
     big = 64

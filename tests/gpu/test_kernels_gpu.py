@@ -185,9 +185,9 @@ def test_overrides_under_torch_compile_and_coverage() -> None:
 
 
 @pytest.mark.parametrize("page", [16, 64], ids=["tile-spans-pages", "page-holds-tiles"])
-@pytest.mark.parametrize("split", [256, 512])
+@pytest.mark.parametrize("schedule", [(512, 1024), (256, 0), (512, 0)], ids=["shipped", "uniform256", "uniform512"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
-def test_attention_split_launch_gives_the_same_bits(dtype: torch.dtype, split: int, page: int) -> None:
+def test_attention_split_launch_gives_the_same_bits(dtype: torch.dtype, schedule: tuple[int, int], page: int) -> None:
     from detaudit.kernels import triton_attention as ta
 
     g = torch.Generator().manual_seed(7)
@@ -196,9 +196,10 @@ def test_attention_split_launch_gives_the_same_bits(dtype: torch.dtype, split: i
     q = torch.randn(len(lens), 32, 128, generator=g).to("cuda", dtype)
     cu = torch.arange(len(lens) + 1, dtype=torch.int32, device="cuda")
     ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    one = ta.paged_attention(q, kc, vc, bt, cu, ctx, 0.088, split_launch=False, split=split)
+    kw = {"split": schedule[0], "short_end": schedule[1]}
+    one = ta.paged_attention(q, kc, vc, bt, cu, ctx, 0.088, split_launch=False, **kw)
     assert not torch.isnan(one).any()
     for stages in (2, 3, 4):  # the pipeline depth is scheduling only
-        two = ta.paged_attention(q, kc, vc, bt, cu, ctx, 0.088, split_launch=True, split=split, stages=stages)
+        two = ta.paged_attention(q, kc, vc, bt, cu, ctx, 0.088, split_launch=True, stages=stages, **kw)
         assert torch.equal(one, two), stages
     assert ta.split_launch_agrees(torch.device("cuda"), dtype)
