@@ -2,9 +2,9 @@
 
 Matmul: candidate tile configs (pointer loads vs the TMA persistent kernel, warp specialisation) for M >= 256 and
 for the decode GEMV (M <= 16) on the Llama-3-8B linear shapes. Log-softmax: segment size / warps of the segmented
-kernel for 128,256-wide fp32 rows. Attention decode: the split size in tokens. Every candidate is checked before it
-is timed: fresh random inputs, a NaN-poisoned output, the error against a higher-precision reference, and for
-matmul bitwise equality with the shipped config (a config that changes the bits may never be dispatched).
+kernel for 128,256-wide fp32 rows. Attention decode: uniform split sizes in tokens. Every candidate is checked
+before it is timed: fresh random inputs, a NaN-poisoned output, the error against a higher-precision reference, and
+for matmul bitwise equality with the shipped config (a config that changes the bits may never be dispatched).
 Writes ``tuning.json`` under ``--out`` after each section and prints the winners.
 
     python benchmarks/kernel_tuning.py --out $OUT
@@ -199,11 +199,13 @@ def tune_attention(ta: Any, res: dict[str, Any], out: Path) -> None:
         del k, v
         row: dict[str, Any] = {"batch": b, "ctx": ctx, "flash_ms": flash_ms}
         for split in SPLITS:
-            one = ta.paged_attention(*args, split_launch=False, split=split)
-            sl = ta.paged_attention(*args, split_launch=True, split=split)
-            ms = bench(lambda args=args, s=split: ta.paged_attention(*args, split=s))
-            ms_one = bench(lambda args=args, s=split: ta.paged_attention(*args, split_launch=False, split=s))
-            ms_split = bench(lambda args=args, s=split: ta.paged_attention(*args, split_launch=True, split=s))
+            one = ta.paged_attention(*args, split_launch=False, split=split, short_end=0)
+            sl = ta.paged_attention(*args, split_launch=True, split=split, short_end=0)
+            ms = bench(lambda args=args, s=split: ta.paged_attention(*args, split=s, short_end=0))
+            ms_one = bench(lambda args=args, s=split: ta.paged_attention(*args, split_launch=False, split=s,
+                                                                               short_end=0))
+            ms_split = bench(lambda args=args, s=split: ta.paged_attention(*args, split_launch=True, split=s,
+                                                                                 short_end=0))
             row[str(split)] = {"ms": ms, "ratio": flash_ms / ms, "one_launch_ratio": flash_ms / ms_one,
                                "split_launch_ratio": flash_ms / ms_split, "rel_err": rel_err(one, ref),
                                "split_eq_one": bool(torch.equal(one, sl))}

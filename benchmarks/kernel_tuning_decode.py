@@ -1,9 +1,10 @@
 """One device call for issue #4's remaining decode-time misses (run on the H100).
 
-Attention: at batch 1-16 the split launch has few programs per SM (batch 1 x 1k context: 16 programs). Each split
-size is timed against flash ``F.scaled_dot_product_attention`` with several launch shapes of the split programs
-(pipeline depth, query rows per program, warps), each checked bitwise against the one-program launch: scheduling
-may never change the bits, so a launch shape that does is out.
+Attention: at batch 1-16 the split launch has few programs per SM (batch 1 x 1k context: 16 programs). Each uniform
+split size (the shipped schedule mixes 256 and 512, benchmarks/RESULTS.md) is timed against flash
+``F.scaled_dot_product_attention`` with several launch shapes of the split programs (pipeline depth, query rows per
+program, warps), each checked bitwise against the one-program launch: scheduling may never change the bits, so a
+launch shape that does is out.
 
 Matmul: the points under 0.85 of cuBLAS (the 4096 x 4096 GEMV at M = 1 and 4, 14336 x 4096 at M = 256, 4096 x 4096
 at M = 64) and every shape sharing those config buckets, Llama-3-8B's and the engine's Qwen3-1.7B's: TMA-loaded
@@ -73,12 +74,12 @@ def _attn_point(ta: Any, args: tuple[Any, ...], flash_ms: float, ref: torch.Tens
     row: dict[str, Any] = {"flash_ms": flash_ms, "variants": {}}
     best = ("", 0.0)
     for split in SPLITS:
-        one = ta.paged_attention(*args, split_launch=False, split=split)
+        one = ta.paged_attention(*args, split_launch=False, split=split, short_end=0)
         row[f"one_launch_{split}"] = flash_ms / bench(
-            lambda s=split: ta.paged_attention(*args, split_launch=False, split=s), REP)
+            lambda s=split: ta.paged_attention(*args, split_launch=False, split=s, short_end=0), REP)
         row[f"rel_err_{split}"] = rel_err(one, ref)
         for stages, rows, warps in LAUNCHES:
-            kw = {"split_launch": True, "split": split, "stages": stages, "rows": rows, "warps": warps}
+            kw = {"split_launch": True, "split": split, "short_end": 0, "stages": stages, "rows": rows, "warps": warps}
             name = f"split{split}_s{stages}_r{rows}_w{warps}"
             try:
                 same = bool(torch.equal(ta.paged_attention(*args, **kw), one))
