@@ -63,6 +63,24 @@ def _poisoned(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     return torch.full(shape, float("nan"), dtype=dtype, device="cuda")
 
 
+def device_header() -> dict[str, Any]:
+    """The machine a tuning JSON was measured on."""
+    import triton
+
+    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def run_section(res: dict[str, Any], name: str, fn: Any) -> None:
+    """Run one section; if it fails, record why under ``{name}_error`` and keep the other sections' numbers."""
+    try:
+        fn()
+    except Exception as e:
+        res[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:500]}"
+        print(f"{name} FAILED: {res[f'{name}_error']}", flush=True)
+    print(f"{name} done at {time.time() - T0:.0f} s", flush=True)
+
+
 def paged_decode_case(b: int, ctx: int, hq: int = 32, hkv: int = 8, d: int = 128,
                       page: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[Any, ...]]:
     """Random bf16 decode-attention inputs: dense q [b, hq, 1, d], k and v [b, hkv, ctx, d] for SDPA, and the same
@@ -224,8 +242,6 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--only", default="softmax,attention,matmul")
     args = ap.parse_args()
-    import triton
-
     sys.path.insert(0, str(ROOT / "kernels"))  # the three Triton modules import nothing from detaudit
     import triton_attention as ta
     import triton_matmul as tm
@@ -233,17 +249,11 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    res: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                           "triton": triton.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    res = device_header()
     sections = {"matmul": lambda: tune_matmul(tm, res, out), "softmax": lambda: tune_softmax(tr, res, out),
                 "attention": lambda: tune_attention(ta, res, out)}
     for name in args.only.split(","):  # in the order given
-        try:
-            sections[name]()
-        except Exception as e:  # keep the other sections' numbers
-            res[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:500]}"
-            print(f"{name} FAILED: {res[f'{name}_error']}", flush=True)
-        print(f"{name} done at {time.time() - T0:.0f} s", flush=True)
+        run_section(res, name, sections[name])
     (out / "tuning.json").write_text(json.dumps(res, indent=1))
 
 

@@ -19,6 +19,7 @@ Writes ``tuning_decode.json`` under ``--out`` after each point.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -28,7 +29,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from kernel_tuning import bench, paged_decode_case, rel_err, try_candidate  # benchmarks/ is on sys.path
+from kernel_tuning import (  # benchmarks/ is on sys.path when run as a script
+    bench,
+    device_header,
+    paged_decode_case,
+    rel_err,
+    run_section,
+    try_candidate,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ATTN_POINTS = [(1, 1024), (4, 1024), (16, 1024), (1, 4096), (4, 4096), (16, 4096), (64, 4096), (1, 16384),
@@ -171,27 +179,19 @@ def main() -> None:
     ap.add_argument("--only", default="attention,matmul")
     ap.add_argument("--budget", type=float, default=400.0, help="seconds after which no new point starts")
     args = ap.parse_args()
-    import triton
-
     sys.path.insert(0, str(ROOT / "kernels"))  # the Triton modules import nothing from detaudit
     import triton_attention as ta
     import triton_matmul as tm
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    res: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                           "triton": triton.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    res = device_header()
     sections = {"attention": lambda d: tune_attention(ta, res, out, d),
                 "matmul": lambda d: tune_matmul(tm, res, out, d)}
     names = args.only.split(",")
     for i, name in enumerate(names):  # each section gets its share of what is left
         now = time.time() - T0
-        try:
-            sections[name](now + (args.budget - now) / (len(names) - i))
-        except Exception as e:  # keep the other section's numbers
-            res[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:500]}"
-            print(f"{name} FAILED: {res[f'{name}_error']}", flush=True)
-        print(f"{name} done at {time.time() - T0:.0f} s", flush=True)
+        run_section(res, name, functools.partial(sections[name], now + (args.budget - now) / (len(names) - i)))
     (out / "tuning_decode.json").write_text(json.dumps(res, indent=1))
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from kernel_tuning import bench, rel_err, try_candidate  # benchmarks/ is sys.path[0] when run as a script
+from kernel_tuning import bench, device_header, rel_err, try_candidate  # benchmarks/ is sys.path[0] as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 # (K, N, what): qkv (16 q + 2 x 8 kv heads of 128) == the tiny tokenizer's 4096-wide lm_head, o_proj, gate_up, down,
@@ -116,17 +116,13 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--budget", type=float, default=300.0, help="seconds after which no new point is timed")
     args = ap.parse_args()
-    import triton
-
     sys.path.insert(0, str(ROOT / "kernels"))  # triton_matmul imports nothing from detaudit
     import triton_matmul as tm
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    res: dict[str, Any] = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
-                           "triton": triton.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                           "configs_agree_bf16": tm.configs_agree(torch.bfloat16, torch.device("cuda")),
-                           "points": []}
+    res = {**device_header(), "configs_agree_bf16": tm.configs_agree(torch.bfloat16, torch.device("cuda")),
+           "points": []}
     try:
         sweep(tm, res, out, args.budget)
     except Exception as ex:  # keep the points measured so far
