@@ -103,3 +103,23 @@ def test_force_never_clears_a_directory_with_someone_elses_manifest(tmp_path):
     with pytest.raises(UsageError, match="not a detaudit run directory"):
         prepare_out_dir(tmp_path, resume=False, force=True)
     assert (tmp_path / "keep.txt").read_text() == "x"
+
+
+def test_a_samples_file_from_before_the_later_columns_reads_back_with_nulls(tmp_path):
+    """error_reason and raw_answer were appended after the first release: older files lack them."""
+    import numpy as np
+
+    from detaudit.rundir.io import iter_samples, read_sample_rows
+    from detaudit.rundir.schema import LATER_SAMPLE_COLUMNS, SAMPLES_SCHEMA
+
+    old = pa.schema([f for f in SAMPLES_SCHEMA if f.name not in LATER_SAMPLE_COLUMNS], metadata=SAMPLES_SCHEMA.metadata)
+    rows = [{"sample_index": i, "status": "error", "error": "HTTP 503: busy", "text": None} for i in range(4)]
+    pq.write_table(pa.Table.from_pylist(rows, schema=old), tmp_path / "samples.parquet")
+    whole = read_samples(tmp_path)
+    assert whole.schema.names == SAMPLES_SCHEMA.names
+    assert whole.column("error_reason").null_count == 4 and whole.column("error").to_pylist()[0] == "HTTP 503: busy"
+    streamed = list(iter_samples(tmp_path, ["sample_index", "raw_answer"]))
+    assert sum(b.num_rows for b in streamed) == 4 and streamed[0].column(1).null_count == streamed[0].num_rows
+    for batch_rows in (None, 2):
+        picked = read_sample_rows(tmp_path, np.array([3, 1]), ["sample_index", "error_reason"], batch_rows=batch_rows)
+        assert picked.to_pylist() == [{"sample_index": 3, "error_reason": None}, {"sample_index": 1, "error_reason": None}]

@@ -21,6 +21,7 @@ from pydantic import ValidationError
 
 from detaudit.errors import RunDirError, UsageError
 from detaudit.rundir.schema import (
+    LATER_SAMPLE_COLUMNS,
     MANIFEST_FILE,
     RESCORE_FILE,
     RESCORE_SCHEMA,
@@ -280,7 +281,7 @@ def _check_samples_file(path: Path) -> None:
         raise RunDirError(f"{path}: not a detaudit samples file (foreign Parquet)")
     if int(version) > SCHEMA_VERSION:
         raise RunDirError(f"{path}: samples schema version {int(version)} is newer than this detaudit supports")
-    missing = [f.name for f in SAMPLES_SCHEMA if f.name not in schema.names]
+    missing = [f.name for f in SAMPLES_SCHEMA if f.name not in schema.names and f.name not in LATER_SAMPLE_COLUMNS]
     if missing:
         raise RunDirError(f"{path}: samples file lacks columns {', '.join(missing)}")
 
@@ -293,11 +294,21 @@ def _read_parquet(path: Path, columns: list[str] | None = None) -> pa.Table:
     """One samples file, only `columns` decoded (all by default), cast to SAMPLES_SCHEMA."""
     _check_samples_file(path)
     names = list(columns) if columns is not None else SAMPLES_SCHEMA.names
+    present = set(pq.read_schema(path).names)
     try:
-        table = pq.read_table(path, columns=names)
+        table = pq.read_table(path, columns=[n for n in names if n in present])
     except (OSError, pa.ArrowException) as e:
         raise RunDirError(f"{path}: corrupt or unreadable Parquet ({str(e).splitlines()[0]})") from None
-    return table.select(names).cast(_projected_schema(names))
+    return _with_later_columns(table, names).cast(_projected_schema(names))
+
+
+def _with_later_columns(data: pa.Table | pa.RecordBatch, names: list[str]) -> pa.Table | pa.RecordBatch:
+    """`data` with its columns in `names` order, columns added after an older file was written filled with null."""
+    cols = [
+        data.column(n) if n in data.schema.names else pa.nulls(data.num_rows, SAMPLES_SCHEMA.field(n).type)
+        for n in names
+    ]
+    return type(data).from_arrays(cols, names=names)
 
 
 def _sample_parts(run_dir: Path) -> list[Path]:
@@ -391,8 +402,9 @@ def iter_samples(
     try:
         # pre_buffer off: buffering whole column chunks ahead would cost memory and buys no speed here
         reader = pq.ParquetFile(path, pre_buffer=False)
-        for batch in reader.iter_batches(batch_size=batch_rows, columns=list(columns), use_threads=use_threads):
-            yield batch.select(list(columns)).cast(schema)
+        present = [c for c in columns if c in reader.schema_arrow.names]
+        for batch in reader.iter_batches(batch_size=batch_rows, columns=present, use_threads=use_threads):
+            yield _with_later_columns(batch, list(columns)).cast(schema)
     except (OSError, pa.ArrowException) as e:
         raise _corrupt(path, e) from None
 
@@ -444,16 +456,18 @@ def read_sample_rows(run_dir: Path, rows: np.ndarray, columns: list[str], batch_
     parts = []
     try:
         f = pq.ParquetFile(path, pre_buffer=False)
+        names = list(columns)
+        present = [c for c in names if c in f.schema_arrow.names]
         for g in np.unique(group):
             mine = rows[order][group[order] == g] - bounds[g]
             if batch_rows is None:
-                parts.append(f.read_row_group(int(g), columns=list(columns)).select(list(columns)).take(pa.array(mine)))
+                parts.append(_with_later_columns(f.read_row_group(int(g), columns=present), names).take(pa.array(mine)))
                 continue
             at = 0
-            for batch in f.iter_batches(batch_rows, row_groups=[int(g)], columns=list(columns), use_threads=False):
+            for batch in f.iter_batches(batch_rows, row_groups=[int(g)], columns=present, use_threads=False):
                 here = mine[(mine >= at) & (mine < at + batch.num_rows)] - at
                 if len(here):
-                    parts.append(pa.Table.from_batches([batch.select(list(columns)).take(pa.array(here))]))
+                    parts.append(pa.Table.from_batches([_with_later_columns(batch, names).take(pa.array(here))]))
                 at += batch.num_rows
                 if at > mine[-1]:
                     break

@@ -58,7 +58,16 @@ SAMPLE_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
     "latency_s": (pa.float64(), "Seconds from the first attempt's send to the final response."),
     "started_at": (pa.timestamp("us", tz="UTC"), "When the first attempt was sent."),
     "finished_at": (pa.timestamp("us", tz="UTC"), "When the final response (or failure) arrived."),
+    # Appended after the first release: files written before them lack these columns and read back as null.
+    "error_reason": (
+        pa.string(),
+        "Machine-readable class of the failure: 'http:503', 'timeout', 'deadline', 'connect', 'malformed:<field>', "
+        "'no_content', 'refusal', 'tool_calls', 'empty_stream', 'choice_index', 'too_large', ... (null when ok).",
+    ),
+    "raw_answer": (pa.string(), "The start of what the server sent on the last failed attempt, scrubbed (error rows)."),
 }
+# Columns a samples file written by an earlier detaudit may lack (read back as all-null).
+LATER_SAMPLE_COLUMNS = frozenset({"error_reason", "raw_answer"})
 
 SAMPLES_SCHEMA = pa.schema(
     [pa.field(name, typ, nullable=True, metadata={"doc": doc}) for name, (typ, doc) in SAMPLE_COLUMNS.items()],
@@ -85,7 +94,7 @@ RESCORE_SCHEMA = pa.schema(
 )
 
 Status = Literal["ok", "error"]
-RunStatus = Literal["started", "complete", "interrupted", "error"]
+RunStatus = Literal["started", "complete", "interrupted", "failed", "error"]
 CaptureLevel = Literal["token_ids", "tokens", "text"]
 
 
