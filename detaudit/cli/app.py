@@ -56,30 +56,46 @@ def _register() -> None:
     from detaudit.cli.probe import probe_app
 
     commands = [
-        ("demo", demo.demo_command,
-         "Offline demo: tiny model served with stock kernels, audited, rerun batch-invariant."),
-        ("run", run.run_command,
-         "Fire N temperature-0 requests per prompt per load arm and record every token stream."),
-        ("analyze", analyze.analyze_command,
-         "Analyse a run: unique completions, forks, statistics, load verdict."),
-        ("compare", analyze.compare_command,
-         "Compare two runs: same setup? same modal completions? where do they part?"),
-        ("report", report.report_command,
-         "Render runs side by side as self-contained HTML, Markdown and/or JUnit XML."),
-        ("gate", gate.gate_command,
-         "Pass or fail a run on thresholds (and a baseline run); exit 0/1/2/3 for CI."),
-        ("suites", suites.suites_command,
-         "List the bundled probe suites, or show and validate one suite."),
-        ("local", local.local_command,
-         "Rerun prompts on the bundled engine under server-like load (stock or batch-invariant)."),
-        ("serve", serve.serve_command,
-         "Serve a model on the local engine through an OpenAI-compatible API."),
-        ("rescore", rescore.rescore_command,
-         "Recompute a run's token logprobs by teacher-forced prefill; report the gap."),
-        ("tiny-model", tiny_model.tiny_model_command,
-         "Build a tiny random-weight model with an offline tokenizer (tests, demos)."),
-        ("schema", schema.schema_command,
-         "Print the run-directory schema (samples.parquet columns, manifest fields)."),
+        (
+            "demo",
+            demo.demo_command,
+            "Offline demo: tiny model served with stock kernels, audited, rerun batch-invariant.",
+        ),
+        (
+            "run",
+            run.run_command,
+            "Fire N temperature-0 requests per prompt per load arm and record every token stream.",
+        ),
+        ("analyze", analyze.analyze_command, "Analyse a run: unique completions, forks, statistics, load verdict."),
+        (
+            "compare",
+            analyze.compare_command,
+            "Compare two runs: same setup? same modal completions? where do they part?",
+        ),
+        (
+            "report",
+            report.report_command,
+            "Render runs side by side as self-contained HTML, Markdown and/or JUnit XML.",
+        ),
+        ("gate", gate.gate_command, "Pass or fail a run on thresholds (and a baseline run); exit 0/1/2/3 for CI."),
+        ("suites", suites.suites_command, "List the bundled probe suites, or show and validate one suite."),
+        (
+            "local",
+            local.local_command,
+            "Rerun prompts on the bundled engine under server-like load (stock or batch-invariant).",
+        ),
+        ("serve", serve.serve_command, "Serve a model on the local engine through an OpenAI-compatible API."),
+        (
+            "rescore",
+            rescore.rescore_command,
+            "Recompute a run's token logprobs by teacher-forced prefill; report the gap.",
+        ),
+        (
+            "tiny-model",
+            tiny_model.tiny_model_command,
+            "Build a tiny random-weight model with an offline tokenizer (tests, demos).",
+        ),
+        ("schema", schema.schema_command, "Print the run-directory schema (samples.parquet columns, manifest fields)."),
     ]
     for name, func, text in commands:
         app.command(name, help=text)(func)
@@ -101,6 +117,8 @@ def _click_errors() -> tuple[type[Exception], ...]:
 
 
 _CLICK_ERRORS = _click_errors()
+# The `local` extra (pyproject.toml): an endpoint-only install lacks these, and the commands that run a model need them.
+LOCAL_EXTRA_MODULES = frozenset({"torch", "triton", "transformers", "safetensors", "tokenizers", "fastapi", "uvicorn"})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,6 +152,13 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(EXIT_INTERRUPTED)
         if debug:
             traceback.print_exc()
+        missing = (e.name or "").split(".")[0] if isinstance(e, ModuleNotFoundError) else ""
+        if missing in LOCAL_EXTRA_MODULES:
+            message = f"this command runs a model and needs the local extra ({missing} is not installed): " + (
+                "pip install 'detaudit[local]'"
+            )
+            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            sys.exit(2)
         if isinstance(e, OSError) and e.strerror:
             # The file system refused a path the user named (unwritable, a directory, a full disk): their input.
             where = ": ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
