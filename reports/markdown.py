@@ -2,7 +2,7 @@
 
 GitHub renders inline HTML in Markdown, so model text is HTML-escaped as well as Markdown-escaped, and
 table cells never hold a raw newline or pipe. An `@name` in model text would notify that GitHub user from a PR
-comment: a zero-width joiner after every `@` keeps the text and defuses the mention. Bidi controls, which could
+comment: a zero-width joiner after such an `@` keeps the text and defuses the mention. Bidi controls, which could
 reorder what a reviewer reads, are drawn as visible marks (⟨U+202E⟩).
 """
 
@@ -18,7 +18,8 @@ from detaudit.termsafe import visible_bidi
 
 MAX_FORKS = 5  # fork lines per cell before "... and N more"
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # terminal escapes and the like, never useful in Markdown
-_NO_MENTION = "@\u200d"
+# An @ that GitHub would read as a mention (not inside a word, followed by a name): a zero-width joiner follows it.
+_MENTION = re.compile(r"(?<![0-9A-Za-z_])@(?=[0-9A-Za-z])")
 
 
 def md_text(text: str, limit: int | None = None) -> str:
@@ -29,7 +30,8 @@ def md_text(text: str, limit: int | None = None) -> str:
     text = _CONTROL.sub("\ufffd", html.escape(visible_bidi(text), quote=False))
     for ch in "\\`*_[]|#~":
         text = text.replace(ch, "\\" + ch)
-    return text.replace("\r", "").replace("\n", "↵").replace("\t", "→").replace("@", _NO_MENTION)
+    text = text.replace("\r", "").replace("\n", "↵").replace("\t", "→")
+    return _MENTION.sub("@\u200d", text)
 
 
 def _token(token: str) -> str:
