@@ -5,7 +5,9 @@ engines users already run across many GPUs instead of growing a distributed runt
 127.0.0.1 only, on a free port; detaudit waits for its health endpoint, runs the normal audit through the runner's
 OpenAI-compatible pipeline, and stops the whole process group afterwards — also on Ctrl-C, SIGTERM or failure.
 
-The server's output is captured (secrets scrubbed) to RUN/server.log. A server that fails to start, or dies during
+The child inherits only an allowlist of detaudit's environment (`child_env`, docs/scale.md): never an API key or
+token. The server's output is captured to RUN/server.log through the session scrubber (every secret-looking value
+of detaudit's environment, the launch's own secrets). A server that fails to start, or dies during
 the audit, ends the command with exit 3 and the log's last lines. The manifest records the exact command line and
 the environment switches (secret-looking values masked) and the engine version the server reported.
 """
@@ -34,10 +36,11 @@ from pathlib import Path
 from typing import Any
 
 from detaudit.errors import DetauditError, EndpointError, UsageError
-from detaudit.redact import MASK, Scrubber
+from detaudit.redact import MASK, SECRET_NAME, session_scrubber
 from detaudit.rundir.io import load_manifest, write_manifest
 from detaudit.rundir.schema import MANIFEST_FILE, RunManifest
 from detaudit.runner import RunOutcome, RunRequest, execute_run
+from detaudit.termsafe import safe
 
 ENGINES = ("vllm", "sglang", "command")
 KERNELS = ("stock", "batch-invariant")
@@ -49,7 +52,15 @@ LOG_TAIL_LINES = 25
 VLLM_BI_ATTENTION = "FLASH_ATTN"
 # Inherited variables that change kernel paths or placement: recorded (values masked if secret-looking).
 _RECORDED_ENV = re.compile(r"^(VLLM_|SGLANG_|NCCL_|CUDA_VISIBLE_DEVICES$|CUBLAS|CUBLASLT|TORCH_|PYTORCH_|HIP_|ROCR_)")
-_SECRET_NAME = re.compile(r"(key|token|secret|password|passwd|credential|auth)", re.I)
+# What a managed server inherits from detaudit's environment: what finds programs, libraries, GPUs and model caches,
+# and the engines' own switches (docs/scale.md lists them). Names that look secret are dropped even when they match
+# (VLLM_API_KEY would make the server demand a key detaudit does not send); --server-env passes anything else.
+_CHILD_ENV = re.compile(
+    r"^(PATH|HOME|USER|LOGNAME|SHELL|TERM|TZ|LANG|LANGUAGE|LC_\w+|TMPDIR|TMP|TEMP|XDG_CACHE_HOME|PYTHON\w*"
+    r"|VIRTUAL_ENV|CONDA_PREFIX|LD_LIBRARY_PATH|CUDA_\w+|NVIDIA_\w+|NCCL_\w+|CUBLAS\w*|CUDNN_\w+|TORCH\w*"
+    r"|PYTORCH_\w+|TRITON_\w+|VLLM_\w+|SGLANG_\w+|HIP_\w+|ROCR_\w+|ROCM_\w+|OMP_NUM_THREADS|MKL_\w+"
+    r"|HF_HOME|HF_HUB_CACHE|HF_HUB_OFFLINE|HF_DATASETS_OFFLINE|TRANSFORMERS_\w+)$"
+)
 _PORT_IN_USE = re.compile(r"address already in use|errno 98|eaddrinuse|port .* (is )?(already )?in use", re.I)
 _PLACEHOLDERS = ("{port}", "{host}", "{model}")
 
@@ -93,7 +104,7 @@ class LaunchSpec:
             "command": self.redacted_argv(),
             "command_line": shlex.join(self.redacted_argv()),
             "env_switches": _mask_env(self.env),
-            "inherited_env": _mask_env({k: v for k, v in os.environ.items() if _RECORDED_ENV.match(k)}),
+            "inherited_env": _mask_env({k: v for k, v in child_env({}).items() if _RECORDED_ENV.match(k)}),
             "kernels": self.kernels,
             "tensor_parallel_size": self.tensor_parallel_size,
             "attention_backend": self.attention_backend,
@@ -112,7 +123,7 @@ def redact_argv(argv: list[str]) -> list[str]:
             out.append(MASK)
             mask_next = False
             continue
-        if arg.startswith("-") and _SECRET_NAME.search(arg):
+        if arg.startswith("-") and SECRET_NAME.search(arg):
             if "=" in arg:
                 out.append(arg.split("=", 1)[0] + "=" + MASK)
             else:
@@ -134,7 +145,14 @@ def argv_secrets(argv: list[str]) -> list[str]:
 
 
 def _mask_env(env: dict[str, str]) -> dict[str, str]:
-    return {k: (MASK if _SECRET_NAME.search(k) else v) for k, v in sorted(env.items())}
+    return {k: (MASK if SECRET_NAME.search(k) else v) for k, v in sorted(env.items())}
+
+
+def child_env(switches: dict[str, str]) -> dict[str, str]:
+    """The environment a managed server starts with: the allowlisted part of detaudit's own, then the launch's
+    switches (--server-env, VLLM_BATCH_INVARIANT), which the user named and so pass whatever their names."""
+    inherited = {k: v for k, v in os.environ.items() if _CHILD_ENV.match(k) and not SECRET_NAME.search(k)}
+    return {**inherited, **switches}
 
 
 def free_port() -> int:
@@ -235,7 +253,7 @@ def build_launch(
                 argv += ["--attention-backend", attention_backend]
         argv += extra
         health = "/health"
-    secrets = argv_secrets(argv) + [v for k, v in env.items() if _SECRET_NAME.search(k)]
+    secrets = argv_secrets(argv) + [v for k, v in env.items() if SECRET_NAME.search(k)]
     return LaunchSpec(
         engine=engine,
         argv_template=argv,
@@ -279,8 +297,8 @@ def _parse_env(items: list[str]) -> dict[str, str]:
 class ManagedServer:
     """One running child server: started by `start()`, stopped (whole process group) by `stop()`.
 
-    The log is written to `log_path` as it arrives, with the launch's secrets scrubbed, and its last lines are
-    kept in memory for error messages.
+    The log is written to `log_path` as it arrives, through the session scrubber (which learns the launch's
+    secrets here), and its last lines are kept in memory for error messages.
     """
 
     def __init__(self, spec: LaunchSpec, log_path: Path) -> None:
@@ -288,7 +306,9 @@ class ManagedServer:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
-        self.scrubber = Scrubber(spec.secrets)
+        self.scrubber = session_scrubber()
+        for secret in spec.secrets:
+            self.scrubber.add(secret)
         self.stopped_by_us = False
         self.version: str | None = None
         self.served_models: list[str] = []
@@ -297,7 +317,7 @@ class ManagedServer:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        env = {**os.environ, **self.spec.env}
+        env = child_env(self.spec.env)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.proc = subprocess.Popen(
@@ -375,7 +395,8 @@ class ManagedServer:
         """An exit-3 error with the log's last lines (scrubbed), for start-up failures and crashes."""
         if self._reader is not None and self.exited() is not None:
             self._reader.join(timeout=5)  # so the tail holds the child's last words
-        lines = "\n".join(f"  | {line}" for line in list(self.tail)[-LOG_TAIL_LINES:]) or "  | (no output)"
+        # Each line made terminal-safe here: the message keeps its line breaks, the child's own control codes go.
+        lines = "\n".join(f"  | {safe(line)}" for line in list(self.tail)[-LOG_TAIL_LINES:]) or "  | (no output)"
         return EndpointError(f"{what}; command: {shlex.join(self.spec.redacted_argv())}\nlast log lines:\n{lines}")
 
     def looks_like_port_clash(self) -> bool:

@@ -15,10 +15,13 @@ import asyncio
 import contextlib
 import gc
 import json
+import math
 import os
 import platform
+import re
 import shlex
 import signal
+import stat
 import sys
 import threading
 import time
@@ -36,7 +39,7 @@ from detaudit.analysis.units import completion_key
 from detaudit.client import Api, CallError, CallResult, OpenAIClient
 from detaudit.errors import UsageError
 from detaudit.probe import logprob_fields, probe_api
-from detaudit.redact import Scrubber, redact_url
+from detaudit.redact import Scrubber, redact_url, session_scrubber, url_secrets
 from detaudit.rundir.io import (
     ShardWriter,
     finalize_samples,
@@ -55,6 +58,15 @@ FLUSH_ROWS = 2000
 # Requests per run: each one is a row in memory while its arm runs (the to-do list) and on disk. 10^7 is hours of
 # requests at 1000 req/s; a mistyped -n (1e20) was an out-of-memory kill instead of a message.
 MAX_SAMPLES = 10_000_000
+# A prompt file is read whole into memory: /dev/zero once grew to 7.8 GB in 10 s.
+MAX_PROMPT_FILE_BYTES = 64 * 2**20
+# --extra-body is merged into every request: deeper JSON is a mistake, and the encoders recurse.
+MAX_EXTRA_BODY_DEPTH = 64
+# Bounds that keep waits computable: 1/rate seconds between requests, and timeouts the socket layer accepts.
+MIN_RATE = 1e-3
+MAX_SECONDS = 86_400.0
+# RFC 9110 token characters: what a header name may hold.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -62,10 +74,7 @@ MAX_SAMPLES = 10_000_000
 
 def load_prompt_file(path: Path) -> list[PromptSpec]:
     """Plain text (the whole file is one prompt) or JSONL of {"prompt": ...} / {"messages": [...]} objects."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise UsageError(f"cannot read prompt file {path}: {e.strerror or e}") from None
+    raw = _read_capped(path, MAX_PROMPT_FILE_BYTES)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -84,10 +93,33 @@ def load_prompt_file(path: Path) -> list[PromptSpec]:
             obj = json.loads(line)
         except ValueError as e:
             raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise UsageError(f"{path}:{lineno}: JSON nested too deeply") from None
         specs.append(_prompt_entry(obj, f"{path}:{lineno}"))
     if not specs:
         raise UsageError(f"prompt file {path} holds no prompts")
     return specs
+
+
+def _read_capped(path: Path, cap: int) -> bytes:
+    """The bytes of a regular file of at most `cap` bytes. Opened non-blocking, so a FIFO cannot hang the open, and
+    checked on the open descriptor, so a device (/dev/zero) or a FIFO is refused, not read forever."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except OSError as e:
+        raise UsageError(f"cannot read prompt file {path}: {e.strerror or e}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UsageError(f"cannot read prompt file {path}: not a regular file (a directory, FIFO or device)")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            raw = f.read(cap + 1)
+    except OSError as e:
+        raise UsageError(f"cannot read prompt file {path}: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > cap:
+        raise UsageError(f"prompt file {path} is larger than {cap // 2**20} MiB")
+    return raw
 
 
 def _prompt_entry(obj: Any, where: str) -> PromptSpec:
@@ -140,8 +172,22 @@ def gather_prompts(
         if pid in seen:
             raise UsageError(f"prompt id {pid!r} appears twice")
         seen.add(pid)
+        texts = [pid, s.prompt or "", *(v for m in s.messages or [] for v in m.values() if isinstance(v, str))]
+        if not all(_utf8(t) for t in texts):
+            raise UsageError(f"prompt {pid!r} holds text that is not valid Unicode (a lone surrogate such as "
+                             f"\\ud800, or bytes that are not UTF-8); no server can take it")  # fmt: skip
         out.append(s.model_copy(update={"prompt_id": pid}))
     return out
+
+
+def _utf8(text: str) -> bool:
+    """Whether `text` encodes as UTF-8: a lone surrogate (a JSON "\\ud800" escape, undecodable bytes in argv) does
+    not, and httpx would raise UnicodeEncodeError from inside a worker for every request that carries it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------- arguments
@@ -165,16 +211,28 @@ def parse_concurrency(value: str) -> list[int]:
 
 
 def parse_headers(values: list[str]) -> dict[str, str]:
-    """'Name: value' pairs; the values are secrets and never leave memory."""
+    """'Name: value' pairs; the values are secrets and never leave memory (they are registered with the scrubber).
+
+    httpx sends headers as ASCII: a name outside the RFC 9110 token characters, or a value with a non-ASCII or
+    control character, fails every request (UnicodeEncodeError, or a 400 from the server), so both are refused."""
     headers: dict[str, str] = {}
     for v in values:
         name, sep, val = v.partition(":")
         name = name.strip()
         if not sep or not name or any(c.isspace() for c in name):
             raise UsageError(f"--header {name or '?'!r}: expected 'Name: value'")
-        if any(ord(c) < 32 or ord(c) == 127 for c in val.strip()):  # the server answers 400 to every request
+        if not _HEADER_NAME.fullmatch(name):
+            raise UsageError(f"--header {name!r}: a header name is ASCII letters, digits and !#$%&'*+-.^_`|~")
+        val = val.strip()
+        session_scrubber().add(val)
+        if any(ord(c) < 32 or ord(c) == 127 for c in val):  # the server answers 400 to every request
             raise UsageError(f"--header {name!r}: the value holds a control character (the value is not shown)")
-        headers[name] = val.strip()
+        if not val.isascii():
+            raise UsageError(f"--header {name!r}: the value holds a non-ASCII character; HTTP header values are "
+                             f"ASCII (the value is not shown)")  # fmt: skip
+        if any(n.lower() == name.lower() for n in headers):
+            raise UsageError(f"--header {name!r} is given twice; give each header once")
+        headers[name] = val
     return headers
 
 
@@ -183,6 +241,12 @@ def api_key_from_env(env_name: str) -> str | None:
     key = os.environ.get(env_name)
     if env_name != DEFAULT_KEY_ENV and not key:
         raise UsageError(f"--api-key-env {env_name}: that environment variable is not set")
+    if key:
+        session_scrubber().add(key)
+        if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
+            # It goes into "Authorization: Bearer KEY": httpx cannot encode it, or every request gets a 400.
+            raise UsageError(f"the API key in {env_name} holds whitespace, a control or a non-ASCII character "
+                             f"(the key is not shown)")  # fmt: skip
     return key or None
 
 
@@ -192,8 +256,13 @@ def base_url_or_default(base_url: str | None) -> str:
 
 
 def check_base_url(url: str) -> str:
-    """Refuse a base URL no request could use, before any is sent: httpx would raise InvalidURL or a bare
-    ValueError from inside a worker task (a bad port, a broken IPv6 literal), or look up an empty host name."""
+    """Refuse a base URL no request could use, before any is sent: httpx would raise InvalidURL, a bare ValueError
+    or an IDNA error from inside a worker task (a bad port, a broken IPv6 literal, a host name IDNA refuses), or
+    look up an empty host name. The URL's credentials are registered with the scrubber first."""
+    import httpx
+
+    for secret in url_secrets(url):
+        session_scrubber().add(secret)
     shown = redact_url(url)
     if not url.startswith(("http://", "https://")):
         raise UsageError(f"--base-url must start with http:// or https://, got {shown!r}")
@@ -206,21 +275,60 @@ def check_base_url(url: str) -> str:
         raise UsageError(f"--base-url {shown!r}: {e}") from None
     if not parts.hostname:
         raise UsageError(f"--base-url {shown!r} names no host")
+    try:
+        httpx.Request("GET", url)  # the parser, IDNA encoder and decoder (for the Host header) of every request
+    except (httpx.InvalidURL, ValueError) as e:  # idna.IDNAError is a UnicodeError, hence a ValueError
+        raise UsageError(f"--base-url {shown!r}: {e}") from None
     return url
 
 
+def check_credentials(base_url: str, api_key: str | None, headers: Mapping[str, str], key_env: str) -> None:
+    """Each of user:password in the URL, --header Authorization and the API key sets the Authorization header, and
+    httpx lets one silently replace another: two of them are a mistake to name, not a choice to make quietly."""
+    sources = []
+    if "@" in urlsplit(base_url).netloc:
+        sources.append("user:password in --base-url")
+    if any(name.lower() == "authorization" for name in headers):
+        sources.append("--header Authorization")
+    if api_key:
+        sources.append(f"the API key in {key_env}")
+    if len(sources) > 1:
+        hint = f" (run with {key_env}= to send no key)" if api_key else ""
+        raise UsageError(f"conflicting credentials: {' and '.join(sources)} each set the Authorization header; "
+                         f"give only one{hint}")  # fmt: skip
+
+
 def parse_extra_body(value: str | None) -> dict[str, Any]:
+    """--extra-body as a JSON object every server can parse: no NaN/Infinity (JSON has neither; httpx refuses to
+    send them), no lone surrogates, nested at most MAX_EXTRA_BODY_DEPTH deep."""
     if not value:
         return {}
+
+    def no_constant(name: str) -> Any:
+        raise UsageError(f"--extra-body holds {name}, which JSON does not allow (no server would accept it)")
+
     try:
-        obj = json.loads(value)
+        obj = json.loads(value, parse_constant=no_constant)
     except ValueError as e:
         raise UsageError(f"--extra-body is not valid JSON ({e.msg} at char {e.pos})") from None
+    except RecursionError:
+        raise UsageError(f"--extra-body is nested more than {MAX_EXTRA_BODY_DEPTH} levels deep") from None
     if not isinstance(obj, dict):
         raise UsageError("--extra-body must be a JSON object, e.g. '{\"cache_salt\": \"x\"}'")
     reserved = {"model", "messages", "prompt", "stream", "n"} & set(obj)
     if reserved:
         raise UsageError(f"--extra-body may not set {', '.join(sorted(reserved))} (use the matching option)")
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_EXTRA_BODY_DEPTH:
+            raise UsageError(f"--extra-body is nested more than {MAX_EXTRA_BODY_DEPTH} levels deep")
+        if isinstance(item, dict):
+            stack += [(k, depth) for k in item] + [(v, depth + 1) for v in item.values()]
+        elif isinstance(item, list):
+            stack += [(v, depth + 1) for v in item]
+        elif isinstance(item, str) and not _utf8(item):
+            raise UsageError("--extra-body holds a lone surrogate escape (such as \\ud800): not valid Unicode")
     return obj
 
 
@@ -243,8 +351,13 @@ class RunRequest:
     resume: bool = False
     force: bool = False
     suite: str | None = None
+    key_env: str = DEFAULT_KEY_ENV  # where api_key came from, to name it in messages
 
     def validate(self) -> None:
+        """Every argument checked before the network or the disk is touched; secrets registered with the scrubber."""
+        scrubber = session_scrubber()
+        for secret in [self.api_key, *self.headers.values(), *url_secrets(self.base_url)]:
+            scrubber.add(secret)
         if self.repeats < 1:
             raise UsageError(f"-n/--repeats must be >= 1, got {self.repeats}")
         if not self.concurrency or min(self.concurrency) < 1:
@@ -256,21 +369,25 @@ class RunRequest:
         p = self.params
         if p.max_tokens is not None and p.max_tokens < 1:
             raise UsageError(f"--max-tokens must be >= 1, got {p.max_tokens}")
-        if not p.temperature >= 0:
-            raise UsageError(f"--temperature must be >= 0, got {p.temperature}")
+        if not 0 <= p.temperature < math.inf:  # JSON has no inf: every request would fail to encode
+            raise UsageError(f"--temperature must be >= 0 and finite, got {p.temperature}")
         if p.top_p is not None and not 0 < p.top_p <= 1:
             raise UsageError(f"--top-p must be in (0, 1], got {p.top_p}")
         if p.top_logprobs is not None and not 0 <= p.top_logprobs <= 20:
             raise UsageError(f"--top-logprobs must be between 0 and 20, got {p.top_logprobs}")
-        if not p.timeout_s > 0:
-            raise UsageError(f"--timeout must be > 0, got {p.timeout_s}")
+        if not 0 < p.timeout_s <= MAX_SECONDS:
+            raise UsageError(f"--timeout must be > 0 and at most {MAX_SECONDS:g} s, got {p.timeout_s}")
         if p.retries < 0:
             raise UsageError(f"--retries must be >= 0, got {p.retries}")
-        if p.rate is not None and not p.rate > 0:
-            raise UsageError(f"--rate must be > 0, got {p.rate}")
-        if not self.backoff >= 0:
-            raise UsageError(f"--backoff must be >= 0, got {self.backoff}")
+        if p.rate is not None and not MIN_RATE <= p.rate < math.inf:  # 1/rate is the wait between requests
+            raise UsageError(f"--rate must be > 0 (at least {MIN_RATE:g} requests/s, and finite), got {p.rate}")
+        if not 0 <= self.backoff <= MAX_SECONDS:
+            raise UsageError(f"--backoff must be >= 0 and at most {MAX_SECONDS:g} s, got {self.backoff}")
+        for what, text in [("--model", self.model or ""), *(("--stop", s) for s in p.stop)]:
+            if not _utf8(text):
+                raise UsageError(f"{what} holds text that is not valid Unicode (bytes that are not UTF-8)")
         check_base_url(self.base_url)
+        check_credentials(self.base_url, self.api_key, self.headers, self.key_env)
         if self.api == "completions":
             chat_only = [s.prompt_id for s in self.prompts if s.prompt is None]
             if chat_only:

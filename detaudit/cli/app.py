@@ -10,7 +10,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from detaudit import __version__
-from detaudit.errors import EXIT_INTERRUPTED, DetauditError
+from detaudit.errors import EXIT_INTERRUPTED, DetauditError, EndpointError
+from detaudit.redact import new_session, session_scrubber
+from detaudit.termsafe import safe
 
 app = typer.Typer(
     name="detaudit",
@@ -121,17 +123,35 @@ _CLICK_ERRORS = _click_errors()
 LOCAL_EXTRA_MODULES = frozenset({"torch", "triton", "transformers", "safetensors", "tokenizers", "fastapi", "uvicorn"})
 
 
+def _shown(text: str, *, lines: bool = False) -> str:
+    """What may reach the terminal of a message that can carry server or file text: secrets scrubbed, control and
+    bidi characters escaped, rich markup inert. `lines`: keep line breaks (a managed server's last log lines)."""
+    return escape(safe(session_scrubber().scrub(text), keep_newlines=lines))
+
+
+def _print_error(message: str, label: str = "error", *, lines: bool = False) -> None:
+    err_console.print(f"[bold red]{label}:[/] {_shown(message, lines=lines)}", highlight=False, soft_wrap=True)
+
+
+def _print_traceback() -> None:
+    """--debug: the traceback, through the same scrubber and escaping as the error line (a server's echo of the
+    Authorization header sits in exception messages)."""
+    sys.stderr.write(safe(session_scrubber().scrub(traceback.format_exc()), keep_newlines=True))
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: user errors become one line on stderr and their exit code."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    new_session()
     try:
         rc = app(args=argv, standalone_mode=False)
         if isinstance(rc, int) and rc:  # typer.Exit(code) inside a command returns its code here
             sys.exit(rc)
     except DetauditError as e:
         if debug:  # the traceback, then the same line and exit code as without --debug (re-raising exited 1)
-            traceback.print_exc()
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            _print_traceback()
+        _print_error(str(e), lines=isinstance(e, EndpointError))  # only those quote log lines, each made safe
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -145,31 +165,24 @@ def main(argv: list[str] | None = None) -> None:
             # One line, like every other user error (README "Exit codes").
             message = e.format_message()
             if message:  # empty after `detaudit` with no arguments: the help was the message
-                err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+                _print_error(message)
             sys.exit(2)
         if isinstance(e, click.exceptions.Abort):
             err_console.print("aborted")
             sys.exit(EXIT_INTERRUPTED)
         if debug:
-            traceback.print_exc()
+            _print_traceback()
         missing = (e.name or "").split(".")[0] if isinstance(e, ModuleNotFoundError) else ""
         if missing in LOCAL_EXTRA_MODULES:
-            message = f"this command runs a model and needs the local extra ({missing} is not installed): " + (
-                "pip install 'detaudit[local]'"
-            )
-            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            _print_error(f"this command runs a model and needs the local extra ({missing} is not installed): "
+                         "pip install 'detaudit[local]'")  # fmt: skip
             sys.exit(2)
         if isinstance(e, OSError) and e.strerror:
             # The file system refused a path the user named (unwritable, a directory, a full disk): their input.
             where = ": ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
-            message = f"{where}: {e.strerror}" if where else e.strerror
-            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            _print_error(f"{where}: {e.strerror}" if where else e.strerror)
             sys.exit(2)
-        err_console.print(
-            # One line even for a multi-line exception message; --debug shows all of it.
-            f"[bold red]internal error:[/] {escape(type(e).__name__ + ': ' + ' '.join(str(e).split()))}"
-            + ("" if debug else " (rerun with --debug for details)"),
-            highlight=False,
-            soft_wrap=True,
-        )
+        # One line even for a multi-line exception message; --debug shows all of it.
+        _print_error(type(e).__name__ + ": " + " ".join(str(e).split())
+                     + ("" if debug else " (rerun with --debug for details)"), "internal error")  # fmt: skip
         sys.exit(70)

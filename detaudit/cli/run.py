@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +31,17 @@ from detaudit.runner import (
     parse_headers,
     request_from_manifest,
 )
+from detaudit.termsafe import json_text, safe
 
 # Share of failed samples above which the run is reported as unjudgeable (exit 3); the run directory is kept.
 MAX_ERROR_SHARE = 0.5
+
+
+class _ArmColumn(ProgressColumn):
+    """The arm's name, as text (never markup, never raw control characters: on --resume it comes from a file)."""
+
+    def render(self, task: Task) -> Text:
+        return Text(safe(task.description), style="bold")
 
 
 class _RateColumn(ProgressColumn):
@@ -45,7 +52,7 @@ class _RateColumn(ProgressColumn):
 def make_progress(console: Console) -> Progress:
     """One bar per arm: done/total, rate, failed requests and distinct completions so far."""
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+        _ArmColumn(), BarColumn(), MofNCompleteColumn(), _RateColumn(),
         TextColumn("errors {task.fields[errors]}"), TextColumn("distinct {task.fields[distinct]}"),
         TimeElapsedColumn(), console=console, transient=False, refresh_per_second=4,
     )  # fmt: skip
@@ -78,6 +85,7 @@ def build_request(
         backoff=backoff,
         force=force,
         suite=suite,
+        key_env=api_key_env,
     )
     req.validate()
     return req
@@ -87,8 +95,8 @@ def render_run(outcome: RunOutcome, summary: dict[str, Any], console: Console) -
     """The analysis module's summary view, then what the reader of this run should know and where it is."""
     render_summary(summary, console)
     for note in outcome.manifest.notes:
-        console.print(f"note: {note}", highlight=False, markup=False)
-    console.print(f"run directory: {outcome.run_dir}", highlight=False, markup=False)
+        console.print(f"note: {safe(note)}", highlight=False, markup=False)
+    console.print(f"run directory: {safe(outcome.run_dir)}", highlight=False, markup=False)
 
 
 def finish_run(outcome: RunOutcome, as_json: bool, console: Console, err_console: Console) -> dict[str, Any]:
@@ -102,7 +110,7 @@ def finish_run(outcome: RunOutcome, as_json: bool, console: Console, err_console
     summary = summarize_run(outcome.run_dir)
     write_summary(outcome.run_dir, summary)
     if as_json:
-        typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
+        typer.echo(json_text(summary))
     else:
         render_run(outcome, summary, console)
     samples = summary["samples"]
@@ -186,6 +194,7 @@ def run_command(
             out, base_url=base_url, api_key=api_key_from_env(api_key_env),
             headers=parse_headers(header), stream=stream, backoff=backoff,
         )  # fmt: skip
+        req.key_env = api_key_env
         outcome = execute_run(req, lambda: make_progress(err_console), resumed=manifest)
     else:
         chosen = load_suite(suite) if suite else None
