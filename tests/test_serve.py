@@ -442,6 +442,24 @@ def test_a_step_that_raises_fails_only_the_request_that_raises(local_server):
     assert engine.scheduler.blocks.num_free == engine.scheduler.blocks.num_blocks  # nothing leaked
 
 
+def test_the_engine_refuses_what_a_step_could_not_run(local_server):
+    """Behind the server's checks, Engine.add refuses on its own: the issue's poison was a prompt 5 tokens past the
+    limit with max_tokens -5, whose reservation (prompt + max_tokens) looked exactly full."""
+    from detaudit.engine.sequence import SamplingParams, Sequence
+    from detaudit.errors import UsageError
+
+    _, engine, _ = local_server
+    limit = engine.max_model_len
+    for prompt, max_tokens, why in [([5] * (limit + 5), -5, "max_tokens must be at least 1"),
+                                    ([5] * limit, 0, "max_tokens must be at least 1"),
+                                    ([5, engine.spec.vocab_size], 1, "outside the model's vocabulary"),
+                                    ([5, -1], 1, "outside the model's vocabulary"),
+                                    ([5] * limit, 1, "exceeds the engine's max model length")]:  # fmt: skip
+        with pytest.raises(UsageError, match=why):
+            engine.add(Sequence(prompt, SamplingParams(max_tokens=max_tokens)))
+    assert not engine.scheduler.waiting
+
+
 def test_unexpected_handler_error_is_a_json_500(local_server, monkeypatch):
     base, engine, _ = local_server
     monkeypatch.setattr(engine, "encode_text", lambda _text: 1 / 0)

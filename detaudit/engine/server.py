@@ -459,8 +459,8 @@ def create_app(engine: Engine, *, model_name: str, max_queue: int = 1024) -> Fas
                 done = False
                 while not done:
                     _, _, done = await next_event()
-            except _ClientGone:  # nobody reads this answer; 499 is what the access log shows (nginx's convention)
-                return JSONResponse({}, status_code=499)
+            except _ClientGone:  # nobody reads this answer; 499 is nginx's status for it
+                return ApiError(499, "the client closed the connection", code="client_closed").response()
             finally:
                 watcher.cancel()
                 if not done:
