@@ -51,6 +51,7 @@ class ApiError(Exception):
         return JSONResponse(self.body(), status_code=self.status)
 
 
+# How pydantic names the member of a union it tried in an error's location (`stop.str`, `prompt.list[int]`).
 _UNION_MEMBER = re.compile(r"(str|int|float|bool|list|dict)(\[.*\])?")
 
 
@@ -113,7 +114,6 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant"]
     content: str
-    name: str | None = None
 
     @field_validator("content", mode="before")
     @classmethod
