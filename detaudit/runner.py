@@ -21,7 +21,6 @@ import platform
 import re
 import shlex
 import signal
-import stat
 import sys
 import threading
 import time
@@ -49,6 +48,7 @@ from detaudit.rundir.io import (
     write_manifest,
 )
 from detaudit.rundir.schema import ArmSpec, PromptSpec, RequestParams, RunManifest, TargetSpec
+from detaudit.userfiles import read_user_file
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
@@ -74,7 +74,7 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 def load_prompt_file(path: Path) -> list[PromptSpec]:
     """Plain text (the whole file is one prompt) or JSONL of {"prompt": ...} / {"messages": [...]} objects."""
-    raw = _read_capped(path, MAX_PROMPT_FILE_BYTES)
+    raw = read_user_file(path, MAX_PROMPT_FILE_BYTES, "prompt file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -99,27 +99,6 @@ def load_prompt_file(path: Path) -> list[PromptSpec]:
     if not specs:
         raise UsageError(f"prompt file {path} holds no prompts")
     return specs
-
-
-def _read_capped(path: Path, cap: int) -> bytes:
-    """The bytes of a regular file of at most `cap` bytes. Opened non-blocking, so a FIFO cannot hang the open, and
-    checked on the open descriptor, so a device (/dev/zero) or a FIFO is refused, not read forever."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    except OSError as e:
-        raise UsageError(f"cannot read prompt file {path}: {e.strerror or e}") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UsageError(f"cannot read prompt file {path}: not a regular file (a directory, FIFO or device)")
-        with os.fdopen(fd, "rb", closefd=False) as f:
-            raw = f.read(cap + 1)
-    except OSError as e:
-        raise UsageError(f"cannot read prompt file {path}: {e.strerror or e}") from None
-    finally:
-        os.close(fd)
-    if len(raw) > cap:
-        raise UsageError(f"prompt file {path} is larger than {cap // 2**20} MiB")
-    return raw
 
 
 def _prompt_entry(obj: Any, where: str) -> PromptSpec:
