@@ -26,6 +26,7 @@ from detaudit.analysis.stats import arm_stats
 from detaudit.analysis.units import SOURCES, Source, unit_of
 from detaudit.errors import RunDirError
 from detaudit.rundir.io import (
+    check_samples,
     has_samples,
     iter_samples,
     load_manifest,
@@ -500,11 +501,14 @@ def summarize(manifest: RunManifest, table: pa.Table, limits: Limits = Limits())
 
 
 def load_run_manifest(run_dir: Path) -> RunManifest:
-    """The manifest of a run to analyse, refusing a finished run whose samples file is gone (it would read as 0/0)."""
+    """The manifest of a run to analyse, once its rows have been checked against it (io.check_samples): an edited
+    run directory is refused with what is wrong, never counted. So is a finished run whose samples file is gone
+    (it would read as 0/0)."""
     manifest = load_manifest(run_dir)
     # A finished run always has some: samples.parquet is written before the manifest says complete.
     if manifest.status == "complete" and not has_samples(run_dir):
         raise RunDirError(f"{run_dir}: {SAMPLES_FILE} is missing, though the manifest says the run is complete")
+    check_samples(run_dir, manifest)
     return manifest
 
 
