@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from detaudit.analysis.core import Sequences, SourceMissing, encode_sequences, find_forks, lcp_pairs, lcp_with
-from detaudit.analysis.decode import Decoder
+from detaudit.analysis.decode import Decoder, clip_text
 from detaudit.analysis.rescore import summarize_rescore
 from detaudit.analysis.stats import arm_stats
 from detaudit.analysis.units import SOURCES, Source, unit_of
@@ -263,16 +263,19 @@ def _arm(
     def build(dec: Decoder) -> dict:
         block = dict(head)
         block["unique"] = len(uniq)
-        block["completions"] = [
-            {
-                "count": int(counts[i]),
-                "share": int(counts[i]) / n_ok,
-                "first_divergence": None if i == 0 else int(fd[i]),
-                "length": int(seqs.lens[u]),
-                "text": dec.completion_text(u),
-            }
-            for i, u in enumerate(shown)
-        ]
+        block["completions"] = []
+        for i, u in enumerate(shown):
+            text = dec.completion_text(u)
+            block["completions"].append(
+                {
+                    "count": int(counts[i]),
+                    "share": int(counts[i]) / n_ok,
+                    "first_divergence": None if i == 0 else int(fd[i]),
+                    "length": int(seqs.lens[u]),
+                    "text": clip_text(text),
+                    "text_chars": len(text),
+                }
+            )
         for i, comp in enumerate(block["completions"][1:], start=1):
             comp["context"] = _context(dec, seqs, shown[0], shown[i], int(fd[i]))
         block["first_divergence"] = _histogram(fd, counts)
