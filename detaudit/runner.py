@@ -643,19 +643,21 @@ async def _execute(req: RunRequest, make_progress: Callable[[], Any] | None,
             manifest = resumed.model_copy(update={"status": "started", "finished_at": None})
             run_dir = req.out or Path(".")
             _remove_stale_temp_files(run_dir)
+        # Ctrl-C from the first byte written on is the runner's (a loop callback, run at the first await, when
+        # `runner` exists): a KeyboardInterrupt in between left a run directory that still said `started`.
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, lambda: runner.halt())
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
         write_manifest(run_dir, manifest)
         progress = make_progress() if make_progress is not None else None
         runner = _Runner(req, manifest, run_dir, progress)
         tallies = [ArmTally(a.name, a.concurrency, len(manifest.prompts) * manifest.repeats) for a in manifest.arms]
         flusher = asyncio.create_task(runner._flusher())
-        loop = asyncio.get_running_loop()
-        installed = []
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, runner.halt)
-                installed.append(sig)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass
         try:
             try:
                 if progress is not None:
