@@ -37,15 +37,14 @@ from typing import Any
 
 from detaudit.errors import DetauditError, EndpointError, UsageError
 from detaudit.redact import MASK, SECRET_NAME, session_scrubber
-from detaudit.rundir.io import load_manifest, write_manifest
-from detaudit.rundir.schema import MANIFEST_FILE, RunManifest
+from detaudit.rundir.io import check_out_dir, load_manifest, load_resumable, write_manifest
+from detaudit.rundir.schema import MANIFEST_FILE, SERVER_LOG, RunManifest
 from detaudit.runner import RunOutcome, RunRequest, execute_run
 from detaudit.termsafe import safe
 
 ENGINES = ("vllm", "sglang", "command")
 KERNELS = ("stock", "batch-invariant")
 HOST = "127.0.0.1"
-SERVER_LOG = "server.log"
 LOG_TAIL_LINES = 25
 # vLLM's batch-invariant mode needs an attention backend that supports it (FLASH_ATTN, TRITON_ATTN,
 # FLEX_ATTENTION; FlashInfer is excluded upstream): pin one rather than trust auto-selection of older versions.
@@ -581,7 +580,7 @@ def run_managed(
     out = req.out
     req.validate()
     if resumed is None:
-        check_out(out, req.force)
+        check_out_dir(out, req.force)  # the runner repeats this check before it writes
     stash = stash_log(out)
     stash.unlink(missing_ok=True)
     crash: EndpointError | None = None
@@ -635,18 +634,9 @@ def _record(out: Path, facts: dict[str, Any], crash: EndpointError | None, resum
     write_manifest(out, manifest.model_copy(update={"target": target, "notes": notes}))
 
 
-def check_out(out: Path, force: bool) -> None:
-    """Refuse an occupied --out before the server starts (the runner repeats this check before writing)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not out.is_dir() or not force:
-            raise UsageError(f"--out {out} already exists; pass --resume to finish it or --force to replace it")
-        if not (out / MANIFEST_FILE).exists():
-            raise UsageError(f"--force refuses to clear {out}: it is not a detaudit run directory")
-
-
 def request_for_resume(out: Path, launch: LaunchSpec, *, backoff: float) -> tuple[RunRequest, RunManifest]:
-    """The interrupted managed run's request, from its manifest, aimed at the new server."""
-    manifest = load_manifest(out)
+    """The unfinished managed run's request, from its manifest, aimed at the new server."""
+    manifest = load_resumable(out)  # checked before the server starts, as `detaudit run --resume` does
     recorded = manifest.target.engine.get("engine") if manifest.target.engine.get("managed") else None
     if recorded != launch.engine:
         what = f"a managed {recorded} run" if recorded else "not a managed-engine run"
@@ -719,7 +709,6 @@ def local_managed(
     retries: int = 3,
 ) -> None:
     """`detaudit local --engine vllm|sglang|command`: parse, run the managed audit, render like `detaudit run`."""
-    import typer
     from rich.console import Console
 
     from detaudit.cli.run import build_request, finish_run, make_progress
@@ -757,10 +746,6 @@ def local_managed(
                       markup=False, soft_wrap=True)  # one line: the command stays copy-pastable
     outcome = run_managed(launch, req, startup_timeout_s=startup_timeout, make_progress=lambda: make_progress(
         err_console), resumed=manifest)  # fmt: skip
-    if outcome.interrupted:
-        err_console.print(
-            f"interrupted: the run in {outcome.run_dir} is incomplete; finish it with the same command plus "
-            f"--resume --out {shlex.quote(str(outcome.run_dir))} (without --prompt/--suite)", highlight=False
-        )
-        raise typer.Exit(130)
-    finish_run(outcome, as_json, console, err_console)
+    resume_hint = (f"the same command plus --resume --out {shlex.quote(str(outcome.run_dir))} "
+                   f"(without --prompt/--suite)")  # fmt: skip
+    finish_run(outcome, as_json, console, err_console, resume=resume_hint)

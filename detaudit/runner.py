@@ -36,13 +36,15 @@ from urllib.parse import urlsplit
 from detaudit import __version__
 from detaudit.analysis.units import completion_key
 from detaudit.client import Api, CallError, CallResult, OpenAIClient
-from detaudit.errors import UsageError
+from detaudit.errors import RecordingFailed, UsageError
 from detaudit.probe import logprob_fields, probe_api
 from detaudit.redact import Scrubber, redact_url, session_scrubber, url_secrets
 from detaudit.rundir.io import (
     ShardWriter,
-    finalize_samples,
-    load_manifest,
+    check_out_dir,
+    describe,
+    end_run,
+    load_resumable,
     prepare_out_dir,
     read_samples,
     write_manifest,
@@ -391,10 +393,14 @@ class ArmTally:
 
 @dataclass
 class RunOutcome:
+    """How a run ended: its manifest (status complete, interrupted or failed) and, when failed, why."""
+
     run_dir: Path
     manifest: RunManifest
     interrupted: bool = False
     tallies: list[ArmTally] = field(default_factory=list)
+    failure: str | None = None
+    rows: int | None = None  # sample rows on disk
 
     def resume_command(self) -> str:
         cmd = f"detaudit run --resume --out {shlex.quote(str(self.run_dir))}"
@@ -485,10 +491,18 @@ class _Runner:
         # A flush awaited by a cancelled task keeps running in its thread: the lock keeps shard numbers apart.
         self._write_lock = threading.Lock()
         self.buffer: list[dict[str, Any]] = []
-        self._pending: set[asyncio.Future[None]] = set()
+        self._pending: set[asyncio.Future[str | None]] = set()
         self.stop = asyncio.Event()
+        self.current: list[asyncio.Task[Any]] = []  # the arm running now, cancelled by halt()
+        self.failure: str | None = None  # why recording failed; the run then stops and ends `failed`
         self._next_slot = 0.0
         self.capture_seen: Counter[str] = Counter()
+
+    def halt(self) -> None:
+        """Stop sending and cancel the requests in flight (Ctrl-C, SIGTERM, or a failed shard write)."""
+        self.stop.set()
+        for t in self.current:
+            t.cancel()
 
     async def _rate_wait(self) -> None:
         rate = self.manifest.params.rate
@@ -505,10 +519,11 @@ class _Runner:
             return
         rows, self.buffer = self.buffer, []
         # The write runs on in its thread even if this awaiter is cancelled (a worker or the flusher being
-        # stopped): keep it in _pending so drain() waits for it before the shards are folded.
+        # stopped): keep it in _pending so drain() waits for it before the shards are folded. Its outcome is
+        # read by _written, whoever awaits it (the flusher task's own exceptions were lost: #15).
         write = asyncio.ensure_future(asyncio.to_thread(self._write, rows))
         self._pending.add(write)
-        write.add_done_callback(self._pending.discard)
+        write.add_done_callback(self._written)
         await asyncio.shield(write)
 
     async def drain(self) -> None:
@@ -517,9 +532,24 @@ class _Runner:
         while self._pending:
             await asyncio.gather(*list(self._pending))
 
-    def _write(self, rows: list[dict[str, Any]]) -> None:
+    def _write(self, rows: list[dict[str, Any]]) -> str | None:
+        """Write one shard (in a worker thread); returns why recording failed instead of raising."""
         with self._write_lock:
-            self.writer.write(rows)
+            try:
+                self.writer.write(rows)
+            except RecordingFailed as e:
+                return str(e)
+            except Exception as e:  # noqa: BLE001 - whatever stops a shard stops the run, and says why
+                return f"cannot write {len(rows)} rows: {describe(e)}"
+        return None
+
+    def _written(self, write: asyncio.Future[str | None]) -> None:
+        """A shard write ended (on the event loop, before its awaiters resume): a failure stops the run at once."""
+        self._pending.discard(write)
+        why = "a shard write was cancelled" if write.cancelled() else write.result()
+        if why is not None:
+            self.failure = self.failure or why
+            self.halt()
 
     async def _flusher(self) -> None:
         while True:
@@ -643,9 +673,9 @@ def _new_manifest(req: RunRequest, model: str | None, probe: dict[str, Any]) -> 
 
 def request_from_manifest(out: Path, *, base_url: str | None, api_key: str | None, headers: dict[str, str],
                           stream: bool, backoff: float) -> tuple[RunRequest, RunManifest]:  # fmt: skip
-    """The request of an interrupted run, from its manifest; credentials come from the caller (never stored)."""
-    manifest = load_manifest(out)
-    read_samples(out)  # refuse corrupt or foreign Parquet before anything is written
+    """The request of an unfinished run (interrupted, failed or killed), from its manifest; credentials come from
+    the caller (never stored)."""
+    manifest = load_resumable(out)  # refuse what is not a run to trust before anything is written
     if manifest.target.kind != "endpoint":
         raise UsageError(f"{out} is a local run; resume it with the command that made it")
     recorded = manifest.target.base_url or DEFAULT_BASE_URL
@@ -709,67 +739,67 @@ async def _execute(req: RunRequest, make_progress: Callable[[], Any] | None,
             manifest = resumed.model_copy(update={"status": "started", "finished_at": None})
             run_dir = req.out or Path(".")
             _remove_stale_temp_files(run_dir)
+        # Ctrl-C from the first byte written on is the runner's (a loop callback, run at the first await, when
+        # `runner` exists): a KeyboardInterrupt in between left a run directory that still said `started`.
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, lambda: runner.halt())
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
         write_manifest(run_dir, manifest)
         progress = make_progress() if make_progress is not None else None
         runner = _Runner(req, manifest, run_dir, progress)
         tallies = [ArmTally(a.name, a.concurrency, len(manifest.prompts) * manifest.repeats) for a in manifest.arms]
         flusher = asyncio.create_task(runner._flusher())
-        loop = asyncio.get_running_loop()
-        current: list[asyncio.Task[Any]] = []
-
-        def on_signal() -> None:
-            runner.stop.set()
-            for t in current:
-                t.cancel()
-
-        installed = []
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, on_signal)
-                installed.append(sig)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass
-        interrupted = False
         try:
-            if progress is not None:
-                progress.start()
-            recorded = _recorded(run_dir)
-            for arm_pos, arm in enumerate(manifest.arms):
-                tally = tallies[arm_pos]
-                todo = _todo(manifest, recorded, arm_pos, tally)
-                task_id = None
+            try:
                 if progress is not None:
-                    task_id = progress.add_task(f"arm {arm.name}", total=tally.total, completed=tally.done,
-                                                errors=tally.errors, distinct=len(tally.keys))  # fmt: skip
-                if not todo:
-                    continue
-                task = asyncio.create_task(runner.run_arm(client, arm_pos, arm, todo, tally, task_id))
-                current[:] = [task]
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    if not runner.stop.is_set():
-                        raise
-                if runner.stop.is_set():
-                    interrupted = True
-                    break
-        finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-            flusher.cancel()
-            await asyncio.gather(flusher, return_exceptions=True)
-            await runner.drain()
-            if progress is not None:
-                progress.stop()
-        if interrupted:
-            manifest = manifest.model_copy(update={"status": "interrupted", "finished_at": datetime.now(timezone.utc)})
-            write_manifest(run_dir, manifest)
-            return RunOutcome(run_dir, manifest, interrupted=True, tallies=tallies)
-        finalize_samples(run_dir)
-        manifest = _final_capture(manifest, runner.capture_seen)
-        manifest = manifest.model_copy(update={"status": "complete", "finished_at": datetime.now(timezone.utc)})
-        write_manifest(run_dir, manifest)
-        return RunOutcome(run_dir, manifest, tallies=tallies)
+                    progress.start()
+                stopped = await _run_arms(runner, client, run_dir, tallies)
+            finally:
+                for sig in installed:
+                    loop.remove_signal_handler(sig)
+                flusher.cancel()
+                await asyncio.gather(flusher, return_exceptions=True)
+                await runner.drain()
+                if progress is not None:
+                    progress.stop()
+        except Exception as e:  # a bug: the manifest still says so (failed), then the traceback path takes over
+            end_run(run_dir, manifest, interrupted=False, failure=runner.failure or f"internal error: {describe(e)}")
+            raise
+        if not stopped:
+            manifest = _final_capture(manifest, runner.capture_seen)
+        end = end_run(run_dir, manifest, interrupted=stopped, failure=runner.failure)
+        return RunOutcome(run_dir, end.manifest, interrupted=end.manifest.status == "interrupted", tallies=tallies,
+                          failure=end.failure, rows=end.rows)  # fmt: skip
+
+
+async def _run_arms(runner: _Runner, client: OpenAIClient, run_dir: Path, tallies: list[ArmTally]) -> bool:
+    """Send every sample still missing, arm after arm; returns whether the run was stopped before the end."""
+    manifest, progress = runner.manifest, runner.progress
+    recorded = _recorded(run_dir)
+    for arm_pos, arm in enumerate(manifest.arms):
+        tally = tallies[arm_pos]
+        todo = _todo(manifest, recorded, arm_pos, tally)
+        task_id = None
+        if progress is not None:
+            task_id = progress.add_task(f"arm {arm.name}", total=tally.total, completed=tally.done,
+                                        errors=tally.errors, distinct=len(tally.keys))  # fmt: skip
+        if not todo:
+            continue
+        task = asyncio.create_task(runner.run_arm(client, arm_pos, arm, todo, tally, task_id))
+        runner.current[:] = [task]
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not runner.stop.is_set():
+                raise
+        if runner.stop.is_set():
+            return True
+    return runner.stop.is_set()
 
 
 def _final_capture(manifest: RunManifest, seen: Counter[str]) -> RunManifest:
@@ -785,27 +815,13 @@ def _final_capture(manifest: RunManifest, seen: Counter[str]) -> RunManifest:
     return manifest.model_copy(update={"capture": lowest, "notes": [*manifest.notes, note]})
 
 
-def _check_out(out: Path, force: bool) -> None:
-    """Refuse an occupied --out before touching the network; --force clears it only once the endpoint answered."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
-    if not any(out.iterdir()):
-        return
-    if not force:
-        raise UsageError(f"--out {out} already exists; pass --resume to finish it or --force to replace it")
-    if not (out / "manifest.json").exists():
-        raise UsageError(f"--force refuses to clear {out}: it is not a detaudit run directory")
-
-
 def execute_run(req: RunRequest, make_progress: Callable[[], Any] | None = None,
                 resumed: RunManifest | None = None) -> RunOutcome:  # fmt: skip
     """Validate, reach the endpoint, write the run directory; returns where it is and how it ended."""
     req.validate()
     _ensure_fd_limit(max(req.concurrency))
     if resumed is None and req.out is not None:
-        _check_out(req.out, req.force)
+        check_out_dir(req.out, req.force)  # before the network: --force clears it only once the endpoint answered
     with _gc_tuned():
         return asyncio.run(_execute(req, make_progress, resumed))
 

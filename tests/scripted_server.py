@@ -228,7 +228,8 @@ class ScriptedServer:
         tid = spec.get("id")
         if tid is None:
             tid = self._vocab.setdefault(text, 1000 + len(self._vocab))
-        return _Token(text, int(tid), spec.get("bytes", list(text.encode())), spec.get("logprob"))
+        bytes_ = spec["bytes"] if "bytes" in spec else list(text.encode())  # pinned: may be what UTF-8 cannot say
+        return _Token(text, int(tid), bytes_, spec.get("logprob"))
 
     def token_id(self, token: str) -> int:
         """The id the server reports for `token` (vocabulary built from the script's completions)."""

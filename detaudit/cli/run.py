@@ -13,7 +13,7 @@ from rich.text import Text
 from detaudit.analysis.render import render_summary
 from detaudit.analysis.summary import summarize_run
 from detaudit.cli.gate import gate_finished_run
-from detaudit.errors import EndpointError, UsageError
+from detaudit.errors import EndpointError, RecordingFailed, UsageError
 from detaudit.gate import parse_gate_spec
 from detaudit.probes.suites import load_suite
 from detaudit.rundir.io import load_manifest, write_summary
@@ -99,12 +99,20 @@ def render_run(outcome: RunOutcome, summary: dict[str, Any], console: Console) -
     console.print(f"run directory: {safe(outcome.run_dir)}", highlight=False, markup=False)
 
 
-def finish_run(outcome: RunOutcome, as_json: bool, console: Console, err_console: Console) -> dict[str, Any]:
-    """Summarize a finished run into summary.json and print it; interrupted runs print the --resume command."""
+def finish_run(outcome: RunOutcome, as_json: bool, console: Console, err_console: Console,
+               resume: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Summarize a complete run into summary.json and print it. A run that did not complete prints how far it got
+    and the command that finishes it (`resume`, default `detaudit run --resume ...`): interrupted, exit 130;
+    failed (recording failed), exit 3 with one line."""
+    resume = resume or outcome.resume_command()
+    expected = outcome.manifest.expected_samples
+    if outcome.failure is not None:
+        raise RecordingFailed(f"recording failed, run stopped: {outcome.failure}. {_on_disk(outcome)} of {expected} "
+                              f"samples are recorded in {outcome.run_dir} (status failed); once the cause is fixed, "
+                              f"finish with: {resume}")  # fmt: skip
     if outcome.interrupted:
-        done = sum(t.done for t in outcome.tallies)
-        msg = (f"interrupted: {done} of {outcome.manifest.expected_samples} samples recorded in {outcome.run_dir}; "
-               f"finish with:\n  {outcome.resume_command()}")  # fmt: skip
+        msg = (f"interrupted: {_on_disk(outcome)} of {expected} samples recorded in {outcome.run_dir}; "
+               f"finish with:\n  {resume}")  # fmt: skip
         err_console.print(msg, highlight=False, markup=False, soft_wrap=True)  # copy-pastable, never wrapped
         raise typer.Exit(130)
     summary = summarize_run(outcome.run_dir)
@@ -118,6 +126,11 @@ def finish_run(outcome: RunOutcome, as_json: bool, console: Console, err_console
         raise EndpointError(f"{samples['errors']} of {samples['expected']} requests failed; see the error column "
                             f"of {outcome.run_dir}/samples.parquet")  # fmt: skip
     return summary
+
+
+def _on_disk(outcome: RunOutcome) -> int:
+    """Rows on disk when they could be counted, else those this session finished."""
+    return outcome.rows if outcome.rows is not None else sum(t.done for t in outcome.tallies)
 
 
 # What a resumed run takes from its manifest: giving one of these with --resume is refused, never ignored.
