@@ -220,8 +220,8 @@ def test_a_declared_length_over_the_limit_is_refused_before_reading(scripted_ser
 
 
 def test_error_rows_carry_reason_and_raw_answer(scripted_server, capsys, tmp_path) -> None:
-    server = scripted_server(completions={"Q": QUEENS}, default="Q",
-                             faults={"first": ["raw"] * 2, "prompts": ["hi"], "raw_body": _chat(model=123)})  # fmt: skip
+    faults = {"first": ["raw", "raw"], "prompts": ["hi"], "raw_body": _chat(model=123)}
+    server = scripted_server(completions={"Q": QUEENS}, default="Q", faults=faults)
     out = tmp_path / "r"
     r = cli(capsys, "run", "--base-url", server.base_url, "-p", "hi", "-n", 5, "--retries", 0, "--out", out)
     assert r.code == 0, r.err
