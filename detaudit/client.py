@@ -66,7 +66,7 @@ class CallError(Exception):
 
 
 def _malformed(field: str, why: str) -> CallError:
-    return CallError(f"malformed answer: {field}: {why}", retryable=True, reason=f"malformed:{field}")
+    return CallError(f"malformed answer: {field}: {_one_line(why)}", retryable=True, reason=f"malformed:{field}")
 
 
 @dataclass
@@ -258,7 +258,19 @@ def _refuse_constant(name: str) -> Any:
 
 
 def _one_line(text: str, limit: int = 200) -> str:
-    return " ".join(text.split())[:limit]
+    """Server text for a message: one line, bounded, storable as UTF-8 (a lone surrogate becomes '?')."""
+    return " ".join(text.encode("utf-8", "replace").decode("utf-8").split())[:limit]
+
+
+def _text_of(value: Any) -> str:
+    """A value the server sent, as one bounded line: a string as it is, anything else as compact JSON (str() of a
+    deeply nested list would recurse past Python's limit)."""
+    if isinstance(value, str):
+        return _one_line(value)
+    try:
+        return _one_line(orjson.dumps(value).decode())
+    except orjson.JSONEncodeError:  # nested past orjson's limit, or a lone surrogate
+        return f"({type(value).__name__})"
 
 
 def _retry_after(headers: httpx.Headers) -> float | None:
@@ -285,11 +297,11 @@ def _error_message(body: bytes, content_type: str) -> str:
     if isinstance(obj, dict):
         err = obj.get("error")
         if isinstance(err, dict) and err.get("message"):
-            return _one_line(str(err["message"]))
+            return _text_of(err["message"])
         if isinstance(err, str):
             return _one_line(err)
         if "detail" in obj:
-            return _one_line(str(obj["detail"]))
+            return _text_of(obj["detail"])
     text = _one_line(body.decode("utf-8", "replace"), 400)
     if "html" in content_type or text.lower().startswith(("<!doctype", "<html")):
         return "HTML error page" + (f" ({text[:80]})" if text else "")
@@ -298,7 +310,7 @@ def _error_message(body: bytes, content_type: str) -> str:
 
 def _server_error(obj: Mapping[str, Any], streamed: bool) -> CallError:
     err = obj["error"]
-    msg = _one_line(str(err.get("message") if isinstance(err, dict) else err))
+    msg = _text_of(err.get("message") if isinstance(err, dict) else err)
     where = "error event in stream" if streamed else "server error in a 200 answer"
     return CallError(f"{where}: {msg}", retryable=True, reason="server_error")
 
@@ -318,7 +330,8 @@ def _pick_choice(choices: list[dict[str, Any]]) -> dict[str, Any] | None:
         return None
     indices = [c.get("index", pos) for pos, c in enumerate(choices)]
     if indices.count(0) != 1 or len(set(indices)) != len(indices):
-        raise CallError(f"choice indices {indices[:8]} are not one choice with index 0", retryable=True,
+        shown = _one_line(", ".join(str(i)[:12] for i in indices[:8]))
+        raise CallError(f"choice indices [{shown}] are not one choice with index 0", retryable=True,
                         reason="choice_index")  # fmt: skip
     return choices[indices.index(0)]
 
@@ -328,10 +341,9 @@ def _split_token(tok: str, where: str) -> tuple[str | None, int | None]:
     if tok.startswith(_TOKEN_ID_PREFIX):
         digits = tok[len(_TOKEN_ID_PREFIX) :]
         if digits.isascii() and digits.isdigit():
-            tid = int(digits)
-            if tid > _INT32_MAX:
+            if len(digits.lstrip("0")) > 10 or int(digits) > _INT32_MAX:
                 raise _malformed(where, f"token id {digits[:20]} is outside int32")
-            return None, tid
+            return None, int(digits)
     return tok, None
 
 
@@ -787,8 +799,8 @@ class OpenAIClient:
             raise self._transport_error(e, self._raw(got.head)) from None
         except CallError as e:
             raw = self._raw(e.raw if e.raw is not None else got.head)
-            raise CallError(self._scrub(str(e)), retryable=e.retryable, reason=e.reason, status=e.status,
-                            retry_after=e.retry_after, raw=raw) from None  # fmt: skip
+            raise CallError(_one_line(self._scrub(str(e)), 400), retryable=e.retryable, reason=e.reason,
+                            status=e.status, retry_after=e.retry_after, raw=raw) from None  # fmt: skip
 
     async def list_models(self) -> list[str]:
         """Model ids from GET /models (one attempt, bounded like any other; callers turn failures into usage

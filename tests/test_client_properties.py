@@ -118,7 +118,7 @@ def _check(make) -> None:
         m = REASONS.fullmatch(e.reason)
         assert m is not None, e.reason
         assert m["field"] is None or m["field"] in FIELDS, e.reason
-        assert isinstance(str(e), str) and "\n" not in str(e)
+        assert "\n" not in str(e) and str(e).encode("utf-8")  # one line, storable in the error column
         return
     assert isinstance(c, Completion)
     row = c.columns()
@@ -193,6 +193,35 @@ def test_unmutated_answers_parse_whole_and_streamed() -> None:
             assert _stream(api, lines).columns() == {**whole.columns(), "prompt_tokens": None,
                                                      "completion_tokens": None}  # fmt: skip
             assert whole.token_ids == [1000, 1001, 1002, 1003] and len(whole.top_logprobs[0]) == 2
+
+
+@SETTINGS
+@given(raw=st.binary(max_size=64), api=st.sampled_from(["chat", "completions"]))
+def test_random_bytes(raw, api) -> None:
+    _check(lambda: parse_answer(raw, api))
+    _check(lambda: _stream(api, [b"data: " + raw, b"data: [DONE]"]))
+
+
+def test_deep_nesting_and_huge_numbers_anywhere() -> None:
+    """What the random draws are too small to reach: nesting near and past the JSON parsers' limits, in a field
+    that is printed (the error message) and in one that is ignored; numbers of thousands of digits."""
+    hole = '"@"'  # where the raw JSON text goes
+    ok_choice = {"index": 0, "message": {"content": "x"}, "text": "x"}
+    shapes = [{"error": "@"}, {"error": {"message": "@"}}, {"choices": [ok_choice], "x": "@"},
+              {"choices": [{"index": 0, "message": {"content": None, "tool_calls": "@"}}]},
+              {"choices": [{**ok_choice, "index": "@"}]}, {"choices": [{**ok_choice, "token_ids": ["@"]}]},
+              {"choices": [ok_choice], "usage": {"prompt_tokens": "@"}}]  # fmt: skip
+    nested = ["[" * depth + "]" * depth for depth in (150, 250, 1000, 1030, 5000)]
+    numbers = ["9" * 30, "9" * 5000, "-" + "9" * 400, "1e400"]
+    for shape in shapes:
+        for text in nested + numbers:
+            body = json.dumps(shape).replace(hole, text).encode()
+            for api in ("chat", "completions"):
+                _check(lambda: parse_answer(body, api))  # noqa: B023 (called at once)
+                _check(lambda: _stream(api, [b"data: " + body, b"data: [DONE]"]))  # noqa: B023
+    for digits in numbers[:2] + ["0" * 30 + "5"]:
+        lp = {"tokens": [f"token_id:{digits}"], "token_logprobs": [-1.0]}
+        _check(lambda: parse_answer(_dumps({"choices": [{**ok_choice, "logprobs": lp}]}), "completions"))  # noqa: B023
 
 
 def test_every_field_with_every_wrong_value() -> None:
