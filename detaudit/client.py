@@ -26,7 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from typing import Annotated, Any, Literal
+from itertools import chain
+from typing import Annotated, Any, Literal, TypeVar, cast
 from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import anyio
@@ -117,6 +118,12 @@ _Byte = Annotated[int, Field(ge=0, le=255)]
 _STRICT = ConfigDict(strict=True)
 
 
+_T = TypeVar("_T")
+# A list validated up to its first bad entry: an 8 MiB answer of bad entries would otherwise cost seconds of
+# event-loop time collecting every error, of which only the first is reported.
+_List = Annotated[list[_T], Field(fail_fast=True)]
+
+
 @with_config(_STRICT)
 class _Usage(TypedDict):
     prompt_tokens: NotRequired[_Id | None]
@@ -133,20 +140,20 @@ class _ChatTop(TypedDict):
 class _ChatEntry(TypedDict):
     token: str
     logprob: NotRequired[_Logprob | None]
-    bytes: NotRequired[list[_Byte] | None]
-    top_logprobs: NotRequired[list[_ChatTop] | None]
+    bytes: NotRequired[_List[_Byte] | None]
+    top_logprobs: NotRequired[_List[_ChatTop] | None]
 
 
 @with_config(_STRICT)
 class _ChatLogprobs(TypedDict):
-    content: NotRequired[list[_ChatEntry] | None]
+    content: NotRequired[_List[_ChatEntry] | None]
 
 
 @with_config(_STRICT)
 class _Message(TypedDict):
     content: NotRequired[str | None]
     refusal: NotRequired[str | None]
-    tool_calls: NotRequired[list[Any] | None]
+    tool_calls: NotRequired[_List[Any] | None]
     function_call: NotRequired[Any]
 
 
@@ -156,7 +163,7 @@ class _ChatChoice(TypedDict):
     message: _Message
     logprobs: NotRequired[_ChatLogprobs | None]
     finish_reason: NotRequired[str | None]
-    token_ids: NotRequired[list[_Id] | None]
+    token_ids: NotRequired[_List[_Id] | None]
 
 
 @with_config(_STRICT)
@@ -165,14 +172,15 @@ class _ChatChunkChoice(TypedDict):
     delta: NotRequired[_Message | None]
     logprobs: NotRequired[_ChatLogprobs | None]
     finish_reason: NotRequired[str | None]
-    token_ids: NotRequired[list[_Id] | None]
+    token_ids: NotRequired[_List[_Id] | None]
 
 
 @with_config(_STRICT)
 class _ComplLogprobs(TypedDict):
-    tokens: NotRequired[list[str] | None]
-    token_logprobs: NotRequired[list[_Logprob | None] | None]
-    top_logprobs: NotRequired[list[dict[str, _Logprob] | None] | None]
+    tokens: NotRequired[_List[str] | None]
+    token_logprobs: NotRequired[_List[_Logprob | None] | None]
+    # token -> logprob; the values are checked by _top_rows (a dict cannot stop at its first bad entry)
+    top_logprobs: NotRequired[_List[dict[str, Any] | None] | None]
 
 
 @with_config(_STRICT)
@@ -181,7 +189,7 @@ class _ComplChoice(TypedDict):
     text: NotRequired[str | None]
     logprobs: NotRequired[_ComplLogprobs | None]
     finish_reason: NotRequired[str | None]
-    token_ids: NotRequired[list[_Id] | None]
+    token_ids: NotRequired[_List[_Id] | None]
 
 
 @with_config(_STRICT)
@@ -189,7 +197,7 @@ class _ChatAnswer(TypedDict):
     model: NotRequired[str | None]
     system_fingerprint: NotRequired[str | None]
     usage: NotRequired[_Usage | None]
-    choices: list[_ChatChoice]
+    choices: _List[_ChatChoice]
 
 
 @with_config(_STRICT)
@@ -198,7 +206,7 @@ class _ChatChunk(TypedDict):
     model: NotRequired[str | None]
     system_fingerprint: NotRequired[str | None]
     usage: NotRequired[_Usage | None]
-    choices: list[_ChatChunkChoice]
+    choices: _List[_ChatChunkChoice]
 
 
 @with_config(_STRICT)
@@ -207,7 +215,7 @@ class _ComplAnswer(TypedDict):
     model: NotRequired[str | None]
     system_fingerprint: NotRequired[str | None]
     usage: NotRequired[_Usage | None]
-    choices: list[_ComplChoice]
+    choices: _List[_ComplChoice]
 
 
 # (api, streamed) -> the validator of one whole answer or one stream chunk
@@ -347,6 +355,21 @@ def _split_token(tok: str, where: str) -> tuple[str | None, int | None]:
     return tok, None
 
 
+def _floats(values: list[float | None]) -> list[float]:
+    """Logprobs with a missing one (null) as NaN, as the samples table records it."""
+    return [_NAN if v is None else v for v in values] if None in values else cast("list[float]", values)
+
+
+def _top_rows(rows: list[list[Any]]) -> list[list[float | None]]:
+    """The logprobs of completions top_logprobs rows, held to the same rule as every other logprob (one pass over
+    all of them: this runs for every answer)."""
+    flat = list(chain.from_iterable(rows))
+    kinds = set(map(type, flat))
+    if not kinds <= {float, int} or not all(-_FLOAT32_MAX <= v <= _FLOAT32_MAX for v in flat):
+        raise _malformed("choices.logprobs.top_logprobs", "a logprob must be a finite number within float32")
+    return [[float(v) for v in r] for r in rows] if int in kinds else rows
+
+
 def _check_text(value: str | None, where: str) -> None:
     """A string that came through the lone-surrogate JSON path must still be writable as UTF-8."""
     if value is not None:
@@ -438,7 +461,7 @@ class _Acc:
         elif len(tops) != n:
             raise _malformed("choices.logprobs.top_logprobs", f"{len(tops)} rows for {n} tokens")
         rows = [r or {} for r in tops]
-        self._add(toks, lps, [None] * n, [list(r) for r in rows], [list(r.values()) for r in rows],
+        self._add(toks, lps, [None] * n, [list(r) for r in rows], _top_rows([list(r.values()) for r in rows]),
                   "choices.logprobs")  # fmt: skip
 
     def _add(self, toks: list[str], lps: list[float | None], byts: list[bytes | None], top_toks: list[list[str]],
@@ -456,20 +479,21 @@ class _Acc:
         else:
             self.strs.extend(toks)
             self.str_ids.extend([None] * n)
-        self.logprobs.extend([_NAN if v is None else v for v in lps])
+        self.logprobs.extend(_floats(lps))
         self.bytes.extend(byts)
         self.any_bytes = self.any_bytes or any(b is not None for b in byts)
-        top_field = f"{where}.top_logprobs.token" if chat else f"{where}.top_logprobs"
+        rows = [_floats(r) for r in top_lps] if any(None in r for r in top_lps) else cast("list[list[float]]", top_lps)
+        self.any_top = self.any_top or any(rows)
+        # The common shape whole, with list operations only: plain strings, alternatives best first.
         plain = _TOKEN_ID_PREFIX not in "\x00".join(map("\x00".join, top_toks))
-        for strs, row in zip(top_toks, top_lps, strict=True):
-            lp_row = [_NAN if v is None else v for v in row]
-            if plain and not any(lp_row[k] < lp_row[k + 1] for k in range(len(lp_row) - 1)):
-                self.top_strs.append(strs)
-                self.top_ids.append([])
-                self.top_lps.append(lp_row)
-            else:
-                self._top(strs, lp_row, top_field)
-            self.any_top = self.any_top or bool(row)
+        if plain and not any(r[k] < r[k + 1] for r in rows for k in range(len(r) - 1)):
+            self.top_strs.extend(top_toks)
+            self.top_ids.extend([[] for _ in range(n)])
+            self.top_lps.extend(rows)
+            return
+        top_field = f"{where}.top_logprobs.token" if chat else f"{where}.top_logprobs"
+        for strs, row in zip(top_toks, rows, strict=True):
+            self._top(strs, row, top_field)
 
     def _top(self, toks: list[str], lps: list[float], where: str) -> None:
         """One position's alternatives, best first; ids kept when every one was a "token_id:" string."""
