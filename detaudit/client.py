@@ -237,6 +237,7 @@ def _validate(api: Api, streamed: bool, obj: dict[str, Any]) -> dict[str, Any]:
 
 
 def _field_path(loc: tuple[int | str, ...]) -> str:
+    """pydantic's error location as the reason's field: dotted, list positions left out."""
     parts: list[str] = []
     for p in loc:
         if isinstance(p, int):
@@ -267,7 +268,8 @@ def _refuse_constant(name: str) -> Any:
 
 def _one_line(text: str, limit: int = 200) -> str:
     """Server text for a message: one line, bounded, storable as UTF-8 (a lone surrogate becomes '?')."""
-    return " ".join(text.encode("utf-8", "replace").decode("utf-8").split())[:limit]
+    head = text[: limit * 4]  # an 8 MiB error message is cut before it is worked on
+    return " ".join(head.encode("utf-8", "replace").decode("utf-8").split())[:limit]
 
 
 def _text_of(value: Any) -> str:
@@ -595,10 +597,13 @@ class StreamParser:
         self.done = False
 
     def line(self, line: bytes) -> bool:
-        """Take one line of the stream; True once it was [DONE]. Comments and other SSE fields are skipped."""
+        """Take one line of the stream; True once it was [DONE]. Comments, other SSE fields and empty data (a
+        keep-alive) are skipped."""
         if not line.startswith(b"data:"):
             return False
         data = line[5:].strip()
+        if not data:
+            return False
         if data == b"[DONE]":
             self.done = True
             return True
