@@ -117,7 +117,8 @@ def finish_run(outcome: RunOutcome, as_json: bool, console: Console, err_console
     if outcome.interrupted:
         msg = (f"interrupted: {_on_disk(outcome)} of {expected} samples recorded in {outcome.run_dir}; "
                f"finish with:\n  {resume}")  # fmt: skip
-        err_console.print(msg, highlight=False, markup=False, soft_wrap=True)  # copy-pastable, never wrapped
+        # copy-pastable, never wrapped; header names come from the manifest, which is a file
+        err_console.print(safe(msg, keep_newlines=True), highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(130)
     summary = summarize_run(outcome.run_dir)
     write_summary(outcome.run_dir, summary)
