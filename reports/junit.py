@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 
-from detaudit.reports.model import Report
+from detaudit.reports.view_model import Report
 
 from detaudit.gate import GateResult
 

@@ -110,7 +110,7 @@ def test_the_captured_forward_reads_nothing_back_from_the_device(tiny_model_dir,
     """What a decode graph records — embedding, RoPE, KV write, norms, projections, lm_head — asks the device for
     no value on the host. (Attention is left out: its CPU paths read lengths on the host; on CUDA it reads none,
     which tests/gpu checks by capturing it.)"""
-    from detaudit.engine.runner import kernel_context
+    from detaudit.engine.model_runner import kernel_context
 
     eng = _engine(tiny_model_dir, kernels)
     graphs = DecodeGraphs(eng.runner, eng.cfg.max_batch, capture=False)

@@ -92,7 +92,7 @@ def test_token_buckets():
 def test_the_captured_pieces_read_nothing_back_from_the_device(tiny_model_dir, kernels):
     """Every piece a prefill graph records (embedding, RoPE, norms, projections, KV write, MLP) asks the device
     for no value on the host, so capture cannot fail on a sync; attention, between pieces, is not captured."""
-    from detaudit.engine.runner import kernel_context
+    from detaudit.engine.model_runner import kernel_context
 
     eng = _engine(tiny_model_dir, kernels, piecewise=True)
     graphs = eng.runner.prefill_graphs

@@ -104,8 +104,8 @@ def test_bad_input_exits_2_and_writes_nothing(tiny_model_dir, tmp_path, capsys):
 
 def test_progress_reports_each_arm_from_zero_once_the_engine_is_loaded(tiny_model_dir, tmp_path):
     """The CLI shows "loading …" until an arm reports 0 of N, so that call must come first, before any request ends."""
+    from detaudit.audit.local_engine import LocalRunSpec, run_local
     from detaudit.engine.llm import EngineConfig
-    from detaudit.engine.local import LocalRunSpec, run_local
 
     calls: list[tuple[str, int, int]] = []
     spec = LocalRunSpec(engine=EngineConfig(str(tiny_model_dir), max_batch=4, max_batched_tokens=64, max_model_len=128),

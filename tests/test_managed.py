@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from detaudit.errors import EndpointError, UsageError
-from detaudit.managed import (
+from detaudit.audit.managed import (
     HOST,
     build_launch,
     file_log,
@@ -24,6 +23,7 @@ from detaudit.managed import (
     redact_argv,
     stash_log,
 )
+from detaudit.errors import EndpointError, UsageError
 
 SCRIPTED = Path(__file__).resolve().parent / "scripted_server.py"
 PY = sys.executable

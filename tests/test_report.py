@@ -13,8 +13,8 @@ import pytest
 from detaudit.reports.html import render_html
 from detaudit.reports.junit import report_junit
 from detaudit.reports.markdown import render_markdown
-from detaudit.reports.model import build_report
 from detaudit.reports.pipeline import load_runs, write_reports
+from detaudit.reports.view_model import build_report
 
 from detaudit.analysis.summary import summarize_run
 from detaudit.cli.app import main

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
+from detaudit.audit.rescoring import check_model, compare
 from detaudit.cli.app import main
-from detaudit.engine.rescore import check_model, compare
 from detaudit.rundir.io import load_manifest, read_rescore, read_samples, write_manifest
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -206,7 +206,7 @@ def test_overloaded_queue_answers_503(tiny_model_dir):
     from fastapi.testclient import TestClient
 
     from detaudit.engine.llm import Engine, EngineConfig
-    from detaudit.engine.server import create_app
+    from detaudit.server import create_app
 
     engine = Engine(EngineConfig(str(tiny_model_dir), max_batch=2, max_batched_tokens=32, max_model_len=128))
     with TestClient(create_app(engine, model_name="tiny", max_queue=0)) as client:
@@ -385,7 +385,7 @@ def local_server(tiny_model_dir: Path) -> Iterator[tuple[str, Any, list]]:
     import uvicorn
 
     from detaudit.engine.llm import Engine, EngineConfig
-    from detaudit.engine.server import create_app
+    from detaudit.server import create_app
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -10,9 +10,9 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from detaudit.audit.workload import SCENARIOS
 from detaudit.cli import engine_options
 from detaudit.engine.config import KERNELS
-from detaudit.engine.load import SCENARIOS
 from detaudit.errors import UsageError
 
 _MANAGED = "Managed engine (--engine vllm|sglang|command; docs/scale.md)"
@@ -67,7 +67,8 @@ def local_command(
     resume: bool = typer.Option(False, "--resume", help="Finish the run in --out: only missing or failed samples.",
                                 rich_help_panel=_MANAGED),  # fmt: skip
 ) -> None:
-    from detaudit.managed import given_options, local_managed, refuse_foreign_options
+    from detaudit.cli.local_managed import local_managed, refuse_foreign_options
+    from detaudit.cli.options import given_options
 
     refuse_foreign_options(engine, given_options(ctx))
     if engine != "detaudit":
@@ -81,10 +82,10 @@ def local_command(
         return
     if model is None:  # optional only for --engine command, whose server may name its own model
         raise UsageError(f"--engine {engine} needs --model (a hub id or local model directory)")
-    from detaudit.analysis.render import render_summary
     from detaudit.analysis.summary import summarize_run
+    from detaudit.audit.local_engine import LocalRunSpec, run_local
+    from detaudit.cli.render import render_summary
     from detaudit.engine.llm import EngineConfig
-    from detaudit.engine.local import LocalRunSpec, run_local
     from detaudit.rundir.io import write_summary
 
     out = out or Path("runs") / f"local-{kernels}-{datetime.now():%Y%m%d-%H%M%S}"

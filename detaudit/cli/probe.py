@@ -10,11 +10,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from detaudit.client import OpenAIClient
-from detaudit.errors import UsageError
-from detaudit.probe import probe_endpoint
-from detaudit.redact import redact_url
-from detaudit.runner import (
+from detaudit.audit.capabilities import probe_endpoint
+from detaudit.audit.client import OpenAIClient
+from detaudit.audit.endpoint import resolve_model
+from detaudit.audit.request import (
     DEFAULT_KEY_ENV,
     MAX_SECONDS,
     api_key_from_env,
@@ -23,8 +22,9 @@ from detaudit.runner import (
     check_credentials,
     parse_extra_body,
     parse_headers,
-    resolve_model,
 )
+from detaudit.errors import UsageError
+from detaudit.redact import redact_url
 from detaudit.termsafe import json_text, safe
 
 probe_app = typer.Typer(help="Probe what a target can do before auditing it.", no_args_is_help=True)

@@ -27,8 +27,8 @@ def rescore_command(
     as_json: bool = typer.Option(False, "--json", help="Print the rescore section as JSON."),
 ) -> None:
     from detaudit.analysis.summary import load_run_manifest, summarize_run
+    from detaudit.audit.rescoring import check_model, rescore_run
     from detaudit.engine.llm import Engine, EngineConfig
-    from detaudit.engine.rescore import check_model, rescore_run
     from detaudit.errors import UsageError
     from detaudit.rundir.io import read_samples, write_summary
 

@@ -10,27 +10,27 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from detaudit.analysis.render import render_summary
 from detaudit.analysis.summary import summarize_run
-from detaudit.cli.gate import gate_finished_run
-from detaudit.errors import EndpointError, RecordingFailed, UsageError
-from detaudit.gate import parse_gate_spec
-from detaudit.probes.suites import load_suite
-from detaudit.rundir.io import load_manifest, write_summary
-from detaudit.rundir.schema import DEFAULT_MAX_RESPONSE_BYTES, PromptSpec, RequestParams
-from detaudit.runner import (
+from detaudit.audit.endpoint import RunOutcome, execute_run
+from detaudit.audit.request import (
     DEFAULT_KEY_ENV,
-    RunOutcome,
     RunRequest,
     api_key_from_env,
     base_url_or_default,
-    execute_run,
     gather_prompts,
     parse_concurrency,
     parse_extra_body,
     parse_headers,
     request_from_manifest,
 )
+from detaudit.cli.gate import gate_finished_run
+from detaudit.cli.options import given_options
+from detaudit.cli.render import render_summary
+from detaudit.errors import EndpointError, RecordingFailed, UsageError
+from detaudit.gate import parse_gate_spec
+from detaudit.probes.suites import load_suite
+from detaudit.rundir.io import load_manifest, write_summary
+from detaudit.rundir.schema import DEFAULT_MAX_RESPONSE_BYTES, PromptSpec, RequestParams
 from detaudit.termsafe import json_text, safe
 
 # Share of failed samples above which the run is reported as unjudgeable (exit 3); the run directory is kept.
@@ -144,12 +144,6 @@ _MANIFEST_SETTINGS = ("prompt", "prompt_file", "suite", "repeats", "model", "api
                       "max_response_bytes", "extra_body", "force")  # fmt: skip
 
 
-def _given(ctx: typer.Context, name: str) -> bool:
-    """Whether the user set `name` (command line or environment) rather than leaving its default."""
-    source = ctx.get_parameter_source(name)
-    return source is not None and source.name != "DEFAULT"
-
-
 def _flag(ctx: typer.Context, name: str) -> str:
     param = next(p for p in ctx.command.params if p.name == name)
     return max(param.opts, key=len)
@@ -208,7 +202,7 @@ def run_command(
     if resume:
         if out is None:
             raise UsageError("--resume needs --out DIR (the run directory to finish)")
-        given = [_flag(ctx, name) for name in _MANIFEST_SETTINGS if _given(ctx, name)]
+        given = [_flag(ctx, name) for name in _MANIFEST_SETTINGS if name in given_options(ctx)]
         if given:
             raise UsageError(f"--resume takes the run's settings from its manifest; drop {', '.join(given)}")
         req, manifest = request_from_manifest(

@@ -28,8 +28,8 @@ def serve_command(
     import uvicorn
 
     from detaudit.engine.llm import Engine, EngineConfig
-    from detaudit.engine.server import create_app
     from detaudit.errors import UsageError
+    from detaudit.server import create_app
 
     if not 0 < port < 65536:
         raise UsageError(f"--port {port} is not a TCP port")

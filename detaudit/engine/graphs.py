@@ -28,7 +28,7 @@ from detaudit.engine.sequence import Sequence
 from detaudit.errors import UsageError
 
 if TYPE_CHECKING:
-    from detaudit.engine.runner import ModelRunner
+    from detaudit.engine.model_runner import ModelRunner
 
 
 def decode_buckets(max_batch: int) -> list[int]:
@@ -117,7 +117,7 @@ class DecodeGraphs:
         self.logits[:bs] = self.model(self.input_ids[:bs], inp, self.kv_caches, self.attn_fn, None)
 
     def _capture(self) -> None:
-        from detaudit.engine.runner import kernel_context
+        from detaudit.engine.model_runner import kernel_context
 
         pool = None
         dev = self.device

@@ -74,7 +74,7 @@ class Engine:
         limit = min(self.spec.max_position_embeddings, self.spec.sliding_window or 1 << 30)
         self.max_model_len = min(cfg.max_model_len, limit)
         blocks_per_seq = -(-self.max_model_len // cfg.block_size)
-        from detaudit.engine.runner import ModelRunner
+        from detaudit.engine.model_runner import ModelRunner
 
         self.runner = ModelRunner(
             self.spec,

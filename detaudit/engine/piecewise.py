@@ -27,7 +27,7 @@ import torch
 from detaudit.errors import UsageError
 
 if TYPE_CHECKING:
-    from detaudit.engine.runner import ModelRunner
+    from detaudit.engine.model_runner import ModelRunner
 
 
 def token_buckets(max_tokens: int) -> list[int]:
@@ -122,7 +122,7 @@ class PiecewiseGraphs:
             self.q[:bs].copy_(q)
 
     def _capture(self, pool: tuple | None) -> None:
-        from detaudit.engine.runner import kernel_context
+        from detaudit.engine.model_runner import kernel_context
 
         dev = self.device
         pieces = range(len(self.layers) + 1)

@@ -69,7 +69,7 @@ def test_graph_replay_gives_the_eager_bits_with_bundled_kernels(model_dir: Path)
 
 
 def test_single_load_gives_one_completion_with_graphs(model_dir: Path) -> None:
-    from detaudit.engine.load import build_workload, drive
+    from detaudit.audit.workload import build_workload, drive
 
     eng = _engine(model_dir, "batch-invariant", True, max_batch=32)
     work = build_workload("single", [PROMPT], 200, max_tokens=32, max_batch=32, seed=0)

@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from detaudit import __version__
+from detaudit.audit.request import MAX_SAMPLES
+from detaudit.audit.workload import CONTROL, SCENARIOS, Arrival, build_workload, drive
 from detaudit.engine.llm import Engine, EngineConfig
-from detaudit.engine.load import CONTROL, SCENARIOS, Arrival, build_workload, drive
 from detaudit.engine.sequence import Sequence
 from detaudit.errors import RecordingFailed, UsageError
 from detaudit.rundir.io import RunEnd, ShardWriter, describe, end_run, prepare_out_dir, write_manifest
 from detaudit.rundir.schema import ArmSpec, PromptSpec, RequestParams, RunManifest, TargetSpec
-from detaudit.runner import MAX_SAMPLES
 
 _FLUSH_ROWS = 64
 
