@@ -15,7 +15,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_import_contracts_hold(tmp_path: Path) -> None:
     target = tmp_path / "site"
-    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-compile", "--target", str(target), str(ROOT)]
+    pip = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-deps",
+        "--no-compile",
+        "--target",
+        str(target),
+        str(ROOT),
+    ]
     subprocess.run(pip, check=True, capture_output=True, timeout=300, cwd=tmp_path)
     lint = Path(sys.executable).with_name("lint-imports")
     proc = subprocess.run([str(lint), "--config", str(ROOT / "pyproject.toml")], capture_output=True, text=True,

@@ -15,7 +15,6 @@ from detaudit.engine.sequence import SamplingParams, Sequence
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-
 def _engine(model, kernels: str) -> Engine:
     return Engine(EngineConfig(str(model), device="cpu", dtype="bfloat16", kernels=kernels, max_batch=6,
                                max_model_len=128, max_batched_tokens=64))  # fmt: skip

@@ -16,7 +16,6 @@ from detaudit.engine.sequence import Sequence
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-
 def _engine(model, kernels: str, *, piecewise: bool) -> Engine:
     """max_batched_tokens 40: prompts (about 15-20 tokens with the chat template) are chunked and share steps
     with decodes, so step sizes vary and pad to buckets 16, 24, 32 and 40."""

@@ -54,8 +54,24 @@ def test_mixed_load_stock_forks_batch_invariant_does_not(tiny_model_dir, tmp_pat
 
 def test_same_seed_same_run(tiny_model_dir, tmp_path, capsys):
     """Arrivals are counted in steps, so a stock run is reproducible: every target sees the same batches again."""
-    small = ["--prompt", "import os", "--prompt", "x = 1", "-n", "6", "--scenario", "single,prefix",
-             "--max-tokens", "8", "--max-batch", "4", "--max-batched-tokens", "24", "--top-logprobs", "2"]
+    small = [
+        "--prompt",
+        "import os",
+        "--prompt",
+        "x = 1",
+        "-n",
+        "6",
+        "--scenario",
+        "single,prefix",
+        "--max-tokens",
+        "8",
+        "--max-batch",
+        "4",
+        "--max-batched-tokens",
+        "24",
+        "--top-logprobs",
+        "2",
+    ]
     tables = []
     for name in ("a", "b"):
         main(["local", "--model", str(tiny_model_dir), "--out", str(tmp_path / name), "--json", *small])

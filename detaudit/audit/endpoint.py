@@ -332,16 +332,24 @@ def _new_manifest(req: RunRequest, model: str | None, probe: dict[str, Any]) -> 
         run_id=uuid.uuid4().hex[:12],
         tool_version=__version__,
         created_at=datetime.now(timezone.utc),
-        target=TargetSpec(kind="endpoint", base_url=redact_url(req.base_url), api=req.api, model=model,
-                          header_names=sorted(req.headers)),  # fmt: skip
+        target=TargetSpec(
+            kind="endpoint",
+            base_url=redact_url(req.base_url),
+            api=req.api,
+            model=model,
+            header_names=sorted(req.headers),
+        ),  # fmt: skip
         params=params,
         prompts=req.prompts,
         arms=[ArmSpec(name=f"c{c}", concurrency=c) for c in req.concurrency],
         repeats=req.repeats,
         capture=capture,
         probe=probe,
-        environment={"python": sys.version.split()[0], "platform": platform.platform(),
-                     "stream": req.stream},  # fmt: skip
+        environment={
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "stream": req.stream,
+        },  # fmt: skip
         suite=req.suite,
         notes=notes,
     )

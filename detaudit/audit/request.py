@@ -73,28 +73,32 @@ def load_prompt_file(path: Path) -> list[PromptSpec]:
 
 def _prompt_entry(obj: Any, where: str) -> PromptSpec:
     if not isinstance(obj, dict):
-        raise UsageError(f"{where}: expected a JSON object with \"prompt\" or \"messages\"")
+        raise UsageError(f'{where}: expected a JSON object with "prompt" or "messages"')
     unknown = set(obj) - {"prompt", "messages", "id", "max_tokens"}
     if unknown:
         raise UsageError(f"{where}: unknown key(s) {', '.join(sorted(unknown))}")
     prompt, messages = obj.get("prompt"), obj.get("messages")
     if (prompt is None) == (messages is None):
-        raise UsageError(f"{where}: give exactly one of \"prompt\" or \"messages\"")
+        raise UsageError(f'{where}: give exactly one of "prompt" or "messages"')
     if prompt is not None and (not isinstance(prompt, str) or not prompt.strip()):
-        raise UsageError(f"{where}: \"prompt\" must be a non-empty string")
+        raise UsageError(f'{where}: "prompt" must be a non-empty string')
     if messages is not None:
-        ok = isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
+        ok = (
+            isinstance(messages, list)
+            and messages
+            and all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages
+            )
         )
         if not ok:
-            raise UsageError(f"{where}: \"messages\" must be a non-empty list of {{\"role\", \"content\"}} strings")
+            raise UsageError(f'{where}: "messages" must be a non-empty list of {{"role", "content"}} strings')
     max_tokens = obj.get("max_tokens")
     if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1):
-        raise UsageError(f"{where}: \"max_tokens\" must be a positive integer")
+        raise UsageError(f'{where}: "max_tokens" must be a positive integer')
     pid = obj.get("id")
     if pid is not None and (not isinstance(pid, str) or not pid.strip()):
-        raise UsageError(f"{where}: \"id\" must be a non-empty string")
+        raise UsageError(f'{where}: "id" must be a non-empty string')
     return PromptSpec(prompt_id=pid or "", prompt=prompt, messages=messages, max_tokens=max_tokens)
 
 
@@ -263,7 +267,7 @@ def parse_extra_body(value: str | None) -> dict[str, Any]:
     except RecursionError:
         raise UsageError(f"--extra-body is nested more than {MAX_EXTRA_BODY_DEPTH} levels deep") from None
     if not isinstance(obj, dict):
-        raise UsageError("--extra-body must be a JSON object, e.g. '{\"cache_salt\": \"x\"}'")
+        raise UsageError('--extra-body must be a JSON object, e.g. \'{"cache_salt": "x"}\'')
     reserved = {"model", "messages", "prompt", "stream", "n"} & set(obj)
     if reserved:
         raise UsageError(f"--extra-body may not set {', '.join(sorted(reserved))} (use the matching option)")
@@ -343,8 +347,6 @@ class RunRequest:
                 raise UsageError(f"--api completions needs plain prompts; {chat_only[0]!r} has chat messages")
 
 
-
-
 def request_from_manifest(out: Path, *, base_url: str | None, api_key: str | None, headers: dict[str, str],
                           stream: bool, backoff: float) -> tuple[RunRequest, RunManifest]:  # fmt: skip
     """The request of an unfinished run (interrupted, failed or killed), from its manifest; credentials come from
@@ -367,4 +369,3 @@ def request_from_manifest(out: Path, *, base_url: str | None, api_key: str | Non
         stream=bool(manifest.environment.get("stream", stream)), backoff=backoff, resume=True, suite=manifest.suite,
     )  # fmt: skip
     return req, manifest
-

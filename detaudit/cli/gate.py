@@ -88,8 +88,10 @@ def publish_gate(
     for line in result.lines():
         style = styles[line.split(" ", 1)[0]]
         console.print(safe(line), style=style, highlight=False, soft_wrap=True, markup=False)
-    markdown = render_gate_markdown(result) + "\n" + render_markdown(
-        build_report([(run, manifest, summary)]), heading="### Audit"
+    markdown = (
+        render_gate_markdown(result)
+        + "\n"
+        + render_markdown(build_report([(run, manifest, summary)]), heading="### Audit")
     )
     if md is not None:
         write_output_file(md, markdown.encode())

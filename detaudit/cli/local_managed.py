@@ -16,8 +16,16 @@ from detaudit.probes.suites import load_suite
 
 # `detaudit local` options that only one side uses: given on the command line for the other side, they are refused
 # rather than silently ignored (e.g. --dtype means nothing to a vLLM command line; use --engine-args there).
-INHOUSE_ONLY = ("scenario", "max_batch", "max_batched_tokens", "max_model_len", "device", "dtype", "seed",
-                "cuda_graphs")
+INHOUSE_ONLY = (
+    "scenario",
+    "max_batch",
+    "max_batched_tokens",
+    "max_model_len",
+    "device",
+    "dtype",
+    "seed",
+    "cuda_graphs",
+)
 MANAGED_ONLY = ("suite", "concurrency", "server_cmd", "tensor_parallel_size", "engine_args", "server_env",
                 "attention_backend", "port", "startup_timeout", "resume", "request_timeout")  # fmt: skip
 
@@ -88,8 +96,9 @@ def local_managed(
         )  # fmt: skip
         req.api_key = None  # the managed server listens on loopback without auth: never send the user's key there
         manifest = None
-    err_console.print(f"starting {engine} server: {shlex.join(launch.redacted_argv())}", highlight=False,
-                      markup=False, soft_wrap=True)  # one line: the command stays copy-pastable
+    err_console.print(
+        f"starting {engine} server: {shlex.join(launch.redacted_argv())}", highlight=False, markup=False, soft_wrap=True
+    )  # one line: the command stays copy-pastable
     outcome = run_managed(launch, req, startup_timeout_s=startup_timeout, make_progress=lambda: make_progress(
         err_console), resumed=manifest)  # fmt: skip
     resume_hint = (f"the same command plus --resume --out {shlex.quote(str(outcome.run_dir))} "

@@ -73,8 +73,9 @@ def render_probe(result: dict[str, Any], console: Console) -> None:
 @probe_app.command("endpoint", help="Which APIs answer; whether logprobs, top_logprobs, token ids, streaming, seed "
                    "and system_fingerprint come back.")  # fmt: skip
 def endpoint_command(
-    base_url: str | None = typer.Option(None, "--base-url", help="Endpoint base URL (default: env "
-                                        "OPENAI_BASE_URL, else https://api.openai.com/v1)."),  # fmt: skip
+    base_url: str | None = typer.Option(
+        None, "--base-url", help="Endpoint base URL (default: env OPENAI_BASE_URL, else https://api.openai.com/v1)."
+    ),  # fmt: skip
     api_key_env: str = typer.Option(DEFAULT_KEY_ENV, "--api-key-env", help="Environment variable holding the key."),
     model: str | None = typer.Option(None, "--model", "-m", help="Model name (default: the only model listed)."),
     api: str = typer.Option("both", "--api", help="chat, completions or both."),

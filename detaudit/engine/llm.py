@@ -244,8 +244,9 @@ class Engine:
             "block_size": self.cfg.block_size,
             "cuda_graphs": self.runner.decode_graphs is not None,
             "cuda_graph_sizes": self.runner.decode_graphs.buckets if self.runner.decode_graphs is not None else [],
-            "cuda_graph_token_sizes": (self.runner.prefill_graphs.buckets if self.runner.prefill_graphs is not None
-                                       else []),
+            "cuda_graph_token_sizes": (
+                self.runner.prefill_graphs.buckets if self.runner.prefill_graphs is not None else []
+            ),
             "cuda_graph_stats": self.runner.graph_stats,  # capture seconds, decode and prefill graphs
         }
 
