@@ -185,18 +185,21 @@ def test_overrides_under_torch_compile_and_coverage() -> None:
 
 
 @pytest.mark.parametrize("page", [16, 64], ids=["tile-spans-pages", "page-holds-tiles"])
-@pytest.mark.parametrize("schedule", [(512, 1024), (256, 0), (512, 0)], ids=["shipped", "uniform256", "uniform512"])
+@pytest.mark.parametrize("schedule", ["h100", "h200", "three-sizes", "uniform256", "uniform512"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
-def test_attention_split_launch_gives_the_same_bits(dtype: torch.dtype, schedule: tuple[int, int], page: int) -> None:
+def test_attention_split_launch_gives_the_same_bits(dtype: torch.dtype, schedule: str, page: int) -> None:
     from detaudit.kernels import triton_attention as ta
 
+    sch = {**ta.SCHEDULES, "three-sizes": ta.Schedule(128, 256, 256, 1280, 1024), "uniform256": ta.uniform(256),
+           "uniform512": ta.uniform(512)}[schedule]
     g = torch.Generator().manual_seed(7)
     lens = [3000, 1, 255, 256, 257, 511, 512, 513, 1023, 1024, 1025, 2047, 77]
+    lens += [e + i for e in (sch.short_end, sch.mid_end, sch.mid_end + sch.long) for i in (-1, 0, 1) if e + i > 0]
     kc, vc, bt = _paged(lens, 8, 128, page, dtype, g)
     q = torch.randn(len(lens), 32, 128, generator=g).to("cuda", dtype)
     cu = torch.arange(len(lens) + 1, dtype=torch.int32, device="cuda")
     ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    kw = {"split": schedule[0], "short_end": schedule[1]}
+    kw = {"schedule": sch}
     one = ta.paged_attention(q, kc, vc, bt, cu, ctx, 0.088, split_launch=False, **kw)
     assert not torch.isnan(one).any()
     for stages in (2, 3, 4):  # the pipeline depth is scheduling only
