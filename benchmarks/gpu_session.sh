@@ -14,14 +14,15 @@
 # local:   detaudit local N = 1000 with stock and batch-invariant kernels, each analysed (the issue's must-show)
 # kernels: benchmarks/kernels.py (matmul vs cuBLAS and TML's matmul_persistent from .third_party/tml, row-wise
 #          bandwidth, attention decode vs flash), JSON under $OUT/kernels
+# tune:    benchmarks/kernel_tuning_h200.py (TUNE_ONLY sections), its candidates compiled first by $WARM processes
+# profile: benchmarks/engine_profile.py: a decode step's time and kernels, stock vs batch-invariant
 set -u
 : "${OUT:?OUT must name the output folder}"
 STEPS=${STEPS:-"probe rescore engine"}
 ENGINE_ARGS=${ENGINE_ARGS:-"-n 1000 --max-tokens 100 --scenario single --max-batch 128 --max-batched-tokens 2048 \
---hf-batch 64 --hf-tokens 128 --hf-engine-kernels batch-invariant,stock \
---phases batch-invariant,stock,offline-batch-invariant,offline-stock,batch-invariant-eager,stock-eager,hf"}
+--phases batch-invariant,stock,offline-batch-invariant,offline-stock"}
 LOCAL_N=${LOCAL_N:-1000}
-PRESET=${PRESET:-qwen3-1.7b}
+PRESET=${PRESET:-qwen3-8b}
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 left() { echo $(( ${BUDGET:-560} - ($(date +%s) - t0) )); }
@@ -47,7 +48,8 @@ SH
 MODEL=/tmp/model-$PRESET
 build_model() {
     [ -d "$MODEL" ] && return 0
-    timeout 240 detaudit tiny-model "$MODEL" --arch qwen3 --preset "$PRESET" --dtype bfloat16 2>&1 | tee -a "$OUT/model.log"
+    timeout 240 detaudit tiny-model "$MODEL" --arch qwen3 --preset "$PRESET" --dtype bfloat16 --device cuda 2>&1 \
+        | tee -a "$OUT/model.log"
 }
 
 for step in $STEPS; do
@@ -100,6 +102,18 @@ for step in $STEPS; do
         timeout "$(left)" python3 benchmarks/kernels.py --out "$OUT/kernels" --tml .third_party/tml/tml_bio.py \
             --only "${KERNELS_ONLY:-matmul,rowwise,attention}" 2>&1 \
             | tee "$OUT/kernels_bench.txt" ;;
+    tune)
+        for i in $(seq 0 $(( ${WARM:-12} - 1 ))); do
+            timeout 200 python3 benchmarks/kernel_tuning_h200.py --warm "$i/${WARM:-12}" --only "${TUNE_ONLY:-matmul,attention,softmax}" \
+                > "/tmp/warm$i.log" 2>&1 &
+        done
+        wait
+        echo "compiled in $(( $(date +%s) - t0 )) s"
+        timeout "$(left)" python3 benchmarks/kernel_tuning_h200.py --out "$OUT" --only "${TUNE_ONLY:-matmul,attention,softmax}" \
+            2>&1 | tee "$OUT/tuning.log" ;;
+    profile)
+        build_model
+        timeout "$(left)" python3 benchmarks/engine_profile.py --model "$MODEL" --out "$OUT" 2>&1 | tee "$OUT/profile.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
     esac
 done
