@@ -206,3 +206,40 @@ def test_attention_split_launch_gives_the_same_bits(dtype: torch.dtype, schedule
         two = ta.paged_attention(q, kc, vc, bt, cu, ctx, 0.088, split_launch=True, stages=stages, **kw)
         assert torch.equal(one, two), stages
     assert ta.split_launch_agrees(torch.device("cuda"), dtype)
+
+
+def test_mode_after_set_default_device_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """thinking-machines-lab's README and test: ``torch.set_default_device("cuda")``, then the mode, then factory
+    calls that name no device. The once-per-process checks (CPU self-check, matmul config agreement, split-launch
+    agreement) run again under that default, as in a fresh process."""
+    import detaudit.kernels as dk
+    from detaudit.kernels import batch_invariant
+    from detaudit.kernels import triton_attention as ta
+    from detaudit.kernels import triton_matmul as tm
+    from detaudit.kernels.attention import paged_attention
+
+    monkeypatch.setattr(dk, "_cpu_check", None)
+    monkeypatch.setattr(tm, "_agree", {})
+    monkeypatch.setattr(ta, "_split_ok", {})
+    torch.set_default_device("cuda")
+    try:
+        with batch_invariant():
+            for dtype in (torch.float32, torch.bfloat16):  # the TML test's inputs and check, both dtypes
+                a = torch.linspace(-100, 100, 2048 * 4096).reshape(2048, 4096).to(dtype)
+                b = torch.linspace(-100, 100, 4096 * 4096).reshape(4096, 4096).to(dtype)
+                assert torch.equal(torch.mm(a[:1], b), torch.mm(a, b)[:1])
+            x = torch.randn(33, 151936)
+            assert torch.equal(torch.log_softmax(x, -1)[5:6], torch.log_softmax(x[5:6], -1))
+            assert torch.equal(x.mean(-1)[:1], x[:1].mean(-1))
+            q = torch.randn(3, 32, 128, dtype=torch.bfloat16)
+            kc = torch.randn(40, 64, 8, 128, dtype=torch.bfloat16)
+            vc = torch.randn(40, 64, 8, 128, dtype=torch.bfloat16)
+            bt = torch.arange(39, dtype=torch.int32).reshape(3, 13)
+            ctx = torch.tensor([800, 5, 830], dtype=torch.int32)
+            out = paged_attention(q, kc, vc, bt, torch.arange(4, dtype=torch.int32), ctx, 0.09, batch_invariant=True)
+            alone = paged_attention(q[2:], kc, vc, bt[2:], torch.arange(2, dtype=torch.int32), ctx[2:], 0.09,
+                                    batch_invariant=True)
+            assert out.device.type == "cuda" and torch.equal(out[2:], alone)
+        assert dk._cpu_check == [] and all(tm._agree.values()) and all(ta._split_ok.values())
+    finally:
+        torch.set_default_device(None)
