@@ -104,12 +104,12 @@ for step in $STEPS; do
             | tee "$OUT/kernels_bench.txt" ;;
     tune)
         for i in $(seq 0 $(( ${WARM:-12} - 1 ))); do
-            timeout 200 python3 benchmarks/kernel_tuning_h200.py --warm "$i/${WARM:-12}" --only "${TUNE_ONLY:-matmul,attention,softmax}" \
+            timeout 150 python3 benchmarks/kernel_tuning_h200.py --warm "$i/${WARM:-12}" --only "${TUNE_ONLY:-matmul,attention,softmax}" \
                 > "/tmp/warm$i.log" 2>&1 &
         done
         wait
         echo "compiled in $(( $(date +%s) - t0 )) s"
-        timeout "$(left)" python3 benchmarks/kernel_tuning_h200.py --out "$OUT" --only "${TUNE_ONLY:-matmul,attention,softmax}" \
+        timeout "${TUNE_S:-$(left)}" python3 benchmarks/kernel_tuning_h200.py --out "$OUT" --only "${TUNE_ONLY:-matmul,attention,softmax}" \
             2>&1 | tee "$OUT/tuning.log" ;;
     profile)
         build_model
