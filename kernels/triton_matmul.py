@@ -68,17 +68,37 @@ _HALF_LARGE_N = [(16, Config(16, 64, 256, 8, 4, 4, tma=True)), (32, Config(32, 1
                  (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True))]
 
 
+# The H200 (benchmarks/RESULTS.md, "H200"; benchmarks/h200/tuning_qwen3_8b_matmul.json): the same SMs as the H100
+# with 1.4x its memory bandwidth, tuned on Qwen3-8B's decode and prefill sizes with the weights cold (rotated through
+# copies larger than L2, as a decoder's layers meet them). A GEMV wants 16x64 TMA tiles (4096 x 6144 at M = 1:
+# 0.72 -> 0.97 of cuBLAS), M = 65-128 on N = 4096 64x64x128 TMA tiles with 6 stages (down 12288 x 4096 at M = 128:
+# 0.73 -> 1.04), M = 257-1024 128x128 tiles (0.57 -> 0.90-0.93), and the fused qkv (N = 6144) its own table.
+_H200_SMALL_N = [(4, Config(16, 64, 256, 8, 4, 4, tma=True)), (16, Config(16, 32, 256, 8, 2, 5)),
+                 (32, Config(32, 32, 256, 8, 4, 4)), (64, Config(64, 32, 256, 8, 4, 4, tma=True)),
+                 (128, Config(64, 64, 128, 8, 4, 6, tma=True)), (256, Config(64, 128, 64, 8, 4, 6, tma=True)),
+                 (1024, Config(128, 128, 64, 8, 4, 4, tma=True)), (2048, Config(128, 256, 64, 8, 8, 4, tma=True)),
+                 (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True))]
+_H200_MID_N = [(16, Config(16, 64, 256, 8, 4, 4, tma=True)), (32, Config(32, 32, 256, 8, 4, 4)),
+               (64, Config(64, 64, 128, 8, 4, 6, tma=True)), (128, Config(64, 128, 64, 8, 4, 6, tma=True)),
+               (256, Config(128, 128, 64, 8, 4, 4, tma=True)), (2048, Config(128, 256, 64, 8, 8, 4, tma=True)),
+               (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True))]
+_H200_LARGE_N = [(16, Config(16, 64, 256, 8, 4, 4, tma=True)), (32, Config(32, 64, 128, 8, 4, 4)),
+                 (64, Config(64, 64, 128, 8, 4, 6, tma=True)), (128, Config(64, 128, 64, 8, 4, 6, tma=True)),
+                 (1024, Config(128, 256, 64, 8, 8, 4, tma=True)), (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True))]
+
+
 class Tables(NamedTuple):
-    """A device's half-precision tables: N <= 8192 (``small_n``), N > 8192 (``large_n``), and weights under
-    4096 x 4096 with N <= 8192 (``small_w``)."""
+    """A GPU kind's half-precision tables: N <= 4096 (``small_n``), 4096 < N <= 8192 (``mid_n``), N > 8192
+    (``large_n``), and weights under 4096 x 4096 with N <= 8192 (``small_w``)."""
 
     small_n: list[tuple[int, Config]]
+    mid_n: list[tuple[int, Config]]
     small_w: list[tuple[int, Config]]
     large_n: list[tuple[int, Config]]
 
 
-TABLES = {"h100": Tables(_HALF_SMALL_N, _HALF_SMALL_W, _HALF_LARGE_N),
-          "h200": Tables(_HALF_SMALL_N, _HALF_SMALL_W, _HALF_LARGE_N)}
+TABLES = {"h100": Tables(_HALF_SMALL_N, _HALF_SMALL_N, _HALF_SMALL_W, _HALF_LARGE_N),
+          "h200": Tables(_H200_SMALL_N, _H200_MID_N, _HALF_SMALL_W, _H200_LARGE_N)}
 _F32_BUCKETS: list[tuple[int, Config]] = [
     (16, Config(16, 64, 32, 8, 4, 4)),
     (128, Config(64, 64, 32, 8, 4, 3)),
@@ -106,14 +126,16 @@ def buckets(dtype: torch.dtype, n: int = 0, k: int = 0, gpu: str = "h100") -> li
     tables = TABLES[gpu]
     if n > 8192:
         return tables.large_n
-    return tables.small_w if 0 < n * k < _SMALL_W else tables.small_n
+    if 0 < n * k < _SMALL_W:
+        return tables.small_w
+    return tables.mid_n if n > 4096 else tables.small_n
 
 
 def all_configs(dtype: torch.dtype, gpu: str = "h100") -> list[Config]:
     """Every config the dispatcher can pick for a dtype on a GPU kind (what configs_agree() must prove equivalent); a
     TMA config comes with its pointer-load twin, which runs where TMA cannot (bmm, unaligned strides)."""
     seen: dict[Config, None] = {}
-    for n, k in ((0, 0), (1 << 20, 1), (1, 1)):  # every table: N <= 8192, N > 8192, small weights
+    for n, k in ((0, 0), (6144, 4096), (1 << 20, 1), (1, 1)):  # every table: small, mid and large N, small weights
         for _, c in buckets(dtype, n, k, gpu):
             seen[c] = None
             if c.tma:

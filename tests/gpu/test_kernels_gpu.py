@@ -35,7 +35,7 @@ def test_every_matmul_config_gives_the_same_bits(dtype: torch.dtype) -> None:
     from detaudit.kernels import triton_matmul as tm
 
     assert tm.configs_agree(dtype, torch.device("cuda"))
-    cfgs = tm.all_configs(dtype)
+    cfgs = list(dict.fromkeys(c for gpu in tm.TABLES for c in tm.all_configs(dtype, gpu)))  # every GPU kind's
     print(f"{dtype}: configs {cfgs}")
     g = torch.Generator().manual_seed(0)
     # (300, 1001, 520): rows of 1001 elements are not 16-byte aligned, so TMA configs run their pointer-load twin
@@ -53,13 +53,16 @@ def test_every_matmul_config_gives_the_same_bits(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_dispatched_matmul_row_invariant_on_engine_shapes(dtype: torch.dtype) -> None:
-    """The dispatcher's own picks (tables by N and K, M buckets) on Qwen3-1.7B's linear shapes at the engine's decode
-    and prefill bucket sizes: every row is bitwise what the whole batch gives it, across every bucket boundary."""
+    """The dispatcher's own picks (tables by N and K, M buckets) on Qwen3-1.7B's and Qwen3-8B's linear shapes at the
+    engine's decode and prefill bucket sizes: every row is bitwise what the whole batch gives it, across every bucket
+    boundary."""
     from detaudit.kernels import triton_matmul as tm
 
     g = torch.Generator().manual_seed(3)
     ms = [1, 2, 4, 8, 16, 24, 32, 40, 64, 96, 128, 136, 256, 384, 512, 768, 1024, 1536, 2048, 3000]
-    for k, n in [(2048, 4096), (2048, 2048), (6144, 2048), (2048, 12288)]:
+    # Qwen3-1.7B's, then Qwen3-8B's (qkv, o_proj, down, gate_up): every table of this GPU kind
+    for k, n in [(2048, 4096), (2048, 2048), (6144, 2048), (2048, 12288), (4096, 6144), (4096, 4096), (12288, 4096),
+                 (4096, 24576)]:
         x = torch.randn(max(ms), k, generator=g).to("cuda", dtype)
         w = (torch.randn(n, k, generator=g) / math.sqrt(k)).to("cuda", dtype)
         full = tm.matmul(x, w.t())
