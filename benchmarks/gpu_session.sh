@@ -75,10 +75,12 @@ for step in $STEPS; do
     engine)
         build_model
         mkdir -p /tmp/eb && ln -sfn "$MODEL" /tmp/eb/model
+        # A step named twice runs twice: run N's JSON is engine_bench_runN.json (its log stays in /tmp).
+        n=$(( $(find "$OUT" -maxdepth 1 -name 'engine_bench_run*.json' | wc -l) + 1 ))
         # shellcheck disable=SC2086
         timeout "$(left)" python3 benchmarks/engine.py --out /tmp/eb --model "$MODEL" $ENGINE_ARGS 2>&1 \
-            | tee "$OUT/engine_bench.log"
-        cp /tmp/eb/engine_bench.json "$OUT/" ;;
+            | tee "/tmp/engine_bench_run$n.log" | grep -v '^{'
+        cp /tmp/eb/engine_bench.json "$OUT/engine_bench_run$n.json" ;;
     enginegpu)
         # From /tmp: run from the repository root, python -m would import ./detaudit, which lacks kernels/.
         repo=$(pwd)
@@ -87,7 +89,7 @@ for step in $STEPS; do
     gputests)
         # Every GPU test (kernels and engine), 4 workers; tests/ on the path for its helper modules.
         repo=$(pwd)
-        (cd /tmp && PYTHONPATH=$PYTHONPATH:$repo/tests timeout 330 python3 -m pytest -q -n 4 -p no:cacheprovider \
+        (cd /tmp && PYTHONPATH=$PYTHONPATH:$repo/tests timeout 420 python3 -m pytest -q -n 4 -p no:cacheprovider \
             --noconftest -rfE "$repo/tests/gpu") 2>&1 | tee "$OUT/gpu_tests.log" ;;
     local)
         build_model
@@ -99,17 +101,21 @@ for step in $STEPS; do
             detaudit analyze /tmp/local-$k 2>&1 | tee -a "$OUT/local_$k.log"
         done ;;
     kernels)
-        timeout "$(left)" python3 benchmarks/kernels.py --out "$OUT/kernels" --tml .third_party/tml/tml_bio.py \
-            --only "${KERNELS_ONLY:-matmul,rowwise,attention}" 2>&1 \
-            | tee "$OUT/kernels_bench.txt" ;;
+        n=$(( $(find "$OUT" -maxdepth 1 -name 'kernels_run*.json' | wc -l) + 1 ))
+        timeout "$(left)" python3 benchmarks/kernels.py --out "/tmp/kernels$n" --tml .third_party/tml/tml_bio.py \
+            --only "${KERNELS_ONLY:-matmul,rowwise,attention}" 2>&1 | tee "/tmp/kernels_bench$n.txt" | grep -v '^{'
+        cp "/tmp/kernels$n/kernels.json" "$OUT/kernels_run$n.json" ;;
     tune)
         for i in $(seq 0 $(( ${WARM:-12} - 1 ))); do
-            timeout 150 python3 benchmarks/kernel_tuning_h200.py --warm "$i/${WARM:-12}" --only "${TUNE_ONLY:-matmul,attention,softmax}" \
-                > "/tmp/warm$i.log" 2>&1 &
+            # shellcheck disable=SC2086
+            timeout 150 python3 benchmarks/kernel_tuning_h200.py --warm "$i/${WARM:-12}" ${TUNE_ARGS:-} \
+                --only "${TUNE_ONLY:-matmul,attention,softmax}" > "/tmp/warm$i.log" 2>&1 &
         done
         wait
         echo "compiled in $(( $(date +%s) - t0 )) s"
-        timeout "${TUNE_S:-$(left)}" python3 benchmarks/kernel_tuning_h200.py --out "$OUT" --only "${TUNE_ONLY:-matmul,attention,softmax}" \
+        # shellcheck disable=SC2086
+        timeout "${TUNE_S:-$(left)}" python3 benchmarks/kernel_tuning_h200.py --out "$OUT" ${TUNE_ARGS:-} \
+            --only "${TUNE_ONLY:-matmul,attention,softmax}" \
             2>&1 | tee "$OUT/tuning.log" ;;
     profile)
         build_model

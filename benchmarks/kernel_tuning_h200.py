@@ -1,7 +1,7 @@
 """One device call that retunes the bundled kernels for the H200 (issue #16), every section in one process.
 
-Matmul: tile configs on the Qwen3-8B linear shapes at the engine's decode and prefill sizes and on the Llama-3-8B
-shapes of benchmarks/kernels.py, timed with the weight reused (warm, as benchmarks/kernels.py times) and, where the
+Matmul: tile configs on the Llama-3-8B shapes of benchmarks/kernels.py and (``--qwen``) the Qwen3-8B linear shapes
+at the engine's decode and prefill sizes, timed with the weight reused (warm, as benchmarks/kernels.py times) and, where the
 weight fits in L2, rotating through copies larger than L2 together (cold, as a decoder's layers meet their weights).
 Attention: decode at the 19 points of benchmarks/kernels.py under uniform and mixed split schedules (sizes fixed by
 absolute position) and split-launch pipeline depths. Log-softmax: segment width and warps. Every candidate runs on a
@@ -173,17 +173,18 @@ def _cands(m: int) -> list[C]:
     return GEMV if m <= 16 else MID if m <= 128 else BIG
 
 
-def mm_points() -> Iterator[tuple[int, int, str, int]]:
-    for k, n, what in QWEN:
+def mm_points(qwen: bool) -> Iterator[tuple[int, int, str, int]]:
+    """The Llama-3-8B points of benchmarks/kernels.py; with `qwen`, Qwen3-8B's decode and prefill sizes first."""
+    for k, n, what in QWEN if qwen else []:
         for m in QWEN_MS:
             yield k, n, f"qwen3-8b {what}", m
     for k, n, what in LLAMA:
         for m in LLAMA_MS:
-            if not (k, n) == (4096, 4096) or m not in QWEN_MS:  # 4096x4096 is Qwen3's o_proj too
+            if not (qwen and (k, n) == (4096, 4096) and m in QWEN_MS):  # 4096x4096 is Qwen3's o_proj too
                 yield k, n, what, m
 
 
-def tune_matmul(res: dict[str, Any], save: Callable[[], None], share: tuple[int, int] | None) -> None:
+def tune_matmul(res: dict[str, Any], save: Callable[[], None], share: tuple[int, int] | None, qwen: bool) -> None:
     from detaudit.kernels import triton_matmul as tm
     from detaudit.kernels._dispatch import arch
 
@@ -195,7 +196,7 @@ def tune_matmul(res: dict[str, Any], save: Callable[[], None], share: tuple[int,
     job = 0
     if share is not None and share[0] == 0:
         tm.configs_agree(torch.bfloat16, torch.device("cuda"))  # every shipped config, as the timed run's first call
-    for k, n, what, m in mm_points():
+    for k, n, what, m in mm_points(qwen):
         if (k, n) not in weights:
             weights = {(k, n): torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / math.sqrt(k)}
         if k not in xs:
@@ -396,6 +397,7 @@ def main() -> None:
     ap.add_argument("--out", help="folder for tuning_h200.json (the timed run)")
     ap.add_argument("--warm", help="I/P: compile the I-th of P shares of the candidates, time nothing")
     ap.add_argument("--only", default="matmul,attention,softmax")
+    ap.add_argument("--qwen", action="store_true", help="matmul: Qwen3-8B's shapes too (benchmarks/h200/ has a sweep)")
     args = ap.parse_args()
     share = tuple(int(v) for v in args.warm.split("/")) if args.warm else None
     res: dict[str, Any] = header()
@@ -409,7 +411,11 @@ def main() -> None:
         if out is not None:
             (out / "tuning_h200.json").write_text(json.dumps(res, indent=1))
 
-    sections = {"softmax": tune_softmax, "attention": tune_attention, "matmul": tune_matmul}
+    sections = {
+        "softmax": tune_softmax,
+        "attention": tune_attention,
+        "matmul": lambda r, sv, sh: tune_matmul(r, sv, sh, args.qwen),
+    }
     for name in args.only.split(","):
         try:
             sections[name](res, save, share)
