@@ -1,8 +1,9 @@
 """One device call that retunes the bundled kernels for the H200 (issue #16), every section in one process.
 
 Matmul: tile configs on the Llama-3-8B shapes of benchmarks/kernels.py and (``--qwen``) the Qwen3-8B linear shapes
-at the engine's decode and prefill sizes, timed with the weight reused (warm, as benchmarks/kernels.py times) and, where the
-weight fits in L2, rotating through copies larger than L2 together (cold, as a decoder's layers meet their weights).
+at the engine's decode and prefill sizes, timed with the weight reused (warm, as benchmarks/kernels.py times) and,
+where the weight fits in L2, rotating through copies larger than L2 together (cold, as a decoder's layers meet their
+weights).
 Attention: decode at the 19 points of benchmarks/kernels.py under uniform and mixed split schedules (sizes fixed by
 absolute position) and split-launch pipeline depths. Log-softmax: segment width and warps. Every candidate runs on a
 NaN-poisoned output first and must give the shipped configuration's bits (matmul: a config that changes them may
