@@ -13,6 +13,7 @@ Writes ``engine_profile.json`` under ``--out``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import re
 import statistics
@@ -122,7 +123,8 @@ def profile_kernels(kernels: str, args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
     res["engine"] = eng.info()
-    del eng
+    del eng, graphs, logits
+    gc.collect()  # the engine's KV cache and graph pool go before the next engine is built
     torch.cuda.empty_cache()
     return res
 
