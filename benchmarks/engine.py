@@ -10,7 +10,9 @@ Phases `batch-invariant` and `stock` run the engine as users get it (CUDA graphs
 server-like load; `<kernels>-eager` runs every step eagerly. `offline-<kernels>` times what vLLM's and SGLang's
 anchors time (`llm.generate` of 1000 prompts): N copies of the prompt submitted at once to Engine.generate, seats
 refilled as sequences finish, --max-tokens each. The JSON gets `bi_over_stock_wall` (and `_eager`, `_offline`,
-`_offline_eager`) ratios.
+`_offline_eager`) ratios. On a GPU each phase also gets its physical floor (see `floor`): the weights and the
+KV cache each step must read at the measured copy bandwidth, or its FLOPs at the measured bf16 matmul rate,
+whichever is longer, summed over the phase's steps; and the wall time as a multiple of it.
 
 No weights can be downloaded on the benchmark machines: the model is a random-weight one of the preset's shapes,
 built here with detaudit.tiny (detaudit tiny-model).
@@ -25,6 +27,7 @@ import time
 import traceback
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -54,6 +57,67 @@ def _variant(name: str) -> tuple[str, bool]:
     return kernels, kernels == name
 
 
+def ceilings() -> dict[str, float]:
+    """Device-to-device copy bandwidth (bytes read + written) and an 8192^3 bf16 matmul rate, timed here."""
+    import triton.testing
+
+    src = torch.empty(2 << 30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    copy_ms = triton.testing.do_bench(lambda d=dst, s=src: d.copy_(s), warmup=15, rep=60, return_mode="median")
+    del src, dst
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    mm_ms = triton.testing.do_bench(lambda: a @ b, warmup=15, rep=60, return_mode="median")
+    return {"copy_GBps": round(2 * (2 << 30) / copy_ms / 1e6, 1),
+            "mm8192_bf16_TFLOPs": round(2 * 8192**3 / mm_ms / 1e9, 1)}
+
+
+def log_steps(eng: Engine) -> list[tuple[int, int, int, int]]:
+    """Record each step's work as (sequences, new tokens, keys read, query-key pairs): the engine's runner is
+    wrapped so the batch is read just before it runs (sequences' cached counts are those before the step)."""
+    steps: list[tuple[int, int, int, int]] = []
+    run = eng.runner.step
+
+    def logged(batch: Any, eos_ids: set[int]) -> None:
+        keys = pairs = 0
+        for seq, n in zip(batch.seqs, batch.num_new, strict=True):
+            keys += seq.num_cached + n
+            pairs += n * seq.num_cached + n * (n + 1) // 2
+        steps.append((len(batch.seqs), batch.num_tokens, keys, pairs))
+        run(batch, eos_ids)
+
+    eng.runner.step = logged
+    return steps
+
+
+def floor(eng: Engine, steps: list[tuple[int, int, int, int]], ceil: dict[str, float]) -> dict[str, float]:
+    """The phase's physical floor: per step, max(bytes / copy bandwidth, FLOPs / matmul rate), summed. Bytes: every
+    weight but the embedding (whose gathered rows are negligible) plus the KV cache read and written; FLOPs: the
+    linear layers on the step's tokens (the lm_head on one row per sequence) and attention's two products."""
+    s = eng.spec
+    d, lay, width = s.head_dim, s.num_layers, s.num_heads * s.head_dim
+    layer = (s.hidden_size * (width + 2 * s.num_kv_heads * d) + width * s.hidden_size
+             + 3 * s.hidden_size * s.intermediate_size)
+    head = s.hidden_size * s.vocab_size
+    elt = 2  # bf16
+    kv_token = 2 * lay * s.num_kv_heads * d * elt
+    bw, peak = ceil["copy_GBps"] * 1e9, ceil["mm8192_bf16_TFLOPs"] * 1e12
+    mem = comp = total = 0.0
+    for seqs, tokens, keys, pairs in steps:
+        t_mem = ((lay * layer + head) * elt + (keys + tokens) * kv_token) / bw
+        t_comp = (2 * lay * layer * tokens + 2 * head * seqs + 4 * lay * s.num_heads * d * pairs) / peak
+        mem, comp, total = mem + t_mem, comp + t_comp, total + max(t_mem, t_comp)
+    return {"floor_s": round(total, 3), "bytes_s": round(mem, 3), "flops_s": round(comp, 3), "steps": len(steps)}
+
+
+def _floor(eng: Engine, steps: list[tuple[int, int, int, int]], wall: float, args: argparse.Namespace) -> dict:
+    """The floor of a phase and its wall time as a multiple of it (GPU runs only)."""
+    if not args.ceilings:
+        return {}
+    f = floor(eng, steps, args.ceilings)
+    return {"floor": f, "wall_over_floor": round(wall / f["floor_s"], 2)}
+
+
 def _engine(model: Path, name: str, args: argparse.Namespace, **cfg) -> tuple[Engine, float]:
     """The engine of a phase name and its start-up time (weights, KV cache, CUDA-graph capture)."""
     kernels, graphs = _variant(name)
@@ -71,6 +135,7 @@ def local_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
     work = build_workload(args.scenario, [PROMPT], args.n, max_tokens=args.max_tokens, max_batch=args.max_batch,
                           seed=0)  # fmt: skip
     outs: list[tuple[int, ...]] = []
+    steps = log_steps(eng)
     stats = drive(eng, work, seed=0, top_logprobs=0, max_inflight=1 if args.scenario == CONTROL else None,
                   on_target=lambda _a, seq, _t0, _lat: outs.append(tuple(seq.output_ids)))
     counts = sorted(Counter(outs).values(), reverse=True)
@@ -80,7 +145,7 @@ def local_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
     return {**stats, "n": len(outs), "unique": len(counts), "counts": counts[:10],
             "first_divergence_min": min(first_div, default=None),
             "tok_per_s": round(stats["generated_tokens"] / stats["wall_s"], 1), "engine_start_s": start_s,
-            "engine": eng.info()}  # fmt: skip
+            **_floor(eng, steps, stats["wall_s"], args), "engine": eng.info()}  # fmt: skip
 
 
 def offline_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
@@ -92,6 +157,7 @@ def offline_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
     eng.generate([prompt] * args.max_batch, SamplingParams(max_tokens=2, ignore_eos=True))
     _sync(args.device)
     steps0, replays0, prefill0 = eng.steps, eng.graph_replays, eng.prefill_graph_replays
+    steps = log_steps(eng)
     t0 = time.perf_counter()
     seqs = eng.generate([prompt] * args.n, SamplingParams(max_tokens=args.max_tokens, ignore_eos=True))
     _sync(args.device)
@@ -102,7 +168,7 @@ def offline_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
             "prefill_graph_steps": eng.prefill_graph_replays - prefill0,
             "generated_tokens": tokens, "wall_s": round(wall, 3), "tok_per_s": round(tokens / wall, 1),
             "unique": len(counts), "counts": counts[:10], "engine_start_s": start_s,
-            "engine": eng.info()}  # fmt: skip
+            **_floor(eng, steps, wall, args), "engine": eng.info()}  # fmt: skip
 
 
 def hf_phase(model: Path, args: argparse.Namespace) -> dict:
@@ -170,8 +236,10 @@ def main() -> None:
                          "-eager (graphs off), offline-<kernels>[-eager] (N prompts at once), hf")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    args.ceilings = ceilings() if args.device.startswith("cuda") else None
     result: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None}  # fmt: skip
+                    "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+                    "ceilings": args.ceilings}  # fmt: skip
     try:
         import triton
 
@@ -185,7 +253,8 @@ def main() -> None:
         print(json.dumps(result), flush=True)
 
     t0 = time.perf_counter()
-    model = args.model or build_tiny_model(args.out / "model", "qwen3", preset=args.preset, dtype="bfloat16")
+    model = args.model or build_tiny_model(args.out / "model", "qwen3", preset=args.preset, dtype="bfloat16",
+                                           device=args.device)
     result["model_build_s"] = round(time.perf_counter() - t0, 1)
     save()
     for phase in args.phases.split(","):

@@ -14,14 +14,15 @@
 # local:   detaudit local N = 1000 with stock and batch-invariant kernels, each analysed (the issue's must-show)
 # kernels: benchmarks/kernels.py (matmul vs cuBLAS and TML's matmul_persistent from .third_party/tml, row-wise
 #          bandwidth, attention decode vs flash), JSON under $OUT/kernels
+# tune:    benchmarks/kernel_tuning_h200.py (TUNE_ONLY sections), its candidates compiled first by $WARM processes
+# profile: benchmarks/engine_profile.py: a decode step's time and kernels, stock vs batch-invariant
 set -u
 : "${OUT:?OUT must name the output folder}"
 STEPS=${STEPS:-"probe rescore engine"}
 ENGINE_ARGS=${ENGINE_ARGS:-"-n 1000 --max-tokens 100 --scenario single --max-batch 128 --max-batched-tokens 2048 \
---hf-batch 64 --hf-tokens 128 --hf-engine-kernels batch-invariant,stock \
---phases batch-invariant,stock,offline-batch-invariant,offline-stock,batch-invariant-eager,stock-eager,hf"}
+--phases batch-invariant,stock,offline-batch-invariant,offline-stock"}
 LOCAL_N=${LOCAL_N:-1000}
-PRESET=${PRESET:-qwen3-1.7b}
+PRESET=${PRESET:-qwen3-8b}
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
 left() { echo $(( ${BUDGET:-560} - ($(date +%s) - t0) )); }
@@ -47,7 +48,8 @@ SH
 MODEL=/tmp/model-$PRESET
 build_model() {
     [ -d "$MODEL" ] && return 0
-    timeout 240 detaudit tiny-model "$MODEL" --arch qwen3 --preset "$PRESET" --dtype bfloat16 2>&1 | tee -a "$OUT/model.log"
+    timeout 240 detaudit tiny-model "$MODEL" --arch qwen3 --preset "$PRESET" --dtype bfloat16 --device cuda 2>&1 \
+        | tee -a "$OUT/model.log"
 }
 
 for step in $STEPS; do
@@ -73,10 +75,12 @@ for step in $STEPS; do
     engine)
         build_model
         mkdir -p /tmp/eb && ln -sfn "$MODEL" /tmp/eb/model
+        # A step named twice runs twice: run N's JSON is engine_bench_runN.json (its log stays in /tmp).
+        n=$(( $(find "$OUT" -maxdepth 1 -name 'engine_bench_run*.json' | wc -l) + 1 ))
         # shellcheck disable=SC2086
         timeout "$(left)" python3 benchmarks/engine.py --out /tmp/eb --model "$MODEL" $ENGINE_ARGS 2>&1 \
-            | tee "$OUT/engine_bench.log"
-        cp /tmp/eb/engine_bench.json "$OUT/" ;;
+            | tee "/tmp/engine_bench_run$n.log" | grep -v '^{'
+        cp /tmp/eb/engine_bench.json "$OUT/engine_bench_run$n.json" ;;
     enginegpu)
         # From /tmp: run from the repository root, python -m would import ./detaudit, which lacks kernels/.
         repo=$(pwd)
@@ -85,7 +89,7 @@ for step in $STEPS; do
     gputests)
         # Every GPU test (kernels and engine), 4 workers; tests/ on the path for its helper modules.
         repo=$(pwd)
-        (cd /tmp && PYTHONPATH=$PYTHONPATH:$repo/tests timeout 330 python3 -m pytest -q -n 4 -p no:cacheprovider \
+        (cd /tmp && PYTHONPATH=$PYTHONPATH:$repo/tests timeout 420 python3 -m pytest -q -n 4 -p no:cacheprovider \
             --noconftest -rfE "$repo/tests/gpu") 2>&1 | tee "$OUT/gpu_tests.log" ;;
     local)
         build_model
@@ -97,9 +101,25 @@ for step in $STEPS; do
             detaudit analyze /tmp/local-$k 2>&1 | tee -a "$OUT/local_$k.log"
         done ;;
     kernels)
-        timeout "$(left)" python3 benchmarks/kernels.py --out "$OUT/kernels" --tml .third_party/tml/tml_bio.py \
-            --only "${KERNELS_ONLY:-matmul,rowwise,attention}" 2>&1 \
-            | tee "$OUT/kernels_bench.txt" ;;
+        n=$(( $(find "$OUT" -maxdepth 1 -name 'kernels_run*.json' | wc -l) + 1 ))
+        timeout "$(left)" python3 benchmarks/kernels.py --out "/tmp/kernels$n" --tml .third_party/tml/tml_bio.py \
+            --only "${KERNELS_ONLY:-matmul,rowwise,attention}" 2>&1 | tee "/tmp/kernels_bench$n.txt" | grep -v '^{'
+        cp "/tmp/kernels$n/kernels.json" "$OUT/kernels_run$n.json" ;;
+    tune)
+        for i in $(seq 0 $(( ${WARM:-12} - 1 ))); do
+            # shellcheck disable=SC2086
+            timeout 150 python3 benchmarks/kernel_tuning_h200.py --warm "$i/${WARM:-12}" ${TUNE_ARGS:-} \
+                --only "${TUNE_ONLY:-matmul,attention,softmax}" > "/tmp/warm$i.log" 2>&1 &
+        done
+        wait
+        echo "compiled in $(( $(date +%s) - t0 )) s"
+        # shellcheck disable=SC2086
+        timeout "${TUNE_S:-$(left)}" python3 benchmarks/kernel_tuning_h200.py --out "$OUT" ${TUNE_ARGS:-} \
+            --only "${TUNE_ONLY:-matmul,attention,softmax}" \
+            2>&1 | tee "$OUT/tuning.log" ;;
+    profile)
+        build_model
+        timeout "$(left)" python3 benchmarks/engine_profile.py --model "$MODEL" --out "$OUT" 2>&1 | tee "$OUT/profile.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
     esac
 done

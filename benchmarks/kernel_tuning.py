@@ -168,7 +168,7 @@ def tune_softmax(tr: Any, res: dict[str, Any], out: Path) -> None:
     for seg, warps in SEG_CANDS:
         if _late():
             break
-        tr.SEG, tr.SEG_WARPS = seg, warps
+        tr.SEGMENTS = dict.fromkeys(tr.SEGMENTS, (seg, warps))  # this candidate on every GPU kind
         entry: dict[str, Any] = {"SEG": seg, "warps": warps}
         try:
             for m, v in [(3, 128256), (5, 50000), (2, 1_000_000)]:  # correctness (the last one: two-launch form)
@@ -217,13 +217,13 @@ def tune_attention(ta: Any, res: dict[str, Any], out: Path) -> None:
         del k, v
         row: dict[str, Any] = {"batch": b, "ctx": ctx, "flash_ms": flash_ms}
         for split in SPLITS:
-            one = ta.paged_attention(*args, split_launch=False, split=split, short_end=0)
-            sl = ta.paged_attention(*args, split_launch=True, split=split, short_end=0)
-            ms = bench(lambda args=args, s=split: ta.paged_attention(*args, split=s, short_end=0))
-            ms_one = bench(lambda args=args, s=split: ta.paged_attention(*args, split_launch=False, split=s,
-                                                                               short_end=0))
-            ms_split = bench(lambda args=args, s=split: ta.paged_attention(*args, split_launch=True, split=s,
-                                                                                 short_end=0))
+            one = ta.paged_attention(*args, split_launch=False, schedule=ta.uniform(split))
+            sl = ta.paged_attention(*args, split_launch=True, schedule=ta.uniform(split))
+            ms = bench(lambda args=args, s=split: ta.paged_attention(*args, schedule=ta.uniform(s)))
+            ms_one = bench(lambda args=args, s=split: ta.paged_attention(*args, split_launch=False,
+                                                                         schedule=ta.uniform(s)))
+            ms_split = bench(lambda args=args, s=split: ta.paged_attention(*args, split_launch=True,
+                                                                           schedule=ta.uniform(s)))
             row[str(split)] = {"ms": ms, "ratio": flash_ms / ms, "one_launch_ratio": flash_ms / ms_one,
                                "split_launch_ratio": flash_ms / ms_split, "rel_err": rel_err(one, ref),
                                "split_eq_one": bool(torch.equal(one, sl))}

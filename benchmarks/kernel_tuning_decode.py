@@ -82,12 +82,12 @@ def _attn_point(ta: Any, args: tuple[Any, ...], flash_ms: float, ref: torch.Tens
     row: dict[str, Any] = {"flash_ms": flash_ms, "variants": {}}
     best = ("", 0.0)
     for split in SPLITS:
-        one = ta.paged_attention(*args, split_launch=False, split=split, short_end=0)
+        one = ta.paged_attention(*args, split_launch=False, schedule=ta.uniform(split))
         row[f"one_launch_{split}"] = flash_ms / bench(
-            lambda s=split: ta.paged_attention(*args, split_launch=False, split=s, short_end=0), REP)
+            lambda s=split: ta.paged_attention(*args, split_launch=False, schedule=ta.uniform(s)), REP)
         row[f"rel_err_{split}"] = rel_err(one, ref)
         for stages, rows, warps in LAUNCHES:
-            kw = {"split_launch": True, "split": split, "short_end": 0, "stages": stages, "rows": rows, "warps": warps}
+            kw = {"split_launch": True, "schedule": ta.uniform(split), "stages": stages, "rows": rows, "warps": warps}
             name = f"split{split}_s{stages}_r{rows}_w{warps}"
             try:
                 same = bool(torch.equal(ta.paged_attention(*args, **kw), one))

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from kernel_tuning import paged_decode_case  # benchmarks/ is sys.path[0] when run as a script
 
 # Attention split schedules timed beside the shipped one (256-key splits below position 1024, 512 beyond).
-ALT_SCHEDULES = {"uniform512": {"split": 512, "short_end": 0}, "uniform256": {"split": 256, "short_end": 0}}
+ALT_SCHEDULES = {"uniform512": 512, "uniform256": 256}
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 128256)]  # (K, N)
 COLD_BYTES = 256 << 20  # weight copies rotated through for the cold-weight GEMV timings
 MS = [1, 4, 16, 64, 256, 1024, 4096, 8192]
@@ -164,6 +164,7 @@ def bench_rowwise(copy_gbps: float) -> list[dict[str, Any]]:
 
 def bench_attention(batches: list[int], ctxs: list[int]) -> list[dict[str, Any]]:
     from detaudit.kernels import triton_attention as ta
+    from detaudit.kernels._dispatch import arch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     hq, hkv, d, page = 32, 8, 128, 64
@@ -184,13 +185,13 @@ def bench_attention(batches: list[int], ctxs: list[int]) -> list[dict[str, Any]]
             ms = _bench(ours, graph=False)
             ms_g = _bench(ours)
             kv_bytes = 2 * b * ctx * hkv * d * 2
-            row = {"batch": b, "ctx": ctx, "splits": f"{ta.SHORT_SPLIT} below {ta.SHORT_END}, then {ta.SPLIT}",
+            row = {"batch": b, "ctx": ctx, "schedule": ta.SCHEDULES[arch(qp.device)]._asdict(),
                    "ms": ms, "sdpa_flash_ms": ms_sdpa,
                    "ratio": ms_sdpa / ms, "graph_ms": ms_g, "sdpa_flash_graph_ms": ms_sdpa_g,
                    "graph_ratio": ms_sdpa_g / ms_g, "GBps": kv_bytes / ms_g / 1e6}
-            for name, kw in ALT_SCHEDULES.items():  # other split schedules, same kernels (graph replays)
-                ms_alt = _bench(lambda qp=qp, kc=kc, vc=vc, bt=bt, cu=cu, cl=cl, kw=kw: ta.paged_attention(
-                    qp, kc, vc, bt, cu, cl, 1 / math.sqrt(d), **kw))
+            for name, split in ALT_SCHEDULES.items():  # other split schedules, same kernels (graph replays)
+                ms_alt = _bench(lambda qp=qp, kc=kc, vc=vc, bt=bt, cu=cu, cl=cl, s=split: ta.paged_attention(
+                    qp, kc, vc, bt, cu, cl, 1 / math.sqrt(d), schedule=ta.uniform(s)))
                 row[f"graph_ratio_{name}"] = ms_sdpa_g / ms_alt
             rows.append(row)
             print(f"attn decode b={b} ctx={ctx}: ours {ms:.3f} ms, flash {ms_sdpa:.3f} ms, x{ms_sdpa / ms:.2f}; "

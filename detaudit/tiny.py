@@ -29,16 +29,19 @@ _CORPUS_MODULES = (
     "logging", "pathlib", "pprint", "random", "shlex", "statistics", "string", "textwrap", "typing", "zipfile",
 )  # fmt: skip
 
-# Presets: name -> config overrides. "tiny" is the CI size; "small"/"qwen3-1.7b"/"qwen3-8b" shapes are for GPUs.
+# Presets: name -> config overrides. "tiny" is the CI size and "small" a mid size, both with the tokenizer's own
+# vocabulary. A preset named after a model has that model's shapes, vocabulary size and embedding tying included:
+# the lm_head and the log-softmax over the vocabulary are a real share of a decode step's work. The tokenizer stays
+# small; the embedding is padded past it (real checkpoints pad theirs too), and ids past the tokenizer decode to "".
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=64),
     "small": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=16,
                   num_key_value_heads=8, head_dim=64),
     "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
-                       num_key_value_heads=8, head_dim=128),
+                       num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
     "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
-                     num_key_value_heads=8, head_dim=128),
+                     num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False),
 }  # fmt: skip
 
 
@@ -77,6 +80,33 @@ def build_tokenizer(vocab_size: int = 4096):
     return fast
 
 
+def _check_names(arch: str, preset: str) -> None:
+    if arch not in ARCHS:
+        raise UsageError(f"unknown architecture {arch!r}; supported: {', '.join(ARCHS)}")
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r}; supported: {', '.join(PRESETS)}")
+
+
+def model_config(arch: str, preset: str, tokenizer: Any, max_position_embeddings: int = 4096) -> Any:
+    """The transformers config of a preset: its shapes, and its vocabulary (at least the tokenizer's)."""
+    from transformers import AutoConfig
+
+    _check_names(arch, preset)
+    shape = dict(PRESETS[preset])
+    if arch in ("qwen2",):
+        shape.pop("head_dim")  # Qwen2 derives head_dim from hidden_size / heads
+    shape["vocab_size"] = max(shape.get("vocab_size", 0), len(tokenizer))
+    shape.setdefault("tie_word_embeddings", False)
+    return AutoConfig.for_model(
+        arch,
+        max_position_embeddings=max_position_embeddings,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+        **shape,
+    )
+
+
 def build_tiny_model(
     out_dir: str | Path,
     arch: str = "qwen3",
@@ -86,36 +116,25 @@ def build_tiny_model(
     seed: int = 0,
     dtype: str = "float32",
     max_position_embeddings: int = 4096,
+    device: str = "cpu",
 ) -> Path:
-    """Save a random-weight `arch` model with an offline tokenizer to `out_dir`; returns the directory."""
+    """Save a random-weight `arch` model with an offline tokenizer (of `vocab_size` tokens) to `out_dir`; returns the
+    directory. `device` draws the weights there: on a GPU an 8B-shaped model takes seconds instead of minutes (the
+    weights differ from a CPU build's with the same seed)."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    if arch not in ARCHS:
-        raise UsageError(f"unknown architecture {arch!r}; supported: {', '.join(ARCHS)}")
-    if preset not in PRESETS:
-        raise UsageError(f"unknown preset {preset!r}; supported: {', '.join(PRESETS)}")
     if dtype not in ("float32", "bfloat16", "float16"):
         raise UsageError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"{out} already exists and is not empty")
+    _check_names(arch, preset)  # before the tokenizer is trained
     tokenizer = build_tokenizer(vocab_size)
-    shape = dict(PRESETS[preset])
-    if arch in ("qwen2",):
-        shape.pop("head_dim")  # Qwen2 derives head_dim from hidden_size / heads
-    config = AutoConfig.for_model(
-        arch,
-        vocab_size=len(tokenizer),
-        tie_word_embeddings=False,
-        max_position_embeddings=max_position_embeddings,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=None,
-        **shape,
-    )
+    config = model_config(arch, preset, tokenizer, max_position_embeddings)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
     model.generation_config.do_sample = False
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id

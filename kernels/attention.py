@@ -43,7 +43,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                           block_tables.shape[1] * k_cache.shape[1], ta.tile_size(q.dtype),
                                           _sm_count(q.device))
         return ta.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
-                                  split_launch=split_launch, split=split, short_end=0)
+                                  split_launch=split_launch, schedule=ta.uniform(split))
     if not batch_invariant:
         return _stock(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
     return cpu.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)

@@ -27,12 +27,12 @@ def _blocked(x2d: torch.Tensor, out_cols: int, out_dtype: torch.dtype,
              fn: Callable[[torch.Tensor, torch.Tensor, int], None]) -> torch.Tensor:
     """Run ``fn(block, out_block, row0)`` on fixed 16-row blocks of ``x2d``; return the [rows, out_cols] result."""
     rows = x2d.shape[0]
-    out = torch.empty((rows, out_cols), dtype=out_dtype)
+    out = torch.empty((rows, out_cols), dtype=out_dtype, device="cpu")
     for r0 in range(0, rows, BLOCK_ROWS):
         n = min(BLOCK_ROWS, rows - r0)
-        blk = torch.zeros((BLOCK_ROWS, *x2d.shape[1:]), dtype=x2d.dtype)
+        blk = torch.zeros((BLOCK_ROWS, *x2d.shape[1:]), dtype=x2d.dtype, device="cpu")
         blk[:n].copy_(x2d[r0:r0 + n])
-        tmp = torch.empty((BLOCK_ROWS, out_cols), dtype=out_dtype)
+        tmp = torch.empty((BLOCK_ROWS, out_cols), dtype=out_dtype, device="cpu")
         fn(blk, tmp, r0)
         out[r0:r0 + n].copy_(tmp[:n])
     return out
@@ -51,7 +51,7 @@ def addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 1,
 
     def run(blk: torch.Tensor, tmp: torch.Tensor, r0: int) -> None:
         if row_bias:
-            bb = torch.zeros((BLOCK_ROWS, n), dtype=bias.dtype)
+            bb = torch.zeros((BLOCK_ROWS, n), dtype=bias.dtype, device="cpu")
             k = min(BLOCK_ROWS, m - r0)
             bb[:k].copy_(full[r0:r0 + k])
         else:
@@ -81,7 +81,8 @@ def _reduce(x: torch.Tensor, dims: Sequence[int] | None, keepdim: bool, out_dtyp
             kernel: Callable[..., torch.Tensor]) -> torch.Tensor:
     """Shared body of ``mean.dim`` / ``sum.dim_IntList``: reduce trailing-moved dims row by row."""
     if dims is None or len(dims) == 0 or x.dim() == 0:
-        return kernel(x, list(range(x.dim())), keepdim, dtype=out_dtype, out=torch.empty(0, dtype=out_dtype))
+        out = torch.empty(0, dtype=out_dtype, device="cpu")
+        return kernel(x, list(range(x.dim())), keepdim, dtype=out_dtype, out=out)
     x2, kept_shape, red = _rows_last(x, dims)
     res = _blocked(x2, 1, out_dtype, lambda blk, tmp, _r0: kernel(blk, [1], True, dtype=out_dtype, out=tmp))
     res = res.reshape(kept_shape)
@@ -104,7 +105,8 @@ def sum_dim(x: torch.Tensor, dims: Sequence[int] | None, keepdim: bool = False,
         dtype = torch.int64 if not (x.is_floating_point() or x.is_complex()) else x.dtype
     if not (x.is_floating_point() or x.is_complex()):
         # The .out overload resizes its empty ``out``.
-        return _aten.sum.IntList_out(x, list(dims or []), keepdim, dtype=dtype, out=torch.empty(0, dtype=dtype))
+        out = torch.empty(0, dtype=dtype, device="cpu")
+        return _aten.sum.IntList_out(x, list(dims or []), keepdim, dtype=dtype, out=out)
     return _reduce(x, dims, keepdim, dtype, _aten.sum.IntList_out)
 
 
@@ -114,7 +116,7 @@ def _softmax_like(x: torch.Tensor, dim: int, half_to_float: bool,
         x, half_to_float = x.to(torch.float32), False
     out_dtype = x.dtype
     if x.dim() == 0:
-        return kernel(x, 0, half_to_float, out=torch.empty((), dtype=out_dtype))
+        return kernel(x, 0, half_to_float, out=torch.empty((), dtype=out_dtype, device="cpu"))
     dim = dim % x.dim()
     xt = x.movedim(dim, -1)
     shape = xt.shape
@@ -138,7 +140,7 @@ def _rms_rows(h32: torch.Tensor, weight: torch.Tensor | None, eps: float, out_dt
     d = h32.shape[1]
 
     def run(blk: torch.Tensor, tmp: torch.Tensor, _r0: int) -> None:
-        ms = torch.empty((BLOCK_ROWS, 1), dtype=torch.float32)
+        ms = torch.empty((BLOCK_ROWS, 1), dtype=torch.float32, device="cpu")
         _aten.mean.out(blk * blk, [1], True, out=ms)
         y = blk * torch.rsqrt(ms + eps)
         if weight is not None:
@@ -189,42 +191,42 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         if ql == 0:
             continue
         n_blocks = -(-ctx // block_size)
-        pos = torch.arange(n_blocks * block_size)
+        pos = torch.arange(n_blocks * block_size, device="cpu")
         phys = tables[b, pos // block_size] * block_size + pos % block_size
         k_seq = k_cache.reshape(-1, hkv, d)[phys].to(torch.float32)  # [P, Hkv, D]
         v_seq = v_cache.reshape(-1, hkv, d)[phys].to(torch.float32)
         n_tiles_ctx = -(-ctx // tile)
         pad_to = n_tiles_ctx * tile
-        kp = torch.zeros((pad_to, hkv, d), dtype=torch.float32)
-        vp = torch.zeros((pad_to, hkv, d), dtype=torch.float32)
+        kp = torch.zeros((pad_to, hkv, d), dtype=torch.float32, device="cpu")
+        vp = torch.zeros((pad_to, hkv, d), dtype=torch.float32, device="cpu")
         kp[:ctx] = k_seq[:ctx]
         vp[:ctx] = v_seq[:ctx]
         kt = kp.permute(1, 2, 0).contiguous()  # [Hkv, D, P]
         vt = vp.permute(1, 0, 2).contiguous()  # [Hkv, P, D]
         # rows: (token j, head-in-group h) -> row j * g + h, per KV head
         qs = q[q0:q1].to(torch.float32).reshape(ql, hkv, g, d).permute(1, 0, 2, 3).reshape(hkv, ql * g, d)
-        row_pos = (ctx - ql + torch.arange(ql)).repeat_interleave(g)
-        res = torch.empty((hkv, ql * g, d), dtype=torch.float32)
+        row_pos = (ctx - ql + torch.arange(ql, device="cpu")).repeat_interleave(g)
+        res = torch.empty((hkv, ql * g, d), dtype=torch.float32, device="cpu")
         for r0 in range(0, ql * g, BLOCK_ROWS):
             n = min(BLOCK_ROWS, ql * g - r0)
-            qb = torch.zeros((hkv, BLOCK_ROWS, d), dtype=torch.float32)
+            qb = torch.zeros((hkv, BLOCK_ROWS, d), dtype=torch.float32, device="cpu")
             qb[:, :n] = qs[:, r0:r0 + n]
-            pb = torch.zeros(BLOCK_ROWS, dtype=torch.long)
+            pb = torch.zeros(BLOCK_ROWS, dtype=torch.long, device="cpu")
             pb[:n] = row_pos[r0:r0 + n]
-            m = torch.full((hkv, BLOCK_ROWS, 1), -math.inf)
-            lsum = torch.zeros((hkv, BLOCK_ROWS, 1))
-            acc = torch.zeros((hkv, BLOCK_ROWS, d))
-            s = torch.empty((hkv, BLOCK_ROWS, tile))
-            pv = torch.empty((hkv, BLOCK_ROWS, d))
+            m = torch.full((hkv, BLOCK_ROWS, 1), -math.inf, device="cpu")
+            lsum = torch.zeros((hkv, BLOCK_ROWS, 1), device="cpu")
+            acc = torch.zeros((hkv, BLOCK_ROWS, d), device="cpu")
+            s = torch.empty((hkv, BLOCK_ROWS, tile), device="cpu")
+            pv = torch.empty((hkv, BLOCK_ROWS, d), device="cpu")
             for t in range(0, int(pb[:n].max()) // tile + 1):
                 _aten.bmm.out(qb, kt[:, :, t * tile:(t + 1) * tile].contiguous(), out=s)
-                kpos = t * tile + torch.arange(tile)
+                kpos = t * tile + torch.arange(tile, device="cpu")
                 visible = kpos[None, :] <= pb[:, None]
                 sc = torch.where(visible[None], s * scale, -math.inf)
                 m_new = torch.maximum(m, sc.amax(-1, keepdim=True))
                 p = torch.exp(sc - m_new)
                 alpha = torch.exp(m - m_new)
-                lsum_t = torch.empty((hkv, BLOCK_ROWS, 1))
+                lsum_t = torch.empty((hkv, BLOCK_ROWS, 1), device="cpu")
                 _aten.sum.IntList_out(p, [2], True, out=lsum_t)
                 lsum = lsum * alpha + lsum_t
                 _aten.bmm.out(p, vt[:, t * tile:(t + 1) * tile].contiguous(), out=pv)
@@ -240,12 +242,12 @@ def self_check(dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16), 
 
     Returns a list of failure descriptions (empty when invariant). Small shapes keep it around a second.
     """
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device="cpu").manual_seed(seed)
     failures: list[str] = []
     for dt in dtypes:
-        x = torch.randn(37, 96, generator=g).to(dt)
-        w = torch.randn(80, 96, generator=g).to(dt)
-        bias = torch.randn(80, generator=g).to(dt)
+        x = torch.randn(37, 96, generator=g, device="cpu").to(dt)
+        w = torch.randn(80, 96, generator=g, device="cpu").to(dt)
+        bias = torch.randn(80, generator=g, device="cpu").to(dt)
         for name, op in _check_ops(w, bias).items():
             full = op(x)
             for rows in ([0], [5], [3, 17], list(range(1, 18)), list(range(20, 37))):

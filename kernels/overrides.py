@@ -112,7 +112,7 @@ def _cuda_reduce(x: torch.Tensor, dim: Sequence[int] | None, keepdim: bool, dtyp
         # Sum real and imaginary parts as an extra trailing kept dim.
         xr = torch.view_as_real(x)
         dims = list(range(x.dim())) if not dim else [d % x.dim() for d in dim]
-        res = _cuda_reduce(xr, dims, keepdim, None if dtype is None else torch.empty((), dtype=dtype).real.dtype,
+        res = _cuda_reduce(xr, dims, keepdim, None if dtype is None else dtype.to_real(),
                            mean)
         return torch.view_as_complex(res.contiguous())
     out_dtype = (dtype or x.dtype) if mean else _sum_dtype(x, dtype)

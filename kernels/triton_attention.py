@@ -6,11 +6,12 @@ G and the dtype only. Keys/values are read from the paged cache in tiles of ``TI
 0 with an fp32 online softmax. Tiles past a row's own position are fully masked and are exact no-ops (alpha = 1,
 p = 0), so a row's bits do not depend on which tokens share its q-block, how far the block walks, or what else is
 in the batch.
-Keys are grouped into splits fixed by absolute position (``SHORT_SPLIT`` positions each below ``SHORT_END``,
-``SPLIT`` each from there on), each reduced from scratch and merged in order; for all-decode batches with little
-parallelism each split runs in its own program and a combine kernel merges them (flash-decoding with split sizes
-fixed in tokens), which gives the same bits as the one-program launch. The short splits give short contexts at
-small batch enough programs; the long ones keep long contexts from paying a partial per 256 keys.
+Keys are grouped into splits fixed by absolute position (a :class:`Schedule`: up to three sizes, each over a fixed
+range of positions), each reduced from scratch and merged in order; for all-decode batches with little parallelism
+each split runs in its own program and a combine kernel merges them (flash-decoding with split sizes fixed in
+tokens), which gives the same bits as the one-program launch. Short splits give short contexts at small batch
+enough programs; longer ones keep long contexts from paying a partial per 256 keys. The schedule is chosen by the
+device (tuned per GPU, benchmarks/RESULTS.md), never by the batch.
 
 Import this module only when a GPU or ``TRITON_INTERPRET=1`` is present: kernels are decorated at import time.
 """
@@ -20,19 +21,39 @@ from __future__ import annotations
 import functools
 import math
 import os
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
+from detaudit.kernels._dispatch import arch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Keys are reduced in splits of absolute positions (multiples of every tile size), merged in order: SHORT_SPLIT
-# positions each below SHORT_END, SPLIT each from there on (benchmarks/RESULTS.md, "Attention decode").
-SPLIT = 512
-SHORT_SPLIT = 256
-SHORT_END = 1024
-# Pipeline depth of the split launch's KV loads (benchmarks/kernel_tuning_decode.py: 3 beat 2 by up to 0.06 of flash).
-SPLIT_STAGES = 3
+
+
+class Schedule(NamedTuple):
+    """Splits of absolute key positions: ``short`` positions each below ``short_end``, ``mid`` each from there below
+    ``mid_end``, ``long`` each from there on. Sizes are multiples of the dtype's tile; ``short_end`` is a multiple
+    of ``short`` and ``mid_end - short_end`` of ``mid``."""
+
+    short: int
+    short_end: int
+    mid: int
+    mid_end: int
+    long: int
+
+
+def uniform(split: int) -> Schedule:
+    """Every split ``split`` positions long (the stock path's, and the benchmarks' reference)."""
+    return Schedule(split, 0, split, 0, split)
+
+
+# Per GPU kind (benchmarks/RESULTS.md, "Attention decode" and "H200"): on the H100, 256-position splits below 1024
+# and 512 from there on (benchmarks/kernel_tuning_decode.py). On the H200 uniform splits measured best at 256 below
+# 1k, 512 at batch 1-4 up to 16k, 1024-2048 past that (benchmarks/h200/tuning_attention.json): 1024 from 8192 on.
+SCHEDULES = {"h100": Schedule(256, 1024, 512, 1024, 512), "h200": Schedule(256, 1024, 512, 8192, 1024)}
+# Pipeline depth of the split launch's KV loads (H100: 3 beat 2 by up to 0.06 of flash).
+SPLIT_STAGES = {"h100": 3, "h200": 3}
 # (device, dtype) -> did the split launch reproduce the one-program launch bitwise on this device?
 _split_ok: dict[tuple[str, torch.dtype], bool] = {}
 
@@ -47,16 +68,17 @@ def _merge(m, lsum, acc, m_s, l_s, acc_s):
 
 
 @triton.jit
-def _split_start(s, SHORT: tl.constexpr, N_SHORT: tl.constexpr, SPLIT: tl.constexpr):
-    """First absolute position of split s: N_SHORT splits of SHORT positions, then splits of SPLIT. Arithmetic, not
-    a select: with tl.where here the H100 kernel ran 10-25 % slower (benchmarks/RESULTS.md)."""
-    return s * SHORT + tl.maximum(s - N_SHORT, 0) * (SPLIT - SHORT)
+def _split_start(s, S0: tl.constexpr, N0: tl.constexpr, S1: tl.constexpr, N1: tl.constexpr, S2: tl.constexpr):
+    """First absolute position of split s: N0 splits of S0 positions, N1 of S1, then splits of S2. Arithmetic, not a
+    select: with tl.where here the H100 kernel ran 10-25 % slower (benchmarks/RESULTS.md)."""
+    return s * S0 + tl.maximum(s - N0, 0) * (S1 - S0) + tl.maximum(s - N0 - N1, 0) * (S2 - S1)
 
 
 @triton.jit
-def _split_count(pos, SHORT: tl.constexpr, N_SHORT: tl.constexpr, SPLIT: tl.constexpr):
-    """Number of splits that hold positions 0..pos."""
-    return tl.minimum(pos // SHORT + 1, N_SHORT) + (tl.maximum(pos - N_SHORT * SHORT, -1) + SPLIT) // SPLIT
+def _split_count(pos, S0: tl.constexpr, N0: tl.constexpr, S1: tl.constexpr, N1: tl.constexpr, S2: tl.constexpr):
+    """Number of splits that hold positions 0..pos (never a negative division: Triton's truncates)."""
+    return (tl.minimum(pos // S0 + 1, N0) + tl.minimum((tl.maximum(pos - N0 * S0, -1) + S1) // S1, N1)
+            + (tl.maximum(pos - N0 * S0 - N1 * S1, -1) + S2) // S2)
 
 
 @triton.jit
@@ -64,7 +86,8 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, ctx_ptr, ws_m_ptr, 
                  sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_t, so_h, sbt,
                  num_seqs, scale_log2, D, HQ, NS,
                  G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                 TILE: tl.constexpr, SHORT: tl.constexpr, N_SHORT: tl.constexpr, SPLIT: tl.constexpr,
+                 TILE: tl.constexpr, S0: tl.constexpr, N0: tl.constexpr, S1: tl.constexpr, N1: tl.constexpr,
+                 S2: tl.constexpr,
                  PAGE: tl.constexpr, SPLIT_LAUNCH: tl.constexpr,
                  CAST_F32: tl.constexpr, IEEE: tl.constexpr):
     qb = tl.program_id(0)
@@ -101,8 +124,8 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, ctx_ptr, ws_m_ptr, 
         s_hi = s_lo + 1
     else:
         s_lo = 0
-        s_hi = _split_count(max_pos, SHORT, N_SHORT, SPLIT)
-    if (q_start < seq_q1) & (_split_start(s_lo, SHORT, N_SHORT, SPLIT) <= max_pos):
+        s_hi = _split_count(max_pos, S0, N0, S1, N1, S2)
+    if (q_start < seq_q1) & (_split_start(s_lo, S0, N0, S1, N1, S2) <= max_pos):
         rows = tl.arange(0, BLOCK_M)
         tok = rows // G
         head = kvh * G + rows % G
@@ -123,8 +146,8 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, ctx_ptr, ws_m_ptr, 
             m_s = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
             l_s = tl.zeros((BLOCK_M,), dtype=tl.float32)
             acc_s = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
-            t0 = _split_start(sp, SHORT, N_SHORT, SPLIT) // TILE
-            t1 = tl.minimum(_split_start(sp + 1, SHORT, N_SHORT, SPLIT) // TILE, n_tiles)
+            t0 = _split_start(sp, S0, N0, S1, N1, S2) // TILE
+            t1 = tl.minimum(_split_start(sp + 1, S0, N0, S1, N1, S2) // TILE, n_tiles)
             for t in range(t0, t1):
                 kpos = t * TILE + tl.arange(0, TILE)
                 k_ok = kpos < ctx
@@ -181,11 +204,12 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, ctx_ptr, ws_m_ptr, 
 
 @triton.jit
 def _combine_kernel(o_ptr, ctx_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr, so_t, so_h, D, HQ, NS,
-                    BLOCK_D: tl.constexpr, SHORT: tl.constexpr, N_SHORT: tl.constexpr, SPLIT: tl.constexpr):
+                    BLOCK_D: tl.constexpr, S0: tl.constexpr, N0: tl.constexpr, S1: tl.constexpr, N1: tl.constexpr,
+                    S2: tl.constexpr):
     # Decode launch only: token t is sequence t's single query, at position ctx[t] - 1.
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
-    n = _split_count(tl.load(ctx_ptr + t) - 1, SHORT, N_SHORT, SPLIT)
+    n = _split_count(tl.load(ctx_ptr + t) - 1, S0, N0, S1, N1, S2)
     offs_d = tl.arange(0, BLOCK_D)
     zero = tl.zeros((1,), dtype=tl.int64)
     m = tl.full((1,), -float("inf"), dtype=tl.float32)
@@ -214,17 +238,15 @@ def block_m(g: int) -> int:
 
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
                     cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                    split_launch: bool | None = None, split: int = SPLIT, short_split: int = SHORT_SPLIT,
-                    short_end: int = SHORT_END, stages: int | None = None, rows: int | None = None,
-                    warps: int = 4) -> torch.Tensor:
+                    split_launch: bool | None = None, schedule: Schedule | None = None, stages: int | None = None,
+                    rows: int | None = None, warps: int = 4) -> torch.Tensor:
     """Launch the kernels; shapes as in :func:`detaudit.kernels.attention.paged_attention`.
 
-    Keys are always reduced in splits of absolute positions merged in order: ``short_split`` positions each below
-    ``short_end``, ``split`` each from there on (multiples of the dtype's tile; ``short_end=0``: uniform splits).
-    ``split_launch`` only picks how that is scheduled: one program per (q-block, KV head) walking all splits, or,
-    for all-decode batches with little parallelism, one program per split plus a combine kernel — the same
-    arithmetic, so the same bits. The split sizes stay the module's constants for batch-invariant use; the stock
-    path in :mod:`detaudit.kernels.attention` picks a uniform split from the batch, as flash-decoding does.
+    Keys are always reduced in splits of absolute positions merged in order, as ``schedule`` says (None: the
+    device's, :data:`SCHEDULES`). ``split_launch`` only picks how that is scheduled: one program per (q-block, KV
+    head) walking all splits, or, for all-decode batches with little parallelism, one program per split plus a
+    combine kernel — the same arithmetic, so the same bits. Batch-invariant use keeps the device's schedule; the
+    stock path in :mod:`detaudit.kernels.attention` picks a uniform split from the batch, as flash-decoding does.
     ``stages``, ``rows`` (query rows per program) and ``warps`` are for benchmarks: the launch shape, which must not
     change the bits.
     """
@@ -238,12 +260,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("paged_attention: last dims of q, k_cache and v_cache must be contiguous")
     tile = tile_size(q.dtype)
-    if short_end == 0:
-        short_split = split
-    if split < 1 or split % tile or short_split < 1 or short_split % tile or short_end % short_split:
-        raise ValueError(f"paged_attention: split sizes {short_split} (below position {short_end}) and {split} must "
-                         f"be positive multiples of {tile}, and {short_end} a multiple of {short_split}")
-    n_short = short_end // short_split
+    sch = schedule or SCHEDULES[arch(q.device)]
+    if (min(sch.short, sch.mid, sch.long) < 1 or (sch.short | sch.mid | sch.long) % tile or sch.short_end % sch.short
+            or sch.mid_end < sch.short_end or (sch.mid_end - sch.short_end) % sch.mid):
+        raise ValueError(f"paged_attention: bad split schedule {sch}: sizes must be positive multiples of {tile}, "
+                         "each range a whole number of its splits")
+    n0, n1 = sch.short_end // sch.short, (sch.mid_end - sch.short_end) // sch.mid
     bm = rows or block_m(g)
     bq = bm // g
     block_d = triton.next_power_of_2(d)
@@ -251,8 +273,7 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     ctx = context_lens.to(torch.int32).contiguous()
     bt = block_tables.to(torch.int32)
     max_ctx = bt.shape[1] * page  # upper bound on any context, known without a device sync
-    last = max_ctx - 1  # splits holding positions 0..last, as _split_count
-    n_split = min(last // short_split + 1, n_short) + (max(last - short_end, -1) + split) // split
+    n_split = split_count(max_ctx - 1, sch)
     if split_launch is None:
         split_launch = (t_total == num_seqs and n_split >= 2 and num_seqs * hkv < 4 * _sm_count(q.device)
                         and split_launch_agrees(q.device, q.dtype))
@@ -267,21 +288,27 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     else:
         ws_m = ws_l = ws_acc = out
         grid = (n_qblocks, hkv)
+    splits = dict(S0=sch.short, N0=n0, S1=sch.mid, N1=n1, S2=sch.long)
     _attn_kernel[grid](
         q, k_cache, v_cache, out, bt, cu, ctx, ws_m, ws_l, ws_acc,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), bt.stride(0),
         num_seqs, float(scale * math.log2(math.e)), d, hq, n_split,
-        G=g, BLOCK_Q=bq, BLOCK_M=bm, BLOCK_D=block_d, TILE=tile, SHORT=short_split, N_SHORT=n_short, SPLIT=split,
-        PAGE=page,
+        G=g, BLOCK_Q=bq, BLOCK_M=bm, BLOCK_D=block_d, TILE=tile, PAGE=page, **splits,
         SPLIT_LAUNCH=split_launch, CAST_F32=INTERPRET and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
-        num_warps=warps, num_stages=stages or (SPLIT_STAGES if split_launch else 2),
+        num_warps=warps, num_stages=stages or (SPLIT_STAGES[arch(q.device)] if split_launch else 2),
     )
     if split_launch:
         _combine_kernel[(t_total, hq)](out, ctx, ws_m, ws_l, ws_acc, out.stride(0), out.stride(1), d, hq, n_split,
-                                       BLOCK_D=block_d, SHORT=short_split, N_SHORT=n_short, SPLIT=split,
-                                       num_warps=1)
+                                       BLOCK_D=block_d, **splits, num_warps=1)
     return out
+
+
+def split_count(pos: int, sch: Schedule) -> int:
+    """Number of splits holding positions 0..pos (the kernels' _split_count, on the host)."""
+    n0, n1 = sch.short_end // sch.short, (sch.mid_end - sch.short_end) // sch.mid
+    return (min(pos // sch.short + 1, n0) + min((max(pos - sch.short_end, -1) + sch.mid) // sch.mid, n1)
+            + (max(pos - sch.mid_end, -1) + sch.long) // sch.long)
 
 
 @functools.cache
@@ -295,19 +322,20 @@ def split_launch_agrees(device: torch.device, dtype: torch.dtype) -> bool:
     """Once per (device, dtype): do both launches give the same bits? If not, only the one-program launch is used."""
     key = (str(device), dtype)
     if key not in _split_ok:
-        g = torch.Generator().manual_seed(3)
-        lens = [2100, 600, 1]
+        g = torch.Generator(device="cpu").manual_seed(3)
+        sch = SCHEDULES[arch(device)]
+        lens = [sch.mid_end + 2 * sch.long + 100, 600, 1]  # across every range of the device's schedule
         hkv, page = 2, 16
         n_pages = sum(-(-c // page) for c in lens)
-        kc = torch.randn(n_pages, page, hkv, 64, generator=g).to(device, dtype)
-        vc = torch.randn(n_pages, page, hkv, 64, generator=g).to(device, dtype)
-        bt = torch.zeros(3, -(-max(lens) // page), dtype=torch.int32)
+        kc = torch.randn(n_pages, page, hkv, 64, generator=g, device="cpu").to(device, dtype)
+        vc = torch.randn(n_pages, page, hkv, 64, generator=g, device="cpu").to(device, dtype)
+        bt = torch.zeros(3, -(-max(lens) // page), dtype=torch.int32, device="cpu")
         start = 0
         for b, c in enumerate(lens):
             k = -(-c // page)
-            bt[b, :k] = torch.arange(start, start + k, dtype=torch.int32)
+            bt[b, :k] = torch.arange(start, start + k, dtype=torch.int32, device="cpu")
             start += k
-        q = torch.randn(3, 8, 64, generator=g).to(device, dtype)
+        q = torch.randn(3, 8, 64, generator=g, device="cpu").to(device, dtype)
         args = (q, kc, vc, bt.to(device), torch.arange(4, dtype=torch.int32, device=device),
                 torch.tensor(lens, dtype=torch.int32, device=device), 0.125)
         _split_ok[key] = torch.equal(paged_attention(*args, split_launch=False),

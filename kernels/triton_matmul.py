@@ -4,7 +4,8 @@ No split-K, stream-K or atomics, so an output element's reduction order is "K in
 M is. Bias is added in fp32 in the epilogue (``alpha * acc + beta * bias``) before a single cast; fp32 inputs use
 IEEE precision (no TF32). Tile configs are chosen by M bucket (from a table picked by N and K); :func:`configs_agree`
 checks on the live device that every config gives bitwise the same result, and :func:`matmul` falls back to one
-config per dtype if they do not.
+config per dtype if they do not. Each GPU kind has its own tables (:func:`detaudit.kernels._dispatch.arch`): they
+change which fixed configuration runs for a shape, never by batch.
 For larger M (bf16/fp16) the config names the Hopper kernel: TMA descriptor loads, a persistent grid of at most one
 program per SM walking its tiles in grouped order, optionally warp-specialised; each tile still walks all of K in
 the same BLOCK_K order, so it gives the pointer-load kernel's bits (its fallback where TMA cannot run).
@@ -22,6 +23,7 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+from detaudit.kernels._dispatch import arch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -64,6 +66,39 @@ _HALF_LARGE_N = [(16, Config(16, 64, 256, 8, 4, 4, tma=True)), (32, Config(32, 1
                  (256, Config(128, 256, 64, 8, 8, 4, tma=True)),
                  (2048, Config(128, 128, 64, 8, 4, 4, tma=True, ws=True)),
                  (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True))]
+
+
+# The H200 (benchmarks/RESULTS.md, "H200"; benchmarks/h200/tuning_qwen3_8b_matmul.json): the same SMs as the H100
+# with 1.4x its memory bandwidth, tuned on Qwen3-8B's decode and prefill sizes with the weights cold (rotated through
+# copies larger than L2, as a decoder's layers meet them). A GEMV wants 16x64 TMA tiles (4096 x 6144 at M = 1:
+# 0.72 -> 0.97 of cuBLAS), M = 65-128 on N = 4096 64x64x128 TMA tiles with 6 stages (down 12288 x 4096 at M = 128:
+# 0.73 -> 1.04), M = 257-1024 128x128 tiles (0.57 -> 0.90-0.93), and the fused qkv (N = 6144) its own table.
+_H200_SMALL_N = [(4, Config(16, 64, 256, 8, 4, 4, tma=True)), (16, Config(16, 32, 256, 8, 2, 5)),
+                 (32, Config(32, 32, 256, 8, 4, 4)), (64, Config(64, 32, 256, 8, 4, 4, tma=True)),
+                 (128, Config(64, 64, 128, 8, 4, 6, tma=True)), (256, Config(64, 128, 64, 8, 4, 6, tma=True)),
+                 (1024, Config(128, 128, 64, 8, 4, 4, tma=True)), (2048, Config(128, 256, 64, 8, 8, 4, tma=True)),
+                 (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True))]
+_H200_MID_N = [(16, Config(16, 64, 256, 8, 4, 4, tma=True)), (32, Config(32, 32, 256, 8, 4, 4)),
+               (64, Config(64, 64, 128, 8, 4, 6, tma=True)), (128, Config(64, 128, 64, 8, 4, 6, tma=True)),
+               (256, Config(128, 128, 64, 8, 4, 4, tma=True)), (2048, Config(128, 256, 64, 8, 8, 4, tma=True)),
+               (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True))]
+_H200_LARGE_N = [(16, Config(16, 64, 256, 8, 4, 4, tma=True)), (32, Config(32, 64, 128, 8, 4, 4)),
+                 (64, Config(64, 64, 128, 8, 4, 6, tma=True)), (128, Config(64, 128, 64, 8, 4, 6, tma=True)),
+                 (1024, Config(128, 256, 64, 8, 8, 4, tma=True)), (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True))]
+
+
+class Tables(NamedTuple):
+    """A GPU kind's half-precision tables: N <= 4096 (``small_n``), 4096 < N <= 8192 (``mid_n``), N > 8192
+    (``large_n``), and weights under 4096 x 4096 with N <= 8192 (``small_w``)."""
+
+    small_n: list[tuple[int, Config]]
+    mid_n: list[tuple[int, Config]]
+    small_w: list[tuple[int, Config]]
+    large_n: list[tuple[int, Config]]
+
+
+TABLES = {"h100": Tables(_HALF_SMALL_N, _HALF_SMALL_N, _HALF_SMALL_W, _HALF_LARGE_N),
+          "h200": Tables(_H200_SMALL_N, _H200_MID_N, _HALF_SMALL_W, _H200_LARGE_N)}
 _F32_BUCKETS: list[tuple[int, Config]] = [
     (16, Config(16, 64, 32, 8, 4, 4)),
     (128, Config(64, 64, 32, 8, 4, 3)),
@@ -83,22 +118,25 @@ def _family(dtype: torch.dtype) -> str:
     return "f32" if dtype == torch.float32 else "half"
 
 
-def buckets(dtype: torch.dtype, n: int = 0, k: int = 0) -> list[tuple[int, Config]]:
-    """The M-bucketed config table for a dtype, output width N and inner size K (0: unknown; exposed for tests and
-    benchmarks)."""
+def buckets(dtype: torch.dtype, n: int = 0, k: int = 0, gpu: str = "h100") -> list[tuple[int, Config]]:
+    """The M-bucketed config table for a dtype, output width N, inner size K (0: unknown) and GPU kind (exposed for
+    tests and benchmarks)."""
     if dtype == torch.float32:
         return _F32_BUCKETS
+    tables = TABLES[gpu]
     if n > 8192:
-        return _HALF_LARGE_N
-    return _HALF_SMALL_W if 0 < n * k < _SMALL_W else _HALF_SMALL_N
+        return tables.large_n
+    if 0 < n * k < _SMALL_W:
+        return tables.small_w
+    return tables.mid_n if n > 4096 else tables.small_n
 
 
-def all_configs(dtype: torch.dtype) -> list[Config]:
-    """Every config the dispatcher can pick for a dtype (what configs_agree() must prove equivalent); a TMA config
-    comes with its pointer-load twin, which runs where TMA cannot (bmm, unaligned strides)."""
+def all_configs(dtype: torch.dtype, gpu: str = "h100") -> list[Config]:
+    """Every config the dispatcher can pick for a dtype on a GPU kind (what configs_agree() must prove equivalent); a
+    TMA config comes with its pointer-load twin, which runs where TMA cannot (bmm, unaligned strides)."""
     seen: dict[Config, None] = {}
-    for n, k in ((0, 0), (1 << 20, 1), (1, 1)):  # every table: N <= 8192, N > 8192, small weights
-        for _, c in buckets(dtype, n, k):
+    for n, k in ((0, 0), (6144, 4096), (1 << 20, 1), (1, 1)):  # every table: small, mid and large N, small weights
+        for _, c in buckets(dtype, n, k, gpu):
             seen[c] = None
             if c.tma:
                 seen[pointer_twin(c)] = None
@@ -122,7 +160,7 @@ def select_config(m: int, dtype: torch.dtype, device: torch.device | None = None
                 _agree[key] = configs_agree(dtype, device)
     if device is not None and not _agree.get(key, True):
         return _SINGLE[fam]
-    table = buckets(dtype, n, k)
+    table = buckets(dtype, n, k, arch(device) if device is not None else "h100")
     for max_m, cfg in table:
         if m <= max_m:
             return cfg
@@ -344,10 +382,10 @@ def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> to
 def configs_agree(dtype: torch.dtype, device: torch.device, m: int = 512, k: int = 1024, n: int = 768) -> bool:
     """True when every config the dispatcher can pick runs and gives bitwise the same product on this device."""
     g = torch.Generator(device="cpu").manual_seed(1234)
-    a = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
-    w = torch.randn(n, k, generator=g).to(device=device, dtype=dtype)
-    bias = torch.randn(n, generator=g).to(device=device, dtype=dtype)
-    cfgs = all_configs(dtype)
+    a = torch.randn(m, k, generator=g, device="cpu").to(device=device, dtype=dtype)
+    w = torch.randn(n, k, generator=g, device="cpu").to(device=device, dtype=dtype)
+    bias = torch.randn(n, generator=g, device="cpu").to(device=device, dtype=dtype)
+    cfgs = all_configs(dtype, arch(device))
     try:
         ref = matmul(a, w.t(), bias, config=cfgs[0])
         return all(torch.equal(matmul(a, w.t(), bias, config=c), ref) for c in cfgs[1:])

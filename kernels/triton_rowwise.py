@@ -5,13 +5,14 @@ next power of two is <= ``SINGLE_MAX``, else fixed ``CHUNK``-wide chunks), never
 statistics accumulate in fp32 (fp64 for fp64 input). A row's result therefore has the same bits however many rows
 come with it. Callers pass 2-D [rows, N] views whose last dim is contiguous.
 
-(Log-)softmax rows wider than ``SINGLE_MAX`` are cut into fixed ``SEG``-column segments instead (a constant, never
-derived from the number of rows), one program each: a segment's (max, sum of exp) partial is published, the row's
-partials are combined in segment order, and the segment is written from registers, so the row is read once. The
-programs of a row wait for each other (a per-row counter; work is handed out by an atomic ticket so that a waiting
-program's row-mates have always been started, whatever order the hardware launches programs in); where that is
-unsafe (the CPU interpreter runs programs one after another, or a row has more than ``FUSED_MAX_SEGS`` segments)
-a two-launch form does the same arithmetic (stats, then a write pass that re-reads the row) and gives the same bits.
+(Log-)softmax rows wider than ``SINGLE_MAX`` are cut into fixed ``SEG``-column segments instead (a constant per GPU
+kind, :data:`SEGMENTS`, never derived from the number of rows), one program each: a segment's (max, sum of exp)
+partial is published, the row's partials are combined in segment order, and the segment is written from registers,
+so the row is read once. The programs of a row wait for each other (a per-row counter; work is handed out by an
+atomic ticket so that a waiting program's row-mates have always been started, whatever order the hardware launches
+programs in); where that is unsafe (the CPU interpreter runs programs one after another, or a row has more than
+``FUSED_MAX_SEGS`` segments) a two-launch form does the same arithmetic (stats, then a write pass that re-reads the
+row) and gives the same bits.
 
 Import this module only when a GPU or ``TRITON_INTERPRET=1`` is present: kernels are decorated at import time.
 """
@@ -23,11 +24,12 @@ import os
 import torch
 import triton
 import triton.language as tl
+from detaudit.kernels._dispatch import arch
 
 SINGLE_MAX = 32768
 CHUNK = 2048
-SEG = 8192
-SEG_WARPS = 8
+# (segment width, warps per segment program) per GPU kind (benchmarks/RESULTS.md, "Row-wise kernels").
+SEGMENTS = {"h100": (8192, 8), "h200": (8192, 8)}
 FUSED_MAX_SEGS = 64
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -219,16 +221,19 @@ def softmax(x: torch.Tensor, dim: int, log: bool, out_dtype: torch.dtype | None 
     return (y.movedim(-1, dim) if x.dim() else y.reshape(())).contiguous()
 
 
-def _seg_softmax(x2: torch.Tensor, y2: torch.Tensor, n: int, log: bool, fused: bool | None = None) -> None:
-    """Segmented (log-)softmax of [rows, n] rows; ``fused`` None: one launch where safe (see the module doc)."""
+def _seg_softmax(x2: torch.Tensor, y2: torch.Tensor, n: int, log: bool, fused: bool | None = None,
+                 seg: tuple[int, int] | None = None) -> None:
+    """Segmented (log-)softmax of [rows, n] rows; ``fused`` None: one launch where safe (see the module doc);
+    ``seg`` (width, warps) for benchmarks, else the device's."""
     rows = x2.shape[0]
-    nseg = triton.cdiv(n, SEG)
+    width, warps = seg or SEGMENTS[arch(x2.device)]
+    nseg = triton.cdiv(n, width)
     if fused is None:
         fused = not INTERPRET and nseg <= FUSED_MAX_SEGS
     ws = torch.empty((rows, 2 * nseg), dtype=torch.float32, device=x2.device)
     cnt = torch.zeros((1 + rows if fused else 1,), dtype=torch.int32, device=x2.device)  # ticket, row counters
     args = (x2, y2, ws, cnt, x2.stride(0), y2.stride(0), n, nseg)
-    meta = dict(LOG=log, SEG=SEG, NSEG_P2=triton.next_power_of_2(nseg), num_warps=SEG_WARPS)
+    meta = dict(LOG=log, SEG=width, NSEG_P2=triton.next_power_of_2(nseg), num_warps=warps)
     for phase in ((0,) if fused else (1, 2)):
         _seg_softmax_kernel[(rows * nseg,)](*args, PHASE=phase, **meta)
 

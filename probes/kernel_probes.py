@@ -60,7 +60,7 @@ def _row_ops(hidden: int, vocab: int, dtype: torch.dtype, device: str,
              g: torch.Generator) -> dict[str, tuple[int, Callable[[torch.Tensor], torch.Tensor]]]:
     """op name -> (input width, function of a [M, width] input)."""
     def rnd(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+        return torch.randn(*shape, generator=g, device="cpu").to(device=device, dtype=dtype)
 
     w = rnd(hidden, hidden) / math.sqrt(hidden)
     w_mlp = rnd(2 * hidden, hidden) / math.sqrt(hidden)
@@ -93,8 +93,8 @@ def _probe_rows(fn: Callable[[torch.Tensor], torch.Tensor], x_all: torch.Tensor,
     invariant = True
     alone: dict[int, torch.Tensor] = {}
     for m in sizes:
-        off = int(torch.randint(0, n_all - m + 1, (1,), generator=g))
-        picks = sorted({0, m - 1, *torch.randint(0, m, (3,), generator=g).tolist()})
+        off = int(torch.randint(0, n_all - m + 1, (1,), generator=g, device="cpu"))
+        picks = sorted({0, m - 1, *torch.randint(0, m, (3,), generator=g, device="cpu").tolist()})
         out = fn(x_all[off:off + m])
         for p in picks:
             r = off + p
@@ -119,12 +119,12 @@ def _attention_probe(impl_invariant: bool, cfg: ProbeConfig, dtype: torch.dtype,
     hq, hkv, d, page = 8, 2, 64, 16
     ctx_t = cfg.attn_ctx
     max_b = max(cfg.attn_batches)
-    lens = [ctx_t] + torch.randint(1, ctx_t, (max_b - 1,), generator=g).tolist()
+    lens = [ctx_t] + torch.randint(1, ctx_t, (max_b - 1,), generator=g, device="cpu").tolist()
     n_pages = sum(-(-c // page) for c in lens) + 1
-    kc = torch.randn(n_pages, page, hkv, d, generator=g).to(device=device, dtype=dtype)
-    vc = torch.randn(n_pages, page, hkv, d, generator=g).to(device=device, dtype=dtype)
-    perm = torch.randperm(n_pages, generator=g)
-    bt = torch.zeros(max_b, -(-max(lens) // page), dtype=torch.int32)
+    kc = torch.randn(n_pages, page, hkv, d, generator=g, device="cpu").to(device=device, dtype=dtype)
+    vc = torch.randn(n_pages, page, hkv, d, generator=g, device="cpu").to(device=device, dtype=dtype)
+    perm = torch.randperm(n_pages, generator=g, device="cpu")
+    bt = torch.zeros(max_b, -(-max(lens) // page), dtype=torch.int32, device="cpu")
     i = 0
     for b, c in enumerate(lens):
         for j in range(-(-c // page)):
@@ -132,20 +132,21 @@ def _attention_probe(impl_invariant: bool, cfg: ProbeConfig, dtype: torch.dtype,
             i += 1
     bt = bt.to(device)
     scale = 1 / math.sqrt(d)
-    q_t = torch.randn(ctx_t, hq, d, generator=g).to(device=device, dtype=dtype)
+    q_t = torch.randn(ctx_t, hq, d, generator=g, device="cpu").to(device=device, dtype=dtype)
 
     def call(q: torch.Tensor, tables: torch.Tensor, qlens: list[int], ctx: list[int]) -> torch.Tensor:
-        cu = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32, device=device)
+        cu = torch.tensor([0, *torch.tensor(qlens, device="cpu").cumsum(0).tolist()], dtype=torch.int32, device=device)
         return paged_attention(q, kc, vc, tables, cu, torch.tensor(ctx, dtype=torch.int32, device=device), scale,
                                batch_invariant=impl_invariant)
 
-    probe_pos = sorted({0, ctx_t - 1, *torch.randint(0, ctx_t, (4,), generator=g).tolist()})
+    probe_pos = sorted({0, ctx_t - 1, *torch.randint(0, ctx_t, (4,), generator=g, device="cpu").tolist()})
     alone = {p: call(q_t[p:p + 1], bt[:1], [1], [p + 1]) for p in probe_pos}
     worst, worst_b, checked, invariant = 0.0, None, 0, True
     for nb in cfg.attn_batches:
         # others: decode rows (q_len 1) and short prefills, at their own context lengths
         qlens = [ctx_t] + [1 if k % 2 else min(lens[k], 7) for k in range(1, nb)]
-        qs = [q_t] + [torch.randn(ql, hq, d, generator=g).to(device=device, dtype=dtype) for ql in qlens[1:]]
+        qs = [q_t] + [torch.randn(ql, hq, d, generator=g, device="cpu").to(device=device, dtype=dtype)
+                      for ql in qlens[1:]]
         out = call(torch.cat(qs), bt[:nb], qlens, lens[:nb])
         for p in probe_pos:
             checked += 1
@@ -165,7 +166,7 @@ def run_sweep(device: str = "cpu", dtype: torch.dtype = torch.float32, impls: Se
     cfg = cfg or default_config(device)
     rows: list[ProbeRow] = []
     for impl in impls:
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator(device="cpu").manual_seed(seed)
         table = _row_ops(cfg.hidden, cfg.vocab, dtype, device, g)
         max_m = max(cfg.sizes)
         inputs: dict[int, torch.Tensor] = {}
@@ -173,7 +174,7 @@ def run_sweep(device: str = "cpu", dtype: torch.dtype = torch.float32, impls: Se
             if ops is not None and name not in ops:
                 continue
             if width not in inputs:
-                inputs[width] = torch.randn(max_m + 64, width, generator=g).to(device=device, dtype=dtype)
+                inputs[width] = torch.randn(max_m + 64, width, generator=g, device="cpu").to(device=device, dtype=dtype)
             with torch.inference_mode():
                 if impl == "ours":
                     with batch_invariant():

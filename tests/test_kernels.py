@@ -49,6 +49,36 @@ def test_self_check_passes_here() -> None:
     assert cpu.self_check() == []
 
 
+@pytest.mark.parametrize("default", ["meta", "cpu"])
+def test_mode_works_under_a_default_device(default: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """thinking-machines-lab's usage: ``torch.set_default_device(...)`` first, then the mode. Every tensor the
+    kernels make must name its device, or (default ``meta``) the self-check and the CPU path would make meta
+    tensors; the self-check is re-run under the default device."""
+    import detaudit.kernels as dk
+
+    g = torch.Generator(device="cpu").manual_seed(4)
+    a = torch.randn(40, 96, generator=g, device="cpu").to(torch.bfloat16)
+    w = torch.randn(80, 96, generator=g, device="cpu").to(torch.bfloat16)
+    kc, vc, bt = paged_kv_cache([70, 9], 2, 32, 16, torch.float32, g)
+    q = torch.randn(71, 4, 32, generator=g, device="cpu")
+    cu = torch.tensor([0, 70, 71], dtype=torch.int32, device="cpu")
+    ctx = torch.tensor([70, 9], dtype=torch.int32, device="cpu")
+    with batch_invariant():
+        want = (torch.log_softmax(F.linear(a, w).float(), -1), F.rms_norm(a, (96,), w[0], 1e-6), a.float().mean(-1),
+                paged_attention(q, kc, vc, bt, cu, ctx, 0.17, batch_invariant=True))
+    monkeypatch.setattr(dk, "_cpu_check", None)
+    torch.set_default_device(default)
+    try:
+        with batch_invariant():
+            got = (torch.log_softmax(F.linear(a, w).float(), -1), F.rms_norm(a, (96,), w[0], 1e-6),
+                   a.float().mean(-1), paged_attention(q, kc, vc, bt, cu, ctx, 0.17, batch_invariant=True))
+        assert dk._cpu_check == []
+    finally:
+        torch.set_default_device(None)
+    for x, y in zip(got, want, strict=True):
+        assert x.device.type == "cpu" and torch.equal(x, y)
+
+
 def test_enable_is_reference_counted_nesting_and_exception_safe() -> None:
     a = torch.randn(40, 256)
     w = torch.randn(256, 256)

@@ -108,9 +108,10 @@ def test_attention_logic(tk: SimpleNamespace, dtype: torch.dtype) -> None:
     ta = tk.triton_attention
     g = torch.Generator().manual_seed(2)
     hkv, gqa, d, page = 2, 3, 16, 8
-    # Sequence 0: a 40-token chunk at positions 1004..1043, across SHORT_END: its keys fall in four short splits,
-    # then long ones.
-    lens, qlens = [ta.SHORT_END + 20, 20, 5], [40, 3, 1]
+    # A three-size schedule (64-position splits below 128, 128 below 512, then 256) and sequence 0 a 40-token chunk
+    # at positions 492..531, across the last boundary: its keys fall in splits of all three sizes.
+    sch = ta.Schedule(64, 128, 128, 512, 256)
+    lens, qlens = [532, 20, 5], [40, 3, 1]
     n_pages = sum(-(-c // page) for c in lens) + 1
     kc = torch.randn(n_pages, page, hkv, d, generator=g).to(dtype)
     vc = torch.randn(n_pages, page, hkv, d, generator=g).to(dtype)
@@ -127,7 +128,8 @@ def test_attention_logic(tk: SimpleNamespace, dtype: torch.dtype) -> None:
 
     def call(fn, qq, tables, ql, ctx, caches=(kc, vc)):
         cu = torch.tensor([0, *torch.tensor(ql).cumsum(0).tolist()], dtype=torch.int32)
-        return fn(qq, caches[0], caches[1], tables, cu, torch.tensor(ctx, dtype=torch.int32), 0.25)
+        kw = {"schedule": sch} if fn is ta.paged_attention else {}
+        return fn(qq, caches[0], caches[1], tables, cu, torch.tensor(ctx, dtype=torch.int32), 0.25, **kw)
 
     full = call(ta.paged_attention, q, bt, qlens, lens)
     ref = call(_stock, q.double(), bt, qlens, lens, caches=(kc.double(), vc.double()))
@@ -136,8 +138,8 @@ def test_attention_logic(tk: SimpleNamespace, dtype: torch.dtype) -> None:
     q_dec = torch.randn(3, hkv * gqa, d, generator=g).to(dtype)
     cu3 = torch.arange(4, dtype=torch.int32)
     ctx3 = torch.tensor([p + 1 for p in dec], dtype=torch.int32)
-    one = ta.paged_attention(q_dec, kc, vc, bt, cu3, ctx3, 0.25, split_launch=False)
-    split = ta.paged_attention(q_dec, kc, vc, bt, cu3, ctx3, 0.25, split_launch=True)
+    one = ta.paged_attention(q_dec, kc, vc, bt, cu3, ctx3, 0.25, split_launch=False, schedule=sch)
+    split = ta.paged_attention(q_dec, kc, vc, bt, cu3, ctx3, 0.25, split_launch=True, schedule=sch)
     assert torch.equal(one, split)
     bq = ta.block_m(gqa) // gqa
     for i in (0, bq, 7 * bq):  # a chunk row vs the same token decoded alone, both first in their q-block

@@ -35,7 +35,7 @@ def test_every_matmul_config_gives_the_same_bits(dtype: torch.dtype) -> None:
     from detaudit.kernels import triton_matmul as tm
 
     assert tm.configs_agree(dtype, torch.device("cuda"))
-    cfgs = tm.all_configs(dtype)
+    cfgs = list(dict.fromkeys(c for gpu in tm.TABLES for c in tm.all_configs(dtype, gpu)))  # every GPU kind's
     print(f"{dtype}: configs {cfgs}")
     g = torch.Generator().manual_seed(0)
     # (300, 1001, 520): rows of 1001 elements are not 16-byte aligned, so TMA configs run their pointer-load twin
@@ -53,13 +53,16 @@ def test_every_matmul_config_gives_the_same_bits(dtype: torch.dtype) -> None:
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_dispatched_matmul_row_invariant_on_engine_shapes(dtype: torch.dtype) -> None:
-    """The dispatcher's own picks (tables by N and K, M buckets) on Qwen3-1.7B's linear shapes at the engine's decode
-    and prefill bucket sizes: every row is bitwise what the whole batch gives it, across every bucket boundary."""
+    """The dispatcher's own picks (tables by N and K, M buckets) on Qwen3-1.7B's and Qwen3-8B's linear shapes at the
+    engine's decode and prefill bucket sizes: every row is bitwise what the whole batch gives it, across every bucket
+    boundary."""
     from detaudit.kernels import triton_matmul as tm
 
     g = torch.Generator().manual_seed(3)
     ms = [1, 2, 4, 8, 16, 24, 32, 40, 64, 96, 128, 136, 256, 384, 512, 768, 1024, 1536, 2048, 3000]
-    for k, n in [(2048, 4096), (2048, 2048), (6144, 2048), (2048, 12288)]:
+    # Qwen3-1.7B's, then Qwen3-8B's (qkv, o_proj, down, gate_up): every table of this GPU kind
+    for k, n in [(2048, 4096), (2048, 2048), (6144, 2048), (2048, 12288), (4096, 6144), (4096, 4096), (12288, 4096),
+                 (4096, 24576)]:
         x = torch.randn(max(ms), k, generator=g).to("cuda", dtype)
         w = (torch.randn(n, k, generator=g) / math.sqrt(k)).to("cuda", dtype)
         full = tm.matmul(x, w.t())
@@ -185,21 +188,61 @@ def test_overrides_under_torch_compile_and_coverage() -> None:
 
 
 @pytest.mark.parametrize("page", [16, 64], ids=["tile-spans-pages", "page-holds-tiles"])
-@pytest.mark.parametrize("schedule", [(512, 1024), (256, 0), (512, 0)], ids=["shipped", "uniform256", "uniform512"])
+@pytest.mark.parametrize("schedule", ["h100", "h200", "three-sizes", "uniform256", "uniform512"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
-def test_attention_split_launch_gives_the_same_bits(dtype: torch.dtype, schedule: tuple[int, int], page: int) -> None:
+def test_attention_split_launch_gives_the_same_bits(dtype: torch.dtype, schedule: str, page: int) -> None:
     from detaudit.kernels import triton_attention as ta
 
+    sch = {**ta.SCHEDULES, "three-sizes": ta.Schedule(128, 256, 256, 1280, 1024), "uniform256": ta.uniform(256),
+           "uniform512": ta.uniform(512)}[schedule]
     g = torch.Generator().manual_seed(7)
     lens = [3000, 1, 255, 256, 257, 511, 512, 513, 1023, 1024, 1025, 2047, 77]
+    lens += [e + i for e in (sch.short_end, sch.mid_end, sch.mid_end + sch.long) for i in (-1, 0, 1) if e + i > 0]
     kc, vc, bt = _paged(lens, 8, 128, page, dtype, g)
     q = torch.randn(len(lens), 32, 128, generator=g).to("cuda", dtype)
     cu = torch.arange(len(lens) + 1, dtype=torch.int32, device="cuda")
     ctx = torch.tensor(lens, dtype=torch.int32, device="cuda")
-    kw = {"split": schedule[0], "short_end": schedule[1]}
+    kw = {"schedule": sch}
     one = ta.paged_attention(q, kc, vc, bt, cu, ctx, 0.088, split_launch=False, **kw)
     assert not torch.isnan(one).any()
     for stages in (2, 3, 4):  # the pipeline depth is scheduling only
         two = ta.paged_attention(q, kc, vc, bt, cu, ctx, 0.088, split_launch=True, stages=stages, **kw)
         assert torch.equal(one, two), stages
     assert ta.split_launch_agrees(torch.device("cuda"), dtype)
+
+
+def test_mode_after_set_default_device_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
+    """thinking-machines-lab's README and test: ``torch.set_default_device("cuda")``, then the mode, then factory
+    calls that name no device. The once-per-process checks (CPU self-check, matmul config agreement, split-launch
+    agreement) run again under that default, as in a fresh process."""
+    import detaudit.kernels as dk
+    from detaudit.kernels import batch_invariant
+    from detaudit.kernels import triton_attention as ta
+    from detaudit.kernels import triton_matmul as tm
+    from detaudit.kernels.attention import paged_attention
+
+    monkeypatch.setattr(dk, "_cpu_check", None)
+    monkeypatch.setattr(tm, "_agree", {})
+    monkeypatch.setattr(ta, "_split_ok", {})
+    torch.set_default_device("cuda")
+    try:
+        with batch_invariant():
+            for dtype in (torch.float32, torch.bfloat16):  # the TML test's inputs and check, both dtypes
+                a = torch.linspace(-100, 100, 2048 * 4096).reshape(2048, 4096).to(dtype)
+                b = torch.linspace(-100, 100, 4096 * 4096).reshape(4096, 4096).to(dtype)
+                assert torch.equal(torch.mm(a[:1], b), torch.mm(a, b)[:1])
+            x = torch.randn(33, 151936)
+            assert torch.equal(torch.log_softmax(x, -1)[5:6], torch.log_softmax(x[5:6], -1))
+            assert torch.equal(x.mean(-1)[:1], x[:1].mean(-1))
+            q = torch.randn(3, 32, 128, dtype=torch.bfloat16)
+            kc = torch.randn(40, 64, 8, 128, dtype=torch.bfloat16)
+            vc = torch.randn(40, 64, 8, 128, dtype=torch.bfloat16)
+            bt = torch.arange(39, dtype=torch.int32).reshape(3, 13)
+            ctx = torch.tensor([800, 5, 830], dtype=torch.int32)
+            out = paged_attention(q, kc, vc, bt, torch.arange(4, dtype=torch.int32), ctx, 0.09, batch_invariant=True)
+            alone = paged_attention(q[2:], kc, vc, bt[2:], torch.arange(2, dtype=torch.int32), ctx[2:], 0.09,
+                                    batch_invariant=True)
+            assert out.device.type == "cuda" and torch.equal(out[2:], alone)
+        assert dk._cpu_check == [] and all(tm._agree.values()) and all(ta._split_ok.values())
+    finally:
+        torch.set_default_device(None)
