@@ -68,8 +68,10 @@ def ceilings() -> dict[str, float]:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     mm_ms = triton.testing.do_bench(lambda: a @ b, warmup=15, rep=60, return_mode="median")
-    return {"copy_GBps": round(2 * (2 << 30) / copy_ms / 1e6, 1),
-            "mm8192_bf16_TFLOPs": round(2 * 8192**3 / mm_ms / 1e9, 1)}
+    return {
+        "copy_GBps": round(2 * (2 << 30) / copy_ms / 1e6, 1),
+        "mm8192_bf16_TFLOPs": round(2 * 8192**3 / mm_ms / 1e9, 1),
+    }
 
 
 def log_steps(eng: Engine) -> list[tuple[int, int, int, int]]:
@@ -96,8 +98,11 @@ def floor(eng: Engine, steps: list[tuple[int, int, int, int]], ceil: dict[str, f
     linear layers on the step's tokens (the lm_head on one row per sequence) and attention's two products."""
     s = eng.spec
     d, lay, width = s.head_dim, s.num_layers, s.num_heads * s.head_dim
-    layer = (s.hidden_size * (width + 2 * s.num_kv_heads * d) + width * s.hidden_size
-             + 3 * s.hidden_size * s.intermediate_size)
+    layer = (
+        s.hidden_size * (width + 2 * s.num_kv_heads * d)
+        + width * s.hidden_size
+        + 3 * s.hidden_size * s.intermediate_size
+    )
     head = s.hidden_size * s.vocab_size
     elt = 2  # bf16
     kv_token = 2 * lay * s.num_kv_heads * d * elt
@@ -136,8 +141,14 @@ def local_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
                           seed=0)  # fmt: skip
     outs: list[tuple[int, ...]] = []
     steps = log_steps(eng)
-    stats = drive(eng, work, seed=0, top_logprobs=0, max_inflight=1 if args.scenario == CONTROL else None,
-                  on_target=lambda _a, seq, _t0, _lat: outs.append(tuple(seq.output_ids)))
+    stats = drive(
+        eng,
+        work,
+        seed=0,
+        top_logprobs=0,
+        max_inflight=1 if args.scenario == CONTROL else None,
+        on_target=lambda _a, seq, _t0, _lat: outs.append(tuple(seq.output_ids)),
+    )
     counts = sorted(Counter(outs).values(), reverse=True)
     modal = Counter(outs).most_common(1)[0][0]
     first_div = [next((i for i, (x, y) in enumerate(zip(o, modal, strict=False)) if x != y), None) for o in outs]
@@ -197,8 +208,15 @@ def hf_phase(model: Path, args: argparse.Namespace) -> dict:
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).to(args.device).eval()
     tok = PreTrainedTokenizerFast.from_pretrained(model)
     tok.padding_side = "left"
-    enc = tok([tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
-               for t in texts], return_tensors="pt", padding=True, add_special_tokens=False).to(args.device)
+    enc = tok(
+        [
+            tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=False)
+            for t in texts
+        ],
+        return_tensors="pt",
+        padding=True,
+        add_special_tokens=False,
+    ).to(args.device)
     kw = dict(max_new_tokens=args.hf_tokens, min_new_tokens=args.hf_tokens, do_sample=False,
               pad_token_id=tok.pad_token_id)  # fmt: skip
     hf.generate(**{k: v[:2] for k, v in enc.items()}, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -212,8 +230,15 @@ def hf_phase(model: Path, args: argparse.Namespace) -> dict:
     for e in engines.values():
         e["speedup"] = round(e["engine_tok_per_s"] / hf_tok_per_s, 2)
     first = next(iter(engines))
-    return {"batch": args.hf_batch, "tokens_each": args.hf_tokens, "engine_kernels": first, **engines[first],
-            "hf_generate_s": round(hf_s, 3), "hf_tok_per_s": round(hf_tok_per_s, 1), "engines": engines}
+    return {
+        "batch": args.hf_batch,
+        "tokens_each": args.hf_tokens,
+        "engine_kernels": first,
+        **engines[first],
+        "hf_generate_s": round(hf_s, 3),
+        "hf_tok_per_s": round(hf_tok_per_s, 1),
+        "engines": engines,
+    }
 
 
 def main() -> None:
@@ -229,11 +254,17 @@ def main() -> None:
     ap.add_argument("--scenario", default="mixed")
     ap.add_argument("--hf-batch", type=int, default=64)
     ap.add_argument("--hf-tokens", type=int, default=128)
-    ap.add_argument("--hf-engine-kernels", default="batch-invariant",
-                    help="comma list of engines to time against HF: kernels, -eager for no CUDA graphs")
-    ap.add_argument("--phases", default="batch-invariant,stock,hf",
-                    help="comma list: batch-invariant, stock (CUDA graphs on, as users run them), the same with "
-                         "-eager (graphs off), offline-<kernels>[-eager] (N prompts at once), hf")
+    ap.add_argument(
+        "--hf-engine-kernels",
+        default="batch-invariant",
+        help="comma list of engines to time against HF: kernels, -eager for no CUDA graphs",
+    )
+    ap.add_argument(
+        "--phases",
+        default="batch-invariant,stock,hf",
+        help="comma list: batch-invariant, stock (CUDA graphs on, as users run them), the same with "
+        "-eager (graphs off), offline-<kernels>[-eager] (N prompts at once), hf",
+    )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.ceilings = ceilings() if args.device.startswith("cuda") else None
@@ -253,8 +284,9 @@ def main() -> None:
         print(json.dumps(result), flush=True)
 
     t0 = time.perf_counter()
-    model = args.model or build_tiny_model(args.out / "model", "qwen3", preset=args.preset, dtype="bfloat16",
-                                           device=args.device)
+    model = args.model or build_tiny_model(
+        args.out / "model", "qwen3", preset=args.preset, dtype="bfloat16", device=args.device
+    )
     result["model_build_s"] = round(time.perf_counter() - t0, 1)
     save()
     for phase in args.phases.split(","):

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from detaudit.engine.llm import Engine, EngineConfig
-from detaudit.engine.runner import kernel_context
+from detaudit.engine.model_runner import kernel_context
 from detaudit.engine.sampler import sample
 from detaudit.engine.sequence import SamplingParams, Sequence
 

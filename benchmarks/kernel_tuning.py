@@ -25,18 +25,44 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 128256)]  # (K, N) as in benchmarks/kernels.py
-GEMV_CANDS = [(16, 32, 256, 8, 2, 5), (16, 64, 256, 8, 4, 3), (16, 16, 256, 8, 2, 6), (16, 16, 512, 8, 4, 4),
-              (16, 32, 256, 8, 4, 6), (16, 32, 512, 8, 4, 4), (16, 16, 128, 8, 1, 8), (16, 64, 128, 8, 4, 6),
-              (16, 16, 256, 8, 4, 6), (16, 32, 256, 8, 8, 4)]
+GEMV_CANDS = [
+    (16, 32, 256, 8, 2, 5),
+    (16, 64, 256, 8, 4, 3),
+    (16, 16, 256, 8, 2, 6),
+    (16, 16, 512, 8, 4, 4),
+    (16, 32, 256, 8, 4, 6),
+    (16, 32, 512, 8, 4, 4),
+    (16, 16, 128, 8, 1, 8),
+    (16, 64, 128, 8, 4, 6),
+    (16, 16, 256, 8, 4, 6),
+    (16, 32, 256, 8, 8, 4),
+]
 BIG_CANDS = [  # bm, bn, bk, group, warps, stages, tma, ws
-    (128, 256, 64, 8, 8, 3, True, False), (128, 256, 64, 8, 8, 4, True, False), (128, 256, 64, 8, 8, 3, True, True),
-    (128, 128, 64, 8, 4, 4, True, False), (128, 128, 64, 8, 8, 4, True, False), (128, 128, 64, 8, 4, 4, True, True),
-    (64, 128, 64, 8, 4, 4, True, False), (256, 128, 64, 8, 8, 3, True, False), (128, 256, 64, 8, 8, 3, False, False),
+    (128, 256, 64, 8, 8, 3, True, False),
+    (128, 256, 64, 8, 8, 4, True, False),
+    (128, 256, 64, 8, 8, 3, True, True),
+    (128, 128, 64, 8, 4, 4, True, False),
+    (128, 128, 64, 8, 8, 4, True, False),
+    (128, 128, 64, 8, 4, 4, True, True),
+    (64, 128, 64, 8, 4, 4, True, False),
+    (256, 128, 64, 8, 8, 3, True, False),
+    (128, 256, 64, 8, 8, 3, False, False),
 ]
 SEG_CANDS = [(4096, 4), (4096, 8), (8192, 8), (8192, 16), (16384, 8), (16384, 16)]
 SPLITS = [128, 256, 512]
-ATTN_POINTS = [(1, 1024), (4, 1024), (16, 1024), (1, 4096), (4, 4096), (16, 4096), (64, 4096), (1, 16384),
-               (4, 16384), (16, 16384), (1, 32768)]
+ATTN_POINTS = [
+    (1, 1024),
+    (4, 1024),
+    (16, 1024),
+    (1, 4096),
+    (4, 4096),
+    (16, 4096),
+    (64, 4096),
+    (1, 16384),
+    (4, 16384),
+    (16, 16384),
+    (1, 32768),
+]
 
 
 T0 = time.time()
@@ -67,8 +93,12 @@ def device_header() -> dict[str, Any]:
     """The machine a tuning JSON was measured on."""
     import triton
 
-    return {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 def run_section(res: dict[str, Any], name: str, fn: Any) -> None:
@@ -81,8 +111,9 @@ def run_section(res: dict[str, Any], name: str, fn: Any) -> None:
     print(f"{name} done at {time.time() - T0:.0f} s", flush=True)
 
 
-def paged_decode_case(b: int, ctx: int, hq: int = 32, hkv: int = 8, d: int = 128,
-                      page: int = 64) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[Any, ...]]:
+def paged_decode_case(
+    b: int, ctx: int, hq: int = 32, hkv: int = 8, d: int = 128, page: int = 64
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, tuple[Any, ...]]:
     """Random bf16 decode-attention inputs: dense q [b, hq, 1, d], k and v [b, hkv, ctx, d] for SDPA, and the same
     K/V in a paged cache as the positional arguments of ``paged_attention``."""
     k = torch.randn(b, hkv, ctx, d, device="cuda", dtype=torch.bfloat16)
@@ -97,8 +128,9 @@ def paged_decode_case(b: int, ctx: int, hq: int = 32, hkv: int = 8, d: int = 128
     return q, k, v, (q[:, :, 0].contiguous(), kc, vc, bt, cu, cl, 1 / math.sqrt(d))
 
 
-def try_candidate(tm: Any, x: torch.Tensor, w: torch.Tensor, cfg: Any, ref: torch.Tensor, cublas_ms: float,
-                  rep: int = 30) -> dict[str, Any]:
+def try_candidate(
+    tm: Any, x: torch.Tensor, w: torch.Tensor, cfg: Any, ref: torch.Tensor, cublas_ms: float, rep: int = 30
+) -> dict[str, Any]:
     """One matmul tile config on x @ w.T: into a NaN-poisoned output, bitwise vs the shipped config's `ref` (with
     the error vs fp32 where it differs), then timed against cuBLAS; a config that cannot run records its error."""
     entry: dict[str, Any] = {}
@@ -129,9 +161,14 @@ def tune_matmul(tm: Any, res: dict[str, Any], out: Path) -> None:
             x = x_all[:m]
             base = tm.select_config(m, torch.bfloat16, x.device, n, k)
             ref = tm.matmul(x, w.t(), config=base)
-            row: dict[str, Any] = {"K": k, "N": n, "M": m, "base": list(base),
-                                   "base_rel_err": rel_err(ref, F.linear(x.float(), w.float())),
-                                   "cublas_ms": bench(lambda x=x, w=w: F.linear(x, w))}
+            row: dict[str, Any] = {
+                "K": k,
+                "N": n,
+                "M": m,
+                "base": list(base),
+                "base_rel_err": rel_err(ref, F.linear(x.float(), w.float())),
+                "cublas_ms": bench(lambda x=x, w=w: F.linear(x, w)),
+            }
             row["base_ms"] = bench(lambda x=x, w=w, c=base: tm.matmul(x, w.t(), config=c))
             row["base_inv_row0"] = bool(torch.equal(tm.matmul(x_all[:1], w.t(), config=base), ref[:1]))
             cands = GEMV_CANDS if m <= 16 else BIG_CANDS
@@ -139,16 +176,22 @@ def tune_matmul(tm: Any, res: dict[str, Any], out: Path) -> None:
             if (k, n, m) in ((4096, 4096, 4), (4096, 4096, 1024)):  # row-major B, every candidate
                 wt = w.t().contiguous()
                 ref_t = tm.matmul(x, wt, config=base)
-                row["row_major_b_same_bits"] = {str(c): bool(torch.equal(tm.matmul(x, wt, config=tm.Config(*c)), ref_t))
-                                                for c in cands if "error" not in row["cands"][str(c)]}
+                row["row_major_b_same_bits"] = {
+                    str(c): bool(torch.equal(tm.matmul(x, wt, config=tm.Config(*c)), ref_t))
+                    for c in cands
+                    if "error" not in row["cands"][str(c)]
+                }
             row["base_ratio"] = row["cublas_ms"] / row["base_ms"]
             ok = {c: e for c, e in row["cands"].items() if e.get("same_bits")}
             best = min(ok, key=lambda c: ok[c]["ms"]) if ok else None
             row["best"] = best
             rows.append(row)
-            print(f"mm K={k} N={n} M={m}: base x{row['base_ratio']:.3f} {base}; best {best} "
-                  f"x{ok[best]['ratio'] if best else float('nan'):.3f}; differing bits: "
-                  f"{[c for c, e in row['cands'].items() if e.get('same_bits') is False]}", flush=True)
+            print(
+                f"mm K={k} N={n} M={m}: base x{row['base_ratio']:.3f} {base}; best {best} "
+                f"x{ok[best]['ratio'] if best else float('nan'):.3f}; differing bits: "
+                f"{[c for c, e in row['cands'].items() if e.get('same_bits') is False]}",
+                flush=True,
+            )
             (out / "tuning.json").write_text(json.dumps(res, indent=1))
         del w, x_all
     torch.cuda.empty_cache()
@@ -176,8 +219,9 @@ def tune_softmax(tr: Any, res: dict[str, Any], out: Path) -> None:
                 x[0, ::7] = -float("inf")
                 _poisoned((m, v), torch.float32)  # freed: the caching allocator hands this block to the output
                 y = tr.softmax(x, -1, True)
-                entry[f"rel_err_{m}x{v}"] = rel_err(torch.where(torch.isinf(y), 0, y),
-                                                 torch.where(torch.isinf(y), 0, x.double().log_softmax(-1)))
+                entry[f"rel_err_{m}x{v}"] = rel_err(
+                    torch.where(torch.isinf(y), 0, y), torch.where(torch.isinf(y), 0, x.double().log_softmax(-1))
+                )
                 entry[f"nan_{m}x{v}"] = bool(torch.isnan(y).any())
                 entry[f"inv_{m}x{v}"] = bool(torch.equal(tr.softmax(x[1:2], -1, True), y[1:2]))
                 y2 = torch.empty_like(x)
@@ -192,8 +236,9 @@ def tune_softmax(tr: Any, res: dict[str, Any], out: Path) -> None:
                 y2 = torch.empty_like(x)
                 ms2 = bench(lambda x=x, y2=y2, v=v: tr._seg_softmax(x, y2, v, True, fused=False))
                 entry[f"{m}x{v}_two_launch_frac_of_copy"] = nbytes / ms2 / 1e6 / res["copy_GBps"]
-                entry[f"{m}x{v}_stock_frac_of_copy"] = nbytes / bench(lambda x=x: torch.log_softmax(x, -1)) / 1e6 / \
-                    res["copy_GBps"]
+                entry[f"{m}x{v}_stock_frac_of_copy"] = (
+                    nbytes / bench(lambda x=x: torch.log_softmax(x, -1)) / 1e6 / res["copy_GBps"]
+                )
         except Exception as e:
             entry["error"] = f"{type(e).__name__}: {str(e)[:300]}"
         rows.append(entry)
@@ -220,19 +265,32 @@ def tune_attention(ta: Any, res: dict[str, Any], out: Path) -> None:
             one = ta.paged_attention(*args, split_launch=False, schedule=ta.uniform(split))
             sl = ta.paged_attention(*args, split_launch=True, schedule=ta.uniform(split))
             ms = bench(lambda args=args, s=split: ta.paged_attention(*args, schedule=ta.uniform(s)))
-            ms_one = bench(lambda args=args, s=split: ta.paged_attention(*args, split_launch=False,
-                                                                         schedule=ta.uniform(s)))
-            ms_split = bench(lambda args=args, s=split: ta.paged_attention(*args, split_launch=True,
-                                                                           schedule=ta.uniform(s)))
-            row[str(split)] = {"ms": ms, "ratio": flash_ms / ms, "one_launch_ratio": flash_ms / ms_one,
-                               "split_launch_ratio": flash_ms / ms_split, "rel_err": rel_err(one, ref),
-                               "split_eq_one": bool(torch.equal(one, sl))}
+            ms_one = bench(
+                lambda args=args, s=split: ta.paged_attention(*args, split_launch=False, schedule=ta.uniform(s))
+            )
+            ms_split = bench(
+                lambda args=args, s=split: ta.paged_attention(*args, split_launch=True, schedule=ta.uniform(s))
+            )
+            row[str(split)] = {
+                "ms": ms,
+                "ratio": flash_ms / ms,
+                "one_launch_ratio": flash_ms / ms_one,
+                "split_launch_ratio": flash_ms / ms_split,
+                "rel_err": rel_err(one, ref),
+                "split_eq_one": bool(torch.equal(one, sl)),
+            }
         rows.append(row)
-        print(f"attn b={b} ctx={ctx}: " + ", ".join(f"split {s}: x{row[str(s)]['ratio']:.2f} (one "
-                                                     f"x{row[str(s)]['one_launch_ratio']:.2f}, split "
-                                                     f"x{row[str(s)]['split_launch_ratio']:.2f})"
-                                                     f"{'' if row[str(s)]['split_eq_one'] else ' BITS DIFFER'}"
-                                                     for s in SPLITS), flush=True)
+        print(
+            f"attn b={b} ctx={ctx}: "
+            + ", ".join(
+                f"split {s}: x{row[str(s)]['ratio']:.2f} (one "
+                f"x{row[str(s)]['one_launch_ratio']:.2f}, split "
+                f"x{row[str(s)]['split_launch_ratio']:.2f})"
+                f"{'' if row[str(s)]['split_eq_one'] else ' BITS DIFFER'}"
+                for s in SPLITS
+            ),
+            flush=True,
+        )
         (out / "tuning.json").write_text(json.dumps(res, indent=1))
         del args
 
@@ -250,8 +308,11 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = device_header()
-    sections = {"matmul": lambda: tune_matmul(tm, res, out), "softmax": lambda: tune_softmax(tr, res, out),
-                "attention": lambda: tune_attention(ta, res, out)}
+    sections = {
+        "matmul": lambda: tune_matmul(tm, res, out),
+        "softmax": lambda: tune_softmax(tr, res, out),
+        "attention": lambda: tune_attention(ta, res, out),
+    }
     for name in args.only.split(","):  # in the order given
         run_section(res, name, sections[name])
     (out / "tuning.json").write_text(json.dumps(res, indent=1))

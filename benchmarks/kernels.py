@@ -74,8 +74,11 @@ def ceilings() -> dict[str, float]:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     ms_mm = _bench(lambda: a @ b, graph=False)
-    return {"copy_GBps": 2 * 2 * 1024**3 / ms / 1e6, "copy_graph_GBps": 2 * 2 * 1024**3 / ms_g / 1e6,
-            "mm8192_bf16_TFLOPs": 2 * 8192**3 / ms_mm / 1e9}
+    return {
+        "copy_GBps": 2 * 2 * 1024**3 / ms / 1e6,
+        "copy_graph_GBps": 2 * 2 * 1024**3 / ms_g / 1e6,
+        "mm8192_bf16_TFLOPs": 2 * 8192**3 / ms_mm / 1e9,
+    }
 
 
 def _rate(m: int, k: int, n: int, ms: float) -> dict[str, float]:
@@ -99,12 +102,14 @@ def bench_matmul(tml: Any, dtype: torch.dtype, tune: bool, ms_list: list[int]) -
             row["ours"] = _rate(m, k, n, _bench(lambda x=x, w=w: tm.matmul(x, w.t())))
             row["ours"]["inv"] = bool(torch.equal(tm.matmul(x, w.t())[:1], ref1["ours"]))
             row["ours"]["config"] = list(tm.select_config(m, dtype, x.device, n, k))
-            row["ours"]["max_rel_err"] = float((tm.matmul(x, w.t()).float() - F.linear(x, w).float()).norm()
-                                                / F.linear(x, w).float().norm())
+            row["ours"]["max_rel_err"] = float(
+                (tm.matmul(x, w.t()).float() - F.linear(x, w).float()).norm() / F.linear(x, w).float().norm()
+            )
             if tml is not None:
                 row["tml"] = _rate(m, k, n, _bench(lambda x=x, w=w: tml.matmul_persistent(x, w.t())))
-                row["tml"]["inv"] = bool(torch.equal(tml.matmul_persistent(x, w.t())[:1],
-                                                     tml.matmul_persistent(x_all[:1], w.t())))
+                row["tml"]["inv"] = bool(
+                    torch.equal(tml.matmul_persistent(x, w.t())[:1], tml.matmul_persistent(x_all[:1], w.t()))
+                )
             if tune:
                 bucket = "small" if m <= 16 else "mid" if m <= 256 else "large"
                 row["tune"] = {}
@@ -118,15 +123,18 @@ def bench_matmul(tml: Any, dtype: torch.dtype, tune: bool, ms_list: list[int]) -
             if m <= 4 and w.nbytes < COLD_BYTES:  # the GEMV again with cold weights, as a decoder's layers read them
                 ws = [w] + [torch.randn_like(w) for _ in range(COLD_BYTES // w.nbytes)]
                 row["cold_ratio_ours"] = _cold_ms(lambda ww, x=x: F.linear(x, ww), ws) / _cold_ms(
-                    lambda ww, x=x: tm.matmul(x, ww.t()), ws)
+                    lambda ww, x=x: tm.matmul(x, ww.t()), ws
+                )
                 del ws
             if tml is not None:
                 row["ratio_tml"] = row["cublas"]["ms"] / row["tml"]["ms"]
             rows.append(row)
-            print(f"mm K={k} N={n} M={m}: cuBLAS {row['cublas']['ms']:.4f} ms, ours x{row['ratio_ours']:.2f}"
-                  + (f", tml x{row['ratio_tml']:.2f}" if tml is not None else "")
-                  + (f", cold weights: ours x{row['cold_ratio_ours']:.2f}" if "cold_ratio_ours" in row else ""),
-                  flush=True)
+            print(
+                f"mm K={k} N={n} M={m}: cuBLAS {row['cublas']['ms']:.4f} ms, ours x{row['ratio_ours']:.2f}"
+                + (f", tml x{row['ratio_tml']:.2f}" if tml is not None else "")
+                + (f", cold weights: ours x{row['cold_ratio_ours']:.2f}" if "cold_ratio_ours" in row else ""),
+                flush=True,
+            )
     return rows
 
 
@@ -139,16 +147,35 @@ def bench_rowwise(copy_gbps: float) -> list[dict[str, Any]]:
         r = torch.randn(m, d, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(d, device="cuda", dtype=torch.bfloat16)
         for name, fn, stock, nbytes in [
-            ("rms_norm", lambda x=x, w=w: tr.rms_norm(x, w, 1e-6), lambda x=x, w=w, d=d: F.rms_norm(x, (d,), w, 1e-6),
-             2 * m * d * 2),
-            ("fused_add_rms_norm", lambda x=x, w=w, r=r: tr.rms_norm(x, w, 1e-6, residual=r),
-             lambda x=x, w=w, r=r, d=d: F.rms_norm(x + r, (d,), w, 1e-6), 4 * m * d * 2),
+            (
+                "rms_norm",
+                lambda x=x, w=w: tr.rms_norm(x, w, 1e-6),
+                lambda x=x, w=w, d=d: F.rms_norm(x, (d,), w, 1e-6),
+                2 * m * d * 2,
+            ),
+            (
+                "fused_add_rms_norm",
+                lambda x=x, w=w, r=r: tr.rms_norm(x, w, 1e-6, residual=r),
+                lambda x=x, w=w, r=r, d=d: F.rms_norm(x + r, (d,), w, 1e-6),
+                4 * m * d * 2,
+            ),
         ]:
             ms = _bench(fn)
             ms_s = _bench(stock)
             gbps = nbytes / ms / 1e6
-            rows.append({"op": name, "M": m, "D": d, "dtype": "bfloat16", "ms": ms, "GBps": gbps,
-                         "frac_of_copy": gbps / copy_gbps, "stock_ms": ms_s, "stock_GBps": nbytes / ms_s / 1e6})
+            rows.append(
+                {
+                    "op": name,
+                    "M": m,
+                    "D": d,
+                    "dtype": "bfloat16",
+                    "ms": ms,
+                    "GBps": gbps,
+                    "frac_of_copy": gbps / copy_gbps,
+                    "stock_ms": ms_s,
+                    "stock_GBps": nbytes / ms_s / 1e6,
+                }
+            )
             print(f"{name} {m}x{d}: {gbps:.0f} GB/s ({gbps / copy_gbps:.2f} of copy), stock {nbytes / ms_s / 1e6:.0f}")
     for m, v in [(256, 128256), (2048, 128256), (4096, 32000)]:
         x = torch.randn(m, v, device="cuda", dtype=torch.float32)
@@ -156,8 +183,19 @@ def bench_rowwise(copy_gbps: float) -> list[dict[str, Any]]:
         ms = _bench(lambda x=x: tr.softmax(x, -1, True))
         ms_s = _bench(lambda x=x: torch.log_softmax(x, -1))
         gbps = nbytes / ms / 1e6
-        rows.append({"op": "log_softmax", "M": m, "D": v, "dtype": "float32", "ms": ms, "GBps": gbps,
-                     "frac_of_copy": gbps / copy_gbps, "stock_ms": ms_s, "stock_GBps": nbytes / ms_s / 1e6})
+        rows.append(
+            {
+                "op": "log_softmax",
+                "M": m,
+                "D": v,
+                "dtype": "float32",
+                "ms": ms,
+                "GBps": gbps,
+                "frac_of_copy": gbps / copy_gbps,
+                "stock_ms": ms_s,
+                "stock_GBps": nbytes / ms_s / 1e6,
+            }
+        )
         print(f"log_softmax {m}x{v}: {gbps:.0f} GB/s ({gbps / copy_gbps:.2f} of copy), stock {nbytes / ms_s / 1e6:.0f}")
     return rows
 
@@ -175,28 +213,44 @@ def bench_attention(batches: list[int], ctxs: list[int]) -> list[dict[str, Any]]
                 continue
             q, k, v, (qp, kc, vc, bt, cu, cl, _) = paged_decode_case(b, ctx, hq, hkv, d, page)
             with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
-                ms_sdpa = _bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True),
-                                 graph=False)
+                ms_sdpa = _bench(
+                    lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True), graph=False
+                )
                 ms_sdpa_g = _bench(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
             del k, v
+
             def ours(qp=qp, kc=kc, vc=vc, bt=bt, cu=cu, cl=cl) -> torch.Tensor:
                 return ta.paged_attention(qp, kc, vc, bt, cu, cl, 1 / math.sqrt(d))
 
             ms = _bench(ours, graph=False)
             ms_g = _bench(ours)
             kv_bytes = 2 * b * ctx * hkv * d * 2
-            row = {"batch": b, "ctx": ctx, "schedule": ta.SCHEDULES[arch(qp.device)]._asdict(),
-                   "ms": ms, "sdpa_flash_ms": ms_sdpa,
-                   "ratio": ms_sdpa / ms, "graph_ms": ms_g, "sdpa_flash_graph_ms": ms_sdpa_g,
-                   "graph_ratio": ms_sdpa_g / ms_g, "GBps": kv_bytes / ms_g / 1e6}
+            row = {
+                "batch": b,
+                "ctx": ctx,
+                "schedule": ta.SCHEDULES[arch(qp.device)]._asdict(),
+                "ms": ms,
+                "sdpa_flash_ms": ms_sdpa,
+                "ratio": ms_sdpa / ms,
+                "graph_ms": ms_g,
+                "sdpa_flash_graph_ms": ms_sdpa_g,
+                "graph_ratio": ms_sdpa_g / ms_g,
+                "GBps": kv_bytes / ms_g / 1e6,
+            }
             for name, split in ALT_SCHEDULES.items():  # other split schedules, same kernels (graph replays)
-                ms_alt = _bench(lambda qp=qp, kc=kc, vc=vc, bt=bt, cu=cu, cl=cl, s=split: ta.paged_attention(
-                    qp, kc, vc, bt, cu, cl, 1 / math.sqrt(d), schedule=ta.uniform(s)))
+                ms_alt = _bench(
+                    lambda qp=qp, kc=kc, vc=vc, bt=bt, cu=cu, cl=cl, s=split: ta.paged_attention(
+                        qp, kc, vc, bt, cu, cl, 1 / math.sqrt(d), schedule=ta.uniform(s)
+                    )
+                )
                 row[f"graph_ratio_{name}"] = ms_sdpa_g / ms_alt
             rows.append(row)
-            print(f"attn decode b={b} ctx={ctx}: ours {ms:.3f} ms, flash {ms_sdpa:.3f} ms, x{ms_sdpa / ms:.2f}; "
-                  f"graph replay: ours {ms_g:.3f}, flash {ms_sdpa_g:.3f}, x{ms_sdpa_g / ms_g:.2f}; "
-                  + ", ".join(f"{a}: x{row[f'graph_ratio_{a}']:.2f}" for a in ALT_SCHEDULES), flush=True)
+            print(
+                f"attn decode b={b} ctx={ctx}: ours {ms:.3f} ms, flash {ms_sdpa:.3f} ms, x{ms_sdpa / ms:.2f}; "
+                f"graph replay: ours {ms_g:.3f}, flash {ms_sdpa_g:.3f}, x{ms_sdpa_g / ms_g:.2f}; "
+                + ", ".join(f"{a}: x{row[f'graph_ratio_{a}']:.2f}" for a in ALT_SCHEDULES),
+                flush=True,
+            )
             del kc, vc
     return rows
 
@@ -214,8 +268,11 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     only = set(args.only.split(","))
     res: dict[str, Any] = {
-        "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-        "cuda": torch.version.cuda, "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "python": sys.version.split()[0],
     }
     res["ceilings"] = ceilings()

@@ -15,9 +15,17 @@ from detaudit.kernels import cpu
 from detaudit.kernels._dispatch import use_triton
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float, *,
-                    batch_invariant: bool) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    *,
+    batch_invariant: bool,
+) -> torch.Tensor:
     """Causal attention of packed query tokens over a paged KV cache.
 
     q: [T, Hq, D], sequence b owns rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]``. k_cache, v_cache:
@@ -39,11 +47,25 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
         if batch_invariant:
             return ta.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
-        split, split_launch = stock_split(q.shape[0], context_lens.shape[0], k_cache.shape[2],
-                                          block_tables.shape[1] * k_cache.shape[1], ta.tile_size(q.dtype),
-                                          _sm_count(q.device))
-        return ta.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale,
-                                  split_launch=split_launch, schedule=ta.uniform(split))
+        split, split_launch = stock_split(
+            q.shape[0],
+            context_lens.shape[0],
+            k_cache.shape[2],
+            block_tables.shape[1] * k_cache.shape[1],
+            ta.tile_size(q.dtype),
+            _sm_count(q.device),
+        )
+        return ta.paged_attention(
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            cu_seqlens_q,
+            context_lens,
+            scale,
+            split_launch=split_launch,
+            schedule=ta.uniform(split),
+        )
     if not batch_invariant:
         return _stock(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
     return cpu.paged_attention(q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale)
@@ -69,8 +91,9 @@ def num_splits(programs: int, sm_count: int, n_blocks: int, max_splits: int = 12
     return next((s for s, e in eff.items() if e >= 0.85 * best), 1)
 
 
-def stock_split(num_tokens: int, num_seqs: int, kv_heads: int, max_ctx: int, tile: int,
-                sm_count: int) -> tuple[int, bool]:
+def stock_split(
+    num_tokens: int, num_seqs: int, kv_heads: int, max_ctx: int, tile: int, sm_count: int
+) -> tuple[int, bool]:
     """(split size in tokens, split launch?) for stock attention on CUDA.
 
     Only all-decode batches are split (as flash-decoding does; prefill rows give enough programs): the split count
@@ -89,21 +112,37 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _check(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-           cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor) -> None:
+def _check(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+) -> None:
     if q.dim() != 3 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape:
-        raise ValueError(f"paged_attention: q {tuple(q.shape)} must be [T,Hq,D] and k/v caches equal "
-                         f"[blocks,block_size,Hkv,D], got {tuple(k_cache.shape)} / {tuple(v_cache.shape)}")
+        raise ValueError(
+            f"paged_attention: q {tuple(q.shape)} must be [T,Hq,D] and k/v caches equal "
+            f"[blocks,block_size,Hkv,D], got {tuple(k_cache.shape)} / {tuple(v_cache.shape)}"
+        )
     if q.shape[2] != k_cache.shape[3] or q.shape[1] % k_cache.shape[2]:
-        raise ValueError(f"paged_attention: head dims or GQA ratio mismatch: q {tuple(q.shape)}, "
-                         f"cache {tuple(k_cache.shape)}")
+        raise ValueError(
+            f"paged_attention: head dims or GQA ratio mismatch: q {tuple(q.shape)}, cache {tuple(k_cache.shape)}"
+        )
     b = context_lens.shape[0]
     if cu_seqlens_q.shape[0] != b + 1 or block_tables.shape[0] != b:
         raise ValueError("paged_attention: cu_seqlens_q must have B+1 entries and block_tables B rows")
 
 
-def _stock(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-           cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+def _stock(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     """What an engine does with stock kernels: gather each sequence's cache and run SDPA on it."""
     hq, d = q.shape[1], q.shape[2]
     page, hkv = k_cache.shape[1], k_cache.shape[2]

@@ -23,18 +23,19 @@ ATTN_TILE = 64
 _aten = torch.ops.aten
 
 
-def _blocked(x2d: torch.Tensor, out_cols: int, out_dtype: torch.dtype,
-             fn: Callable[[torch.Tensor, torch.Tensor, int], None]) -> torch.Tensor:
+def _blocked(
+    x2d: torch.Tensor, out_cols: int, out_dtype: torch.dtype, fn: Callable[[torch.Tensor, torch.Tensor, int], None]
+) -> torch.Tensor:
     """Run ``fn(block, out_block, row0)`` on fixed 16-row blocks of ``x2d``; return the [rows, out_cols] result."""
     rows = x2d.shape[0]
     out = torch.empty((rows, out_cols), dtype=out_dtype, device="cpu")
     for r0 in range(0, rows, BLOCK_ROWS):
         n = min(BLOCK_ROWS, rows - r0)
         blk = torch.zeros((BLOCK_ROWS, *x2d.shape[1:]), dtype=x2d.dtype, device="cpu")
-        blk[:n].copy_(x2d[r0:r0 + n])
+        blk[:n].copy_(x2d[r0 : r0 + n])
         tmp = torch.empty((BLOCK_ROWS, out_cols), dtype=out_dtype, device="cpu")
         fn(blk, tmp, r0)
-        out[r0:r0 + n].copy_(tmp[:n])
+        out[r0 : r0 + n].copy_(tmp[:n])
     return out
 
 
@@ -53,7 +54,7 @@ def addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 1,
         if row_bias:
             bb = torch.zeros((BLOCK_ROWS, n), dtype=bias.dtype, device="cpu")
             k = min(BLOCK_ROWS, m - r0)
-            bb[:k].copy_(full[r0:r0 + k])
+            bb[:k].copy_(full[r0 : r0 + k])
         else:
             bb = full[:1].expand(BLOCK_ROWS, n)
         _aten.addmm.out(bb, blk, b, beta=beta, alpha=alpha, out=tmp)
@@ -63,8 +64,11 @@ def addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, beta: float = 1,
 
 def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Batched ``a @ b``: each batch entry is an independent row-blocked ``mm``."""
-    return torch.stack([mm(a[i], b[i]) for i in range(a.shape[0])]) if a.shape[0] else a.new_empty(
-        (0, a.shape[1], b.shape[2]))
+    return (
+        torch.stack([mm(a[i], b[i]) for i in range(a.shape[0])])
+        if a.shape[0]
+        else a.new_empty((0, a.shape[1], b.shape[2]))
+    )
 
 
 def _rows_last(x: torch.Tensor, dims: Sequence[int]) -> tuple[torch.Tensor, list[int], list[int]]:
@@ -77,8 +81,13 @@ def _rows_last(x: torch.Tensor, dims: Sequence[int]) -> tuple[torch.Tensor, list
     return xp.reshape(math.prod(kept_shape), math.prod(x.shape[d] for d in red)), kept_shape, red
 
 
-def _reduce(x: torch.Tensor, dims: Sequence[int] | None, keepdim: bool, out_dtype: torch.dtype,
-            kernel: Callable[..., torch.Tensor]) -> torch.Tensor:
+def _reduce(
+    x: torch.Tensor,
+    dims: Sequence[int] | None,
+    keepdim: bool,
+    out_dtype: torch.dtype,
+    kernel: Callable[..., torch.Tensor],
+) -> torch.Tensor:
     """Shared body of ``mean.dim`` / ``sum.dim_IntList``: reduce trailing-moved dims row by row."""
     if dims is None or len(dims) == 0 or x.dim() == 0:
         out = torch.empty(0, dtype=out_dtype, device="cpu")
@@ -92,14 +101,16 @@ def _reduce(x: torch.Tensor, dims: Sequence[int] | None, keepdim: bool, out_dtyp
     return res
 
 
-def mean_dim(x: torch.Tensor, dims: Sequence[int] | None, keepdim: bool = False,
-             dtype: torch.dtype | None = None) -> torch.Tensor:
+def mean_dim(
+    x: torch.Tensor, dims: Sequence[int] | None, keepdim: bool = False, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """``aten::mean.dim``."""
     return _reduce(x, dims, keepdim, dtype or x.dtype, _aten.mean.out)
 
 
-def sum_dim(x: torch.Tensor, dims: Sequence[int] | None, keepdim: bool = False,
-            dtype: torch.dtype | None = None) -> torch.Tensor:
+def sum_dim(
+    x: torch.Tensor, dims: Sequence[int] | None, keepdim: bool = False, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     """``aten::sum.dim_IntList``; integer sums are exact, so they skip the blocking."""
     if dtype is None:
         dtype = torch.int64 if not (x.is_floating_point() or x.is_complex()) else x.dtype
@@ -110,8 +121,7 @@ def sum_dim(x: torch.Tensor, dims: Sequence[int] | None, keepdim: bool = False,
     return _reduce(x, dims, keepdim, dtype, _aten.sum.IntList_out)
 
 
-def _softmax_like(x: torch.Tensor, dim: int, half_to_float: bool,
-                  kernel: Callable[..., torch.Tensor]) -> torch.Tensor:
+def _softmax_like(x: torch.Tensor, dim: int, half_to_float: bool, kernel: Callable[..., torch.Tensor]) -> torch.Tensor:
     if half_to_float:  # stock CPU kernels refuse half_to_float; upcasting first is the same math
         x, half_to_float = x.to(torch.float32), False
     out_dtype = x.dtype
@@ -150,26 +160,33 @@ def _rms_rows(h32: torch.Tensor, weight: torch.Tensor | None, eps: float, out_dt
     return _blocked(h32, d, out_dtype, run)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None,
-             normalized_ndim: int = 1) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None, normalized_ndim: int = 1) -> torch.Tensor:
     """RMSNorm over the last ``normalized_ndim`` dims: fp32 statistics, ``(x * rstd) * w`` in fp32, one cast."""
     eps = torch.finfo(x.dtype).eps if eps is None else eps
     lead = x.shape[: x.dim() - normalized_ndim]
-    d = math.prod(x.shape[x.dim() - normalized_ndim:])
+    d = math.prod(x.shape[x.dim() - normalized_ndim :])
     w = None if weight is None else weight.reshape(d)
     out = _rms_rows(x.reshape(-1, d).to(torch.float32), w, eps, x.dtype)
-    return out.reshape(*lead, *x.shape[x.dim() - normalized_ndim:])
+    return out.reshape(*lead, *x.shape[x.dim() - normalized_ndim :])
 
 
-def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None,
-                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor | None, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``new_residual = x + residual`` (rounded to residual's dtype, like an unfused add), then RMSNorm of it."""
     new_res = (x.to(torch.float32) + residual.to(torch.float32)).to(residual.dtype)
     return rms_norm(new_res, weight, eps), new_res
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
     """Fixed-tile attention in plain torch; see :func:`detaudit.kernels.attention.paged_attention` for the contract.
 
     Per sequence and per 16-row block of (token, q-head-in-group) rows, keys are walked in tiles of ``ATTN_TILE``
@@ -210,16 +227,16 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         for r0 in range(0, ql * g, BLOCK_ROWS):
             n = min(BLOCK_ROWS, ql * g - r0)
             qb = torch.zeros((hkv, BLOCK_ROWS, d), dtype=torch.float32, device="cpu")
-            qb[:, :n] = qs[:, r0:r0 + n]
+            qb[:, :n] = qs[:, r0 : r0 + n]
             pb = torch.zeros(BLOCK_ROWS, dtype=torch.long, device="cpu")
-            pb[:n] = row_pos[r0:r0 + n]
+            pb[:n] = row_pos[r0 : r0 + n]
             m = torch.full((hkv, BLOCK_ROWS, 1), -math.inf, device="cpu")
             lsum = torch.zeros((hkv, BLOCK_ROWS, 1), device="cpu")
             acc = torch.zeros((hkv, BLOCK_ROWS, d), device="cpu")
             s = torch.empty((hkv, BLOCK_ROWS, tile), device="cpu")
             pv = torch.empty((hkv, BLOCK_ROWS, d), device="cpu")
             for t in range(0, int(pb[:n].max()) // tile + 1):
-                _aten.bmm.out(qb, kt[:, :, t * tile:(t + 1) * tile].contiguous(), out=s)
+                _aten.bmm.out(qb, kt[:, :, t * tile : (t + 1) * tile].contiguous(), out=s)
                 kpos = t * tile + torch.arange(tile, device="cpu")
                 visible = kpos[None, :] <= pb[:, None]
                 sc = torch.where(visible[None], s * scale, -math.inf)
@@ -229,10 +246,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                 lsum_t = torch.empty((hkv, BLOCK_ROWS, 1), device="cpu")
                 _aten.sum.IntList_out(p, [2], True, out=lsum_t)
                 lsum = lsum * alpha + lsum_t
-                _aten.bmm.out(p, vt[:, t * tile:(t + 1) * tile].contiguous(), out=pv)
+                _aten.bmm.out(p, vt[:, t * tile : (t + 1) * tile].contiguous(), out=pv)
                 acc = acc * alpha + pv
                 m = m_new
-            res[:, r0:r0 + n] = (acc / lsum)[:, :n]
+            res[:, r0 : r0 + n] = (acc / lsum)[:, :n]
         out[q0:q1] = res.reshape(hkv, ql, g, d).permute(1, 0, 2, 3).reshape(ql, hq, d).to(q.dtype)
     return out
 

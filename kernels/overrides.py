@@ -32,6 +32,7 @@ def _check_cuda_float(name: str, *ts: torch.Tensor) -> None:
 
 # ---- CUDA (Triton) ------------------------------------------------------------------------------------------
 
+
 def _tm():  # noqa: ANN202 - module import deferred until a CUDA tensor shows up
     from detaudit.kernels import triton_matmul
 
@@ -56,15 +57,17 @@ def cuda_mm_out(self: torch.Tensor, mat2: torch.Tensor, *, out: torch.Tensor) ->
     return _to_out(out, _tm().matmul(self, mat2))
 
 
-def cuda_addmm(self: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta: float = 1,
-               alpha: float = 1) -> torch.Tensor:
+def cuda_addmm(
+    self: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta: float = 1, alpha: float = 1
+) -> torch.Tensor:
     note_protected("aten::addmm")
     _check_cuda_float("addmm", self, mat1, mat2)
     return _tm().matmul(mat1, mat2, self, alpha=float(alpha), beta=float(beta))
 
 
-def cuda_addmm_out(self: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta: float = 1,
-                   alpha: float = 1, out: torch.Tensor) -> torch.Tensor:
+def cuda_addmm_out(
+    self: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta: float = 1, alpha: float = 1, out: torch.Tensor
+) -> torch.Tensor:
     note_protected("aten::addmm.out")
     _check_cuda_float("addmm", self, mat1, mat2)
     return _to_out(out, _tm().matmul(mat1, mat2, self, alpha=float(alpha), beta=float(beta)))
@@ -106,45 +109,60 @@ def _sum_dtype(x: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
     return x.dtype if (x.is_floating_point() or x.is_complex()) else torch.int64
 
 
-def _cuda_reduce(x: torch.Tensor, dim: Sequence[int] | None, keepdim: bool, dtype: torch.dtype | None,
-                 mean: bool) -> torch.Tensor:
+def _cuda_reduce(
+    x: torch.Tensor, dim: Sequence[int] | None, keepdim: bool, dtype: torch.dtype | None, mean: bool
+) -> torch.Tensor:
     if x.is_complex():
         # Sum real and imaginary parts as an extra trailing kept dim.
         xr = torch.view_as_real(x)
         dims = list(range(x.dim())) if not dim else [d % x.dim() for d in dim]
-        res = _cuda_reduce(xr, dims, keepdim, None if dtype is None else dtype.to_real(),
-                           mean)
+        res = _cuda_reduce(xr, dims, keepdim, None if dtype is None else dtype.to_real(), mean)
         return torch.view_as_complex(res.contiguous())
     out_dtype = (dtype or x.dtype) if mean else _sum_dtype(x, dtype)
     return _tr().reduce_sum(x, list(dim) if dim else None, keepdim, out_dtype, mean=mean)
 
 
-def cuda_mean_dim(self: torch.Tensor, dim: Sequence[int] | None, keepdim: bool = False, *,
-                  dtype: torch.dtype | None = None) -> torch.Tensor:
+def cuda_mean_dim(
+    self: torch.Tensor, dim: Sequence[int] | None, keepdim: bool = False, *, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     note_protected("aten::mean.dim")
     return _cuda_reduce(self, dim, keepdim, dtype, mean=True)
 
 
-def cuda_mean_out(self: torch.Tensor, dim: Sequence[int] | None, keepdim: bool = False, *,
-                  dtype: torch.dtype | None = None, out: torch.Tensor) -> torch.Tensor:
+def cuda_mean_out(
+    self: torch.Tensor,
+    dim: Sequence[int] | None,
+    keepdim: bool = False,
+    *,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor,
+) -> torch.Tensor:
     note_protected("aten::mean.out")
     return _to_out(out, _cuda_reduce(self, dim, keepdim, dtype or out.dtype, mean=True))
 
 
-def cuda_sum_dim(self: torch.Tensor, dim: Sequence[int] | None, keepdim: bool = False, *,
-                 dtype: torch.dtype | None = None) -> torch.Tensor:
+def cuda_sum_dim(
+    self: torch.Tensor, dim: Sequence[int] | None, keepdim: bool = False, *, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     note_protected("aten::sum.dim_IntList")
     return _cuda_reduce(self, dim, keepdim, dtype, mean=False)
 
 
-def cuda_sum_out(self: torch.Tensor, dim: Sequence[int] | None, keepdim: bool = False, *,
-                 dtype: torch.dtype | None = None, out: torch.Tensor) -> torch.Tensor:
+def cuda_sum_out(
+    self: torch.Tensor,
+    dim: Sequence[int] | None,
+    keepdim: bool = False,
+    *,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor,
+) -> torch.Tensor:
     note_protected("aten::sum.IntList_out")
     return _to_out(out, _cuda_reduce(self, dim, keepdim, dtype or out.dtype, mean=False))
 
 
-def cuda_rms_norm(input: torch.Tensor, normalized_shape: Sequence[int], weight: torch.Tensor | None = None,
-                  eps: float | None = None) -> torch.Tensor:
+def cuda_rms_norm(
+    input: torch.Tensor, normalized_shape: Sequence[int], weight: torch.Tensor | None = None, eps: float | None = None
+) -> torch.Tensor:
     note_protected("aten::rms_norm")
     _check_cuda_float("rms_norm", input)
     eps = torch.finfo(input.dtype).eps if eps is None else eps
@@ -153,13 +171,15 @@ def cuda_rms_norm(input: torch.Tensor, normalized_shape: Sequence[int], weight: 
 
 # ---- CPU (fixed 16-row blocks) ------------------------------------------------------------------------------
 
+
 def cpu_mm(self: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
     note_protected("aten::mm")
     return cpu.mm(self, mat2)
 
 
-def cpu_addmm(self: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta: float = 1,
-              alpha: float = 1) -> torch.Tensor:
+def cpu_addmm(
+    self: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta: float = 1, alpha: float = 1
+) -> torch.Tensor:
     note_protected("aten::addmm")
     return cpu.addmm(self, mat1, mat2, beta=beta, alpha=alpha)
 
@@ -179,38 +199,52 @@ def cpu_log_softmax(self: torch.Tensor, dim: int, half_to_float: bool) -> torch.
     return cpu.log_softmax(self, dim, half_to_float)
 
 
-def cpu_mean_dim(self: torch.Tensor, dim: Sequence[int] | None, keepdim: bool = False, *,
-                 dtype: torch.dtype | None = None) -> torch.Tensor:
+def cpu_mean_dim(
+    self: torch.Tensor, dim: Sequence[int] | None, keepdim: bool = False, *, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     note_protected("aten::mean.dim")
     return cpu.mean_dim(self, dim, keepdim, dtype)
 
 
-def cpu_sum_dim(self: torch.Tensor, dim: Sequence[int] | None, keepdim: bool = False, *,
-                dtype: torch.dtype | None = None) -> torch.Tensor:
+def cpu_sum_dim(
+    self: torch.Tensor, dim: Sequence[int] | None, keepdim: bool = False, *, dtype: torch.dtype | None = None
+) -> torch.Tensor:
     note_protected("aten::sum.dim_IntList")
     return cpu.sum_dim(self, dim, keepdim, dtype)
 
 
-def cpu_rms_norm(input: torch.Tensor, normalized_shape: Sequence[int], weight: torch.Tensor | None = None,
-                 eps: float | None = None) -> torch.Tensor:
+def cpu_rms_norm(
+    input: torch.Tensor, normalized_shape: Sequence[int], weight: torch.Tensor | None = None, eps: float | None = None
+) -> torch.Tensor:
     note_protected("aten::rms_norm")
     return cpu.rms_norm(input, weight, eps, normalized_ndim=len(normalized_shape))
 
 
 # (aten op name incl. overload, kernel) per dispatch key.
 CUDA_TABLE: list[tuple[str, Callable[..., torch.Tensor]]] = [
-    ("mm", cuda_mm), ("mm.out", cuda_mm_out),
-    ("addmm", cuda_addmm), ("addmm.out", cuda_addmm_out),
-    ("bmm", cuda_bmm), ("bmm.out", cuda_bmm_out),
-    ("_softmax", cuda_softmax), ("_softmax.out", cuda_softmax_out),
-    ("_log_softmax", cuda_log_softmax), ("_log_softmax.out", cuda_log_softmax_out),
-    ("mean.dim", cuda_mean_dim), ("mean.out", cuda_mean_out),
-    ("sum.dim_IntList", cuda_sum_dim), ("sum.IntList_out", cuda_sum_out),
+    ("mm", cuda_mm),
+    ("mm.out", cuda_mm_out),
+    ("addmm", cuda_addmm),
+    ("addmm.out", cuda_addmm_out),
+    ("bmm", cuda_bmm),
+    ("bmm.out", cuda_bmm_out),
+    ("_softmax", cuda_softmax),
+    ("_softmax.out", cuda_softmax_out),
+    ("_log_softmax", cuda_log_softmax),
+    ("_log_softmax.out", cuda_log_softmax_out),
+    ("mean.dim", cuda_mean_dim),
+    ("mean.out", cuda_mean_out),
+    ("sum.dim_IntList", cuda_sum_dim),
+    ("sum.IntList_out", cuda_sum_out),
     ("rms_norm", cuda_rms_norm),
 ]
 CPU_TABLE: list[tuple[str, Callable[..., torch.Tensor]]] = [
-    ("mm", cpu_mm), ("addmm", cpu_addmm), ("bmm", cpu_bmm),
-    ("_softmax", cpu_softmax), ("_log_softmax", cpu_log_softmax),
-    ("mean.dim", cpu_mean_dim), ("sum.dim_IntList", cpu_sum_dim),
+    ("mm", cpu_mm),
+    ("addmm", cpu_addmm),
+    ("bmm", cpu_bmm),
+    ("_softmax", cpu_softmax),
+    ("_log_softmax", cpu_log_softmax),
+    ("mean.dim", cpu_mean_dim),
+    ("sum.dim_IntList", cpu_sum_dim),
     ("rms_norm", cpu_rms_norm),
 ]

@@ -77,19 +77,56 @@ def _split_start(s, S0: tl.constexpr, N0: tl.constexpr, S1: tl.constexpr, N1: tl
 @triton.jit
 def _split_count(pos, S0: tl.constexpr, N0: tl.constexpr, S1: tl.constexpr, N1: tl.constexpr, S2: tl.constexpr):
     """Number of splits that hold positions 0..pos (never a negative division: Triton's truncates)."""
-    return (tl.minimum(pos // S0 + 1, N0) + tl.minimum((tl.maximum(pos - N0 * S0, -1) + S1) // S1, N1)
-            + (tl.maximum(pos - N0 * S0 - N1 * S1, -1) + S2) // S2)
+    return (
+        tl.minimum(pos // S0 + 1, N0)
+        + tl.minimum((tl.maximum(pos - N0 * S0, -1) + S1) // S1, N1)
+        + (tl.maximum(pos - N0 * S0 - N1 * S1, -1) + S2) // S2
+    )
 
 
 @triton.jit
-def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, ctx_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr,
-                 sq_t, sq_h, sk_b, sk_s, sk_h, sv_b, sv_s, sv_h, so_t, so_h, sbt,
-                 num_seqs, scale_log2, D, HQ, NS,
-                 G: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                 TILE: tl.constexpr, S0: tl.constexpr, N0: tl.constexpr, S1: tl.constexpr, N1: tl.constexpr,
-                 S2: tl.constexpr,
-                 PAGE: tl.constexpr, SPLIT_LAUNCH: tl.constexpr,
-                 CAST_F32: tl.constexpr, IEEE: tl.constexpr):
+def _attn_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    bt_ptr,
+    cu_ptr,
+    ctx_ptr,
+    ws_m_ptr,
+    ws_l_ptr,
+    ws_acc_ptr,
+    sq_t,
+    sq_h,
+    sk_b,
+    sk_s,
+    sk_h,
+    sv_b,
+    sv_s,
+    sv_h,
+    so_t,
+    so_h,
+    sbt,
+    num_seqs,
+    scale_log2,
+    D,
+    HQ,
+    NS,
+    G: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    TILE: tl.constexpr,
+    S0: tl.constexpr,
+    N0: tl.constexpr,
+    S1: tl.constexpr,
+    N1: tl.constexpr,
+    S2: tl.constexpr,
+    PAGE: tl.constexpr,
+    SPLIT_LAUNCH: tl.constexpr,
+    CAST_F32: tl.constexpr,
+    IEEE: tl.constexpr,
+):
     qb = tl.program_id(0)
     kvh = tl.program_id(1).to(tl.int64)
     if SPLIT_LAUNCH:
@@ -134,8 +171,11 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, ctx_ptr, ws_m_ptr, 
         pos = tl.where(row_ok, ctx - q_len + (q_idx - seq_q0), 0)
         offs_d = tl.arange(0, BLOCK_D)
         d_ok = offs_d < D
-        q = tl.load(q_ptr + q_idx.to(tl.int64)[:, None] * sq_t + head[:, None] * sq_h + offs_d[None, :],
-                    mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        q = tl.load(
+            q_ptr + q_idx.to(tl.int64)[:, None] * sq_t + head[:, None] * sq_h + offs_d[None, :],
+            mask=row_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
         if CAST_F32:
             q = q.to(tl.float32)
         m = tl.full((BLOCK_M,), -float("inf"), dtype=tl.float32)
@@ -155,17 +195,29 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, ctx_ptr, ws_m_ptr, 
                     # The whole tile sits in one page: one block-table read, a strided block of K and V.
                     page = tl.load(bt_ptr + b.to(tl.int64) * sbt + (t * TILE) // PAGE).to(tl.int64)
                     slot = ((t * TILE) % PAGE + tl.arange(0, TILE)).to(tl.int64)
-                    kt = tl.load(k_ptr + page * sk_b + kvh * sk_h + slot[None, :] * sk_s + offs_d[:, None],
-                                 mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-                    v = tl.load(v_ptr + page * sv_b + kvh * sv_h + slot[:, None] * sv_s + offs_d[None, :],
-                                mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+                    kt = tl.load(
+                        k_ptr + page * sk_b + kvh * sk_h + slot[None, :] * sk_s + offs_d[:, None],
+                        mask=k_ok[None, :] & d_ok[:, None],
+                        other=0.0,
+                    )
+                    v = tl.load(
+                        v_ptr + page * sv_b + kvh * sv_h + slot[:, None] * sv_s + offs_d[None, :],
+                        mask=k_ok[:, None] & d_ok[None, :],
+                        other=0.0,
+                    )
                 else:
                     page = tl.load(bt_ptr + b.to(tl.int64) * sbt + kpos // PAGE, mask=k_ok, other=0).to(tl.int64)
                     slot = (kpos % PAGE).to(tl.int64)
-                    kt = tl.load(k_ptr + (page * sk_b + slot * sk_s)[None, :] + kvh * sk_h + offs_d[:, None],
-                                 mask=k_ok[None, :] & d_ok[:, None], other=0.0)
-                    v = tl.load(v_ptr + (page * sv_b + slot * sv_s)[:, None] + kvh * sv_h + offs_d[None, :],
-                                mask=k_ok[:, None] & d_ok[None, :], other=0.0)
+                    kt = tl.load(
+                        k_ptr + (page * sk_b + slot * sk_s)[None, :] + kvh * sk_h + offs_d[:, None],
+                        mask=k_ok[None, :] & d_ok[:, None],
+                        other=0.0,
+                    )
+                    v = tl.load(
+                        v_ptr + (page * sv_b + slot * sv_s)[:, None] + kvh * sv_h + offs_d[None, :],
+                        mask=k_ok[:, None] & d_ok[None, :],
+                        other=0.0,
+                    )
                 if CAST_F32:
                     kt = kt.to(tl.float32)
                     v = v.to(tl.float32)
@@ -198,14 +250,32 @@ def _attn_kernel(q_ptr, k_ptr, v_ptr, o_ptr, bt_ptr, cu_ptr, ctx_ptr, ws_m_ptr, 
             tl.store(ws_acc_ptr + ws[:, None] * BLOCK_D + offs_d[None, :], acc, mask=mask)
         else:
             out = acc / lsum[:, None]
-            tl.store(o_ptr + q_idx.to(tl.int64)[:, None] * so_t + head[:, None] * so_h + offs_d[None, :],
-                     out.to(o_ptr.dtype.element_ty), mask=mask)
+            tl.store(
+                o_ptr + q_idx.to(tl.int64)[:, None] * so_t + head[:, None] * so_h + offs_d[None, :],
+                out.to(o_ptr.dtype.element_ty),
+                mask=mask,
+            )
 
 
 @triton.jit
-def _combine_kernel(o_ptr, ctx_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr, so_t, so_h, D, HQ, NS,
-                    BLOCK_D: tl.constexpr, S0: tl.constexpr, N0: tl.constexpr, S1: tl.constexpr, N1: tl.constexpr,
-                    S2: tl.constexpr):
+def _combine_kernel(
+    o_ptr,
+    ctx_ptr,
+    ws_m_ptr,
+    ws_l_ptr,
+    ws_acc_ptr,
+    so_t,
+    so_h,
+    D,
+    HQ,
+    NS,
+    BLOCK_D: tl.constexpr,
+    S0: tl.constexpr,
+    N0: tl.constexpr,
+    S1: tl.constexpr,
+    N1: tl.constexpr,
+    S2: tl.constexpr,
+):
     # Decode launch only: token t is sequence t's single query, at position ctx[t] - 1.
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1)
@@ -222,8 +292,11 @@ def _combine_kernel(o_ptr, ctx_ptr, ws_m_ptr, ws_l_ptr, ws_acc_ptr, so_t, so_h, 
         acc_s = tl.load(ws_acc_ptr + (base + sp + zero)[:, None] * BLOCK_D + offs_d[None, :])
         m, lsum, acc = _merge(m, lsum, acc, m_s, l_s, acc_s)
     out = acc / lsum[:, None]
-    tl.store(o_ptr + t * so_t + h * so_h + offs_d[None, :] + zero[:, None], out.to(o_ptr.dtype.element_ty),
-             mask=(offs_d < D)[None, :])
+    tl.store(
+        o_ptr + t * so_t + h * so_h + offs_d[None, :] + zero[:, None],
+        out.to(o_ptr.dtype.element_ty),
+        mask=(offs_d < D)[None, :],
+    )
 
 
 def tile_size(dtype: torch.dtype) -> int:
@@ -236,10 +309,20 @@ def block_m(g: int) -> int:
     return max(16 if INTERPRET else 64, triton.next_power_of_2(g))
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
-                    cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, scale: float,
-                    split_launch: bool | None = None, schedule: Schedule | None = None, stages: int | None = None,
-                    rows: int | None = None, warps: int = 4) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    split_launch: bool | None = None,
+    schedule: Schedule | None = None,
+    stages: int | None = None,
+    rows: int | None = None,
+    warps: int = 4,
+) -> torch.Tensor:
     """Launch the kernels; shapes as in :func:`detaudit.kernels.attention.paged_attention`.
 
     Keys are always reduced in splits of absolute positions merged in order, as ``schedule`` says (None: the
@@ -261,10 +344,17 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         raise ValueError("paged_attention: last dims of q, k_cache and v_cache must be contiguous")
     tile = tile_size(q.dtype)
     sch = schedule or SCHEDULES[arch(q.device)]
-    if (min(sch.short, sch.mid, sch.long) < 1 or (sch.short | sch.mid | sch.long) % tile or sch.short_end % sch.short
-            or sch.mid_end < sch.short_end or (sch.mid_end - sch.short_end) % sch.mid):
-        raise ValueError(f"paged_attention: bad split schedule {sch}: sizes must be positive multiples of {tile}, "
-                         "each range a whole number of its splits")
+    if (
+        min(sch.short, sch.mid, sch.long) < 1
+        or (sch.short | sch.mid | sch.long) % tile
+        or sch.short_end % sch.short
+        or sch.mid_end < sch.short_end
+        or (sch.mid_end - sch.short_end) % sch.mid
+    ):
+        raise ValueError(
+            f"paged_attention: bad split schedule {sch}: sizes must be positive multiples of {tile}, "
+            "each range a whole number of its splits"
+        )
     n0, n1 = sch.short_end // sch.short, (sch.mid_end - sch.short_end) // sch.mid
     bm = rows or block_m(g)
     bq = bm // g
@@ -275,8 +365,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     max_ctx = bt.shape[1] * page  # upper bound on any context, known without a device sync
     n_split = split_count(max_ctx - 1, sch)
     if split_launch is None:
-        split_launch = (t_total == num_seqs and n_split >= 2 and num_seqs * hkv < 4 * _sm_count(q.device)
-                        and split_launch_agrees(q.device, q.dtype))
+        split_launch = (
+            t_total == num_seqs
+            and n_split >= 2
+            and num_seqs * hkv < 4 * _sm_count(q.device)
+            and split_launch_agrees(q.device, q.dtype)
+        )
     if split_launch and t_total != num_seqs:
         raise ValueError("paged_attention: the split launch serves all-decode batches (one query per sequence)")
     n_qblocks = t_total // bq + num_seqs
@@ -290,25 +384,72 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         grid = (n_qblocks, hkv)
     splits = dict(S0=sch.short, N0=n0, S1=sch.mid, N1=n1, S2=sch.long)
     _attn_kernel[grid](
-        q, k_cache, v_cache, out, bt, cu, ctx, ws_m, ws_l, ws_acc,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0), out.stride(1), bt.stride(0),
-        num_seqs, float(scale * math.log2(math.e)), d, hq, n_split,
-        G=g, BLOCK_Q=bq, BLOCK_M=bm, BLOCK_D=block_d, TILE=tile, PAGE=page, **splits,
-        SPLIT_LAUNCH=split_launch, CAST_F32=INTERPRET and q.dtype == torch.bfloat16, IEEE=q.dtype == torch.float32,
-        num_warps=warps, num_stages=stages or (SPLIT_STAGES[arch(q.device)] if split_launch else 2),
+        q,
+        k_cache,
+        v_cache,
+        out,
+        bt,
+        cu,
+        ctx,
+        ws_m,
+        ws_l,
+        ws_acc,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        v_cache.stride(0),
+        v_cache.stride(1),
+        v_cache.stride(2),
+        out.stride(0),
+        out.stride(1),
+        bt.stride(0),
+        num_seqs,
+        float(scale * math.log2(math.e)),
+        d,
+        hq,
+        n_split,
+        G=g,
+        BLOCK_Q=bq,
+        BLOCK_M=bm,
+        BLOCK_D=block_d,
+        TILE=tile,
+        PAGE=page,
+        **splits,
+        SPLIT_LAUNCH=split_launch,
+        CAST_F32=INTERPRET and q.dtype == torch.bfloat16,
+        IEEE=q.dtype == torch.float32,
+        num_warps=warps,
+        num_stages=stages or (SPLIT_STAGES[arch(q.device)] if split_launch else 2),
     )
     if split_launch:
-        _combine_kernel[(t_total, hq)](out, ctx, ws_m, ws_l, ws_acc, out.stride(0), out.stride(1), d, hq, n_split,
-                                       BLOCK_D=block_d, **splits, num_warps=1)
+        _combine_kernel[(t_total, hq)](
+            out,
+            ctx,
+            ws_m,
+            ws_l,
+            ws_acc,
+            out.stride(0),
+            out.stride(1),
+            d,
+            hq,
+            n_split,
+            BLOCK_D=block_d,
+            **splits,
+            num_warps=1,
+        )
     return out
 
 
 def split_count(pos: int, sch: Schedule) -> int:
     """Number of splits holding positions 0..pos (the kernels' _split_count, on the host)."""
     n0, n1 = sch.short_end // sch.short, (sch.mid_end - sch.short_end) // sch.mid
-    return (min(pos // sch.short + 1, n0) + min((max(pos - sch.short_end, -1) + sch.mid) // sch.mid, n1)
-            + (max(pos - sch.mid_end, -1) + sch.long) // sch.long)
+    return (
+        min(pos // sch.short + 1, n0)
+        + min((max(pos - sch.short_end, -1) + sch.mid) // sch.mid, n1)
+        + (max(pos - sch.mid_end, -1) + sch.long) // sch.long
+    )
 
 
 @functools.cache
@@ -336,8 +477,16 @@ def split_launch_agrees(device: torch.device, dtype: torch.dtype) -> bool:
             bt[b, :k] = torch.arange(start, start + k, dtype=torch.int32, device="cpu")
             start += k
         q = torch.randn(3, 8, 64, generator=g, device="cpu").to(device, dtype)
-        args = (q, kc, vc, bt.to(device), torch.arange(4, dtype=torch.int32, device=device),
-                torch.tensor(lens, dtype=torch.int32, device=device), 0.125)
-        _split_ok[key] = torch.equal(paged_attention(*args, split_launch=False),
-                                     paged_attention(*args, split_launch=True))
+        args = (
+            q,
+            kc,
+            vc,
+            bt.to(device),
+            torch.arange(4, dtype=torch.int32, device=device),
+            torch.tensor(lens, dtype=torch.int32, device=device),
+            0.125,
+        )
+        _split_ok[key] = torch.equal(
+            paged_attention(*args, split_launch=False), paged_attention(*args, split_launch=True)
+        )
     return _split_ok[key]

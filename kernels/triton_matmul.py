@@ -52,20 +52,34 @@ class Config(NamedTuple):
 # most SMs idle (N = 2048, M = 128 with 64x128 tiles: 32 programs), so smaller tiles and the TMA kernel from M = 33.
 # Decode sizes on the big N <= 8192 weights (benchmarks/kernel_tuning_decode.py): TMA loads with deep pipelines for
 # the GEMV at M = 1 (8 stages) and for 64-row tiles up to M = 256 (6 stages: 14336x4096 at M = 256, 0.77 -> 0.96).
-_HALF_SMALL_N = [(1, Config(16, 32, 256, 8, 4, 8, tma=True)), (4, Config(16, 32, 512, 8, 4, 5)),
-                 (16, Config(16, 32, 256, 8, 2, 5)), (32, Config(32, 32, 256, 8, 4, 4)),
-                 (64, Config(64, 32, 256, 8, 4, 4, tma=True)), (256, Config(64, 128, 64, 8, 4, 6, tma=True)),
-                 (2048, Config(128, 256, 64, 8, 8, 4, tma=True)), (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True))]
-_HALF_SMALL_W = [(4, Config(16, 32, 512, 8, 4, 4)), (16, Config(16, 32, 256, 8, 2, 5)),
-                 (32, Config(32, 32, 256, 8, 4, 4)), (256, Config(64, 64, 128, 8, 4, 4, tma=True)),
-                 (1024, Config(64, 128, 64, 8, 4, 4, tma=True)), (2048, Config(128, 256, 64, 8, 8, 4, tma=True)),
-                 (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True))]
+_HALF_SMALL_N = [
+    (1, Config(16, 32, 256, 8, 4, 8, tma=True)),
+    (4, Config(16, 32, 512, 8, 4, 5)),
+    (16, Config(16, 32, 256, 8, 2, 5)),
+    (32, Config(32, 32, 256, 8, 4, 4)),
+    (64, Config(64, 32, 256, 8, 4, 4, tma=True)),
+    (256, Config(64, 128, 64, 8, 4, 6, tma=True)),
+    (2048, Config(128, 256, 64, 8, 8, 4, tma=True)),
+    (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True)),
+]
+_HALF_SMALL_W = [
+    (4, Config(16, 32, 512, 8, 4, 4)),
+    (16, Config(16, 32, 256, 8, 2, 5)),
+    (32, Config(32, 32, 256, 8, 4, 4)),
+    (256, Config(64, 64, 128, 8, 4, 4, tma=True)),
+    (1024, Config(64, 128, 64, 8, 4, 4, tma=True)),
+    (2048, Config(128, 256, 64, 8, 8, 4, tma=True)),
+    (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True)),
+]
 _SMALL_W = 4096 * 4096
-_HALF_LARGE_N = [(16, Config(16, 64, 256, 8, 4, 4, tma=True)), (32, Config(32, 128, 128, 8, 4, 4)),
-                 (64, Config(64, 64, 128, 8, 4, 4)),
-                 (256, Config(128, 256, 64, 8, 8, 4, tma=True)),
-                 (2048, Config(128, 128, 64, 8, 4, 4, tma=True, ws=True)),
-                 (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True))]
+_HALF_LARGE_N = [
+    (16, Config(16, 64, 256, 8, 4, 4, tma=True)),
+    (32, Config(32, 128, 128, 8, 4, 4)),
+    (64, Config(64, 64, 128, 8, 4, 4)),
+    (256, Config(128, 256, 64, 8, 8, 4, tma=True)),
+    (2048, Config(128, 128, 64, 8, 4, 4, tma=True, ws=True)),
+    (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True)),
+]
 
 
 # The H200 (benchmarks/RESULTS.md, "H200"; benchmarks/h200/tuning_qwen3_8b_matmul.json): the same SMs as the H100
@@ -73,18 +87,34 @@ _HALF_LARGE_N = [(16, Config(16, 64, 256, 8, 4, 4, tma=True)), (32, Config(32, 1
 # copies larger than L2, as a decoder's layers meet them). A GEMV wants 16x64 TMA tiles (4096 x 6144 at M = 1:
 # 0.72 -> 0.97 of cuBLAS), M = 65-128 on N = 4096 64x64x128 TMA tiles with 6 stages (down 12288 x 4096 at M = 128:
 # 0.73 -> 1.04), M = 257-1024 128x128 tiles (0.57 -> 0.90-0.93), and the fused qkv (N = 6144) its own table.
-_H200_SMALL_N = [(4, Config(16, 64, 256, 8, 4, 4, tma=True)), (16, Config(16, 32, 256, 8, 2, 5)),
-                 (32, Config(32, 32, 256, 8, 4, 4)), (64, Config(64, 32, 256, 8, 4, 4, tma=True)),
-                 (128, Config(64, 64, 128, 8, 4, 6, tma=True)), (256, Config(64, 128, 64, 8, 4, 6, tma=True)),
-                 (1024, Config(128, 128, 64, 8, 4, 4, tma=True)), (2048, Config(128, 256, 64, 8, 8, 4, tma=True)),
-                 (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True))]
-_H200_MID_N = [(16, Config(16, 64, 256, 8, 4, 4, tma=True)), (32, Config(32, 32, 256, 8, 4, 4)),
-               (64, Config(64, 64, 128, 8, 4, 6, tma=True)), (128, Config(64, 128, 64, 8, 4, 6, tma=True)),
-               (256, Config(128, 128, 64, 8, 4, 4, tma=True)), (2048, Config(128, 256, 64, 8, 8, 4, tma=True)),
-               (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True))]
-_H200_LARGE_N = [(16, Config(16, 64, 256, 8, 4, 4, tma=True)), (32, Config(32, 64, 128, 8, 4, 4)),
-                 (64, Config(64, 64, 128, 8, 4, 6, tma=True)), (128, Config(64, 128, 64, 8, 4, 6, tma=True)),
-                 (1024, Config(128, 256, 64, 8, 8, 4, tma=True)), (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True))]
+_H200_SMALL_N = [
+    (4, Config(16, 64, 256, 8, 4, 4, tma=True)),
+    (16, Config(16, 32, 256, 8, 2, 5)),
+    (32, Config(32, 32, 256, 8, 4, 4)),
+    (64, Config(64, 32, 256, 8, 4, 4, tma=True)),
+    (128, Config(64, 64, 128, 8, 4, 6, tma=True)),
+    (256, Config(64, 128, 64, 8, 4, 6, tma=True)),
+    (1024, Config(128, 128, 64, 8, 4, 4, tma=True)),
+    (2048, Config(128, 256, 64, 8, 8, 4, tma=True)),
+    (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True)),
+]
+_H200_MID_N = [
+    (16, Config(16, 64, 256, 8, 4, 4, tma=True)),
+    (32, Config(32, 32, 256, 8, 4, 4)),
+    (64, Config(64, 64, 128, 8, 4, 6, tma=True)),
+    (128, Config(64, 128, 64, 8, 4, 6, tma=True)),
+    (256, Config(128, 128, 64, 8, 4, 4, tma=True)),
+    (2048, Config(128, 256, 64, 8, 8, 4, tma=True)),
+    (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True)),
+]
+_H200_LARGE_N = [
+    (16, Config(16, 64, 256, 8, 4, 4, tma=True)),
+    (32, Config(32, 64, 128, 8, 4, 4)),
+    (64, Config(64, 64, 128, 8, 4, 6, tma=True)),
+    (128, Config(64, 128, 64, 8, 4, 6, tma=True)),
+    (1024, Config(128, 256, 64, 8, 8, 4, tma=True)),
+    (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True)),
+]
 
 
 class Tables(NamedTuple):
@@ -97,8 +127,10 @@ class Tables(NamedTuple):
     large_n: list[tuple[int, Config]]
 
 
-TABLES = {"h100": Tables(_HALF_SMALL_N, _HALF_SMALL_N, _HALF_SMALL_W, _HALF_LARGE_N),
-          "h200": Tables(_H200_SMALL_N, _H200_MID_N, _HALF_SMALL_W, _H200_LARGE_N)}
+TABLES = {
+    "h100": Tables(_HALF_SMALL_N, _HALF_SMALL_N, _HALF_SMALL_W, _HALF_LARGE_N),
+    "h200": Tables(_H200_SMALL_N, _H200_MID_N, _HALF_SMALL_W, _H200_LARGE_N),
+}
 _F32_BUCKETS: list[tuple[int, Config]] = [
     (16, Config(16, 64, 32, 8, 4, 4)),
     (128, Config(64, 64, 32, 8, 4, 3)),
@@ -168,11 +200,36 @@ def select_config(m: int, dtype: torch.dtype, device: torch.device | None = None
 
 
 @triton.jit
-def _mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, stride_ab, stride_bb, stride_cb,
-               stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_biasm, stride_biasn,
-               alpha, beta,
-               HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, IEEE: tl.constexpr, CAST_F32: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _mm_kernel(
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    bias_ptr,
+    M,
+    N,
+    K,
+    stride_ab,
+    stride_bb,
+    stride_cb,
+    stride_am,
+    stride_ak,
+    stride_bk,
+    stride_bn,
+    stride_cm,
+    stride_cn,
+    stride_biasm,
+    stride_biasn,
+    alpha,
+    beta,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    IEEE: tl.constexpr,
+    CAST_F32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     pid = tl.program_id(0)
     batch = tl.program_id(1).to(tl.int64)
     a_ptr += batch * stride_ab
@@ -217,8 +274,9 @@ def _mm_kernel(a_ptr, b_ptr, c_ptr, bias_ptr, M, N, K, stride_ab, stride_bb, str
     acc = acc * alpha
     c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
     if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_m[:, None] * stride_biasm + offs_n[None, :] * stride_biasn, mask=c_mask,
-                       other=0.0)
+        bias = tl.load(
+            bias_ptr + offs_m[:, None] * stride_biasm + offs_n[None, :] * stride_biasn, mask=c_mask, other=0.0
+        )
         acc = acc + bias.to(tl.float32) * beta
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=c_mask)
@@ -233,10 +291,29 @@ def _tile_pid(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _mm_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, M, N, K, stride_cm, stride_cn, stride_biasm, stride_biasn,
-                   alpha, beta, num_progs,
-                   HAS_BIAS: tl.constexpr, B_NK: tl.constexpr, WS: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+def _mm_tma_kernel(
+    a_desc,
+    b_desc,
+    c_ptr,
+    bias_ptr,
+    M,
+    N,
+    K,
+    stride_cm,
+    stride_cn,
+    stride_biasm,
+    stride_biasn,
+    alpha,
+    beta,
+    num_progs,
+    HAS_BIAS: tl.constexpr,
+    B_NK: tl.constexpr,
+    WS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
     # Persistent: program p owns tiles p, p + num_progs, ...; each tile walks all of K in BLOCK_K steps exactly like
     # _mm_kernel (TMA zero-fills the K tail and rows/cols past the edge, which are never stored).
     num_pid_m = tl.cdiv(M, BLOCK_M)
@@ -258,15 +335,27 @@ def _mm_tma_kernel(a_desc, b_desc, c_ptr, bias_ptr, M, N, K, stride_cm, stride_c
         offs_n = off_n.to(tl.int64) + tl.arange(0, BLOCK_N)
         c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         if HAS_BIAS:
-            bias = tl.load(bias_ptr + offs_m[:, None] * stride_biasm + offs_n[None, :] * stride_biasn, mask=c_mask,
-                           other=0.0)
+            bias = tl.load(
+                bias_ptr + offs_m[:, None] * stride_biasm + offs_n[None, :] * stride_biasn, mask=c_mask, other=0.0
+            )
             acc = acc + bias.to(tl.float32) * beta
-        tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
-                 acc.to(c_ptr.dtype.element_ty), mask=c_mask)
+        tl.store(
+            c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+            acc.to(c_ptr.dtype.element_ty),
+            mask=c_mask,
+        )
 
 
-def matmul(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None = None, *, alpha: float = 1.0,
-           beta: float = 1.0, out: torch.Tensor | None = None, config: Config | None = None) -> torch.Tensor:
+def matmul(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    alpha: float = 1.0,
+    beta: float = 1.0,
+    out: torch.Tensor | None = None,
+    config: Config | None = None,
+) -> torch.Tensor:
     """``alpha * (a @ b) + beta * bias`` for 2-D ``a`` [M, K], ``b`` [K, N] (any strides), bias broadcast to [M, N].
 
     ``config`` forces one tile config (tests and benchmarks); otherwise it is chosen by M, N and K.
@@ -304,31 +393,85 @@ def _tma_ok(a: torch.Tensor, b: torch.Tensor) -> bool:
     es = a.element_size()
     b_nk = b.stride(0) == 1  # b = W.t() of an nn.Linear weight W [N, K]
     b_row = b.stride(1 if b_nk else 0)
-    return (a.stride(1) == 1 and (a.stride(0) * es) % 16 == 0 and (b_row * es) % 16 == 0
-            and (b.stride(0) == 1 or b.stride(1) == 1) and a.data_ptr() % 16 == 0 and b.data_ptr() % 16 == 0)
+    return (
+        a.stride(1) == 1
+        and (a.stride(0) * es) % 16 == 0
+        and (b_row * es) % 16 == 0
+        and (b.stride(0) == 1 or b.stride(1) == 1)
+        and a.data_ptr() % 16 == 0
+        and b.data_ptr() % 16 == 0
+    )
 
 
-def _launch(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias2: torch.Tensor, m: int, n: int, k: int,
-            batch_strides: tuple[int, int, int], batch: int, sbm: int, sbn: int, alpha: float, beta: float,
-            has_bias: bool, cfg: Config) -> None:
+def _launch(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    bias2: torch.Tensor,
+    m: int,
+    n: int,
+    k: int,
+    batch_strides: tuple[int, int, int],
+    batch: int,
+    sbm: int,
+    sbn: int,
+    alpha: float,
+    beta: float,
+    has_bias: bool,
+    cfg: Config,
+) -> None:
     if cfg.tma and a.dim() == 2 and not INTERPRET and _tma_ok(a, b):
         _launch_tma(a, b, out, bias2, m, n, k, sbm, sbn, alpha, beta, has_bias, cfg)
         return
     cfg = pointer_twin(cfg)
     grid = (triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn), batch)
     _mm_kernel[grid](
-        a, b, out, bias2, m, n, k, *batch_strides,
-        a.stride(-2), a.stride(-1), b.stride(-2), b.stride(-1), out.stride(-2), out.stride(-1), sbm, sbn,
-        float(alpha), float(beta),
-        HAS_BIAS=has_bias, EVEN_K=(k % cfg.bk == 0), IEEE=(a.dtype == torch.float32),
+        a,
+        b,
+        out,
+        bias2,
+        m,
+        n,
+        k,
+        *batch_strides,
+        a.stride(-2),
+        a.stride(-1),
+        b.stride(-2),
+        b.stride(-1),
+        out.stride(-2),
+        out.stride(-1),
+        sbm,
+        sbn,
+        float(alpha),
+        float(beta),
+        HAS_BIAS=has_bias,
+        EVEN_K=(k % cfg.bk == 0),
+        IEEE=(a.dtype == torch.float32),
         CAST_F32=INTERPRET and a.dtype == torch.bfloat16,
-        BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk, GROUP_M=cfg.group,
-        num_warps=cfg.warps, num_stages=cfg.stages,
+        BLOCK_M=cfg.bm,
+        BLOCK_N=cfg.bn,
+        BLOCK_K=cfg.bk,
+        GROUP_M=cfg.group,
+        num_warps=cfg.warps,
+        num_stages=cfg.stages,
     )
 
 
-def _launch_tma(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias2: torch.Tensor, m: int, n: int, k: int,
-                sbm: int, sbn: int, alpha: float, beta: float, has_bias: bool, cfg: Config) -> None:
+def _launch_tma(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    out: torch.Tensor,
+    bias2: torch.Tensor,
+    m: int,
+    n: int,
+    k: int,
+    sbm: int,
+    sbn: int,
+    alpha: float,
+    beta: float,
+    has_bias: bool,
+    cfg: Config,
+) -> None:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     b_nk = b.stride(0) == 1
@@ -340,9 +483,29 @@ def _launch_tma(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, bias2: torc
     tiles = triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn)
     progs = min(tiles, _sm_count(a.device))
     _mm_tma_kernel[(progs,)](
-        a_desc, b_desc, out, bias2, m, n, k, out.stride(0), out.stride(1), sbm, sbn, float(alpha), float(beta), progs,
-        HAS_BIAS=has_bias, B_NK=b_nk, WS=cfg.ws, BLOCK_M=cfg.bm, BLOCK_N=cfg.bn, BLOCK_K=cfg.bk, GROUP_M=cfg.group,
-        num_warps=cfg.warps, num_stages=cfg.stages,
+        a_desc,
+        b_desc,
+        out,
+        bias2,
+        m,
+        n,
+        k,
+        out.stride(0),
+        out.stride(1),
+        sbm,
+        sbn,
+        float(alpha),
+        float(beta),
+        progs,
+        HAS_BIAS=has_bias,
+        B_NK=b_nk,
+        WS=cfg.ws,
+        BLOCK_M=cfg.bm,
+        BLOCK_N=cfg.bn,
+        BLOCK_K=cfg.bk,
+        GROUP_M=cfg.group,
+        num_warps=cfg.warps,
+        num_stages=cfg.stages,
     )
 
 
@@ -373,9 +536,10 @@ def bmm(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None) -> to
         return out.zero_()
     cfg = select_config(m, a.dtype, a.device, n, k)
     for b0 in range(0, nb, _MAX_GRID_Y):  # grid axis 1 holds at most 65535 programs
-        a_, b_, o_ = a[b0:b0 + _MAX_GRID_Y], b[b0:b0 + _MAX_GRID_Y], out[b0:b0 + _MAX_GRID_Y]
-        _launch(a_, b_, o_, o_, m, n, k, (a.stride(0), b.stride(0), out.stride(0)), a_.shape[0], 0, 0, 1.0, 1.0,
-                False, cfg)
+        a_, b_, o_ = a[b0 : b0 + _MAX_GRID_Y], b[b0 : b0 + _MAX_GRID_Y], out[b0 : b0 + _MAX_GRID_Y]
+        _launch(
+            a_, b_, o_, o_, m, n, k, (a.stride(0), b.stride(0), out.stride(0)), a_.shape[0], 0, 0, 1.0, 1.0, False, cfg
+        )
     return out
 
 

@@ -45,8 +45,23 @@ def _warps(block: int) -> int:
 
 
 @triton.jit
-def _rms_kernel(x_ptr, r_ptr, w_ptr, y_ptr, ro_ptr, sx, sr, sy, sro, N, eps,
-                HAS_RES: tl.constexpr, HAS_W: tl.constexpr, BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+def _rms_kernel(
+    x_ptr,
+    r_ptr,
+    w_ptr,
+    y_ptr,
+    ro_ptr,
+    sx,
+    sr,
+    sy,
+    sro,
+    N,
+    eps,
+    HAS_RES: tl.constexpr,
+    HAS_W: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SINGLE: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * sx
     r_row = r_ptr + row * sr
@@ -109,8 +124,20 @@ def _softmax_kernel(x_ptr, y_ptr, sx, sy, N, LOG: tl.constexpr, BLOCK: tl.conste
 
 
 @triton.jit
-def _seg_softmax_kernel(x_ptr, y_ptr, ws_ptr, cnt_ptr, sx, sy, N, NSEG, LOG: tl.constexpr, SEG: tl.constexpr,
-                        NSEG_P2: tl.constexpr, PHASE: tl.constexpr):
+def _seg_softmax_kernel(
+    x_ptr,
+    y_ptr,
+    ws_ptr,
+    cnt_ptr,
+    sx,
+    sy,
+    N,
+    NSEG,
+    LOG: tl.constexpr,
+    SEG: tl.constexpr,
+    NSEG_P2: tl.constexpr,
+    PHASE: tl.constexpr,
+):
     # PHASE 0: fused (publish partial, wait for the row's other segments, write); 1: publish only; 2: write only.
     if PHASE == 0:
         # Work is handed out by a ticket (cnt[0]), not by program_id: a program that holds ticket t knows every
@@ -174,8 +201,13 @@ def _rows2d(x: torch.Tensor, n: int) -> torch.Tensor:
     return x2 if x2.stride(-1) == 1 else x2.contiguous()
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, residual: torch.Tensor | None = None,
-             normalized_numel: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor | None,
+    eps: float,
+    residual: torch.Tensor | None = None,
+    normalized_numel: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """RMSNorm over the trailing ``normalized_numel`` elements (default: last dim); with ``residual``, first
     ``h = x + residual`` rounded to residual's dtype (returned as the new residual) and normalise h."""
     n = normalized_numel or x.shape[-1]
@@ -193,9 +225,21 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float, residual:
     w = weight.reshape(n).contiguous() if weight is not None else x2
     block, single = _block(n)
     _rms_kernel[(rows,)](
-        x2, r2 if r2 is not None else x2, w, y2, ro2 if ro2 is not None else y2,
-        x2.stride(0), r2.stride(0) if r2 is not None else 0, y2.stride(0), ro2.stride(0) if ro2 is not None else 0,
-        n, float(eps), HAS_RES=residual is not None, HAS_W=weight is not None, BLOCK=block, SINGLE=single,
+        x2,
+        r2 if r2 is not None else x2,
+        w,
+        y2,
+        ro2 if ro2 is not None else y2,
+        x2.stride(0),
+        r2.stride(0) if r2 is not None else 0,
+        y2.stride(0),
+        ro2.stride(0) if ro2 is not None else 0,
+        n,
+        float(eps),
+        HAS_RES=residual is not None,
+        HAS_W=weight is not None,
+        BLOCK=block,
+        SINGLE=single,
         num_warps=_warps(block),
     )
     return y, ro
@@ -213,16 +257,18 @@ def softmax(x: torch.Tensor, dim: int, log: bool, out_dtype: torch.dtype | None 
     if rows and n:
         block, single = _block(n)
         if single:
-            _softmax_kernel[(rows,)](x2, y2, x2.stride(0), y2.stride(0), n, LOG=log, BLOCK=block,
-                                     num_warps=_warps(block))
+            _softmax_kernel[(rows,)](
+                x2, y2, x2.stride(0), y2.stride(0), n, LOG=log, BLOCK=block, num_warps=_warps(block)
+            )
         else:
             _seg_softmax(x2, y2, n, log)
     y = y2.reshape(shape)
     return (y.movedim(-1, dim) if x.dim() else y.reshape(())).contiguous()
 
 
-def _seg_softmax(x2: torch.Tensor, y2: torch.Tensor, n: int, log: bool, fused: bool | None = None,
-                 seg: tuple[int, int] | None = None) -> None:
+def _seg_softmax(
+    x2: torch.Tensor, y2: torch.Tensor, n: int, log: bool, fused: bool | None = None, seg: tuple[int, int] | None = None
+) -> None:
     """Segmented (log-)softmax of [rows, n] rows; ``fused`` None: one launch where safe (see the module doc);
     ``seg`` (width, warps) for benchmarks, else the device's."""
     rows = x2.shape[0]
@@ -234,12 +280,13 @@ def _seg_softmax(x2: torch.Tensor, y2: torch.Tensor, n: int, log: bool, fused: b
     cnt = torch.zeros((1 + rows if fused else 1,), dtype=torch.int32, device=x2.device)  # ticket, row counters
     args = (x2, y2, ws, cnt, x2.stride(0), y2.stride(0), n, nseg)
     meta = dict(LOG=log, SEG=width, NSEG_P2=triton.next_power_of_2(nseg), num_warps=warps)
-    for phase in ((0,) if fused else (1, 2)):
+    for phase in (0,) if fused else (1, 2):
         _seg_softmax_kernel[(rows * nseg,)](*args, PHASE=phase, **meta)
 
 
-def reduce_sum(x: torch.Tensor, dims: list[int] | None, keepdim: bool, out_dtype: torch.dtype,
-               mean: bool = False) -> torch.Tensor:
+def reduce_sum(
+    x: torch.Tensor, dims: list[int] | None, keepdim: bool, out_dtype: torch.dtype, mean: bool = False
+) -> torch.Tensor:
     """sum/mean over ``dims`` (all when empty/None): reduced dims moved last, one program per kept element."""
     nd = x.dim()
     red = sorted({d % nd for d in dims}) if (dims and nd) else list(range(nd))
@@ -258,8 +305,17 @@ def reduce_sum(x: torch.Tensor, dims: list[int] | None, keepdim: bool, out_dtype
         if n == 0:
             y.fill_(float("nan") if mean else 0)
         else:
-            _sum_kernel[(rows,)](x2, y.view(-1), x2.stride(0), n, float(n) if mean else 1.0,
-                                 ACC_F64=acc_f64, ACC_INT=is_int, BLOCK=1024, num_warps=4)
+            _sum_kernel[(rows,)](
+                x2,
+                y.view(-1),
+                x2.stride(0),
+                n,
+                float(n) if mean else 1.0,
+                ACC_F64=acc_f64,
+                ACC_INT=is_int,
+                BLOCK=1024,
+                num_warps=4,
+            )
     if keepdim:
         for d in red:
             y = y.unsqueeze(d)

@@ -15,8 +15,41 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-GPU_SIZES = (1, 2, 3, 4, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 255, 256, 257, 511, 512, 513, 1023,
-             1024, 1025, 2047, 2048, 4095, 4096, 8191, 8192)
+GPU_SIZES = (
+    1,
+    2,
+    3,
+    4,
+    7,
+    8,
+    15,
+    16,
+    17,
+    31,
+    32,
+    33,
+    63,
+    64,
+    65,
+    127,
+    128,
+    129,
+    255,
+    256,
+    257,
+    511,
+    512,
+    513,
+    1023,
+    1024,
+    1025,
+    2047,
+    2048,
+    4095,
+    4096,
+    8191,
+    8192,
+)
 CPU_SIZES = (1, 2, 3, 4, 7, 8, 15, 16, 17, 31, 32, 33, 64, 127, 128, 255, 256, 257)
 
 
@@ -49,16 +82,23 @@ class ProbeConfig:
 def default_config(device: str, quick: bool = False) -> ProbeConfig:
     """GPU: Llama-8B-like widths and 1..8192 rows; CPU: narrower widths and up to 257 rows (the CPU path is slow)."""
     if device == "cuda":
-        return ProbeConfig(hidden=4096, vocab=32000, sizes=GPU_SIZES[:20] if quick else GPU_SIZES,
-                           attn_batches=(1, 2, 5, 16, 64), attn_ctx=600)
+        return ProbeConfig(
+            hidden=4096,
+            vocab=32000,
+            sizes=GPU_SIZES[:20] if quick else GPU_SIZES,
+            attn_batches=(1, 2, 5, 16, 64),
+            attn_ctx=600,
+        )
     if quick:
         return ProbeConfig(hidden=128, vocab=1000, sizes=CPU_SIZES[:9], attn_batches=(1, 3), attn_ctx=80)
     return ProbeConfig(hidden=256, vocab=2000, sizes=CPU_SIZES, attn_batches=(1, 2, 5), attn_ctx=150)
 
 
-def _row_ops(hidden: int, vocab: int, dtype: torch.dtype, device: str,
-             g: torch.Generator) -> dict[str, tuple[int, Callable[[torch.Tensor], torch.Tensor]]]:
+def _row_ops(
+    hidden: int, vocab: int, dtype: torch.dtype, device: str, g: torch.Generator
+) -> dict[str, tuple[int, Callable[[torch.Tensor], torch.Tensor]]]:
     """op name -> (input width, function of a [M, width] input)."""
+
     def rnd(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g, device="cpu").to(device=device, dtype=dtype)
 
@@ -72,12 +112,21 @@ def _row_ops(hidden: int, vocab: int, dtype: torch.dtype, device: str,
         "linear + bias": (hidden, lambda x: F.linear(x, w_mlp, bias)),
         "mm (row-major B)": (hidden, lambda x: x @ b_row),
         "addmm beta=0.5 alpha=2": (hidden, lambda x: torch.addmm(bias, x, b_row, beta=0.5, alpha=2.0)),
-        "bmm (heads)": (hidden, lambda x: torch.bmm(x.reshape(-1, 8, hidden // 8).transpose(0, 1),
-                                                    w[: hidden // 8, : hidden // 8].expand(8, -1, -1)
-                                                    ).transpose(0, 1).reshape(x.shape[0], hidden)),
+        "bmm (heads)": (
+            hidden,
+            lambda x: (
+                torch.bmm(
+                    x.reshape(-1, 8, hidden // 8).transpose(0, 1), w[: hidden // 8, : hidden // 8].expand(8, -1, -1)
+                )
+                .transpose(0, 1)
+                .reshape(x.shape[0], hidden)
+            ),
+        ),
         "F.rms_norm": (hidden, lambda x: F.rms_norm(x, (hidden,), norm_w, 1e-6)),
-        "rmsnorm x.pow(2).mean(-1)": (hidden, lambda x: x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True)
-                                                                         + 1e-6).to(x.dtype)),
+        "rmsnorm x.pow(2).mean(-1)": (
+            hidden,
+            lambda x: x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(x.dtype),
+        ),
         "log_softmax (vocab)": (vocab, lambda x: torch.log_softmax(x.float(), -1)),
         "softmax (vocab)": (vocab, lambda x: torch.softmax(x, -1)),
         "sum (vocab)": (vocab, lambda x: x.float().sum(-1)),
@@ -85,8 +134,9 @@ def _row_ops(hidden: int, vocab: int, dtype: torch.dtype, device: str,
     }
 
 
-def _probe_rows(fn: Callable[[torch.Tensor], torch.Tensor], x_all: torch.Tensor, sizes: Sequence[int],
-                g: torch.Generator) -> tuple[bool, float, int | None, int]:
+def _probe_rows(
+    fn: Callable[[torch.Tensor], torch.Tensor], x_all: torch.Tensor, sizes: Sequence[int], g: torch.Generator
+) -> tuple[bool, float, int | None, int]:
     """Compare rows of fn(x_all[o:o+M]) with fn of each row alone, for every M in sizes at random offsets."""
     n_all = x_all.shape[0]
     worst, worst_m, checked = 0.0, None, 0
@@ -95,12 +145,12 @@ def _probe_rows(fn: Callable[[torch.Tensor], torch.Tensor], x_all: torch.Tensor,
     for m in sizes:
         off = int(torch.randint(0, n_all - m + 1, (1,), generator=g, device="cpu"))
         picks = sorted({0, m - 1, *torch.randint(0, m, (3,), generator=g, device="cpu").tolist()})
-        out = fn(x_all[off:off + m])
+        out = fn(x_all[off : off + m])
         for p in picks:
             r = off + p
             if r not in alone:
-                alone[r] = fn(x_all[r:r + 1])
-            a, b = out[p:p + 1], alone[r]
+                alone[r] = fn(x_all[r : r + 1])
+            a, b = out[p : p + 1], alone[r]
             checked += 1
             if not torch.equal(a, b):
                 invariant = False
@@ -111,8 +161,9 @@ def _probe_rows(fn: Callable[[torch.Tensor], torch.Tensor], x_all: torch.Tensor,
     return invariant, worst, worst_m, checked
 
 
-def _attention_probe(impl_invariant: bool, cfg: ProbeConfig, dtype: torch.dtype, device: str,
-                     g: torch.Generator) -> tuple[bool, float, int | None, int]:
+def _attention_probe(
+    impl_invariant: bool, cfg: ProbeConfig, dtype: torch.dtype, device: str, g: torch.Generator
+) -> tuple[bool, float, int | None, int]:
     """Target sequence's tokens as one prefill beside n-1 others vs. each token as a decode step alone."""
     from detaudit.kernels.attention import paged_attention
 
@@ -136,30 +187,45 @@ def _attention_probe(impl_invariant: bool, cfg: ProbeConfig, dtype: torch.dtype,
 
     def call(q: torch.Tensor, tables: torch.Tensor, qlens: list[int], ctx: list[int]) -> torch.Tensor:
         cu = torch.tensor([0, *torch.tensor(qlens, device="cpu").cumsum(0).tolist()], dtype=torch.int32, device=device)
-        return paged_attention(q, kc, vc, tables, cu, torch.tensor(ctx, dtype=torch.int32, device=device), scale,
-                               batch_invariant=impl_invariant)
+        return paged_attention(
+            q,
+            kc,
+            vc,
+            tables,
+            cu,
+            torch.tensor(ctx, dtype=torch.int32, device=device),
+            scale,
+            batch_invariant=impl_invariant,
+        )
 
     probe_pos = sorted({0, ctx_t - 1, *torch.randint(0, ctx_t, (4,), generator=g, device="cpu").tolist()})
-    alone = {p: call(q_t[p:p + 1], bt[:1], [1], [p + 1]) for p in probe_pos}
+    alone = {p: call(q_t[p : p + 1], bt[:1], [1], [p + 1]) for p in probe_pos}
     worst, worst_b, checked, invariant = 0.0, None, 0, True
     for nb in cfg.attn_batches:
         # others: decode rows (q_len 1) and short prefills, at their own context lengths
         qlens = [ctx_t] + [1 if k % 2 else min(lens[k], 7) for k in range(1, nb)]
-        qs = [q_t] + [torch.randn(ql, hq, d, generator=g, device="cpu").to(device=device, dtype=dtype)
-                      for ql in qlens[1:]]
+        qs = [q_t] + [
+            torch.randn(ql, hq, d, generator=g, device="cpu").to(device=device, dtype=dtype) for ql in qlens[1:]
+        ]
         out = call(torch.cat(qs), bt[:nb], qlens, lens[:nb])
         for p in probe_pos:
             checked += 1
-            if not torch.equal(out[p:p + 1], alone[p]):
+            if not torch.equal(out[p : p + 1], alone[p]):
                 invariant = False
-                dd = float((out[p:p + 1].double() - alone[p].double()).abs().max())
+                dd = float((out[p : p + 1].double() - alone[p].double()).abs().max())
                 if dd >= worst:
                     worst, worst_b = dd, nb
     return invariant, worst, worst_b, checked
 
 
-def run_sweep(device: str = "cpu", dtype: torch.dtype = torch.float32, impls: Sequence[str] = ("stock", "ours"),
-              cfg: ProbeConfig | None = None, seed: int = 0, ops: Sequence[str] | None = None) -> list[ProbeRow]:
+def run_sweep(
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    impls: Sequence[str] = ("stock", "ours"),
+    cfg: ProbeConfig | None = None,
+    seed: int = 0,
+    ops: Sequence[str] | None = None,
+) -> list[ProbeRow]:
     """Sweep every op for each implementation; ``ops`` filters by name (``attention`` is one of them)."""
     from detaudit.kernels import batch_invariant
 

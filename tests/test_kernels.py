@@ -14,8 +14,9 @@ from detaudit.kernels.rmsnorm import fused_add_rms_norm, rms_norm
 from detaudit.probes.kernel_probes import ProbeConfig, run_sweep
 from kvcache import paged_kv_cache  # tests/ is on sys.path under pytest
 
-SMALL = ProbeConfig(hidden=128, vocab=1000, sizes=(1, 2, 3, 7, 15, 16, 17, 33, 64, 255, 256, 257),
-                    attn_batches=(1, 2, 5), attn_ctx=100)
+SMALL = ProbeConfig(
+    hidden=128, vocab=1000, sizes=(1, 2, 3, 7, 15, 16, 17, 33, 64, 255, 256, 257), attn_batches=(1, 2, 5), attn_ctx=100
+)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -38,8 +39,13 @@ def test_stock_cpu_torch_is_not_invariant() -> None:
     k = torch.randn(1, 4, 16, 64, generator=g)
     v = torch.randn(1, 4, 16, 64, generator=g)
     prefill = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    diffs = [not torch.equal(F.scaled_dot_product_attention(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1]),
-                             prefill[:, :, t:t + 1]) for t in range(16)]
+    diffs = [
+        not torch.equal(
+            F.scaled_dot_product_attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1]),
+            prefill[:, :, t : t + 1],
+        )
+        for t in range(16)
+    ]
     assert any(diffs)  # SDPA decode row vs the same row in a prefill
     rows = run_sweep("cpu", torch.float32, impls=("stock",), cfg=SMALL, ops=["linear (nn.Linear W^T)", "attention"])
     assert not any(r.invariant for r in rows)
@@ -64,14 +70,22 @@ def test_mode_works_under_a_default_device(default: str, monkeypatch: pytest.Mon
     cu = torch.tensor([0, 70, 71], dtype=torch.int32, device="cpu")
     ctx = torch.tensor([70, 9], dtype=torch.int32, device="cpu")
     with batch_invariant():
-        want = (torch.log_softmax(F.linear(a, w).float(), -1), F.rms_norm(a, (96,), w[0], 1e-6), a.float().mean(-1),
-                paged_attention(q, kc, vc, bt, cu, ctx, 0.17, batch_invariant=True))
+        want = (
+            torch.log_softmax(F.linear(a, w).float(), -1),
+            F.rms_norm(a, (96,), w[0], 1e-6),
+            a.float().mean(-1),
+            paged_attention(q, kc, vc, bt, cu, ctx, 0.17, batch_invariant=True),
+        )
     monkeypatch.setattr(dk, "_cpu_check", None)
     torch.set_default_device(default)
     try:
         with batch_invariant():
-            got = (torch.log_softmax(F.linear(a, w).float(), -1), F.rms_norm(a, (96,), w[0], 1e-6),
-                   a.float().mean(-1), paged_attention(q, kc, vc, bt, cu, ctx, 0.17, batch_invariant=True))
+            got = (
+                torch.log_softmax(F.linear(a, w).float(), -1),
+                F.rms_norm(a, (96,), w[0], 1e-6),
+                a.float().mean(-1),
+                paged_attention(q, kc, vc, bt, cu, ctx, 0.17, batch_invariant=True),
+            )
         assert dk._cpu_check == []
     finally:
         torch.set_default_device(None)
@@ -184,15 +198,16 @@ def test_paged_attention_cpu_correct_and_prefill_decode_invariant(gqa: int, dtyp
 
     def call(qq, tables, ql, ctx, inv=True, caches=(kc, vc)):
         cu = torch.tensor([0, *torch.tensor(ql).cumsum(0).tolist()], dtype=torch.int32)
-        return paged_attention(qq, caches[0], caches[1], tables, cu, torch.tensor(ctx, dtype=torch.int32), scale,
-                               batch_invariant=inv)
+        return paged_attention(
+            qq, caches[0], caches[1], tables, cu, torch.tensor(ctx, dtype=torch.int32), scale, batch_invariant=inv
+        )
 
     full = call(q, bt, qlens, lens)
     ref = call(q.double(), bt, qlens, lens, inv=False, caches=(kc.double(), vc.double()))
     assert not torch.isnan(full).any()
     assert (full.double() - ref).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
     for p in (0, 63, 64, 65, 149):  # token p of sequence 0 as a decode step alone == its row in the mixed prefill
-        assert torch.equal(call(q[p:p + 1], bt[:1], [1], [p + 1]), full[p:p + 1]), p
+        assert torch.equal(call(q[p : p + 1], bt[:1], [1], [p + 1]), full[p : p + 1]), p
     assert torch.equal(call(q[100:150], bt[:1], [50], [150]), full[100:150])  # chunked prefill
     assert torch.equal(call(q[150:154], bt[1:2], [4], [20]), full[150:154])  # alone vs beside others
 
@@ -202,8 +217,16 @@ def test_paged_attention_rejects_bad_shapes() -> None:
     kc = torch.randn(4, 16, 2, 8)
     cu = torch.tensor([0, 3], dtype=torch.int32)
     with pytest.raises(ValueError, match="GQA"):
-        paged_attention(q, kc, kc, torch.zeros(1, 1, dtype=torch.int32), cu, torch.tensor([3], dtype=torch.int32),
-                        1.0, batch_invariant=True)
+        paged_attention(
+            q,
+            kc,
+            kc,
+            torch.zeros(1, 1, dtype=torch.int32),
+            cu,
+            torch.tensor([3], dtype=torch.int32),
+            1.0,
+            batch_invariant=True,
+        )
 
 
 def test_cli_probe_kernels(capsys: pytest.CaptureFixture[str]) -> None:

@@ -22,8 +22,6 @@ from interp import inner, run_file_under_interpreter  # noqa: E402 - tests/inter
 _MODULES = ("triton_matmul", "triton_rowwise", "triton_attention")
 
 
-
-
 def test_under_interpreter() -> None:
     """Run this file's kernel tests in a fresh interpreter with TRITON_INTERPRET=1 set from the start."""
     run_file_under_interpreter(__file__, passed=6)
@@ -143,7 +141,7 @@ def test_attention_logic(tk: SimpleNamespace, dtype: torch.dtype) -> None:
     assert torch.equal(one, split)
     bq = ta.block_m(gqa) // gqa
     for i in (0, bq, 7 * bq):  # a chunk row vs the same token decoded alone, both first in their q-block
-        assert torch.equal(call(ta.paged_attention, q[i:i + 1], bt[:1], [1], [lens[0] - 39 + i]), full[i:i + 1]), i
+        assert torch.equal(call(ta.paged_attention, q[i : i + 1], bt[:1], [1], [lens[0] - 39 + i]), full[i : i + 1]), i
     assert torch.equal(call(ta.paged_attention, q[40:43], bt[1:2], [3], [20]), full[40:43])  # alone vs in batch
     # The same keys in pages of 64 (a whole tile per page: one block-table read per tile) give the same bits.
     big = 64

@@ -65,8 +65,9 @@ def test_stock_kernel_at_the_heuristics_splits():
         """The first b sequences decoding together, with the split the heuristic picks on a GPU of `sms` SMs."""
         split, launch = stock_split(b, b, hkv, max_ctx, tile, sms)
         cu = torch.arange(b + 1, dtype=torch.int32)
-        out = ta.paged_attention(q[:b], kc, vc, bt[:b], cu, ctx[:b], 0.25, split_launch=launch,
-                                 schedule=ta.uniform(split))
+        out = ta.paged_attention(
+            q[:b], kc, vc, bt[:b], cu, ctx[:b], 0.25, split_launch=launch, schedule=ta.uniform(split)
+        )
         ref = _stock(q[:b].double(), kc.double(), vc.double(), bt[:b], cu, ctx[:b], 0.25)
         assert _rel(out, ref) < 1e-6, (b, sms, split)
         return out, split

@@ -16,10 +16,19 @@ def tiny_model_command(
     arch: str = typer.Option("qwen3", "--arch", help=f"Architecture: {', '.join(ARCHS)}."),
     preset: str = typer.Option("tiny", "--preset", help=f"Shape preset: {', '.join(PRESETS)}."),
     dtype: str = typer.Option("float32", "--dtype", help="Saved weight dtype: float32, bfloat16 or float16."),
-    seed: int = typer.Option(0, "--seed", min=0, max=2**64 - 1,  # torch.manual_seed's range: past it, a ValueError
-                             help="Seed for the random weights."),  # fmt: skip
-    device: str = typer.Option("cpu", "--device", help="Where the random weights are drawn (cpu, cuda): a GPU builds "
-                               "the 8B-shaped preset in seconds. The weights differ from a CPU build's."),
+    seed: int = typer.Option(
+        0,
+        "--seed",
+        min=0,
+        max=2**64 - 1,  # torch.manual_seed's range: past it, a ValueError
+        help="Seed for the random weights.",
+    ),  # fmt: skip
+    device: str = typer.Option(
+        "cpu",
+        "--device",
+        help="Where the random weights are drawn (cpu, cuda): a GPU builds "
+        "the 8B-shaped preset in seconds. The weights differ from a CPU build's.",
+    ),
 ) -> None:
     if out_dir.exists() and not out_dir.is_dir():  # else mkdir's bare "Not a directory", as if a parent were wrong
         raise UsageError(f"{out_dir} exists and is not a directory")

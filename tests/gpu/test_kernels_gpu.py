@@ -24,8 +24,10 @@ def test_sweep_ours_invariant_stock_not(dtype: torch.dtype) -> None:
 
     rows = run_sweep("cuda", dtype)
     for r in rows:
-        print(f"{r.impl:5s} {r.op:40s} invariant={r.invariant} max_abs_diff={r.max_abs_diff:.3g} "
-              f"worst_batch={r.worst_batch} checked={r.checked}")
+        print(
+            f"{r.impl:5s} {r.op:40s} invariant={r.invariant} max_abs_diff={r.max_abs_diff:.3g} "
+            f"worst_batch={r.worst_batch} checked={r.checked}"
+        )
     assert all(r.invariant for r in rows if r.impl == "ours")
     assert any(not r.invariant for r in rows if r.impl == "stock"), "negative control: stock should break somewhere"
 
@@ -61,8 +63,16 @@ def test_dispatched_matmul_row_invariant_on_engine_shapes(dtype: torch.dtype) ->
     g = torch.Generator().manual_seed(3)
     ms = [1, 2, 4, 8, 16, 24, 32, 40, 64, 96, 128, 136, 256, 384, 512, 768, 1024, 1536, 2048, 3000]
     # Qwen3-1.7B's, then Qwen3-8B's (qkv, o_proj, down, gate_up): every table of this GPU kind
-    for k, n in [(2048, 4096), (2048, 2048), (6144, 2048), (2048, 12288), (4096, 6144), (4096, 4096), (12288, 4096),
-                 (4096, 24576)]:
+    for k, n in [
+        (2048, 4096),
+        (2048, 2048),
+        (6144, 2048),
+        (2048, 12288),
+        (4096, 6144),
+        (4096, 4096),
+        (12288, 4096),
+        (4096, 24576),
+    ]:
         x = torch.randn(max(ms), k, generator=g).to("cuda", dtype)
         w = (torch.randn(n, k, generator=g) / math.sqrt(k)).to("cuda", dtype)
         full = tm.matmul(x, w.t())
@@ -70,7 +80,7 @@ def test_dispatched_matmul_row_invariant_on_engine_shapes(dtype: torch.dtype) ->
         print(f"{dtype} K={k} N={n}: {len(picked)} configs picked")
         for m in ms:
             assert torch.equal(tm.matmul(x[:m], w.t()), full[:m]), (k, n, m)
-            assert torch.equal(tm.matmul(x[m - 1:m], w.t()), full[m - 1:m]), (k, n, m)
+            assert torch.equal(tm.matmul(x[m - 1 : m], w.t()), full[m - 1 : m]), (k, n, m)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp16", "fp32"])
@@ -130,7 +140,7 @@ def test_segmented_softmax_one_launch_equals_two_and_is_invariant() -> None:
             tr._seg_softmax(x, two, v, log, fused=False)
             assert _same_bits(y, two), (m, v, log)
             for r in (0, 1, m - 1):
-                assert _same_bits(tr.softmax(x[r:r + 1], -1, log), y[r:r + 1]), (m, v, log, r)
+                assert _same_bits(tr.softmax(x[r : r + 1], -1, log), y[r : r + 1]), (m, v, log, r)
             ref = x.double().log_softmax(-1) if log else x.double().softmax(-1)
             assert torch.isnan(y[1]).all() and torch.isnan(ref[1]).all()
             fin = torch.isfinite(ref)
@@ -158,18 +168,33 @@ def test_attention_correct_and_prefill_decode_invariant(gqa: int, dtype: torch.d
 
     def call(q, tables, ql, ctx):
         cu = torch.tensor([0, *torch.tensor(ql).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-        return paged_attention(q, kc, vc, tables, cu, torch.tensor(ctx, dtype=torch.int32, device="cuda"),
-                               1 / math.sqrt(d), batch_invariant=True)
+        return paged_attention(
+            q,
+            kc,
+            vc,
+            tables,
+            cu,
+            torch.tensor(ctx, dtype=torch.int32, device="cuda"),
+            1 / math.sqrt(d),
+            batch_invariant=True,
+        )
 
     full = call(qs, bt, qlens, lens)
     # SDPA per sequence in fp64 (batch_invariant=False on CUDA is a Triton kernel, which has no fp64)
     cu = torch.tensor([0, *torch.tensor(qlens).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
-    ref = _stock(qs.double(), kc.double(), vc.double(), bt, cu, torch.tensor(lens, dtype=torch.int32, device="cuda"),
-                 1 / math.sqrt(d))
+    ref = _stock(
+        qs.double(),
+        kc.double(),
+        vc.double(),
+        bt,
+        cu,
+        torch.tensor(lens, dtype=torch.int32, device="cuda"),
+        1 / math.sqrt(d),
+    )
     assert not torch.isnan(full).any()
     assert _rel(full, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
     for p in [0, 15, 16, 63, 64, 500, 999]:  # token p of sequence 0: decode alone vs inside the mixed prefill batch
-        assert torch.equal(call(qs[p:p + 1], bt[:1], [1], [p + 1]), full[p:p + 1]), p
+        assert torch.equal(call(qs[p : p + 1], bt[:1], [1], [p + 1]), full[p : p + 1]), p
     chunk = call(qs[640:1000], bt[:1], [360], [1000])  # chunked prefill of the tail
     assert torch.equal(chunk, full[640:1000])
 
@@ -193,8 +218,12 @@ def test_overrides_under_torch_compile_and_coverage() -> None:
 def test_attention_split_launch_gives_the_same_bits(dtype: torch.dtype, schedule: str, page: int) -> None:
     from detaudit.kernels import triton_attention as ta
 
-    sch = {**ta.SCHEDULES, "three-sizes": ta.Schedule(128, 256, 256, 1280, 1024), "uniform256": ta.uniform(256),
-           "uniform512": ta.uniform(512)}[schedule]
+    sch = {
+        **ta.SCHEDULES,
+        "three-sizes": ta.Schedule(128, 256, 256, 1280, 1024),
+        "uniform256": ta.uniform(256),
+        "uniform512": ta.uniform(512),
+    }[schedule]
     g = torch.Generator().manual_seed(7)
     lens = [3000, 1, 255, 256, 257, 511, 512, 513, 1023, 1024, 1025, 2047, 77]
     lens += [e + i for e in (sch.short_end, sch.mid_end, sch.mid_end + sch.long) for i in (-1, 0, 1) if e + i > 0]
@@ -240,8 +269,9 @@ def test_mode_after_set_default_device_cuda(monkeypatch: pytest.MonkeyPatch) -> 
             bt = torch.arange(39, dtype=torch.int32).reshape(3, 13)
             ctx = torch.tensor([800, 5, 830], dtype=torch.int32)
             out = paged_attention(q, kc, vc, bt, torch.arange(4, dtype=torch.int32), ctx, 0.09, batch_invariant=True)
-            alone = paged_attention(q[2:], kc, vc, bt[2:], torch.arange(2, dtype=torch.int32), ctx[2:], 0.09,
-                                    batch_invariant=True)
+            alone = paged_attention(
+                q[2:], kc, vc, bt[2:], torch.arange(2, dtype=torch.int32), ctx[2:], 0.09, batch_invariant=True
+            )
             assert out.device.type == "cuda" and torch.equal(out[2:], alone)
         assert dk._cpu_check == [] and all(tm._agree.values()) and all(ta._split_ok.values())
     finally:
