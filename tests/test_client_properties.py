@@ -19,7 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scripted_server import _Answer, _Token
 
-from detaudit.audit.client import CallError, Completion, StreamParser, parse_answer
+from detaudit.audit.answers import StreamParser, parse_answer
+from detaudit.audit.completion import CallError, Completion
 from detaudit.rundir.io import rows_to_table
 from detaudit.rundir.schema import SAMPLE_COLUMNS
 

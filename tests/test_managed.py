@@ -15,14 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from detaudit.audit.managed import (
-    HOST,
-    build_launch,
-    file_log,
-    managed_server,
-    redact_argv,
-    stash_log,
-)
+from detaudit.audit.launch import HOST, build_launch, redact_argv
+from detaudit.audit.managed import file_log, managed_server, stash_log
 from detaudit.errors import EndpointError, UsageError
 
 SCRIPTED = Path(__file__).resolve().parent / "scripted_server.py"

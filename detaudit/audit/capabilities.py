@@ -11,7 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from detaudit.audit.client import Api, CallResult, OpenAIClient
+from detaudit.audit.client import OpenAIClient
+from detaudit.audit.completion import Api, CallResult
 
 PROBE_PROMPT = "Reply with one word: ready."
 PROBE_MAX_TOKENS = 4
@@ -41,9 +42,19 @@ async def probe_api(
 ) -> dict[str, Any]:
     """Probe one API. `request_fields` in the result are what a run adds to each request for the best capture."""
     extra = dict(extra_body or {})
-    out: dict[str, Any] = {"ok": False, "error": None, "seed_accepted": False, "system_fingerprint": False,
-                           "logprobs": False, "top_logprobs": False, "bytes": False, "token_ids": None,
-                           "stream": False, "capture": "text", "request_fields": {}}  # fmt: skip
+    out: dict[str, Any] = {
+        "ok": False,
+        "error": None,
+        "seed_accepted": False,
+        "system_fingerprint": False,
+        "logprobs": False,
+        "top_logprobs": False,
+        "bytes": False,
+        "token_ids": None,
+        "stream": False,
+        "capture": "text",
+        "request_fields": {},
+    }
 
     def ok(res: CallResult) -> bool:
         return res.completion is not None
@@ -62,7 +73,7 @@ async def probe_api(
 
     lp = logprob_fields(api, 2)
     res = await client.call(api, _body(api, model, {**extra, **lp, "return_token_ids": True}))
-    ids_via = "return_token_ids"
+    ids_via: str | None = "return_token_ids"
     if not ok(res):  # strict servers reject unknown fields with a 400
         res = await client.call(api, _body(api, model, {**extra, **lp}))
         ids_via = None

@@ -9,7 +9,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from detaudit.audit.managed import build_launch, request_for_resume, run_managed
+from detaudit.audit.launch import build_launch
+from detaudit.audit.managed import request_for_resume, run_managed
 from detaudit.cli.run import build_request, finish_run, make_progress
 from detaudit.errors import UsageError
 from detaudit.probes.suites import load_suite
