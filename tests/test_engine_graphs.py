@@ -16,8 +16,17 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _engine(model, kernels: str) -> Engine:
-    return Engine(EngineConfig(str(model), device="cpu", dtype="bfloat16", kernels=kernels, max_batch=6,
-                               max_model_len=128, max_batched_tokens=64))  # fmt: skip
+    return Engine(
+        EngineConfig(
+            str(model),
+            device="cpu",
+            dtype="bfloat16",
+            kernels=kernels,
+            max_batch=6,
+            max_model_len=128,
+            max_batched_tokens=64,
+        )
+    )
 
 
 def _staggered(eng: Engine) -> tuple[list[Sequence], list[int]]:
@@ -32,7 +41,7 @@ def test_padded_decode_path_gives_the_same_bits_with_bundled_kernels(tiny_model_
     assert plain.runner.decode_graphs is None  # CPU: eager and unpadded by default
     ref, no_sizes = _staggered(plain)
     padded = _engine(tiny_model_dir, "batch-invariant")
-    padded.runner.decode_graphs = DecodeGraphs(padded.runner, padded.cfg.max_batch, capture=False)
+    padded.runner.decode_graphs = DecodeGraphs(padded.runner.paged_model, padded.cfg.max_batch, capture=False)
     got, sizes = _staggered(padded)
     assert not no_sizes
     assert {3, 5} <= set(sizes) and 1 in sizes  # padding rows were there (3 -> 4, 5 -> 6)
@@ -43,7 +52,8 @@ def test_padded_decode_path_gives_the_same_bits_with_bundled_kernels(tiny_model_
     assert padded.graph_replays == 0  # nothing captured on CPU: the padded forward ran eagerly
     # Padding rows wrote only the dummy block: every block the block manager hands out holds the same bits.
     n = plain.scheduler.blocks.num_blocks
-    for (k0, v0), (k1, v1) in zip(plain.runner.kv_caches, padded.runner.kv_caches, strict=True):
+    layers = zip(plain.runner.paged_model.cache.layers, padded.runner.paged_model.cache.layers, strict=True)
+    for (k0, v0), (k1, v1) in layers:
         assert torch.equal(k0[:n], k1[:n]) and torch.equal(v0[:n], v1[:n])
         assert not torch.equal(k0[n], k1[n])
 
@@ -51,7 +61,7 @@ def test_padded_decode_path_gives_the_same_bits_with_bundled_kernels(tiny_model_
 def test_padded_decode_path_runs_with_stock_kernels(tiny_model_dir):
     """Stock SDPA on CPU takes the padding rows (context 1 in the dummy block) too; tokens stay the model's."""
     padded = _engine(tiny_model_dir, "stock")
-    padded.runner.decode_graphs = DecodeGraphs(padded.runner, padded.cfg.max_batch, capture=False)
+    padded.runner.decode_graphs = DecodeGraphs(padded.runner.paged_model, padded.cfg.max_batch, capture=False)
     seqs, sizes = _staggered(padded)
     assert sizes and all(len(s.output_ids) == s.params.max_tokens for s in seqs)
     ref, _ = _staggered(_engine(tiny_model_dir, "stock"))
@@ -61,7 +71,8 @@ def test_padded_decode_path_runs_with_stock_kernels(tiny_model_dir):
 def test_dummy_block_is_outside_the_block_managers_range(tiny_model_dir):
     eng = _engine(tiny_model_dir, "stock")
     n = eng.scheduler.blocks.num_blocks
-    assert eng.runner.dummy_block == n and eng.runner.kv_caches[0][0].shape[0] == n + 1
+    cache = eng.runner.paged_model.cache
+    assert cache.dummy_block == n and cache.layers[0][0].shape[0] == n + 1
     taken = []
     while eng.scheduler.blocks.num_free:
         seq = Sequence([1], SamplingParams(max_tokens=15))
@@ -109,10 +120,10 @@ def test_the_captured_forward_reads_nothing_back_from_the_device(tiny_model_dir,
     """What a decode graph records — embedding, RoPE, KV write, norms, projections, lm_head — asks the device for
     no value on the host. (Attention is left out: its CPU paths read lengths on the host; on CUDA it reads none,
     which tests/gpu checks by capturing it.)"""
-    from detaudit.engine.model_runner import kernel_context
+    from detaudit.engine.config import kernel_context
 
     eng = _engine(tiny_model_dir, kernels)
-    graphs = DecodeGraphs(eng.runner, eng.cfg.max_batch, capture=False)
+    graphs = DecodeGraphs(eng.runner.paged_model, eng.cfg.max_batch, capture=False)
     graphs.attn_fn = lambda q, *_args: q.clone()
     graphs._fill([], 4)
     with torch.inference_mode(), kernel_context(kernels), HostReads() as reads:

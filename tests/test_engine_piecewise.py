@@ -19,12 +19,21 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 def _engine(model, kernels: str, *, piecewise: bool) -> Engine:
     """max_batched_tokens 40: prompts (about 15-20 tokens with the chat template) are chunked and share steps
     with decodes, so step sizes vary and pad to buckets 16, 24, 32 and 40."""
-    eng = Engine(EngineConfig(str(model), device="cpu", dtype="bfloat16", kernels=kernels, max_batch=6,
-                              max_model_len=128, max_batched_tokens=40))  # fmt: skip
+    eng = Engine(
+        EngineConfig(
+            str(model),
+            device="cpu",
+            dtype="bfloat16",
+            kernels=kernels,
+            max_batch=6,
+            max_model_len=128,
+            max_batched_tokens=40,
+        )
+    )
     assert eng.runner.prefill_graphs is None  # CPU: eager and unpadded by default
     if piecewise:
-        eng.runner.prefill_graphs = PiecewiseGraphs(eng.runner, eng.cfg.max_batched_tokens, capture=False)
-        eng.runner.decode_graphs = DecodeGraphs(eng.runner, eng.cfg.max_batch, capture=False)
+        eng.runner.prefill_graphs = PiecewiseGraphs(eng.runner.paged_model, eng.cfg.max_batched_tokens, capture=False)
+        eng.runner.decode_graphs = DecodeGraphs(eng.runner.paged_model, eng.cfg.max_batch, capture=False)
     return eng
 
 
@@ -50,7 +59,8 @@ def test_padded_piecewise_path_gives_the_same_bits_with_bundled_kernels(tiny_mod
         assert a.top_ids == b.top_ids and a.top_logprobs == b.top_logprobs
     assert padded.graph_replays == 0 and padded.prefill_graph_replays == 0  # CPU: nothing captured, ran eagerly
     n = plain.scheduler.blocks.num_blocks
-    for (k0, v0), (k1, v1) in zip(plain.runner.kv_caches, padded.runner.kv_caches, strict=True):
+    layers = zip(plain.runner.paged_model.cache.layers, padded.runner.paged_model.cache.layers, strict=True)
+    for (k0, v0), (k1, v1) in layers:
         assert torch.equal(k0[:n], k1[:n]) and torch.equal(v0[:n], v1[:n])
         assert not torch.equal(k0[n], k1[n])  # the padding rows wrote the dummy block
 
@@ -59,8 +69,10 @@ def test_piecewise_scoring_gives_the_same_bits_with_bundled_kernels(tiny_model_d
     """Teacher-forced scoring (rescore) through the padded piecewise path: every logprob bitwise the same."""
     plain = _engine(tiny_model_dir, "batch-invariant", piecewise=False)
     padded = _engine(tiny_model_dir, "batch-invariant", piecewise=True)
-    pairs = [(plain.encode_chat([{"role": "user", "content": t}]), [5, 9, 14, 3][: 1 + i % 4])
-             for i, t in enumerate(TEXTS[:3])]  # fmt: skip
+    pairs = [
+        (plain.encode_chat([{"role": "user", "content": t}]), [5, 9, 14, 3][: 1 + i % 4])
+        for i, t in enumerate(TEXTS[:3])
+    ]
     ref, got = plain.score(pairs), padded.score(pairs)
     assert all(len(r) == len(c) for r, (_, c) in zip(ref, pairs, strict=True))
     assert ref == got
@@ -91,11 +103,11 @@ def test_token_buckets():
 def test_the_captured_pieces_read_nothing_back_from_the_device(tiny_model_dir, kernels):
     """Every piece a prefill graph records (embedding, RoPE, norms, projections, KV write, MLP) asks the device
     for no value on the host, so capture cannot fail on a sync; attention, between pieces, is not captured."""
-    from detaudit.engine.model_runner import kernel_context
+    from detaudit.engine.config import kernel_context
 
     eng = _engine(tiny_model_dir, kernels, piecewise=True)
     graphs = eng.runner.prefill_graphs
     with torch.inference_mode(), kernel_context(kernels), HostReads() as reads:
-        for i in range(len(graphs.layers) + 1):
+        for i in range(graphs.model.num_pieces):
             graphs._piece(i, 32)
     assert reads.seen == []

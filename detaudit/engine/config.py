@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,3 +117,12 @@ def check_device_dtype(device: str, dtype: str, kernels: str) -> None:
         raise UsageError(f"unknown kernels {kernels!r}; use one of {', '.join(KERNELS)}")
     if device == "cpu" and dtype == "float16":
         raise UsageError("float16 is not supported on CPU; use bfloat16 or float32")
+
+
+def kernel_context(kernels: str) -> contextlib.AbstractContextManager:
+    """What a step runs under: `batch-invariant` installs detaudit.kernels' aten overrides, `stock` plain torch ops."""
+    if kernels == "batch-invariant":
+        from detaudit.kernels import batch_invariant
+
+        return batch_invariant()
+    return contextlib.nullcontext()

@@ -7,8 +7,8 @@ adds exactly one token to a complete prompt is padded to the next bucket size (1
 to ``max_batch``) and replayed from a graph captured once for that size; prefill and mixed steps stay eager.
 
 Padding rows are dummies: token 0 at position 0, written to and read from a KV block that the block manager never
-hands out (``dummy_block``), context length 1; their logits are ignored. With batch-invariant kernels a real row's
-bits do not depend on the rows beside it, so padding and replay give the same bits as the eager unpadded step.
+hands out (``KVCache.dummy_block``), context length 1; their logits are ignored. With batch-invariant kernels a real
+row's bits do not depend on the rows beside it, so padding and replay give the same bits as the eager unpadded step.
 
 All graphs are captured up front, largest first, into one shared memory pool: the warm-up before each capture
 compiles that size's Triton kernels and runs the kernels' one-time device checks (matmul config agreement, the
@@ -22,13 +22,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from detaudit.engine.model import StepInputs
+from detaudit.engine.config import kernel_context
+from detaudit.engine.model import AttentionInputs, PagedModel, StepInputs
 from detaudit.engine.scheduler import ScheduledBatch
 from detaudit.engine.sequence import Sequence
 from detaudit.errors import UsageError
 
 if TYPE_CHECKING:
-    from detaudit.engine.model_runner import ModelRunner
+    from torch.cuda import _POOL_HANDLE as GraphPool  # what CUDAGraph.pool() returns; torch names it privately
 
 
 def decode_buckets(max_batch: int) -> list[int]:
@@ -48,24 +49,21 @@ def is_decode_only(batch: ScheduledBatch) -> bool:
 class DecodeGraphs:
     """Static input/output buffers for padded decode steps and, when `capture`, their CUDA graphs."""
 
-    def __init__(self, runner: ModelRunner, max_batch: int, *, capture: bool) -> None:
-        # The runner's parts, not the runner: it holds this object, and a reference cycle would keep the KV cache
-        # and the graphs' memory alive until the garbage collector happens to run.
-        self.model, self.kv_caches, self.attn_fn = runner.model, runner.kv_caches, runner.attn_fn
-        self.kernels, self.device = runner.kernels, runner.device
-        self.page, self.width, self.dummy_block = runner.block_size, runner.max_blocks_per_seq, runner.dummy_block
+    def __init__(self, paged: PagedModel, max_batch: int, *, capture: bool) -> None:
+        self.model, self.cache, self.kv_caches = paged.model, paged.cache, paged.cache.layers
+        self.attn_fn, self.kernels, self.device = paged.attn_fn, paged.kernels, paged.device
         self.buckets = decode_buckets(max_batch)
-        n, dev = self.buckets[-1], runner.device
+        n, dev = self.buckets[-1], paged.device
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
         self.slot_mapping = torch.zeros(n, dtype=torch.int64, device=dev)
         self.context_lens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.block_tables = torch.zeros(n, runner.max_blocks_per_seq, dtype=torch.int32, device=dev)
+        self.block_tables = torch.zeros(n, paged.cache.max_blocks_per_seq, dtype=torch.int32, device=dev)
         self.cu_seqlens_q = torch.arange(n + 1, dtype=torch.int32, device=dev)  # one query per row, always
-        head = runner.model.lm_head.weight
+        head = paged.model.lm_head.weight
         self.logits = torch.empty(n, head.shape[0], dtype=head.dtype, device=dev)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.pool: tuple | None = None  # the graphs' memory pool, which the piecewise prefill graphs share
+        self.pool: GraphPool | None = None  # the graphs' memory pool, which the piecewise prefill graphs share
         self.replays = 0
         if capture:
             try:
@@ -95,21 +93,21 @@ class DecodeGraphs:
 
     def _fill(self, seqs: list[Sequence], bs: int) -> None:
         """Copy the step's inputs into the first `bs` rows of the static buffers; rows past the batch are dummies."""
-        page, width, dummy = self.page, self.width, self.dummy_block
+        cache = self.cache
         ids, pos, slots, ctx, tables = [], [], [], [], []
         for seq in seqs:
             p = seq.num_cached
             ids.append(seq.token_at(p))
             pos.append(p)
-            slots.append(seq.block_table[p // page] * page + p % page)
+            slots.append(cache.slot(seq.block_table, p))
             ctx.append(p + 1)
-            tables.append(seq.block_table + [0] * (width - len(seq.block_table)))
+            tables.append(cache.table_row(seq.block_table))
         pad = bs - len(seqs)
         ids += [0] * pad
         pos += [0] * pad
-        slots += [dummy * page] * pad
+        slots += [cache.dummy_slot] * pad
         ctx += [1] * pad
-        tables += [[dummy] + [0] * (width - 1)] * pad
+        tables += [cache.table_row([cache.dummy_block])] * pad
         for buf, values in (
             (self.input_ids, ids),
             (self.positions, pos),
@@ -120,19 +118,12 @@ class DecodeGraphs:
             buf[:bs].copy_(torch.tensor(values, dtype=buf.dtype), non_blocking=True)
 
     def _forward(self, bs: int) -> None:
-        inp = StepInputs(
-            positions=self.positions[:bs],
-            slot_mapping=self.slot_mapping[:bs],
-            block_tables=self.block_tables[:bs],
-            cu_seqlens_q=self.cu_seqlens_q[: bs + 1],
-            context_lens=self.context_lens[:bs],
-        )
+        attention = AttentionInputs(self.block_tables[:bs], self.cu_seqlens_q[: bs + 1], self.context_lens[:bs])
+        inp = StepInputs(positions=self.positions[:bs], slot_mapping=self.slot_mapping[:bs], attention=attention)
         self.logits[:bs] = self.model(self.input_ids[:bs], inp, self.kv_caches, self.attn_fn, None)
 
     def _capture(self) -> None:
-        from detaudit.engine.model_runner import kernel_context
-
-        pool = None
+        pool: GraphPool | None = None
         dev = self.device
         # The capture stream belongs to the current device: make that the engine's (e.g. cuda:1).
         with torch.cuda.device(dev), torch.inference_mode(), kernel_context(self.kernels):

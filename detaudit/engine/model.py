@@ -4,12 +4,19 @@ The math follows the transformers modules op for op (RMSNorm in fp32, RoPE cos/s
 logits match HF's, with q/k/v and gate/up fused into one matmul each as vLLM does. The batch layout differs: hidden
 states are [tokens, hidden] for all sequences of a step packed end to end, and attention reads a paged KV cache
 that the step's new keys/values are written into first.
+
+The forward is one sequence of pieces cut at the attention calls (``CausalLM.piece``: the embedding and layer 0's
+pre-attention, each layer's post-attention with the next one's pre-attention, the last post-attention), with
+attention (``CausalLM.attend``) between them and the final norm and lm_head (``CausalLM.logits``) after.
+``CausalLM.forward`` strings them together; the piecewise CUDA graphs capture the same pieces one by one, so the
+eager and the graph-replayed step cannot drift apart.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -17,18 +24,41 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from detaudit.engine.config import ModelSpec
+from detaudit.engine.kv_cache import KVCache
 from detaudit.errors import UsageError
+
+Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin [T, 1, head_dim] of the step's positions
+KVLayers = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (K, V) of the paged cache
+# detaudit.kernels.attention.paged_attention with its kernels mode bound:
+# (q, k_cache, v_cache, block_tables, cu_seqlens_q, context_lens, scale) -> [T, Hq, D]
+AttentionFn = Callable[..., torch.Tensor]
+
+
+class AttentionInputs(NamedTuple):
+    """Where attention finds each sequence of the packed step in the paged cache."""
+
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    cu_seqlens_q: torch.Tensor  # [B+1] int32
+    context_lens: torch.Tensor  # [B] int32, cached tokens of each sequence including this step's
 
 
 @dataclass
 class StepInputs:
-    """Everything attention needs about the packed batch of one step (built by the runner)."""
+    """Everything the forward needs about the packed batch of one step besides its token ids (built by the runner)."""
 
     positions: torch.Tensor  # [T] int64, absolute position of each token in its sequence
     slot_mapping: torch.Tensor  # [T] int64, flat cache slot each new token's K/V goes to
-    block_tables: torch.Tensor  # [B, max_blocks] int32
-    cu_seqlens_q: torch.Tensor  # [B+1] int32
-    context_lens: torch.Tensor  # [B] int32, cached tokens of each sequence including this step's
+    attention: AttentionInputs
+
+
+@dataclass
+class Carry:
+    """What one piece of the forward hands the next across an attention call."""
+
+    hidden: torch.Tensor  # [T, hidden]: the residual stream
+    rope: Rope  # gathered once, in piece 0, and used by every layer
+    q: torch.Tensor | None  # [T, Hq, D]: queries of the attention call after this piece; None after the last piece
+    attn_out: torch.Tensor | None = None  # [T, Hq, D]: that call's output, which the next piece starts from
 
 
 class RMSNorm(nn.Module):
@@ -57,6 +87,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 class Rotary(nn.Module):
     """A cos/sin table over all positions, computed exactly as HF computes it per position."""
 
+    cos: torch.Tensor
+    sin: torch.Tensor
+
     def __init__(self, spec: ModelSpec, config: Any) -> None:
         super().__init__()
         rope = config.rope_parameters  # transformers' standardized form, whatever the checkpoint's config.json says
@@ -82,9 +115,7 @@ class Rotary(nn.Module):
         return cos, sin
 
 
-def apply_rope(
-    q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rope(q: torch.Tensor, k: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
     """HF's `x * cos + rotate_half(x) * sin` on q and k side by side: elementwise, so the same bits as one at a
     time, in half the launches."""
     cos, sin = rope
@@ -106,14 +137,11 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(d, spec.rms_norm_eps)
         self.scale = d**-0.5
 
-    def forward(self, x, rope, inp: StepInputs, k_cache, v_cache, attn_fn) -> torch.Tensor:
-        q = self.project(x, rope, inp.slot_mapping, k_cache, v_cache)
-        o = attn_fn(q, k_cache, v_cache, inp.block_tables, inp.cu_seqlens_q, inp.context_lens, self.scale)
-        return self.o_proj(o.reshape(x.shape[0], -1))
-
-    def project(self, x, rope, slot_mapping: torch.Tensor, k_cache, v_cache) -> torch.Tensor:
+    def project(
+        self, x: torch.Tensor, rope: Rope, slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
         """Everything before attention: q [T, Hq, D] returned, this step's K/V written into the cache at
-        `slot_mapping` (the piecewise CUDA graphs of detaudit.engine.piecewise capture this part alone)."""
+        `slot_mapping`."""
         t, d = x.shape[0], self.spec.head_dim
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
         q = q.view(t, self.spec.num_heads, d)
@@ -148,12 +176,16 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
-    def forward(self, x, rope, inp, k_cache, v_cache, attn_fn) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, inp, k_cache, v_cache, attn_fn)
-        return self.mlp_residual(x)
+    def pre_attention(
+        self, x: torch.Tensor, rope: Rope, slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor
+    ) -> torch.Tensor:
+        """The layer's first half up to attention (input norm, qkv, q/k norm, RoPE, K/V write): its queries."""
+        return self.self_attn.project(self.input_layernorm(x), rope, slot_mapping, k_cache, v_cache)
 
-    def mlp_residual(self, x: torch.Tensor) -> torch.Tensor:
-        """The layer's second half (post-attention norm, MLP, residual add)."""
+    def post_attention(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """The rest of the layer from attention's output: o_proj and residual add, post-attention norm, MLP and
+        residual add."""
+        x = x + self.self_attn.o_proj(attn_out.reshape(x.shape[0], -1))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -175,14 +207,78 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.rotary: Rotary | None = None  # built by load_model on the real device (not the meta one)
 
-    def forward(self, input_ids, inp: StepInputs, kv_caches, attn_fn, logits_rows: torch.Tensor | None) -> torch.Tensor:
+    @property
+    def num_pieces(self) -> int:
+        """Pieces of the forward: one before each layer's attention call, and one after the last."""
+        return self.spec.num_layers + 1
+
+    def layer(self, i: int) -> DecoderLayer:
+        return cast(DecoderLayer, self.model.layers[i])
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        inp: StepInputs,
+        kv_caches: KVLayers,
+        attn_fn: AttentionFn,
+        logits_rows: torch.Tensor | None,
+    ) -> torch.Tensor:
         """Logits (model dtype) of the rows in `logits_rows` only (None: every row, as in a decode step): the
-        lm_head runs on just those rows."""
-        x = self.model.embed_tokens(input_ids)
-        rope = self.rotary(inp.positions, x.dtype)
-        for layer, (k_cache, v_cache) in zip(self.model.layers, kv_caches, strict=True):
-            x = layer(x, rope, inp, k_cache, v_cache, attn_fn)
-        return self.lm_head(self.model.norm(x if logits_rows is None else x[logits_rows]))
+        lm_head runs on just those rows. The pieces and the attention calls between them, in the order the
+        piecewise CUDA graphs (detaudit.engine.piecewise) replay them."""
+        carry = self.piece(0, None, input_ids, inp.positions, inp.slot_mapping, kv_caches)
+        for i in range(1, self.num_pieces):
+            assert carry.q is not None  # every piece but the last ends at an attention call
+            carry.attn_out = self.attend(i - 1, carry.q, kv_caches, inp.attention, attn_fn)
+            carry = self.piece(i, carry, input_ids, inp.positions, inp.slot_mapping, kv_caches)
+        return self.logits(carry.hidden, logits_rows)
+
+    def piece(
+        self,
+        i: int,
+        carry: Carry | None,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        kv_caches: KVLayers,
+    ) -> Carry:
+        """Piece i, between attention calls i-1 and i: the embedding and RoPE's cos/sin (i = 0, from `input_ids`
+        and `positions`) or layer i-1's post-attention (from `carry`), then layer i's pre-attention (none after
+        the last layer). Nothing in it reads a device value on the host, so a CUDA graph can hold it."""
+        if carry is None:
+            x = self.model.embed_tokens(input_ids)
+            assert self.rotary is not None  # load_model builds it
+            rope = self.rotary(positions, x.dtype)
+        else:
+            assert carry.attn_out is not None
+            x, rope = self.layer(i - 1).post_attention(carry.hidden, carry.attn_out), carry.rope
+        if i == self.spec.num_layers:
+            return Carry(x, rope, None)
+        k_cache, v_cache = kv_caches[i]
+        return Carry(x, rope, self.layer(i).pre_attention(x, rope, slot_mapping, k_cache, v_cache))
+
+    def attend(
+        self, i: int, q: torch.Tensor, kv_caches: KVLayers, inp: AttentionInputs, attn_fn: AttentionFn
+    ) -> torch.Tensor:
+        """Layer i's attention of `q` over the paged cache: [T, Hq, D]."""
+        k_cache, v_cache = kv_caches[i]
+        return attn_fn(q, k_cache, v_cache, *inp, self.layer(i).self_attn.scale)
+
+    def logits(self, hidden: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+        """Final norm and lm_head on the rows of `hidden` whose logits are needed (None: every row)."""
+        return self.lm_head(self.model.norm(hidden if rows is None else hidden[rows]))
+
+
+@dataclass(frozen=True)
+class PagedModel:
+    """The model with its paged KV cache, the attention over it and the kernels mode: what a step's forward runs
+    on, eager or replayed from CUDA graphs."""
+
+    model: CausalLM
+    cache: KVCache
+    attn_fn: AttentionFn
+    kernels: str  # config.KERNELS; every forward runs under config.kernel_context(kernels)
+    device: torch.device
 
 
 # Engine parameters that hold several checkpoint tensors, concatenated along the output dim in this order.

@@ -4,10 +4,11 @@ A decode-only step has one fixed shape per batch size, so graphs.py captures it 
 not: its attention depends on how the step's tokens split into sequences and on their context lengths, which
 change every step. As vLLM V1 does, the step's token count is padded to a token bucket (2^k and 1.5 x 2^k from 16,
 up to ``--max-batched-tokens``) and the model is cut at its attention calls:
-the pieces between them — embedding + layer 0's pre-attention, then for each layer its o_proj + MLP + the next
-layer's pre-attention (norm, qkv, q/k norm, RoPE, KV write), the last layer's o_proj + MLP — are captured once per
-bucket into one graph pool, and attention runs eagerly between replays on the real (unpadded) tokens. The final
-norm and the lm_head run eagerly on the rows whose logits are needed, exactly as in CausalLM.forward.
+the pieces between them — the model's own (``CausalLM.piece``: embedding + layer 0's pre-attention, then for each
+layer its o_proj + MLP + the next layer's pre-attention, the last layer's o_proj + MLP) — are captured once per
+bucket into one graph pool, and attention (``CausalLM.attend``) runs eagerly between replays on the real
+(unpadded) tokens. The final norm and the lm_head (``CausalLM.logits``) run eagerly on the rows whose logits are
+needed. These are the calls CausalLM.forward makes, in its order; only the buffers in between are this module's.
 
 Padding rows are token 0 at position 0 whose K/V go to the dummy block (see graphs.py); attention never reads
 them, and their hidden states are dropped. With batch-invariant kernels a real row's bits do not depend on the
@@ -24,10 +25,12 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from detaudit.engine.config import kernel_context
+from detaudit.engine.model import AttentionInputs, Carry, PagedModel
 from detaudit.errors import UsageError
 
 if TYPE_CHECKING:
-    from detaudit.engine.model_runner import ModelRunner
+    from torch.cuda import _POOL_HANDLE as GraphPool  # what CUDAGraph.pool() returns; torch names it privately
 
 
 def token_buckets(max_tokens: int) -> list[int]:
@@ -43,18 +46,15 @@ def token_buckets(max_tokens: int) -> list[int]:
 class PiecewiseGraphs:
     """Static buffers for padded steps with prefill and, when `capture`, one CUDA graph per (bucket, piece)."""
 
-    def __init__(self, runner: ModelRunner, max_tokens: int, *, capture: bool, pool: tuple | None = None) -> None:
-        # The runner's parts, not the runner (no reference cycle: see graphs.DecodeGraphs).
-        self.model, self.kv_caches, self.attn_fn = runner.model, runner.kv_caches, runner.attn_fn
-        self.kernels, self.device = runner.kernels, runner.device
-        self.page, self.dummy_block = runner.block_size, runner.dummy_block
-        self.layers = runner.model.model.layers
+    def __init__(self, paged: PagedModel, max_tokens: int, *, capture: bool, pool: GraphPool | None = None) -> None:
+        self.model, self.cache, self.kv_caches = paged.model, paged.cache, paged.cache.layers
+        self.attn_fn, self.kernels, self.device = paged.attn_fn, paged.kernels, paged.device
         self.buckets = token_buckets(max_tokens)
-        n, dev, spec = self.buckets[-1], runner.device, runner.model.spec
-        dtype = runner.model.lm_head.weight.dtype
+        n, dev, spec = self.buckets[-1], paged.device, paged.model.spec
+        dtype = paged.model.lm_head.weight.dtype
         self.input_ids = torch.zeros(n, dtype=torch.int64, device=dev)
         self.positions = torch.zeros(n, dtype=torch.int64, device=dev)
-        self.slot_mapping = torch.full((n,), self.dummy_block * self.page, dtype=torch.int64, device=dev)
+        self.slot_mapping = torch.full((n,), paged.cache.dummy_slot, dtype=torch.int64, device=dev)
         self.hidden = torch.zeros(n, spec.hidden_size, dtype=dtype, device=dev)
         self.q = torch.zeros(n, spec.num_heads, spec.head_dim, dtype=dtype, device=dev)
         self.attn_out = torch.zeros(n, spec.num_heads, spec.head_dim, dtype=dtype, device=dev)
@@ -79,64 +79,55 @@ class PiecewiseGraphs:
         return next(b for b in self.buckets if b >= n)
 
     def run(
-        self, ids: list[int], positions: list[int], slots: list[int], attn: tuple[torch.Tensor, ...], rows: torch.Tensor
+        self, ids: list[int], positions: list[int], slots: list[int], attention: AttentionInputs, rows: torch.Tensor
     ) -> torch.Tensor:
-        """Logits of `rows` for a step of len(ids) real tokens; `attn` is its unpadded (block_tables, cu_seqlens_q,
-        context_lens). Call under the step's kernel context."""
+        """Logits of `rows` for a step of len(ids) real tokens; `attention` is its unpadded block tables,
+        cu_seqlens_q and context lengths. Call under the step's kernel context."""
         n = len(ids)
         bs = self.bucket(n)
         pad = bs - n
         for buf, values, fill in (
             (self.input_ids, ids, 0),
             (self.positions, positions, 0),
-            (self.slot_mapping, slots, self.dummy_block * self.page),
+            (self.slot_mapping, slots, self.cache.dummy_slot),
         ):
             buf[:bs].copy_(torch.tensor(values + [fill] * pad, dtype=buf.dtype), non_blocking=True)
         replayed = False
-        for i in range(len(self.layers) + 1):
+        for i in range(self.model.num_pieces):
+            if i > 0:  # attention between pieces i-1 and i, on the real rows only
+                o = self.model.attend(i - 1, self.q[:n], self.kv_caches, attention, self.attn_fn)
+                self.attn_out[:n].copy_(o)
             graph = self.graphs.get((bs, i))
             if graph is None:
                 self._piece(i, bs)
             else:
                 graph.replay()
                 replayed = True
-            if i < len(self.layers):
-                k_cache, v_cache = self.kv_caches[i]
-                o = self.attn_fn(self.q[:n], k_cache, v_cache, *attn, self.layers[i].self_attn.scale)
-                self.attn_out[:n].copy_(o)
         self.replays += replayed
-        return self.model.lm_head(self.model.model.norm(self.hidden[rows]))
+        return self.model.logits(self.hidden, rows)
 
     def _piece(self, i: int, bs: int) -> None:
-        """Piece i over the first `bs` rows: layer i-1's second half (or the embedding, for i = 0), then layer i's
-        pre-attention (none after the last layer). The same module calls as CausalLM.forward, in the same order."""
+        """CausalLM.piece i over the first `bs` rows, from and into the static buffers."""
+        carry = None if i == 0 else Carry(self.hidden[:bs], (self.cos[:bs], self.sin[:bs]), None, self.attn_out[:bs])
+        out = self.model.piece(
+            i, carry, self.input_ids[:bs], self.positions[:bs], self.slot_mapping[:bs], self.kv_caches
+        )
+        self.hidden[:bs].copy_(out.hidden)
         if i == 0:
-            x = self.model.model.embed_tokens(self.input_ids[:bs])
-            cos, sin = self.model.rotary(self.positions[:bs], x.dtype)
-            self.cos[:bs].copy_(cos)
-            self.sin[:bs].copy_(sin)
-        else:
-            prev = self.layers[i - 1]
-            x = self.hidden[:bs] + prev.self_attn.o_proj(self.attn_out[:bs].reshape(bs, -1))
-            x = prev.mlp_residual(x)
-        self.hidden[:bs].copy_(x)
-        if i < len(self.layers):
-            layer, (k_cache, v_cache) = self.layers[i], self.kv_caches[i]
-            q = layer.self_attn.project(layer.input_layernorm(x), (self.cos[:bs], self.sin[:bs]),
-                                        self.slot_mapping[:bs], k_cache, v_cache)  # fmt: skip
-            self.q[:bs].copy_(q)
+            self.cos[:bs].copy_(out.rope[0])
+            self.sin[:bs].copy_(out.rope[1])
+        if out.q is not None:
+            self.q[:bs].copy_(out.q)
 
-    def _capture(self, pool: tuple | None) -> None:
-        from detaudit.engine.model_runner import kernel_context
-
+    def _capture(self, pool: GraphPool | None) -> None:
         dev = self.device
-        pieces = range(len(self.layers) + 1)
+        pieces = range(self.model.num_pieces)
         with torch.cuda.device(dev), torch.inference_mode(), kernel_context(self.kernels):
             for bs in reversed(self.buckets):  # largest first: smaller buckets reuse its pool memory
                 # Padding-only inputs: every K/V write goes to the dummy block.
                 self.input_ids[:bs].zero_()
                 self.positions[:bs].zero_()
-                self.slot_mapping[:bs].fill_(self.dummy_block * self.page)
+                self.slot_mapping[:bs].fill_(self.cache.dummy_slot)
                 for i in pieces:  # warm-up: compiles, one-time device checks, nothing of it inside a capture
                     self._piece(i, bs)
                 torch.cuda.synchronize(dev)
