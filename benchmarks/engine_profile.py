@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 
+from detaudit.engine.config import kernel_context
 from detaudit.engine.llm import Engine, EngineConfig
-from detaudit.engine.model_runner import kernel_context
 from detaudit.engine.sampler import sample
 from detaudit.engine.sequence import SamplingParams, Sequence
 
@@ -73,6 +73,7 @@ def profile_kernels(kernels: str, args: argparse.Namespace) -> dict[str, Any]:
     )
     res: dict[str, Any] = {"engine_start_s": round(time.perf_counter() - t0, 1), "batches": {}}
     graphs = eng.runner.decode_graphs
+    assert graphs is not None, "decode graphs are captured on CUDA"
     prompt = eng.encode_chat([{"role": "user", "content": "Tell me about Richard Feynman"}])
     params = SamplingParams(max_tokens=args.tokens, ignore_eos=True)
     for b in args.batches:
