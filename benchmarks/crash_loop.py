@@ -5,6 +5,11 @@ Kill moments cycle through three kinds: a random delay after start; the instant 
 the fold at the end). After every kill each Parquet file on disk must be readable; at the end the run must hold
 exactly N sample indices, none lost, none twice.
 
+One answer in a hundred is poisoned: a token that is a lone surrogate (JSON "\ud800"), which no UTF-8 column can
+hold. The answer parser may turn it into an error row; if it lets it through, the writer records that row as an
+`unwritable` error row and stops the run (exit 3, status failed). Either way nothing may be lost: a run that
+stopped is resumed like a killed one, until one ends complete.
+
     python benchmarks/crash_loop.py --kills 20 --n 1000
 """
 
@@ -34,10 +39,14 @@ from scripted_server import spawn  # noqa: E402
 DETAUDIT = str(Path(sys.executable).with_name("detaudit"))
 
 
+POISON = [{"token": " t0"}, {"token": "\ud800", "bytes": [0xED, 0xA0, 0x80]}, {"token": " end"}]
+MAX_FINAL_RESUMES = 20  # each resume may meet the poison again (1 % of the answers it sends)
+
+
 def start_server(tmp: Path) -> tuple[subprocess.Popen, str]:
     tokens = [f" t{i}" for i in range(48)]
-    return spawn({"completions": {"A": tokens, "B": tokens[:20] + [" fork"]},
-                  "schedules": {"crash": [["A", 99], ["B", 1]]}, "latency_s": 0.005}, tmp)  # fmt: skip
+    return spawn({"completions": {"A": tokens, "B": tokens[:20] + [" fork"], "P": POISON},
+                  "schedules": {"crash": [["A", 98], ["B", 1], ["P", 1]]}, "latency_s": 0.005}, tmp)  # fmt: skip
 
 
 def _tmp_files(out: Path, where: str) -> list[Path]:
@@ -107,8 +116,9 @@ def main() -> None:
                 first = False
                 mode = modes[kills % len(modes)]
                 moment = kill_at(proc, out, mode, rng)
-                if moment == "finished before the kill":
-                    events.append({"mode": mode, "moment": moment})
+                if moment == "finished before the kill":  # complete, or failed by the poison (exit 3)
+                    events.append({"mode": mode, "moment": moment, "exit": proc.returncode,
+                                   "status": load_manifest(out).status if (out / "manifest.json").exists() else None})
                     continue
                 kills += 1
                 raw = check_readable(out)
@@ -116,13 +126,19 @@ def main() -> None:
                 events.append({"kill": kills, "mode": mode, "moment": moment, "rows_recorded": have,
                                "raw_rows_on_disk": raw, "status": load_manifest(out).status})  # fmt: skip
                 print(json.dumps(events[-1]), flush=True)
-            final = subprocess.run(resume, capture_output=True, text=True)
+            final_codes = []
+            while len(final_codes) < MAX_FINAL_RESUMES and (not final_codes or final_codes[-1] != 0):
+                final = subprocess.run(resume, capture_output=True, text=True)
+                final_codes.append(final.returncode)
+                status = load_manifest(out).status
+                if final.returncode not in (0, 3) or (final.returncode == 3) != (status == "failed"):
+                    raise SystemExit(f"--resume exit {final.returncode} with status {status}: {final.stderr[-800:]}")
             elapsed = time.perf_counter() - started
         finally:
             server.terminate()
             server.wait()
-        if final.returncode != 0:
-            raise SystemExit(f"final --resume failed: {final.stderr[-800:]}")
+        if final_codes[-1] != 0:
+            raise SystemExit(f"no --resume completed the run in {MAX_FINAL_RESUMES}: {final.stderr[-800:]}")
         table = read_samples(out)
         idx = Counter(table.column("sample_index").to_pylist())
         expected = 2 * args.n
@@ -132,7 +148,10 @@ def main() -> None:
             "lost": len(set(range(expected)) - set(idx)), "duplicated": sum(c - 1 for c in idx.values()),
             "raw_rows_on_disk": raw_rows, "temp_files_left": len(list(out.rglob("*.tmp"))),
             "ok": sum(s == "ok" for s in table.column("status").to_pylist()),
+            "error_reasons": dict(Counter(r for r in table.column("error_reason").to_pylist() if r is not None)),
             "status": load_manifest(out).status,
+            "sessions_failed_by_the_poison": sum(e.get("status") == "failed" for e in events) + final_codes.count(3),
+            "final_resumes": len(final_codes),
             "kills_during_shard_write": sum(e.get("moment", "").startswith("during shard") for e in events),
             "kills_during_final_fold": sum(e.get("moment", "").startswith("during samples") for e in events),
             "runs_that_finished_before_their_kill": sum(e["moment"] == "finished before the kill" for e in events),

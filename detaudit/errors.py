@@ -39,3 +39,10 @@ class GateFailed(DetauditError):
     """A release gate rule failed (exit 1)."""
 
     exit_code = EXIT_GATE_FAILED
+
+
+class RecordingFailed(DetauditError):
+    """Finished rows could not be recorded as given (a shard that cannot be written, a value Parquet refuses): the
+    run stops at once, its manifest says `failed`, and `--resume` finishes it once the cause is fixed (exit 3)."""
+
+    exit_code = EXIT_ENDPOINT

@@ -5,7 +5,9 @@ engines users already run across many GPUs instead of growing a distributed runt
 127.0.0.1 only, on a free port; detaudit waits for its health endpoint, runs the normal audit through the runner's
 OpenAI-compatible pipeline, and stops the whole process group afterwards — also on Ctrl-C, SIGTERM or failure.
 
-The server's output is captured (secrets scrubbed) to RUN/server.log. A server that fails to start, or dies during
+The child inherits only an allowlist of detaudit's environment (`child_env`, docs/scale.md): never an API key or
+token. The server's output is captured to RUN/server.log through the session scrubber (every secret-looking value
+of detaudit's environment, the launch's own secrets). A server that fails to start, or dies during
 the audit, ends the command with exit 3 and the log's last lines. The manifest records the exact command line and
 the environment switches (secret-looking values masked) and the engine version the server reported.
 """
@@ -34,22 +36,30 @@ from pathlib import Path
 from typing import Any
 
 from detaudit.errors import DetauditError, EndpointError, UsageError
-from detaudit.redact import MASK, Scrubber
-from detaudit.rundir.io import load_manifest, write_manifest
-from detaudit.rundir.schema import MANIFEST_FILE, RunManifest
+from detaudit.redact import MASK, SECRET_NAME, session_scrubber
+from detaudit.rundir.io import check_out_dir, load_manifest, load_resumable, write_manifest
+from detaudit.rundir.schema import MANIFEST_FILE, SERVER_LOG, RunManifest
 from detaudit.runner import RunOutcome, RunRequest, execute_run
+from detaudit.termsafe import safe
 
 ENGINES = ("vllm", "sglang", "command")
 KERNELS = ("stock", "batch-invariant")
 HOST = "127.0.0.1"
-SERVER_LOG = "server.log"
 LOG_TAIL_LINES = 25
 # vLLM's batch-invariant mode needs an attention backend that supports it (FLASH_ATTN, TRITON_ATTN,
 # FLEX_ATTENTION; FlashInfer is excluded upstream): pin one rather than trust auto-selection of older versions.
 VLLM_BI_ATTENTION = "FLASH_ATTN"
 # Inherited variables that change kernel paths or placement: recorded (values masked if secret-looking).
 _RECORDED_ENV = re.compile(r"^(VLLM_|SGLANG_|NCCL_|CUDA_VISIBLE_DEVICES$|CUBLAS|CUBLASLT|TORCH_|PYTORCH_|HIP_|ROCR_)")
-_SECRET_NAME = re.compile(r"(key|token|secret|password|passwd|credential|auth)", re.I)
+# What a managed server inherits from detaudit's environment: what finds programs, libraries, GPUs and model caches,
+# and the engines' own switches (docs/scale.md lists them). Names that look secret are dropped even when they match
+# (VLLM_API_KEY would make the server demand a key detaudit does not send); --server-env passes anything else.
+_CHILD_ENV = re.compile(
+    r"^(PATH|HOME|USER|LOGNAME|SHELL|TERM|TZ|LANG|LANGUAGE|LC_\w+|TMPDIR|TMP|TEMP|XDG_CACHE_HOME|PYTHON\w*"
+    r"|VIRTUAL_ENV|CONDA_PREFIX|LD_LIBRARY_PATH|CUDA_\w+|NVIDIA_\w+|NCCL_\w+|CUBLAS\w*|CUDNN_\w+|TORCH\w*"
+    r"|PYTORCH_\w+|TRITON_\w+|VLLM_\w+|SGLANG_\w+|HIP_\w+|ROCR_\w+|ROCM_\w+|OMP_NUM_THREADS|MKL_\w+"
+    r"|HF_HOME|HF_HUB_CACHE|HF_HUB_OFFLINE|HF_DATASETS_OFFLINE|TRANSFORMERS_\w+)$"
+)
 _PORT_IN_USE = re.compile(r"address already in use|errno 98|eaddrinuse|port .* (is )?(already )?in use", re.I)
 _PLACEHOLDERS = ("{port}", "{host}", "{model}")
 
@@ -93,7 +103,7 @@ class LaunchSpec:
             "command": self.redacted_argv(),
             "command_line": shlex.join(self.redacted_argv()),
             "env_switches": _mask_env(self.env),
-            "inherited_env": _mask_env({k: v for k, v in os.environ.items() if _RECORDED_ENV.match(k)}),
+            "inherited_env": _mask_env({k: v for k, v in child_env({}).items() if _RECORDED_ENV.match(k)}),
             "kernels": self.kernels,
             "tensor_parallel_size": self.tensor_parallel_size,
             "attention_backend": self.attention_backend,
@@ -112,7 +122,7 @@ def redact_argv(argv: list[str]) -> list[str]:
             out.append(MASK)
             mask_next = False
             continue
-        if arg.startswith("-") and _SECRET_NAME.search(arg):
+        if arg.startswith("-") and SECRET_NAME.search(arg):
             if "=" in arg:
                 out.append(arg.split("=", 1)[0] + "=" + MASK)
             else:
@@ -134,7 +144,14 @@ def argv_secrets(argv: list[str]) -> list[str]:
 
 
 def _mask_env(env: dict[str, str]) -> dict[str, str]:
-    return {k: (MASK if _SECRET_NAME.search(k) else v) for k, v in sorted(env.items())}
+    return {k: (MASK if SECRET_NAME.search(k) else v) for k, v in sorted(env.items())}
+
+
+def child_env(switches: dict[str, str]) -> dict[str, str]:
+    """The environment a managed server starts with: the allowlisted part of detaudit's own, then the launch's
+    switches (--server-env, VLLM_BATCH_INVARIANT), which the user named and so pass whatever their names."""
+    inherited = {k: v for k, v in os.environ.items() if _CHILD_ENV.match(k) and not SECRET_NAME.search(k)}
+    return {**inherited, **switches}
 
 
 def free_port() -> int:
@@ -235,7 +252,7 @@ def build_launch(
                 argv += ["--attention-backend", attention_backend]
         argv += extra
         health = "/health"
-    secrets = argv_secrets(argv) + [v for k, v in env.items() if _SECRET_NAME.search(k)]
+    secrets = argv_secrets(argv) + [v for k, v in env.items() if SECRET_NAME.search(k)]
     return LaunchSpec(
         engine=engine,
         argv_template=argv,
@@ -279,8 +296,8 @@ def _parse_env(items: list[str]) -> dict[str, str]:
 class ManagedServer:
     """One running child server: started by `start()`, stopped (whole process group) by `stop()`.
 
-    The log is written to `log_path` as it arrives, with the launch's secrets scrubbed, and its last lines are
-    kept in memory for error messages.
+    The log is written to `log_path` as it arrives, through the session scrubber (which learns the launch's
+    secrets here), and its last lines are kept in memory for error messages.
     """
 
     def __init__(self, spec: LaunchSpec, log_path: Path) -> None:
@@ -288,7 +305,9 @@ class ManagedServer:
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
         self.tail: deque[str] = deque(maxlen=LOG_TAIL_LINES)
-        self.scrubber = Scrubber(spec.secrets)
+        self.scrubber = session_scrubber()
+        for secret in spec.secrets:
+            self.scrubber.add(secret)
         self.stopped_by_us = False
         self.version: str | None = None
         self.served_models: list[str] = []
@@ -297,7 +316,7 @@ class ManagedServer:
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
-        env = {**os.environ, **self.spec.env}
+        env = child_env(self.spec.env)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self.proc = subprocess.Popen(
@@ -375,7 +394,8 @@ class ManagedServer:
         """An exit-3 error with the log's last lines (scrubbed), for start-up failures and crashes."""
         if self._reader is not None and self.exited() is not None:
             self._reader.join(timeout=5)  # so the tail holds the child's last words
-        lines = "\n".join(f"  | {line}" for line in list(self.tail)[-LOG_TAIL_LINES:]) or "  | (no output)"
+        # Each line made terminal-safe here: the message keeps its line breaks, the child's own control codes go.
+        lines = "\n".join(f"  | {safe(line)}" for line in list(self.tail)[-LOG_TAIL_LINES:]) or "  | (no output)"
         return EndpointError(f"{what}; command: {shlex.join(self.spec.redacted_argv())}\nlast log lines:\n{lines}")
 
     def looks_like_port_clash(self) -> bool:
@@ -560,7 +580,7 @@ def run_managed(
     out = req.out
     req.validate()
     if resumed is None:
-        check_out(out, req.force)
+        check_out_dir(out, req.force)  # the runner repeats this check before it writes
     stash = stash_log(out)
     stash.unlink(missing_ok=True)
     crash: EndpointError | None = None
@@ -614,18 +634,9 @@ def _record(out: Path, facts: dict[str, Any], crash: EndpointError | None, resum
     write_manifest(out, manifest.model_copy(update={"target": target, "notes": notes}))
 
 
-def check_out(out: Path, force: bool) -> None:
-    """Refuse an occupied --out before the server starts (the runner repeats this check before writing)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        if not out.is_dir() or not force:
-            raise UsageError(f"--out {out} already exists; pass --resume to finish it or --force to replace it")
-        if not (out / MANIFEST_FILE).exists():
-            raise UsageError(f"--force refuses to clear {out}: it is not a detaudit run directory")
-
-
 def request_for_resume(out: Path, launch: LaunchSpec, *, backoff: float) -> tuple[RunRequest, RunManifest]:
-    """The interrupted managed run's request, from its manifest, aimed at the new server."""
-    manifest = load_manifest(out)
+    """The unfinished managed run's request, from its manifest, aimed at the new server."""
+    manifest = load_resumable(out)  # checked before the server starts, as `detaudit run --resume` does
     recorded = manifest.target.engine.get("engine") if manifest.target.engine.get("managed") else None
     if recorded != launch.engine:
         what = f"a managed {recorded} run" if recorded else "not a managed-engine run"
@@ -698,7 +709,6 @@ def local_managed(
     retries: int = 3,
 ) -> None:
     """`detaudit local --engine vllm|sglang|command`: parse, run the managed audit, render like `detaudit run`."""
-    import typer
     from rich.console import Console
 
     from detaudit.cli.run import build_request, finish_run, make_progress
@@ -736,10 +746,6 @@ def local_managed(
                       markup=False, soft_wrap=True)  # one line: the command stays copy-pastable
     outcome = run_managed(launch, req, startup_timeout_s=startup_timeout, make_progress=lambda: make_progress(
         err_console), resumed=manifest)  # fmt: skip
-    if outcome.interrupted:
-        err_console.print(
-            f"interrupted: the run in {outcome.run_dir} is incomplete; finish it with the same command plus "
-            f"--resume --out {shlex.quote(str(outcome.run_dir))} (without --prompt/--suite)", highlight=False
-        )
-        raise typer.Exit(130)
-    finish_run(outcome, as_json, console, err_console)
+    resume_hint = (f"the same command plus --resume --out {shlex.quote(str(outcome.run_dir))} "
+                   f"(without --prompt/--suite)")  # fmt: skip
+    finish_run(outcome, as_json, console, err_console, resume=resume_hint)

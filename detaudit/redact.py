@@ -6,14 +6,21 @@ log or an error message passes through `redact_url` (URLs) or `Scrubber.scrub` (
 
 from __future__ import annotations
 
+import base64
+import os
 import re
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from collections.abc import Mapping
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 MASK = "***"
 # Query parameters that carry credentials in the wild (Azure `api-key`, Google `key`, signed URLs, ...).
 _SECRET_QUERY = re.compile(r"(key|token|secret|password|passwd|pwd|sig|signature|auth|credential)", re.I)
+# Names of options and environment variables whose values are secrets (OPENAI_API_KEY, HF_TOKEN, --api-key, ...).
+SECRET_NAME = re.compile(r"(key|token|secret|password|passwd|credential|auth)", re.I)
 # Secrets shorter than this are not scrubbed from free text: masking "a" would mangle every message.
 _MIN_SECRET_LEN = 4
+# Values of secret-named environment variables shorter than this are flags, not secrets (TOKENIZERS_...=false).
+_MIN_ENV_SECRET_LEN = 8
 
 
 def redact_url(url: str) -> str:
@@ -42,8 +49,33 @@ def url_secrets(url: str) -> list[str]:
     except ValueError:
         return [url]
     found = [s for s in (parts.password,) if s]
+    if parts.password:
+        found.append(unquote(parts.password))
+    basic = basic_auth_token(url)
+    if basic:
+        found.append(basic)
     found += [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if v and _SECRET_QUERY.search(k)]
     return found
+
+
+def basic_auth_token(url: str) -> str | None:
+    """The base64 token of the `Authorization: Basic` header httpx derives from user:password in `url`.
+
+    It is as secret as the password and looks nothing like it: a server that echoes the header leaks it."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return None
+    if parts.username is None and parts.password is None:
+        return None
+    # httpx percent-decodes both parts and joins them with ":" (httpx._auth.BasicAuth).
+    userpass = f"{unquote(parts.username or '')}:{unquote(parts.password or '')}"
+    return base64.b64encode(userpass.encode("utf-8", "surrogateescape")).decode()
+
+
+def env_secrets(environ: Mapping[str, str]) -> list[str]:
+    """Values of the variables in `environ` whose names look secret (OPENAI_API_KEY, HF_TOKEN, AWS_SECRET_...)."""
+    return [v for k, v in environ.items() if SECRET_NAME.search(k) and len(v) >= _MIN_ENV_SECRET_LEN]
 
 
 class Scrubber:
@@ -67,3 +99,21 @@ class Scrubber:
             if s in text:
                 text = text.replace(s, MASK)
         return text
+
+
+_session: Scrubber | None = None
+
+
+def session_scrubber() -> Scrubber:
+    """The command's one Scrubber: it knows every secret-looking value of the environment, and every API key, header
+    value and URL credential the command line named (registered as they are parsed). Error lines, --debug
+    tracebacks and managed servers' logs pass through it."""
+    return _session if _session is not None else new_session()
+
+
+def new_session() -> Scrubber:
+    """Start the scrubber of a new command (the CLI entry point calls it, so commands run in one process, as tests
+    do, neither share secrets nor miss an environment that changed in between)."""
+    global _session
+    _session = Scrubber(env_secrets(os.environ))
+    return _session

@@ -15,8 +15,10 @@ import asyncio
 import contextlib
 import gc
 import json
+import math
 import os
 import platform
+import re
 import shlex
 import signal
 import sys
@@ -34,18 +36,21 @@ from urllib.parse import urlsplit
 from detaudit import __version__
 from detaudit.analysis.units import completion_key
 from detaudit.client import Api, CallError, CallResult, OpenAIClient
-from detaudit.errors import UsageError
+from detaudit.errors import RecordingFailed, UsageError
 from detaudit.probe import logprob_fields, probe_api
-from detaudit.redact import Scrubber, redact_url
+from detaudit.redact import Scrubber, redact_url, session_scrubber, url_secrets
 from detaudit.rundir.io import (
     ShardWriter,
-    finalize_samples,
-    load_manifest,
+    check_out_dir,
+    describe,
+    end_run,
+    load_resumable,
     prepare_out_dir,
     read_samples,
     write_manifest,
 )
 from detaudit.rundir.schema import ArmSpec, PromptSpec, RequestParams, RunManifest, TargetSpec
+from detaudit.userfiles import read_user_file
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"
@@ -55,6 +60,15 @@ FLUSH_ROWS = 2000
 # Requests per run: each one is a row in memory while its arm runs (the to-do list) and on disk. 10^7 is hours of
 # requests at 1000 req/s; a mistyped -n (1e20) was an out-of-memory kill instead of a message.
 MAX_SAMPLES = 10_000_000
+# A prompt file is read whole into memory: /dev/zero once grew to 7.8 GB in 10 s.
+MAX_PROMPT_FILE_BYTES = 64 * 2**20
+# --extra-body is merged into every request: deeper JSON is a mistake, and the encoders recurse.
+MAX_EXTRA_BODY_DEPTH = 64
+# Bounds that keep waits computable: 1/rate seconds between requests, and timeouts the socket layer accepts.
+MIN_RATE = 1e-3
+MAX_SECONDS = 86_400.0
+# RFC 9110 token characters: what a header name may hold.
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
 # ---------------------------------------------------------------------------- prompts
@@ -62,10 +76,7 @@ MAX_SAMPLES = 10_000_000
 
 def load_prompt_file(path: Path) -> list[PromptSpec]:
     """Plain text (the whole file is one prompt) or JSONL of {"prompt": ...} / {"messages": [...]} objects."""
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise UsageError(f"cannot read prompt file {path}: {e.strerror or e}") from None
+    raw = read_user_file(path, MAX_PROMPT_FILE_BYTES, "prompt file")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
@@ -84,6 +95,8 @@ def load_prompt_file(path: Path) -> list[PromptSpec]:
             obj = json.loads(line)
         except ValueError as e:
             raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise UsageError(f"{path}:{lineno}: JSON nested too deeply") from None
         specs.append(_prompt_entry(obj, f"{path}:{lineno}"))
     if not specs:
         raise UsageError(f"prompt file {path} holds no prompts")
@@ -140,8 +153,22 @@ def gather_prompts(
         if pid in seen:
             raise UsageError(f"prompt id {pid!r} appears twice")
         seen.add(pid)
+        texts = [pid, s.prompt or "", *(v for m in s.messages or [] for v in m.values() if isinstance(v, str))]
+        if not all(_utf8(t) for t in texts):
+            raise UsageError(f"prompt {pid!r} holds text that is not valid Unicode (a lone surrogate such as "
+                             f"\\ud800, or bytes that are not UTF-8); no server can take it")  # fmt: skip
         out.append(s.model_copy(update={"prompt_id": pid}))
     return out
+
+
+def _utf8(text: str) -> bool:
+    """Whether `text` encodes as UTF-8: a lone surrogate (a JSON "\\ud800" escape, undecodable bytes in argv) does
+    not, and httpx would raise UnicodeEncodeError from inside a worker for every request that carries it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------- arguments
@@ -165,16 +192,28 @@ def parse_concurrency(value: str) -> list[int]:
 
 
 def parse_headers(values: list[str]) -> dict[str, str]:
-    """'Name: value' pairs; the values are secrets and never leave memory."""
+    """'Name: value' pairs; the values are secrets and never leave memory (they are registered with the scrubber).
+
+    httpx sends headers as ASCII: a name outside the RFC 9110 token characters, or a value with a non-ASCII or
+    control character, fails every request (UnicodeEncodeError, or a 400 from the server), so both are refused."""
     headers: dict[str, str] = {}
     for v in values:
         name, sep, val = v.partition(":")
         name = name.strip()
         if not sep or not name or any(c.isspace() for c in name):
             raise UsageError(f"--header {name or '?'!r}: expected 'Name: value'")
-        if any(ord(c) < 32 or ord(c) == 127 for c in val.strip()):  # the server answers 400 to every request
+        if not _HEADER_NAME.fullmatch(name):
+            raise UsageError(f"--header {name!r}: a header name is ASCII letters, digits and !#$%&'*+-.^_`|~")
+        val = val.strip()
+        session_scrubber().add(val)
+        if any(ord(c) < 32 or ord(c) == 127 for c in val):  # the server answers 400 to every request
             raise UsageError(f"--header {name!r}: the value holds a control character (the value is not shown)")
-        headers[name] = val.strip()
+        if not val.isascii():
+            raise UsageError(f"--header {name!r}: the value holds a non-ASCII character; HTTP header values are "
+                             f"ASCII (the value is not shown)")  # fmt: skip
+        if any(n.lower() == name.lower() for n in headers):
+            raise UsageError(f"--header {name!r} is given twice; give each header once")
+        headers[name] = val
     return headers
 
 
@@ -183,6 +222,12 @@ def api_key_from_env(env_name: str) -> str | None:
     key = os.environ.get(env_name)
     if env_name != DEFAULT_KEY_ENV and not key:
         raise UsageError(f"--api-key-env {env_name}: that environment variable is not set")
+    if key:
+        session_scrubber().add(key)
+        if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
+            # It goes into "Authorization: Bearer KEY": httpx cannot encode it, or every request gets a 400.
+            raise UsageError(f"the API key in {env_name} holds whitespace, a control or a non-ASCII character "
+                             f"(the key is not shown)")  # fmt: skip
     return key or None
 
 
@@ -192,8 +237,13 @@ def base_url_or_default(base_url: str | None) -> str:
 
 
 def check_base_url(url: str) -> str:
-    """Refuse a base URL no request could use, before any is sent: httpx would raise InvalidURL or a bare
-    ValueError from inside a worker task (a bad port, a broken IPv6 literal), or look up an empty host name."""
+    """Refuse a base URL no request could use, before any is sent: httpx would raise InvalidURL, a bare ValueError
+    or an IDNA error from inside a worker task (a bad port, a broken IPv6 literal, a host name IDNA refuses), or
+    look up an empty host name. The URL's credentials are registered with the scrubber first."""
+    import httpx
+
+    for secret in url_secrets(url):
+        session_scrubber().add(secret)
     shown = redact_url(url)
     if not url.startswith(("http://", "https://")):
         raise UsageError(f"--base-url must start with http:// or https://, got {shown!r}")
@@ -206,21 +256,60 @@ def check_base_url(url: str) -> str:
         raise UsageError(f"--base-url {shown!r}: {e}") from None
     if not parts.hostname:
         raise UsageError(f"--base-url {shown!r} names no host")
+    try:
+        httpx.Request("GET", url)  # the parser, IDNA encoder and decoder (for the Host header) of every request
+    except (httpx.InvalidURL, ValueError) as e:  # idna.IDNAError is a UnicodeError, hence a ValueError
+        raise UsageError(f"--base-url {shown!r}: {e}") from None
     return url
 
 
+def check_credentials(base_url: str, api_key: str | None, headers: Mapping[str, str], key_env: str) -> None:
+    """Each of user:password in the URL, --header Authorization and the API key sets the Authorization header, and
+    httpx lets one silently replace another: two of them are a mistake to name, not a choice to make quietly."""
+    sources = []
+    if "@" in urlsplit(base_url).netloc:
+        sources.append("user:password in --base-url")
+    if any(name.lower() == "authorization" for name in headers):
+        sources.append("--header Authorization")
+    if api_key:
+        sources.append(f"the API key in {key_env}")
+    if len(sources) > 1:
+        hint = f" (run with {key_env}= to send no key)" if api_key else ""
+        raise UsageError(f"conflicting credentials: {' and '.join(sources)} each set the Authorization header; "
+                         f"give only one{hint}")  # fmt: skip
+
+
 def parse_extra_body(value: str | None) -> dict[str, Any]:
+    """--extra-body as a JSON object every server can parse: no NaN/Infinity (JSON has neither; httpx refuses to
+    send them), no lone surrogates, nested at most MAX_EXTRA_BODY_DEPTH deep."""
     if not value:
         return {}
+
+    def no_constant(name: str) -> Any:
+        raise UsageError(f"--extra-body holds {name}, which JSON does not allow (no server would accept it)")
+
     try:
-        obj = json.loads(value)
+        obj = json.loads(value, parse_constant=no_constant)
     except ValueError as e:
         raise UsageError(f"--extra-body is not valid JSON ({e.msg} at char {e.pos})") from None
+    except RecursionError:
+        raise UsageError(f"--extra-body is nested more than {MAX_EXTRA_BODY_DEPTH} levels deep") from None
     if not isinstance(obj, dict):
         raise UsageError("--extra-body must be a JSON object, e.g. '{\"cache_salt\": \"x\"}'")
     reserved = {"model", "messages", "prompt", "stream", "n"} & set(obj)
     if reserved:
         raise UsageError(f"--extra-body may not set {', '.join(sorted(reserved))} (use the matching option)")
+    stack: list[tuple[Any, int]] = [(obj, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_EXTRA_BODY_DEPTH:
+            raise UsageError(f"--extra-body is nested more than {MAX_EXTRA_BODY_DEPTH} levels deep")
+        if isinstance(item, dict):
+            stack += [(k, depth) for k in item] + [(v, depth + 1) for v in item.values()]
+        elif isinstance(item, list):
+            stack += [(v, depth + 1) for v in item]
+        elif isinstance(item, str) and not _utf8(item):
+            raise UsageError("--extra-body holds a lone surrogate escape (such as \\ud800): not valid Unicode")
     return obj
 
 
@@ -243,8 +332,13 @@ class RunRequest:
     resume: bool = False
     force: bool = False
     suite: str | None = None
+    key_env: str = DEFAULT_KEY_ENV  # where api_key came from, to name it in messages
 
     def validate(self) -> None:
+        """Every argument checked before the network or the disk is touched; secrets registered with the scrubber."""
+        scrubber = session_scrubber()
+        for secret in [self.api_key, *self.headers.values(), *url_secrets(self.base_url)]:
+            scrubber.add(secret)
         if self.repeats < 1:
             raise UsageError(f"-n/--repeats must be >= 1, got {self.repeats}")
         if not self.concurrency or min(self.concurrency) < 1:
@@ -256,21 +350,25 @@ class RunRequest:
         p = self.params
         if p.max_tokens is not None and p.max_tokens < 1:
             raise UsageError(f"--max-tokens must be >= 1, got {p.max_tokens}")
-        if not p.temperature >= 0:
-            raise UsageError(f"--temperature must be >= 0, got {p.temperature}")
+        if not 0 <= p.temperature < math.inf:  # JSON has no inf: every request would fail to encode
+            raise UsageError(f"--temperature must be >= 0 and finite, got {p.temperature}")
         if p.top_p is not None and not 0 < p.top_p <= 1:
             raise UsageError(f"--top-p must be in (0, 1], got {p.top_p}")
         if p.top_logprobs is not None and not 0 <= p.top_logprobs <= 20:
             raise UsageError(f"--top-logprobs must be between 0 and 20, got {p.top_logprobs}")
-        if not p.timeout_s > 0:
-            raise UsageError(f"--timeout must be > 0, got {p.timeout_s}")
+        if not 0 < p.timeout_s <= MAX_SECONDS:
+            raise UsageError(f"--timeout must be > 0 and at most {MAX_SECONDS:g} s, got {p.timeout_s}")
         if p.retries < 0:
             raise UsageError(f"--retries must be >= 0, got {p.retries}")
-        if p.rate is not None and not p.rate > 0:
-            raise UsageError(f"--rate must be > 0, got {p.rate}")
-        if not self.backoff >= 0:
-            raise UsageError(f"--backoff must be >= 0, got {self.backoff}")
+        if p.rate is not None and not MIN_RATE <= p.rate < math.inf:  # 1/rate is the wait between requests
+            raise UsageError(f"--rate must be > 0 (at least {MIN_RATE:g} requests/s, and finite), got {p.rate}")
+        if not 0 <= self.backoff <= MAX_SECONDS:
+            raise UsageError(f"--backoff must be >= 0 and at most {MAX_SECONDS:g} s, got {self.backoff}")
+        for what, text in [("--model", self.model or ""), *(("--stop", s) for s in p.stop)]:
+            if not _utf8(text):
+                raise UsageError(f"{what} holds text that is not valid Unicode (bytes that are not UTF-8)")
         check_base_url(self.base_url)
+        check_credentials(self.base_url, self.api_key, self.headers, self.key_env)
         if self.api == "completions":
             chat_only = [s.prompt_id for s in self.prompts if s.prompt is None]
             if chat_only:
@@ -295,10 +393,14 @@ class ArmTally:
 
 @dataclass
 class RunOutcome:
+    """How a run ended: its manifest (status complete, interrupted or failed) and, when failed, why."""
+
     run_dir: Path
     manifest: RunManifest
     interrupted: bool = False
     tallies: list[ArmTally] = field(default_factory=list)
+    failure: str | None = None
+    rows: int | None = None  # sample rows on disk
 
     def resume_command(self) -> str:
         cmd = f"detaudit run --resume --out {shlex.quote(str(self.run_dir))}"
@@ -389,10 +491,18 @@ class _Runner:
         # A flush awaited by a cancelled task keeps running in its thread: the lock keeps shard numbers apart.
         self._write_lock = threading.Lock()
         self.buffer: list[dict[str, Any]] = []
-        self._pending: set[asyncio.Future[None]] = set()
+        self._pending: set[asyncio.Future[str | None]] = set()
         self.stop = asyncio.Event()
+        self.current: list[asyncio.Task[Any]] = []  # the arm running now, cancelled by halt()
+        self.failure: str | None = None  # why recording failed; the run then stops and ends `failed`
         self._next_slot = 0.0
         self.capture_seen: Counter[str] = Counter()
+
+    def halt(self) -> None:
+        """Stop sending and cancel the requests in flight (Ctrl-C, SIGTERM, or a failed shard write)."""
+        self.stop.set()
+        for t in self.current:
+            t.cancel()
 
     async def _rate_wait(self) -> None:
         rate = self.manifest.params.rate
@@ -409,10 +519,11 @@ class _Runner:
             return
         rows, self.buffer = self.buffer, []
         # The write runs on in its thread even if this awaiter is cancelled (a worker or the flusher being
-        # stopped): keep it in _pending so drain() waits for it before the shards are folded.
+        # stopped): keep it in _pending so drain() waits for it before the shards are folded. Its outcome is
+        # read by _written, whoever awaits it (the flusher task's own exceptions were lost: #15).
         write = asyncio.ensure_future(asyncio.to_thread(self._write, rows))
         self._pending.add(write)
-        write.add_done_callback(self._pending.discard)
+        write.add_done_callback(self._written)
         await asyncio.shield(write)
 
     async def drain(self) -> None:
@@ -421,9 +532,24 @@ class _Runner:
         while self._pending:
             await asyncio.gather(*list(self._pending))
 
-    def _write(self, rows: list[dict[str, Any]]) -> None:
+    def _write(self, rows: list[dict[str, Any]]) -> str | None:
+        """Write one shard (in a worker thread); returns why recording failed instead of raising."""
         with self._write_lock:
-            self.writer.write(rows)
+            try:
+                self.writer.write(rows)
+            except RecordingFailed as e:
+                return str(e)
+            except Exception as e:  # noqa: BLE001 - whatever stops a shard stops the run, and says why
+                return f"cannot write {len(rows)} rows: {describe(e)}"
+        return None
+
+    def _written(self, write: asyncio.Future[str | None]) -> None:
+        """A shard write ended (on the event loop, before its awaiters resume): a failure stops the run at once."""
+        self._pending.discard(write)
+        why = "a shard write was cancelled" if write.cancelled() else write.result()
+        if why is not None:
+            self.failure = self.failure or why
+            self.halt()
 
     async def _flusher(self) -> None:
         while True:
@@ -547,9 +673,9 @@ def _new_manifest(req: RunRequest, model: str | None, probe: dict[str, Any]) -> 
 
 def request_from_manifest(out: Path, *, base_url: str | None, api_key: str | None, headers: dict[str, str],
                           stream: bool, backoff: float) -> tuple[RunRequest, RunManifest]:  # fmt: skip
-    """The request of an interrupted run, from its manifest; credentials come from the caller (never stored)."""
-    manifest = load_manifest(out)
-    read_samples(out)  # refuse corrupt or foreign Parquet before anything is written
+    """The request of an unfinished run (interrupted, failed or killed), from its manifest; credentials come from
+    the caller (never stored)."""
+    manifest = load_resumable(out)  # refuse what is not a run to trust before anything is written
     if manifest.target.kind != "endpoint":
         raise UsageError(f"{out} is a local run; resume it with the command that made it")
     recorded = manifest.target.base_url or DEFAULT_BASE_URL
@@ -613,67 +739,67 @@ async def _execute(req: RunRequest, make_progress: Callable[[], Any] | None,
             manifest = resumed.model_copy(update={"status": "started", "finished_at": None})
             run_dir = req.out or Path(".")
             _remove_stale_temp_files(run_dir)
+        # Ctrl-C from the first byte written on is the runner's (a loop callback, run at the first await, when
+        # `runner` exists): a KeyboardInterrupt in between left a run directory that still said `started`.
+        loop = asyncio.get_running_loop()
+        installed = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, lambda: runner.halt())
+                installed.append(sig)
+            except (NotImplementedError, RuntimeError, ValueError):
+                pass
         write_manifest(run_dir, manifest)
         progress = make_progress() if make_progress is not None else None
         runner = _Runner(req, manifest, run_dir, progress)
         tallies = [ArmTally(a.name, a.concurrency, len(manifest.prompts) * manifest.repeats) for a in manifest.arms]
         flusher = asyncio.create_task(runner._flusher())
-        loop = asyncio.get_running_loop()
-        current: list[asyncio.Task[Any]] = []
-
-        def on_signal() -> None:
-            runner.stop.set()
-            for t in current:
-                t.cancel()
-
-        installed = []
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, on_signal)
-                installed.append(sig)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass
-        interrupted = False
         try:
-            if progress is not None:
-                progress.start()
-            recorded = _recorded(run_dir)
-            for arm_pos, arm in enumerate(manifest.arms):
-                tally = tallies[arm_pos]
-                todo = _todo(manifest, recorded, arm_pos, tally)
-                task_id = None
+            try:
                 if progress is not None:
-                    task_id = progress.add_task(f"arm {arm.name}", total=tally.total, completed=tally.done,
-                                                errors=tally.errors, distinct=len(tally.keys))  # fmt: skip
-                if not todo:
-                    continue
-                task = asyncio.create_task(runner.run_arm(client, arm_pos, arm, todo, tally, task_id))
-                current[:] = [task]
-                try:
-                    await task
-                except asyncio.CancelledError:
-                    if not runner.stop.is_set():
-                        raise
-                if runner.stop.is_set():
-                    interrupted = True
-                    break
-        finally:
-            for sig in installed:
-                loop.remove_signal_handler(sig)
-            flusher.cancel()
-            await asyncio.gather(flusher, return_exceptions=True)
-            await runner.drain()
-            if progress is not None:
-                progress.stop()
-        if interrupted:
-            manifest = manifest.model_copy(update={"status": "interrupted", "finished_at": datetime.now(timezone.utc)})
-            write_manifest(run_dir, manifest)
-            return RunOutcome(run_dir, manifest, interrupted=True, tallies=tallies)
-        finalize_samples(run_dir)
-        manifest = _final_capture(manifest, runner.capture_seen)
-        manifest = manifest.model_copy(update={"status": "complete", "finished_at": datetime.now(timezone.utc)})
-        write_manifest(run_dir, manifest)
-        return RunOutcome(run_dir, manifest, tallies=tallies)
+                    progress.start()
+                stopped = await _run_arms(runner, client, run_dir, tallies)
+            finally:
+                for sig in installed:
+                    loop.remove_signal_handler(sig)
+                flusher.cancel()
+                await asyncio.gather(flusher, return_exceptions=True)
+                await runner.drain()
+                if progress is not None:
+                    progress.stop()
+        except Exception as e:  # a bug: the manifest still says so (failed), then the traceback path takes over
+            end_run(run_dir, manifest, interrupted=False, failure=runner.failure or f"internal error: {describe(e)}")
+            raise
+        if not stopped:
+            manifest = _final_capture(manifest, runner.capture_seen)
+        end = end_run(run_dir, manifest, interrupted=stopped, failure=runner.failure)
+        return RunOutcome(run_dir, end.manifest, interrupted=end.manifest.status == "interrupted", tallies=tallies,
+                          failure=end.failure, rows=end.rows)  # fmt: skip
+
+
+async def _run_arms(runner: _Runner, client: OpenAIClient, run_dir: Path, tallies: list[ArmTally]) -> bool:
+    """Send every sample still missing, arm after arm; returns whether the run was stopped before the end."""
+    manifest, progress = runner.manifest, runner.progress
+    recorded = _recorded(run_dir)
+    for arm_pos, arm in enumerate(manifest.arms):
+        tally = tallies[arm_pos]
+        todo = _todo(manifest, recorded, arm_pos, tally)
+        task_id = None
+        if progress is not None:
+            task_id = progress.add_task(f"arm {arm.name}", total=tally.total, completed=tally.done,
+                                        errors=tally.errors, distinct=len(tally.keys))  # fmt: skip
+        if not todo:
+            continue
+        task = asyncio.create_task(runner.run_arm(client, arm_pos, arm, todo, tally, task_id))
+        runner.current[:] = [task]
+        try:
+            await task
+        except asyncio.CancelledError:
+            if not runner.stop.is_set():
+                raise
+        if runner.stop.is_set():
+            return True
+    return runner.stop.is_set()
 
 
 def _final_capture(manifest: RunManifest, seen: Counter[str]) -> RunManifest:
@@ -689,27 +815,13 @@ def _final_capture(manifest: RunManifest, seen: Counter[str]) -> RunManifest:
     return manifest.model_copy(update={"capture": lowest, "notes": [*manifest.notes, note]})
 
 
-def _check_out(out: Path, force: bool) -> None:
-    """Refuse an occupied --out before touching the network; --force clears it only once the endpoint answered."""
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
-    if not any(out.iterdir()):
-        return
-    if not force:
-        raise UsageError(f"--out {out} already exists; pass --resume to finish it or --force to replace it")
-    if not (out / "manifest.json").exists():
-        raise UsageError(f"--force refuses to clear {out}: it is not a detaudit run directory")
-
-
 def execute_run(req: RunRequest, make_progress: Callable[[], Any] | None = None,
                 resumed: RunManifest | None = None) -> RunOutcome:  # fmt: skip
     """Validate, reach the endpoint, write the run directory; returns where it is and how it ended."""
     req.validate()
     _ensure_fd_limit(max(req.concurrency))
     if resumed is None and req.out is not None:
-        _check_out(req.out, req.force)
+        check_out_dir(req.out, req.force)  # before the network: --force clears it only once the endpoint answered
     with _gc_tuned():
         return asyncio.run(_execute(req, make_progress, resumed))
 

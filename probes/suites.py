@@ -34,9 +34,11 @@ import yaml
 
 from detaudit.errors import UsageError
 from detaudit.rundir.schema import PromptSpec
+from detaudit.userfiles import read_user_file
 
 BUNDLED_DIR = Path(__file__).resolve().parent / "suites"
 SUITE_EXTENSIONS = (".yaml", ".yml", ".jsonl")
+MAX_SUITE_FILE_BYTES = 64 * 2**20  # read whole into memory, like a prompt file
 ENTRY_KEYS = ("id", "rationale", "prompt", "messages", "max_tokens")
 TOP_KEYS = ("name", "description", "prompts")
 MESSAGE_KEYS = ("role", "content")
@@ -95,11 +97,9 @@ def load_suite_file(path: Path, *, bundled: bool = False) -> Suite:
     if path.suffix.lower() not in SUITE_EXTENSIONS:
         raise UsageError(f"{path}: suite files end in {', '.join(SUITE_EXTENSIONS)}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_user_file(path, MAX_SUITE_FILE_BYTES, "suite file").decode("utf-8")
     except UnicodeDecodeError as e:
         raise UsageError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except OSError as e:
-        raise UsageError(f"{path}: cannot read suite file ({e.strerror})") from None
     if path.suffix.lower() == ".jsonl":
         header: dict[str, tuple[Any, int]] = {}
         entries = _parse_jsonl(path, text)
@@ -166,6 +166,8 @@ def _parse_yaml(path: Path, text: str) -> tuple[dict[str, tuple[Any, int]], list
         raise UsageError(f"{where}: invalid YAML: {e.problem or e.context}") from None
     except yaml.YAMLError as e:
         raise UsageError(f"{path}: invalid YAML: {e}") from None
+    except RecursionError:
+        raise UsageError(f"{path}: YAML nested too deeply") from None
     finally:
         loader.dispose()
 
@@ -202,6 +204,8 @@ def _parse_jsonl(path: Path, text: str) -> list[Entry]:
             obj = json.loads(raw, object_pairs_hook=lambda pairs, n=lineno: _json_pairs(path, n, pairs))
         except json.JSONDecodeError as e:
             raise UsageError(f"{path}:{lineno}: invalid JSON: {e.msg} (column {e.colno})") from None
+        except RecursionError:
+            raise UsageError(f"{path}:{lineno}: JSON nested too deeply") from None
         if not isinstance(obj, dict):
             raise UsageError(f"{path}:{lineno}: each line must be one JSON object (an entry)")
         for key in obj:

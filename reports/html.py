@@ -1,6 +1,7 @@
 """The HTML report: one self-contained file (inline CSS, JS and SVG) that makes no network request.
 
-Every string that came from a model passes through jinja2 autoescaping. A Content-Security-Policy meta tag
+Every string that came from a model passes through jinja2 autoescaping, and its bidi controls (which could reorder
+what a reader sees) are drawn as visible marks, ⟨U+202E⟩. A Content-Security-Policy meta tag
 (`default-src 'none'`, the one inline script allowed by its hash) backs that up: even a string that escaped
 escaping could neither run script nor load anything.
 """
@@ -17,6 +18,7 @@ from detaudit.reports.model import Cell, Report
 from markupsafe import Markup, escape
 
 from detaudit import __version__
+from detaudit.termsafe import BIDI_CONTROLS, bidi_marker, visible_bidi
 
 _VISIBLE = {" ": "·", "\n": "↵", "\t": "→", "\r": "␍"}
 
@@ -25,9 +27,17 @@ def visible_whitespace(token: str) -> Markup:
     """A token with its whitespace drawn as faint marks, so ' New' and 'New' look different. Escapes first."""
     out = []
     for ch in token:
-        mark = _VISIBLE.get(ch)
+        mark = _VISIBLE.get(ch) or (bidi_marker(ch) if BIDI_CONTROLS.match(ch) else None)
         out.append(Markup('<span class="ws">{}</span>').format(mark) if mark else escape(ch))
     return Markup("").join(out)
+
+
+def _finalize(value: object) -> object:
+    """Every {{ expression }}: plain strings get their bidi controls made visible before autoescaping; Markup (our
+    own SVG, the `vis` filter's output) is already safe and left alone."""
+    if isinstance(value, str) and not isinstance(value, Markup):
+        return visible_bidi(value)
+    return value
 
 
 def _environment() -> jinja2.Environment:
@@ -36,6 +46,7 @@ def _environment() -> jinja2.Environment:
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=False,
+        finalize=_finalize,
     )
     env.filters["vis"] = visible_whitespace
     return env

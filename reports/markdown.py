@@ -1,7 +1,9 @@
 """The Markdown report: compact enough for a GitHub step summary or a PR comment.
 
 GitHub renders inline HTML in Markdown, so model text is HTML-escaped as well as Markdown-escaped, and
-table cells never hold a raw newline or pipe.
+table cells never hold a raw newline or pipe. An `@name` in model text would notify that GitHub user from a PR
+comment: a zero-width joiner after such an `@` keeps the text and defuses the mention. Bidi controls, which could
+reorder what a reviewer reads, are drawn as visible marks (⟨U+202E⟩).
 """
 
 from __future__ import annotations
@@ -12,19 +14,24 @@ import re
 from detaudit.reports.model import Cell, ForkNode, Report, RunInfo, shorten
 
 from detaudit.gate import GateResult
+from detaudit.termsafe import visible_bidi
 
 MAX_FORKS = 5  # fork lines per cell before "... and N more"
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f]")  # terminal escapes and the like, never useful in Markdown
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # terminal escapes and the like, never useful in Markdown
+# An @ that GitHub would read as a mention (not inside a word, followed by a name): a zero-width joiner follows it.
+_MENTION = re.compile(r"(?<![0-9A-Za-z_])@(?=[0-9A-Za-z])")
 
 
 def md_text(text: str, limit: int | None = None) -> str:
-    """Model text made inert for a Markdown table cell: HTML-escaped, pipes/backticks/brackets escaped, one line."""
+    """Model text made inert for a Markdown table cell: HTML-escaped, pipes/backticks/brackets escaped, one line,
+    no @mention, bidi controls visible."""
     if limit is not None:
         text = shorten(text, limit)
-    text = _CONTROL.sub("\ufffd", html.escape(text, quote=False))
+    text = _CONTROL.sub("\ufffd", html.escape(visible_bidi(text), quote=False))
     for ch in "\\`*_[]|#~":
         text = text.replace(ch, "\\" + ch)
-    return text.replace("\r", "").replace("\n", "↵").replace("\t", "→")
+    text = text.replace("\r", "").replace("\n", "↵").replace("\t", "→")
+    return _MENTION.sub("@\u200d", text)
 
 
 def _token(token: str) -> str:

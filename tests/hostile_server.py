@@ -401,11 +401,11 @@ class HostileServer(ScriptedServer):
                     return p.mode if p.draw() else None
         return None
 
-    async def _completion(self, api: str, req: dict[str, Any], headers: dict[str, str], send: Any) -> None:
+    async def _completion(self, api: str, req: dict[str, Any], send: Any, headers: dict[str, str]) -> None:
         key = self.prompt_key(api, req)
         mode = None if key is None else self._draw_poison(key)
         if mode is None or key is None:
-            await super()._completion(api, req, headers, send)
+            await super()._completion(api, req, send, headers)
             return
         if await self._refused(req, send):
             return

@@ -40,10 +40,12 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str) -> Result:
     return Result(code, cap.out, cap.err)
 
 
-def cli_process(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> Result:
-    """Run `detaudit ARGS` as a child process (for signals, kills and secrets in the environment)."""
+def cli_process(*args: object, env: dict[str, str] | None = None, timeout: float = 120) -> Result:
+    """Run `detaudit ARGS` as a child process (for signals, kills and secrets in the environment); a bytes argument
+    goes to argv as is (e.g. not UTF-8)."""
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
-    proc = subprocess.run([DETAUDIT, *map(str, args)], capture_output=True, text=True, env=full_env,
+    argv = [a if isinstance(a, bytes) else str(a) for a in args]
+    proc = subprocess.run([DETAUDIT, *argv], capture_output=True, text=True, env=full_env,
                           timeout=timeout)  # fmt: skip
     return Result(proc.returncode, proc.stdout, proc.stderr)
 

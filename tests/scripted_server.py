@@ -50,9 +50,10 @@ What comes back (``capture``):
 * ``"text"`` -- logprobs are ignored and come back as null (like `transformers serve`).
 
 Other options: ``api_key`` (requests without ``Authorization: Bearer <key>`` get 401), ``latency_s`` (delay per
-request), ``system_fingerprint`` (None omits it), ``apis`` (subset of ``("chat", "completions")``; the other path
-404s), ``stream`` (False: a streaming request gets 400), ``drop_logprobs_after`` (answers after that many omit
-logprobs: "logprobs missing half-way"), ``record`` (how many requests ``server.log`` keeps, default 2000).
+request), ``system_fingerprint`` (None omits it; a list is cycled through, one value per answer), ``apis`` (subset
+of ``("chat", "completions")``; the other path 404s), ``stream`` (False: a streaming request gets 400),
+``drop_logprobs_after`` (answers after that many omit logprobs: "logprobs missing half-way"), ``record`` (how many
+requests ``server.log`` keeps, default 2000).
 
 Faults (``faults=dict(...)``), decided per arrival on the completion paths only (never /v1/models):
 
@@ -65,6 +66,9 @@ Faults (``faults=dict(...)``), decided per arrival on the completion paths only 
   HTML error page).
 * ``prompts``: only requests for these prompt texts get faults (default: all), e.g. to spare the capability
   probe that `detaudit run` sends first.
+* ``message``: the error message of the ``429``/``5xx`` faults instead of ``"Injected 500"`` etc. (hostile text
+  for terminal-safety tests); ``{authorization}`` in it stands for the request's Authorization header, as a server
+  that echoes its request headers would send it.
 * ``server.stats``: counts of ``requests``, ``ok``, ``faults`` by kind, ``max_in_flight`` and ``open_connections``.
 
 Standalone (benchmarks, crash tests): ``python tests/scripted_server.py --port 0 --script script.json`` prints
@@ -160,7 +164,7 @@ class ScriptedServer:
         capture: str = "vllm",
         api_key: str | None = None,
         latency_s: float = 0.0,
-        system_fingerprint: str | None = "fp_scripted",
+        system_fingerprint: str | list[str] | None = "fp_scripted",
         apis: tuple[str, ...] | list[str] = ("chat", "completions"),
         stream: bool = True,
         drop_logprobs_after: int | None = None,
@@ -197,6 +201,7 @@ class ScriptedServer:
         self.fault_first = deque(f.pop("first", []))
         self.retry_after = float(f.pop("retry_after", 0.05))
         self.hang_s = float(f.pop("hang_s", 5.0))
+        self.fault_message: str | None = f.pop("message", None)
         prompts = f.pop("prompts", None)
         self.fault_prompts = None if prompts is None else set(prompts)
         self._fault_rng = random.Random(f.pop("seed", seed))
@@ -223,7 +228,8 @@ class ScriptedServer:
         tid = spec.get("id")
         if tid is None:
             tid = self._vocab.setdefault(text, 1000 + len(self._vocab))
-        return _Token(text, int(tid), spec.get("bytes", list(text.encode())), spec.get("logprob"))
+        bytes_ = spec["bytes"] if "bytes" in spec else list(text.encode())  # pinned: may be what UTF-8 cannot say
+        return _Token(text, int(tid), bytes_, spec.get("logprob"))
 
     def token_id(self, token: str) -> int:
         """The id the server reports for `token` (vocabulary built from the script's completions)."""
@@ -316,7 +322,7 @@ class ScriptedServer:
             await _json(send, 400, _err(f"Invalid JSON body: {e}", "invalid_request_error", None))
             return
         self.log.append({"path": path, "body": req, "headers": headers, "t": time.monotonic()})
-        await self._completion(api, req, headers, send)
+        await self._completion(api, req, send, headers)
 
     @staticmethod
     def prompt_key(api: str, req: dict[str, Any]) -> str | None:
@@ -328,7 +334,7 @@ class ScriptedServer:
             return str(msgs[-1].get("content", ""))
         return req["prompt"] if isinstance(req.get("prompt"), str) else None
 
-    async def _completion(self, api: str, req: dict[str, Any], headers: dict[str, str], send: Any) -> None:
+    async def _completion(self, api: str, req: dict[str, Any], send: Any, headers: dict[str, str]) -> None:
         key = self.prompt_key(api, req)
         if key is None:
             msg = "messages must be a non-empty list" if api == "chat" else "prompt must be a string"
@@ -337,7 +343,7 @@ class ScriptedServer:
         fault = self._draw_fault(key)
         if fault is not None:
             self.stats["faults"][fault] += 1
-            if await self._fault_before_body(fault, send):
+            if await self._fault_before_body(fault, send, headers):
                 return
         if await self._refused(req, send):
             return
@@ -397,7 +403,10 @@ class ScriptedServer:
         as_ids = self.capture == "vllm" and bool(req.get("return_tokens_as_token_ids"))
         with_ids = self.capture == "vllm" and bool(req.get("return_token_ids"))
         model = req.get("model") or self.models[0]
-        return _Answer(api, model, tokens, finish, want_lp, k, as_ids, with_ids, self.system_fingerprint)
+        fingerprint = self.system_fingerprint
+        if isinstance(fingerprint, list):
+            fingerprint = fingerprint[self.answers % len(fingerprint)]
+        return _Answer(api, model, tokens, finish, want_lp, k, as_ids, with_ids, fingerprint)
 
     def _draw_fault(self, prompt: str) -> str | None:
         if self.fault_prompts is not None and prompt not in self.fault_prompts:
@@ -409,13 +418,16 @@ class ScriptedServer:
                 return self._fault_rng.choice(self.fault_kinds)
         return None
 
-    async def _fault_before_body(self, fault: str, send: Any) -> bool:
+    async def _fault_before_body(self, fault: str, send: Any, headers: dict[str, str]) -> bool:
         """Send the fault's answer; False for the faults that happen inside a normal answer (truncated SSE)."""
+        message = None
+        if self.fault_message is not None:
+            message = self.fault_message.replace("{authorization}", headers.get("authorization", ""))
         if fault == "429":
             retry_after = {"retry-after": f"{self.retry_after:g}"}
-            await _json(send, 429, _err("Rate limit reached", "rate_limit", None), retry_after)
+            await _json(send, 429, _err(message or "Rate limit reached", "rate_limit", None), retry_after)
         elif fault in ("500", "502", "503"):
-            await _json(send, int(fault), _err(f"Injected {fault}", "server_error", None))
+            await _json(send, int(fault), _err(message or f"Injected {fault}", "server_error", None))
         elif fault == "timeout":
             await asyncio.sleep(self.hang_s)
             await _json(send, 200, {"late": True})

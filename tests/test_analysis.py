@@ -19,13 +19,18 @@ def make_run(path: Path, rows: list[dict], *, arms=(("c1", 1),), prompts=("p0",)
     """A finished run directory holding `rows` (sample_index, prompt/arm defaults and status filled in)."""
     arm_conc = dict(arms)
     full = []
-    for i, r in enumerate(rows):
-        r = {"sample_index": i, "prompt_id": prompts[0], "arm": arms[0][0], "status": "ok", **r}
-        r.setdefault("concurrency", arm_conc.get(r["arm"]))
-        full.append(r)
     per_group: dict[tuple, int] = {}
-    for r in full:
-        per_group[(r["prompt_id"], r["arm"])] = per_group.get((r["prompt_id"], r["arm"]), 0) + 1
+    for r in rows:
+        r = {"prompt_id": prompts[0], "arm": arms[0][0], "status": "ok", **r}
+        r.setdefault("concurrency", arm_conc.get(r["arm"]))
+        group = (r["prompt_id"], r["arm"])
+        r["repeat"] = per_group.get(group, 0)  # a group may hold fewer rows than N: the rest are missing
+        per_group[group] = r["repeat"] + 1
+        full.append(r)
+    repeats = max(per_group.values(), default=1)
+    arm_pos = {a: i for i, (a, _) in enumerate(arms)}
+    for r in full:  # the index formula of RunManifest.sample_index, which readers check
+        r["sample_index"] = (prompts.index(r["prompt_id"]) * len(arms) + arm_pos[r["arm"]]) * repeats + r["repeat"]
     manifest = RunManifest(
         run_id="test-run",
         tool_version="test",
@@ -35,7 +40,7 @@ def make_run(path: Path, rows: list[dict], *, arms=(("c1", 1),), prompts=("p0",)
         params=RequestParams(max_tokens=16),
         prompts=[PromptSpec(prompt_id=p, prompt=f"prompt {p}") for p in prompts],
         arms=[ArmSpec(name=a, concurrency=c) for a, c in arms],
-        repeats=max(per_group.values(), default=1),
+        repeats=repeats,
         capture=capture,
     )
     write_manifest(path, manifest)

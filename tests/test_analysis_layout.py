@@ -11,7 +11,8 @@ from test_analysis import ids_rows, make_run
 
 from detaudit.analysis import core
 from detaudit.analysis.core import encode_sequences, lcp_pairs, lcp_with
-from detaudit.analysis.summary import Limits, TableReader, analyze, summarize_run
+from detaudit.analysis.summary import Limits, TableReader, analyze, summarize, summarize_run
+from detaudit.errors import RunDirError
 from detaudit.rundir.io import (
     ROW_GROUP_ROWS,
     ShardWriter,
@@ -112,9 +113,17 @@ def test_the_default_arrow_pool_is_restored_even_when_analyses_overlap(tmp_path)
 
 
 def test_prompts_and_arms_found_only_in_the_rows(tmp_path):
-    """Rows of a prompt and an arm the manifest does not list are analysed (a missing pair was an IndexError)."""
-    rows = ids_rows([[1, 2]] * 5) + ids_rows([[1, 3]] * 2, arm="c64", concurrency=64)
-    rows += ids_rows([[4]] * 3, prompt_id="px")
-    s = summarize_run(make_run(tmp_path, rows), Limits())
+    """Rows of a prompt and an arm the manifest does not list: a run directory holding them is refused (#15), the
+    in-memory analysis still groups them (a missing pair was an IndexError)."""
+    run = make_run(tmp_path, ids_rows([[1, 2]] * 5))
+    manifest = load_manifest(run)
+    rows = [{"status": "ok", "prompt_id": "p0", "arm": "c1", "concurrency": 1, **r} for r in ids_rows([[1, 2]] * 5)]
+    rows += [{"status": "ok", "prompt_id": "p0", **r} for r in ids_rows([[1, 3]] * 2, arm="c64", concurrency=64)]
+    rows += [{"status": "ok", "arm": "c1", "concurrency": 1, **r} for r in ids_rows([[4]] * 3, prompt_id="px")]
+    table = rows_to_table([{"sample_index": i, **r} for i, r in enumerate(rows)])
+    s = summarize(manifest, table, Limits())
     shape = {(p["prompt_id"], a["arm"], a["concurrency"], a["ok"]) for p in s["prompts"] for a in p["arms"]}
     assert shape == {("p0", "c1", 1, 5), ("p0", "c64", 64, 2), ("px", "c1", 1, 3)}
+    ShardWriter(run).write([{**rows[5], "sample_index": 4}])
+    with pytest.raises(RunDirError, match="sample 4 has arm 'c64', but the manifest's sample 4 is arm 'c1'"):
+        summarize_run(run)

@@ -23,6 +23,7 @@ BASE_URLS = [
     ("http://[::1/v1", "Invalid IPv6 URL"),
     ("http:///v1", "names no host"),
     ("", "must start with http:// or https://, got ''"),
+    ("http://xn--abc-.invalid-/v1", "A-label must not end with a hyphen"),  # IDNA, from inside httpx
 ]
 
 

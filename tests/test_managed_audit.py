@@ -18,7 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from runhelp import cli
+from runhelp import cli, cli_process
 
 from detaudit.rundir.io import load_manifest, read_samples
 
@@ -83,6 +83,40 @@ def test_server_dying_mid_audit_is_exit_3_with_its_last_words(tmp_path: Path, ca
     assert "Xid 79" in (out / "server.log").read_text()
 
 
+def test_the_child_gets_only_the_environment_it_needs_and_its_log_is_scrubbed(tmp_path: Path) -> None:
+    # It inherited detaudit's whole environment (OPENAI_API_KEY, HF_TOKEN, ...), and its log was scrubbed only of
+    # the launch's own secrets.
+    secrets = {"OPENAI_API_KEY": "sk-parent-key-0123456789", "HF_TOKEN": "hf_parent_token_0123456789",
+               "AWS_SECRET_ACCESS_KEY": "aws-parent-secret-0123456789", "MY_DB_PASSWORD": "db-parent-pw-0123456789",
+               "VLLM_API_KEY": "vllm-parent-key-0123456789"}  # fmt: skip
+    needed = {"HF_HOME": str(tmp_path / "hf"), "CUDA_VISIBLE_DEVICES": "", "LC_ALL": "C.UTF-8",
+              "VLLM_LOGGING_LEVEL": "DEBUG"}  # fmt: skip
+    seen = tmp_path / "child-env.json"
+    child = tmp_path / "child.py"
+    child.write_text(
+        "import json, os, sys\n"
+        f"sys.path.insert(0, {str(TESTS)!r})\n"
+        "from scripted_server import ScriptedServer\n"
+        f"json.dump(dict(os.environ), open({str(seen)!r}, 'w'))\n"
+        # a server that read the parent's key from a config file of its own, and logs it
+        f"print('config: api key {secrets['OPENAI_API_KEY']} loaded', flush=True)\n"
+        "server = ScriptedServer(port=int(sys.argv[1])).start()\n"
+        "print('READY', flush=True)\n"
+        "server._thread.join()\n"
+    )
+    out = tmp_path / "run"
+    res = cli_process(*LOCAL, "--server-cmd", f"{PY} {child} {{port}}", "-p", "hi", "-n", 1, "--concurrency", 1,
+                      "--out", out, "--server-env", "EXTRA_TOKEN=tok-given-explicitly",
+                      env={**secrets, **needed, "UNRELATED_SETTING": "1"})  # fmt: skip
+    assert res.code == 0, res.err
+    env = json.loads(seen.read_text())
+    assert not set(secrets) & set(env) and "UNRELATED_SETTING" not in env
+    assert {k: env[k] for k in needed} == needed and env["PATH"] and env["EXTRA_TOKEN"] == "tok-given-explicitly"
+    log = (out / "server.log").read_text()
+    assert "config: api key *** loaded" in log and "READY" in log
+    assert not [v for v in secrets.values() if v in log + res.out + res.err]
+
+
 def test_startup_failure_is_exit_3_and_leaves_the_log_next_to_out(tmp_path: Path, capsys) -> None:
     script = "import sys; print('ValueError: model not found: nope'); sys.exit(1)"
     out = tmp_path / "run"
@@ -92,6 +126,13 @@ def test_startup_failure_is_exit_3_and_leaves_the_log_next_to_out(tmp_path: Path
     assert "exited with code 1 before it was ready" in res.err and "model not found: nope" in res.err
     assert not out.exists()
     assert "model not found" in (tmp_path / "run.server.log").read_text()
+
+
+def test_a_failing_servers_last_words_reach_the_terminal_escaped(tmp_path: Path, capsys) -> None:
+    script = r"import sys; print('fatal \x1b]0;pwned\x07 \u202eerror\r'); sys.exit(1)"
+    res = cli(capsys, *LOCAL, "--server-cmd", f'{PY} -c "{script}" {{port}}', "-p", "hi", "--out", tmp_path / "r")
+    assert res.code == 3 and "| fatal \\x1b]0;pwned\\x07 \\u202eerror\\r" in res.err, res.err
+    assert not any(c in res.err for c in "\x1b\x07\u202e\r")
 
 
 def test_busy_port_and_bad_options_exit_2_before_starting(tmp_path: Path, capsys) -> None:

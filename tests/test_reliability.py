@@ -110,6 +110,40 @@ def test_kill_9_then_resume_loses_and_duplicates_nothing(scripted_server, tmp_pa
     assert not (out / "shards").exists()
 
 
+def test_kill_9_with_a_poisoned_answer_in_the_stream_loses_nothing(scripted_server, tmp_path) -> None:
+    """One answer in 50 carries a lone-surrogate token. The parser may make it an error row; if it lets it through,
+    the writer keeps it as an `unwritable` error row and the run stops failed (exit 3). Kills and resumes (of
+    killed and of failed runs alike) end with every index once, and status and exit code agree each time."""
+    poison = [{"token": "\ud800", "bytes": [0xED, 0xA0, 0x80]}]
+    server = scripted_server(completions={"Q": QUEENS, "P": poison}, schedules={FEYNMAN: [("Q", 49), ("P", 1)]},
+                             latency_s=0.01)  # fmt: skip
+    out = tmp_path / "poisoned"
+    n, rng = 150, random.Random(3)
+    proc = _start("--base-url", server.base_url, "-p", FEYNMAN, "-n", n, "-c", "1,8", "--out", out)
+    for _ in range(2):
+        _wait_for(lambda: (out / "manifest.json").exists())
+        time.sleep(rng.uniform(0.3, 1.0))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        assert load_manifest(out).status in ("started", "failed", "complete")
+        assert set(Counter(read_samples(out, ["sample_index"]).column(0).to_pylist()).values()) <= {1}
+        proc = _start("--resume", "--out", out)
+    codes = []
+    for _ in range(10):  # each resume may meet the poison again
+        proc.communicate(timeout=120)
+        status = load_manifest(out).status
+        codes.append(proc.returncode)
+        assert (proc.returncode, status) in ((0, "complete"), (3, "failed")), (proc.returncode, status)
+        if proc.returncode == 0:
+            break
+        proc = _start("--resume", "--out", out)
+    assert codes[-1] == 0, codes
+    rows = _check_exactly_once(out, 2 * n)
+    assert all(row["status"] == "ok" or row["error_reason"].startswith("malformed") for row in rows)
+    assert not (out / "shards").exists()
+
+
 def test_sigint_flushes_and_prints_the_resume_command(scripted_server, tmp_path) -> None:
     server = scripted_server(completions={"Q": QUEENS}, default="Q", latency_s=0.02)
     out = tmp_path / "sigint"

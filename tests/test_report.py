@@ -220,6 +220,20 @@ def test_control_characters_from_a_model_do_not_reach_junit_or_markdown(tmp_path
     assert "\x07" not in md and "\x1b" not in md and "\ufffd\ufffd\\[31mred" in md
 
 
+def test_markdown_defuses_mentions_and_both_reports_show_bidi_controls(tmp_path):
+    # "@octocat" in a PR comment notifies that user; U+202E reverses what follows it for the reader
+    hostile = MODAL[:5] + [" @octocat \u202eevil", " ops@example.org"]
+    run = make_run(tmp_path / "bidi", {"c4\u2067": (4, [(MODAL, 3), (hostile, 1)])})
+    report = build_report(load_runs([run]))
+    md = render_markdown(report)
+    assert "@octocat" not in md and "@\u200doctocat ⟨U+202E⟩evil ops@example.org" in md  # an address is none
+    assert "\u202e" not in md and "\u2067" not in md and "c4⟨U+2067⟩" in md  # the arm name, from the run dir
+    page = render_html(report)
+    assert "\u202e" not in page and "\u2067" not in page
+    assert '<span class="ws">⟨U+202E⟩</span>evil' in page  # inside a token (the `vis` filter)
+    assert "c4⟨U+2067⟩" in page  # any other string (autoescaped expressions)
+
+
 # ---------------------------------------------------------------- CLI
 
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from runhelp import QUEENS, cli, tree_snapshot
+from runhelp import QUEENS, cli, cli_process, tree_snapshot
 from scripted_server import free_port
 
 # (case id, extra CLI args, files to create {name: bytes}, expected fragment of the message)
@@ -137,6 +138,53 @@ def test_endpoint_problems(scripted_server, capsys, tmp_path, monkeypatch) -> No
     r = cli(capsys, "run", "--base-url", no_chat.base_url, "-p", "hi", "--out", out)
     _assert_one_line_exit_2(r, "chat API")
     assert not out.exists() and not (tmp_path / "runs").exists()
+
+
+# Each crashed (exit 70, some after the run directory was made), hung, or ate memory; run as real processes, with a
+# time limit, so a hang fails the test. (case id, extra CLI args, files to create, expected fragment)
+DEEP = "[" * 100_000 + "]" * 100_000
+PROCESS_CASES = [
+    ("extra-body-nan", ["--extra-body", '{"x": NaN}'], {}, "--extra-body holds NaN"),
+    ("extra-body-infinity", ["--extra-body", '{"x": [Infinity]}'], {}, "--extra-body holds Infinity"),
+    ("extra-body-deep", ["--extra-body", '{"x": ' + "[" * 20_000 + "]" * 20_000 + "}"], {}, "nested more than 64"),
+    ("extra-body-surrogate", ["--extra-body", '{"x": "\\ud800"}'], {}, "lone surrogate"),
+    ("temperature-inf", ["--temperature", "inf"], {}, "--temperature must be >= 0 and finite, got inf"),
+    ("timeout-inf", ["--timeout", "inf"], {}, "--timeout must be > 0 and at most 86400 s, got inf"),
+    ("backoff-inf", ["--backoff", "inf"], {}, "--backoff must be >= 0 and at most 86400 s, got inf"),
+    ("rate-tiny", ["--rate", "1e-300"], {}, "--rate must be > 0 (at least 0.001 requests/s"),
+    ("rate-inf", ["--rate", "inf"], {}, "--rate must be > 0 (at least 0.001 requests/s"),
+    ("header-name-non-ascii", ["--header", "X-Tök: v"], {}, "a header name is ASCII letters"),
+    ("header-value-non-ascii", ["--header", "X-Token: s€cret"], {}, "holds a non-ASCII character"),
+    ("header-twice", ["--header", "X-A: 1", "--header", "x-a: 2"], {}, "is given twice"),
+    ("base-url-idna", ["--base-url", "http://xn--abc-.invalid-/v1"], {}, "A-label must not end with a hyphen"),
+    ("prompt-file-deep", ["--prompt-file", "deep.jsonl"], {"deep.jsonl": f'{{"prompt": {DEEP}}}\n'.encode()},
+     "deep.jsonl:1: JSON nested too deeply"),
+    ("prompt-file-surrogate", ["--prompt-file", "s.jsonl"], {"s.jsonl": b'{"prompt": "a\\udc80"}\n'},
+     "not valid Unicode"),
+    ("prompt-file-dev-zero", ["--prompt-file", "/dev/zero"], {}, "not a regular file"),
+    ("prompt-file-fifo", ["--prompt-file", "fifo"], {"fifo": None}, "not a regular file"),
+    ("prompt-file-too-large", ["--prompt-file", "big.txt"], {"big.txt": b"x" * (64 * 2**20 + 1)}, "larger than 64 MiB"),
+    ("prompt-not-utf8", ["-p", b"caf\xe9"], {}, "not valid Unicode"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case,args,files,fragment", PROCESS_CASES, ids=[c[0] for c in PROCESS_CASES])
+def test_values_that_crashed_or_hung_are_refused_up_front(case, args, files, fragment, tmp_path, monkeypatch,
+                                                         scripted_server) -> None:  # fmt: skip
+    server = scripted_server()
+    monkeypatch.chdir(tmp_path)
+    for name, data in files.items():
+        if data is None:
+            os.mkfifo(tmp_path / name)
+        else:
+            (tmp_path / name).write_bytes(data)
+    before = tree_snapshot(tmp_path)
+    if not any(a in ("-p", "--prompt-file") for a in args):
+        args = ["-p", "hi", *args]
+    r = cli_process("run", "--base-url", server.base_url, *args, "--out", tmp_path / "out", timeout=60)
+    _assert_one_line_exit_2(r, fragment)
+    assert tree_snapshot(tmp_path) == before and not (tmp_path / "runs").exists()
+    assert server.stats["requests"] == 0
 
 
 def _good_run(server, capsys, out: Path) -> None:

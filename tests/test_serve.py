@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -211,3 +212,290 @@ def test_overloaded_queue_answers_503(tiny_model_dir):
     with TestClient(create_app(engine, model_name="tiny", max_queue=0)) as client:
         r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": PROMPT, "max_tokens": 2})
     assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
+
+
+# ---------------------------------------------------------------- admission: nothing reaches the engine that it
+# cannot run, and every refusal is OpenAI's error JSON (docs/engine.md, "Admission and cancellation")
+
+ERROR_KEYS = {"message", "type", "param", "code"}
+
+
+def _error(r: httpx.Response, status: int) -> dict:
+    """The error object of an answer that must be `status` with OpenAI's error body, nothing more."""
+    assert r.status_code == status, (r.status_code, r.text)
+    assert r.headers["content-type"] == "application/json", r.headers
+    body = r.json()
+    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
+
+
+def test_poisoned_long_prompt_among_30_concurrent_requests_fails_alone(bi_server):
+    """The issue's must-show: a prompt longer than --max-model-len without max_tokens used to pass admission with a
+    negative budget and make the engine step raise, failing every request packed with it (30 of 30)."""
+    base, model = bi_server
+
+    def one(i: int) -> httpx.Response:
+        content = "word " * 600 if i == 15 else f"say {i}"  # 600 words: far past --max-model-len 512
+        body = {"model": model, "messages": [{"role": "user", "content": content}], "temperature": 0}
+        if i != 15:
+            body["max_tokens"] = 8
+        return httpx.post(f"{base}/chat/completions", json=body, timeout=300)
+
+    with cf.ThreadPoolExecutor(31) as pool:
+        answers = list(pool.map(one, range(31)))
+    assert sorted(r.status_code for r in answers) == [200] * 30 + [400]
+    err = _error(answers[15], 400)
+    assert (err["type"], err["param"], err["code"]) == ("invalid_request_error", "messages", "context_length_exceeded")
+    assert all(r.json()["choices"][0]["message"]["content"] is not None for i, r in enumerate(answers) if i != 15)
+
+
+def test_room_left_is_checked_before_admission(bi_server):
+    """--max-model-len 512: the prompt must leave room for a token, and max_tokens must fit the room left."""
+    base, model = bi_server
+
+    def post(prompt: list[int], **kw) -> httpx.Response:
+        return httpx.post(f"{base}/completions", json={"model": model, "prompt": prompt, "ignore_eos": True, **kw},
+                          timeout=120)  # fmt: skip
+
+    for prompt_len in (512, 600):  # no room at all: refused, not one token past the limit
+        err = _error(post([7] * prompt_len), 400)
+        assert (err["param"], err["code"]) == ("prompt", "context_length_exceeded")
+        assert f"the prompt has {prompt_len}" in err["message"]
+    err = _error(post([7] * 511, max_tokens=2), 400)
+    assert (err["param"], err["code"]) == ("max_tokens", "context_length_exceeded") and "at most 1" in err["message"]
+    assert _error(post([7] * 10, max_tokens=10**30), 400)["param"] == "max_tokens"
+    r = post([7] * 511)  # one token of room, no max_tokens: exactly that token
+    assert r.status_code == 200 and r.json()["usage"] == {"prompt_tokens": 511, "completion_tokens": 1,
+                                                          "total_tokens": 512}  # fmt: skip
+    r = post([7] * 510, max_tokens=2)
+    assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 512
+    chat = {"model": model, "messages": PROMPT}
+    err = _error(httpx.post(f"{base}/chat/completions", json={**chat, "max_completion_tokens": 600}), 400)
+    assert err["param"] == "max_completion_tokens"
+
+
+_BAD_REQUESTS = {
+    # messages
+    "message without content": ({"messages": [{"role": "user"}]}, "messages.0.content"),
+    "content null": ({"messages": [{"role": "user", "content": None}]}, "messages.0.content"),
+    "content a number": ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
+    "content an object": ({"messages": [{"role": "user", "content": {"text": "x"}}]}, "messages.0.content"),
+    "image content part": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+                           "messages.0.content"),
+    "text part without text": ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages.0.content"),
+    "lone surrogate": ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages.0.content"),
+    "unknown role": ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+    "tool role": ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
+    "no role": ({"messages": [{"content": "x"}]}, "messages.0.role"),
+    "message a string": ({"messages": ["hello"]}, "messages.0"),
+    "messages a string": ({"messages": "hello"}, "messages"),
+    "messages an object": ({"messages": {"role": "user", "content": "x"}}, "messages"),
+    "messages empty": ({"messages": []}, "messages"),
+    "no messages": ({"messages": ...}, "messages"),  # ... drops the field
+    # sampling fields of the wrong type or out of range
+    "temperature a string": ({"temperature": "0.5"}, "temperature"),
+    "temperature too high": ({"temperature": 3}, "temperature"),
+    "top_p zero": ({"top_p": 0}, "top_p"),
+    "max_tokens zero": ({"max_tokens": 0}, "max_tokens"),
+    "max_tokens negative": ({"max_tokens": -5}, "max_tokens"),
+    "max_tokens a float": ({"max_tokens": 5.0}, "max_tokens"),
+    "max_tokens a bool": ({"max_tokens": True}, "max_tokens"),
+    "max_completion_tokens zero": ({"max_completion_tokens": 0}, "max_completion_tokens"),
+    "seed a string": ({"seed": "1"}, "seed"),
+    "stream a string": ({"stream": "yes"}, "stream"),
+    "stream_options.include_usage a string": ({"stream_options": {"include_usage": "yes"}},
+                                              "stream_options.include_usage"),
+    "stop a number": ({"stop": 5}, "stop"),
+    "five stops": ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    "top_logprobs too many": ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    "model a number": ({"model": 123}, "model"),
+    # what the engine cannot do is refused, not ignored
+    "n=2": ({"n": 2}, "n"),
+    "n=0": ({"n": 0}, "n"),
+    "presence_penalty": ({"presence_penalty": 0.5}, "presence_penalty"),
+    "logit_bias": ({"logit_bias": {"5": 100}}, "logit_bias"),
+    "tools": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    "json response_format": ({"response_format": {"type": "json_object"}}, "response_format"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("fields,param", list(_BAD_REQUESTS.values()), ids=list(_BAD_REQUESTS))
+def test_malformed_chat_request_is_400_in_openai_shape(bi_server, fields, param):
+    base, model = bi_server
+    body = {k: v for k, v in {"model": model, "messages": PROMPT, "max_tokens": 2, **fields}.items() if v is not ...}
+    with httpx.Client(timeout=60) as client:
+        raw = json.dumps(body).encode()  # ASCII-escaped: httpx's json= cannot encode the lone surrogate
+        err = _error(client.post(f"{base}/chat/completions", content=raw, headers={"content-type": "application/json"}),
+                     400)  # fmt: skip
+        assert (err["type"], err["param"]) == ("invalid_request_error", param), err
+        # the connection was answered, not reset, and the server still serves on it
+        assert client.post(f"{base}/chat/completions", json={"model": model, "messages": PROMPT,
+                                                             "max_tokens": 1}).status_code == 200  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "body,param",
+    [(b"{not json", None), (b"", None), (b"[1, 2]", None), (b'"text"', None), (b"null", None),
+     (b'{"model": "m", "prompt": "\\ud800"}', "prompt"), (b'{"model": "m", "prompt": [[1, 2]]}', "prompt"),
+     (b'{"model": "m", "prompt": [-1]}', "prompt"), (b'{"model": "m", "prompt": []}', "prompt"),
+     (b'{"model": "m", "prompt": ["a", "b"]}', "prompt"), (b'{"model": "m", "prompt": "x", "echo": true}', "echo"),
+     (b'{"model": "m", "prompt": "x", "logprobs": true}', "logprobs"),
+     (b'{"model": "m", "prompt": "x", "temperature": NaN}', "temperature")],
+)  # fmt: skip
+def test_malformed_completion_body_is_400_in_openai_shape(bi_server, body, param):
+    base, model = bi_server
+    body = body.replace(b'"m"', json.dumps(model).encode())
+    r = httpx.post(f"{base}/completions", content=body, headers={"content-type": "application/json"}, timeout=60)
+    assert _error(r, 400)["param"] == param
+
+
+def test_developer_role_and_text_parts_are_accepted(bi_server):
+    """`developer` (OpenAI's newer `system`) and a list of text parts, as current SDKs send them, render as the
+    system message and the parts joined by newlines would."""
+    base, model = bi_server
+    parts = [{"type": "text", "text": "def fibonacci"}, {"type": "text", "text": "(n):"}]
+
+    def prompt_ids(messages: list[dict]) -> list[int]:
+        body = {"model": model, "messages": messages, "max_tokens": 1, "presence_penalty": 0, "tool_choice": "none",
+                "return_token_ids": True}  # fmt: skip
+        r = httpx.post(f"{base}/chat/completions", json=body, timeout=60)
+        assert r.status_code == 200, r.text
+        return r.json()["prompt_token_ids"]
+
+    new = prompt_ids([{"role": "developer", "content": "Be brief."}, {"role": "user", "content": parts}])
+    old = prompt_ids([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def fibonacci\n(n):"}])
+    assert new == old
+
+
+# ---------------------------------------------------------------- one request never fails another; a client that
+# leaves frees its seat. The app runs under uvicorn on 127.0.0.1 in this process, so the test can see the engine.
+
+POISON = 13  # a completions prompt starting with this token id makes the engine's forward raise (fault injected)
+
+
+@pytest.fixture(scope="module")
+def local_server(tiny_model_dir: Path) -> Iterator[tuple[str, Any, list]]:
+    """(base URL, engine, every sequence admitted) of `detaudit serve`'s app on 127.0.0.1, batch-invariant kernels,
+    4 seats, --max-model-len 2048, with a fault injected: a step holding a POISON prompt records its tokens, then
+    raises (so recovery must also undo what the failed step wrote)."""
+    import threading
+
+    import torch
+    import uvicorn
+
+    from detaudit.engine.llm import Engine, EngineConfig
+    from detaudit.engine.server import create_app
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    engine = Engine(EngineConfig(str(tiny_model_dir), kernels="batch-invariant", max_batch=4, max_batched_tokens=64,
+                                 max_model_len=2048))  # fmt: skip
+    step, add, admitted = engine.runner.step, engine.add, []
+
+    def faulty_step(batch, eos_ids):
+        step(batch, eos_ids)
+        if any(s.prompt_ids[0] == POISON for s in batch.seqs):
+            raise IndexError("injected fault")
+
+    def recording_add(seq):
+        admitted.append(seq)
+        return add(seq)
+
+    engine.runner.step, engine.add = faulty_step, recording_add
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, model_name="tiny"), host="127.0.0.1", port=free_port(),
+                                           log_level="error"))  # fmt: skip
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the in-process server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.config.port}", engine, admitted
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        torch.set_num_threads(threads)
+
+
+def test_a_step_that_raises_fails_only_the_request_that_raises(local_server):
+    """Defence in depth: were a request to make the forward raise anyway, the engine reruns the step one sequence
+    at a time; only the one that raises alone fails (500, OpenAI's shape), the others get the very tokens they get
+    without the fault (batch-invariant kernels), and the server goes on serving."""
+    base, engine, _ = local_server
+    prompt = [5, 6, 7, 8, 9, 10]
+
+    def one(i: int) -> httpx.Response:
+        ids = [POISON, *prompt] if i == 7 else prompt
+        return httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 6,
+                          "temperature": 0, "ignore_eos": True, "return_token_ids": True}, timeout=300)  # fmt: skip
+
+    alone = one(0).json()["choices"][0]["token_ids"]
+    with cf.ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, range(16)))
+    err = _error(answers[7], 500)
+    assert err["type"] == "server_error" and "IndexError: injected fault" in err["message"]
+    assert [r.status_code for i, r in enumerate(answers) if i != 7] == [200] * 15
+    assert all(r.json()["choices"][0]["token_ids"] == alone for i, r in enumerate(answers) if i != 7)
+    assert httpx.get(f"{base}/health").json() == {"status": "ok", "running": 0, "waiting": 0}
+    assert engine.scheduler.blocks.num_free == engine.scheduler.blocks.num_blocks  # nothing leaked
+
+
+def test_the_engine_refuses_what_a_step_could_not_run(local_server):
+    """Behind the server's checks, Engine.add refuses on its own: the issue's poison was a prompt 5 tokens past the
+    limit with max_tokens -5, whose reservation (prompt + max_tokens) looked exactly full."""
+    from detaudit.engine.sequence import SamplingParams, Sequence
+    from detaudit.errors import UsageError
+
+    _, engine, _ = local_server
+    limit = engine.max_model_len
+    for prompt, max_tokens, why in [([5] * (limit + 5), -5, "max_tokens must be at least 1"),
+                                    ([5] * limit, 0, "max_tokens must be at least 1"),
+                                    ([5, engine.spec.vocab_size], 1, "outside the model's vocabulary"),
+                                    ([5, -1], 1, "outside the model's vocabulary"),
+                                    ([5] * limit, 1, "exceeds the engine's max model length")]:  # fmt: skip
+        with pytest.raises(UsageError, match=why):
+            engine.add(Sequence(prompt, SamplingParams(max_tokens=max_tokens)))
+    assert not engine.scheduler.waiting
+
+
+def test_unexpected_handler_error_is_a_json_500(local_server, monkeypatch):
+    base, engine, _ = local_server
+    monkeypatch.setattr(engine, "encode_text", lambda _text: 1 / 0)
+    r = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "x"}, timeout=60)
+    err = _error(r, 500)
+    assert err["type"] == "server_error" and "ZeroDivisionError" in err["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_clients_that_leave_free_their_seats(local_server, stream):
+    """4 clients take every seat with 2000-token requests, then drop their connections: their sequences are aborted
+    (a non-streamed one used to run to its end while the next request waited, 29.5 s after 200 such clients), so a
+    fresh request is served at once, long before the dropped ones could have finished."""
+    base, engine, admitted = local_server
+    port = int(base.rsplit(":", 1)[1])
+    body = json.dumps({"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2000, "temperature": 0,
+                       "ignore_eos": True, "stream": stream}).encode()  # fmt: skip
+    head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
+    before = len(admitted)
+    socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
+    for s in socks:
+        s.sendall(head.encode() + b"\r\n\r\n" + body)
+    deadline = time.monotonic() + 60
+    while httpx.get(f"{base}/health").json()["running"] < 4:
+        assert time.monotonic() < deadline, "the four requests never ran"
+        time.sleep(0.02)
+    dropped = admitted[before:]
+    for s in socks:
+        s.close()
+    t0 = time.monotonic()
+    r = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4,
+                                                   "ignore_eos": True}, timeout=60)  # fmt: skip
+    waited = time.monotonic() - t0
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+    assert [s.finish_reason for s in dropped] == ["abort"] * 4
+    assert all(len(s.output_ids) < 2000 for s in dropped)
+    assert waited < 20, waited
+    assert httpx.get(f"{base}/health").json() == {"status": "ok", "running": 0, "waiting": 0}
+    assert engine.scheduler.blocks.num_free == engine.scheduler.blocks.num_blocks

@@ -147,3 +147,21 @@ def test_docs_explain_every_bundled_prompt() -> None:
         assert f"### `{s.name}`" in doc
         for p in s.prompts:
             assert f"| `{p.prompt_id}` |" in doc, f"docs/suites.md does not explain {s.name}/{p.prompt_id}"
+
+
+def test_hostile_suite_files_are_one_clear_error(tmp_path: Path) -> None:
+    """Nesting past the parsers' recursion, a FIFO (would block the open) and a device (endless) are refused."""
+    import os
+
+    deep_jsonl = tmp_path / "deep.jsonl"
+    deep_jsonl.write_text('{"id": "a", "prompt": "x", "rationale": ' + "[" * 100_000 + "]" * 100_000 + "}\n")
+    deep_yaml = tmp_path / "deep.yaml"
+    deep_yaml.write_text("prompts:\n  - id: a\n    prompt: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    cases = {deep_jsonl: "nested too deeply", deep_yaml: "nested too deeply", fifo: "not a regular file"}
+    for path, message in cases.items():
+        with pytest.raises(UsageError, match=message):
+            load_suite_file(path)
+    with pytest.raises(UsageError, match="not a file"):
+        load_suite("/dev/zero")

@@ -17,11 +17,23 @@ from detaudit.analysis.core import Sequences
 
 PREFIX_DISPLAY_CHARS = 80
 ELLIPSIS = "…"
+# A completion's text in the summary: its first 6 KiB and last 2 KiB of characters (a 10 MB answer kept whole was
+# 10 MB of summary.json and report per distinct completion, #15); its full length is given beside it.
+TEXT_HEAD_CHARS, TEXT_TAIL_CHARS = 6144, 2048
+TOKEN_DISPLAY_CHARS = 256  # one token shown at a fork or in a context (a server may send a megabyte "token")
 
 
 def shorten_tail(text: str, limit: int = PREFIX_DISPLAY_CHARS) -> str:
     """Keep the end of a prefix (the part next to the fork), marking the cut with an ellipsis."""
     return text if len(text) <= limit else ELLIPSIS + text[-(limit - 1) :]
+
+
+def clip_text(text: str, head: int = TEXT_HEAD_CHARS, tail: int = TEXT_TAIL_CHARS) -> str:
+    """A long text as its start and its end, the cut marked with how many characters it dropped."""
+    cut = len(text) - head - tail
+    if cut <= 0:
+        return text
+    return f"{text[:head]}{ELLIPSIS}[{cut} characters cut]{ELLIPSIS}{text[len(text) - tail :]}"
 
 
 def _utf8_missing(data: bytes) -> tuple[int, int]:
@@ -87,7 +99,11 @@ class Decoder:
         return shorten_tail("".join(f"<id:{i}>" for i in ids))
 
     def token(self, u: int, position: int) -> str:
-        """The unit at `position` of completion u ("" when u ends there), with a split character made whole."""
+        """The unit at `position` of completion u ("" when u ends there), with a split character made whole, clipped
+        to TOKEN_DISPLAY_CHARS."""
+        return clip_text(self._token(u, position), TOKEN_DISPLAY_CHARS // 2, TOKEN_DISPLAY_CHARS // 2)
+
+    def _token(self, u: int, position: int) -> str:
         if position >= self.seqs.lens[u]:
             return ""
         if self.seqs.source == "text":

@@ -1,6 +1,8 @@
 """Terminal rendering of a summary (detaudit.summary/1) and of a comparison (detaudit.compare/1) with rich.
 
 Renders from the JSON documents only, so what the terminal shows is exactly what --json and summary.json say.
+Every string in them came from a server or a run directory: names pass `safe`, completion text `quoted` (control
+and bidi characters escaped either way), and none is read as rich markup.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from detaudit.termsafe import quoted, safe
 
 FORKS_SHOWN = 3  # per arm, in the terminal; the JSON has them all (up to the summary's limits)
 PROMPT_SHOWN = 48  # characters of the prompt shown beside its id
@@ -30,13 +34,13 @@ def _short(text: str, limit: int = PROMPT_SHOWN) -> str:
 
 
 def _branch_text(branch: dict[str, Any]) -> str:
-    return "⟂ (ended)" if branch["token"] == "" else repr(branch["token"])
+    return "⟂ (ended)" if branch["token"] == "" else quoted(branch["token"])
 
 
 def _fork_line(fork: dict[str, Any]) -> Text:
     line = Text(f"  @{fork['position']:<5} ", style="bold")
     line.append(f"({fork['prefix_count']} through) ", style="dim")
-    line.append(repr(fork["prefix"][-40:]), style="cyan")
+    line.append(quoted(fork["prefix"][-40:]), style="cyan")
     line.append(" → ")
     parts = [f"{_branch_text(b)} ×{b['count']}" for b in fork["branches"]]
     if fork["branches_total"] > len(fork["branches"]):
@@ -65,7 +69,7 @@ def _arm_table(prompt: dict[str, Any]) -> Table:
         fd = arm["first_divergence"]
         first = "–" if fd["min"] is None else f"{fd['min']}/{fd['median']}"
         table.add_row(
-            Text(arm["arm"]),
+            Text(safe(arm["arm"])),
             str(arm["concurrency"]),
             f"{arm['ok']}/{arm['n']}",
             str(arm["errors"]),
@@ -86,7 +90,7 @@ def _miss_hint(arm: dict[str, Any]) -> Text | None:
     miss = st["miss_probability"]["0.01"]
     need = st["samples_needed95"]["0.01"]
     return Text(
-        f"  {arm['arm']}: {arm['ok']} agreeing samples; a 1% divergence would go unseen with probability "
+        f"  {safe(arm['arm'])}: {arm['ok']} agreeing samples; a 1% divergence would go unseen with probability "
         f"{_pct(miss, 2)} ({need} samples catch it 95% of the time)",
         style="dim",
     )
@@ -96,27 +100,29 @@ def render_summary(summary: dict[str, Any], console: Console) -> None:
     """Print the run summary: per prompt an arm table, the first forks and the verdict; then cross-prompt figures."""
     detail = summary["unit_detail"]
     samples = summary["samples"]
-    head = Text(f"run {summary['run_id']}", style="bold")
-    head.append(f"  model {summary.get('model') or '?'}  ·  {summary['run_status']}", style="dim")
+    head = Text(f"run {safe(summary['run_id'])}", style="bold")
+    head.append(f"  model {safe(summary.get('model') or '?')}  ·  {safe(summary['run_status'])}", style="dim")
     console.print(head)
     console.print(
-        f"compared as {detail['compared_as']} (unit: {summary['unit']}, positions in {detail['positions']}); "
-        f"{samples['ok']} ok, {samples['errors']} errors of {samples['rows']} rows ({samples['expected']} expected)",
-        highlight=False,
+        Text(
+            f"compared as {detail['compared_as']} (unit: {summary['unit']}, positions in {detail['positions']}); "
+            f"{samples['ok']} ok, {samples['errors']} errors of {samples['rows']} rows ({samples['expected']} "
+            f"expected)"
+        )
     )
     for prompt in summary["prompts"]:
         console.print()
-        title = Text(f"prompt {prompt['prompt_id']}", style="bold")
+        title = Text(f"prompt {safe(prompt['prompt_id'])}", style="bold")
         if prompt.get("prompt"):
-            title.append(f" {_short(prompt['prompt'])!r}")
+            title.append(f" {quoted(_short(prompt['prompt']))}")
         title.append(": ", style="bold")
-        title.append(prompt["verdict"], style=_VERDICT_STYLE.get(prompt["verdict"], "bold"))
-        title.append(f" — {prompt['verdict_reason']}", style="dim")
+        title.append(safe(prompt["verdict"]), style=_VERDICT_STYLE.get(prompt["verdict"], "bold"))
+        title.append(f" — {safe(prompt['verdict_reason'])}", style="dim")
         console.print(title)
         console.print(_arm_table(prompt))
         for arm in prompt["arms"]:
             if arm["forks"]:
-                console.print(Text(f"  forks in {arm['arm']}:", style="bold"))
+                console.print(Text(f"  forks in {safe(arm['arm'])}:", style="bold"))
                 for fork in arm["forks"][:FORKS_SHOWN]:
                     console.print(_fork_line(fork))
                 if arm["forks_total"] > FORKS_SHOWN:
@@ -127,7 +133,7 @@ def render_summary(summary: dict[str, Any], console: Console) -> None:
             for fp in arm.get("system_fingerprints") or []:
                 console.print(
                     Text(
-                        f"  system_fingerprint {fp['system_fingerprint']}: n={fp['n']} unique={fp['unique']} "
+                        f"  system_fingerprint {safe(fp['system_fingerprint'])}: n={fp['n']} unique={fp['unique']} "
                         f"modal {_pct(fp['modal_share'])}"
                     )
                 )
@@ -141,27 +147,33 @@ def render_summary(summary: dict[str, Any], console: Console) -> None:
             )
         )
         for arm in ag["by_arm"]:
-            console.print(Text(f"  {arm['arm']}: {arm['all_identical']}/{arm['prompts']} ({_pct(arm['share'])})"))
+            console.print(Text(f"  {safe(arm['arm'])}: {arm['all_identical']}/{arm['prompts']} ({_pct(arm['share'])})"))
         for fp in ag.get("by_system_fingerprint") or []:
             console.print(
-                Text(f"  system_fingerprint {fp['system_fingerprint']}: {fp['all_identical']}/{fp['prompts']}")
+                Text(f"  system_fingerprint {safe(fp['system_fingerprint'])}: {fp['all_identical']}/{fp['prompts']}")
             )
         if summary["earliest_fork"]:
             ef = summary["earliest_fork"]
-            console.print(Text(f"earliest fork: prompt {ef['prompt_id']}, arm {ef['arm']}, position {ef['position']}"))
+            console.print(
+                Text(f"earliest fork: prompt {safe(ef['prompt_id'])}, arm {safe(ef['arm'])}, position {ef['position']}")
+            )
 
 
 def render_compare(result: dict[str, Any], console: Console) -> None:
     """Print a comparison of two runs: setup differences, then per prompt whether the modal completions agree."""
     a, b = result["a"], result["b"]
-    console.print(Text(f"A {a['run_id']} ({a['model']})  vs  B {b['run_id']} ({b['model']})", style="bold"))
-    console.print(Text(f"compared as {result['compared_as']}"))
+    console.print(
+        Text(
+            f"A {safe(a['run_id'])} ({safe(a['model'])})  vs  B {safe(b['run_id'])} ({safe(b['model'])})", style="bold"
+        )
+    )
+    console.print(Text(f"compared as {safe(result['compared_as'])}"))
     if not result["same_model"]:
-        console.print(Text(f"models differ: {a['model']} vs {b['model']}", style="yellow"))
+        console.print(Text(f"models differ: {safe(a['model'])} vs {safe(b['model'])}", style="yellow"))
     for name, (va, vb) in result["param_differences"].items():
-        console.print(Text(f"parameter {name} differs: {va!r} vs {vb!r}", style="yellow"))
+        console.print(Text(f"parameter {safe(name)} differs: {safe(repr(va))} vs {safe(repr(vb))}", style="yellow"))
     for diff in result["prompt_differences"]:
-        console.print(Text(f"prompt {diff['prompt_id']}: {diff['what']}", style="yellow"))
+        console.print(Text(f"prompt {safe(diff['prompt_id'])}: {safe(diff['what'])}", style="yellow"))
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     for col in ("prompt", "modal equal", "unique A/B", "earliest fork A/B", "modals part at", "A", "B"):
         table.add_column(col)
@@ -169,12 +181,12 @@ def render_compare(result: dict[str, Any], console: Console) -> None:
         split = p["modal_split"]
         ef = p["earliest_fork"]
         table.add_row(
-            Text(p["prompt_id"]),
+            Text(safe(p["prompt_id"])),
             Text("yes", style="green") if p["modal_equal"] else Text("no", style="red"),
             f"{p['unique']['a']}/{p['unique']['b']}",
             f"{ef['a'] if ef['a'] is not None else '–'}/{ef['b'] if ef['b'] is not None else '–'}",
             "–" if split is None else str(split["position"]),
-            Text("" if split is None else repr(split["a"])),
-            Text("" if split is None else repr(split["b"])),
+            Text("" if split is None else quoted(split["a"])),
+            Text("" if split is None else quoted(split["b"])),
         )
     console.print(table)

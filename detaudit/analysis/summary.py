@@ -20,12 +20,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from detaudit.analysis.core import Sequences, SourceMissing, encode_sequences, find_forks, lcp_pairs, lcp_with
-from detaudit.analysis.decode import Decoder
+from detaudit.analysis.decode import Decoder, clip_text
 from detaudit.analysis.rescore import summarize_rescore
 from detaudit.analysis.stats import arm_stats
 from detaudit.analysis.units import SOURCES, Source, unit_of
 from detaudit.errors import RunDirError
 from detaudit.rundir.io import (
+    check_samples,
     has_samples,
     iter_samples,
     load_manifest,
@@ -262,16 +263,19 @@ def _arm(
     def build(dec: Decoder) -> dict:
         block = dict(head)
         block["unique"] = len(uniq)
-        block["completions"] = [
-            {
-                "count": int(counts[i]),
-                "share": int(counts[i]) / n_ok,
-                "first_divergence": None if i == 0 else int(fd[i]),
-                "length": int(seqs.lens[u]),
-                "text": dec.completion_text(u),
-            }
-            for i, u in enumerate(shown)
-        ]
+        block["completions"] = []
+        for i, u in enumerate(shown):
+            text = dec.completion_text(u)
+            block["completions"].append(
+                {
+                    "count": int(counts[i]),
+                    "share": int(counts[i]) / n_ok,
+                    "first_divergence": None if i == 0 else int(fd[i]),
+                    "length": int(seqs.lens[u]),
+                    "text": clip_text(text),
+                    "text_chars": len(text),
+                }
+            )
         for i, comp in enumerate(block["completions"][1:], start=1):
             comp["context"] = _context(dec, seqs, shown[0], shown[i], int(fd[i]))
         block["first_divergence"] = _histogram(fd, counts)
@@ -500,11 +504,14 @@ def summarize(manifest: RunManifest, table: pa.Table, limits: Limits = Limits())
 
 
 def load_run_manifest(run_dir: Path) -> RunManifest:
-    """The manifest of a run to analyse, refusing a finished run whose samples file is gone (it would read as 0/0)."""
+    """The manifest of a run to analyse, once its rows have been checked against it (io.check_samples): an edited
+    run directory is refused with what is wrong, never counted. So is a finished run whose samples file is gone
+    (it would read as 0/0)."""
     manifest = load_manifest(run_dir)
     # A finished run always has some: samples.parquet is written before the manifest says complete.
     if manifest.status == "complete" and not has_samples(run_dir):
         raise RunDirError(f"{run_dir}: {SAMPLES_FILE} is missing, though the manifest says the run is complete")
+    check_samples(run_dir, manifest)
     return manifest
 
 

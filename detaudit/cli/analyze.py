@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -12,10 +11,11 @@ from detaudit.analysis.compare import compare_runs
 from detaudit.analysis.render import render_compare, render_summary
 from detaudit.analysis.summary import summarize_run
 from detaudit.rundir.io import write_summary
+from detaudit.termsafe import json_text, safe
 
 
 def _print_json(doc: dict) -> None:
-    typer.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+    typer.echo(json_text(doc))
 
 
 def analyze_command(
@@ -26,7 +26,9 @@ def analyze_command(
     try:
         write_summary(run_dir, summary)
     except OSError as e:  # a read-only copy of a run is still worth analysing
-        Console(stderr=True).print(f"warning: could not write {run_dir}/summary.json ({e.strerror})", highlight=False)
+        Console(stderr=True).print(
+            f"warning: could not write {safe(run_dir)}/summary.json ({e.strerror})", highlight=False, markup=False
+        )
     if as_json:
         _print_json(summary)
     else:

@@ -10,7 +10,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from detaudit import __version__
-from detaudit.errors import EXIT_INTERRUPTED, DetauditError
+from detaudit.errors import EXIT_INTERRUPTED, DetauditError, EndpointError
+from detaudit.redact import new_session, session_scrubber
+from detaudit.termsafe import safe
 
 app = typer.Typer(
     name="detaudit",
@@ -56,30 +58,46 @@ def _register() -> None:
     from detaudit.cli.probe import probe_app
 
     commands = [
-        ("demo", demo.demo_command,
-         "Offline demo: tiny model served with stock kernels, audited, rerun batch-invariant."),
-        ("run", run.run_command,
-         "Fire N temperature-0 requests per prompt per load arm and record every token stream."),
-        ("analyze", analyze.analyze_command,
-         "Analyse a run: unique completions, forks, statistics, load verdict."),
-        ("compare", analyze.compare_command,
-         "Compare two runs: same setup? same modal completions? where do they part?"),
-        ("report", report.report_command,
-         "Render runs side by side as self-contained HTML, Markdown and/or JUnit XML."),
-        ("gate", gate.gate_command,
-         "Pass or fail a run on thresholds (and a baseline run); exit 0/1/2/3 for CI."),
-        ("suites", suites.suites_command,
-         "List the bundled probe suites, or show and validate one suite."),
-        ("local", local.local_command,
-         "Rerun prompts on the bundled engine under server-like load (stock or batch-invariant)."),
-        ("serve", serve.serve_command,
-         "Serve a model on the local engine through an OpenAI-compatible API."),
-        ("rescore", rescore.rescore_command,
-         "Recompute a run's token logprobs by teacher-forced prefill; report the gap."),
-        ("tiny-model", tiny_model.tiny_model_command,
-         "Build a tiny random-weight model with an offline tokenizer (tests, demos)."),
-        ("schema", schema.schema_command,
-         "Print the run-directory schema (samples.parquet columns, manifest fields)."),
+        (
+            "demo",
+            demo.demo_command,
+            "Offline demo: tiny model served with stock kernels, audited, rerun batch-invariant.",
+        ),
+        (
+            "run",
+            run.run_command,
+            "Fire N temperature-0 requests per prompt per load arm and record every token stream.",
+        ),
+        ("analyze", analyze.analyze_command, "Analyse a run: unique completions, forks, statistics, load verdict."),
+        (
+            "compare",
+            analyze.compare_command,
+            "Compare two runs: same setup? same modal completions? where do they part?",
+        ),
+        (
+            "report",
+            report.report_command,
+            "Render runs side by side as self-contained HTML, Markdown and/or JUnit XML.",
+        ),
+        ("gate", gate.gate_command, "Pass or fail a run on thresholds (and a baseline run); exit 0/1/2/3 for CI."),
+        ("suites", suites.suites_command, "List the bundled probe suites, or show and validate one suite."),
+        (
+            "local",
+            local.local_command,
+            "Rerun prompts on the bundled engine under server-like load (stock or batch-invariant).",
+        ),
+        ("serve", serve.serve_command, "Serve a model on the local engine through an OpenAI-compatible API."),
+        (
+            "rescore",
+            rescore.rescore_command,
+            "Recompute a run's token logprobs by teacher-forced prefill; report the gap.",
+        ),
+        (
+            "tiny-model",
+            tiny_model.tiny_model_command,
+            "Build a tiny random-weight model with an offline tokenizer (tests, demos).",
+        ),
+        ("schema", schema.schema_command, "Print the run-directory schema (samples.parquet columns, manifest fields)."),
     ]
     for name, func, text in commands:
         app.command(name, help=text)(func)
@@ -101,19 +119,39 @@ def _click_errors() -> tuple[type[Exception], ...]:
 
 
 _CLICK_ERRORS = _click_errors()
+# The `local` extra (pyproject.toml): an endpoint-only install lacks these, and the commands that run a model need them.
+LOCAL_EXTRA_MODULES = frozenset({"torch", "triton", "transformers", "safetensors", "tokenizers", "fastapi", "uvicorn"})
+
+
+def _shown(text: str, *, lines: bool = False) -> str:
+    """What may reach the terminal of a message that can carry server or file text: secrets scrubbed, control and
+    bidi characters escaped, rich markup inert. `lines`: keep line breaks (a managed server's last log lines)."""
+    return escape(safe(session_scrubber().scrub(text), keep_newlines=lines))
+
+
+def _print_error(message: str, label: str = "error", *, lines: bool = False) -> None:
+    err_console.print(f"[bold red]{label}:[/] {_shown(message, lines=lines)}", highlight=False, soft_wrap=True)
+
+
+def _print_traceback() -> None:
+    """--debug: the traceback, through the same scrubber and escaping as the error line (a server's echo of the
+    Authorization header sits in exception messages)."""
+    sys.stderr.write(safe(session_scrubber().scrub(traceback.format_exc()), keep_newlines=True))
+    sys.stderr.flush()
 
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: user errors become one line on stderr and their exit code."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    new_session()
     try:
         rc = app(args=argv, standalone_mode=False)
         if isinstance(rc, int) and rc:  # typer.Exit(code) inside a command returns its code here
             sys.exit(rc)
     except DetauditError as e:
         if debug:  # the traceback, then the same line and exit code as without --debug (re-raising exited 1)
-            traceback.print_exc()
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            _print_traceback()
+        _print_error(str(e), lines=isinstance(e, EndpointError))  # only those quote log lines, each made safe
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -127,24 +165,24 @@ def main(argv: list[str] | None = None) -> None:
             # One line, like every other user error (README "Exit codes").
             message = e.format_message()
             if message:  # empty after `detaudit` with no arguments: the help was the message
-                err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+                _print_error(message)
             sys.exit(2)
         if isinstance(e, click.exceptions.Abort):
             err_console.print("aborted")
             sys.exit(EXIT_INTERRUPTED)
         if debug:
-            traceback.print_exc()
+            _print_traceback()
+        missing = (e.name or "").split(".")[0] if isinstance(e, ModuleNotFoundError) else ""
+        if missing in LOCAL_EXTRA_MODULES:
+            _print_error(f"this command runs a model and needs the local extra ({missing} is not installed): "
+                         "pip install 'detaudit[local]'")  # fmt: skip
+            sys.exit(2)
         if isinstance(e, OSError) and e.strerror:
             # The file system refused a path the user named (unwritable, a directory, a full disk): their input.
             where = ": ".join(str(f) for f in (e.filename, e.filename2) if f is not None)
-            message = f"{where}: {e.strerror}" if where else e.strerror
-            err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+            _print_error(f"{where}: {e.strerror}" if where else e.strerror)
             sys.exit(2)
-        err_console.print(
-            # One line even for a multi-line exception message; --debug shows all of it.
-            f"[bold red]internal error:[/] {escape(type(e).__name__ + ': ' + ' '.join(str(e).split()))}"
-            + ("" if debug else " (rerun with --debug for details)"),
-            highlight=False,
-            soft_wrap=True,
-        )
+        # One line even for a multi-line exception message; --debug shows all of it.
+        _print_error(type(e).__name__ + ": " + " ".join(str(e).split())
+                     + ("" if debug else " (rerun with --debug for details)"), "internal error")  # fmt: skip
         sys.exit(70)

@@ -19,6 +19,7 @@ from detaudit.reports.markdown import render_gate_markdown, render_markdown
 from detaudit.reports.model import build_report
 from detaudit.rundir.io import check_output_file, load_manifest, same_output_file, write_output_file
 from detaudit.rundir.schema import RunManifest
+from detaudit.termsafe import safe
 
 
 def gate_command(
@@ -86,7 +87,7 @@ def publish_gate(
     styles = {"PASS": "green", "FAIL": "bold red", "CANNOT": "yellow"}
     for line in result.lines():
         style = styles[line.split(" ", 1)[0]]
-        console.print(line, style=style, highlight=False, soft_wrap=True, markup=False)
+        console.print(safe(line), style=style, highlight=False, soft_wrap=True, markup=False)
     markdown = render_gate_markdown(result) + "\n" + render_markdown(
         build_report([(run, manifest, summary)]), heading="### Audit"
     )
@@ -103,4 +104,4 @@ def publish_gate(
         raise EndpointError(f"gate cannot judge {run}: too many endpoint errors")
     if failed:
         raise GateFailed(f"gate failed: {failed} of {len(result.rules)} rules")
-    console.print(f"gate passed: {len(result.rules)} rules", style="green", highlight=False)
+    console.print(f"gate passed: {len(result.rules)} rules", style="green", highlight=False, markup=False)

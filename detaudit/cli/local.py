@@ -120,4 +120,4 @@ def local_command(
         typer.echo(json.dumps(summary, indent=2, default=str))
     else:
         render_summary(summary, console)
-        console.print(f"run directory: {run_dir}")
+        console.print(f"run directory: {run_dir}", highlight=False, markup=False)

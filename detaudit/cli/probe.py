@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from detaudit.client import OpenAIClient
 from detaudit.errors import UsageError
@@ -16,13 +16,16 @@ from detaudit.probe import probe_endpoint
 from detaudit.redact import redact_url
 from detaudit.runner import (
     DEFAULT_KEY_ENV,
+    MAX_SECONDS,
     api_key_from_env,
     base_url_or_default,
     check_base_url,
+    check_credentials,
     parse_extra_body,
     parse_headers,
     resolve_model,
 )
+from detaudit.termsafe import json_text, safe
 
 probe_app = typer.Typer(help="Probe what a target can do before auditing it.", no_args_is_help=True)
 
@@ -50,7 +53,8 @@ async def _probe(base_url: str, api_key: str | None, headers: dict[str, str], mo
 
 
 def render_probe(result: dict[str, Any], console: Console) -> None:
-    table = Table(title=f"{result['base_url']}  model {result['model']}")
+    """The capability table; every value the endpoint sent (model, fingerprint, errors) shown as plain safe text."""
+    table = Table(title=Text(f"{safe(result['base_url'])}  model {safe(result['model'])}"))
     table.add_column("capability")
     for api in result["apis"]:
         table.add_column(api)
@@ -58,12 +62,12 @@ def render_probe(result: dict[str, Any], console: Console) -> None:
         cells = []
         for res in result["apis"].values():
             v = res.get(key)
-            cells.append("yes" if v is True else "no" if v in (False, None) else str(v))
+            cells.append(Text("yes" if v is True else "no" if v in (False, None) else safe(v)))
         table.add_row(label, *cells)
     console.print(table)
     for api, res in result["apis"].items():
         if res.get("error"):
-            console.print(f"{api}: {res['error']}", highlight=False, markup=False)
+            console.print(f"{api}: {safe(res['error'])}", highlight=False, markup=False)
 
 
 @probe_app.command("endpoint", help="Which APIs answer; whether logprobs, top_logprobs, token ids, streaming, seed "
@@ -82,16 +86,18 @@ def endpoint_command(
 ) -> None:
     if api not in ("chat", "completions", "both"):
         raise UsageError(f"--api must be chat, completions or both, got {api!r}")
-    if not timeout > 0:  # `not >`: NaN fails too
-        raise UsageError(f"--timeout must be > 0, got {timeout}")
+    if not 0 < timeout <= MAX_SECONDS:  # `not`: NaN fails too
+        raise UsageError(f"--timeout must be > 0 and at most {MAX_SECONDS:g} s, got {timeout}")
     if retries < 0:
         raise UsageError(f"--retries must be >= 0, got {retries}")
     url = check_base_url(base_url_or_default(base_url))
     key = api_key_from_env(api_key_env)
+    headers = parse_headers(header)
+    check_credentials(url, key, headers, api_key_env)
     apis = ("chat", "completions") if api == "both" else (api,)
-    result = asyncio.run(_probe(url, key, parse_headers(header), model, apis, timeout, retries,
+    result = asyncio.run(_probe(url, key, headers, model, apis, timeout, retries,
                                 parse_extra_body(extra_body)))  # fmt: skip
     if as_json:
-        typer.echo(json.dumps(result, indent=2))
+        typer.echo(json_text(result))
     else:
         render_probe(result, Console())

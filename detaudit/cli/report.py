@@ -10,6 +10,7 @@ from rich.console import Console
 from detaudit.errors import UsageError
 from detaudit.reports.pipeline import write_reports
 from detaudit.rundir.io import same_output_file
+from detaudit.termsafe import safe
 
 
 def report_command(
@@ -31,4 +32,4 @@ def report_command(
         return
     console = Console(stderr=True)  # stdout stays the reports' own (`--html /dev/stdout | gzip` gets no status lines)
     for path in result.written:
-        console.print(f"wrote {path}", highlight=False)
+        console.print(f"wrote {safe(path)}", highlight=False, markup=False)

@@ -9,9 +9,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from detaudit.cli import engine_options
 from detaudit.engine.config import KERNELS
+from detaudit.termsafe import safe
 
 
 def rescore_command(
@@ -44,7 +46,7 @@ def rescore_command(
         # model on purpose is legitimate. The section records it either way.
         what = "is not the model that sampled" if check["status"] == "different" else "could not be verified against"
         line = f"--model {model} {what} {run_dir}: {check['reason']}"
-        Console(stderr=True).print(f"[bold yellow]warning:[/] {escape(line)}", highlight=False, soft_wrap=True)
+        Console(stderr=True).print(f"[bold yellow]warning:[/] {escape(safe(line))}", highlight=False, soft_wrap=True)
     rescore_run(run_dir, engine, check)
     summary = summarize_run(run_dir)  # its rescore section is built from the rescore.parquet just written
     section = summary["rescore"]
@@ -52,7 +54,7 @@ def rescore_command(
     if as_json:
         typer.echo(json.dumps(section, indent=2))
         return
-    table = Table(title=f"rescore of {run_dir} ({kernels}, {dtype}, {device})")
+    table = Table(title=Text(f"rescore of {safe(run_dir)} ({kernels}, {dtype}, {device})"))
     for col in ("rows", "tokens", "equal tokens", "max |Δ|", "mean |Δ|", "KL mean", "first diff min/median"):
         table.add_column(col)
 

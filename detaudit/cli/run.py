@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,7 @@ from rich.text import Text
 from detaudit.analysis.render import render_summary
 from detaudit.analysis.summary import summarize_run
 from detaudit.cli.gate import gate_finished_run
-from detaudit.errors import EndpointError, UsageError
+from detaudit.errors import EndpointError, RecordingFailed, UsageError
 from detaudit.gate import parse_gate_spec
 from detaudit.probes.suites import load_suite
 from detaudit.rundir.io import load_manifest, write_summary
@@ -32,9 +31,17 @@ from detaudit.runner import (
     parse_headers,
     request_from_manifest,
 )
+from detaudit.termsafe import json_text, safe
 
 # Share of failed samples above which the run is reported as unjudgeable (exit 3); the run directory is kept.
 MAX_ERROR_SHARE = 0.5
+
+
+class _ArmColumn(ProgressColumn):
+    """The arm's name, as text (never markup, never raw control characters: on --resume it comes from a file)."""
+
+    def render(self, task: Task) -> Text:
+        return Text(safe(task.description), style="bold")
 
 
 class _RateColumn(ProgressColumn):
@@ -45,7 +52,7 @@ class _RateColumn(ProgressColumn):
 def make_progress(console: Console) -> Progress:
     """One bar per arm: done/total, rate, failed requests and distinct completions so far."""
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(),
+        _ArmColumn(), BarColumn(), MofNCompleteColumn(), _RateColumn(),
         TextColumn("errors {task.fields[errors]}"), TextColumn("distinct {task.fields[distinct]}"),
         TimeElapsedColumn(), console=console, transient=False, refresh_per_second=4,
     )  # fmt: skip
@@ -78,6 +85,7 @@ def build_request(
         backoff=backoff,
         force=force,
         suite=suite,
+        key_env=api_key_env,
     )
     req.validate()
     return req
@@ -87,22 +95,30 @@ def render_run(outcome: RunOutcome, summary: dict[str, Any], console: Console) -
     """The analysis module's summary view, then what the reader of this run should know and where it is."""
     render_summary(summary, console)
     for note in outcome.manifest.notes:
-        console.print(f"note: {note}", highlight=False, markup=False)
-    console.print(f"run directory: {outcome.run_dir}", highlight=False, markup=False)
+        console.print(f"note: {safe(note)}", highlight=False, markup=False)
+    console.print(f"run directory: {safe(outcome.run_dir)}", highlight=False, markup=False)
 
 
-def finish_run(outcome: RunOutcome, as_json: bool, console: Console, err_console: Console) -> dict[str, Any]:
-    """Summarize a finished run into summary.json and print it; interrupted runs print the --resume command."""
+def finish_run(outcome: RunOutcome, as_json: bool, console: Console, err_console: Console,
+               resume: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Summarize a complete run into summary.json and print it. A run that did not complete prints how far it got
+    and the command that finishes it (`resume`, default `detaudit run --resume ...`): interrupted, exit 130;
+    failed (recording failed), exit 3 with one line."""
+    resume = resume or outcome.resume_command()
+    expected = outcome.manifest.expected_samples
+    if outcome.failure is not None:
+        raise RecordingFailed(f"recording failed, run stopped: {outcome.failure}. {_on_disk(outcome)} of {expected} "
+                              f"samples are recorded in {outcome.run_dir} (status failed); once the cause is fixed, "
+                              f"finish with: {resume}")  # fmt: skip
     if outcome.interrupted:
-        done = sum(t.done for t in outcome.tallies)
-        msg = (f"interrupted: {done} of {outcome.manifest.expected_samples} samples recorded in {outcome.run_dir}; "
-               f"finish with:\n  {outcome.resume_command()}")  # fmt: skip
+        msg = (f"interrupted: {_on_disk(outcome)} of {expected} samples recorded in {outcome.run_dir}; "
+               f"finish with:\n  {resume}")  # fmt: skip
         err_console.print(msg, highlight=False, markup=False, soft_wrap=True)  # copy-pastable, never wrapped
         raise typer.Exit(130)
     summary = summarize_run(outcome.run_dir)
     write_summary(outcome.run_dir, summary)
     if as_json:
-        typer.echo(json.dumps(summary, indent=2, ensure_ascii=False))
+        typer.echo(json_text(summary))
     else:
         render_run(outcome, summary, console)
     samples = summary["samples"]
@@ -110,6 +126,11 @@ def finish_run(outcome: RunOutcome, as_json: bool, console: Console, err_console
         raise EndpointError(f"{samples['errors']} of {samples['expected']} requests failed; see the error column "
                             f"of {outcome.run_dir}/samples.parquet")  # fmt: skip
     return summary
+
+
+def _on_disk(outcome: RunOutcome) -> int:
+    """Rows on disk when they could be counted, else those this session finished."""
+    return outcome.rows if outcome.rows is not None else sum(t.done for t in outcome.tallies)
 
 
 # What a resumed run takes from its manifest: giving one of these with --resume is refused, never ignored.
@@ -186,6 +207,7 @@ def run_command(
             out, base_url=base_url, api_key=api_key_from_env(api_key_env),
             headers=parse_headers(header), stream=stream, backoff=backoff,
         )  # fmt: skip
+        req.key_env = api_key_env
         outcome = execute_run(req, lambda: make_progress(err_console), resumed=manifest)
     else:
         chosen = load_suite(suite) if suite else None

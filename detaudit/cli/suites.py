@@ -5,8 +5,10 @@ from __future__ import annotations
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from detaudit.probes.suites import Suite, bundled_suites, load_suite
+from detaudit.termsafe import safe
 
 
 def suites_command(
@@ -29,18 +31,19 @@ def _list_table(suites: list[Suite]) -> Table:
     table.add_column("max tokens", justify="right")
     table.add_column("description", overflow="fold")
     for s in suites:
-        table.add_row(s.name, str(len(s.prompts)), str(s.max_tokens_total), s.description)
+        table.add_row(Text(s.name), str(len(s.prompts)), str(s.max_tokens_total), Text(safe(s.description)))
     return table
 
 
 def _entries_table(suite: Suite) -> Table:
     where = "bundled" if suite.bundled else suite.source
-    table = Table(title=f"{suite.name} ({where}): {len(suite.prompts)} prompts", title_justify="left")
+    title = Text(f"{safe(suite.name)} ({safe(where)}): {len(suite.prompts)} prompts")
+    table = Table(title=title, title_justify="left")
     table.add_column("id", style="bold", no_wrap=True)
     table.add_column("kind")
     table.add_column("max tokens", justify="right")
     table.add_column("rationale", overflow="fold")
     for p in suite.prompts:
         kind = "prompt" if p.prompt is not None else f"chat ({len(p.messages or [])} msgs)"
-        table.add_row(p.prompt_id, kind, str(p.max_tokens or "run's"), p.rationale or "")
+        table.add_row(Text(safe(p.prompt_id)), kind, str(p.max_tokens or "run's"), Text(safe(p.rationale or "")))
     return table

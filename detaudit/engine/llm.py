@@ -9,7 +9,7 @@ from typing import Any
 from detaudit import __version__
 from detaudit.engine.block_manager import BlockManager
 from detaudit.engine.config import check_device_dtype, load_spec, resolve_model
-from detaudit.engine.scheduler import Scheduler
+from detaudit.engine.scheduler import ScheduledBatch, Scheduler
 from detaudit.engine.sequence import SamplingParams, Sequence
 from detaudit.errors import UsageError
 
@@ -30,6 +30,15 @@ class EngineConfig:
         """What a command shows while the engine starts: with graph capture a cold GPU start takes about a minute."""
         graphs = ", capturing CUDA graphs" if self.cuda_graphs and self.device.startswith("cuda") else ""
         return f"loading {self.model} ({self.kernels} kernels{graphs})"
+
+
+class StepError(Exception):
+    """A packed step raised. `failed`: the sequences that raise even alone (aborted, finish_reason "abort");
+    `finished`: those of the others that finished in the step (they completed it one at a time)."""
+
+    def __init__(self, failed: list[Sequence], finished: list[Sequence], cause: Exception) -> None:
+        super().__init__(f"engine step failed: {type(cause).__name__}: {cause}")
+        self.failed, self.finished, self.cause = failed, finished, cause
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -123,8 +132,14 @@ class Engine:
     # ---------------------------------------------------------------- requests
 
     def add(self, seq: Sequence) -> Sequence:
+        """Admit a request, or refuse (UsageError) one that a step could not run: such a request would make the
+        step raise and take down every other sequence packed with it."""
         if not seq.prompt_ids:
             raise UsageError("empty prompt: it tokenizes to no tokens")
+        if not seq.score_only and seq.params.max_tokens < 1:
+            raise UsageError(f"max_tokens must be at least 1, got {seq.params.max_tokens}")
+        if min(seq.prompt_ids) < 0 or max(seq.prompt_ids) >= self.spec.vocab_size:
+            raise UsageError(f"prompt token id outside the model's vocabulary (0..{self.spec.vocab_size - 1})")
         if seq.max_len > self.max_model_len:
             raise UsageError(
                 f"prompt ({len(seq.prompt_ids)} tokens) + max_tokens ({seq.params.max_tokens}) exceeds the engine's "
@@ -134,14 +149,41 @@ class Engine:
         return seq
 
     def step(self) -> list[Sequence]:
-        """One packed forward over the current batch; returns the sequences that finished in it."""
+        """One packed forward over the current batch; returns the sequences that finished in it.
+
+        If the forward raises, the step is run again one sequence at a time so that one bad request cannot fail
+        the others packed with it: the sequences that still raise alone are aborted, the rest complete the step,
+        and StepError reports both.
+        """
         batch = self.scheduler.schedule()
         if batch is None:
             return []
-        self.runner.step(batch, self.eos_ids)
+        marks = [len(s.output_ids) for s in batch.seqs]
+        try:
+            self.runner.step(batch, self.eos_ids)
+        except Exception as e:
+            raise self._isolate(batch, marks, e) from e
         self.steps += 1
         self.last_batch = (len(batch.seqs), batch.num_tokens)
         return self.scheduler.finish_step(batch)
+
+    def _isolate(self, batch: ScheduledBatch, marks: list[int], cause: Exception) -> StepError:
+        """Rerun each sequence of a failed step alone; abort the ones that fail alone too."""
+        done: list[tuple[Sequence, int]] = []
+        failed: list[Sequence] = []
+        for seq, n, mark in zip(batch.seqs, batch.num_new, marks, strict=True):
+            seq.truncate(mark)  # the failed step may have recorded a token for some sequences before it raised
+            try:
+                self.runner.step(ScheduledBatch([seq], [n]), self.eos_ids)
+                done.append((seq, n))
+            except Exception:
+                seq.truncate(mark)
+                failed.append(seq)
+        for seq in failed:
+            self.scheduler.abort(seq)
+        self.steps += 1
+        finished = self.scheduler.finish_step(ScheduledBatch([s for s, _ in done], [n for _, n in done]))
+        return StepError(failed, finished, cause)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
         """Run prompts to completion together (all admitted as seats free up); results in input order."""

@@ -16,8 +16,8 @@ from detaudit import __version__
 from detaudit.engine.llm import Engine, EngineConfig
 from detaudit.engine.load import CONTROL, SCENARIOS, Arrival, build_workload, drive
 from detaudit.engine.sequence import Sequence
-from detaudit.errors import UsageError
-from detaudit.rundir.io import ShardWriter, finalize_samples, prepare_out_dir, write_manifest
+from detaudit.errors import RecordingFailed, UsageError
+from detaudit.rundir.io import RunEnd, ShardWriter, describe, end_run, prepare_out_dir, write_manifest
 from detaudit.rundir.schema import ArmSpec, PromptSpec, RequestParams, RunManifest, TargetSpec
 from detaudit.runner import MAX_SAMPLES
 
@@ -103,16 +103,26 @@ def run_local(spec: LocalRunSpec, progress: Callable[[str, int, int], None] | No
                                   max_batch=spec.engine.max_batch, seed=spec.seed)
             stats = _run_arm(engine, work, manifest, arm_pos, spec, fingerprint, writer, progress)
             manifest.target.engine.setdefault("arms", {})[scenario] = stats
-    except BaseException:
-        manifest.status = "interrupted"
-        manifest.finished_at = _now()
-        write_manifest(spec.out, manifest)
+    except RecordingFailed as e:
+        raise _failed(spec, end_run(spec.out, manifest, interrupted=False, failure=str(e))) from None
+    except Exception as e:  # a bug: the manifest says failed, then the traceback path takes over
+        end_run(spec.out, manifest, interrupted=False, failure=f"internal error: {describe(e)}")
         raise
-    finalize_samples(spec.out)
-    manifest.status = "complete"
-    manifest.finished_at = _now()
-    write_manifest(spec.out, manifest)
+    except BaseException:  # Ctrl-C
+        end_run(spec.out, manifest, interrupted=True, failure=None)
+        raise
+    end = end_run(spec.out, manifest, interrupted=False, failure=None)
+    if end.failure is not None:
+        raise _failed(spec, end)
     return spec.out
+
+
+def _failed(spec: LocalRunSpec, end: RunEnd) -> RecordingFailed:
+    """Exit 3 for a run whose recording failed. The built-in engine's runs are reproducible from (scenario, seed)
+    and do not resume: the way on is the same command again with --force."""
+    return RecordingFailed(f"recording failed, run stopped: {end.failure}. {end.rows} of "
+                           f"{end.manifest.expected_samples} samples are recorded in {spec.out} (status failed); once "
+                           f"the cause is fixed, run the same command again with --force")  # fmt: skip
 
 
 def _run_arm(

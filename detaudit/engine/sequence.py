@@ -67,6 +67,12 @@ class Sequence:
         """Tokens this sequence may ever hold in the KV cache (its reservation)."""
         return len(self.prompt_ids) if self.score_only else len(self.prompt_ids) + self.params.max_tokens
 
+    def truncate(self, n: int) -> None:
+        """Forget every output past the first n and reopen the sequence: a failed step's partial results, before
+        the step is run again."""
+        del self.output_ids[n:], self.logprobs[n:], self.top_ids[n:], self.top_logprobs[n:]
+        self.finish_reason = None
+
     def append(self, token_id: int, logprob: float, top_ids: list[int], top_lps: list[float], eos_ids: set[int]
                ) -> None:
         """Record one sampled token and decide whether the sequence is done."""

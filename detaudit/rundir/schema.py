@@ -10,6 +10,12 @@ A run directory is detaudit's record of one audit, remote or local alike:
       summary.json       the analysis (detaudit.summary/1), rewritten by `detaudit analyze`
       rescore.parquet    optional: `detaudit rescore`'s teacher-forced logprobs (RESCORE_SCHEMA), one row per
                          rescored sample, keyed by sample_index
+      server.log         optional: the managed engine's output (`detaudit local --engine vllm|sglang|command`)
+
+Nothing else belongs there: `--force` removes exactly these entries (and the temporaries of their atomic writes)
+and refuses a directory holding anything else. A reader trusts a run directory only after checking it: sample
+indices in [0, expected) (one row each after the read-side dedupe), statuses 'ok'/'error', prompt_id and arm as
+the index formula of RunManifest.sample_index says.
 
 Schema changes are append-only: new columns are nullable, and every bump of SCHEMA_VERSION comes with a
 named migration in io.py and a fixture of the old version in tests/fixtures/.
@@ -21,7 +27,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SCHEMA_VERSION = 1
 MANIFEST_SCHEMA = f"detaudit.run/{SCHEMA_VERSION}"
@@ -30,6 +36,9 @@ SHARDS_DIR = "shards"
 MANIFEST_FILE = "manifest.json"
 SUMMARY_FILE = "summary.json"
 RESCORE_FILE = "rescore.parquet"
+SERVER_LOG = "server.log"
+# Every file detaudit writes at the top of a run directory (shards/ holds only part-NNNNN.parquet files).
+RUN_DIR_FILES = (MANIFEST_FILE, SAMPLES_FILE, SUMMARY_FILE, RESCORE_FILE, SERVER_LOG)
 
 # Column name -> (arrow type, description). Order is the file's column order.
 SAMPLE_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
@@ -159,9 +168,9 @@ class RunManifest(_Model):
     finished_at: datetime | None = None
     target: TargetSpec
     params: RequestParams
-    prompts: list[PromptSpec]
-    arms: list[ArmSpec]
-    repeats: int = Field(description="N: independent requests per prompt per arm.")
+    prompts: list[PromptSpec] = Field(min_length=1)
+    arms: list[ArmSpec] = Field(min_length=1)
+    repeats: int = Field(ge=1, description="N: independent requests per prompt per arm.")
     capture: CaptureLevel = Field("text", description="Richest per-token data the target gave.")
     probe: dict[str, Any] = Field(default_factory=dict, description="Capability probe result.")
     environment: dict[str, Any] = Field(default_factory=dict, description="Python, platform, host CPU count.")
@@ -169,6 +178,15 @@ class RunManifest(_Model):
     notes: list[str] = Field(default_factory=list, description="Things the reader of the run should know.")
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> RunManifest:
+        """Rows name their prompt and arm: two prompts or arms of one name would make them ambiguous."""
+        for what, names in (("prompt id", [p.prompt_id for p in self.prompts]), ("arm", [a.name for a in self.arms])):
+            twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+            if twice is not None:
+                raise ValueError(f"{what} {twice!r} appears twice")
+        return self
 
     @property
     def expected_samples(self) -> int:
