@@ -122,17 +122,17 @@ CASES: list[Case] = [
     *_both("json_bomb", "malformed:json", waits="parse"),
     Case("redirect", "http:307", waits="parse"),
     # hostile strings: the row is what the server said; the terminal shows it escaped
-    Case("osc_fingerprint", None, waits="cliguard"),
-    Case("csi_fingerprint", None, waits="cliguard"),
-    Case("osc_models", None, waits="cliguard"),
+    Case("osc_fingerprint", None),
+    Case("csi_fingerprint", None),
+    Case("osc_models", None),
     Case("osc_error", "http:500", waits="parse"),
-    Case("osc_error", None, scope="all", waits="cliguard"),
+    Case("osc_error", None, scope="all"),
     Case("bidi_token", None, text=SCRIPTED[:-1] + "\u202e.\u202c"),
     Case("c1_token", None, text=SCRIPTED + "\x9b2J\x07\rX"),
     Case("mention_token", None, text=SCRIPTED[:-1] + " @everyone"),
     # secrets: a server that echoes the Authorization header of URL credentials
-    Case("echo_auth", "http:500", waits="parse, cliguard"),
-    Case("echo_auth", None, scope="all", waits="cliguard"),
+    Case("echo_auth", "http:500", waits="parse"),
+    Case("echo_auth", None, scope="all"),
     # legitimately fine
     *_both("duplicate_keys", None),
     Case("extra_fields", None),
