@@ -52,7 +52,7 @@ refusal            ``content: null``, ``refusal: "I can't ..."``    refusal
 tool_calls         ``content: null``, one ``tool_calls`` entry      tool_calls
 empty_stream       (stream) ``data: [DONE]`` and nothing before     empty_stream
 zero_choices       ``choices: []`` (streams: in every chunk)        choice_index / empty_stream
-index_1_first      two choices, the first ``index: 1``, other text  choice_index
+index_1_first      two choices, the first ``index: 1``, other text  ok: the choice with index 0 is the answer
 only_index_1       one choice, ``index: 1``                         choice_index
 duplicate_index    two choices with ``index: 0``                    choice_index
 error_200          HTTP 200 with an OpenAI error object             server_error

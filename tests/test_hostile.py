@@ -102,7 +102,8 @@ CASES: list[Case] = [
     *_both("tool_calls", "tool_calls", waits="parse"),
     Case("empty_stream", "empty_stream", stream=True, waits="parse"),
     *_both("zero_choices", "choice_index", stream_reason="empty_stream", waits="parse"),
-    *_both("index_1_first", "choice_index", waits="parse"),
+    Case("index_1_first", None, waits="parse"),  # the choice with index 0 is the answer; the other is ignored
+    Case("index_1_first", None, stream=True),
     Case("only_index_1", "choice_index", waits="parse"),
     *_both("duplicate_index", "choice_index", waits="parse"),
     Case("error_200", "server_error", waits="parse"),
@@ -251,16 +252,20 @@ def test_poisoned_answer(case: Case, request: pytest.FixtureRequest, tmp_path: P
     assert f"{ROWS - errors} ok, {errors} errors of {ROWS} rows ({ROWS} expected)" in " ".join(a.out.split())
 
 
+_WAITS_PARSE = pytest.mark.xfail(strict=True, reason="waits for parse")
+
+
 @pytest.mark.parametrize(
-    "mode",
+    ("mode", "reason"),
     [
-        pytest.param("model_int", marks=pytest.mark.xfail(strict=True, reason="waits for parse")),
-        pytest.param("content_null", marks=pytest.mark.xfail(strict=True, reason="waits for parse")),
-        "truncated_json",
+        pytest.param("model_int", None, marks=_WAITS_PARSE),
+        ("truncated_json", None),
+        pytest.param("content_null", "no_content", marks=_WAITS_PARSE),
     ],
 )
-def test_a_poisoned_answer_is_retried(mode: str, hostile: HostileServer, tmp_path: Path) -> None:
-    """A malformed answer is retried like a 5xx: with one retry, the poisoned sample ends ok on its second attempt."""
+def test_retries(mode: str, reason: str | None, hostile: HostileServer, tmp_path: Path) -> None:
+    """A malformed answer is retried like a 5xx: with one retry the poisoned sample ends ok on its second attempt.
+    An answer the model gave (no content, a refusal, a tool call) is not: asking again would only cost time."""
     hostile.set_poison({"mode": mode, "at": [AT], "prompts": [FEYNMAN]})
     out = tmp_path / "run"
     r = cli_process("run", "--base-url", hostile.base_url, "-p", FEYNMAN, "-n", N, "-c", CONCURRENCY,
@@ -269,11 +274,15 @@ def test_a_poisoned_answer_is_retried(mode: str, hostile: HostileServer, tmp_pat
     assert r.code == 0, r.err
     rows = read_samples(out).to_pylist()
     assert Counter(row["sample_index"] for row in rows) == Counter(range(ROWS))
-    assert all(row["status"] == "ok" and row["text"] == SCRIPTED for row in rows)
-    assert sorted(row["attempts"] for row in rows) == [1] * (ROWS - 1) + [2]
+    if reason is None:
+        assert all(row["status"] == "ok" and row["text"] == SCRIPTED for row in rows)
+        assert sorted(row["attempts"] for row in rows) == [1] * (ROWS - 1) + [2]
+    else:
+        assert Counter(row["error_reason"] for row in rows) == {None: ROWS - 1, reason: 1}
+        assert {row["attempts"] for row in rows} == {1}
 
 
-@pytest.mark.xfail(strict=True, reason="waits for parse")
+@_WAITS_PARSE
 def test_poison_among_hundreds(hostile: HostileServer, tmp_path: Path) -> None:
     """A seeded 3 % of 300 answers poisoned (a wrong-type field that used to cost a whole shard of rows): every
     poisoned answer is exactly one error row, every other one exactly one ok row."""
