@@ -55,7 +55,7 @@ def url_secrets(url: str) -> list[str]:
     if basic:
         found.append(basic)
     found += [v for k, v in parse_qsl(parts.query, keep_blank_values=True) if v and _SECRET_QUERY.search(k)]
-    return found
+    return list(dict.fromkeys(found))
 
 
 def basic_auth_token(url: str) -> str | None:

@@ -38,7 +38,7 @@ from detaudit.analysis.units import completion_key
 from detaudit.client import Api, CallError, CallResult, OpenAIClient
 from detaudit.errors import RecordingFailed, UsageError
 from detaudit.probe import logprob_fields, probe_api
-from detaudit.redact import Scrubber, redact_url, session_scrubber, url_secrets
+from detaudit.redact import redact_url, session_scrubber, url_secrets
 from detaudit.rundir.io import (
     ShardWriter,
     check_out_dir,
@@ -476,7 +476,7 @@ def _row(manifest: RunManifest, idx: int, spec: PromptSpec, arm: ArmSpec, repeat
         "started_at": res.started_at, "finished_at": res.finished_at,
     }  # fmt: skip
     if res.completion is None:
-        row.update(status="error", error=res.error)
+        row.update(status="error", error=res.error, error_reason=res.error_reason, raw_answer=res.raw_answer)
     else:
         row.update(status="ok", **res.completion.columns())
     return row
@@ -721,11 +721,11 @@ def _ensure_fd_limit(connections: int) -> None:
 
 async def _execute(req: RunRequest, make_progress: Callable[[], Any] | None,
                    resumed: RunManifest | None) -> RunOutcome:  # fmt: skip
-    scrubber = Scrubber()
+    scrubber = session_scrubber()  # knows the environment's secrets too: error rows are scrubbed of them
     max_conn = max(req.concurrency) + 4
     async with OpenAIClient(req.base_url, api_key=req.api_key, headers=req.headers, timeout=req.params.timeout_s,
                             retries=req.params.retries, backoff=req.backoff, max_connections=max_conn,
-                            scrubber=scrubber) as client:  # fmt: skip
+                            max_response_bytes=req.params.max_response_bytes, scrubber=scrubber) as client:  # fmt: skip
         model, models = await resolve_model(client, req.model, req.base_url)
         if resumed is None:
             probe = await probe_api(client, req.api, model, req.params.extra_body)

@@ -64,6 +64,11 @@ Faults (``faults=dict(...)``), decided per arrival on the completion paths only 
   (200 with broken JSON), ``"truncated_sse"`` (streams stop half-way without a finish_reason or ``[DONE]``; a
   non-streaming request gets a reset instead), ``"non_openai"`` (200 with ``{"hello": "world"}``), ``"html"`` (502
   HTML error page).
+* Kinds given only by name (in ``first`` or ``kinds``, never in the default draw): ``"raw"`` (200 with the bytes of
+  ``raw_body`` verbatim, a str or bytes, sent in 64 KiB pieces without a content-length; as an event stream when the
+  request streams), ``"trickle"`` (the real answer one byte every ``trickle_s`` seconds, default 0.5, for at most
+  ``hang_s``, then the rest at once), ``"keepalive"`` (the answer starts, then SSE keep-alive comments, or spaces for
+  an unstreamed answer, every ``trickle_s`` for ``hang_s``, then the real answer).
 * ``prompts``: only requests for these prompt texts get faults (default: all), e.g. to spare the capability
   probe that `detaudit run` sends first.
 * ``message``: the error message of the ``429``/``5xx`` faults instead of ``"Injected 500"`` etc. (hostile text
@@ -93,6 +98,7 @@ from typing import Any
 import uvicorn
 
 FAULT_KINDS = ("429", "500", "502", "503", "timeout", "reset", "malformed", "truncated_sse", "non_openai", "html")
+NAMED_FAULT_KINDS = ("raw", "trickle", "keepalive")  # only when named: never in the default random draw
 _CHAT = "/v1/chat/completions"
 _COMPLETIONS = "/v1/completions"
 
@@ -202,14 +208,17 @@ class ScriptedServer:
         self.retry_after = float(f.pop("retry_after", 0.05))
         self.hang_s = float(f.pop("hang_s", 5.0))
         self.fault_message: str | None = f.pop("message", None)
+        self.trickle_s = float(f.pop("trickle_s", 0.5))
+        raw_body = f.pop("raw_body", b"")
+        self.raw_body = raw_body.encode() if isinstance(raw_body, str) else bytes(raw_body)
         prompts = f.pop("prompts", None)
         self.fault_prompts = None if prompts is None else set(prompts)
         self._fault_rng = random.Random(f.pop("seed", seed))
         if f:
             raise ValueError(f"unknown fault options: {sorted(f)}")
         bad = set(self.fault_kinds) | set(self.fault_first)
-        if bad - set(FAULT_KINDS):
-            raise ValueError(f"unknown fault kinds: {sorted(bad - set(FAULT_KINDS))}")
+        if bad - set(FAULT_KINDS) - set(NAMED_FAULT_KINDS):
+            raise ValueError(f"unknown fault kinds: {sorted(bad - set(FAULT_KINDS) - set(NAMED_FAULT_KINDS))}")
         self.log: deque[dict[str, Any]] = deque(maxlen=record)
         self.stats: dict[str, Any] = {"requests": 0, "ok": 0, "faults": Counter(), "max_in_flight": 0}
         self.in_flight = 0
@@ -343,8 +352,10 @@ class ScriptedServer:
         fault = self._draw_fault(key)
         if fault is not None:
             self.stats["faults"][fault] += 1
-            if await self._fault_before_body(fault, send, headers):
+            if await self._fault_before_body(fault, send, headers, bool(req.get("stream"))):
                 return
+            if fault in ("trickle", "keepalive"):
+                send = _slow_send(send, fault, self.trickle_s, self.hang_s, bool(req.get("stream")))
         if await self._refused(req, send):
             return
         ctx = await self.answer(api, req, key, advance=fault is None)
@@ -418,7 +429,7 @@ class ScriptedServer:
                 return self._fault_rng.choice(self.fault_kinds)
         return None
 
-    async def _fault_before_body(self, fault: str, send: Any, headers: dict[str, str]) -> bool:
+    async def _fault_before_body(self, fault: str, send: Any, headers: dict[str, str], stream: bool) -> bool:
         """Send the fault's answer; False for the faults that happen inside a normal answer (truncated SSE)."""
         message = None
         if self.fault_message is not None:
@@ -439,6 +450,13 @@ class ScriptedServer:
             await _json(send, 200, {"hello": "world"})
         elif fault == "html":
             await _raw(send, 502, b"<html><body><h1>502 Bad Gateway</h1></body></html>", "text/html")
+        elif fault == "raw":
+            ctype = b"text/event-stream" if stream else b"application/json"
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", ctype)]})
+            body, piece = self.raw_body, 64 * 1024
+            for at in range(0, max(len(body), 1), piece):
+                await send({"type": "http.response.body", "body": body[at : at + piece], "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         else:
             return False
         return True
@@ -570,6 +588,30 @@ async def _raw(send: Any, status: int, body: bytes, ctype: str, extra: dict[str,
 
 async def _json(send: Any, status: int, obj: Any, extra: dict[str, str] | None = None) -> None:
     await _raw(send, status, json.dumps(obj).encode(), "application/json", extra)
+
+
+def _slow_send(send: Any, kind: str, every_s: float, for_s: float, stream: bool) -> Any:
+    """`send` made slow for at most `for_s` seconds: "trickle" sends the body a byte every `every_s`; "keepalive"
+    sends keep-alive filler (SSE comments, or JSON whitespace) every `every_s` before the body."""
+    until = time.monotonic() + for_s
+
+    async def slow(msg: dict[str, Any]) -> None:
+        if msg["type"] == "http.response.start":
+            headers = [(k, v) for k, v in msg.get("headers", []) if k.lower() != b"content-length"]
+            await send({**msg, "headers": headers})
+            while kind == "keepalive" and time.monotonic() < until:
+                filler = b": keep-alive\n\n" if stream else b" "
+                await send({"type": "http.response.body", "body": filler, "more_body": True})
+                await asyncio.sleep(every_s)
+            return
+        body, more = msg.get("body", b""), msg.get("more_body", False)
+        while kind == "trickle" and body and time.monotonic() < until:
+            await send({"type": "http.response.body", "body": body[:1], "more_body": True})
+            body = body[1:]
+            await asyncio.sleep(every_s)
+        await send({"type": "http.response.body", "body": body, "more_body": more})
+
+    return slow
 
 
 async def _reset_mid_body(send: Any, body: bytes) -> None:

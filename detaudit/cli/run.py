@@ -17,7 +17,7 @@ from detaudit.errors import EndpointError, RecordingFailed, UsageError
 from detaudit.gate import parse_gate_spec
 from detaudit.probes.suites import load_suite
 from detaudit.rundir.io import load_manifest, write_summary
-from detaudit.rundir.schema import PromptSpec, RequestParams
+from detaudit.rundir.schema import DEFAULT_MAX_RESPONSE_BYTES, PromptSpec, RequestParams
 from detaudit.runner import (
     DEFAULT_KEY_ENV,
     RunOutcome,
@@ -64,10 +64,13 @@ def build_request(
     temperature: float, top_p: float | None, seed: int | None, stop: list[str], top_logprobs: int | None,
     concurrency: str, rate: float | None, timeout: float, retries: int, backoff: float, extra_body: str | None,
     headers: list[str], out: Path | None, stream: bool, force: bool, suite: str | None,
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
 ) -> RunRequest:  # fmt: skip
     """Turn the command line into a validated RunRequest (everything but the endpoint is checked here)."""
     if api not in ("chat", "completions"):
         raise UsageError(f"--api must be chat or completions, got {api!r}")
+    if max_response_bytes < 1:
+        raise UsageError(f"--max-response-bytes must be >= 1, got {max_response_bytes}")
     req = RunRequest(
         out=out,
         base_url=base_url_or_default(base_url),
@@ -80,7 +83,8 @@ def build_request(
         concurrency=parse_concurrency(concurrency),
         params=RequestParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                              stop=list(stop), top_logprobs=top_logprobs, extra_body=parse_extra_body(extra_body),
-                             timeout_s=timeout, retries=retries, rate=rate),  # fmt: skip
+                             timeout_s=timeout, retries=retries, rate=rate,
+                             max_response_bytes=max_response_bytes),  # fmt: skip
         stream=stream,
         backoff=backoff,
         force=force,
@@ -113,7 +117,8 @@ def finish_run(outcome: RunOutcome, as_json: bool, console: Console, err_console
     if outcome.interrupted:
         msg = (f"interrupted: {_on_disk(outcome)} of {expected} samples recorded in {outcome.run_dir}; "
                f"finish with:\n  {resume}")  # fmt: skip
-        err_console.print(msg, highlight=False, markup=False, soft_wrap=True)  # copy-pastable, never wrapped
+        # copy-pastable, never wrapped; header names come from the manifest, which is a file
+        err_console.print(safe(msg, keep_newlines=True), highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(130)
     summary = summarize_run(outcome.run_dir)
     write_summary(outcome.run_dir, summary)
@@ -136,7 +141,7 @@ def _on_disk(outcome: RunOutcome) -> int:
 # What a resumed run takes from its manifest: giving one of these with --resume is refused, never ignored.
 _MANIFEST_SETTINGS = ("prompt", "prompt_file", "suite", "repeats", "model", "api", "max_tokens", "temperature",
                       "top_p", "seed", "stop", "top_logprobs", "concurrency", "rate", "timeout", "retries",
-                      "extra_body", "force")  # fmt: skip
+                      "max_response_bytes", "extra_body", "force")  # fmt: skip
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -175,7 +180,10 @@ def run_command(
     concurrency: str = typer.Option("1", "--concurrency", "-c", help="In-flight requests; a comma list gives one "
                                     "arm per value, run one after another (e.g. 1,64)."),  # fmt: skip
     rate: float | None = typer.Option(None, "--rate", help="Cap on requests per second."),
-    timeout: float = typer.Option(60.0, "--timeout", help="Seconds per HTTP attempt."),
+    timeout: float = typer.Option(60.0, "--timeout", help="Deadline of one HTTP attempt in seconds: connect and "
+                                  "the whole answer."),  # fmt: skip
+    max_response_bytes: int = typer.Option(DEFAULT_MAX_RESPONSE_BYTES, "--max-response-bytes", help="Largest "
+                                           "answer accepted, in bytes; a larger one is an error row (too_large)."),
     retries: int = typer.Option(3, "--retries", help="Retries after a 429/5xx/timeout/broken answer."),
     backoff: float = typer.Option(0.5, "--backoff", help="First retry delay in seconds (doubles; Retry-After wins)."),
     extra_body: str | None = typer.Option(None, "--extra-body", help="JSON object merged into every request "
@@ -217,7 +225,7 @@ def run_command(
             api_key_env=api_key_env, model=model, api=api, max_tokens=max_tokens, temperature=temperature,
             top_p=top_p, seed=seed, stop=stop, top_logprobs=top_logprobs, concurrency=concurrency, rate=rate,
             timeout=timeout, retries=retries, backoff=backoff, extra_body=extra_body, headers=header, out=out,
-            stream=stream, force=force,
+            stream=stream, force=force, max_response_bytes=max_response_bytes,
             suite=None if chosen is None else chosen.name if chosen.bundled else chosen.source,
         )  # fmt: skip
         outcome = execute_run(req, lambda: make_progress(err_console))

@@ -39,6 +39,7 @@ RESCORE_FILE = "rescore.parquet"
 SERVER_LOG = "server.log"
 # Every file detaudit writes at the top of a run directory (shards/ holds only part-NNNNN.parquet files).
 RUN_DIR_FILES = (MANIFEST_FILE, SAMPLES_FILE, SUMMARY_FILE, RESCORE_FILE, SERVER_LOG)
+DEFAULT_MAX_RESPONSE_BYTES = 8 * 1024 * 1024  # an answer larger than this is an error row (too_large)
 
 # Column name -> (arrow type, description). Order is the file's column order.
 SAMPLE_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
@@ -152,9 +153,10 @@ class RequestParams(_Model):
     stop: list[str] = Field(default_factory=list)
     top_logprobs: int | None = None
     extra_body: dict[str, Any] = Field(default_factory=dict)
-    timeout_s: float = 60.0
+    timeout_s: float = Field(60.0, description="Deadline of one attempt: connect and the whole answer.")
     retries: int = 3
     rate: float | None = Field(None, description="Requests/s cap, if any.")
+    max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, description="Largest answer accepted, in bytes.")
 
 
 class RunManifest(_Model):
