@@ -93,16 +93,14 @@ arguments, ``poison`` included) prints ``READY <base_url>``, like scripted_serve
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 import random
 import threading
-import time
 from collections.abc import Callable
 from typing import Any
 
-from scripted_server import ScriptedServer, _Answer, _err, _json, _raw, _reset_mid_body, _Token, main
+from scripted_server import ScriptedServer, _Answer, _err, _json, _raw, _reset_mid_body, _slow_send, _Token, main
 
 HOSTILE_MODEL = "\x1b]0;pwned\x07model\x1b[2J"
 HUGE_BYTES = 10 * 2**20
@@ -475,36 +473,9 @@ class HostileServer(ScriptedServer):
         elif mode == "echo_auth":
             msg = f"invalid credentials: Authorization: {headers.get('authorization', '(none)')}"
             await _json(send, 500, _err(msg, "server_error", None))
-        elif mode == "trickle":
-            await self._trickle(send, body, ctype)
-        elif mode == "keepalive":
-            await self._keepalive(send, body, stream)
-
-    async def _trickle(self, send: Any, body: bytes, ctype: str) -> None:
-        """One byte every TRICKLE_S, each one resetting a client's idle-read timer; the rest after hold_s."""
-        length = str(len(body)).encode()
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", ctype.encode()), (b"content-length", length)]})  # fmt: skip
-        end = time.monotonic() + self.hold_s
-        pos = 0
-        while pos < len(body) - 1 and time.monotonic() < end:
-            await _body(send, body[pos : pos + 1])
-            pos += 1
-            await asyncio.sleep(TRICKLE_S)
-        await _body(send, body[pos:], more=False)
-
-    async def _keepalive(self, send: Any, body: bytes, stream: bool) -> None:
-        """Bytes that carry nothing (SSE comments; whitespace before JSON) every KEEPALIVE_S, then the answer."""
-        if stream:
-            await _start_sse(send)
-        else:
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"application/json")]})  # fmt: skip
-        end = time.monotonic() + self.hold_s
-        while time.monotonic() < end:
-            await _body(send, b": keep-alive\n\n" if stream else b" ")
-            await asyncio.sleep(KEEPALIVE_S)
-        await _body(send, body, more=False)
+        elif mode in ("trickle", "keepalive"):  # bytes that keep resetting an idle-read timer, for hold_s
+            every = TRICKLE_S if mode == "trickle" else KEEPALIVE_S
+            await _raw(_slow_send(send, mode, every, self.hold_s, stream), 200, body, ctype)
 
 
 def _chunks(ctx: _Answer, include_usage: bool) -> list[Obj]:
