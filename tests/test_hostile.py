@@ -5,8 +5,7 @@ prompt, then checks from disk that nothing was lost or doubled (N x arms rows, e
 poisoned answer is one `error` row with the expected machine-readable reason (or `ok` where the answer is
 legitimately usable), that every other row holds exactly the scripted completion, that the manifest's status and
 the exit code agree, and that nothing the server sent reached the terminal raw; then `detaudit analyze` on the run.
-`--retries 0` so the poisoned attempt is the row's only one. Modes whose fix has not landed are strict xfails that
-name the branch they wait for: they fail loudly once the fix makes them pass, so the marker must go.
+`--retries 0` so the poisoned attempt is the row's only one. The table of modes and results is docs/reliability.md §8.
 """
 
 from __future__ import annotations
@@ -46,7 +45,6 @@ class Case:
     stream: bool = False
     scope: str = "one"  # "one": arrival AT of the audited prompt; "all": every completion request, the probe's too
     text: str | None = None  # an ok poisoned row's text when it differs from the scripted one
-    waits: str | None = None  # the branch whose fix this case needs, while it has not landed
 
     @property
     def id(self) -> str:
@@ -62,88 +60,81 @@ class Case:
         return 2.0 if self.mode in ("trickle", "keepalive") else 10.0
 
 
-def _both(mode: str, reason: str | None, *, stream_reason: str | None = None, waits: str | None = None) -> list[Case]:
-    return [Case(mode, reason, waits=waits), Case(mode, stream_reason or reason, stream=True, waits=waits)]
+def _both(mode: str, reason: str | None, *, stream_reason: str | None = None) -> list[Case]:
+    return [Case(mode, reason), Case(mode, stream_reason or reason, stream=True)]
 
 
 CASES: list[Case] = [
     # wrong types: the writer used to drop rows or the run died with exit 70
-    *_both("model_int", "malformed:model", waits="parse"),
-    *_both("prompt_tokens_str", "malformed:usage.prompt_tokens", waits="parse"),
-    Case("usage_huge", "malformed:usage.prompt_tokens", waits="parse"),
-    *_both("token_id_huge", "malformed:choices.token_ids", waits="parse"),
-    Case("token_id_float", "malformed:choices.token_ids", waits="parse"),
-    Case("token_id_bool", "malformed:choices.token_ids", waits="parse"),
-    *_both("finish_reason_dict", "malformed:choices.finish_reason", waits="parse"),
-    *_both("surrogate_token", "malformed:choices.logprobs.content.token", waits="parse"),
+    *_both("model_int", "malformed:model"),
+    *_both("prompt_tokens_str", "malformed:usage.prompt_tokens"),
+    Case("usage_huge", "malformed:usage.prompt_tokens"),
+    *_both("token_id_huge", "malformed:choices.token_ids"),
+    Case("token_id_float", "malformed:choices.token_ids"),
+    Case("token_id_bool", "malformed:choices.token_ids"),
+    *_both("finish_reason_dict", "malformed:choices.finish_reason"),
+    *_both("surrogate_token", "malformed:choices.logprobs.content.token"),
     *_both(
         "surrogate_content",
         "malformed:choices.message.content",
         stream_reason="malformed:choices.delta.content",
-        waits="parse",
     ),  # fmt: skip
-    *_both("bytes_over_255", "malformed:choices.logprobs.content.bytes", waits="parse"),
-    *_both("logprob_str", "malformed:choices.logprobs.content.logprob", waits="parse"),
-    *_both("logprob_nan", "malformed:json", waits="parse"),
-    Case("logprob_infinity", "malformed:json", waits="parse"),
-    Case("top_logprobs_dict", "malformed:choices.logprobs.content.top_logprobs", waits="parse"),
+    *_both("bytes_over_255", "malformed:choices.logprobs.content.bytes"),
+    *_both("logprob_str", "malformed:choices.logprobs.content.logprob"),
+    *_both("logprob_nan", "malformed:json"),
+    Case("logprob_infinity", "malformed:json"),
+    Case("top_logprobs_dict", "malformed:choices.logprobs.content.top_logprobs"),
     *_both(
         "content_list",
         "malformed:choices.message.content",
         stream_reason="malformed:choices.delta.content",
-        waits="parse",
     ),  # fmt: skip
-    Case("content_int", "malformed:choices.message.content", waits="parse"),
-    Case("fingerprint_object", "malformed:system_fingerprint", waits="parse"),
-    Case("choices_object", "malformed:choices", waits="parse"),
+    Case("content_int", "malformed:choices.message.content"),
+    Case("fingerprint_object", "malformed:system_fingerprint"),
+    Case("choices_object", "malformed:choices"),
     # not a completion: used to be recorded ok with empty or wrong text
-    *_both("content_null", "no_content", waits="parse"),
-    *_both("refusal", "refusal", waits="parse"),
-    *_both("tool_calls", "tool_calls", waits="parse"),
-    Case("empty_stream", "empty_stream", stream=True, waits="parse"),
-    *_both("zero_choices", "choice_index", stream_reason="empty_stream", waits="parse"),
-    Case("index_1_first", None, waits="parse"),  # the choice with index 0 is the answer; the other is ignored
+    *_both("content_null", "no_content"),
+    *_both("refusal", "refusal"),
+    *_both("tool_calls", "tool_calls"),
+    Case("empty_stream", "empty_stream", stream=True),
+    *_both("zero_choices", "choice_index", stream_reason="empty_stream"),
+    Case("index_1_first", None),  # the choice with index 0 is the answer; the other is ignored
     Case("index_1_first", None, stream=True),
-    Case("only_index_1", "choice_index", waits="parse"),
-    *_both("duplicate_index", "choice_index", waits="parse"),
-    Case("error_200", "server_error", waits="parse"),
-    Case("error_event", "server_error", stream=True, waits="parse"),
-    *_both("not_openai", "not_openai", waits="parse"),
-    Case("array_body", "not_openai", waits="parse"),
+    Case("only_index_1", "choice_index"),
+    *_both("duplicate_index", "choice_index"),
+    Case("error_200", "server_error"),
+    Case("error_event", "server_error", stream=True),
+    *_both("not_openai", "not_openai"),
+    Case("array_body", "not_openai"),
     # wire abuse
-    *_both("trickle", "deadline", waits="parse"),
-    *_both("keepalive", "deadline", waits="parse"),
-    *_both("huge", "too_large", waits="parse"),
-    *_both("truncated_json", "malformed:json", waits="parse"),
-    *_both("empty_body", "malformed:json", stream_reason="truncated_stream", waits="parse"),
-    Case("html_200", "malformed:json", waits="parse"),
-    *_both("reset", "broken", waits="parse"),
-    Case("gzip_lie", "broken", waits="parse"),
-    Case("truncated_stream", "truncated_stream", stream=True, waits="parse"),
-    *_both("json_bomb", "malformed:json", waits="parse"),
-    Case("redirect", "http:307", waits="parse"),
+    *_both("trickle", "deadline"),
+    *_both("keepalive", "deadline"),
+    *_both("huge", "too_large"),
+    *_both("truncated_json", "malformed:json"),
+    *_both("empty_body", "malformed:json", stream_reason="truncated_stream"),
+    Case("html_200", "malformed:json"),
+    *_both("reset", "broken"),
+    Case("gzip_lie", "broken"),
+    Case("truncated_stream", "truncated_stream", stream=True),
+    *_both("json_bomb", "malformed:json"),
+    Case("redirect", "http:307"),
     # hostile strings: the row is what the server said; the terminal shows it escaped
     Case("osc_fingerprint", None),
     Case("csi_fingerprint", None),
     Case("osc_models", None),
-    Case("osc_error", "http:500", waits="parse"),
+    Case("osc_error", "http:500"),
     Case("osc_error", None, scope="all"),
     Case("bidi_token", None, text=SCRIPTED[:-1] + "\u202e.\u202c"),
     Case("c1_token", None, text=SCRIPTED + "\x9b2J\x07\rX"),
     Case("mention_token", None, text=SCRIPTED[:-1] + " @everyone"),
     # secrets: a server that echoes the Authorization header of URL credentials
-    Case("echo_auth", "http:500", waits="parse"),
+    Case("echo_auth", "http:500"),
     Case("echo_auth", None, scope="all"),
     # legitimately fine
     *_both("duplicate_keys", None),
     Case("extra_fields", None),
     Case("nulls", None),
 ]
-
-
-def _param(case: Case) -> object:
-    marks = [pytest.mark.xfail(strict=True, reason=f"waits for {case.waits}")] if case.waits else []
-    return pytest.param(case, id=case.id, marks=marks)
 
 
 @dataclass
@@ -209,7 +200,7 @@ def _assert_no_secret(out: Path, *texts: str) -> None:
             assert secret.encode() not in blob
 
 
-@pytest.mark.parametrize("case", [_param(c) for c in CASES])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
 def test_poisoned_answer(case: Case, request: pytest.FixtureRequest, tmp_path: Path,
                          capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     hostile: HostileServer = request.getfixturevalue("hostile")
@@ -252,15 +243,12 @@ def test_poisoned_answer(case: Case, request: pytest.FixtureRequest, tmp_path: P
     assert f"{ROWS - errors} ok, {errors} errors of {ROWS} rows ({ROWS} expected)" in " ".join(a.out.split())
 
 
-_WAITS_PARSE = pytest.mark.xfail(strict=True, reason="waits for parse")
-
-
 @pytest.mark.parametrize(
     ("mode", "reason"),
     [
-        pytest.param("model_int", None, marks=_WAITS_PARSE),
+        ("model_int", None),
         ("truncated_json", None),
-        pytest.param("content_null", "no_content", marks=_WAITS_PARSE),
+        ("content_null", "no_content"),
     ],
 )
 def test_retries(mode: str, reason: str | None, hostile: HostileServer, tmp_path: Path) -> None:
@@ -282,7 +270,6 @@ def test_retries(mode: str, reason: str | None, hostile: HostileServer, tmp_path
         assert {row["attempts"] for row in rows} == {1}
 
 
-@_WAITS_PARSE
 def test_poison_among_hundreds(hostile: HostileServer, tmp_path: Path) -> None:
     """A seeded 3 % of 300 answers poisoned (a wrong-type field that used to cost a whole shard of rows): every
     poisoned answer is exactly one error row, every other one exactly one ok row."""
