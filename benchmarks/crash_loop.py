@@ -117,8 +117,14 @@ def main() -> None:
                 mode = modes[kills % len(modes)]
                 moment = kill_at(proc, out, mode, rng)
                 if moment == "finished before the kill":  # complete, or failed by the poison (exit 3)
-                    events.append({"mode": mode, "moment": moment, "exit": proc.returncode,
-                                   "status": load_manifest(out).status if (out / "manifest.json").exists() else None})
+                    events.append(
+                        {
+                            "mode": mode,
+                            "moment": moment,
+                            "exit": proc.returncode,
+                            "status": load_manifest(out).status if (out / "manifest.json").exists() else None,
+                        }
+                    )
                     continue
                 kills += 1
                 raw = check_readable(out)

@@ -1,6 +1,6 @@
 """Local-engine benchmark: N target requests under load with stock vs batch-invariant kernels, and engine tokens/s
 vs transformers' generate() on the same model and batch. Writes one JSON (updated after every phase, so a run cut
-short still leaves its finished figures). Uses `detaudit local`'s workload and load loop (detaudit.engine.load)
+short still leaves its finished figures). Uses `detaudit local`'s workload and load loop (detaudit.audit.workload)
 but writes no run directory, so it needs only torch, triton and transformers on the GPU machine.
 
     python benchmarks/engine.py --out OUT_DIR [--preset qwen3-1.7b] [--device cuda] [-n 1000] [--max-tokens 100] \
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
+from detaudit.audit.workload import CONTROL, build_workload, drive
 from detaudit.engine.llm import Engine, EngineConfig
-from detaudit.engine.load import CONTROL, build_workload, drive
 from detaudit.engine.sequence import SamplingParams
 from detaudit.tiny import build_tiny_model
 

@@ -28,26 +28,50 @@ from kernel_tuning import bench, device_header, rel_err, try_candidate  # benchm
 ROOT = Path(__file__).resolve().parents[1]
 # (K, N, what): qkv (16 q + 2 x 8 kv heads of 128) == the tiny tokenizer's 4096-wide lm_head, o_proj, gate_up, down,
 # and the real Qwen3 vocabulary.
-SHAPES = [(2048, 4096, "qkv / lm_head(4096)"), (2048, 2048, "o_proj"), (2048, 12288, "gate_up"),
-          (6144, 2048, "down"), (2048, 151936, "lm_head(151936)")]
+SHAPES = [
+    (2048, 4096, "qkv / lm_head(4096)"),
+    (2048, 2048, "o_proj"),
+    (2048, 12288, "gate_up"),
+    (6144, 2048, "down"),
+    (2048, 151936, "lm_head(151936)"),
+]
 # Most important first (offline decode is mostly M = 128), so a budget cut drops the least useful points.
 MS = [128, 1, 64, 16, 96, 32, 8, 256, 512, 2048]
 C = tuple[int, int, int, int, int, int, bool, bool]  # bm, bn, bk, group, warps, stages, tma, ws
-GEMV: list[C] = [(16, 32, 512, 8, 4, 4, False, False), (16, 32, 256, 8, 2, 5, False, False),
-                 (16, 16, 512, 8, 4, 4, False, False), (16, 16, 256, 8, 2, 6, False, False),
-                 (16, 64, 256, 8, 4, 3, False, False), (16, 32, 256, 8, 4, 4, False, False),
-                 (16, 16, 128, 8, 2, 8, False, False), (16, 32, 128, 8, 2, 6, False, False)]
-MID: list[C] = [(16, 64, 256, 8, 4, 3, False, False), (32, 32, 256, 8, 4, 4, False, False),
-                (32, 64, 128, 8, 4, 4, False, False), (32, 64, 256, 8, 4, 3, False, False),
-                (32, 128, 128, 8, 4, 4, False, False), (64, 32, 128, 8, 4, 4, False, False),
-                (64, 64, 128, 8, 4, 4, False, False), (64, 64, 64, 8, 4, 5, False, False),
-                (64, 128, 128, 8, 4, 3, False, False), (32, 32, 128, 8, 2, 5, False, False),
-                (64, 64, 128, 8, 4, 4, True, False)]
-BIG: list[C] = [(64, 128, 128, 8, 4, 3, False, False), (64, 64, 128, 8, 4, 4, False, False),
-                (128, 128, 64, 8, 4, 4, True, False), (128, 128, 64, 8, 4, 4, True, True),
-                (128, 256, 64, 8, 8, 4, True, False), (128, 256, 64, 8, 8, 3, True, False),
-                (64, 128, 64, 8, 4, 4, True, False), (128, 128, 64, 8, 8, 4, True, False),
-                (64, 64, 128, 8, 4, 4, True, False)]
+GEMV: list[C] = [
+    (16, 32, 512, 8, 4, 4, False, False),
+    (16, 32, 256, 8, 2, 5, False, False),
+    (16, 16, 512, 8, 4, 4, False, False),
+    (16, 16, 256, 8, 2, 6, False, False),
+    (16, 64, 256, 8, 4, 3, False, False),
+    (16, 32, 256, 8, 4, 4, False, False),
+    (16, 16, 128, 8, 2, 8, False, False),
+    (16, 32, 128, 8, 2, 6, False, False),
+]
+MID: list[C] = [
+    (16, 64, 256, 8, 4, 3, False, False),
+    (32, 32, 256, 8, 4, 4, False, False),
+    (32, 64, 128, 8, 4, 4, False, False),
+    (32, 64, 256, 8, 4, 3, False, False),
+    (32, 128, 128, 8, 4, 4, False, False),
+    (64, 32, 128, 8, 4, 4, False, False),
+    (64, 64, 128, 8, 4, 4, False, False),
+    (64, 64, 64, 8, 4, 5, False, False),
+    (64, 128, 128, 8, 4, 3, False, False),
+    (32, 32, 128, 8, 2, 5, False, False),
+    (64, 64, 128, 8, 4, 4, True, False),
+]
+BIG: list[C] = [
+    (64, 128, 128, 8, 4, 3, False, False),
+    (64, 64, 128, 8, 4, 4, False, False),
+    (128, 128, 64, 8, 4, 4, True, False),
+    (128, 128, 64, 8, 4, 4, True, True),
+    (128, 256, 64, 8, 8, 4, True, False),
+    (128, 256, 64, 8, 8, 3, True, False),
+    (64, 128, 64, 8, 4, 4, True, False),
+    (128, 128, 64, 8, 8, 4, True, False),
+    (64, 64, 128, 8, 4, 4, True, False),
+]
 
 T0 = time.time()
 REP = 20  # CUDA-graph replays per timing (fewer than kernel_tuning.py's 30: ten times more points)
@@ -60,10 +84,13 @@ def _cands(m: int) -> list[C]:
 def sweep(tm: Any, res: dict[str, Any], out: Path, budget: float) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     g = torch.Generator(device="cuda").manual_seed(0)
-    ws = {k_n: torch.randn(k_n[1], k_n[0], device="cuda", dtype=torch.bfloat16, generator=g) / math.sqrt(k_n[0])
-          for k_n in {(k, n) for k, n, _ in SHAPES}}
-    xs = {k: torch.randn(max(MS), k, device="cuda", dtype=torch.bfloat16, generator=g)
-          for k in {k for k, _, _ in SHAPES}}
+    ws = {
+        k_n: torch.randn(k_n[1], k_n[0], device="cuda", dtype=torch.bfloat16, generator=g) / math.sqrt(k_n[0])
+        for k_n in {(k, n) for k, n, _ in SHAPES}
+    }
+    xs = {
+        k: torch.randn(max(MS), k, device="cuda", dtype=torch.bfloat16, generator=g) for k in {k for k, _, _ in SHAPES}
+    }
     rows: list[dict[str, Any]] = res["points"]
     for m in MS:
         for k, n, what in SHAPES:
@@ -73,9 +100,15 @@ def sweep(tm: Any, res: dict[str, Any], out: Path, budget: float) -> None:
             w, x = ws[(k, n)], xs[k][:m]
             base = tm.select_config(m, torch.bfloat16, x.device, n, k)
             ref = tm.matmul(x, w.t(), config=base)
-            row: dict[str, Any] = {"K": k, "N": n, "M": m, "what": what, "base": list(base),
-                                   "base_rel_err": rel_err(ref, F.linear(x.float(), w.float())),
-                                   "cublas_ms": bench(lambda x=x, w=w: F.linear(x, w), rep=REP)}
+            row: dict[str, Any] = {
+                "K": k,
+                "N": n,
+                "M": m,
+                "what": what,
+                "base": list(base),
+                "base_rel_err": rel_err(ref, F.linear(x.float(), w.float())),
+                "cublas_ms": bench(lambda x=x, w=w: F.linear(x, w), rep=REP),
+            }
             row["base_ms"] = bench(lambda x=x, w=w, c=base: tm.matmul(x, w.t(), config=c), rep=REP)
             row["base_ratio"] = row["cublas_ms"] / row["base_ms"]
             row["cands"] = {str(c): try_candidate(tm, x, w, tm.Config(*c), ref, row["cublas_ms"], rep=REP)
@@ -84,10 +117,13 @@ def sweep(tm: Any, res: dict[str, Any], out: Path, budget: float) -> None:
             best = min(ok, key=lambda c: ok[c]["ms"]) if ok else None
             row["best"], row["best_ratio"] = best, (ok[best]["ratio"] if best else None)
             rows.append(row)
-            print(f"K={k} N={n} M={m}: cuBLAS {row['cublas_ms'] * 1e3:.1f} us; base x{row['base_ratio']:.3f} "
-                  f"{tuple(base)[:6]}; best x{row['best_ratio'] or float('nan'):.3f} {best}; differing: "
-                  f"{[c for c, e in row['cands'].items() if e.get('same_bits') is False]}; "
-                  f"errors {sum('error' in e for e in row['cands'].values())} ({time.time() - T0:.0f} s)", flush=True)
+            print(
+                f"K={k} N={n} M={m}: cuBLAS {row['cublas_ms'] * 1e3:.1f} us; base x{row['base_ratio']:.3f} "
+                f"{tuple(base)[:6]}; best x{row['best_ratio'] or float('nan'):.3f} {best}; differing: "
+                f"{[c for c, e in row['cands'].items() if e.get('same_bits') is False]}; "
+                f"errors {sum('error' in e for e in row['cands'].values())} ({time.time() - T0:.0f} s)",
+                flush=True,
+            )
             (out / "tuning_qwen3.json").write_text(json.dumps(res, indent=1))
 
 
@@ -121,8 +157,11 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = {**device_header(), "configs_agree_bf16": tm.configs_agree(torch.bfloat16, torch.device("cuda")),
-           "points": []}
+    res = {
+        **device_header(),
+        "configs_agree_bf16": tm.configs_agree(torch.bfloat16, torch.device("cuda")),
+        "points": [],
+    }
     try:
         sweep(tm, res, out, args.budget)
     except Exception as ex:  # keep the points measured so far

@@ -28,7 +28,7 @@ from pathlib import Path
 import httpx
 import pyarrow.compute as pc
 
-from detaudit.client import POOL_SIZE
+from detaudit.audit.client import POOL_SIZE
 from detaudit.rundir.io import read_samples
 
 ROOT = Path(__file__).resolve().parent.parent

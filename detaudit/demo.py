@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 from detaudit.analysis.summary import summarize_run
+from detaudit.audit.endpoint import execute_run
+from detaudit.audit.request import RunRequest, gather_prompts
 from detaudit.errors import EndpointError, UsageError
 from detaudit.reports.pipeline import write_reports
 from detaudit.rundir.io import write_summary
 from detaudit.rundir.schema import RequestParams
-from detaudit.runner import RunRequest, execute_run, gather_prompts
 
 # The load the engine's own tests show forking with stock bf16 kernels on CPU: a code prompt, small prefill chunks
 # (so prompts are split into varying batch shapes), 16 sequences per step.
@@ -123,7 +124,7 @@ def _serving(model_dir: Path, kernels: str) -> Iterator[str]:
     import uvicorn
 
     from detaudit.engine.llm import Engine
-    from detaudit.engine.server import create_app
+    from detaudit.server import create_app
 
     app = create_app(Engine(_engine_config(model_dir, kernels)), model_name=SERVED_MODEL)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -160,7 +161,7 @@ def _audit_endpoint(settings: DemoSettings, base_url: str, out: Path) -> Path:
 
 
 def _rerun_local(settings: DemoSettings, model_dir: Path, out: Path) -> Path:
-    from detaudit.engine.local import LocalRunSpec, run_local
+    from detaudit.audit.local_engine import LocalRunSpec, run_local
 
     spec = LocalRunSpec(
         engine=_engine_config(model_dir, "batch-invariant"),

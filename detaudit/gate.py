@@ -95,8 +95,9 @@ def parse_gate_spec(items: Iterable[str]) -> GateThresholds:
                 raise UsageError(f"--gate: {key}={raw!r} is not a valid {kind.__name__}") from None
     # In --gate's own words (GateThresholds speaks of `detaudit gate`'s options, which `run` does not have).
     if not set(values) - {"baseline"}:
-        raise UsageError("--gate names no rule: give at least one of " + ", ".join(k for k in _SPEC_KEYS
-                                                                                  if k != "baseline"))
+        raise UsageError(
+            "--gate names no rule: give at least one of " + ", ".join(k for k in _SPEC_KEYS if k != "baseline")
+        )
     if (values.get("require_same_modal") or "max_unique_increase" in values) and "baseline" not in values:
         raise UsageError("--gate: require-same-modal and max-unique-increase need baseline=RUN")
     return GateThresholds(**values)
@@ -295,9 +296,7 @@ def _check_comparable(run: RunManifest, base: RunManifest, baseline_label: str) 
             raise UsageError(f"prompt {p.prompt_id!r}: max_tokens differs from baseline {baseline_label}")
 
 
-def judge(
-    run_dir: Path, manifest: RunManifest, summary: Mapping[str, Any], thresholds: GateThresholds
-) -> GateResult:
+def judge(run_dir: Path, manifest: RunManifest, summary: Mapping[str, Any], thresholds: GateThresholds) -> GateResult:
     """Judge a summarized run, loading and checking the baseline when the thresholds name one."""
     baseline_summary = None
     baseline_label = None

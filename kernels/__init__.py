@@ -18,8 +18,16 @@ from contextlib import contextmanager
 import torch
 from detaudit.kernels.coverage import CoverageReport, coverage
 
-__all__ = ["batch_invariant", "enable", "disable", "is_enabled", "coverage", "CoverageReport", "overridden",
-           "cpu_self_check"]
+__all__ = [
+    "batch_invariant",
+    "enable",
+    "disable",
+    "is_enabled",
+    "coverage",
+    "CoverageReport",
+    "overridden",
+    "cpu_self_check",
+]
 
 _lock = threading.RLock()
 _depth = 0
@@ -48,8 +56,9 @@ def _install() -> None:
 
     failures = cpu_self_check()
     if failures:
-        raise RuntimeError("detaudit: the fixed-block CPU path is not batch-invariant on this machine: "
-                           + "; ".join(failures))
+        raise RuntimeError(
+            "detaudit: the fixed-block CPU path is not batch-invariant on this machine: " + "; ".join(failures)
+        )
     has_rms = hasattr(torch.ops.aten, "rms_norm")
     for key, table in (("CUDA", overrides.CUDA_TABLE), ("CPU", overrides.CPU_TABLE)):
         lib = torch.library.Library("aten", "IMPL")

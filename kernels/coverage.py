@@ -19,20 +19,80 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 # Ops whose result depends on a summation order (matmul-like or floating reductions). Exact ones (max, argmax,
 # topk, sort, copies, elementwise) are not listed: they cannot depend on the batch.
-ORDER_SENSITIVE = frozenset({
-    "mm", "addmm", "bmm", "baddbmm", "addbmm", "addmv", "mv", "dot", "vdot", "matmul", "linear", "einsum",
-    "tensordot", "_int_mm", "_scaled_mm", "_addmm_activation", "convolution", "_convolution", "conv1d", "conv2d",
-    "conv3d", "mkldnn_convolution", "cudnn_convolution", "_weight_int4pack_mm", "_weight_int8pack_mm",
-    "scaled_dot_product_attention", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
-    "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu",
-    "_scaled_dot_product_fused_attention_overrideable", "_flash_attention_forward", "_efficient_attention_forward",
-    "sum", "mean", "nansum", "nanmean", "prod", "var", "var_mean", "std", "std_mean", "norm", "linalg_vector_norm",
-    "_softmax", "_log_softmax", "softmax", "log_softmax", "logsumexp", "cumsum", "cumprod", "logcumsumexp",
-    "native_layer_norm", "layer_norm", "native_group_norm", "group_norm", "native_batch_norm",
-    "_native_batch_norm_legit", "_native_batch_norm_legit_no_training", "batch_norm", "rms_norm", "_fused_rms_norm",
-    "embedding_bag", "_embedding_bag", "nll_loss_forward", "nll_loss2d_forward", "trace", "dist", "cdist",
-    "_cdist_forward",
-})
+ORDER_SENSITIVE = frozenset(
+    {
+        "mm",
+        "addmm",
+        "bmm",
+        "baddbmm",
+        "addbmm",
+        "addmv",
+        "mv",
+        "dot",
+        "vdot",
+        "matmul",
+        "linear",
+        "einsum",
+        "tensordot",
+        "_int_mm",
+        "_scaled_mm",
+        "_addmm_activation",
+        "convolution",
+        "_convolution",
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "mkldnn_convolution",
+        "cudnn_convolution",
+        "_weight_int4pack_mm",
+        "_weight_int8pack_mm",
+        "scaled_dot_product_attention",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_fused_attention_overrideable",
+        "_flash_attention_forward",
+        "_efficient_attention_forward",
+        "sum",
+        "mean",
+        "nansum",
+        "nanmean",
+        "prod",
+        "var",
+        "var_mean",
+        "std",
+        "std_mean",
+        "norm",
+        "linalg_vector_norm",
+        "_softmax",
+        "_log_softmax",
+        "softmax",
+        "log_softmax",
+        "logsumexp",
+        "cumsum",
+        "cumprod",
+        "logcumsumexp",
+        "native_layer_norm",
+        "layer_norm",
+        "native_group_norm",
+        "group_norm",
+        "native_batch_norm",
+        "_native_batch_norm_legit",
+        "_native_batch_norm_legit_no_training",
+        "batch_norm",
+        "rms_norm",
+        "_fused_rms_norm",
+        "embedding_bag",
+        "_embedding_bag",
+        "nll_loss_forward",
+        "nll_loss2d_forward",
+        "trace",
+        "dist",
+        "cdist",
+        "_cdist_forward",
+    }
+)
 
 _active: list[CoverageReport] = []
 _active_lock = threading.Lock()
@@ -86,8 +146,11 @@ class _Recorder(TorchDispatchMode):
         key = _device_key(args, kwargs)
         ours = key is not None and name in overridden(key)
         has_backend = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
-        if not ours and not has_backend and torch._C._dispatch_has_kernel_for_dispatch_key(
-                name, "CompositeImplicitAutograd"):
+        if (
+            not ours
+            and not has_backend
+            and torch._C._dispatch_has_kernel_for_dispatch_key(name, "CompositeImplicitAutograd")
+        ):
             with self:
                 res = func.decompose(*args, **kwargs)
             if res is not NotImplemented:

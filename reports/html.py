@@ -14,7 +14,7 @@ from importlib.resources import files
 
 import jinja2
 from detaudit.reports.charts import histogram_svg
-from detaudit.reports.model import Cell, Report
+from detaudit.reports.view_model import Cell, Report
 from markupsafe import Markup, escape
 
 from detaudit import __version__

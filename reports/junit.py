@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 import xml.etree.ElementTree as ET
 
-from detaudit.reports.model import Report
+from detaudit.reports.view_model import Report
 
 from detaudit.gate import GateResult
 
@@ -40,8 +40,12 @@ def gate_junit(result: GateResult) -> str:
     suite = _suite(f"detaudit gate {result.run}")
     for rule in result.rules:
         for check in rule.checks:
-            case = ET.SubElement(suite, "testcase", classname=_clean(f"detaudit.gate.{rule.rule}"),
-                                 name=_clean(f"{check.where} {rule.threshold}"))
+            case = ET.SubElement(
+                suite,
+                "testcase",
+                classname=_clean(f"detaudit.gate.{rule.rule}"),
+                name=_clean(f"{check.where} {rule.threshold}"),
+            )
             if check.passed:
                 continue
             tag = "failure" if rule.judged else "error"
@@ -54,8 +58,12 @@ def report_junit(report: Report) -> str:
     suites = {run.label: _suite(f"detaudit {run.label}") for run in report.runs}
     for p in report.prompts:
         for c in p.cells:
-            case = ET.SubElement(suites[c.run.label], "testcase", classname=_clean(f"detaudit.{c.run.label}"),
-                                 name=_clean(f"{p.prompt_id}@{c.arm} identical completions"))
+            case = ET.SubElement(
+                suites[c.run.label],
+                "testcase",
+                classname=_clean(f"detaudit.{c.run.label}"),
+                name=_clean(f"{p.prompt_id}@{c.arm} identical completions"),
+            )
             if c.ok == 0:
                 ET.SubElement(case, "error", message=f"no successful samples ({c.errors} errors of {c.n})")
             elif c.unique > 1:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import html
 import re
 
-from detaudit.reports.model import Cell, ForkNode, Report, RunInfo, shorten
+from detaudit.reports.view_model import Cell, ForkNode, Report, RunInfo, shorten
 
 from detaudit.gate import GateResult
 from detaudit.termsafe import visible_bidi

@@ -10,7 +10,7 @@ from typing import Any
 from detaudit.reports.html import render_html
 from detaudit.reports.junit import report_junit
 from detaudit.reports.markdown import render_markdown
-from detaudit.reports.model import Report, build_report
+from detaudit.reports.view_model import Report, build_report
 
 from detaudit.analysis.summary import summarize_run
 from detaudit.errors import UsageError

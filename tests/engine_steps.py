@@ -15,8 +15,9 @@ from detaudit.engine.sequence import SamplingParams, Sequence
 TEXTS = ["def fibonacci(n):", "import os", "Tell me about Richard Feynman", "x = 1", "class Vector:", "the river"]
 
 
-def staggered(eng: Engine, first_max_tokens: int, graphs: Any = None,
-              size_of: Callable[..., int] | None = None) -> tuple[list[Sequence], list[int]]:
+def staggered(
+    eng: Engine, first_max_tokens: int, graphs: Any = None, size_of: Callable[..., int] | None = None
+) -> tuple[list[Sequence], list[int]]:
     """Run TEXTS to completion, request i asking for first_max_tokens + 2i tokens. When `graphs` (a DecodeGraphs or
     PiecewiseGraphs) is given, its `run` is wrapped to record `size_of(*args)` for every step it served."""
     sizes: list[int] = []
@@ -39,8 +40,15 @@ def staggered(eng: Engine, first_max_tokens: int, graphs: Any = None,
 
 
 # Ops whose result a host must read back from the device (a sync, which a CUDA graph cannot hold).
-HOST_READS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2",
-              "aten::unique_consecutive", "aten::unique_dim", "aten::repeat_interleave.Tensor")
+HOST_READS = (
+    "aten::_local_scalar_dense",
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::_unique2",
+    "aten::unique_consecutive",
+    "aten::unique_dim",
+    "aten::repeat_interleave.Tensor",
+)
 
 
 class HostReads(TorchDispatchMode):
@@ -51,7 +59,8 @@ class HostReads(TorchDispatchMode):
         self.seen: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
-        if func.name() in HOST_READS or (func.name() == "aten::index.Tensor"
-                                         and any(i is not None and i.dtype == torch.bool for i in args[1])):
+        if func.name() in HOST_READS or (
+            func.name() == "aten::index.Tensor" and any(i is not None and i.dtype == torch.bool for i in args[1])
+        ):
             self.seen.append(func.name())
         return func(*args, **(kwargs or {}))

@@ -10,8 +10,17 @@ from __future__ import annotations
 import torch
 
 
-def paged_kv_cache(lens: list[int], hkv: int, d: int, page: int, dtype: torch.dtype, g: torch.Generator, *,
-                   device: str = "cpu", spare_pages: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def paged_kv_cache(
+    lens: list[int],
+    hkv: int,
+    d: int,
+    page: int,
+    dtype: torch.dtype,
+    g: torch.Generator,
+    *,
+    device: str = "cpu",
+    spare_pages: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(k_cache, v_cache, block_table) on `device` for sequences of `lens` tokens: caches [pages, page, hkv, d],
     table [len(lens), max pages] int32. `spare_pages` pages beyond the owned ones, the NaN page last among them."""
     n_pages = sum(-(-c // page) for c in lens) + spare_pages

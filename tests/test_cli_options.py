@@ -25,8 +25,9 @@ def test_run_and_local_share_option_spellings_and_help() -> None:
     shared = sorted(set(run) & set(local))
     assert {"prompt", "repeats", "model", "out", "concurrency", "force", "as_json"} <= set(shared)
     for name in shared:
-        assert sorted(run[name].opts) == sorted(local[name].opts), f"{name}: run {run[name].opts}, local " \
-                                                                   f"{local[name].opts}"
+        assert sorted(run[name].opts) == sorted(local[name].opts), (
+            f"{name}: run {run[name].opts}, local {local[name].opts}"
+        )
         if name not in MEANING_DIFFERS:
             assert run[name].help == local[name].help, f"--{name}: the help differs between run and local"
     assert set(MEANING_DIFFERS) <= set(shared)

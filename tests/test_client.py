@@ -8,7 +8,7 @@ import base64
 import pytest
 from runhelp import NYC, QUEENS
 
-from detaudit.client import OpenAIClient
+from detaudit.audit.client import OpenAIClient
 from detaudit.redact import Scrubber, redact_url, url_secrets
 
 

@@ -13,7 +13,7 @@ import orjson
 import pytest
 from runhelp import QUEENS, cli
 
-from detaudit.client import RAW_CHARS, OpenAIClient, _error_message
+from detaudit.audit.client import RAW_CHARS, OpenAIClient, _error_message
 from detaudit.rundir.io import read_samples
 
 _HEAD = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "scripted-model"}

@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scripted_server import _Answer, _Token
 
-from detaudit.client import CallError, Completion, StreamParser, parse_answer
+from detaudit.audit.client import CallError, Completion, StreamParser, parse_answer
 from detaudit.rundir.io import rows_to_table
 from detaudit.rundir.schema import SAMPLE_COLUMNS
 

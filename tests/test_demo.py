@@ -58,10 +58,15 @@ def test_demo_without_the_local_extra_says_what_to_install(tmp_path, capsys, mon
     assert not (tmp_path / "demo").exists()
 
 
-@pytest.mark.parametrize(("args", "message"), [(["-n", "1"], "-n must be at least 2"),
-                                                (["--max-tokens", "0"], "--max-tokens must be at least 1"),
-                                                # refused only after the model was built and served, in two lines
-                                                (["-n", "99999999999999"], "a run holds at most")])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-n", "1"], "-n must be at least 2"),
+        (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+        # refused only after the model was built and served, in two lines
+        (["-n", "99999999999999"], "a run holds at most"),
+    ],
+)
 def test_demo_bad_arguments_exit_2(tmp_path, capsys, args, message):
     r = cli(capsys, "demo", "--out", tmp_path / "demo", *args)
     assert r.code == 2 and message in r.err and r.err.count("\n") == 1

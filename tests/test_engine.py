@@ -31,8 +31,16 @@ def arch_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     shutil.copytree(dirs["llama"], dirs["llama3-rope"])
     cfg = json.loads((dirs["llama"] / "config.json").read_text())
     cfg.pop("rope_parameters", None)
-    cfg.update(rope_theta=500000.0, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+    cfg.update(
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    )
     (dirs["llama3-rope"] / "config.json").write_text(json.dumps(cfg))
     return dirs
 

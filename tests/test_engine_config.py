@@ -21,8 +21,13 @@ def test_empty_model_is_a_usage_error(model: str) -> None:
         resolve_model(model)
 
 
-@pytest.mark.parametrize(("kw", "message"), [({"max_batch": 0}, "--max-batch must be at least 1, got 0"),
-                                             ({"max_model_len": 1}, "--max-model-len must be at least 2, got 1")])
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"max_batch": 0}, "--max-batch must be at least 1, got 0"),
+        ({"max_model_len": 1}, "--max-model-len must be at least 2, got 1"),
+    ],
+)
 def test_each_engine_limit_is_named_alone(tiny_model_dir, kw, message) -> None:
     """One message named both limits whichever was wrong (reached from `serve`, which has no --max-tokens)."""
     from detaudit.engine.llm import Engine, EngineConfig

@@ -15,7 +15,6 @@ from detaudit.engine.sequence import SamplingParams, Sequence
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-
 def _engine(model, kernels: str) -> Engine:
     return Engine(EngineConfig(str(model), device="cpu", dtype="bfloat16", kernels=kernels, max_batch=6,
                                max_model_len=128, max_batched_tokens=64))  # fmt: skip
@@ -110,7 +109,7 @@ def test_the_captured_forward_reads_nothing_back_from_the_device(tiny_model_dir,
     """What a decode graph records — embedding, RoPE, KV write, norms, projections, lm_head — asks the device for
     no value on the host. (Attention is left out: its CPU paths read lengths on the host; on CUDA it reads none,
     which tests/gpu checks by capturing it.)"""
-    from detaudit.engine.runner import kernel_context
+    from detaudit.engine.model_runner import kernel_context
 
     eng = _engine(tiny_model_dir, kernels)
     graphs = DecodeGraphs(eng.runner, eng.cfg.max_batch, capture=False)

@@ -16,7 +16,6 @@ from detaudit.engine.sequence import Sequence
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-
 def _engine(model, kernels: str, *, piecewise: bool) -> Engine:
     """max_batched_tokens 40: prompts (about 15-20 tokens with the chat template) are chunked and share steps
     with decodes, so step sizes vary and pad to buckets 16, 24, 32 and 40."""
@@ -92,7 +91,7 @@ def test_token_buckets():
 def test_the_captured_pieces_read_nothing_back_from_the_device(tiny_model_dir, kernels):
     """Every piece a prefill graph records (embedding, RoPE, norms, projections, KV write, MLP) asks the device
     for no value on the host, so capture cannot fail on a sync; attention, between pieces, is not captured."""
-    from detaudit.engine.runner import kernel_context
+    from detaudit.engine.model_runner import kernel_context
 
     eng = _engine(tiny_model_dir, kernels, piecewise=True)
     graphs = eng.runner.prefill_graphs

@@ -162,15 +162,17 @@ def test_bad_thresholds_are_usage_errors(kwargs, message):
 
 def test_gate_spec_for_detaudit_run():
     t = parse_gate_spec(["max-unique=1,min-modal-share=0.99", "baseline=runs/rc0", "require-same-modal"])
-    assert t == GateThresholds(
-        max_unique=1, min_modal_share=0.99, require_same_modal=True, baseline=Path("runs/rc0")
-    )
+    assert t == GateThresholds(max_unique=1, min_modal_share=0.99, require_same_modal=True, baseline=Path("runs/rc0"))
 
 
 @pytest.mark.parametrize(
     ("spec", "message"),
-    [("max-uniq=1", "unknown rule 'max-uniq'"), ("max-unique", "needs a value"), ("max-unique=x", "not a valid int"),
-     ("require-same-modal=no", "takes no value")],
+    [
+        ("max-uniq=1", "unknown rule 'max-uniq'"),
+        ("max-unique", "needs a value"),
+        ("max-unique=x", "not a valid int"),
+        ("require-same-modal=no", "takes no value"),
+    ],
 )
 def test_bad_gate_specs_are_usage_errors(spec, message):
     with pytest.raises(UsageError, match=message):

@@ -14,7 +14,7 @@ def test_paged_kv_cache_layout() -> None:
     owned = [bt[b, : -(-c // page)].tolist() for b, c in enumerate(lens)]
     flat = [p for pages in owned for p in pages]
     assert len(set(flat)) == len(flat) == 5 and kc.shape[0] - 1 not in flat  # each page owned once, NaN page never
-    assert all(bt[b, len(pages):].eq(kc.shape[0] - 1).all() for b, pages in enumerate(owned))  # padding: NaN page
+    assert all(bt[b, len(pages) :].eq(kc.shape[0] - 1).all() for b, pages in enumerate(owned))  # padding: NaN page
     assert kc[-1].isnan().all() and vc[-1].isnan().all() and not kc[:-1].isnan().any()
     again = paged_kv_cache(lens, 2, 4, page, torch.bfloat16, torch.Generator().manual_seed(0), spare_pages=3)
     mine, theirs = (kc[:-1], vc[:-1], bt), (again[0][:-1], again[1][:-1], again[2])  # same generator seed

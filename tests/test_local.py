@@ -54,8 +54,24 @@ def test_mixed_load_stock_forks_batch_invariant_does_not(tiny_model_dir, tmp_pat
 
 def test_same_seed_same_run(tiny_model_dir, tmp_path, capsys):
     """Arrivals are counted in steps, so a stock run is reproducible: every target sees the same batches again."""
-    small = ["--prompt", "import os", "--prompt", "x = 1", "-n", "6", "--scenario", "single,prefix",
-             "--max-tokens", "8", "--max-batch", "4", "--max-batched-tokens", "24", "--top-logprobs", "2"]
+    small = [
+        "--prompt",
+        "import os",
+        "--prompt",
+        "x = 1",
+        "-n",
+        "6",
+        "--scenario",
+        "single,prefix",
+        "--max-tokens",
+        "8",
+        "--max-batch",
+        "4",
+        "--max-batched-tokens",
+        "24",
+        "--top-logprobs",
+        "2",
+    ]
     tables = []
     for name in ("a", "b"):
         main(["local", "--model", str(tiny_model_dir), "--out", str(tmp_path / name), "--json", *small])
@@ -104,8 +120,8 @@ def test_bad_input_exits_2_and_writes_nothing(tiny_model_dir, tmp_path, capsys):
 
 def test_progress_reports_each_arm_from_zero_once_the_engine_is_loaded(tiny_model_dir, tmp_path):
     """The CLI shows "loading …" until an arm reports 0 of N, so that call must come first, before any request ends."""
+    from detaudit.audit.local_engine import LocalRunSpec, run_local
     from detaudit.engine.llm import EngineConfig
-    from detaudit.engine.local import LocalRunSpec, run_local
 
     calls: list[tuple[str, int, int]] = []
     spec = LocalRunSpec(engine=EngineConfig(str(tiny_model_dir), max_batch=4, max_batched_tokens=64, max_model_len=128),

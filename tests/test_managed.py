@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from detaudit.errors import EndpointError, UsageError
-from detaudit.managed import (
+from detaudit.audit.managed import (
     HOST,
     build_launch,
     file_log,
@@ -24,6 +23,7 @@ from detaudit.managed import (
     redact_argv,
     stash_log,
 )
+from detaudit.errors import EndpointError, UsageError
 
 SCRIPTED = Path(__file__).resolve().parent / "scripted_server.py"
 PY = sys.executable
@@ -137,7 +137,7 @@ def test_interrupt_inside_the_audit_stops_the_server(tmp_path: Path) -> None:
 
 def test_startup_crash_is_exit_3_with_log_tail_and_scrubbed_secrets(tmp_path: Path) -> None:
     script = "import sys; print('loading', sys.argv[1:]); print('RuntimeError: CUDA out of memory'); sys.exit(7)"
-    spec = build_launch("command", model=None, server_cmd=f"{PY} -c \"{script}\" {{port}} --api-key sk-secret-42xyz")
+    spec = build_launch("command", model=None, server_cmd=f'{PY} -c "{script}" {{port}} --api-key sk-secret-42xyz')
     log = tmp_path / "server.log"
     with pytest.raises(EndpointError) as exc:
         with managed_server(spec, log, startup_timeout_s=60):
@@ -150,7 +150,7 @@ def test_startup_crash_is_exit_3_with_log_tail_and_scrubbed_secrets(tmp_path: Pa
 
 def test_startup_timeout_stops_the_child(tmp_path: Path) -> None:
     hang = "import time; print('hang'); time.sleep(60)"
-    spec = build_launch("command", model=None, server_cmd=f"{PY} -c \"{hang}\" {{port}}")
+    spec = build_launch("command", model=None, server_cmd=f'{PY} -c "{hang}" {{port}}')
     with pytest.raises(EndpointError, match=r"not ready within 1 s"):
         with managed_server(spec, tmp_path / "log", startup_timeout_s=1):
             pytest.fail("should not become healthy")

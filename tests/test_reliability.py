@@ -212,8 +212,12 @@ def test_odd_model_output_is_recorded_exactly(capture, scripted_server, capsys, 
 
 
 def test_logprobs_missing_half_way_lowers_the_capture(scripted_server, capsys, tmp_path) -> None:
-    server = scripted_server(completions={"Q": QUEENS, "N": NYC}, schedules={FEYNMAN: [("Q", 19), ("N", 1)]},
-                             capture="openai", drop_logprobs_after=13)  # fmt: skip  (probe's 3 answers + 10)
+    server = scripted_server(
+        completions={"Q": QUEENS, "N": NYC},
+        schedules={FEYNMAN: [("Q", 19), ("N", 1)]},
+        capture="openai",
+        drop_logprobs_after=13,
+    )  # fmt: skip  (probe's 3 answers + 10)
     out = tmp_path / "half"
     r = cli(capsys, "run", "--base-url", server.base_url, "-p", FEYNMAN, "-n", 20, "--out", out, "--json")
     assert r.code == 0, r.err

@@ -13,8 +13,8 @@ import pytest
 from detaudit.reports.html import render_html
 from detaudit.reports.junit import report_junit
 from detaudit.reports.markdown import render_markdown
-from detaudit.reports.model import build_report
 from detaudit.reports.pipeline import load_runs, write_reports
+from detaudit.reports.view_model import build_report
 
 from detaudit.analysis.summary import summarize_run
 from detaudit.cli.app import main
@@ -145,8 +145,11 @@ def test_report_model_nests_forks_and_aligns_variants(tmp_path):
     assert [r.label for r in report.runs] == ["endpoint", "local-bi"]
     assert ("engine", "kernels=batch-invariant") in report.runs[1].meta
     cells = report.prompts[0].cells
-    assert [(c.run.label, c.arm, c.unique) for c in cells] == [("endpoint", "c1", 1), ("endpoint", "c16", 4),
-                                                              ("local-bi", "c16", 1)]
+    assert [(c.run.label, c.arm, c.unique) for c in cells] == [
+        ("endpoint", "c1", 1),
+        ("endpoint", "c16", 4),
+        ("local-bi", "c16", 1),
+    ]
     root = cells[1].forks
     assert [(f.position, [b.token for b in f.branches]) for f in root] == [(5, [" Queens", " New", ""])]
     child = root[0].branches[1].children
@@ -161,8 +164,11 @@ def test_report_model_nests_forks_and_aligns_variants(tmp_path):
 
 
 def test_fingerprints_in_run_metadata_and_where_they_vary(tmp_path):
-    run = make_run(tmp_path / "fp", {"c1": (1, [(MODAL, 4)]), "c8": (8, [(MODAL, 3), (SHORT, 3)])},
-                   fingerprint=lambda arm, repeat: "fp_b" if arm == "c8" and repeat >= 3 else "fp_a")
+    run = make_run(
+        tmp_path / "fp",
+        {"c1": (1, [(MODAL, 4)]), "c8": (8, [(MODAL, 3), (SHORT, 3)])},
+        fingerprint=lambda arm, repeat: "fp_b" if arm == "c8" and repeat >= 3 else "fp_a",
+    )
     report = build_report(load_runs([run]))
     assert ("system_fingerprint", "fp_a, fp_b") in report.runs[0].meta
     assert [c.fingerprints for c in report.prompts[0].cells] == [{}, {"fp_a": 3, "fp_b": 3}]
@@ -185,12 +191,18 @@ def test_markdown_is_compact_and_inert(tmp_path):
     md = render_markdown(build_report(load_runs([endpoint_run(tmp_path), invariant_run(tmp_path)])))
     lines = md.splitlines()
     assert lines[0] == "## detaudit report"
-    assert "| endpoint | endpoint http://127.0.0.1:9/v1 (chat) | c16 | 40/40 | **4** | 82.5% | 5 (median 5) | " \
-           "load-dependent |" in lines
-    assert "| local-bi | local engine, batch-invariant kernels | c16 | 40/40 | **1** | 100.0% | — | deterministic |" \
+    assert (
+        "| endpoint | endpoint http://127.0.0.1:9/v1 (chat) | c16 | 40/40 | **4** | 82.5% | 5 (median 5) | "
+        "load-dependent |" in lines
+    )
+    assert (
+        "| local-bi | local engine, batch-invariant kernels | c16 | 40/40 | **1** | 100.0% | — | deterministic |"
         in lines
-    assert "- **endpoint · c16**: token 5: “ Queens” ×33 / “ New” ×6 / (end) ×1, margin 0.49; token 7: “,” ×4 / " \
-           "“&lt;script&gt;document.ti…ent.title='pwned'\"&gt;” ×2, margin 0.49" in lines
+    )
+    assert (
+        "- **endpoint · c16**: token 5: “ Queens” ×33 / “ New” ×6 / (end) ×1, margin 0.49; token 7: “,” ×4 / "
+        "“&lt;script&gt;document.ti…ent.title='pwned'\"&gt;” ×2, margin 0.49" in lines
+    )
     assert "<script" not in md and "<img" not in md
     assert "<details><summary>endpoint · feynman · c16: 4 distinct completions</summary>" in lines
 

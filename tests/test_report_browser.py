@@ -151,7 +151,17 @@ def test_report_loads_offline_without_errors_and_shows_model_markup_as_text(tmp_
     assert shot.stat().st_size > 10_000
 
     # the report's own script is allowed by its CSP hash and works: collapse all, then expand all
-    assert chromium.js("document.querySelector('button[data-details=close]').click(); "
-                       "document.querySelectorAll('details[open]').length") == 0
-    assert chromium.js("document.querySelector('button[data-details=open]').click(); "
-                       "document.querySelectorAll('details:not([open])').length") == 0
+    assert (
+        chromium.js(
+            "document.querySelector('button[data-details=close]').click(); "
+            "document.querySelectorAll('details[open]').length"
+        )
+        == 0
+    )
+    assert (
+        chromium.js(
+            "document.querySelector('button[data-details=open]').click(); "
+            "document.querySelectorAll('details:not([open])').length"
+        )
+        == 0
+    )

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
+from detaudit.audit.rescoring import check_model, compare
 from detaudit.cli.app import main
-from detaudit.engine.rescore import check_model, compare
 from detaudit.rundir.io import load_manifest, read_rescore, read_samples, write_manifest
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -93,12 +93,16 @@ def test_check_model_verdicts(bi_run, tiny_model_dir, tmp_path):
     info = {"architecture": "qwen3", "model_path": str(tiny_model_dir)}
     assert check_model(manifest, str(tiny_model_dir), info)["status"] == "same"
     assert check_model(manifest, str(tiny_model_dir), {**info, "architecture": "llama"})["status"] == "different"
-    moved = manifest.model_copy(update={"target": manifest.target.model_copy(
-        update={"model": "gone", "engine": {**manifest.target.engine, "model_path": str(tmp_path / "gone")}})})
+    moved = manifest.model_copy(
+        update={
+            "target": manifest.target.model_copy(
+                update={"model": "gone", "engine": {**manifest.target.engine, "model_path": str(tmp_path / "gone")}}
+            )
+        }
+    )
     verdict = check_model(moved, str(tiny_model_dir), info)
     assert verdict["status"] == "unverified" and "not a directory here" in verdict["reason"]
-    nameless = manifest.model_copy(update={"target": manifest.target.model_copy(update={"model": None,
-                                                                                          "engine": {}})})
+    nameless = manifest.model_copy(update={"target": manifest.target.model_copy(update={"model": None, "engine": {}})})
     assert check_model(nameless, str(tiny_model_dir), info)["status"] == "unverified"
 
 

@@ -29,9 +29,27 @@ def _start(model: Path, kernels: str, log_dir: Path, budget: int = 48) -> tuple[
     port = free_port()
     exe = Path(sys.executable).with_name("detaudit")
     log = open(log_dir / f"serve-{kernels}.log", "wb")
-    proc = subprocess.Popen([str(exe), "serve", "--model", str(model), "--kernels", kernels, "--port", str(port),
-                             "--max-batch", "8", "--max-batched-tokens", str(budget), "--max-model-len", "512"],
-                            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        [
+            str(exe),
+            "serve",
+            "--model",
+            str(model),
+            "--kernels",
+            kernels,
+            "--port",
+            str(port),
+            "--max-batch",
+            "8",
+            "--max-batched-tokens",
+            str(budget),
+            "--max-model-len",
+            "512",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     base = f"http://127.0.0.1:{port}"
     wait_healthy(proc, base, Path(log.name))
     return proc, f"{base}/v1"
@@ -81,8 +99,14 @@ def test_models_and_chat_with_logprobs_and_token_ids(bi_server):
 def test_completions_tokens_as_ids_stop_and_seed(bi_server):
     base, model = bi_server
     client = openai.OpenAI(base_url=base, api_key="unused")
-    r = client.completions.create(model=model, prompt="def fibonacci(n):", max_tokens=10, temperature=0, logprobs=2,
-                                  extra_body={"return_tokens_as_token_ids": True, "return_token_ids": True})
+    r = client.completions.create(
+        model=model,
+        prompt="def fibonacci(n):",
+        max_tokens=10,
+        temperature=0,
+        logprobs=2,
+        extra_body={"return_tokens_as_token_ids": True, "return_token_ids": True},
+    )
     toks = r.choices[0].logprobs.tokens
     assert all(t.startswith("token_id:") for t in toks)
     assert [int(t.split(":")[1]) for t in toks] == r.choices[0].model_extra["token_ids"]
@@ -206,7 +230,7 @@ def test_overloaded_queue_answers_503(tiny_model_dir):
     from fastapi.testclient import TestClient
 
     from detaudit.engine.llm import Engine, EngineConfig
-    from detaudit.engine.server import create_app
+    from detaudit.server import create_app
 
     engine = Engine(EngineConfig(str(tiny_model_dir), max_batch=2, max_batched_tokens=32, max_model_len=128))
     with TestClient(create_app(engine, model_name="tiny", max_queue=0)) as client:
@@ -385,7 +409,7 @@ def local_server(tiny_model_dir: Path) -> Iterator[tuple[str, Any, list]]:
     import uvicorn
 
     from detaudit.engine.llm import Engine, EngineConfig
-    from detaudit.engine.server import create_app
+    from detaudit.server import create_app
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 from detaudit.analysis.core import Sequences, SourceMissing, encode_sequences, find_forks, lcp_pairs, lcp_with
 from detaudit.analysis.decode import Decoder, clip_text
-from detaudit.analysis.rescore import summarize_rescore
+from detaudit.analysis.rescore_summary import summarize_rescore
 from detaudit.analysis.stats import arm_stats
 from detaudit.analysis.units import SOURCES, Source, unit_of
 from detaudit.errors import RunDirError

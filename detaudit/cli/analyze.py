@@ -8,8 +8,8 @@ import typer
 from rich.console import Console
 
 from detaudit.analysis.compare import compare_runs
-from detaudit.analysis.render import render_compare, render_summary
 from detaudit.analysis.summary import summarize_run
+from detaudit.cli.render import render_compare, render_summary
 from detaudit.rundir.io import write_summary
 from detaudit.termsafe import json_text, safe
 

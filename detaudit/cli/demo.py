@@ -7,10 +7,10 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from detaudit.audit.request import MAX_SAMPLES
 from detaudit.demo import DemoSettings, run_demo
 from detaudit.errors import UsageError
 from detaudit.rundir.schema import MANIFEST_FILE
-from detaudit.runner import MAX_SAMPLES
 
 
 def demo_command(

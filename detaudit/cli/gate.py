@@ -16,7 +16,7 @@ from detaudit.errors import EXIT_ENDPOINT, EndpointError, GateFailed, UsageError
 from detaudit.gate import GateResult, GateThresholds, judge, run_gate
 from detaudit.reports.junit import gate_junit
 from detaudit.reports.markdown import render_gate_markdown, render_markdown
-from detaudit.reports.model import build_report
+from detaudit.reports.view_model import build_report
 from detaudit.rundir.io import check_output_file, load_manifest, same_output_file, write_output_file
 from detaudit.rundir.schema import RunManifest
 from detaudit.termsafe import safe
@@ -88,8 +88,10 @@ def publish_gate(
     for line in result.lines():
         style = styles[line.split(" ", 1)[0]]
         console.print(safe(line), style=style, highlight=False, soft_wrap=True, markup=False)
-    markdown = render_gate_markdown(result) + "\n" + render_markdown(
-        build_report([(run, manifest, summary)]), heading="### Audit"
+    markdown = (
+        render_gate_markdown(result)
+        + "\n"
+        + render_markdown(build_report([(run, manifest, summary)]), heading="### Audit")
     )
     if md is not None:
         write_output_file(md, markdown.encode())

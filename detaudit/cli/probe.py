@@ -10,11 +10,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from detaudit.client import OpenAIClient
-from detaudit.errors import UsageError
-from detaudit.probe import probe_endpoint
-from detaudit.redact import redact_url
-from detaudit.runner import (
+from detaudit.audit.capabilities import probe_endpoint
+from detaudit.audit.client import OpenAIClient
+from detaudit.audit.endpoint import resolve_model
+from detaudit.audit.request import (
     DEFAULT_KEY_ENV,
     MAX_SECONDS,
     api_key_from_env,
@@ -23,8 +22,9 @@ from detaudit.runner import (
     check_credentials,
     parse_extra_body,
     parse_headers,
-    resolve_model,
 )
+from detaudit.errors import UsageError
+from detaudit.redact import redact_url
 from detaudit.termsafe import json_text, safe
 
 probe_app = typer.Typer(help="Probe what a target can do before auditing it.", no_args_is_help=True)
@@ -73,8 +73,9 @@ def render_probe(result: dict[str, Any], console: Console) -> None:
 @probe_app.command("endpoint", help="Which APIs answer; whether logprobs, top_logprobs, token ids, streaming, seed "
                    "and system_fingerprint come back.")  # fmt: skip
 def endpoint_command(
-    base_url: str | None = typer.Option(None, "--base-url", help="Endpoint base URL (default: env "
-                                        "OPENAI_BASE_URL, else https://api.openai.com/v1)."),  # fmt: skip
+    base_url: str | None = typer.Option(
+        None, "--base-url", help="Endpoint base URL (default: env OPENAI_BASE_URL, else https://api.openai.com/v1)."
+    ),  # fmt: skip
     api_key_env: str = typer.Option(DEFAULT_KEY_ENV, "--api-key-env", help="Environment variable holding the key."),
     model: str | None = typer.Option(None, "--model", "-m", help="Model name (default: the only model listed)."),
     api: str = typer.Option("both", "--api", help="chat, completions or both."),

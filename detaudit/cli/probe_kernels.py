@@ -18,8 +18,13 @@ def kernels_command(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
     dtype: str = typer.Option("fp32", "--dtype", help="bf16, fp16 or fp32."),
     quick: bool = typer.Option(False, "--quick", help="Fewer batch sizes (smoke test)."),
-    seed: int = typer.Option(0, "--seed", min=0, max=2**64 - 1,  # torch.Generator's range: past it, a ValueError
-                             help="Seed for inputs, offsets and probed rows."),  # fmt: skip
+    seed: int = typer.Option(
+        0,
+        "--seed",
+        min=0,
+        max=2**64 - 1,  # torch.Generator's range: past it, a ValueError
+        help="Seed for inputs, offsets and probed rows.",
+    ),  # fmt: skip
     as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
 ) -> None:
     """Sweep every op over batch sizes that cross kernel-heuristic boundaries; report invariance per op."""
@@ -38,19 +43,36 @@ def kernels_command(
     cfg = default_config(device, quick=quick)
     rows = run_sweep(device, getattr(torch, _DTYPES[dtype]), cfg=cfg, seed=seed)
     if as_json:
-        typer.echo(json.dumps({"device": device, "dtype": dtype, "sizes": list(cfg.sizes),
-                               "rows": [r.to_dict() for r in rows]}, indent=2))
+        typer.echo(
+            json.dumps(
+                {"device": device, "dtype": dtype, "sizes": list(cfg.sizes), "rows": [r.to_dict() for r in rows]},
+                indent=2,
+            )
+        )
         return
-    table = Table(title=escape(f"batch invariance on {device} / {dtype}: op(x)[rows] == op(x[rows]) over "
-                               f"{len(cfg.sizes)} batch sizes {min(cfg.sizes)}…{max(cfg.sizes)}"))
+    table = Table(
+        title=escape(
+            f"batch invariance on {device} / {dtype}: op(x)[rows] == op(x[rows]) over "
+            f"{len(cfg.sizes)} batch sizes {min(cfg.sizes)}…{max(cfg.sizes)}"
+        )
+    )
     for col in ("op", "impl", "invariant", "max abs diff", "worst batch", "rows checked"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r.op, r.impl, "[green]yes[/]" if r.invariant else "[red]NO[/]",
-                      f"{r.max_abs_diff:.3g}", "" if r.worst_batch is None else str(r.worst_batch), str(r.checked))
+        table.add_row(
+            r.op,
+            r.impl,
+            "[green]yes[/]" if r.invariant else "[red]NO[/]",
+            f"{r.max_abs_diff:.3g}",
+            "" if r.worst_batch is None else str(r.worst_batch),
+            str(r.checked),
+        )
     console = Console()
     console.print(table)
     for impl in ("stock", "ours"):
         bad = [r.op for r in rows if r.impl == impl and not r.invariant]
-        console.print(f"{impl}: " + (f"{len(bad)} op(s) NOT invariant: {', '.join(bad)}" if bad
-                                     else "every op invariant"), highlight=False, markup=False)
+        console.print(
+            f"{impl}: " + (f"{len(bad)} op(s) NOT invariant: {', '.join(bad)}" if bad else "every op invariant"),
+            highlight=False,
+            markup=False,
+        )

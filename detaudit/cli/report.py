@@ -14,8 +14,9 @@ from detaudit.termsafe import safe
 
 
 def report_command(
-    runs: list[Path] = typer.Argument(..., help="Run directories, shown side by side (e.g. endpoint, local stock, "
-                                                "local batch-invariant)."),
+    runs: list[Path] = typer.Argument(
+        ..., help="Run directories, shown side by side (e.g. endpoint, local stock, local batch-invariant)."
+    ),
     html: Path | None = typer.Option(None, "--html", help="Write the self-contained HTML report here."),
     md: Path | None = typer.Option(None, "--md", help="Write the Markdown report (step summary / PR comment) here."),
     junit: Path | None = typer.Option(None, "--junit", help="Write JUnit XML (one case per prompt and arm) here."),
@@ -23,7 +24,7 @@ def report_command(
     """Without --html/--md/--junit the Markdown report is printed on stdout."""
     named = [(opt, path) for opt, path in (("--html", html), ("--md", md), ("--junit", junit)) if path is not None]
     for i, (opt, path) in enumerate(named):  # else the last one written silently replaces the other
-        same = [other for other, p in named[i + 1:] if same_output_file(p, path)]
+        same = [other for other, p in named[i + 1 :] if same_output_file(p, path)]
         if same:
             raise UsageError(f"{opt} and {same[0]} name the same file {path}; give each report its own file")
     result = write_reports(runs, html=html, md=md, junit=junit)

@@ -27,8 +27,8 @@ def rescore_command(
     as_json: bool = typer.Option(False, "--json", help="Print the rescore section as JSON."),
 ) -> None:
     from detaudit.analysis.summary import load_run_manifest, summarize_run
+    from detaudit.audit.rescoring import check_model, rescore_run
     from detaudit.engine.llm import Engine, EngineConfig
-    from detaudit.engine.rescore import check_model, rescore_run
     from detaudit.errors import UsageError
     from detaudit.rundir.io import read_samples, write_summary
 
@@ -37,9 +37,18 @@ def rescore_command(
     if "ok" not in read_samples(run_dir, ["status"]).column("status").to_pylist():
         raise UsageError(f"{run_dir}: no ok sample to rescore")
     # Rescoring only prefills (no decode step), so no CUDA graph would ever be replayed: none is captured.
-    engine = Engine(EngineConfig(model, device=device, dtype=dtype, kernels=kernels, max_batch=max_batch,
-                                 max_batched_tokens=max(max_model_len, max_batch), max_model_len=max_model_len,
-                                 cuda_graphs=False))
+    engine = Engine(
+        EngineConfig(
+            model,
+            device=device,
+            dtype=dtype,
+            kernels=kernels,
+            max_batch=max_batch,
+            max_batched_tokens=max(max_model_len, max_batch),
+            max_model_len=max_model_len,
+            cuda_graphs=False,
+        )
+    )
     check = check_model(manifest, model, engine.info())
     if check["status"] != "same":
         # A warning, not an error: a served name cannot be matched to a directory, and rescoring with another

@@ -10,27 +10,27 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from detaudit.analysis.render import render_summary
 from detaudit.analysis.summary import summarize_run
-from detaudit.cli.gate import gate_finished_run
-from detaudit.errors import EndpointError, RecordingFailed, UsageError
-from detaudit.gate import parse_gate_spec
-from detaudit.probes.suites import load_suite
-from detaudit.rundir.io import load_manifest, write_summary
-from detaudit.rundir.schema import DEFAULT_MAX_RESPONSE_BYTES, PromptSpec, RequestParams
-from detaudit.runner import (
+from detaudit.audit.endpoint import RunOutcome, execute_run
+from detaudit.audit.request import (
     DEFAULT_KEY_ENV,
-    RunOutcome,
     RunRequest,
     api_key_from_env,
     base_url_or_default,
-    execute_run,
     gather_prompts,
     parse_concurrency,
     parse_extra_body,
     parse_headers,
     request_from_manifest,
 )
+from detaudit.cli.gate import gate_finished_run
+from detaudit.cli.options import given_options
+from detaudit.cli.render import render_summary
+from detaudit.errors import EndpointError, RecordingFailed, UsageError
+from detaudit.gate import parse_gate_spec
+from detaudit.probes.suites import load_suite
+from detaudit.rundir.io import load_manifest, write_summary
+from detaudit.rundir.schema import DEFAULT_MAX_RESPONSE_BYTES, PromptSpec, RequestParams
 from detaudit.termsafe import json_text, safe
 
 # Share of failed samples above which the run is reported as unjudgeable (exit 3); the run directory is kept.
@@ -81,10 +81,19 @@ def build_request(
         prompts=gather_prompts(prompts, prompt_file, extra_prompts),
         repeats=repeats,
         concurrency=parse_concurrency(concurrency),
-        params=RequestParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                             stop=list(stop), top_logprobs=top_logprobs, extra_body=parse_extra_body(extra_body),
-                             timeout_s=timeout, retries=retries, rate=rate,
-                             max_response_bytes=max_response_bytes),  # fmt: skip
+        params=RequestParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+            stop=list(stop),
+            top_logprobs=top_logprobs,
+            extra_body=parse_extra_body(extra_body),
+            timeout_s=timeout,
+            retries=retries,
+            rate=rate,
+            max_response_bytes=max_response_bytes,
+        ),  # fmt: skip
         stream=stream,
         backoff=backoff,
         force=force,
@@ -144,12 +153,6 @@ _MANIFEST_SETTINGS = ("prompt", "prompt_file", "suite", "repeats", "model", "api
                       "max_response_bytes", "extra_body", "force")  # fmt: skip
 
 
-def _given(ctx: typer.Context, name: str) -> bool:
-    """Whether the user set `name` (command line or environment) rather than leaving its default."""
-    source = ctx.get_parameter_source(name)
-    return source is not None and source.name != "DEFAULT"
-
-
 def _flag(ctx: typer.Context, name: str) -> str:
     param = next(p for p in ctx.command.params if p.name == name)
     return max(param.opts, key=len)
@@ -158,16 +161,26 @@ def _flag(ctx: typer.Context, name: str) -> str:
 def run_command(
     ctx: typer.Context,
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt text (repeatable)."),
-    prompt_file: Path | None = typer.Option(None, "--prompt-file", help="Plain-text prompt, or JSONL of "
-                                            '{"prompt": ...} / {"messages": [...]} objects.'),  # fmt: skip
-    suite: str | None = typer.Option(None, "--suite", help="A probe suite: bundled name (see `detaudit suites`) "
-                                     "or a .yaml/.jsonl file; every entry is its own prompt id."),  # fmt: skip
-    repeats: int = typer.Option(100, "-n", "--repeats", help="N independent requests per prompt per arm "
-                                "(never the API's n field)."),  # fmt: skip
-    base_url: str | None = typer.Option(None, "--base-url", help="Endpoint base URL (default: env "
-                                        "OPENAI_BASE_URL, else https://api.openai.com/v1)."),  # fmt: skip
-    api_key_env: str = typer.Option(DEFAULT_KEY_ENV, "--api-key-env", help="Environment variable holding the "
-                                    "API key (the key itself is never written anywhere)."),  # fmt: skip
+    prompt_file: Path | None = typer.Option(
+        None, "--prompt-file", help='Plain-text prompt, or JSONL of {"prompt": ...} / {"messages": [...]} objects.'
+    ),  # fmt: skip
+    suite: str | None = typer.Option(
+        None,
+        "--suite",
+        help="A probe suite: bundled name (see `detaudit suites`) "
+        "or a .yaml/.jsonl file; every entry is its own prompt id.",
+    ),  # fmt: skip
+    repeats: int = typer.Option(
+        100, "-n", "--repeats", help="N independent requests per prompt per arm (never the API's n field)."
+    ),  # fmt: skip
+    base_url: str | None = typer.Option(
+        None, "--base-url", help="Endpoint base URL (default: env OPENAI_BASE_URL, else https://api.openai.com/v1)."
+    ),  # fmt: skip
+    api_key_env: str = typer.Option(
+        DEFAULT_KEY_ENV,
+        "--api-key-env",
+        help="Environment variable holding the API key (the key itself is never written anywhere).",
+    ),  # fmt: skip
     model: str | None = typer.Option(None, "--model", "-m", help="Model name (default: the only model /models lists)."),
     api: str = typer.Option("chat", "--api", help="chat or completions."),
     max_tokens: int | None = typer.Option(None, "--max-tokens", help="max_tokens per request."),
@@ -175,31 +188,47 @@ def run_command(
     top_p: float | None = typer.Option(None, "--top-p", help="top_p, if set."),
     seed: int | None = typer.Option(None, "--seed", help="seed field, if set."),
     stop: list[str] = typer.Option([], "--stop", help="Stop sequence (repeatable)."),
-    top_logprobs: int | None = typer.Option(None, "--top-logprobs", help="Alternatives per token, 0-20 "
-                                            "(default 2 when the endpoint has them; 0: none)."),  # fmt: skip
-    concurrency: str = typer.Option("1", "--concurrency", "-c", help="In-flight requests; a comma list gives one "
-                                    "arm per value, run one after another (e.g. 1,64)."),  # fmt: skip
+    top_logprobs: int | None = typer.Option(
+        None, "--top-logprobs", help="Alternatives per token, 0-20 (default 2 when the endpoint has them; 0: none)."
+    ),  # fmt: skip
+    concurrency: str = typer.Option(
+        "1",
+        "--concurrency",
+        "-c",
+        help="In-flight requests; a comma list gives one arm per value, run one after another (e.g. 1,64).",
+    ),  # fmt: skip
     rate: float | None = typer.Option(None, "--rate", help="Cap on requests per second."),
-    timeout: float = typer.Option(60.0, "--timeout", help="Deadline of one HTTP attempt in seconds: connect and "
-                                  "the whole answer."),  # fmt: skip
-    max_response_bytes: int = typer.Option(DEFAULT_MAX_RESPONSE_BYTES, "--max-response-bytes", help="Largest "
-                                           "answer accepted, in bytes; a larger one is an error row (too_large)."),
+    timeout: float = typer.Option(
+        60.0, "--timeout", help="Deadline of one HTTP attempt in seconds: connect and the whole answer."
+    ),  # fmt: skip
+    max_response_bytes: int = typer.Option(
+        DEFAULT_MAX_RESPONSE_BYTES,
+        "--max-response-bytes",
+        help="Largest answer accepted, in bytes; a larger one is an error row (too_large).",
+    ),
     retries: int = typer.Option(3, "--retries", help="Retries after a 429/5xx/timeout/broken answer."),
     backoff: float = typer.Option(0.5, "--backoff", help="First retry delay in seconds (doubles; Retry-After wins)."),
-    extra_body: str | None = typer.Option(None, "--extra-body", help="JSON object merged into every request "
-                                          "(e.g. vLLM's cache_salt)."),  # fmt: skip
-    header: list[str] = typer.Option([], "--header", "-H", help="Extra 'Name: value' header (repeatable; the "
-                                     "value is never written anywhere)."),  # fmt: skip
-    out: Path | None = typer.Option(None, "--out", "-o", help="Run directory to create (default: a new one in "
-                                    "runs/)."),  # fmt: skip
+    extra_body: str | None = typer.Option(
+        None, "--extra-body", help="JSON object merged into every request (e.g. vLLM's cache_salt)."
+    ),  # fmt: skip
+    header: list[str] = typer.Option(
+        [], "--header", "-H", help="Extra 'Name: value' header (repeatable; the value is never written anywhere)."
+    ),  # fmt: skip
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Run directory to create (default: a new one in runs/)."
+    ),  # fmt: skip
     resume: bool = typer.Option(False, "--resume", help="Finish the run in --out: only missing or failed samples."),
     force: bool = typer.Option(False, "--force", help="Replace an existing run directory in --out."),
     stream: bool = typer.Option(False, "--stream", help="Use streaming responses (same record, timed per stream)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
-    gate: list[str] = typer.Option([], "--gate", help="Judge the finished run like `detaudit gate` (exit 1 on "
-                                   "failure): RULE=VALUE[,...], e.g. max-unique=1,min-modal-share=0.99; also "
-                                   "min-first-divergence, max-error-rate, baseline=RUN, require-same-modal, "
-                                   "max-unique-increase (repeatable)."),  # fmt: skip
+    gate: list[str] = typer.Option(
+        [],
+        "--gate",
+        help="Judge the finished run like `detaudit gate` (exit 1 on "
+        "failure): RULE=VALUE[,...], e.g. max-unique=1,min-modal-share=0.99; also "
+        "min-first-divergence, max-error-rate, baseline=RUN, require-same-modal, "
+        "max-unique-increase (repeatable).",
+    ),  # fmt: skip
 ) -> None:
     console, err_console = Console(), Console(stderr=True)
     thresholds = parse_gate_spec(gate) if gate else None  # bad rules fail before any request is sent
@@ -208,7 +237,7 @@ def run_command(
     if resume:
         if out is None:
             raise UsageError("--resume needs --out DIR (the run directory to finish)")
-        given = [_flag(ctx, name) for name in _MANIFEST_SETTINGS if _given(ctx, name)]
+        given = [_flag(ctx, name) for name in _MANIFEST_SETTINGS if name in given_options(ctx)]
         if given:
             raise UsageError(f"--resume takes the run's settings from its manifest; drop {', '.join(given)}")
         req, manifest = request_from_manifest(

@@ -28,16 +28,24 @@ def serve_command(
     import uvicorn
 
     from detaudit.engine.llm import Engine, EngineConfig
-    from detaudit.engine.server import create_app
     from detaudit.errors import UsageError
+    from detaudit.server import create_app
 
     if not 0 < port < 65536:
         raise UsageError(f"--port {port} is not a TCP port")
     if max_queue < 1:
         raise UsageError(f"--max-queue must be at least 1, got {max_queue}")
     sock = _listen(host, port)  # before the model loads: a busy port fails in a second, not after minutes
-    cfg = EngineConfig(model, device=device, dtype=dtype, kernels=kernels, max_batch=max_batch,
-                       max_batched_tokens=max_batched_tokens, max_model_len=max_model_len, cuda_graphs=cuda_graphs)
+    cfg = EngineConfig(
+        model,
+        device=device,
+        dtype=dtype,
+        kernels=kernels,
+        max_batch=max_batch,
+        max_batched_tokens=max_batched_tokens,
+        max_model_len=max_model_len,
+        cuda_graphs=cuda_graphs,
+    )
     with Console(stderr=True).status(cfg.loading_message()):
         engine = Engine(cfg)
     name = served_model_name or model

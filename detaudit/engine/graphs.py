@@ -28,7 +28,7 @@ from detaudit.engine.sequence import Sequence
 from detaudit.errors import UsageError
 
 if TYPE_CHECKING:
-    from detaudit.engine.runner import ModelRunner
+    from detaudit.engine.model_runner import ModelRunner
 
 
 def decode_buckets(max_batch: int) -> list[int]:
@@ -39,8 +39,10 @@ def decode_buckets(max_batch: int) -> list[int]:
 
 def is_decode_only(batch: ScheduledBatch) -> bool:
     """Every sequence adds exactly its one newest token to a complete prompt (and generates: not score-only)."""
-    return all(n == 1 and not s.score_only and s.num_cached + 1 == len(s)
-               for s, n in zip(batch.seqs, batch.num_new, strict=True))
+    return all(
+        n == 1 and not s.score_only and s.num_cached + 1 == len(s)
+        for s, n in zip(batch.seqs, batch.num_new, strict=True)
+    )
 
 
 class DecodeGraphs:
@@ -70,8 +72,10 @@ class DecodeGraphs:
                 self._capture()
             except torch.OutOfMemoryError:
                 self.graphs.clear()
-                raise UsageError("capturing the decode CUDA graphs ran out of GPU memory; lower --max-batch or "
-                                 "--max-model-len, or pass --no-cuda-graphs") from None
+                raise UsageError(
+                    "capturing the decode CUDA graphs ran out of GPU memory; lower --max-batch or "
+                    "--max-model-len, or pass --no-cuda-graphs"
+                ) from None
 
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
@@ -106,18 +110,27 @@ class DecodeGraphs:
         slots += [dummy * page] * pad
         ctx += [1] * pad
         tables += [[dummy] + [0] * (width - 1)] * pad
-        for buf, values in ((self.input_ids, ids), (self.positions, pos), (self.slot_mapping, slots),
-                            (self.context_lens, ctx), (self.block_tables, tables)):
+        for buf, values in (
+            (self.input_ids, ids),
+            (self.positions, pos),
+            (self.slot_mapping, slots),
+            (self.context_lens, ctx),
+            (self.block_tables, tables),
+        ):
             buf[:bs].copy_(torch.tensor(values, dtype=buf.dtype), non_blocking=True)
 
     def _forward(self, bs: int) -> None:
-        inp = StepInputs(positions=self.positions[:bs], slot_mapping=self.slot_mapping[:bs],
-                         block_tables=self.block_tables[:bs], cu_seqlens_q=self.cu_seqlens_q[:bs + 1],
-                         context_lens=self.context_lens[:bs])
+        inp = StepInputs(
+            positions=self.positions[:bs],
+            slot_mapping=self.slot_mapping[:bs],
+            block_tables=self.block_tables[:bs],
+            cu_seqlens_q=self.cu_seqlens_q[: bs + 1],
+            context_lens=self.context_lens[:bs],
+        )
         self.logits[:bs] = self.model(self.input_ids[:bs], inp, self.kv_caches, self.attn_fn, None)
 
     def _capture(self) -> None:
-        from detaudit.engine.runner import kernel_context
+        from detaudit.engine.model_runner import kernel_context
 
         pool = None
         dev = self.device

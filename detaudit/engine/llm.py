@@ -74,7 +74,7 @@ class Engine:
         limit = min(self.spec.max_position_embeddings, self.spec.sliding_window or 1 << 30)
         self.max_model_len = min(cfg.max_model_len, limit)
         blocks_per_seq = -(-self.max_model_len // cfg.block_size)
-        from detaudit.engine.runner import ModelRunner
+        from detaudit.engine.model_runner import ModelRunner
 
         self.runner = ModelRunner(
             self.spec,
@@ -244,8 +244,9 @@ class Engine:
             "block_size": self.cfg.block_size,
             "cuda_graphs": self.runner.decode_graphs is not None,
             "cuda_graph_sizes": self.runner.decode_graphs.buckets if self.runner.decode_graphs is not None else [],
-            "cuda_graph_token_sizes": (self.runner.prefill_graphs.buckets if self.runner.prefill_graphs is not None
-                                       else []),
+            "cuda_graph_token_sizes": (
+                self.runner.prefill_graphs.buckets if self.runner.prefill_graphs is not None else []
+            ),
             "cuda_graph_stats": self.runner.graph_stats,  # capture seconds, decode and prefill graphs
         }
 

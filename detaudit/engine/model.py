@@ -82,8 +82,9 @@ class Rotary(nn.Module):
         return cos, sin
 
 
-def apply_rope(q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """HF's `x * cos + rotate_half(x) * sin` on q and k side by side: elementwise, so the same bits as one at a
     time, in half the launches."""
     cos, sin = rope
@@ -174,8 +175,7 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.rotary: Rotary | None = None  # built by load_model on the real device (not the meta one)
 
-    def forward(self, input_ids, inp: StepInputs, kv_caches, attn_fn, logits_rows: torch.Tensor | None
-                ) -> torch.Tensor:
+    def forward(self, input_ids, inp: StepInputs, kv_caches, attn_fn, logits_rows: torch.Tensor | None) -> torch.Tensor:
         """Logits (model dtype) of the rows in `logits_rows` only (None: every row, as in a decode step): the
         lm_head runs on just those rows."""
         x = self.model.embed_tokens(input_ids)

@@ -27,7 +27,7 @@ import torch
 from detaudit.errors import UsageError
 
 if TYPE_CHECKING:
-    from detaudit.engine.runner import ModelRunner
+    from detaudit.engine.model_runner import ModelRunner
 
 
 def token_buckets(max_tokens: int) -> list[int]:
@@ -67,9 +67,10 @@ class PiecewiseGraphs:
                 self._capture(pool)
             except torch.OutOfMemoryError:
                 self.graphs.clear()
-                raise UsageError("capturing the prefill CUDA graphs ran out of GPU memory; lower "
-                                 "--max-batched-tokens, --max-batch or --max-model-len, or pass --no-cuda-graphs"
-                                 ) from None
+                raise UsageError(
+                    "capturing the prefill CUDA graphs ran out of GPU memory; lower "
+                    "--max-batched-tokens, --max-batch or --max-model-len, or pass --no-cuda-graphs"
+                ) from None
 
     def fits(self, num_tokens: int) -> bool:
         return num_tokens <= self.buckets[-1]
@@ -77,15 +78,19 @@ class PiecewiseGraphs:
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def run(self, ids: list[int], positions: list[int], slots: list[int], attn: tuple[torch.Tensor, ...],
-            rows: torch.Tensor) -> torch.Tensor:
+    def run(
+        self, ids: list[int], positions: list[int], slots: list[int], attn: tuple[torch.Tensor, ...], rows: torch.Tensor
+    ) -> torch.Tensor:
         """Logits of `rows` for a step of len(ids) real tokens; `attn` is its unpadded (block_tables, cu_seqlens_q,
         context_lens). Call under the step's kernel context."""
         n = len(ids)
         bs = self.bucket(n)
         pad = bs - n
-        for buf, values, fill in ((self.input_ids, ids, 0), (self.positions, positions, 0),
-                                  (self.slot_mapping, slots, self.dummy_block * self.page)):
+        for buf, values, fill in (
+            (self.input_ids, ids, 0),
+            (self.positions, positions, 0),
+            (self.slot_mapping, slots, self.dummy_block * self.page),
+        ):
             buf[:bs].copy_(torch.tensor(values + [fill] * pad, dtype=buf.dtype), non_blocking=True)
         replayed = False
         for i in range(len(self.layers) + 1):
@@ -122,7 +127,7 @@ class PiecewiseGraphs:
             self.q[:bs].copy_(q)
 
     def _capture(self, pool: tuple | None) -> None:
-        from detaudit.engine.runner import kernel_context
+        from detaudit.engine.model_runner import kernel_context
 
         dev = self.device
         pieces = range(len(self.layers) + 1)

@@ -73,8 +73,9 @@ class Sequence:
         del self.output_ids[n:], self.logprobs[n:], self.top_ids[n:], self.top_logprobs[n:]
         self.finish_reason = None
 
-    def append(self, token_id: int, logprob: float, top_ids: list[int], top_lps: list[float], eos_ids: set[int]
-               ) -> None:
+    def append(
+        self, token_id: int, logprob: float, top_ids: list[int], top_lps: list[float], eos_ids: set[int]
+    ) -> None:
         """Record one sampled token and decide whether the sequence is done."""
         self.output_ids.append(token_id)
         self.logprobs.append(logprob)

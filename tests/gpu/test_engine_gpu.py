@@ -57,8 +57,10 @@ def test_graph_replay_gives_the_eager_bits_with_bundled_kernels(model_dir: Path)
     assert stats["decode_capture_s"] > 0 and stats["prefill_capture_s"] > 0
     assert not eager.info()["cuda_graphs"]
     a, b = _staggered(graphs), _staggered(eager)
-    print(f"graph replays {graphs.graph_replays} ({graphs.prefill_graph_replays} with prefill, piecewise) of "
-          f"{graphs.steps} steps")
+    print(
+        f"graph replays {graphs.graph_replays} ({graphs.prefill_graph_replays} with prefill, piecewise) of "
+        f"{graphs.steps} steps"
+    )
     # Every step replays graphs: decode-only ones whole, the ones with prefill piecewise (attention eager).
     assert graphs.graph_replays == graphs.steps and graphs.prefill_graph_replays >= len(TEXTS)
     assert eager.graph_replays == 0
@@ -69,7 +71,7 @@ def test_graph_replay_gives_the_eager_bits_with_bundled_kernels(model_dir: Path)
 
 
 def test_single_load_gives_one_completion_with_graphs(model_dir: Path) -> None:
-    from detaudit.engine.load import build_workload, drive
+    from detaudit.audit.workload import build_workload, drive
 
     eng = _engine(model_dir, "batch-invariant", True, max_batch=32)
     work = build_workload("single", [PROMPT], 200, max_tokens=32, max_batch=32, seed=0)

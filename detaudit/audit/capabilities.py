@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from detaudit.client import Api, CallResult, OpenAIClient
+from detaudit.audit.client import Api, CallResult, OpenAIClient
 
 PROBE_PROMPT = "Reply with one word: ready."
 PROBE_MAX_TOKENS = 4

@@ -35,11 +35,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from detaudit.audit.endpoint import RunOutcome, execute_run
+from detaudit.audit.request import RunRequest
 from detaudit.errors import DetauditError, EndpointError, UsageError
 from detaudit.redact import MASK, SECRET_NAME, session_scrubber
 from detaudit.rundir.io import check_out_dir, load_manifest, load_resumable, write_manifest
 from detaudit.rundir.schema import MANIFEST_FILE, SERVER_LOG, RunManifest
-from detaudit.runner import RunOutcome, RunRequest, execute_run
 from detaudit.termsafe import safe
 
 ENGINES = ("vllm", "sglang", "command")
@@ -648,104 +649,3 @@ def request_for_resume(out: Path, launch: LaunchSpec, *, backoff: float) -> tupl
         resume=True, suite=manifest.suite,
     )  # fmt: skip
     return req, manifest
-
-
-# `detaudit local` options that only one side uses: given on the command line for the other side, they are refused
-# rather than silently ignored (e.g. --dtype means nothing to a vLLM command line; use --engine-args there).
-INHOUSE_ONLY = ("scenario", "max_batch", "max_batched_tokens", "max_model_len", "device", "dtype", "seed",
-                "cuda_graphs")
-MANAGED_ONLY = ("suite", "concurrency", "server_cmd", "tensor_parallel_size", "engine_args", "server_env",
-                "attention_backend", "port", "startup_timeout", "resume", "request_timeout")  # fmt: skip
-
-
-def given_options(ctx: Any) -> set[str]:
-    """Names of the parameters given on the command line (click's ParameterSource), not left at their default.
-
-    Compared by name: typer may vendor its own click, whose enum is not click's.
-    """
-    given = set()
-    for p in ctx.command.params:
-        source = ctx.get_parameter_source(p.name) if p.name else None
-        if source is not None and source.name == "COMMANDLINE":
-            given.add(p.name)
-    return given
-
-
-def refuse_foreign_options(engine: str, given: set[str]) -> None:
-    """--engine detaudit takes no managed-engine option, and a managed engine takes no built-in engine option."""
-    foreign = MANAGED_ONLY if engine == "detaudit" else INHOUSE_ONLY
-    bad = sorted(given & set(foreign))
-    if bad:
-        flags = ", ".join("--" + b.replace("_", "-") for b in bad)
-        side = "vllm, sglang or command" if engine == "detaudit" else "detaudit (the built-in engine)"
-        raise UsageError(f"{flags} only {'applies' if len(bad) == 1 else 'apply'} with --engine {side}")
-
-
-def local_managed(
-    *,
-    engine: str,
-    model: str | None,
-    tensor_parallel_size: int | None,
-    kernels: str,
-    server_cmd: str | None,
-    engine_args: str | None,
-    server_env: list[str],
-    attention_backend: str | None,
-    port: int | None,
-    startup_timeout: float,
-    prompts: list[str],
-    suite: str | None,
-    repeats: int,
-    concurrency: str,
-    max_tokens: int | None,
-    top_logprobs: int | None,
-    timeout: float,
-    out: Path | None,
-    resume: bool,
-    force: bool,
-    as_json: bool,
-    prompt_file: Path | None = None,
-    api: str = "chat",
-    retries: int = 3,
-) -> None:
-    """`detaudit local --engine vllm|sglang|command`: parse, run the managed audit, render like `detaudit run`."""
-    from rich.console import Console
-
-    from detaudit.cli.run import build_request, finish_run, make_progress
-    from detaudit.probes.suites import load_suite
-
-    console, err_console = Console(), Console(stderr=True)
-    if not startup_timeout > 0:  # written so that NaN (which would wait forever) fails too
-        raise UsageError(f"--startup-timeout must be > 0, got {startup_timeout:g}")
-    if not timeout > 0:  # checked here too so the message names this command's option, not run's --timeout
-        raise UsageError(f"--request-timeout must be > 0, got {timeout:g}")
-    launch = build_launch(
-        engine, model=model, port=port, tensor_parallel_size=tensor_parallel_size, kernels=kernels,
-        server_cmd=server_cmd, engine_args=engine_args, attention_backend=attention_backend, server_env=server_env,
-    )  # fmt: skip
-    if resume:
-        if out is None:
-            raise UsageError("--resume needs --out DIR (the run directory to finish)")
-        given = [n for n, v in (("--prompt", prompts), ("--prompt-file", prompt_file), ("--suite", suite)) if v]
-        if given:
-            raise UsageError(f"--resume takes the run's prompts from its manifest; drop {', '.join(given)}")
-        req, manifest = request_for_resume(out, launch, backoff=0.5)
-    else:
-        chosen = load_suite(suite) if suite else None
-        req = build_request(
-            prompts=prompts, prompt_file=prompt_file, extra_prompts=chosen.prompts if chosen else None,
-            repeats=repeats, base_url=launch.base_url, api_key_env="OPENAI_API_KEY", model=model, api=api,
-            max_tokens=max_tokens, temperature=0.0, top_p=None, seed=None, stop=[], top_logprobs=top_logprobs,
-            concurrency=concurrency, rate=None, timeout=timeout, retries=retries, backoff=0.5, extra_body=None,
-            headers=[], out=out or Path("runs") / f"{engine}-{time.strftime('%Y%m%d-%H%M%S')}", stream=False,
-            force=force, suite=None if chosen is None else chosen.name if chosen.bundled else chosen.source,
-        )  # fmt: skip
-        req.api_key = None  # the managed server listens on loopback without auth: never send the user's key there
-        manifest = None
-    err_console.print(f"starting {engine} server: {shlex.join(launch.redacted_argv())}", highlight=False,
-                      markup=False, soft_wrap=True)  # one line: the command stays copy-pastable
-    outcome = run_managed(launch, req, startup_timeout_s=startup_timeout, make_progress=lambda: make_progress(
-        err_console), resumed=manifest)  # fmt: skip
-    resume_hint = (f"the same command plus --resume --out {shlex.quote(str(outcome.run_dir))} "
-                   f"(without --prompt/--suite)")  # fmt: skip
-    finish_run(outcome, as_json, console, err_console, resume=resume_hint)

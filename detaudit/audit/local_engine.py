@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from detaudit import __version__
+from detaudit.audit.request import MAX_SAMPLES
+from detaudit.audit.workload import CONTROL, SCENARIOS, Arrival, build_workload, drive
 from detaudit.engine.llm import Engine, EngineConfig
-from detaudit.engine.load import CONTROL, SCENARIOS, Arrival, build_workload, drive
 from detaudit.engine.sequence import Sequence
 from detaudit.errors import RecordingFailed, UsageError
 from detaudit.rundir.io import RunEnd, ShardWriter, describe, end_run, prepare_out_dir, write_manifest
 from detaudit.rundir.schema import ArmSpec, PromptSpec, RequestParams, RunManifest, TargetSpec
-from detaudit.runner import MAX_SAMPLES
 
 _FLUSH_ROWS = 64
 
@@ -83,8 +83,9 @@ def run_local(spec: LocalRunSpec, progress: Callable[[str, int, int], None] | No
             model=spec.engine.model,
             engine={**info, "scenarios": spec.scenarios, "seed": spec.seed, "system_fingerprint": fingerprint},
         ),
-        params=RequestParams(max_tokens=spec.max_tokens, temperature=0.0, seed=spec.seed,
-                             top_logprobs=spec.top_logprobs or None),
+        params=RequestParams(
+            max_tokens=spec.max_tokens, temperature=0.0, seed=spec.seed, top_logprobs=spec.top_logprobs or None
+        ),
         prompts=[PromptSpec(prompt_id=f"p{i}", prompt=p) for i, p in enumerate(spec.prompts)],
         arms=[ArmSpec(name=s, concurrency=1 if s == CONTROL else spec.engine.max_batch) for s in spec.scenarios],
         repeats=spec.repeats,
@@ -99,8 +100,14 @@ def run_local(spec: LocalRunSpec, progress: Callable[[str, int, int], None] | No
     writer = ShardWriter(spec.out)
     try:
         for arm_pos, scenario in enumerate(spec.scenarios):
-            work = build_workload(scenario, spec.prompts, spec.repeats, max_tokens=spec.max_tokens,
-                                  max_batch=spec.engine.max_batch, seed=spec.seed)
+            work = build_workload(
+                scenario,
+                spec.prompts,
+                spec.repeats,
+                max_tokens=spec.max_tokens,
+                max_batch=spec.engine.max_batch,
+                seed=spec.seed,
+            )
             stats = _run_arm(engine, work, manifest, arm_pos, spec, fingerprint, writer, progress)
             manifest.target.engine.setdefault("arms", {})[scenario] = stats
     except RecordingFailed as e:
@@ -159,8 +166,16 @@ def _run_arm(
     return stats
 
 
-def _row(engine: Engine, seq: Sequence, a: Arrival, manifest: RunManifest, arm_pos: int, t0: datetime,
-         latency: float, fingerprint: str) -> dict[str, Any]:
+def _row(
+    engine: Engine,
+    seq: Sequence,
+    a: Arrival,
+    manifest: RunManifest,
+    arm_pos: int,
+    t0: datetime,
+    latency: float,
+    fingerprint: str,
+) -> dict[str, Any]:
     prompt_pos, repeat = a.target  # type: ignore[misc]
     ids = seq.output_ids
     return {

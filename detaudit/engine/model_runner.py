@@ -77,11 +77,14 @@ class ModelRunner:
             t1 = time.perf_counter()
             self.prefill_graphs = PiecewiseGraphs(self, max_batched_tokens, capture=True,
                                                   pool=self.decode_graphs.pool)  # fmt: skip
-            self.graph_stats = {"decode_capture_s": round(t1 - t0, 2),
-                                "prefill_capture_s": round(time.perf_counter() - t1, 2)}
+            self.graph_stats = {
+                "decode_capture_s": round(t1 - t0, 2),
+                "prefill_capture_s": round(time.perf_counter() - t1, 2),
+            }
 
-    def _host_inputs(self, batch: ScheduledBatch) -> tuple[list[int], list[int], list[int], tuple, list[int],
-                                                            list[tuple]]:
+    def _host_inputs(
+        self, batch: ScheduledBatch
+    ) -> tuple[list[int], list[int], list[int], tuple, list[int], list[tuple]]:
         """Token ids, positions and cache slots (host lists), attention's block tables, cu_seqlens_q and context
         lengths (device), the token rows whose logits are needed, and per sequence (seq, first logit row, count)."""
         ids, positions, slots, cu, ctx, tables, rows, spans = [], [], [], [0], [], [], [], []
