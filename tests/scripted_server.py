@@ -333,18 +333,22 @@ class ScriptedServer:
         self.log.append({"path": path, "body": req, "headers": headers, "t": time.monotonic()})
         await self._completion(api, req, send, headers)
 
-    async def _completion(self, api: str, req: dict[str, Any], send: Any, headers: dict[str, str]) -> None:
+    @staticmethod
+    def prompt_key(api: str, req: dict[str, Any]) -> str | None:
+        """The prompt text a request is keyed by: the last chat message's content or the prompt (None: malformed)."""
         if api == "chat":
             msgs = req.get("messages")
             if not isinstance(msgs, list) or not msgs or not isinstance(msgs[-1], dict):
-                await _json(send, 400, _err("messages must be a non-empty list", "invalid_request_error", None))
-                return
-            key = str(msgs[-1].get("content", ""))
-        else:
-            if not isinstance(req.get("prompt"), str):
-                await _json(send, 400, _err("prompt must be a string", "invalid_request_error", None))
-                return
-            key = req["prompt"]
+                return None
+            return str(msgs[-1].get("content", ""))
+        return req["prompt"] if isinstance(req.get("prompt"), str) else None
+
+    async def _completion(self, api: str, req: dict[str, Any], send: Any, headers: dict[str, str]) -> None:
+        key = self.prompt_key(api, req)
+        if key is None:
+            msg = "messages must be a non-empty list" if api == "chat" else "prompt must be a string"
+            await _json(send, 400, _err(msg, "invalid_request_error", None))
+            return
         fault = self._draw_fault(key)
         if fault is not None:
             self.stats["faults"][fault] += 1
@@ -352,26 +356,44 @@ class ScriptedServer:
                 return
             if fault in ("trickle", "keepalive"):
                 send = _slow_send(send, fault, self.trickle_s, self.hang_s, bool(req.get("stream")))
+        if await self._refused(req, send):
+            return
+        ctx = await self.answer(api, req, key, advance=fault is None)
+        stream = bool(req.get("stream"))
+        if stream:
+            include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
+            await self._stream(ctx, send, truncate=fault == "truncated_sse", include_usage=include_usage)
+        elif fault == "truncated_sse":  # a non-streaming answer cannot be truncated as SSE: reset it instead
+            await _reset_mid_body(send, json.dumps(ctx.full()).encode())
+        else:
+            self.stats["ok"] += 1
+            await _json(send, 200, ctx.full())
+
+    async def _refused(self, req: dict[str, Any], send: Any) -> bool:
+        """Answer the 4xx a real server gives (unknown field, unknown model, streaming off); True if it did."""
         if self.capture == "openai":
             unknown = set(req) & {"return_token_ids", "return_tokens_as_token_ids", "cache_salt", "top_k"}
             if unknown:
                 msg = f"Unrecognized request argument supplied: {sorted(unknown)[0]}"
                 await _json(send, 400, _err(msg, "invalid_request_error", None))
-                return
+                return True
         model = req.get("model") or self.models[0]
         if model not in self.models:
             msg = f"The model `{model}` does not exist."
             await _json(send, 404, _err(msg, "invalid_request_error", "model_not_found"))
-            return
-        stream = bool(req.get("stream"))
-        if stream and not self.stream_ok:
+            return True
+        if req.get("stream") and not self.stream_ok:
             await _json(send, 400, _err("stream is not supported", "invalid_request_error", None))
-            return
+            return True
+        return False
+
+    async def answer(self, api: str, req: dict[str, Any], key: str, *, advance: bool = True) -> _Answer:
+        """The scripted answer to `req` (after `latency_s`); advance=False leaves the schedule slot for the next."""
         self.in_flight += 1
         self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self.in_flight)
         try:
             sched = self.schedules.get(key, self.default)
-            name = sched.pick(self.in_flight, advance=fault is None)
+            name = sched.pick(self.in_flight, advance=advance)
             if self.latency_s:
                 await asyncio.sleep(self.latency_s)
         finally:
@@ -391,18 +413,11 @@ class ScriptedServer:
             k = int(req.get("logprobs") or 0) if want_lp else 0
         as_ids = self.capture == "vllm" and bool(req.get("return_tokens_as_token_ids"))
         with_ids = self.capture == "vllm" and bool(req.get("return_token_ids"))
+        model = req.get("model") or self.models[0]
         fingerprint = self.system_fingerprint
         if isinstance(fingerprint, list):
             fingerprint = fingerprint[self.answers % len(fingerprint)]
-        ctx = _Answer(api, model, tokens, finish, want_lp, k, as_ids, with_ids, fingerprint)
-        if stream:
-            include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
-            await self._stream(ctx, send, truncate=fault == "truncated_sse", include_usage=include_usage)
-        elif fault == "truncated_sse":  # a non-streaming answer cannot be truncated as SSE: reset it instead
-            await _reset_mid_body(send, json.dumps(ctx.full()).encode())
-        else:
-            self.stats["ok"] += 1
-            await _json(send, 200, ctx.full())
+        return _Answer(api, model, tokens, finish, want_lp, k, as_ids, with_ids, fingerprint)
 
     def _draw_fault(self, prompt: str) -> str | None:
         if self.fault_prompts is not None and prompt not in self.fault_prompts:
@@ -491,8 +506,9 @@ class _Answer:
         content = []
         for pos, t in enumerate(toks, start):
             entry: dict[str, Any] = {"token": self._tok_str(t), "logprob": self._lp(t, pos), "bytes": t.bytes}
-            entry["top_logprobs"] = [{"token": s, "logprob": lp, "bytes": b} for s, lp, b in self._alts(t, pos)] \
-                if self.k else []
+            entry["top_logprobs"] = (
+                [{"token": s, "logprob": lp, "bytes": b} for s, lp, b in self._alts(t, pos)] if self.k else []
+            )
             content.append(entry)
         return {"content": content, "refusal": None}
 
@@ -505,7 +521,8 @@ class _Answer:
             "tokens": [self._tok_str(t) for t in toks],
             "token_logprobs": [self._lp(t, p) for p, t in enumerate(toks, start)],
             "top_logprobs": [{s: lp for s, lp, _ in self._alts(t, p)} for p, t in enumerate(toks, start)]
-            if self.k else None,
+            if self.k
+            else None,
             "text_offset": offsets,
         }
 
@@ -599,8 +616,13 @@ def _slow_send(send: Any, kind: str, every_s: float, for_s: float, stream: bool)
 
 async def _reset_mid_body(send: Any, body: bytes) -> None:
     """Promise the whole body, send half, and return: uvicorn then drops the connection mid-body."""
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True})
 
 
@@ -616,9 +638,9 @@ def spawn(script: dict[str, Any], workdir: Path) -> tuple[subprocess.Popen, str]
     return proc, line.split()[1]
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, server_class: type[ScriptedServer] = ScriptedServer) -> None:
     """Run a scripted server in the foreground: for benchmarks and tests that need it in another process."""
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(sys.modules[server_class.__module__].__doc__ or "").splitlines()[0])
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--script", help="JSON file with ScriptedServer keyword arguments")
     args = ap.parse_args(argv)
@@ -630,7 +652,7 @@ def main(argv: list[str] | None = None) -> None:
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # load tests hold thousands of connections
-    server = ScriptedServer(port=args.port, **kwargs).start()
+    server = server_class(port=args.port, **kwargs).start()
     print(f"READY {server.base_url}", flush=True)
     try:
         while server._thread is not None and server._thread.is_alive():
