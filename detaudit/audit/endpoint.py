@@ -7,6 +7,10 @@ failed). Every sample index ends as exactly one row: ok, or error with its reaso
 
 Order of work, so that bad input writes nothing: validate arguments and prompts, check `--out`, reach the endpoint
 (models, auth, probe), and only then create the run directory.
+
+Over 400 lines, for a reason: this is the endpoint target's one pipeline in that order (model, request bodies,
+workers and their rate cap, what a resume still has to send, the run's start and end around its Recorder); the
+run directory's side of it already lives in rundir/recorder.py.
 """
 
 from __future__ import annotations

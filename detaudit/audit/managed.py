@@ -10,6 +10,9 @@ token. The server's output is captured to RUN/server.log through the session scr
 of detaudit's environment, the launch's own secrets). A server that fails to start, or dies during
 the audit, ends the command with exit 3 and the log's last lines. The manifest records the exact command line and
 the environment switches (secret-looking values masked) and the engine version the server reported.
+
+Over 400 lines, for a reason: the launch (command line, environment), the child's life (start, health, log, stop)
+and the audit run around it are one managed server, start to stop; the audit itself is the endpoint target's.
 """
 
 from __future__ import annotations
