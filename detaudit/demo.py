@@ -24,12 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from detaudit.analysis.summary import summarize_run
+from detaudit.analysis.summary import store_summary
 from detaudit.audit.endpoint import execute_run
 from detaudit.audit.request import RunRequest, gather_prompts
 from detaudit.errors import EndpointError, UsageError
 from detaudit.reports.pipeline import write_reports
-from detaudit.rundir.io import write_summary
 from detaudit.rundir.schema import RequestParams
 
 # The load the engine's own tests show forking with stock bf16 kernels on CPU: a code prompt, small prefill chunks
@@ -156,7 +155,7 @@ def _audit_endpoint(settings: DemoSettings, base_url: str, out: Path) -> Path:
         params=RequestParams(max_tokens=settings.max_tokens, seed=settings.seed, top_logprobs=2, timeout_s=120.0),
     )
     outcome = execute_run(req)
-    write_summary(outcome.run_dir, summarize_run(outcome.run_dir))
+    store_summary(outcome.run_dir)
     return outcome.run_dir
 
 
@@ -174,7 +173,7 @@ def _rerun_local(settings: DemoSettings, model_dir: Path, out: Path) -> Path:
         seed=settings.seed,
     )
     run_dir = run_local(spec)
-    write_summary(run_dir, summarize_run(run_dir))
+    store_summary(run_dir)
     return run_dir
 
 

@@ -11,7 +11,8 @@ import pytest
 
 from detaudit.analysis.summary import Limits, summarize_run
 from detaudit.analysis.units import completion_key
-from detaudit.rundir.io import ShardWriter, finalize_samples, read_samples, write_manifest
+from detaudit.rundir.io import read_samples, write_manifest
+from detaudit.rundir.recorder import ShardWriter, finalize_samples
 from detaudit.rundir.schema import ArmSpec, PromptSpec, RequestParams, RunManifest, TargetSpec
 
 

@@ -11,7 +11,8 @@ import pytest
 from runhelp import FEYNMAN, QUEENS, cli, cli_process
 from test_analysis import ids_rows, make_run
 
-from detaudit.rundir.io import ShardWriter, load_manifest, write_manifest
+from detaudit.rundir.io import load_manifest, write_manifest
+from detaudit.rundir.recorder import ShardWriter
 from detaudit.rundir.schema import SUMMARY_FILE
 
 # A third completion that follows QUEENS for 8 tokens: a second fork, nested in the " Queens" branch.

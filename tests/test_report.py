@@ -18,7 +18,8 @@ from detaudit.reports.view_model import build_report
 
 from detaudit.analysis.summary import summarize_run
 from detaudit.cli.app import main
-from detaudit.rundir.io import ShardWriter, finalize_samples, load_manifest, write_manifest
+from detaudit.rundir.io import load_manifest, write_manifest
+from detaudit.rundir.recorder import ShardWriter, finalize_samples
 from detaudit.rundir.schema import ArmSpec, PromptSpec, RequestParams, RunManifest, TargetSpec
 
 EVIL = '<script>document.title="pwned"</script><img src=x onerror="document.title=\'pwned\'">'

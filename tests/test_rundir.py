@@ -11,18 +11,8 @@ import pytest
 from runhelp import tree_snapshot
 
 from detaudit.errors import RecordingFailed, RunDirError, UsageError
-from detaudit.rundir.io import (
-    ShardWriter,
-    check_samples,
-    end_run,
-    finalize_samples,
-    load_manifest,
-    load_resumable,
-    prepare_out_dir,
-    read_samples,
-    rows_to_table,
-    write_manifest,
-)
+from detaudit.rundir.io import check_samples, load_manifest, read_samples, rows_to_table, write_manifest
+from detaudit.rundir.recorder import ShardWriter, end_run, finalize_samples, load_resumable, prepare_out_dir
 from detaudit.rundir.schema import ArmSpec, PromptSpec, RequestParams, RunManifest, TargetSpec
 
 
@@ -85,9 +75,9 @@ def test_foreign_and_corrupt_parquet_are_refused(tmp_path):
 def test_existing_out_needs_resume_or_force(tmp_path):
     (tmp_path / "keep.txt").write_text("x")
     with pytest.raises(UsageError, match="already exists"):
-        prepare_out_dir(tmp_path, resume=False, force=False)
+        prepare_out_dir(tmp_path, force=False)
     with pytest.raises(UsageError, match="not a detaudit run directory"):
-        prepare_out_dir(tmp_path, resume=False, force=True)
+        prepare_out_dir(tmp_path, force=True)
     assert (tmp_path / "keep.txt").read_text() == "x"
 
 
@@ -97,9 +87,9 @@ def test_out_inside_another_run_is_refused(tmp_path):
     (tmp_path / "run" / "manifest.json").write_text('{"schema": "detaudit.run/1"}')
     for out in (tmp_path / "run" / "sub", tmp_path / "run" / "a" / "b"):
         with pytest.raises(UsageError, match="inside the run directory"):
-            prepare_out_dir(out, resume=False, force=True)
+            prepare_out_dir(out, force=True)
         assert not out.exists()
-    prepare_out_dir(tmp_path / "next-to-it", resume=False, force=False)  # a sibling is fine
+    prepare_out_dir(tmp_path / "next-to-it", force=False)  # a sibling is fine
 
 
 def test_force_never_clears_a_directory_with_someone_elses_manifest(tmp_path):
@@ -107,7 +97,7 @@ def test_force_never_clears_a_directory_with_someone_elses_manifest(tmp_path):
     (tmp_path / "manifest.json").write_text('{"manifest_version": 3}')
     (tmp_path / "keep.txt").write_text("x")
     with pytest.raises(UsageError, match="not a detaudit run directory"):
-        prepare_out_dir(tmp_path, resume=False, force=True)
+        prepare_out_dir(tmp_path, force=True)
     assert (tmp_path / "keep.txt").read_text() == "x"
 
 
@@ -156,12 +146,12 @@ def test_a_row_parquet_refuses_becomes_its_error_row_and_spares_its_neighbours(t
 
 
 def test_a_shard_that_cannot_be_written_is_retried_once_then_stops_the_run(tmp_path, monkeypatch):
-    from detaudit.rundir import io
+    from detaudit.rundir import recorder
 
     write_manifest(tmp_path, _manifest())
     writer = ShardWriter(tmp_path)
-    monkeypatch.setattr(io, "WRITE_RETRY_S", 0.0)
-    real, calls = io.atomic_write_table, []
+    monkeypatch.setattr(recorder, "WRITE_RETRY_S", 0.0)
+    real, calls = recorder.atomic_write_table, []
 
     def full_once(path, table):  # a transient ENOSPC: the retry succeeds and nothing is lost
         calls.append(path)
@@ -169,10 +159,10 @@ def test_a_shard_that_cannot_be_written_is_retried_once_then_stops_the_run(tmp_p
             raise OSError(28, "No space left on device", str(path))
         real(path, table)
 
-    monkeypatch.setattr(io, "atomic_write_table", full_once)
+    monkeypatch.setattr(recorder, "atomic_write_table", full_once)
     writer.write([{**GOOD, "sample_index": 0}])
     assert len(calls) == 2 and read_samples(tmp_path).num_rows == 1
-    monkeypatch.setattr(io, "atomic_write_table", real)
+    monkeypatch.setattr(recorder, "atomic_write_table", real)
     # The shard directory replaced by a file (root ignores permission bits, so a chmod would not stop it).
     for p in (tmp_path / "shards").iterdir():
         p.unlink()
@@ -214,7 +204,7 @@ def test_force_removes_only_the_files_of_the_run(tmp_path):
     (run / "shards").mkdir()
     (run / "shards" / "part-00007.parquet").write_bytes(b"x")
     (run / ".samples.parquet.abc.tmp").write_bytes(b"x")
-    prepare_out_dir(run, resume=False, force=True)
+    prepare_out_dir(run, force=True)
     assert run.is_dir() and not any(run.iterdir())
 
 
@@ -226,7 +216,7 @@ def test_force_refuses_a_run_directory_holding_anything_else(tmp_path, stray, na
     (run / stray).write_text("mine")
     before = tree_snapshot(run)
     with pytest.raises(UsageError, match=f"--force refuses to clear .*/{named} was not written by detaudit"):
-        prepare_out_dir(run, resume=False, force=True)
+        prepare_out_dir(run, force=True)
     assert tree_snapshot(run) == before
 
 
@@ -236,12 +226,12 @@ def test_force_never_clears_through_a_symlink(tmp_path):
     link.symlink_to(run)
     before = tree_snapshot(run)
     with pytest.raises(UsageError, match="is a symlink"):
-        prepare_out_dir(link, resume=False, force=True)
+        prepare_out_dir(link, force=True)
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "elsewhere" / "part-00000.parquet").write_text("theirs")
     (run / "shards").symlink_to(tmp_path / "elsewhere")  # a shards/ that points elsewhere is not detaudit's either
     with pytest.raises(UsageError, match="/shards was not written by detaudit"):
-        prepare_out_dir(run, resume=False, force=True)
+        prepare_out_dir(run, force=True)
     assert (tmp_path / "elsewhere" / "part-00000.parquet").read_text() == "theirs"
     assert before.items() <= tree_snapshot(run).items()
 
@@ -251,7 +241,7 @@ def test_a_manifest_nested_too_deeply_is_a_clear_error(tmp_path):
     with pytest.raises(RunDirError, match="nested too deeply"):
         load_manifest(tmp_path)
     with pytest.raises(UsageError, match="not a detaudit run directory"):  # so --force will not clear it either
-        prepare_out_dir(tmp_path, resume=False, force=True)
+        prepare_out_dir(tmp_path, force=True)
 
 
 def test_a_stray_file_among_the_shards_is_refused_by_every_reader(tmp_path):

@@ -34,6 +34,7 @@ from detaudit.rundir.io import (
     read_sample_rows,
     sample_list_values,
     sample_row_groups,
+    write_summary,
 )
 from detaudit.rundir.schema import SAMPLES_FILE, SAMPLES_SCHEMA, PromptSpec, RunManifest
 
@@ -525,6 +526,19 @@ def summarize_run(run_dir: Path | str, limits: Limits = Limits()) -> dict[str, A
     rescored = read_rescore(Path(run_dir))
     if rescored is not None:
         summary["rescore"] = summarize_rescore(rescored)
+    return summary
+
+
+def store_summary(run_dir: Path | str, on_unwritable: Callable[[OSError], None] | None = None) -> dict[str, Any]:
+    """The last step of every pipeline: summarize a run and write it to RUN/summary.json. With `on_unwritable`, a
+    summary.json that cannot be written (a read-only copy of a run) is reported to it instead of raised."""
+    summary = summarize_run(run_dir)
+    try:
+        write_summary(Path(run_dir), summary)
+    except OSError as e:
+        if on_unwritable is None:
+            raise
+        on_unwritable(e)
     return summary
 
 

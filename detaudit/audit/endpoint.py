@@ -7,6 +7,10 @@ failed). Every sample index ends as exactly one row: ok, or error with its reaso
 
 Order of work, so that bad input writes nothing: validate arguments and prompts, check `--out`, reach the endpoint
 (models, auth, probe), and only then create the run directory.
+
+Over 400 lines, for a reason: this is the endpoint target's one pipeline in that order (model, request bodies,
+workers and their rate cap, what a resume still has to send, the run's start and end around its Recorder); the
+run directory's side of it already lives in rundir/recorder.py.
 """
 
 from __future__ import annotations
@@ -18,7 +22,6 @@ import platform
 import shlex
 import signal
 import sys
-import threading
 import time
 import uuid
 from collections import Counter
@@ -33,17 +36,10 @@ from detaudit.analysis.units import completion_key
 from detaudit.audit.capabilities import logprob_fields, probe_api
 from detaudit.audit.client import CallError, CallResult, OpenAIClient
 from detaudit.audit.request import RunRequest
-from detaudit.errors import RecordingFailed, UsageError
+from detaudit.errors import UsageError
 from detaudit.redact import redact_url, session_scrubber
-from detaudit.rundir.io import (
-    ShardWriter,
-    check_out_dir,
-    describe,
-    end_run,
-    prepare_out_dir,
-    read_samples,
-    write_manifest,
-)
+from detaudit.rundir.io import has_samples, read_samples
+from detaudit.rundir.recorder import Recorder, Timing, check_out_dir, sample_row
 from detaudit.rundir.schema import ArmSpec, PromptSpec, RunManifest, TargetSpec
 
 DEFAULT_TOP_LOGPROBS = 2  # top-1 vs top-2 margin at each fork; --top-logprobs 0 turns alternatives off
@@ -145,32 +141,31 @@ def _base_body(req: RunRequest, manifest: RunManifest, spec: PromptSpec) -> dict
     return body
 
 
-def _row(manifest: RunManifest, idx: int, spec: PromptSpec, arm: ArmSpec, repeat: int, res: CallResult) -> dict:
-    row: dict[str, Any] = {
-        "run_id": manifest.run_id, "sample_index": idx, "prompt_id": spec.prompt_id, "arm": arm.name,
-        "concurrency": arm.concurrency, "repeat": repeat, "attempts": res.attempts, "latency_s": res.latency_s,
-        "started_at": res.started_at, "finished_at": res.finished_at,
-    }  # fmt: skip
+def _row(manifest: RunManifest, prompt_pos: int, arm_pos: int, repeat: int, res: CallResult) -> dict[str, Any]:
+    timing = Timing(res.started_at, res.finished_at, res.latency_s, res.attempts)
     if res.completion is None:
-        row.update(status="error", error=res.error, error_reason=res.error_reason, raw_answer=res.raw_answer)
-    else:
-        row.update(status="ok", **res.completion.columns())
-    return row
+        return sample_row(
+            manifest,
+            prompt_pos,
+            arm_pos,
+            repeat,
+            "error",
+            timing,
+            error=res.error,
+            error_reason=res.error_reason,
+            raw_answer=res.raw_answer,
+        )
+    return sample_row(manifest, prompt_pos, arm_pos, repeat, "ok", timing, **res.completion.columns())
 
 
 class _Runner:
-    """State of one executing run: the manifest, the shard writer, the row buffer and the stop flag."""
+    """The sending side of one executing run: the stop flag, the arm in flight, the rate limit, the live counts.
+    What it receives goes to the run's Recorder."""
 
-    def __init__(self, req: RunRequest, manifest: RunManifest, run_dir: Path, progress: Any) -> None:
-        self.req, self.manifest, self.run_dir, self.progress = req, manifest, run_dir, progress
-        self.writer = ShardWriter(run_dir)
-        # A flush awaited by a cancelled task keeps running in its thread: the lock keeps shard numbers apart.
-        self._write_lock = threading.Lock()
-        self.buffer: list[dict[str, Any]] = []
-        self._pending: set[asyncio.Future[str | None]] = set()
+    def __init__(self, req: RunRequest, progress: Any) -> None:
+        self.req, self.progress = req, progress
         self.stop = asyncio.Event()
         self.current: list[asyncio.Task[Any]] = []  # the arm running now, cancelled by halt()
-        self.failure: str | None = None  # why recording failed; the run then stops and ends `failed`
         self._next_slot = 0.0
         self.capture_seen: Counter[str] = Counter()
 
@@ -180,8 +175,7 @@ class _Runner:
         for t in self.current:
             t.cancel()
 
-    async def _rate_wait(self) -> None:
-        rate = self.manifest.params.rate
+    async def _rate_wait(self, rate: float | None) -> None:
         if not rate:
             return
         now = time.monotonic()
@@ -190,55 +184,20 @@ class _Runner:
         if slot > now:
             await asyncio.sleep(slot - now)
 
-    async def flush(self) -> None:
-        if not self.buffer:
-            return
-        rows, self.buffer = self.buffer, []
-        # The write runs on in its thread even if this awaiter is cancelled (a worker or the flusher being
-        # stopped): keep it in _pending so drain() waits for it before the shards are folded. Its outcome is
-        # read by _written, whoever awaits it (the flusher task's own exceptions were lost: #15).
-        write = asyncio.ensure_future(asyncio.to_thread(self._write, rows))
-        self._pending.add(write)
-        write.add_done_callback(self._written)
-        await asyncio.shield(write)
-
-    async def drain(self) -> None:
-        """Flush the buffer and wait for every shard write still in flight."""
-        await self.flush()
-        while self._pending:
-            await asyncio.gather(*list(self._pending))
-
-    def _write(self, rows: list[dict[str, Any]]) -> str | None:
-        """Write one shard (in a worker thread); returns why recording failed instead of raising."""
-        with self._write_lock:
-            try:
-                self.writer.write(rows)
-            except RecordingFailed as e:
-                return str(e)
-            except Exception as e:  # noqa: BLE001 - whatever stops a shard stops the run, and says why
-                return f"cannot write {len(rows)} rows: {describe(e)}"
-        return None
-
-    def _written(self, write: asyncio.Future[str | None]) -> None:
-        """A shard write ended (on the event loop, before its awaiters resume): a failure stops the run at once."""
-        self._pending.discard(write)
-        why = "a shard write was cancelled" if write.cancelled() else write.result()
-        if why is not None:
-            self.failure = self.failure or why
-            self.halt()
-
-    async def _flusher(self) -> None:
-        while True:
-            await asyncio.sleep(FLUSH_INTERVAL_S)
-            await self.flush()
-
-    async def run_arm(self, client: OpenAIClient, arm_pos: int, arm: ArmSpec, todo: list[tuple[int, int]],
-                      tally: ArmTally, task_id: Any) -> None:  # fmt: skip
+    async def run_arm(
+        self,
+        client: OpenAIClient,
+        recorder: Recorder,
+        arm_pos: int,
+        todo: list[tuple[int, int]],
+        tally: ArmTally,
+        task_id: Any,
+    ) -> None:
         queue: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
         for item in todo:
             queue.put_nowait(item)
-        prompts = self.manifest.prompts
-        bodies = [_base_body(self.req, self.manifest, s) for s in prompts]
+        manifest = recorder.manifest
+        bodies = [_base_body(self.req, manifest, s) for s in manifest.prompts]
 
         async def worker(slot: int) -> None:
             while not self.stop.is_set():
@@ -246,17 +205,16 @@ class _Runner:
                     prompt_pos, repeat = queue.get_nowait()
                 except asyncio.QueueEmpty:
                     return
-                await self._rate_wait()
-                res = await client.call(self.manifest.target.api, bodies[prompt_pos], stream=self.req.stream,
-                                        slot=slot)  # fmt: skip
-                idx = self.manifest.sample_index(prompt_pos, arm_pos, repeat)
-                row = _row(self.manifest, idx, prompts[prompt_pos], arm, repeat, res)
-                self.buffer.append(row)
-                if len(self.buffer) >= FLUSH_ROWS:
-                    await self.flush()
+                await self._rate_wait(manifest.params.rate)
+                res = await client.call(manifest.target.api, bodies[prompt_pos], stream=self.req.stream, slot=slot)
+                row = _row(manifest, prompt_pos, arm_pos, repeat, res)
+                if recorder.add(row):
+                    await recorder.flush_async()
                 self._count(row, tally, task_id)
 
-        workers = [asyncio.create_task(worker(slot)) for slot in range(min(arm.concurrency, len(todo)))]
+        workers = [
+            asyncio.create_task(worker(slot)) for slot in range(min(manifest.arms[arm_pos].concurrency, len(todo)))
+        ]
         try:
             await asyncio.gather(*workers)
         finally:
@@ -289,7 +247,7 @@ _KEY_COLUMNS = ["sample_index", "status", "prompt_id", "token_ids", "token_bytes
 
 def _recorded(run_dir: Path) -> dict[int, int | None]:
     """sample_index -> hash of its completion key for ok rows (None for failed rows) already on disk."""
-    if not (run_dir / "samples.parquet").exists() and not (run_dir / "shards").is_dir():
+    if not has_samples(run_dir):
         return {}
     table = read_samples(run_dir, columns=_KEY_COLUMNS)
     out: dict[int, int | None] = {}
@@ -304,8 +262,9 @@ def _key_hash(row: Mapping[str, Any]) -> int:
     return hash((row["prompt_id"], completion_key(row)))
 
 
-def _todo(manifest: RunManifest, recorded: dict[int, int | None], arm_pos: int,
-          tally: ArmTally) -> list[tuple[int, int]]:  # fmt: skip
+def _todo(
+    manifest: RunManifest, recorded: dict[int, int | None], arm_pos: int, tally: ArmTally
+) -> list[tuple[int, int]]:
     """(prompt_pos, repeat) pairs of this arm still to send: never sent, or failed last time."""
     todo = []
     for prompt_pos in range(len(manifest.prompts)):
@@ -338,7 +297,7 @@ def _new_manifest(req: RunRequest, model: str | None, probe: dict[str, Any]) -> 
             api=req.api,
             model=model,
             header_names=sorted(req.headers),
-        ),  # fmt: skip
+        ),
         params=params,
         prompts=req.prompts,
         arms=[ArmSpec(name=f"c{c}", concurrency=c) for c in req.concurrency],
@@ -349,17 +308,10 @@ def _new_manifest(req: RunRequest, model: str | None, probe: dict[str, Any]) -> 
             "python": sys.version.split()[0],
             "platform": platform.platform(),
             "stream": req.stream,
-        },  # fmt: skip
+        },
         suite=req.suite,
         notes=notes,
     )
-
-
-def _remove_stale_temp_files(run_dir: Path) -> None:
-    """Half-written temporaries of a killed run (atomic writes never renamed): never read, safe to drop on resume."""
-    for pattern in (".*.tmp", "shards/.*.tmp"):
-        for path in run_dir.glob(pattern):
-            path.unlink(missing_ok=True)
 
 
 def _ensure_fd_limit(connections: int) -> None:
@@ -375,17 +327,26 @@ def _ensure_fd_limit(connections: int) -> None:
     new = want if hard == resource.RLIM_INFINITY else min(want, hard)
     resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
     if new < want:
-        raise UsageError(f"--concurrency {connections} needs about {want} open files but the limit is {hard}; "
-                         f"lower --concurrency or raise the limit (ulimit -n)")  # fmt: skip
+        raise UsageError(
+            f"--concurrency {connections} needs about {want} open files but the limit is {hard}; "
+            f"lower --concurrency or raise the limit (ulimit -n)"
+        )
 
 
-async def _execute(req: RunRequest, make_progress: Callable[[], Any] | None,
-                   resumed: RunManifest | None) -> RunOutcome:  # fmt: skip
+async def _execute(req: RunRequest, make_progress: Callable[[], Any] | None, resumed: RunManifest | None) -> RunOutcome:
     scrubber = session_scrubber()  # knows the environment's secrets too: error rows are scrubbed of them
     max_conn = max(req.concurrency) + 4
-    async with OpenAIClient(req.base_url, api_key=req.api_key, headers=req.headers, timeout=req.params.timeout_s,
-                            retries=req.params.retries, backoff=req.backoff, max_connections=max_conn,
-                            max_response_bytes=req.params.max_response_bytes, scrubber=scrubber) as client:  # fmt: skip
+    async with OpenAIClient(
+        req.base_url,
+        api_key=req.api_key,
+        headers=req.headers,
+        timeout=req.params.timeout_s,
+        retries=req.params.retries,
+        backoff=req.backoff,
+        max_connections=max_conn,
+        max_response_bytes=req.params.max_response_bytes,
+        scrubber=scrubber,
+    ) as client:
         model, models = await resolve_model(client, req.model, req.base_url)
         if resumed is None:
             probe = await probe_api(client, req.api, model, req.params.extra_body)
@@ -394,63 +355,90 @@ async def _execute(req: RunRequest, make_progress: Callable[[], Any] | None,
             probe["models"] = models
             manifest = _new_manifest(req, model, probe)
             run_dir = req.out or Path("runs") / manifest.run_id
-            prepare_out_dir(run_dir, resume=False, force=req.force)
         else:
-            manifest = resumed.model_copy(update={"status": "started", "finished_at": None})
-            run_dir = req.out or Path(".")
-            _remove_stale_temp_files(run_dir)
-        # Ctrl-C from the first byte written on is the runner's (a loop callback, run at the first await, when
-        # `runner` exists): a KeyboardInterrupt in between left a run directory that still said `started`.
-        loop = asyncio.get_running_loop()
-        installed = []
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            try:
-                loop.add_signal_handler(sig, lambda: runner.halt())
-                installed.append(sig)
-            except (NotImplementedError, RuntimeError, ValueError):
-                pass
-        write_manifest(run_dir, manifest)
+            manifest, run_dir = resumed, req.out or Path(".")
         progress = make_progress() if make_progress is not None else None
-        runner = _Runner(req, manifest, run_dir, progress)
+        runner = _Runner(req, progress)
+        # Ctrl-C from the first byte written on is the runner's: a KeyboardInterrupt in between left a run directory
+        # that still said `started`.
+        restore_signals = _halt_on_signals(runner.halt)
+        try:
+            if resumed is None:
+                recorder = Recorder.create(run_dir, manifest, force=req.force, flush_rows=FLUSH_ROWS)
+            else:
+                recorder = Recorder.resume(run_dir, manifest, flush_rows=FLUSH_ROWS)
+        except BaseException:
+            restore_signals()
+            raise
+        recorder.on_failure = runner.halt
         tallies = [ArmTally(a.name, a.concurrency, len(manifest.prompts) * manifest.repeats) for a in manifest.arms]
-        flusher = asyncio.create_task(runner._flusher())
+        flusher = asyncio.create_task(recorder.flush_every(FLUSH_INTERVAL_S))
         try:
             try:
                 if progress is not None:
                     progress.start()
-                stopped = await _run_arms(runner, client, run_dir, tallies)
+                stopped = await _run_arms(runner, recorder, client, tallies)
             finally:
-                for sig in installed:
-                    loop.remove_signal_handler(sig)
+                restore_signals()
                 flusher.cancel()
                 await asyncio.gather(flusher, return_exceptions=True)
-                await runner.drain()
+                await recorder.drain()
                 if progress is not None:
                     progress.stop()
         except Exception as e:  # a bug: the manifest still says so (failed), then the traceback path takes over
-            end_run(run_dir, manifest, interrupted=False, failure=runner.failure or f"internal error: {describe(e)}")
+            recorder.abort(e)
             raise
         if not stopped:
-            manifest = _final_capture(manifest, runner.capture_seen)
-        end = end_run(run_dir, manifest, interrupted=stopped, failure=runner.failure)
-        return RunOutcome(run_dir, end.manifest, interrupted=end.manifest.status == "interrupted", tallies=tallies,
-                          failure=end.failure, rows=end.rows)  # fmt: skip
+            recorder.manifest = _final_capture(recorder.manifest, runner.capture_seen)
+        end = recorder.end(interrupted=stopped)
+        return RunOutcome(
+            run_dir,
+            end.manifest,
+            interrupted=end.manifest.status == "interrupted",
+            tallies=tallies,
+            failure=end.failure,
+            rows=end.rows,
+        )
 
 
-async def _run_arms(runner: _Runner, client: OpenAIClient, run_dir: Path, tallies: list[ArmTally]) -> bool:
+def _halt_on_signals(halt: Callable[[], None]) -> Callable[[], None]:
+    """Ctrl-C and SIGTERM call `halt` (a loop callback, run at the next await) instead of raising wherever they
+    land; returns what puts the previous handling back."""
+    loop = asyncio.get_running_loop()
+    installed = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, halt)
+            installed.append(sig)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass
+
+    def restore() -> None:
+        for sig in installed:
+            loop.remove_signal_handler(sig)
+
+    return restore
+
+
+async def _run_arms(runner: _Runner, recorder: Recorder, client: OpenAIClient, tallies: list[ArmTally]) -> bool:
     """Send every sample still missing, arm after arm; returns whether the run was stopped before the end."""
-    manifest, progress = runner.manifest, runner.progress
-    recorded = _recorded(run_dir)
+    manifest, progress = recorder.manifest, runner.progress
+    recorded = _recorded(recorder.run_dir)
     for arm_pos, arm in enumerate(manifest.arms):
         tally = tallies[arm_pos]
         todo = _todo(manifest, recorded, arm_pos, tally)
         task_id = None
         if progress is not None:
-            task_id = progress.add_task(f"arm {arm.name}", total=tally.total, completed=tally.done,
-                                        errors=tally.errors, distinct=len(tally.keys))  # fmt: skip
+            task_id = progress.add_task(
+                f"arm {arm.name}",
+                total=tally.total,
+                completed=tally.done,
+                errors=tally.errors,
+                distinct=len(tally.keys),
+            )
         if not todo:
             continue
-        task = asyncio.create_task(runner.run_arm(client, arm_pos, arm, todo, tally, task_id))
+        task = asyncio.create_task(runner.run_arm(client, recorder, arm_pos, todo, tally, task_id))
         runner.current[:] = [task]
         try:
             await task
@@ -470,13 +458,16 @@ def _final_capture(manifest: RunManifest, seen: Counter[str]) -> RunManifest:
     lowest = min(seen, key=order.index)
     if order.index(lowest) >= order.index(manifest.capture):
         return manifest
-    note = (f"capture dropped from {manifest.capture} to {lowest} on {seen[lowest]} of {sum(seen.values())} answers "
-            f"this session: compare completions as {'text' if lowest == 'text' else 'tokens'}")  # fmt: skip
+    note = (
+        f"capture dropped from {manifest.capture} to {lowest} on {seen[lowest]} of {sum(seen.values())} answers "
+        f"this session: compare completions as {'text' if lowest == 'text' else 'tokens'}"
+    )
     return manifest.model_copy(update={"capture": lowest, "notes": [*manifest.notes, note]})
 
 
-def execute_run(req: RunRequest, make_progress: Callable[[], Any] | None = None,
-                resumed: RunManifest | None = None) -> RunOutcome:  # fmt: skip
+def execute_run(
+    req: RunRequest, make_progress: Callable[[], Any] | None = None, resumed: RunManifest | None = None
+) -> RunOutcome:
     """Validate, reach the endpoint, write the run directory; returns where it is and how it ended."""
     req.validate()
     _ensure_fd_limit(max(req.concurrency))

@@ -18,10 +18,10 @@ from detaudit.audit.workload import CONTROL, SCENARIOS, Arrival, build_workload,
 from detaudit.engine.llm import Engine, EngineConfig
 from detaudit.engine.sequence import Sequence
 from detaudit.errors import RecordingFailed, UsageError
-from detaudit.rundir.io import RunEnd, ShardWriter, describe, end_run, prepare_out_dir, write_manifest
+from detaudit.rundir.recorder import Recorder, RunEnd, Timing, check_out_dir, sample_row
 from detaudit.rundir.schema import ArmSpec, PromptSpec, RequestParams, RunManifest, TargetSpec
 
-_FLUSH_ROWS = 64
+FLUSH_ROWS = 64  # rows per shard; an arm's last rows are flushed when it ends
 
 
 @dataclass(frozen=True)
@@ -49,8 +49,9 @@ def validate(spec: LocalRunSpec) -> None:
     if spec.max_tokens < 1:
         raise UsageError("--max-tokens must be at least 1")
     if spec.max_tokens >= spec.engine.max_model_len:  # else found only after the model loads, with a filler's numbers
-        raise UsageError(f"--max-tokens {spec.max_tokens} leaves no room for a prompt in --max-model-len "
-                         f"{spec.engine.max_model_len}")  # fmt: skip
+        raise UsageError(
+            f"--max-tokens {spec.max_tokens} leaves no room for a prompt in --max-model-len {spec.engine.max_model_len}"
+        )
     if spec.engine.max_batch < 1:
         raise UsageError("--max-batch must be at least 1")
     if not 0 <= spec.top_logprobs <= 20:
@@ -69,7 +70,7 @@ def _now() -> datetime:
 def run_local(spec: LocalRunSpec, progress: Callable[[str, int, int], None] | None = None) -> Path:
     """Generate every (prompt, scenario, repeat) target request and write the run directory; returns its path."""
     validate(spec)
-    prepare_out_dir(spec.out, resume=False, force=spec.force)
+    check_out_dir(spec.out, spec.force)  # before the model loads: --force clears it only once it has
     engine = Engine(spec.engine)
     info = engine.info()
     fingerprint = f"detaudit-{spec.engine.kernels}-{spec.engine.dtype}-{spec.engine.device}"
@@ -96,8 +97,7 @@ def run_local(spec: LocalRunSpec, progress: Callable[[str, int, int], None] | No
             "engine steps, so the batch composition of every step is reproducible from (scenario, seed)."
         ],
     )
-    write_manifest(spec.out, manifest)
-    writer = ShardWriter(spec.out)
+    recorder = Recorder.create(spec.out, manifest, force=spec.force, flush_rows=FLUSH_ROWS)
     try:
         for arm_pos, scenario in enumerate(spec.scenarios):
             work = build_workload(
@@ -108,17 +108,14 @@ def run_local(spec: LocalRunSpec, progress: Callable[[str, int, int], None] | No
                 max_batch=spec.engine.max_batch,
                 seed=spec.seed,
             )
-            stats = _run_arm(engine, work, manifest, arm_pos, spec, fingerprint, writer, progress)
+            stats = _run_arm(engine, work, recorder, arm_pos, spec, fingerprint, progress)
             manifest.target.engine.setdefault("arms", {})[scenario] = stats
-    except RecordingFailed as e:
-        raise _failed(spec, end_run(spec.out, manifest, interrupted=False, failure=str(e))) from None
-    except Exception as e:  # a bug: the manifest says failed, then the traceback path takes over
-        end_run(spec.out, manifest, interrupted=False, failure=f"internal error: {describe(e)}")
+    except BaseException as e:  # Ctrl-C: interrupted; a failed flush or a bug: failed (a bug's traceback follows)
+        end = recorder.abort(e)
+        if isinstance(e, RecordingFailed):
+            raise _failed(spec, end) from None
         raise
-    except BaseException:  # Ctrl-C
-        end_run(spec.out, manifest, interrupted=True, failure=None)
-        raise
-    end = end_run(spec.out, manifest, interrupted=False, failure=None)
+    end = recorder.end()
     if end.failure is not None:
         raise _failed(spec, end)
     return spec.out
@@ -127,80 +124,68 @@ def run_local(spec: LocalRunSpec, progress: Callable[[str, int, int], None] | No
 def _failed(spec: LocalRunSpec, end: RunEnd) -> RecordingFailed:
     """Exit 3 for a run whose recording failed. The built-in engine's runs are reproducible from (scenario, seed)
     and do not resume: the way on is the same command again with --force."""
-    return RecordingFailed(f"recording failed, run stopped: {end.failure}. {end.rows} of "
-                           f"{end.manifest.expected_samples} samples are recorded in {spec.out} (status failed); once "
-                           f"the cause is fixed, run the same command again with --force")  # fmt: skip
+    return RecordingFailed(
+        f"recording failed, run stopped: {end.failure}. {end.rows} of {end.manifest.expected_samples} samples are "
+        f"recorded in {spec.out} (status failed); once the cause is fixed, run the same command again with --force"
+    )
 
 
 def _run_arm(
     engine: Engine,
     work: list[Arrival],
-    manifest: RunManifest,
+    recorder: Recorder,
     arm_pos: int,
     spec: LocalRunSpec,
     fingerprint: str,
-    writer: ShardWriter,
     progress: Callable[[str, int, int], None] | None,
 ) -> dict[str, Any]:
     """Drive one arm's arrivals through the engine; record each finished target request as a sample row."""
-    arm = manifest.arms[arm_pos]
-    rows: list[dict[str, Any]] = []
+    arm = recorder.manifest.arms[arm_pos]
     n_targets = sum(a.target is not None for a in work)
     done = 0
 
     def on_target(a: Arrival, seq: Sequence, t0: datetime, latency: float) -> None:
-        nonlocal rows, done
-        rows.append(_row(engine, seq, a, manifest, arm_pos, t0, latency, fingerprint))
+        nonlocal done
+        assert a.target is not None  # drive() calls back for target requests only
+        prompt_pos, repeat = a.target
+        timing = Timing(t0, _now(), latency)
+        answer = _answer(engine, seq, recorder.manifest, fingerprint)
+        if recorder.add(sample_row(recorder.manifest, prompt_pos, arm_pos, repeat, "ok", timing, **answer)):
+            recorder.flush()
         done += 1
-        if len(rows) >= _FLUSH_ROWS:
-            writer.write(rows)
-            rows = []
         if progress:
             progress(arm.name, done, n_targets)
 
     if progress:  # the arm has started (the engine is loaded): 0 of N
         progress(arm.name, 0, n_targets)
-    stats = drive(engine, work, seed=spec.seed, top_logprobs=spec.top_logprobs, on_target=on_target,
-                  max_inflight=1 if arm.name == CONTROL else None)  # fmt: skip
-    writer.write(rows)
+    stats = drive(
+        engine,
+        work,
+        seed=spec.seed,
+        top_logprobs=spec.top_logprobs,
+        on_target=on_target,
+        max_inflight=1 if arm.name == CONTROL else None,
+    )
+    recorder.flush()
     return stats
 
 
-def _row(
-    engine: Engine,
-    seq: Sequence,
-    a: Arrival,
-    manifest: RunManifest,
-    arm_pos: int,
-    t0: datetime,
-    latency: float,
-    fingerprint: str,
-) -> dict[str, Any]:
-    prompt_pos, repeat = a.target  # type: ignore[misc]
+def _answer(engine: Engine, seq: Sequence, manifest: RunManifest, fingerprint: str) -> dict[str, Any]:
+    """The answer columns of a finished target request: the engine's tokens, ids, logprobs and alternatives."""
     ids = seq.output_ids
+    top = bool(seq.params.top_logprobs)
     return {
-        "run_id": manifest.run_id,
-        "sample_index": manifest.sample_index(prompt_pos, arm_pos, repeat),
-        "prompt_id": manifest.prompts[prompt_pos].prompt_id,
-        "arm": manifest.arms[arm_pos].name,
-        "concurrency": manifest.arms[arm_pos].concurrency,
-        "repeat": repeat,
-        "status": "ok",
-        "attempts": 1,
         "text": engine.decode(ids),
         "token_ids": ids,
         "tokens": [engine.token_str(t) for t in ids],
         "token_bytes": [engine.token_bytes(t) for t in ids],
         "logprobs": seq.logprobs,
-        "top_tokens": [[engine.token_str(t) for t in row] for row in seq.top_ids] if seq.params.top_logprobs else None,
-        "top_token_ids": seq.top_ids if seq.params.top_logprobs else None,
-        "top_logprobs": seq.top_logprobs if seq.params.top_logprobs else None,
+        "top_tokens": [[engine.token_str(t) for t in row] for row in seq.top_ids] if top else None,
+        "top_token_ids": seq.top_ids if top else None,
+        "top_logprobs": seq.top_logprobs if top else None,
         "finish_reason": seq.finish_reason,
         "model": manifest.target.model,
         "system_fingerprint": fingerprint,
         "prompt_tokens": len(seq.prompt_ids),
         "completion_tokens": len(ids),
-        "latency_s": latency,
-        "started_at": t0,
-        "finished_at": _now(),
     }

@@ -39,7 +39,8 @@ from detaudit.audit.launch import LaunchSpec, child_env, free_port
 from detaudit.audit.request import RunRequest
 from detaudit.errors import DetauditError, EndpointError, UsageError
 from detaudit.redact import session_scrubber
-from detaudit.rundir.io import check_out_dir, load_manifest, load_resumable, write_manifest
+from detaudit.rundir.io import load_manifest, write_manifest
+from detaudit.rundir.recorder import check_out_dir, load_resumable
 from detaudit.rundir.schema import MANIFEST_FILE, SERVER_LOG, RunManifest
 from detaudit.termsafe import safe
 
@@ -396,9 +397,17 @@ def request_for_resume(out: Path, launch: LaunchSpec, *, backoff: float) -> tupl
         what = f"a managed {recorded} run" if recorded else "not a managed-engine run"
         raise UsageError(f"{out} is {what}; resume it with the command that made it")
     req = RunRequest(
-        out=out, base_url=launch.base_url, model=manifest.target.model, api=manifest.target.api,
-        prompts=manifest.prompts, repeats=manifest.repeats, concurrency=[a.concurrency for a in manifest.arms],
-        params=manifest.params, stream=bool(manifest.environment.get("stream", False)), backoff=backoff,
-        resume=True, suite=manifest.suite,
-    )  # fmt: skip
+        out=out,
+        base_url=launch.base_url,
+        model=manifest.target.model,
+        api=manifest.target.api,
+        prompts=manifest.prompts,
+        repeats=manifest.repeats,
+        concurrency=[a.concurrency for a in manifest.arms],
+        params=manifest.params,
+        stream=bool(manifest.environment.get("stream", False)),
+        backoff=backoff,
+        resume=True,
+        suite=manifest.suite,
+    )
     return req, manifest

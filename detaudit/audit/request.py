@@ -17,9 +17,7 @@ from urllib.parse import urlsplit
 from detaudit.audit.client import Api
 from detaudit.errors import UsageError
 from detaudit.redact import redact_url, session_scrubber, url_secrets
-from detaudit.rundir.io import (
-    load_resumable,
-)
+from detaudit.rundir.recorder import load_resumable
 from detaudit.rundir.schema import PromptSpec, RequestParams, RunManifest
 from detaudit.userfiles import read_user_file
 

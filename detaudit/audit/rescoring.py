@@ -52,8 +52,8 @@ def compare(reported: list[float | None] | None, rescored: list[float]) -> dict[
     """Per-row figures: |delta| per token, max, mean, KL estimate, first position where the two differ."""
     rescored32 = np.asarray(rescored, dtype=np.float32)
     if reported is None:
-        return {"rescored_logprobs": rescored32.tolist(), "abs_delta": None, "max_abs_delta": None,
-                "mean_abs_delta": None, "kl_estimate": None, "first_diff": None}  # fmt: skip
+        unknown = ("abs_delta", "max_abs_delta", "mean_abs_delta", "kl_estimate", "first_diff")
+        return {"rescored_logprobs": rescored32.tolist(), **dict.fromkeys(unknown)}
     rep = np.asarray([math.nan if v is None else v for v in reported], dtype=np.float32)
     delta = np.abs(rep - rescored32)
     known = ~np.isnan(delta)
@@ -104,20 +104,20 @@ def check_model(manifest: RunManifest, model: str, info: Mapping[str, Any]) -> d
     if not recorded:
         return verdict("unverified", "the run's manifest names no model")
     if target.kind == "endpoint":
-        return verdict("unverified", f"the run sampled the served model {target.model!r} from an endpoint; "
-                                     "a served name cannot be matched to --model")  # fmt: skip
+        served = f"the run sampled the served model {target.model!r} from an endpoint"
+        return verdict("unverified", f"{served}; a served name cannot be matched to --model")
     return verdict("unverified", f"the run recorded the model {recorded[-1]!r}, which is not a directory here")
 
 
-def rescore_run(run_dir, engine: Engine, check: Mapping[str, Any] | None = None) -> None:
+def rescore_run(run_dir: Path, engine: Engine, check: Mapping[str, Any] | None = None) -> None:
     """Rescore every ok row of the run into RUN/rescore.parquet (the summary's rescore section is built from it).
 
     `check` is check_model's verdict on the rescoring model (computed here when not given); it is recorded with
     the rescore, so the section says whether the gap is between one model's sampler and trainer or two models.
     """
     manifest = load_manifest(run_dir)
-    table = read_samples(run_dir, ["sample_index", "prompt_id", "status", "token_ids", "tokens", "token_bytes",
-                                   "logprobs"]).to_pylist()  # fmt: skip
+    columns = ["sample_index", "prompt_id", "status", "token_ids", "tokens", "token_bytes", "logprobs"]
+    table = read_samples(run_dir, columns).to_pylist()
     prompts = _prompt_ids(engine, manifest)
     needs_rev = any(r["status"] == "ok" and r["token_ids"] is None for r in table)
     rev = _vocab_by_bytes(engine) if needs_rev else None
@@ -138,19 +138,21 @@ def rescore_run(run_dir, engine: Engine, check: Mapping[str, Any] | None = None)
     if not todo:
         raise UsageError(f"{run_dir}: no row can be rescored (no ok rows with token ids or vocabulary tokens)")
     keys = list(todo)
-    too_long = [(p, ids) for p, ids in keys if len(prompts[p]) + len(ids) > engine.max_model_len]
+    too_long = [(p, c) for p, c in keys if len(prompts[p]) + len(c) > engine.max_model_len]
     if too_long:  # else the engine's message speaks of "prompt + max_tokens (0)"
-        p, ids = max(too_long, key=lambda k: len(prompts[k[0]]) + len(k[1]))
-        raise UsageError(f"{run_dir}: {sum(len(todo[k]) for k in too_long)} sample(s) do not fit --max-model-len "
-                         f"{engine.max_model_len}: the longest, of prompt {p}, is {len(prompts[p])} prompt + "
-                         f"{len(ids)} completion tokens")  # fmt: skip
+        p, longest = max(too_long, key=lambda k: len(prompts[k[0]]) + len(k[1]))
+        raise UsageError(
+            f"{run_dir}: {sum(len(todo[k]) for k in too_long)} sample(s) do not fit --max-model-len "
+            f"{engine.max_model_len}: the longest, of prompt {p}, is {len(prompts[p])} prompt + "
+            f"{len(longest)} completion tokens"
+        )
     # Each distinct completion is prefilled once, as a trainer would; the engine packs them into batches.
-    scored = engine.score([(prompts[p], list(ids)) for p, ids in keys])
+    scored = engine.score([(prompts[p], list(c)) for p, c in keys])
     for key, rescored in zip(keys, scored, strict=True):
         for r in todo[key]:
             rows.append({"sample_index": r["sample_index"], "status": "ok", **compare(r["logprobs"], rescored)})
     rows.sort(key=lambda x: x["sample_index"])
     info = engine.info()
     check = dict(check) if check is not None else check_model(manifest, engine.cfg.model, info)
-    write_rescore(run_dir, rows, {"model": engine.cfg.model, **{k: info[k] for k in ("kernels", "dtype", "device")},
-                                  "model_check": check})  # fmt: skip
+    facts = {k: info[k] for k in ("kernels", "dtype", "device")}
+    write_rescore(run_dir, rows, {"model": engine.cfg.model, **facts, "model_check": check})

@@ -8,9 +8,8 @@ import typer
 from rich.console import Console
 
 from detaudit.analysis.compare import compare_runs
-from detaudit.analysis.summary import summarize_run
+from detaudit.analysis.summary import store_summary
 from detaudit.cli.render import render_compare, render_summary
-from detaudit.rundir.io import write_summary
 from detaudit.termsafe import json_text, safe
 
 
@@ -22,13 +21,13 @@ def analyze_command(
     run_dir: Path = typer.Argument(..., help="A run directory written by `detaudit run`."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary (detaudit.summary/1) as JSON."),
 ) -> None:
-    summary = summarize_run(run_dir)
-    try:
-        write_summary(run_dir, summary)
-    except OSError as e:  # a read-only copy of a run is still worth analysing
+
+    def unwritable(e: OSError) -> None:  # a read-only copy of a run is still worth analysing
         Console(stderr=True).print(
             f"warning: could not write {safe(run_dir)}/summary.json ({e.strerror})", highlight=False, markup=False
         )
+
+    summary = store_summary(run_dir, unwritable)
     if as_json:
         _print_json(summary)
     else:

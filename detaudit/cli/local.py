@@ -116,11 +116,10 @@ def local_command(
         return
     if model is None:  # optional only for --engine command, whose server may name its own model
         raise UsageError(f"--engine {engine} needs --model (a hub id or local model directory)")
-    from detaudit.analysis.summary import summarize_run
+    from detaudit.analysis.summary import store_summary
     from detaudit.audit.local_engine import LocalRunSpec, run_local
     from detaudit.cli.render import render_summary
     from detaudit.engine.llm import EngineConfig
-    from detaudit.rundir.io import write_summary
 
     out = out or Path("runs") / f"local-{kernels}-{datetime.now():%Y%m%d-%H%M%S}"
     spec = LocalRunSpec(
@@ -162,8 +161,7 @@ def local_command(
             bar.update(tasks[arm], completed=done)
 
         run_dir = run_local(spec, progress)
-    summary = summarize_run(run_dir)
-    write_summary(run_dir, summary)
+    summary = store_summary(run_dir)
     if as_json:
         typer.echo(json.dumps(summary, indent=2, default=str))
     else:

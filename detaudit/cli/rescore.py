@@ -26,11 +26,11 @@ def rescore_command(
     max_model_len: int = typer.Option(4096, "--max-model-len", help="Longest prompt + completion to rescore."),
     as_json: bool = typer.Option(False, "--json", help="Print the rescore section as JSON."),
 ) -> None:
-    from detaudit.analysis.summary import load_run_manifest, summarize_run
+    from detaudit.analysis.summary import load_run_manifest, store_summary
     from detaudit.audit.rescoring import check_model, rescore_run
     from detaudit.engine.llm import Engine, EngineConfig
     from detaudit.errors import UsageError
-    from detaudit.rundir.io import read_samples, write_summary
+    from detaudit.rundir.io import read_samples
 
     # A bad run directory (manifest, a missing or corrupt samples file, nothing ok) fails before the model loads.
     manifest = load_run_manifest(run_dir)
@@ -57,9 +57,8 @@ def rescore_command(
         line = f"--model {model} {what} {run_dir}: {check['reason']}"
         Console(stderr=True).print(f"[bold yellow]warning:[/] {escape(safe(line))}", highlight=False, soft_wrap=True)
     rescore_run(run_dir, engine, check)
-    summary = summarize_run(run_dir)  # its rescore section is built from the rescore.parquet just written
+    summary = store_summary(run_dir)  # its rescore section is built from the rescore.parquet just written
     section = summary["rescore"]
-    write_summary(run_dir, summary)
     if as_json:
         typer.echo(json.dumps(section, indent=2))
         return

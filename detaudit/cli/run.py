@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from detaudit.analysis.summary import summarize_run
+from detaudit.analysis.summary import store_summary
 from detaudit.audit.endpoint import RunOutcome, execute_run
 from detaudit.audit.request import (
     DEFAULT_KEY_ENV,
@@ -29,7 +29,7 @@ from detaudit.cli.render import render_summary
 from detaudit.errors import EndpointError, RecordingFailed, UsageError
 from detaudit.gate import parse_gate_spec
 from detaudit.probes.suites import load_suite
-from detaudit.rundir.io import load_manifest, write_summary
+from detaudit.rundir.io import load_manifest
 from detaudit.rundir.schema import DEFAULT_MAX_RESPONSE_BYTES, PromptSpec, RequestParams
 from detaudit.termsafe import json_text, safe
 
@@ -129,8 +129,7 @@ def finish_run(outcome: RunOutcome, as_json: bool, console: Console, err_console
         # copy-pastable, never wrapped; header names come from the manifest, which is a file
         err_console.print(safe(msg, keep_newlines=True), highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(130)
-    summary = summarize_run(outcome.run_dir)
-    write_summary(outcome.run_dir, summary)
+    summary = store_summary(outcome.run_dir)
     if as_json:
         typer.echo(json_text(summary))
     else:

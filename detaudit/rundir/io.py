@@ -1,21 +1,18 @@
-"""Create, write and read run directories. Every write is atomic: temp name, fsync, rename.
+"""Read run directories, and write files atomically (temp name, fsync, rename): a reader sees the old file or the
+new one, never half of one. Writing a run (opening, shards, ending) is recorder.py's, on top of these writes.
 
-A run killed at any moment leaves a readable directory: the manifest says `started`, the shards hold what
-finished, and `--resume` runs only the sample indices that are missing.
+Over 400 lines, for a reason: the readers of sample files (read_samples, iter_samples, read_sample_rows,
+sample_row_groups, sample_list_values, check_samples) share one listing of the parts, one footer check and one
+rule for a sample index written twice; split over two modules, that contract would have two homes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import shutil
 import tempfile
-import time
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -25,16 +22,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import ValidationError
 
-from detaudit.errors import RecordingFailed, RunDirError, UsageError
+from detaudit.errors import RunDirError, UsageError
 from detaudit.rundir.schema import (
     LATER_SAMPLE_COLUMNS,
     MANIFEST_FILE,
     RESCORE_FILE,
     RESCORE_SCHEMA,
-    RUN_DIR_FILES,
     SAMPLES_FILE,
     SAMPLES_SCHEMA,
     SCHEMA_VERSION,
+    SHARD_NAME,
     SHARDS_DIR,
     SUMMARY_FILE,
     RunManifest,
@@ -52,6 +49,9 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+TEMP_NAME = re.compile(r"\..+\.tmp")  # an atomic write's temporary: .NAME.RANDOM.tmp
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -178,111 +178,10 @@ def describe(e: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-UNWRITABLE = "unwritable"  # error_reason of a row whose values Parquet refused
-# What identifies a row and its request: kept when the rest of an unwritable row is dropped.
-_IDENTITY_COLUMNS = ("run_id", "sample_index", "prompt_id", "arm", "concurrency", "repeat", "attempts", "latency_s",
-                     "started_at", "finished_at")  # fmt: skip
-# What pyarrow raises for a value it cannot store in the column's type.
-_VALUE_ERRORS = (pa.ArrowException, UnicodeError, TypeError, ValueError, OverflowError)
+# ---------------------------------------------------------------- the manifest
 
 
-def unwritable_row(row: Mapping[str, Any], why: str) -> dict[str, Any]:
-    """The error row recorded in place of a row Parquet refused: its identity, status error, reason unwritable."""
-    return {**{c: row.get(c) for c in _IDENTITY_COLUMNS}, "status": "error", "error_reason": UNWRITABLE,
-            "error": f"the answer could not be recorded: {why}"}  # fmt: skip
-
-
-def salvage_table(rows: list[Mapping[str, Any]]) -> tuple[pa.Table, list[str]]:
-    """The rows as one table; a row whose values pyarrow refuses becomes its unwritable error row, so it cannot
-    take its neighbours with it. Returns the table and one message per row replaced."""
-    try:
-        return rows_to_table(rows), []
-    except _VALUE_ERRORS:
-        pass
-    tables, problems = [], []
-    for row in rows:  # rare path: find the rows at fault one by one
-        try:
-            tables.append(rows_to_table([row]))
-        except _VALUE_ERRORS as e:
-            why = describe(e)
-            problems.append(f"sample {row.get('sample_index')}: {why}")
-            tables.append(rows_to_table([unwritable_row(row, why)]))  # our own values: a raise here is a bug
-    return pa.concat_tables(tables), problems
-
-
-# ---------------------------------------------------------------- creating and writing
-
-
-def check_out_dir(out: Path, force: bool) -> None:
-    """Refuse an --out that may not receive a new run, touching nothing: runs call it before the network (or a
-    server) is reached, and prepare_out_dir() again before clearing."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
-    # A run nested in another would be folded into, or deleted with, its parent (and `analyze` lists neither).
-    parent = next((p for p in out.absolute().parents if _is_run_dir(p)), None)
-    if parent is not None:
-        raise UsageError(f"--out {out} is inside the run directory {parent}; choose a path outside it")
-    if not out.is_dir() or not any(out.iterdir()):
-        return
-    if not force:
-        raise UsageError(f"--out {out} already exists; pass --resume to finish it or --force to replace it")
-    if out.is_symlink():  # clearing it would delete files in whatever it points to
-        raise UsageError(f"--force refuses to clear {out}: it is a symlink (to {os.readlink(out)}); name the run "
-                         f"directory itself")  # fmt: skip
-    if not _is_run_dir(out):
-        raise UsageError(f"--force refuses to clear {out}: it is not a detaudit run directory")
-    _run_entries(out)
-
-
-_TEMP = re.compile(r"\..+\.tmp")  # an atomic write's temporary: .NAME.RANDOM.tmp
-_SHARD = re.compile(r"part-(\d+)\.parquet")
-
-
-def _run_entries(out: Path) -> list[Path]:
-    """The files of run directory `out` that detaudit wrote, deepest first; raises if anything else is there, so
-    that --force never deletes a file detaudit did not write."""
-    found: list[Path] = []
-    for entry in sorted(out.iterdir()):
-        name = entry.name
-        if name == SHARDS_DIR and entry.is_dir() and not entry.is_symlink():
-            for part in sorted(entry.iterdir()):
-                if not (_SHARD.fullmatch(part.name) or _TEMP.fullmatch(part.name)) or not _plain_file(part):
-                    raise UsageError(f"--force refuses to clear {out}: {part} was not written by detaudit")
-                found.append(part)
-            found.append(entry)
-        elif (name in RUN_DIR_FILES or _TEMP.fullmatch(name)) and _plain_file(entry):
-            found.append(entry)
-        else:
-            raise UsageError(f"--force refuses to clear {out}: {entry} was not written by detaudit")
-    return found
-
-
-def _plain_file(path: Path) -> bool:
-    return path.is_file() and not path.is_symlink()
-
-
-def prepare_out_dir(out: Path, *, resume: bool, force: bool) -> None:
-    """Check that `out` may receive a new run. With --force, removes the files of the run directory there, and
-    only those (the directory itself stays); anything else in it is refused, never deleted."""
-    if resume:
-        return
-    check_out_dir(out, force)
-    if out.is_dir() and any(out.iterdir()):
-        for path in _run_entries(out):
-            path.rmdir() if path.is_dir() else path.unlink()
-
-
-def _is_run_dir(path: Path) -> bool:
-    """Whether `path` holds a detaudit manifest (any version, valid or not): what --force may clear."""
-    try:
-        data = _read_json(path / MANIFEST_FILE)
-    except (OSError, ValueError, RunDirError):
-        return False
-    return isinstance(data, dict) and str(data.get("schema", "")).startswith("detaudit.run/")
-
-
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     """A JSON file that may be hostile: a regular file, UTF-8, nested no deeper than the parser can go."""
     if not path.is_file():  # a FIFO would block the read forever
         raise RunDirError(f"{path}: not a regular file")
@@ -297,111 +196,6 @@ def write_manifest(run_dir: Path, manifest: RunManifest) -> None:
     atomic_write_json(run_dir / MANIFEST_FILE, manifest.model_dump(mode="json", by_alias=True))
 
 
-WRITE_RETRY_S = 0.2  # pause before the one retry of a shard write (a transient OS error)
-
-
-class ShardWriter:
-    """Appends finished rows as numbered Parquet shards under RUN/shards/, and never loses one silently.
-
-    write() keeps every row it can: a row whose values Parquet refuses is recorded as its unwritable error row
-    (so its sample index still has exactly one row), and a shard file that cannot be written is tried once more.
-    Either way it then raises RecordingFailed, and the caller stops the run and marks it failed.
-    """
-
-    def __init__(self, run_dir: Path) -> None:
-        self.dir = run_dir / SHARDS_DIR
-        self.dir.mkdir(parents=True, exist_ok=True)
-        existing = [int(m.group(1)) for p in self.dir.iterdir() if (m := _SHARD.fullmatch(p.name))]
-        self._next = max(existing, default=-1) + 1
-
-    def write(self, rows: list[Mapping[str, Any]]) -> None:
-        if not rows:
-            return
-        table, problems = salvage_table(rows)
-        path = self.dir / f"part-{self._next:05d}.parquet"
-        try:
-            atomic_write_table(path, table)
-        except (OSError, pa.ArrowException):
-            time.sleep(WRITE_RETRY_S)
-            try:
-                atomic_write_table(path, table)
-            except (OSError, pa.ArrowException) as e:
-                raise RecordingFailed(f"cannot write {len(rows)} rows to {path}: {describe(e)}") from None
-        self._next += 1
-        if problems:
-            more = f" (and {len(problems) - 1} more rows)" if len(problems) > 1 else ""
-            raise RecordingFailed(f"Parquet refused a value, recorded as an {UNWRITABLE} error row: "
-                                  f"{problems[0]}{more}")  # fmt: skip
-
-
-def finalize_samples(run_dir: Path) -> pa.Table:
-    """Fold samples.parquet and all shards into one sorted samples.parquet, then drop the shards.
-
-    The new samples.parquet is in place (atomically) before any shard is removed, so a kill in between
-    leaves rows present twice on disk; read_samples() keeps one of each sample_index, so nothing is
-    lost or duplicated for the reader.
-    """
-    table = read_samples(run_dir)
-    atomic_write_table(run_dir / SAMPLES_FILE, table)
-    shards = run_dir / SHARDS_DIR
-    if shards.is_dir():
-        shutil.rmtree(shards)
-    return table
-
-
-@dataclass
-class RunEnd:
-    """How a run ended, as written to its manifest."""
-
-    manifest: RunManifest
-    failure: str | None  # why the run is `failed`; None for complete and interrupted runs
-    rows: int | None  # sample rows on disk (one per index), None when they could not be counted
-
-
-def end_run(run_dir: Path, manifest: RunManifest, *, interrupted: bool, failure: str | None) -> RunEnd:
-    """Decide and write a run's final status. Every writer of run directories ends here (endpoint runs, managed
-    servers, the built-in engine), so the status always agrees with the rows on disk:
-
-    - complete: the shards are folded, and samples.parquet holds exactly the sample indices 0..expected-1, once
-      each (counted on disk before the manifest says so);
-    - failed: recording failed (`failure`: a shard that could not be written, an unwritable row, a crash), or
-      the rows on disk do not add up; the shards stay, `--resume` finishes the run;
-    - interrupted: the user stopped the run (Ctrl-C, SIGTERM) and every finished row is on disk.
-    """
-    rows = None
-    if failure is None and not interrupted:
-        try:
-            idx = finalize_samples(run_dir).column("sample_index").to_numpy()
-            rows = len(idx)
-            failure = _count_problem(idx, manifest.expected_samples)
-        except (OSError, RunDirError) as e:
-            failure = f"cannot fold the shards into {SAMPLES_FILE}: {describe(e)}"
-    if rows is None:
-        with contextlib.suppress(OSError, RunDirError):
-            rows = read_samples(run_dir, ["sample_index"]).num_rows
-    status = "failed" if failure else "interrupted" if interrupted else "complete"
-    manifest = manifest.model_copy(update={"status": status, "finished_at": datetime.now(timezone.utc)})
-    try:
-        write_manifest(run_dir, manifest)
-    except OSError as e:
-        if failure is None:
-            raise
-        failure += f"; the manifest could not be marked failed either ({describe(e)})"
-    return RunEnd(manifest, failure, rows)
-
-
-def _count_problem(idx: np.ndarray, expected: int) -> str | None:
-    """None when `idx` (sorted, unique: read_samples order) is exactly 0..expected-1, else what is wrong."""
-    if len(idx) == expected and (not expected or (idx[0] == 0 and idx[-1] == expected - 1)):
-        return None
-    outside = int(((idx < 0) | (idx >= expected)).sum())
-    missing = expected - (len(idx) - outside)
-    return f"{len(idx)} rows on disk for {expected} samples ({missing} missing, {outside} outside 0..{expected - 1})"
-
-
-# ---------------------------------------------------------------- reading and validating
-
-
 def load_manifest(run_dir: Path) -> RunManifest:
     """Read manifest.json, refusing what is not a run directory or comes from a newer detaudit."""
     run_dir = Path(run_dir)
@@ -413,7 +207,7 @@ def load_manifest(run_dir: Path) -> RunManifest:
     if not path.exists():
         raise RunDirError(f"{run_dir}: not a detaudit run directory (no {MANIFEST_FILE})")
     try:
-        data = _read_json(path)
+        data = read_json(path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise RunDirError(f"{path}: unreadable manifest ({describe(e)})") from None
     if not isinstance(data, dict) or not str(data.get("schema", "")).startswith("detaudit.run/"):
@@ -433,6 +227,9 @@ def load_manifest(run_dir: Path) -> RunManifest:
         first = e.errors()[0]
         where = ".".join(str(p) for p in first["loc"])
         raise RunDirError(f"{path}: invalid manifest at {where}: {first['msg']}") from None
+
+
+# ---------------------------------------------------------------- reading samples
 
 
 def _check_samples_file(path: Path) -> None:
@@ -489,10 +286,10 @@ def _sample_parts(run_dir: Path) -> list[Path]:
     if shard_dir.is_dir():
         shards = []
         for path in shard_dir.iterdir():
-            m = _SHARD.fullmatch(path.name)
+            m = SHARD_NAME.fullmatch(path.name)
             if m:
                 shards.append((int(m.group(1)), path))
-            elif not _TEMP.fullmatch(path.name):  # a killed write's temporary: never read, removed on resume
+            elif not TEMP_NAME.fullmatch(path.name):  # a killed write's temporary: never read, removed on resume
                 raise RunDirError(f"{path}: not a shard detaudit wrote (shards are named part-NNNNN.parquet)")
         parts.extend(path for _, path in sorted(shards))
     return parts
@@ -723,9 +520,8 @@ def check_samples(run_dir: Path, manifest: RunManifest) -> None:
     """
     run_dir = Path(run_dir)
     expected, repeats, n_arms = manifest.expected_samples, manifest.repeats, len(manifest.arms)
-    positions = {"prompt_id": {p.prompt_id: i for i, p in enumerate(manifest.prompts)},
-                 "arm": {a.name: i for i, a in enumerate(manifest.arms)}}  # fmt: skip
     names = {"prompt_id": [p.prompt_id for p in manifest.prompts], "arm": [a.name for a in manifest.arms]}
+    positions = {column: {name: i for i, name in enumerate(values)} for column, values in names.items()}
     for batch in iter_samples(run_dir, _CHECK_COLUMNS, batch_rows=65536, use_threads=False):
         col = batch.column("sample_index")
         if col.null_count:
@@ -733,13 +529,16 @@ def check_samples(run_dir: Path, manifest: RunManifest) -> None:
         idx = col.to_numpy()
         outside = (idx < 0) | (idx >= expected)
         if outside.any():
-            raise RunDirError(f"{run_dir}: sample_index {int(idx[outside][0])} is outside 0..{expected - 1} "
-                              f"(the manifest expects {expected} samples)")  # fmt: skip
+            raise RunDirError(
+                f"{run_dir}: sample_index {int(idx[outside][0])} is outside 0..{expected - 1} "
+                f"(the manifest expects {expected} samples)"
+            )
         known = pc.is_in(batch.column("status"), value_set=pa.array(STATUSES)).fill_null(False)
         if not pc.all(known).as_py():
             i = int(np.flatnonzero(~known.to_numpy(zero_copy_only=False))[0])
-            raise RunDirError(f"{run_dir}: sample {int(idx[i])} has status {_shown(batch.column('status')[i].as_py())}"
-                              f" (only 'ok' and 'error' are recorded)")  # fmt: skip
+            status = _shown(batch.column("status")[i].as_py())
+            why = f"has status {status} (only 'ok' and 'error' are recorded)"
+            raise RunDirError(f"{run_dir}: sample {int(idx[i])} {why}")
         want = {"prompt_id": idx // (n_arms * repeats), "arm": (idx // repeats) % n_arms}
         for column, pos in want.items():
             enc = pc.dictionary_encode(batch.column(column))
@@ -752,12 +551,3 @@ def check_samples(run_dir: Path, manifest: RunManifest) -> None:
                     f"{run_dir}: sample {int(idx[i])} has {column} {_shown(batch.column(column)[i].as_py())}, but the "
                     f"manifest's sample {int(idx[i])} is {column} {_shown(names[column][int(pos[i])])}"
                 )
-
-
-def load_resumable(run_dir: Path) -> RunManifest:
-    """The manifest of a run to finish, once everything --resume will trust has been checked, before it writes a
-    byte: the manifest, the sample files (names, footers, data) and their rows."""
-    manifest = load_manifest(run_dir)
-    read_samples(run_dir)  # refuse corrupt or foreign Parquet
-    check_samples(run_dir, manifest)
-    return manifest

@@ -23,6 +23,7 @@ named migration in io.py and a fixture of the old version in tests/fixtures/.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any, Literal
 
@@ -33,6 +34,7 @@ SCHEMA_VERSION = 1
 MANIFEST_SCHEMA = f"detaudit.run/{SCHEMA_VERSION}"
 SAMPLES_FILE = "samples.parquet"
 SHARDS_DIR = "shards"
+SHARD_NAME = re.compile(r"part-(\d+)\.parquet")  # a shard in shards/, numbered in write order
 MANIFEST_FILE = "manifest.json"
 SUMMARY_FILE = "summary.json"
 RESCORE_FILE = "rescore.parquet"
@@ -116,10 +118,12 @@ class PromptSpec(_Model):
     """One prompt of the run, exactly as sent."""
 
     prompt_id: str
-    prompt: str | None = Field(None, description="Plain prompt (completions API, or one user message for chat).")
-    messages: list[dict[str, Any]] | None = Field(None, description="Chat messages, when given as such.")
-    max_tokens: int | None = Field(None, description="Per-prompt max_tokens overriding the run's.")
-    rationale: str | None = Field(None, description="Why this prompt is in its suite (suites only).")
+    prompt: str | None = Field(
+        default=None, description="Plain prompt (completions API, or one user message for chat)."
+    )
+    messages: list[dict[str, Any]] | None = Field(default=None, description="Chat messages, when given as such.")
+    max_tokens: int | None = Field(default=None, description="Per-prompt max_tokens overriding the run's.")
+    rationale: str | None = Field(default=None, description="Why this prompt is in its suite (suites only).")
 
 
 class ArmSpec(_Model):
@@ -153,16 +157,18 @@ class RequestParams(_Model):
     stop: list[str] = Field(default_factory=list)
     top_logprobs: int | None = None
     extra_body: dict[str, Any] = Field(default_factory=dict)
-    timeout_s: float = Field(60.0, description="Deadline of one attempt: connect and the whole answer.")
+    timeout_s: float = Field(default=60.0, description="Deadline of one attempt: connect and the whole answer.")
     retries: int = 3
-    rate: float | None = Field(None, description="Requests/s cap, if any.")
-    max_response_bytes: int = Field(DEFAULT_MAX_RESPONSE_BYTES, description="Largest answer accepted, in bytes.")
+    rate: float | None = Field(default=None, description="Requests/s cap, if any.")
+    max_response_bytes: int = Field(
+        default=DEFAULT_MAX_RESPONSE_BYTES, description="Largest answer accepted, in bytes."
+    )
 
 
 class RunManifest(_Model):
     """manifest.json. Field order is part of the file format; bump SCHEMA_VERSION to change it."""
 
-    schema_: str = Field(MANIFEST_SCHEMA, alias="schema")
+    schema_: str = Field(default=MANIFEST_SCHEMA, alias="schema")
     run_id: str
     tool_version: str
     status: RunStatus = "started"
@@ -173,7 +179,7 @@ class RunManifest(_Model):
     prompts: list[PromptSpec] = Field(min_length=1)
     arms: list[ArmSpec] = Field(min_length=1)
     repeats: int = Field(ge=1, description="N: independent requests per prompt per arm.")
-    capture: CaptureLevel = Field("text", description="Richest per-token data the target gave.")
+    capture: CaptureLevel = Field(default="text", description="Richest per-token data the target gave.")
     probe: dict[str, Any] = Field(default_factory=dict, description="Capability probe result.")
     environment: dict[str, Any] = Field(default_factory=dict, description="Python, platform, host CPU count.")
     suite: str | None = None
