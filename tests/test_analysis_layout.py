@@ -15,13 +15,13 @@ from detaudit.analysis.summary import Limits, TableReader, analyze, summarize, s
 from detaudit.errors import RunDirError
 from detaudit.rundir.io import (
     ROW_GROUP_ROWS,
-    ShardWriter,
     load_manifest,
     read_sample_rows,
     read_samples,
     rows_to_table,
     sample_list_values,
 )
+from detaudit.rundir.recorder import ShardWriter
 
 
 def _lcp(x: list, y: list) -> int:
