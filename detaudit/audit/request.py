@@ -1,6 +1,9 @@
 """What one audit run asks for: prompts, arms and request parameters, parsed and validated from the command line or
 from the manifest of a run to resume. Everything here is checked before the network or the disk is touched, so bad
-input writes nothing (exit 2)."""
+input writes nothing (exit 2).
+
+Longer than our ~400 lines on purpose: every check of a run's input (prompts, arguments, option groups, manifest)
+lives here, in one place (issue #20: request parsing in one module)."""
 
 from __future__ import annotations
 
@@ -11,14 +14,15 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 from detaudit.audit.client import Api
 from detaudit.errors import UsageError
+from detaudit.probes.suites import load_suite
 from detaudit.redact import redact_url, session_scrubber, url_secrets
 from detaudit.rundir.recorder import load_resumable
-from detaudit.rundir.schema import PromptSpec, RequestParams, RunManifest
+from detaudit.rundir.schema import DEFAULT_MAX_RESPONSE_BYTES, PromptSpec, RequestParams, RunManifest
 from detaudit.userfiles import read_user_file
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -59,8 +63,10 @@ def load_prompt_file(path: Path) -> list[PromptSpec]:
             continue
         try:
             obj = json.loads(line)
-        except ValueError as e:
+        except json.JSONDecodeError as e:
             raise UsageError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        except ValueError as e:  # a number past int()'s digit limit
+            raise UsageError(f"{path}:{lineno}: not valid JSON ({e})") from None
         except RecursionError:
             raise UsageError(f"{path}:{lineno}: JSON nested too deeply") from None
         specs.append(_prompt_entry(obj, f"{path}:{lineno}"))
@@ -125,8 +131,10 @@ def gather_prompts(
         seen.add(pid)
         texts = [pid, s.prompt or "", *(v for m in s.messages or [] for v in m.values() if isinstance(v, str))]
         if not all(_utf8(t) for t in texts):
-            raise UsageError(f"prompt {pid!r} holds text that is not valid Unicode (a lone surrogate such as "
-                             f"\\ud800, or bytes that are not UTF-8); no server can take it")  # fmt: skip
+            raise UsageError(
+                f"prompt {pid!r} holds text that is not valid Unicode (a lone surrogate such as "
+                f"\\ud800, or bytes that are not UTF-8); no server can take it"
+            )
         out.append(s.model_copy(update={"prompt_id": pid}))
     return out
 
@@ -179,8 +187,10 @@ def parse_headers(values: list[str]) -> dict[str, str]:
         if any(ord(c) < 32 or ord(c) == 127 for c in val):  # the server answers 400 to every request
             raise UsageError(f"--header {name!r}: the value holds a control character (the value is not shown)")
         if not val.isascii():
-            raise UsageError(f"--header {name!r}: the value holds a non-ASCII character; HTTP header values are "
-                             f"ASCII (the value is not shown)")  # fmt: skip
+            raise UsageError(
+                f"--header {name!r}: the value holds a non-ASCII character; HTTP header values are "
+                f"ASCII (the value is not shown)"
+            )
         if any(n.lower() == name.lower() for n in headers):
             raise UsageError(f"--header {name!r} is given twice; give each header once")
         headers[name] = val
@@ -196,8 +206,9 @@ def api_key_from_env(env_name: str) -> str | None:
         session_scrubber().add(key)
         if not key.isascii() or not key.isprintable() or any(c.isspace() for c in key):
             # It goes into "Authorization: Bearer KEY": httpx cannot encode it, or every request gets a 400.
-            raise UsageError(f"the API key in {env_name} holds whitespace, a control or a non-ASCII character "
-                             f"(the key is not shown)")  # fmt: skip
+            raise UsageError(
+                f"the API key in {env_name} holds whitespace, a control or a non-ASCII character (the key is not shown)"
+            )
     return key or None
 
 
@@ -245,8 +256,9 @@ def check_credentials(base_url: str, api_key: str | None, headers: Mapping[str, 
         sources.append(f"the API key in {key_env}")
     if len(sources) > 1:
         hint = f" (run with {key_env}= to send no key)" if api_key else ""
-        raise UsageError(f"conflicting credentials: {' and '.join(sources)} each set the Authorization header; "
-                         f"give only one{hint}")  # fmt: skip
+        raise UsageError(
+            f"conflicting credentials: {' and '.join(sources)} each set the Authorization header; give only one{hint}"
+        )
 
 
 def parse_extra_body(value: str | None) -> dict[str, Any]:
@@ -260,8 +272,10 @@ def parse_extra_body(value: str | None) -> dict[str, Any]:
 
     try:
         obj = json.loads(value, parse_constant=no_constant)
-    except ValueError as e:
+    except json.JSONDecodeError as e:
         raise UsageError(f"--extra-body is not valid JSON ({e.msg} at char {e.pos})") from None
+    except ValueError as e:  # a number past int()'s digit limit
+        raise UsageError(f"--extra-body is not valid JSON ({e})") from None
     except RecursionError:
         raise UsageError(f"--extra-body is nested more than {MAX_EXTRA_BODY_DEPTH} levels deep") from None
     if not isinstance(obj, dict):
@@ -345,14 +359,105 @@ class RunRequest:
                 raise UsageError(f"--api completions needs plain prompts; {chat_only[0]!r} has chat messages")
 
 
-def request_from_manifest(out: Path, *, base_url: str | None, api_key: str | None, headers: dict[str, str],
-                          stream: bool, backoff: float) -> tuple[RunRequest, RunManifest]:  # fmt: skip
-    """The request of an unfinished run (interrupted, failed or killed), from its manifest; credentials come from
-    the caller (never stored)."""
+# ---------------------------------------------------------------------------- from options or from a manifest
+# The option groups of a run: each field is named like the command-line parameter it comes from
+# (detaudit.cli.options.group builds them), and a field's default is what a command without that option means.
+
+
+@dataclass(frozen=True, kw_only=True)
+class PromptOptions:
+    """What to ask: --prompt values, then --prompt-file entries, then a --suite's entries."""
+
+    prompt: list[str] = field(default_factory=list)
+    prompt_file: Path | None = None
+    suite: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class EndpointOptions:
+    """Where requests go and how: URL, credentials, transport. None of it is what a run measures (and credentials
+    are never stored), so a resumed run takes these from its command line."""
+
+    base_url: str | None = None  # None: env OPENAI_BASE_URL, else OpenAI's
+    api_key_env: str = DEFAULT_KEY_ENV
+    header: list[str] = field(default_factory=list)
+    stream: bool = False
+    backoff: float = 0.5
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSettings:
+    """What every request asks and how many there are: a resumed run takes all of it from its manifest (a refused
+    --resume names the options given in this order)."""
+
+    repeats: int
+    model: str | None = None
+    api: str = "chat"
+    max_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    top_logprobs: int | None = None
+    concurrency: str  # "1,64": one arm per value
+    rate: float | None = None
+    timeout: float = 60.0
+    retries: int = 3
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES
+    extra_body: str | None = None  # a JSON object
+
+
+def request_from_options(
+    prompts: PromptOptions, endpoint: EndpointOptions, settings: RunSettings, *, out: Path | None, force: bool
+) -> RunRequest:
+    """A new run's validated RunRequest (everything but the endpoint itself is checked here)."""
+    chosen = load_suite(prompts.suite) if prompts.suite else None
+    if settings.api not in ("chat", "completions"):
+        raise UsageError(f"--api must be chat or completions, got {settings.api!r}")
+    if settings.max_response_bytes < 1:
+        raise UsageError(f"--max-response-bytes must be >= 1, got {settings.max_response_bytes}")
+    req = RunRequest(
+        out=out,
+        base_url=base_url_or_default(endpoint.base_url),
+        api_key=api_key_from_env(endpoint.api_key_env),
+        headers=parse_headers(endpoint.header),
+        model=settings.model,
+        api=cast(Api, settings.api),  # checked above
+        prompts=gather_prompts(prompts.prompt, prompts.prompt_file, chosen.prompts if chosen else None),
+        repeats=settings.repeats,
+        concurrency=parse_concurrency(settings.concurrency),
+        params=RequestParams(
+            max_tokens=settings.max_tokens,
+            temperature=settings.temperature,
+            top_p=settings.top_p,
+            seed=settings.seed,
+            stop=list(settings.stop),
+            top_logprobs=settings.top_logprobs,
+            extra_body=parse_extra_body(settings.extra_body),
+            timeout_s=settings.timeout,
+            retries=settings.retries,
+            rate=settings.rate,
+            max_response_bytes=settings.max_response_bytes,
+        ),
+        stream=endpoint.stream,
+        backoff=endpoint.backoff,
+        force=force,
+        suite=None if chosen is None else chosen.name if chosen.bundled else chosen.source,
+        key_env=endpoint.api_key_env,
+    )
+    req.validate()
+    return req
+
+
+def request_from_manifest(out: Path, endpoint: EndpointOptions) -> tuple[RunRequest, RunManifest]:
+    """The request of an unfinished run (interrupted, failed or killed), from its manifest; the endpoint options
+    (credentials are never stored) from the command line."""
+    api_key, headers = api_key_from_env(endpoint.api_key_env), parse_headers(endpoint.header)
     manifest = load_resumable(out)  # refuse what is not a run to trust before anything is written
     if manifest.target.kind != "endpoint":
         raise UsageError(f"{out} is a local run; resume it with the command that made it")
     recorded = manifest.target.base_url or DEFAULT_BASE_URL
+    base_url = endpoint.base_url
     if base_url is not None and redact_url(base_url) != recorded:
         raise UsageError(f"--base-url {redact_url(base_url)} differs from the run's {recorded}")
     if "***" in recorded and base_url is None:
@@ -361,9 +466,20 @@ def request_from_manifest(out: Path, *, base_url: str | None, api_key: str | Non
     if missing:
         raise UsageError(f"the run sent header(s) {', '.join(missing)}; pass --header again (values are not stored)")
     req = RunRequest(
-        out=out, base_url=base_url or recorded, api_key=api_key, headers=headers, model=manifest.target.model,
-        api=manifest.target.api, prompts=manifest.prompts, repeats=manifest.repeats,
-        concurrency=[a.concurrency for a in manifest.arms], params=manifest.params,
-        stream=bool(manifest.environment.get("stream", stream)), backoff=backoff, resume=True, suite=manifest.suite,
-    )  # fmt: skip
+        out=out,
+        base_url=base_url or recorded,
+        api_key=api_key,
+        headers=headers,
+        model=manifest.target.model,
+        api=manifest.target.api,
+        prompts=manifest.prompts,
+        repeats=manifest.repeats,
+        concurrency=[a.concurrency for a in manifest.arms],
+        params=manifest.params,
+        stream=bool(manifest.environment.get("stream", endpoint.stream)),
+        backoff=endpoint.backoff,
+        resume=True,
+        suite=manifest.suite,
+        key_env=endpoint.api_key_env,
+    )
     return req, manifest

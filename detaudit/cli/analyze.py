@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from detaudit.analysis.compare import compare_runs
 from detaudit.analysis.summary import store_summary
+from detaudit.cli import options
+from detaudit.cli.options import like
 from detaudit.cli.render import render_compare, render_summary
 from detaudit.termsafe import json_text, safe
 
@@ -18,8 +21,8 @@ def _print_json(doc: dict) -> None:
 
 
 def analyze_command(
-    run_dir: Path = typer.Argument(..., help="A run directory written by `detaudit run`."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary (detaudit.summary/1) as JSON."),
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `detaudit run`.")],
+    as_json: Annotated[bool, like(options.Json, help="Print the summary (detaudit.summary/1) as JSON.")] = False,
 ) -> None:
 
     def unwritable(e: OSError) -> None:  # a read-only copy of a run is still worth analysing
@@ -35,9 +38,9 @@ def analyze_command(
 
 
 def compare_command(
-    run_a: Path = typer.Argument(..., help="The baseline run directory."),
-    run_b: Path = typer.Argument(..., help="The run directory to compare with it."),
-    as_json: bool = typer.Option(False, "--json", help="Print the comparison (detaudit.compare/1) as JSON."),
+    run_a: Annotated[Path, typer.Argument(help="The baseline run directory.")],
+    run_b: Annotated[Path, typer.Argument(help="The run directory to compare with it.")],
+    as_json: Annotated[bool, like(options.Json, help="Print the comparison (detaudit.compare/1) as JSON.")] = False,
 ) -> None:
     result = compare_runs(run_a, run_b)
     if as_json:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import typer
 from rich.console import Console
@@ -13,6 +15,9 @@ from detaudit import __version__
 from detaudit.errors import EXIT_INTERRUPTED, DetauditError, EndpointError
 from detaudit.redact import new_session, session_scrubber
 from detaudit.termsafe import safe
+
+if TYPE_CHECKING:
+    import click
 
 app = typer.Typer(
     name="detaudit",
@@ -33,8 +38,10 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks for errors."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    debug: Annotated[bool, typer.Option("--debug", help="Show full tracebacks for errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
 ) -> None:
     _state["debug"] = debug
 
@@ -57,7 +64,7 @@ def _register() -> None:
     )
     from detaudit.cli.probe import probe_app
 
-    commands = [
+    commands: list[tuple[str, Callable[..., Any], str]] = [
         (
             "demo",
             demo.demo_command,
@@ -110,12 +117,12 @@ def _register() -> None:
 _register()
 
 
-def _click_errors() -> tuple[type[Exception], ...]:
-    """click's ClickException and the copy that typer vendors (typer >= 0.2x raises its own)."""
+def _click_errors() -> tuple[type[click.ClickException], ...]:
+    """click's ClickException and the copy that typer vendors (typer >= 0.2x raises its own, of the same API)."""
     import click
 
     vendored = [c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException"]
-    return tuple({click.ClickException, *vendored})
+    return tuple({click.ClickException, *cast("list[type[click.ClickException]]", vendored)})
 
 
 _CLICK_ERRORS = _click_errors()
@@ -174,8 +181,10 @@ def main(argv: list[str] | None = None) -> None:
             _print_traceback()
         missing = (e.name or "").split(".")[0] if isinstance(e, ModuleNotFoundError) else ""
         if missing in LOCAL_EXTRA_MODULES:
-            _print_error(f"this command runs a model and needs the local extra ({missing} is not installed): "
-                         "pip install 'detaudit[local]'")  # fmt: skip
+            _print_error(
+                f"this command runs a model and needs the local extra ({missing} is not installed): "
+                "pip install 'detaudit[local]'"
+            )
             sys.exit(2)
         if isinstance(e, OSError) and e.strerror:
             # The file system refused a path the user named (unwritable, a directory, a full disk): their input.
@@ -183,6 +192,6 @@ def main(argv: list[str] | None = None) -> None:
             _print_error(f"{where}: {e.strerror}" if where else e.strerror)
             sys.exit(2)
         # One line even for a multi-line exception message; --debug shows all of it.
-        _print_error(type(e).__name__ + ": " + " ".join(str(e).split())
-                     + ("" if debug else " (rerun with --debug for details)"), "internal error")  # fmt: skip
+        detail = type(e).__name__ + ": " + " ".join(str(e).split())
+        _print_error(detail + ("" if debug else " (rerun with --debug for details)"), "internal error")
         sys.exit(70)

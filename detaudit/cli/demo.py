@@ -3,21 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-import typer
 from rich.console import Console
 
 from detaudit.audit.request import MAX_SAMPLES
+from detaudit.cli import options
+from detaudit.cli.options import like
 from detaudit.demo import DemoSettings, run_demo
 from detaudit.errors import UsageError
 from detaudit.rundir.schema import MANIFEST_FILE
 
 
 def demo_command(
-    out: Path = typer.Option(Path("detaudit-demo"), "--out", "-o", help="Directory for the model, runs and reports."),
-    repeats: int = typer.Option(48, "-n", "--repeats", help="Requests per arm (endpoint) and target requests (local)."),
-    max_tokens: int = typer.Option(32, "--max-tokens", help="Tokens generated per request."),
-    force: bool = typer.Option(False, "--force", help="Redo a demo already in --out (removes only what it wrote)."),
+    out: Annotated[Path, like(options.Out, help="Directory for the model, runs and reports.")] = Path("detaudit-demo"),
+    repeats: Annotated[
+        int, like(options.Repeats, help="Requests per arm (endpoint) and target requests (local).")
+    ] = 48,
+    max_tokens: Annotated[int, like(options.MaxTokens, help="Tokens generated per request.")] = 32,
+    force: Annotated[
+        bool, like(options.Force, help="Redo a demo already in --out (removes only what it wrote).")
+    ] = False,
 ) -> None:
     """Offline, CPU only: shows a load-dependent endpoint next to a batch-invariant rerun with one completion."""
     if repeats < 2:
@@ -29,8 +35,10 @@ def demo_command(
     from detaudit.engine.llm import EngineConfig
 
     if max_tokens >= EngineConfig.max_model_len:  # else found after the model was built, served and audited
-        raise UsageError(f"--max-tokens {max_tokens} leaves no room for the prompt: the demo's engine holds "
-                         f"{EngineConfig.max_model_len} tokens")  # fmt: skip
+        raise UsageError(
+            f"--max-tokens {max_tokens} leaves no room for the prompt: the demo's engine holds "
+            f"{EngineConfig.max_model_len} tokens"
+        )
     if (out / MANIFEST_FILE).exists():  # the demo's model/, runs/ and reports would land inside a run
         raise UsageError(f"--out {out} is a run directory; give the demo a directory of its own")
     console = Console()

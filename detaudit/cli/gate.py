@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -23,26 +24,37 @@ from detaudit.termsafe import safe
 
 
 def gate_command(
-    run: Path = typer.Argument(..., help="The run directory to judge."),
-    baseline: Path | None = typer.Option(None, "--baseline", help="A baseline run of the same prompts."),
-    max_unique: int | None = typer.Option(None, "--max-unique", help="At most K distinct completions per arm."),
-    min_modal_share: float | None = typer.Option(
-        None, "--min-modal-share", help="The modal completion's share of ok samples is at least R (0-1)."
-    ),
-    min_first_divergence: int | None = typer.Option(
-        None, "--min-first-divergence", help="No sample diverges from the modal completion before token P."
-    ),
-    max_error_rate: float | None = typer.Option(
-        None, "--max-error-rate", help="More failed requests than this share (0-1) in an arm: cannot judge (exit 3)."
-    ),
-    require_same_modal: bool = typer.Option(
-        False, "--require-same-modal", help="The modal completion equals the baseline's (needs --baseline)."
-    ),
-    max_unique_increase: int | None = typer.Option(
-        None, "--max-unique-increase", help="Unique count grows by at most D over the baseline (needs --baseline)."
-    ),
-    junit: Path | None = typer.Option(None, "--junit", help="Write the rules as JUnit XML test cases here."),
-    md: Path | None = typer.Option(None, "--md", help="Write the Markdown verdict and report here."),
+    run: Annotated[Path, typer.Argument(help="The run directory to judge.")],
+    baseline: Annotated[Path | None, typer.Option("--baseline", help="A baseline run of the same prompts.")] = None,
+    max_unique: Annotated[
+        int | None, typer.Option("--max-unique", help="At most K distinct completions per arm.")
+    ] = None,
+    min_modal_share: Annotated[
+        float | None,
+        typer.Option("--min-modal-share", help="The modal completion's share of ok samples is at least R (0-1)."),
+    ] = None,
+    min_first_divergence: Annotated[
+        int | None,
+        typer.Option("--min-first-divergence", help="No sample diverges from the modal completion before token P."),
+    ] = None,
+    max_error_rate: Annotated[
+        float | None,
+        typer.Option(
+            "--max-error-rate", help="More failed requests than this share (0-1) in an arm: cannot judge (exit 3)."
+        ),
+    ] = None,
+    require_same_modal: Annotated[
+        bool,
+        typer.Option("--require-same-modal", help="The modal completion equals the baseline's (needs --baseline)."),
+    ] = False,
+    max_unique_increase: Annotated[
+        int | None,
+        typer.Option(
+            "--max-unique-increase", help="Unique count grows by at most D over the baseline (needs --baseline)."
+        ),
+    ] = None,
+    junit: Annotated[Path | None, typer.Option("--junit", help="Write the rules as JUnit XML test cases here.")] = None,
+    md: Annotated[Path | None, typer.Option("--md", help="Write the Markdown verdict and report here.")] = None,
 ) -> None:
     """Judge a run against thresholds (and a baseline run); exit code 0/1/2/3 as documented in the README."""
     # Output paths first: a typo must fail before any rule line is printed or either file written.

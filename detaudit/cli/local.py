@@ -5,14 +5,15 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from detaudit.audit.workload import SCENARIOS
-from detaudit.cli import engine_options
-from detaudit.engine.config import KERNELS
+from detaudit.cli import options
+from detaudit.cli.options import given_options, group, like
 from detaudit.errors import UsageError
 
 _MANAGED = "Managed engine (--engine vllm|sglang|command; docs/scale.md)"
@@ -20,99 +21,87 @@ _MANAGED = "Managed engine (--engine vllm|sglang|command; docs/scale.md)"
 
 def local_command(
     ctx: typer.Context,
-    model: str | None = typer.Option(
-        None,
-        "--model",
-        "-m",
-        help="Hub id or local model directory (Llama, "
-        "Mistral, Qwen2, Qwen3); --engine command: default the server's only model.",
-    ),
-    prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt text (repeatable)."),
-    repeats: int = typer.Option(
-        100, "-n", "--repeats", help="N independent requests per prompt per arm (never the API's n field)."
-    ),  # fmt: skip
-    kernels: str = typer.Option("stock", "--kernels", help=f"{' or '.join(KERNELS)}."),
-    scenario: str = typer.Option("mixed", "--scenario", help=f"Comma list of {', '.join(SCENARIOS)}; one arm each."),
-    max_batch: int = typer.Option(16, "--max-batch", help="Sequences per engine step (the arm's concurrency)."),
-    max_tokens: int = typer.Option(64, "--max-tokens", help="max_tokens per request."),
-    max_batched_tokens: int = typer.Option(512, "--max-batched-tokens", help="Token budget per step (chunks prompts)."),
-    max_model_len: int = typer.Option(1024, "--max-model-len", help="Longest prompt + completion the KV cache holds."),
-    device: str = engine_options.DEVICE,
-    dtype: str = engine_options.DTYPE,
-    cuda_graphs: bool = engine_options.CUDA_GRAPHS,
-    seed: int = typer.Option(0, "--seed", help="Seeds the filler requests and their arrivals."),
-    top_logprobs: int = typer.Option(5, "--top-logprobs", help="Top-k alternatives recorded per token (0-20)."),
-    out: Path | None = typer.Option(
-        None, "--out", "-o", help="Run directory to create (default: a new one in runs/)."
-    ),  # fmt: skip
-    force: bool = typer.Option(False, "--force", help="Replace an existing run directory in --out."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
-    engine: str = typer.Option(
-        "detaudit",
-        "--engine",
-        help="detaudit (built-in), or a server detaudit starts and audits over HTTP: vllm, sglang, command.",
-        rich_help_panel=_MANAGED,
-    ),  # fmt: skip
-    suite: str | None = typer.Option(
-        None,
-        "--suite",
-        help="A probe suite: bundled name (see `detaudit suites`) "
-        "or a .yaml/.jsonl file; every entry is its own prompt id.",
-        rich_help_panel=_MANAGED,
-    ),  # fmt: skip
-    concurrency: str = typer.Option(
-        "1,32",
-        "--concurrency",
-        "-c",
-        help="In-flight requests; a comma list gives one arm per value, run one after another (e.g. 1,64).",
-        rich_help_panel=_MANAGED,
-    ),  # fmt: skip
-    server_cmd: str | None = typer.Option(
-        None,
-        "--server-cmd",
-        rich_help_panel=_MANAGED,
-        help="--engine command: server command line ({port}, {host}, {model}).",
-    ),
-    tensor_parallel_size: int | None = typer.Option(
-        None, "--tensor-parallel-size", help="vllm/sglang TP size.", rich_help_panel=_MANAGED
-    ),  # fmt: skip
-    engine_args: str | None = typer.Option(
-        None, "--engine-args", help="Extra arguments for the engine's command line.", rich_help_panel=_MANAGED
-    ),  # fmt: skip
-    server_env: list[str] = typer.Option(
-        [], "--server-env", help="NAME=VALUE for the server (repeatable).", rich_help_panel=_MANAGED
-    ),  # fmt: skip
-    attention_backend: str | None = typer.Option(
-        None,
-        "--attention-backend",
-        rich_help_panel=_MANAGED,
-        help="Engine attention backend (vllm batch-invariant: FLASH_ATTN).",
-    ),
-    port: int | None = typer.Option(
-        None, "--port", help="Server port (default: a free one).", rich_help_panel=_MANAGED
-    ),  # fmt: skip
-    startup_timeout: float = typer.Option(
-        900.0, "--startup-timeout", help="Seconds to wait for the server's health endpoint.", rich_help_panel=_MANAGED
-    ),  # fmt: skip
-    request_timeout: float = typer.Option(
-        300.0, "--request-timeout", help="Seconds per HTTP attempt.", rich_help_panel=_MANAGED
-    ),  # fmt: skip
-    resume: bool = typer.Option(
-        False, "--resume", help="Finish the run in --out: only missing or failed samples.", rich_help_panel=_MANAGED
-    ),  # fmt: skip
+    model: Annotated[
+        str | None,
+        like(
+            options.Model,
+            help="Hub id or local model directory (Llama, "
+            "Mistral, Qwen2, Qwen3); --engine command: default the server's only model.",
+        ),
+    ] = None,
+    prompt: options.Prompt = [],
+    repeats: options.Repeats = 100,
+    kernels: options.Kernels = "stock",
+    scenario: Annotated[
+        str, typer.Option("--scenario", help=f"Comma list of {', '.join(SCENARIOS)}; one arm each.")
+    ] = "mixed",
+    max_batch: Annotated[int, like(options.MaxBatch, help="Sequences per engine step (the arm's concurrency).")] = 16,
+    max_tokens: Annotated[int, like(options.MaxTokens)] = 64,
+    max_batched_tokens: options.MaxBatchedTokens = 512,
+    max_model_len: options.MaxModelLen = 1024,
+    device: options.Device = "cpu",
+    dtype: options.Dtype = "bfloat16",
+    cuda_graphs: options.CudaGraphs = True,
+    seed: Annotated[int, like(options.Seed, help="Seeds the filler requests and their arrivals.")] = 0,
+    top_logprobs: Annotated[int, like(options.TopLogprobs, help="Top-k alternatives recorded per token (0-20).")] = 5,
+    out: options.Out = None,
+    force: options.Force = False,
+    as_json: options.Json = False,
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine",
+            help="detaudit (built-in), or a server detaudit starts and audits over HTTP: vllm, sglang, command.",
+            rich_help_panel=_MANAGED,
+        ),
+    ] = "detaudit",
+    suite: Annotated[str | None, like(options.Suite, panel=_MANAGED)] = None,
+    concurrency: Annotated[str, like(options.Concurrency, panel=_MANAGED)] = "1,32",
+    server_cmd: Annotated[
+        str | None,
+        typer.Option(
+            "--server-cmd",
+            rich_help_panel=_MANAGED,
+            help="--engine command: server command line ({port}, {host}, {model}).",
+        ),
+    ] = None,
+    tensor_parallel_size: Annotated[
+        int | None, typer.Option("--tensor-parallel-size", help="vllm/sglang TP size.", rich_help_panel=_MANAGED)
+    ] = None,
+    engine_args: Annotated[
+        str | None,
+        typer.Option("--engine-args", help="Extra arguments for the engine's command line.", rich_help_panel=_MANAGED),
+    ] = None,
+    server_env: Annotated[
+        list[str],
+        typer.Option("--server-env", help="NAME=VALUE for the server (repeatable).", rich_help_panel=_MANAGED),
+    ] = [],
+    attention_backend: Annotated[
+        str | None,
+        typer.Option(
+            "--attention-backend",
+            rich_help_panel=_MANAGED,
+            help="Engine attention backend (vllm batch-invariant: FLASH_ATTN).",
+        ),
+    ] = None,
+    port: Annotated[int | None, like(options.Port, help="Server port (default: a free one).", panel=_MANAGED)] = None,
+    startup_timeout: Annotated[
+        float,
+        typer.Option(
+            "--startup-timeout", help="Seconds to wait for the server's health endpoint.", rich_help_panel=_MANAGED
+        ),
+    ] = 900.0,
+    request_timeout: Annotated[
+        float, typer.Option("--request-timeout", help="Seconds per HTTP attempt.", rich_help_panel=_MANAGED)
+    ] = 300.0,
+    resume: Annotated[bool, like(options.Resume, panel=_MANAGED)] = False,
 ) -> None:
-    from detaudit.cli.local_managed import local_managed, refuse_foreign_options
-    from detaudit.cli.options import given_options
+    from detaudit.cli.local_managed import INHOUSE_ONLY, local_managed, refuse_foreign_options
 
     refuse_foreign_options(engine, given_options(ctx))
     if engine != "detaudit":
-        local_managed(
-            engine=engine, model=model, tensor_parallel_size=tensor_parallel_size, kernels=kernels,
-            server_cmd=server_cmd, engine_args=engine_args, server_env=server_env, attention_backend=attention_backend,
-            port=port, startup_timeout=startup_timeout, prompts=prompt, suite=suite, repeats=repeats,
-            concurrency=concurrency, max_tokens=max_tokens, top_logprobs=top_logprobs, timeout=request_timeout,
-            out=out, resume=resume, force=force, as_json=as_json,
-        )  # fmt: skip
+        # every option but the built-in engine's own, which refuse_foreign_options left at their defaults
+        local_managed(**{name: value for name, value in ctx.params.items() if name not in INHOUSE_ONLY})
         return
     if model is None:  # optional only for --engine command, whose server may name its own model
         raise UsageError(f"--engine {engine} needs --model (a hub id or local model directory)")
@@ -123,16 +112,7 @@ def local_command(
 
     out = out or Path("runs") / f"local-{kernels}-{datetime.now():%Y%m%d-%H%M%S}"
     spec = LocalRunSpec(
-        engine=EngineConfig(
-            model,
-            device=device,
-            dtype=dtype,
-            kernels=kernels,
-            max_batch=max_batch,
-            max_batched_tokens=max_batched_tokens,
-            max_model_len=max_model_len,
-            cuda_graphs=cuda_graphs,
-        ),
+        engine=group(EngineConfig, ctx),
         prompts=prompt,
         repeats=repeats,
         scenarios=[s.strip() for s in scenario.split(",") if s.strip()],
@@ -151,7 +131,7 @@ def local_command(
         console=console,
         transient=True,
     ) as bar:
-        tasks: dict[str, int] = {"": bar.add_task(spec.engine.loading_message(), total=None)}  # until an arm starts
+        tasks: dict[str, TaskID] = {"": bar.add_task(spec.engine.loading_message(), total=None)}  # until an arm starts
 
         def progress(arm: str, done: int, total: int) -> None:
             if "" in tasks:

@@ -11,9 +11,9 @@ from rich.console import Console
 
 from detaudit.audit.launch import build_launch
 from detaudit.audit.managed import request_for_resume, run_managed
-from detaudit.cli.run import build_request, finish_run, make_progress
+from detaudit.audit.request import EndpointOptions, PromptOptions, RunSettings, request_from_options
+from detaudit.cli.run import finish_run, make_progress
 from detaudit.errors import UsageError
-from detaudit.probes.suites import load_suite
 
 # `detaudit local` options that only one side uses: given on the command line for the other side, they are refused
 # rather than silently ignored (e.g. --dtype means nothing to a vLLM command line; use --engine-args there).
@@ -27,8 +27,19 @@ INHOUSE_ONLY = (
     "seed",
     "cuda_graphs",
 )
-MANAGED_ONLY = ("suite", "concurrency", "server_cmd", "tensor_parallel_size", "engine_args", "server_env",
-                "attention_backend", "port", "startup_timeout", "resume", "request_timeout")  # fmt: skip
+MANAGED_ONLY = (
+    "suite",
+    "concurrency",
+    "server_cmd",
+    "tensor_parallel_size",
+    "engine_args",
+    "server_env",
+    "attention_backend",
+    "port",
+    "startup_timeout",
+    "resume",
+    "request_timeout",
+)
 
 
 def refuse_foreign_options(engine: str, given: set[str]) -> None:
@@ -45,63 +56,77 @@ def local_managed(
     *,
     engine: str,
     model: str | None,
-    tensor_parallel_size: int | None,
     kernels: str,
+    prompt: list[str],
+    suite: str | None,
+    repeats: int,
+    concurrency: str,
+    max_tokens: int | None,
+    top_logprobs: int | None,
+    tensor_parallel_size: int | None,
     server_cmd: str | None,
     engine_args: str | None,
     server_env: list[str],
     attention_backend: str | None,
     port: int | None,
     startup_timeout: float,
-    prompts: list[str],
-    suite: str | None,
-    repeats: int,
-    concurrency: str,
-    max_tokens: int | None,
-    top_logprobs: int | None,
-    timeout: float,
+    request_timeout: float,
     out: Path | None,
     resume: bool,
     force: bool,
     as_json: bool,
-    prompt_file: Path | None = None,
-    api: str = "chat",
-    retries: int = 3,
 ) -> None:
-    """`detaudit local --engine vllm|sglang|command`: parse, run the managed audit, render like `detaudit run`."""
+    """`detaudit local --engine vllm|sglang|command` (its options, by name, but the built-in engine's): parse, run
+    the managed audit, render like `detaudit run`."""
     console, err_console = Console(), Console(stderr=True)
     if not startup_timeout > 0:  # written so that NaN (which would wait forever) fails too
         raise UsageError(f"--startup-timeout must be > 0, got {startup_timeout:g}")
-    if not timeout > 0:  # checked here too so the message names this command's option, not run's --timeout
-        raise UsageError(f"--request-timeout must be > 0, got {timeout:g}")
+    if not request_timeout > 0:  # checked here too so the message names this command's option, not run's --timeout
+        raise UsageError(f"--request-timeout must be > 0, got {request_timeout:g}")
     launch = build_launch(
-        engine, model=model, port=port, tensor_parallel_size=tensor_parallel_size, kernels=kernels,
-        server_cmd=server_cmd, engine_args=engine_args, attention_backend=attention_backend, server_env=server_env,
-    )  # fmt: skip
+        engine,
+        model=model,
+        port=port,
+        tensor_parallel_size=tensor_parallel_size,
+        kernels=kernels,
+        server_cmd=server_cmd,
+        engine_args=engine_args,
+        attention_backend=attention_backend,
+        server_env=server_env,
+    )
     if resume:
         if out is None:
             raise UsageError("--resume needs --out DIR (the run directory to finish)")
-        given = [n for n, v in (("--prompt", prompts), ("--prompt-file", prompt_file), ("--suite", suite)) if v]
+        given = [flag for flag, value in (("--prompt", prompt), ("--suite", suite)) if value]
         if given:
             raise UsageError(f"--resume takes the run's prompts from its manifest; drop {', '.join(given)}")
-        req, manifest = request_for_resume(out, launch, backoff=0.5)
+        req, manifest = request_for_resume(out, launch, backoff=EndpointOptions().backoff)
     else:
-        chosen = load_suite(suite) if suite else None
-        req = build_request(
-            prompts=prompts, prompt_file=prompt_file, extra_prompts=chosen.prompts if chosen else None,
-            repeats=repeats, base_url=launch.base_url, api_key_env="OPENAI_API_KEY", model=model, api=api,
-            max_tokens=max_tokens, temperature=0.0, top_p=None, seed=None, stop=[], top_logprobs=top_logprobs,
-            concurrency=concurrency, rate=None, timeout=timeout, retries=retries, backoff=0.5, extra_body=None,
-            headers=[], out=out or Path("runs") / f"{engine}-{time.strftime('%Y%m%d-%H%M%S')}", stream=False,
-            force=force, suite=None if chosen is None else chosen.name if chosen.bundled else chosen.source,
-        )  # fmt: skip
+        req = request_from_options(
+            PromptOptions(prompt=prompt, suite=suite),
+            EndpointOptions(base_url=launch.base_url),
+            RunSettings(
+                model=model,
+                repeats=repeats,
+                concurrency=concurrency,
+                max_tokens=max_tokens,
+                top_logprobs=top_logprobs,
+                timeout=request_timeout,
+            ),
+            out=out or Path("runs") / f"{engine}-{time.strftime('%Y%m%d-%H%M%S')}",
+            force=force,
+        )
         req.api_key = None  # the managed server listens on loopback without auth: never send the user's key there
         manifest = None
     err_console.print(
         f"starting {engine} server: {shlex.join(launch.redacted_argv())}", highlight=False, markup=False, soft_wrap=True
     )  # one line: the command stays copy-pastable
-    outcome = run_managed(launch, req, startup_timeout_s=startup_timeout, make_progress=lambda: make_progress(
-        err_console), resumed=manifest)  # fmt: skip
-    resume_hint = (f"the same command plus --resume --out {shlex.quote(str(outcome.run_dir))} "
-                   f"(without --prompt/--suite)")  # fmt: skip
+    outcome = run_managed(
+        launch,
+        req,
+        startup_timeout_s=startup_timeout,
+        make_progress=lambda: make_progress(err_console),
+        resumed=manifest,
+    )
+    resume_hint = f"the same command plus --resume --out {shlex.quote(str(outcome.run_dir))} (without --prompt/--suite)"
     finish_run(outcome, as_json, console, err_console, resume=resume_hint)

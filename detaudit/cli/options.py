@@ -1,11 +1,165 @@
-"""Command-line helpers shared by the commands."""
+"""The options the commands share, each declared once: flags, short name and help (like simonw/llm's and Inspect
+AI's shared options). A command annotates a parameter with one of these aliases and gives the default in its own
+signature (`out: options.Out = None`); where it needs another type, help text or help panel it says so with
+`like(...)`, and the flags still come from here. The groups follow how a run is described: prompts, run directory,
+output, endpoint, request, engine.
+
+A command turns its parsed options into typed objects with `group` (fields named like the parameters), never by
+hand-packing them one keyword at a time."""
 
 from __future__ import annotations
 
-import click
+from copy import copy
+from dataclasses import fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
+
+import typer
+
+from detaudit.engine.config import DTYPES, KERNELS
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+# ---------------------------------------------------------------------------- prompts: what to ask
+
+Prompt = Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt text (repeatable).")]
+PromptFile = Annotated[
+    Path | None,
+    typer.Option("--prompt-file", help='Plain-text prompt, or JSONL of {"prompt": ...} / {"messages": [...]} objects.'),
+]
+Suite = Annotated[
+    str | None,
+    typer.Option(
+        "--suite",
+        help="A probe suite: bundled name (see `detaudit suites`) "
+        "or a .yaml/.jsonl file; every entry is its own prompt id.",
+    ),
+]
+Repeats = Annotated[
+    int, typer.Option("-n", "--repeats", help="N independent requests per prompt per arm (never the API's n field).")
+]
+
+# ---------------------------------------------------------------------------- run directory: where it goes
+
+Out = Annotated[Path | None, typer.Option("--out", "-o", help="Run directory to create (default: a new one in runs/).")]
+Resume = Annotated[bool, typer.Option("--resume", help="Finish the run in --out: only missing or failed samples.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing run directory in --out.")]
+
+# ---------------------------------------------------------------------------- output
+
+Json = Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")]
+
+# ---------------------------------------------------------------------------- endpoint: where requests go, how
+
+BaseUrl = Annotated[
+    str | None,
+    typer.Option(
+        "--base-url", help="Endpoint base URL (default: env OPENAI_BASE_URL, else https://api.openai.com/v1)."
+    ),
+]
+ApiKeyEnv = Annotated[
+    str,
+    typer.Option(
+        "--api-key-env", help="Environment variable holding the API key (the key itself is never written anywhere)."
+    ),
+]
+Header = Annotated[
+    list[str],
+    typer.Option(
+        "--header", "-H", help="Extra 'Name: value' header (repeatable; the value is never written anywhere)."
+    ),
+]
+Model = Annotated[str | None, typer.Option("--model", "-m", help="Model name (default: the only model /models lists).")]
+Api = Annotated[str, typer.Option("--api", help="chat or completions.")]
+Timeout = Annotated[
+    float, typer.Option("--timeout", help="Deadline of one HTTP attempt in seconds: connect and the whole answer.")
+]
+Retries = Annotated[int, typer.Option("--retries", help="Retries after a 429/5xx/timeout/broken answer.")]
+Backoff = Annotated[float, typer.Option("--backoff", help="First retry delay in seconds (doubles; Retry-After wins).")]
+ExtraBody = Annotated[
+    str | None,
+    typer.Option("--extra-body", help="JSON object merged into every request (e.g. vLLM's cache_salt)."),
+]
+Stream = Annotated[bool, typer.Option("--stream", help="Use streaming responses (same record, timed per stream).")]
+
+# ---------------------------------------------------------------------------- request: what each one asks, how many
+
+MaxTokens = Annotated[int | None, typer.Option("--max-tokens", help="max_tokens per request.")]
+Temperature = Annotated[float, typer.Option("--temperature", help="Sampling temperature.")]
+TopP = Annotated[float | None, typer.Option("--top-p", help="top_p, if set.")]
+Seed = Annotated[int | None, typer.Option("--seed", help="seed field, if set.")]
+Stop = Annotated[list[str], typer.Option("--stop", help="Stop sequence (repeatable).")]
+TopLogprobs = Annotated[
+    int | None,
+    typer.Option(
+        "--top-logprobs", help="Alternatives per token, 0-20 (default 2 when the endpoint has them; 0: none)."
+    ),
+]
+Concurrency = Annotated[
+    str,
+    typer.Option(
+        "--concurrency",
+        "-c",
+        help="In-flight requests; a comma list gives one arm per value, run one after another (e.g. 1,64).",
+    ),
+]
+Rate = Annotated[float | None, typer.Option("--rate", help="Cap on requests per second.")]
+MaxResponseBytes = Annotated[
+    int,
+    typer.Option(
+        "--max-response-bytes", help="Largest answer accepted, in bytes; a larger one is an error row (too_large)."
+    ),
+]
+
+# ---------------------------------------------------------------------------- engine: the bundled one, served or not
+
+ModelDir = Annotated[
+    str, typer.Option("--model", help="Hub id or local model directory (Llama, Mistral, Qwen2, Qwen3).")
+]
+Kernels = Annotated[str, typer.Option("--kernels", help=f"{' or '.join(KERNELS)}.")]
+Device = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
+Dtype = Annotated[str, typer.Option("--dtype", help=f"{', '.join(DTYPES)}.")]
+CudaGraphs = Annotated[
+    bool,
+    typer.Option(
+        "--cuda-graphs/--no-cuda-graphs",
+        help="Replay steps from CUDA graphs (decode-only "
+        "whole, prefill piecewise; CUDA only; --no-cuda-graphs runs every step eagerly).",
+    ),
+]
+MaxBatch = Annotated[int, typer.Option("--max-batch", help="Sequences per engine step.")]
+MaxBatchedTokens = Annotated[int, typer.Option("--max-batched-tokens", help="Token budget per step (chunks prompts).")]
+MaxModelLen = Annotated[int, typer.Option("--max-model-len", help="Longest prompt + completion the KV cache holds.")]
+Port = Annotated[int, typer.Option("--port", help="TCP port.")]
+
+# ---------------------------------------------------------------------------- torch: tiny-model, probe kernels
+
+# torch's generator takes seeds in [0, 2**64): past that, a ValueError instead of a usage error
+TorchSeed = Annotated[int, typer.Option("--seed", min=0, max=2**64 - 1, help="Seed for the random weights.")]
 
 
-def given_options(ctx: click.Context) -> set[str]:
+def like(alias: Any, *, help: str | None = None, panel: str | None = None) -> Any:
+    """The option of `alias` for `Annotated[<another type>, like(alias, ...)]`: same flags, and this command's help
+    text or help panel where given (e.g. `local` shows its managed-engine options under their own panel)."""
+    info = copy(alias.__metadata__[0])
+    if help is not None:
+        info.help = help
+    if panel is not None:
+        info.rich_help_panel = panel
+    return info
+
+
+G = TypeVar("G", bound="DataclassInstance")
+
+
+def group(cls: type[G], ctx: typer.Context) -> G:
+    """The option group `cls` (a dataclass) from the parsed command line: each field takes the value of the
+    command's parameter of the same name; a field the command has no option for keeps its default."""
+    return cls(**{f.name: ctx.params[f.name] for f in fields(cls) if f.name in ctx.params})
+
+
+def given_options(ctx: typer.Context) -> set[str]:
     """Names of the parameters the user set (command line or environment), not left at their default.
 
     Compared by name: typer may vendor its own click, whose ParameterSource enum is not click's.

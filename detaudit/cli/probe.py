@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -23,6 +23,8 @@ from detaudit.audit.request import (
     parse_extra_body,
     parse_headers,
 )
+from detaudit.cli import options
+from detaudit.cli.options import like
 from detaudit.errors import UsageError
 from detaudit.redact import redact_url
 from detaudit.termsafe import json_text, safe
@@ -42,11 +44,19 @@ _ROWS = [
 ]
 
 
-async def _probe(base_url: str, api_key: str | None, headers: dict[str, str], model: str | None,
-                 apis: tuple[Any, ...], timeout: float, retries: int,
-                 extra: dict[str, Any]) -> dict[str, Any]:  # fmt: skip
-    async with OpenAIClient(base_url, api_key=api_key, headers=headers, timeout=timeout, retries=retries,
-                            backoff=0.2) as client:  # fmt: skip
+async def _probe(
+    base_url: str,
+    api_key: str | None,
+    headers: dict[str, str],
+    model: str | None,
+    apis: tuple[Any, ...],
+    timeout: float,
+    retries: int,
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    async with OpenAIClient(
+        base_url, api_key=api_key, headers=headers, timeout=timeout, retries=retries, backoff=0.2
+    ) as client:
         model, models = await resolve_model(client, model, base_url)
         result = await probe_endpoint(client, model, apis, extra)
     return {"base_url": redact_url(base_url), "models": models, **result}
@@ -70,20 +80,23 @@ def render_probe(result: dict[str, Any], console: Console) -> None:
             console.print(f"{api}: {safe(res['error'])}", highlight=False, markup=False)
 
 
-@probe_app.command("endpoint", help="Which APIs answer; whether logprobs, top_logprobs, token ids, streaming, seed "
-                   "and system_fingerprint come back.")  # fmt: skip
+@probe_app.command(
+    "endpoint",
+    help="Which APIs answer; whether logprobs, top_logprobs, token ids, streaming, seed "
+    "and system_fingerprint come back.",
+)
 def endpoint_command(
-    base_url: str | None = typer.Option(
-        None, "--base-url", help="Endpoint base URL (default: env OPENAI_BASE_URL, else https://api.openai.com/v1)."
-    ),  # fmt: skip
-    api_key_env: str = typer.Option(DEFAULT_KEY_ENV, "--api-key-env", help="Environment variable holding the key."),
-    model: str | None = typer.Option(None, "--model", "-m", help="Model name (default: the only model listed)."),
-    api: str = typer.Option("both", "--api", help="chat, completions or both."),
-    header: list[str] = typer.Option([], "--header", "-H", help="Extra 'Name: value' header (repeatable)."),
-    extra_body: str | None = typer.Option(None, "--extra-body", help="JSON object merged into every request."),
-    timeout: float = typer.Option(30.0, "--timeout", help="Seconds per HTTP attempt."),
-    retries: int = typer.Option(2, "--retries", help="Retries per probe request."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    base_url: options.BaseUrl = None,
+    api_key_env: Annotated[
+        str, like(options.ApiKeyEnv, help="Environment variable holding the key.")
+    ] = DEFAULT_KEY_ENV,
+    model: Annotated[str | None, like(options.Model, help="Model name (default: the only model listed).")] = None,
+    api: Annotated[str, like(options.Api, help="chat, completions or both.")] = "both",
+    header: Annotated[list[str], like(options.Header, help="Extra 'Name: value' header (repeatable).")] = [],
+    extra_body: Annotated[str | None, like(options.ExtraBody, help="JSON object merged into every request.")] = None,
+    timeout: Annotated[float, like(options.Timeout, help="Seconds per HTTP attempt.")] = 30.0,
+    retries: Annotated[int, like(options.Retries, help="Retries per probe request.")] = 2,
+    as_json: Annotated[bool, like(options.Json, help="Print the result as JSON.")] = False,
 ) -> None:
     if api not in ("chat", "completions", "both"):
         raise UsageError(f"--api must be chat, completions or both, got {api!r}")
@@ -96,8 +109,7 @@ def endpoint_command(
     headers = parse_headers(header)
     check_credentials(url, key, headers, api_key_env)
     apis = ("chat", "completions") if api == "both" else (api,)
-    result = asyncio.run(_probe(url, key, headers, model, apis, timeout, retries,
-                                parse_extra_body(extra_body)))  # fmt: skip
+    result = asyncio.run(_probe(url, key, headers, model, apis, timeout, retries, parse_extra_body(extra_body)))
     if as_json:
         typer.echo(json_text(result))
     else:

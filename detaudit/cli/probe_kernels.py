@@ -3,29 +3,26 @@
 from __future__ import annotations
 
 import json
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from detaudit.cli import options
+from detaudit.cli.options import like
 from detaudit.errors import UsageError
 
 _DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
 
 def kernels_command(
-    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
-    dtype: str = typer.Option("fp32", "--dtype", help="bf16, fp16 or fp32."),
-    quick: bool = typer.Option(False, "--quick", help="Fewer batch sizes (smoke test)."),
-    seed: int = typer.Option(
-        0,
-        "--seed",
-        min=0,
-        max=2**64 - 1,  # torch.Generator's range: past it, a ValueError
-        help="Seed for inputs, offsets and probed rows.",
-    ),  # fmt: skip
-    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON."),
+    device: options.Device = "cpu",
+    dtype: Annotated[str, like(options.Dtype, help="bf16, fp16 or fp32.")] = "fp32",
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer batch sizes (smoke test).")] = False,
+    seed: Annotated[int, like(options.TorchSeed, help="Seed for inputs, offsets and probed rows.")] = 0,
+    as_json: Annotated[bool, like(options.Json, help="Print the rows as JSON.")] = False,
 ) -> None:
     """Sweep every op over batch sizes that cross kernel-heuristic boundaries; report invariance per op."""
     if device not in ("cpu", "cuda"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -14,12 +15,17 @@ from detaudit.termsafe import safe
 
 
 def report_command(
-    runs: list[Path] = typer.Argument(
-        ..., help="Run directories, shown side by side (e.g. endpoint, local stock, local batch-invariant)."
-    ),
-    html: Path | None = typer.Option(None, "--html", help="Write the self-contained HTML report here."),
-    md: Path | None = typer.Option(None, "--md", help="Write the Markdown report (step summary / PR comment) here."),
-    junit: Path | None = typer.Option(None, "--junit", help="Write JUnit XML (one case per prompt and arm) here."),
+    runs: Annotated[
+        list[Path],
+        typer.Argument(help="Run directories, shown side by side (e.g. endpoint, local stock, local batch-invariant)."),
+    ],
+    html: Annotated[Path | None, typer.Option("--html", help="Write the self-contained HTML report here.")] = None,
+    md: Annotated[
+        Path | None, typer.Option("--md", help="Write the Markdown report (step summary / PR comment) here.")
+    ] = None,
+    junit: Annotated[
+        Path | None, typer.Option("--junit", help="Write JUnit XML (one case per prompt and arm) here.")
+    ] = None,
 ) -> None:
     """Without --html/--md/--junit the Markdown report is printed on stdout."""
     named = [(opt, path) for opt, path in (("--html", html), ("--md", md), ("--junit", junit)) if path is not None]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -11,20 +12,20 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from detaudit.cli import engine_options
-from detaudit.engine.config import KERNELS
+from detaudit.cli import options
+from detaudit.cli.options import like
 from detaudit.termsafe import safe
 
 
 def rescore_command(
-    run_dir: Path = typer.Argument(..., help="Run directory to rescore (any target that returned tokens)."),
-    model: str = typer.Option(..., "--model", help="Hub id or local model directory: the model the run sampled."),
-    kernels: str = typer.Option("batch-invariant", "--kernels", help=f"{' or '.join(KERNELS)}."),
-    device: str = engine_options.DEVICE,
-    dtype: str = engine_options.DTYPE,
-    max_batch: int = typer.Option(16, "--max-batch", help="Sequences prefilled per engine step."),
-    max_model_len: int = typer.Option(4096, "--max-model-len", help="Longest prompt + completion to rescore."),
-    as_json: bool = typer.Option(False, "--json", help="Print the rescore section as JSON."),
+    run_dir: Annotated[Path, typer.Argument(help="Run directory to rescore (any target that returned tokens).")],
+    model: Annotated[str, like(options.ModelDir, help="Hub id or local model directory: the model the run sampled.")],
+    kernels: options.Kernels = "batch-invariant",
+    device: options.Device = "cpu",
+    dtype: options.Dtype = "bfloat16",
+    max_batch: Annotated[int, like(options.MaxBatch, help="Sequences prefilled per engine step.")] = 16,
+    max_model_len: Annotated[int, like(options.MaxModelLen, help="Longest prompt + completion to rescore.")] = 4096,
+    as_json: Annotated[bool, like(options.Json, help="Print the rescore section as JSON.")] = False,
 ) -> None:
     from detaudit.analysis.summary import load_run_manifest, store_summary
     from detaudit.audit.rescoring import check_model, rescore_run

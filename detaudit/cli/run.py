@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from dataclasses import fields
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -14,23 +14,20 @@ from detaudit.analysis.summary import store_summary
 from detaudit.audit.endpoint import RunOutcome, execute_run
 from detaudit.audit.request import (
     DEFAULT_KEY_ENV,
-    RunRequest,
-    api_key_from_env,
-    base_url_or_default,
-    gather_prompts,
-    parse_concurrency,
-    parse_extra_body,
-    parse_headers,
+    EndpointOptions,
+    PromptOptions,
+    RunSettings,
     request_from_manifest,
+    request_from_options,
 )
+from detaudit.cli import options
 from detaudit.cli.gate import gate_finished_run
-from detaudit.cli.options import given_options
+from detaudit.cli.options import given_options, group
 from detaudit.cli.render import render_summary
 from detaudit.errors import EndpointError, RecordingFailed, UsageError
 from detaudit.gate import parse_gate_spec
-from detaudit.probes.suites import load_suite
 from detaudit.rundir.io import load_manifest
-from detaudit.rundir.schema import DEFAULT_MAX_RESPONSE_BYTES, PromptSpec, RequestParams
+from detaudit.rundir.schema import DEFAULT_MAX_RESPONSE_BYTES
 from detaudit.termsafe import json_text, safe
 
 # Share of failed samples above which the run is reported as unjudgeable (exit 3); the run directory is kept.
@@ -52,56 +49,17 @@ class _RateColumn(ProgressColumn):
 def make_progress(console: Console) -> Progress:
     """One bar per arm: done/total, rate, failed requests and distinct completions so far."""
     return Progress(
-        _ArmColumn(), BarColumn(), MofNCompleteColumn(), _RateColumn(),
-        TextColumn("errors {task.fields[errors]}"), TextColumn("distinct {task.fields[distinct]}"),
-        TimeElapsedColumn(), console=console, transient=False, refresh_per_second=4,
-    )  # fmt: skip
-
-
-def build_request(
-    *, prompts: list[str], prompt_file: Path | None, extra_prompts: list[PromptSpec] | None, repeats: int,
-    base_url: str | None, api_key_env: str, model: str | None, api: str, max_tokens: int | None,
-    temperature: float, top_p: float | None, seed: int | None, stop: list[str], top_logprobs: int | None,
-    concurrency: str, rate: float | None, timeout: float, retries: int, backoff: float, extra_body: str | None,
-    headers: list[str], out: Path | None, stream: bool, force: bool, suite: str | None,
-    max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
-) -> RunRequest:  # fmt: skip
-    """Turn the command line into a validated RunRequest (everything but the endpoint is checked here)."""
-    if api not in ("chat", "completions"):
-        raise UsageError(f"--api must be chat or completions, got {api!r}")
-    if max_response_bytes < 1:
-        raise UsageError(f"--max-response-bytes must be >= 1, got {max_response_bytes}")
-    req = RunRequest(
-        out=out,
-        base_url=base_url_or_default(base_url),
-        api_key=api_key_from_env(api_key_env),
-        headers=parse_headers(headers),
-        model=model,
-        api=api,  # type: ignore[arg-type]
-        prompts=gather_prompts(prompts, prompt_file, extra_prompts),
-        repeats=repeats,
-        concurrency=parse_concurrency(concurrency),
-        params=RequestParams(
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            seed=seed,
-            stop=list(stop),
-            top_logprobs=top_logprobs,
-            extra_body=parse_extra_body(extra_body),
-            timeout_s=timeout,
-            retries=retries,
-            rate=rate,
-            max_response_bytes=max_response_bytes,
-        ),  # fmt: skip
-        stream=stream,
-        backoff=backoff,
-        force=force,
-        suite=suite,
-        key_env=api_key_env,
+        _ArmColumn(),
+        BarColumn(),
+        MofNCompleteColumn(),
+        _RateColumn(),
+        TextColumn("errors {task.fields[errors]}"),
+        TextColumn("distinct {task.fields[distinct]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+        refresh_per_second=4,
     )
-    req.validate()
-    return req
 
 
 def render_run(outcome: RunOutcome, summary: dict[str, Any], console: Console) -> None:
@@ -112,20 +70,25 @@ def render_run(outcome: RunOutcome, summary: dict[str, Any], console: Console) -
     console.print(f"run directory: {safe(outcome.run_dir)}", highlight=False, markup=False)
 
 
-def finish_run(outcome: RunOutcome, as_json: bool, console: Console, err_console: Console,
-               resume: str | None = None) -> dict[str, Any]:  # fmt: skip
+def finish_run(
+    outcome: RunOutcome, as_json: bool, console: Console, err_console: Console, resume: str | None = None
+) -> dict[str, Any]:
     """Summarize a complete run into summary.json and print it. A run that did not complete prints how far it got
     and the command that finishes it (`resume`, default `detaudit run --resume ...`): interrupted, exit 130;
     failed (recording failed), exit 3 with one line."""
     resume = resume or outcome.resume_command()
     expected = outcome.manifest.expected_samples
     if outcome.failure is not None:
-        raise RecordingFailed(f"recording failed, run stopped: {outcome.failure}. {_on_disk(outcome)} of {expected} "
-                              f"samples are recorded in {outcome.run_dir} (status failed); once the cause is fixed, "
-                              f"finish with: {resume}")  # fmt: skip
+        raise RecordingFailed(
+            f"recording failed, run stopped: {outcome.failure}. {_on_disk(outcome)} of {expected} "
+            f"samples are recorded in {outcome.run_dir} (status failed); once the cause is fixed, "
+            f"finish with: {resume}"
+        )
     if outcome.interrupted:
-        msg = (f"interrupted: {_on_disk(outcome)} of {expected} samples recorded in {outcome.run_dir}; "
-               f"finish with:\n  {resume}")  # fmt: skip
+        msg = (
+            f"interrupted: {_on_disk(outcome)} of {expected} samples recorded in {outcome.run_dir}; "
+            f"finish with:\n  {resume}"
+        )
         # copy-pastable, never wrapped; header names come from the manifest, which is a file
         err_console.print(safe(msg, keep_newlines=True), highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(130)
@@ -136,8 +99,10 @@ def finish_run(outcome: RunOutcome, as_json: bool, console: Console, err_console
         render_run(outcome, summary, console)
     samples = summary["samples"]
     if samples["expected"] and samples["errors"] > MAX_ERROR_SHARE * samples["expected"]:
-        raise EndpointError(f"{samples['errors']} of {samples['expected']} requests failed; see the error column "
-                            f"of {outcome.run_dir}/samples.parquet")  # fmt: skip
+        raise EndpointError(
+            f"{samples['errors']} of {samples['expected']} requests failed; see the error column "
+            f"of {outcome.run_dir}/samples.parquet"
+        )
     return summary
 
 
@@ -146,10 +111,9 @@ def _on_disk(outcome: RunOutcome) -> int:
     return outcome.rows if outcome.rows is not None else sum(t.done for t in outcome.tallies)
 
 
-# What a resumed run takes from its manifest: giving one of these with --resume is refused, never ignored.
-_MANIFEST_SETTINGS = ("prompt", "prompt_file", "suite", "repeats", "model", "api", "max_tokens", "temperature",
-                      "top_p", "seed", "stop", "top_logprobs", "concurrency", "rate", "timeout", "retries",
-                      "max_response_bytes", "extra_body", "force")  # fmt: skip
+# What a resumed run takes from its manifest: giving one of these with --resume is refused, never ignored. The
+# endpoint options (where to send, with which credentials) come from the command line.
+_MANIFEST_SETTINGS = (*(f.name for f in fields(PromptOptions)), *(f.name for f in fields(RunSettings)), "force")
 
 
 def _flag(ctx: typer.Context, name: str) -> str:
@@ -159,103 +123,60 @@ def _flag(ctx: typer.Context, name: str) -> str:
 
 def run_command(
     ctx: typer.Context,
-    prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt text (repeatable)."),
-    prompt_file: Path | None = typer.Option(
-        None, "--prompt-file", help='Plain-text prompt, or JSONL of {"prompt": ...} / {"messages": [...]} objects.'
-    ),  # fmt: skip
-    suite: str | None = typer.Option(
-        None,
-        "--suite",
-        help="A probe suite: bundled name (see `detaudit suites`) "
-        "or a .yaml/.jsonl file; every entry is its own prompt id.",
-    ),  # fmt: skip
-    repeats: int = typer.Option(
-        100, "-n", "--repeats", help="N independent requests per prompt per arm (never the API's n field)."
-    ),  # fmt: skip
-    base_url: str | None = typer.Option(
-        None, "--base-url", help="Endpoint base URL (default: env OPENAI_BASE_URL, else https://api.openai.com/v1)."
-    ),  # fmt: skip
-    api_key_env: str = typer.Option(
-        DEFAULT_KEY_ENV,
-        "--api-key-env",
-        help="Environment variable holding the API key (the key itself is never written anywhere).",
-    ),  # fmt: skip
-    model: str | None = typer.Option(None, "--model", "-m", help="Model name (default: the only model /models lists)."),
-    api: str = typer.Option("chat", "--api", help="chat or completions."),
-    max_tokens: int | None = typer.Option(None, "--max-tokens", help="max_tokens per request."),
-    temperature: float = typer.Option(0.0, "--temperature", help="Sampling temperature."),
-    top_p: float | None = typer.Option(None, "--top-p", help="top_p, if set."),
-    seed: int | None = typer.Option(None, "--seed", help="seed field, if set."),
-    stop: list[str] = typer.Option([], "--stop", help="Stop sequence (repeatable)."),
-    top_logprobs: int | None = typer.Option(
-        None, "--top-logprobs", help="Alternatives per token, 0-20 (default 2 when the endpoint has them; 0: none)."
-    ),  # fmt: skip
-    concurrency: str = typer.Option(
-        "1",
-        "--concurrency",
-        "-c",
-        help="In-flight requests; a comma list gives one arm per value, run one after another (e.g. 1,64).",
-    ),  # fmt: skip
-    rate: float | None = typer.Option(None, "--rate", help="Cap on requests per second."),
-    timeout: float = typer.Option(
-        60.0, "--timeout", help="Deadline of one HTTP attempt in seconds: connect and the whole answer."
-    ),  # fmt: skip
-    max_response_bytes: int = typer.Option(
-        DEFAULT_MAX_RESPONSE_BYTES,
-        "--max-response-bytes",
-        help="Largest answer accepted, in bytes; a larger one is an error row (too_large).",
-    ),
-    retries: int = typer.Option(3, "--retries", help="Retries after a 429/5xx/timeout/broken answer."),
-    backoff: float = typer.Option(0.5, "--backoff", help="First retry delay in seconds (doubles; Retry-After wins)."),
-    extra_body: str | None = typer.Option(
-        None, "--extra-body", help="JSON object merged into every request (e.g. vLLM's cache_salt)."
-    ),  # fmt: skip
-    header: list[str] = typer.Option(
-        [], "--header", "-H", help="Extra 'Name: value' header (repeatable; the value is never written anywhere)."
-    ),  # fmt: skip
-    out: Path | None = typer.Option(
-        None, "--out", "-o", help="Run directory to create (default: a new one in runs/)."
-    ),  # fmt: skip
-    resume: bool = typer.Option(False, "--resume", help="Finish the run in --out: only missing or failed samples."),
-    force: bool = typer.Option(False, "--force", help="Replace an existing run directory in --out."),
-    stream: bool = typer.Option(False, "--stream", help="Use streaming responses (same record, timed per stream)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
-    gate: list[str] = typer.Option(
-        [],
-        "--gate",
-        help="Judge the finished run like `detaudit gate` (exit 1 on "
-        "failure): RULE=VALUE[,...], e.g. max-unique=1,min-modal-share=0.99; also "
-        "min-first-divergence, max-error-rate, baseline=RUN, require-same-modal, "
-        "max-unique-increase (repeatable).",
-    ),  # fmt: skip
+    prompt: options.Prompt = [],
+    prompt_file: options.PromptFile = None,
+    suite: options.Suite = None,
+    repeats: options.Repeats = 100,
+    base_url: options.BaseUrl = None,
+    api_key_env: options.ApiKeyEnv = DEFAULT_KEY_ENV,
+    model: options.Model = None,
+    api: options.Api = "chat",
+    max_tokens: options.MaxTokens = None,
+    temperature: options.Temperature = 0.0,
+    top_p: options.TopP = None,
+    seed: options.Seed = None,
+    stop: options.Stop = [],
+    top_logprobs: options.TopLogprobs = None,
+    concurrency: options.Concurrency = "1",
+    rate: options.Rate = None,
+    timeout: options.Timeout = 60.0,
+    max_response_bytes: options.MaxResponseBytes = DEFAULT_MAX_RESPONSE_BYTES,
+    retries: options.Retries = 3,
+    backoff: options.Backoff = 0.5,
+    extra_body: options.ExtraBody = None,
+    header: options.Header = [],
+    out: options.Out = None,
+    resume: options.Resume = False,
+    force: options.Force = False,
+    stream: options.Stream = False,
+    as_json: options.Json = False,
+    gate: Annotated[
+        list[str],
+        typer.Option(
+            "--gate",
+            help="Judge the finished run like `detaudit gate` (exit 1 on "
+            "failure): RULE=VALUE[,...], e.g. max-unique=1,min-modal-share=0.99; also "
+            "min-first-divergence, max-error-rate, baseline=RUN, require-same-modal, "
+            "max-unique-increase (repeatable).",
+        ),
+    ] = [],
 ) -> None:
     console, err_console = Console(), Console(stderr=True)
     thresholds = parse_gate_spec(gate) if gate else None  # bad rules fail before any request is sent
     if thresholds is not None and thresholds.baseline is not None:
         load_manifest(thresholds.baseline)  # so does a baseline that is not a run
+    endpoint = group(EndpointOptions, ctx)
     if resume:
         if out is None:
             raise UsageError("--resume needs --out DIR (the run directory to finish)")
         given = [_flag(ctx, name) for name in _MANIFEST_SETTINGS if name in given_options(ctx)]
         if given:
             raise UsageError(f"--resume takes the run's settings from its manifest; drop {', '.join(given)}")
-        req, manifest = request_from_manifest(
-            out, base_url=base_url, api_key=api_key_from_env(api_key_env),
-            headers=parse_headers(header), stream=stream, backoff=backoff,
-        )  # fmt: skip
-        req.key_env = api_key_env
+        req, manifest = request_from_manifest(out, endpoint)
         outcome = execute_run(req, lambda: make_progress(err_console), resumed=manifest)
     else:
-        chosen = load_suite(suite) if suite else None
-        req = build_request(
-            prompts=prompt, prompt_file=prompt_file, extra_prompts=chosen.prompts if chosen else None,
-            repeats=repeats, base_url=base_url,
-            api_key_env=api_key_env, model=model, api=api, max_tokens=max_tokens, temperature=temperature,
-            top_p=top_p, seed=seed, stop=stop, top_logprobs=top_logprobs, concurrency=concurrency, rate=rate,
-            timeout=timeout, retries=retries, backoff=backoff, extra_body=extra_body, headers=header, out=out,
-            stream=stream, force=force, max_response_bytes=max_response_bytes,
-            suite=None if chosen is None else chosen.name if chosen.bundled else chosen.source,
-        )  # fmt: skip
+        prompts, settings = group(PromptOptions, ctx), group(RunSettings, ctx)
+        req = request_from_options(prompts, endpoint, settings, out=out, force=force)
         outcome = execute_run(req, lambda: make_progress(err_console))
     summary = finish_run(outcome, as_json, console, err_console)
     if thresholds is not None:

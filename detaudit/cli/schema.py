@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import json
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from detaudit.cli import options
+from detaudit.cli.options import like
 from detaudit.rundir.schema import MANIFEST_SCHEMA, SCHEMA_VERSION, RunManifest, describe_schema
 
 
 def schema_command(
-    as_json: bool = typer.Option(False, "--json", help="Print as JSON (columns + manifest JSON Schema)."),
+    as_json: Annotated[bool, like(options.Json, help="Print as JSON (columns + manifest JSON Schema).")] = False,
 ) -> None:
     if as_json:
         out = {

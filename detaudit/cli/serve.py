@@ -3,27 +3,31 @@
 from __future__ import annotations
 
 import socket
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
-from detaudit.cli import engine_options
-from detaudit.engine.config import KERNELS
+from detaudit.cli import options
+from detaudit.cli.options import group
 
 
 def serve_command(
-    model: str = typer.Option(..., "--model", help="Hub id or local model directory (Llama, Mistral, Qwen2, Qwen3)."),
-    kernels: str = typer.Option("stock", "--kernels", help=f"{' or '.join(KERNELS)}."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind; loopback by default."),
-    port: int = typer.Option(8000, "--port", help="TCP port."),
-    device: str = engine_options.DEVICE,
-    dtype: str = engine_options.DTYPE,
-    cuda_graphs: bool = engine_options.CUDA_GRAPHS,
-    max_batch: int = typer.Option(32, "--max-batch", help="Sequences per engine step."),
-    max_batched_tokens: int = typer.Option(512, "--max-batched-tokens", help="Token budget per step (chunks prompts)."),
-    max_model_len: int = typer.Option(2048, "--max-model-len", help="Longest prompt + completion the KV cache holds."),
-    max_queue: int = typer.Option(1024, "--max-queue", help="Waiting requests before answering 503."),
-    served_model_name: str | None = typer.Option(None, "--served-model-name", help="Model id (default --model)."),
+    ctx: typer.Context,
+    model: options.ModelDir,
+    kernels: options.Kernels = "stock",
+    host: Annotated[str, typer.Option("--host", help="Address to bind; loopback by default.")] = "127.0.0.1",
+    port: options.Port = 8000,
+    device: options.Device = "cpu",
+    dtype: options.Dtype = "bfloat16",
+    cuda_graphs: options.CudaGraphs = True,
+    max_batch: options.MaxBatch = 32,
+    max_batched_tokens: options.MaxBatchedTokens = 512,
+    max_model_len: options.MaxModelLen = 2048,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Waiting requests before answering 503.")] = 1024,
+    served_model_name: Annotated[
+        str | None, typer.Option("--served-model-name", help="Model id (default --model).")
+    ] = None,
 ) -> None:
     import uvicorn
 
@@ -36,16 +40,7 @@ def serve_command(
     if max_queue < 1:
         raise UsageError(f"--max-queue must be at least 1, got {max_queue}")
     sock = _listen(host, port)  # before the model loads: a busy port fails in a second, not after minutes
-    cfg = EngineConfig(
-        model,
-        device=device,
-        dtype=dtype,
-        kernels=kernels,
-        max_batch=max_batch,
-        max_batched_tokens=max_batched_tokens,
-        max_model_len=max_model_len,
-        cuda_graphs=cuda_graphs,
-    )
+    cfg = group(EngineConfig, ctx)
     with Console(stderr=True).status(cfg.loading_message()):
         engine = Engine(cfg)
     name = served_model_name or model

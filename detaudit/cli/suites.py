@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -12,9 +14,10 @@ from detaudit.termsafe import safe
 
 
 def suites_command(
-    suite: str | None = typer.Argument(
-        None, help="A bundled suite name or a suite file: show its entries (and validate the file)."
-    ),
+    suite: Annotated[
+        str | None,
+        typer.Argument(help="A bundled suite name or a suite file: show its entries (and validate the file)."),
+    ] = None,
 ) -> None:
     console = Console()
     if suite is None:
