@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -14,7 +15,7 @@ from detaudit.rundir.io import write_summary
 from detaudit.termsafe import json_text, safe
 
 
-def _print_json(doc: dict) -> None:
+def _print_json(doc: dict[str, Any]) -> None:
     typer.echo(json_text(doc))
 
 
@@ -30,7 +31,7 @@ def analyze_command(
             f"warning: could not write {safe(run_dir)}/summary.json ({e.strerror})", highlight=False, markup=False
         )
     if as_json:
-        _print_json(summary)
+        _print_json(summary.document())
     else:
         render_summary(summary, Console())
 

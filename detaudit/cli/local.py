@@ -165,7 +165,7 @@ def local_command(
     summary = summarize_run(run_dir)
     write_summary(run_dir, summary)
     if as_json:
-        typer.echo(json.dumps(summary, indent=2, default=str))
+        typer.echo(json.dumps(summary.document(), indent=2, default=str))
     else:
         render_summary(summary, console)
         console.print(f"run directory: {run_dir}", highlight=False, markup=False)

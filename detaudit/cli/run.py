@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import typer
 from rich.console import Console
@@ -11,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from detaudit.analysis.summary import summarize_run
+from detaudit.analysis.summary_schema import RunSummary
 from detaudit.audit.endpoint import RunOutcome, execute_run
 from detaudit.audit.request import (
     DEFAULT_KEY_ENV,
@@ -104,7 +104,7 @@ def build_request(
     return req
 
 
-def render_run(outcome: RunOutcome, summary: dict[str, Any], console: Console) -> None:
+def render_run(outcome: RunOutcome, summary: RunSummary, console: Console) -> None:
     """The analysis module's summary view, then what the reader of this run should know and where it is."""
     render_summary(summary, console)
     for note in outcome.manifest.notes:
@@ -113,7 +113,7 @@ def render_run(outcome: RunOutcome, summary: dict[str, Any], console: Console) -
 
 
 def finish_run(outcome: RunOutcome, as_json: bool, console: Console, err_console: Console,
-               resume: str | None = None) -> dict[str, Any]:  # fmt: skip
+               resume: str | None = None) -> RunSummary:  # fmt: skip
     """Summarize a complete run into summary.json and print it. A run that did not complete prints how far it got
     and the command that finishes it (`resume`, default `detaudit run --resume ...`): interrupted, exit 130;
     failed (recording failed), exit 3 with one line."""
@@ -132,12 +132,12 @@ def finish_run(outcome: RunOutcome, as_json: bool, console: Console, err_console
     summary = summarize_run(outcome.run_dir)
     write_summary(outcome.run_dir, summary)
     if as_json:
-        typer.echo(json_text(summary))
+        typer.echo(json_text(summary.document()))
     else:
         render_run(outcome, summary, console)
-    samples = summary["samples"]
-    if samples["expected"] and samples["errors"] > MAX_ERROR_SHARE * samples["expected"]:
-        raise EndpointError(f"{samples['errors']} of {samples['expected']} requests failed; see the error column "
+    samples = summary.samples
+    if samples.expected and samples.errors > MAX_ERROR_SHARE * samples.expected:
+        raise EndpointError(f"{samples.errors} of {samples.expected} requests failed; see the error column "
                             f"of {outcome.run_dir}/samples.parquet")  # fmt: skip
     return summary
 
