@@ -1,4 +1,5 @@
-"""summary.json stays byte for byte what it was (detaudit.summary/1) for a set of corpora covering every key.
+"""summary.json stays byte for byte what it was (detaudit.summary/1) for a set of corpora covering every key, and
+reads back into the same typed summary; a summary.json that is not one is refused with the bad key named.
 
 The files under tests/fixtures/summary/ were written by the analysis before it produced typed models; any change
 to them is a change of the summary's format: bump SUMMARY_SCHEMA and say so in docs/summary.md first.
@@ -7,6 +8,7 @@ Regenerate (only then) with: python tests/test_summary_json.py
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +18,8 @@ from test_report import EVIL, MODAL, NEW_EVIL, NEW_YORK, SHORT
 from test_report import make_run as make_report_run
 
 from detaudit.analysis.summary import Limits, summarize_run
+from detaudit.analysis.summary_schema import load_summary
+from detaudit.errors import RunDirError
 from detaudit.rundir.io import write_rescore, write_summary
 from detaudit.rundir.schema import SUMMARY_FILE
 
@@ -79,8 +83,8 @@ def rescored(path: Path) -> Path:
         {"sample_index": 3, "status": "skipped", "reason": "too long"},
     ]
     check = {"model": "m", "run_model": "m", "run_kind": "endpoint", "status": "same", "reason": "same name"}
-    write_rescore(path, rows, {"model": "m", "kernels": "stock", "dtype": "float32", "device": "cpu",
-                               "model_check": check})  # fmt: skip
+    info = {"model": "m", "kernels": "stock", "dtype": "float32", "device": "cpu", "model_check": check}
+    write_rescore(path, rows, info)
     return path
 
 
@@ -106,6 +110,55 @@ def written_summary(name: str, tmp_path: Path) -> bytes:
 @pytest.mark.parametrize("name", sorted(CORPORA))
 def test_summary_json_is_unchanged(name, tmp_path):
     assert written_summary(name, tmp_path) == (FIXTURES / f"{name}.json").read_bytes()
+
+
+@pytest.mark.parametrize("name", sorted(CORPORA))
+def test_summary_json_reads_back_as_the_same_summary(name, tmp_path):
+    build, limits = CORPORA[name]
+    run = build(tmp_path / name)
+    summary = summarize_run(run, limits)
+    write_summary(run, summary)
+    assert load_summary(run) == summary
+
+
+def _edited(tmp_path: Path, edit) -> Path:
+    """A run whose summary.json was edited by hand."""
+    run = report_run(tmp_path / "run")
+    write_summary(run, summarize_run(run))
+    doc = json.loads((run / SUMMARY_FILE).read_text())
+    edit(doc)
+    (run / SUMMARY_FILE).write_text(json.dumps(doc))
+    return run
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda d: d["prompts"][0]["arms"][1].update(ok="many"),
+            r"at prompts\.0\.arms\.1\.ok: Input should be a valid integer",
+        ),
+        (
+            lambda d: d["prompts"][0]["arms"][0]["completions"][0].pop("text_chars"),
+            r"completions\.0\.text_chars: Field required",
+        ),
+        (lambda d: d.update(schema="detaudit.summary/2"), r"at schema: Input should be 'detaudit.summary/1'"),
+        (lambda d: d["agreement"].update(shares=1.0), r"at agreement\.shares: Extra inputs are not permitted"),
+        (lambda d: d["prompts"][0].update(verdict="fine"), r"at prompts\.0\.verdict: Input should be 'deterministic'"),
+    ],
+)
+def test_a_summary_json_that_is_not_one_is_refused_naming_the_key(tmp_path, edit, message):
+    with pytest.raises(RunDirError, match=message + ".*rebuild it with `detaudit analyze"):
+        load_summary(_edited(tmp_path, edit))
+
+
+def test_a_missing_or_unreadable_summary_json_is_a_run_dir_error(tmp_path):
+    run = errors_only(tmp_path / "run")
+    with pytest.raises(RunDirError, match="no summary"):
+        load_summary(run)
+    (run / SUMMARY_FILE).write_text("{not json")
+    with pytest.raises(RunDirError, match="unreadable summary"):
+        load_summary(run)
 
 
 if __name__ == "__main__":

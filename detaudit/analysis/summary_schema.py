@@ -51,7 +51,7 @@ class UnitDetail(_Doc):
 
 
 class SampleCounts(_Doc):
-    expected: int = Field(description="prompts × arms × repeats")
+    expected: int = Field(description="samples asked for: prompts × arms × repeats")
     rows: int = Field(description="rows recorded")
     ok: int = Field(description="ok rows")
     errors: int = Field(description="error rows")
@@ -235,17 +235,20 @@ class ModelCheck(_Doc):
     run_model: str | None = Field(description="the model the run's manifest names")
     run_kind: str = Field(description="the run's target kind")
     status: Literal["same", "different", "unverified"] = Field(
-        description="whether `--model` is the model that sampled the run"
+        description="`same`, `different` or `unverified` (nothing to compare with, e.g. an endpoint's served name)"
     )
     reason: str = Field(description="why, in words")
 
 
 class RescoreSummary(_Doc):
-    model: str | None = Field(description="the rescoring model")
+    model: str | None = Field(description="the rescoring model (`--model`)")
     kernels: str | None = Field(description="its kernels")
     dtype: str | None = Field(description="its dtype")
     device: str | None = Field(description="its device")
-    model_check: ModelCheck | None = Field(description="null for a rescore made before the check existed")
+    model_check: ModelCheck | None = Field(
+        description="whether `--model` is the model that sampled the run; null for a rescore made before the check "
+        "existed"
+    )
     rows: int = Field(description="rows in rescore.parquet")
     rows_rescored: int = Field(description="rows rescored")
     rows_skipped: int = Field(description="rows that could not be rescored")
@@ -255,7 +258,9 @@ class RescoreSummary(_Doc):
     rows_equal: int = Field(description="compared rows equal at every token")
     max_abs_delta: float | None = Field(description="largest per-token |reported − rescored|")
     mean_abs_delta: float | None = Field(description="mean per-token |reported − rescored|")
-    kl_mean: float | None = Field(description="mean per-row KL estimate (k1)")
+    kl_mean: float | None = Field(
+        description="mean per-row KL estimate (k1: the sum over tokens of reported − rescored logprob)"
+    )
     kl_max: float | None = Field(description="largest per-row KL estimate")
     first_diff_min: int | None = Field(description="earliest first differing token over the rows")
     first_diff_median: int | float | None = Field(description="median first differing token")
@@ -276,7 +281,7 @@ class RunSummary(_Doc):
         description="every `system_fingerprint` value the run's ok samples carried, sorted (`[]` when none was "
         "reported)"
     )
-    unit: Unit = Field(description='`"token"` or `"text"` (see above)')
+    unit: Unit = Field(description='`"token"` or `"text"` (see "How completions are compared")')
     unit_detail: UnitDetail = Field(description="how completions were compared")
     samples: SampleCounts = Field(description="counts over the whole run")
     unique_per_prompt: list[PromptUnique] = Field(description="distinct completions per prompt")
