@@ -17,6 +17,7 @@ from pydantic.dataclasses import dataclass
 
 from detaudit.analysis.units import Source, Unit
 from detaudit.errors import RunDirError
+from detaudit.rundir.io import describe
 from detaudit.rundir.schema import SUMMARY_FILE, CaptureLevel, RunStatus
 
 SUMMARY_SCHEMA: Final = "detaudit.summary/1"
@@ -269,8 +270,6 @@ class RescoreSummary(_Doc):
 class RunSummary(_Doc):
     """summary.json: unique completions, first divergence, forks, statistics and verdicts of one run."""
 
-    model_config = ConfigDict(extra="forbid", protected_namespaces=(), populate_by_name=True)
-
     schema_: Literal["detaudit.summary/1"] = Field(
         default=SUMMARY_SCHEMA, alias="schema", description=f"`{SUMMARY_SCHEMA}`"
     )
@@ -323,7 +322,7 @@ def load_summary(run_dir: Path) -> RunSummary:
     except FileNotFoundError:
         raise RunDirError(f"{path}: no summary; {rebuild}") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunDirError(f"{path}: unreadable summary ({e}); {rebuild}") from None
+        raise RunDirError(f"{path}: unreadable summary ({describe(e)}); {rebuild}") from None
     try:
         return RunSummary.model_validate(data)
     except ValidationError as e:
