@@ -149,7 +149,7 @@ def measure(run_dir: Path, warm_dir: Path) -> dict:
     summary = summarize_run(run_dir)
     wall, cpu = time.perf_counter() - t0, _cpu_s() - c0
     peak = _rss_mib()
-    arm = summary["prompts"][0]["arms"][0]
+    arm = summary.prompts[0].arms[0]
     return {
         "wall_s": round(wall, 3),
         "cpu_s": round(cpu, 3),
@@ -157,8 +157,8 @@ def measure(run_dir: Path, warm_dir: Path) -> dict:
         "peak_rss_above_warm_mib": round(peak - warm, 1),
         "arrow_peak_mib": round(_arrow_peak_mib(), 1),
         "parquet_mib": round((run_dir / "samples.parquet").stat().st_size / 2**20, 1),
-        "unique": arm["unique"],
-        "forks_total": arm["forks_total"],
+        "unique": arm.unique,
+        "forks_total": arm.forks_total,
     }
 
 

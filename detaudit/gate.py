@@ -9,12 +9,13 @@ The gate reads only summaries (detaudit.summary/1) and manifests; it never touch
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from detaudit.analysis.summary import summarize_run
+from detaudit.analysis.summary_schema import ArmSummary, PromptSummary, RunSummary
 from detaudit.errors import EXIT_ENDPOINT, EXIT_GATE_FAILED, EXIT_OK, UsageError
 from detaudit.rundir.io import load_manifest
 from detaudit.rundir.schema import RunManifest
@@ -166,35 +167,28 @@ class GateResult:
         return [r.line() for r in self.rules]
 
 
-def arm_name(arm: Mapping[str, Any]) -> str:
-    """The arm's display name: its run-directory name when the summary carries it, else c<concurrency>."""
-    return str(arm.get("arm") or f"c{arm.get('concurrency')}")
+def arm_name(arm: ArmSummary) -> str:
+    """The arm's display name: its run-directory name, else (an unnamed arm) c<concurrency>."""
+    return arm.arm or f"c{arm.concurrency}"
 
 
-def _modal(arm: Mapping[str, Any]) -> Mapping[str, Any] | None:
-    completions = arm.get("completions") or []
-    return completions[0] if completions else None
-
-
-def _modal_text(arm: Mapping[str, Any]) -> str | None:
+def _modal_text(arm: ArmSummary) -> str | None:
     """What two modal completions are compared by: their text, the one form every capture level has."""
-    modal = _modal(arm)
-    return None if modal is None else modal.get("text")
+    return arm.completions[0].text if arm.completions else None
 
 
-def _baseline_arm(base_prompt: Mapping[str, Any], concurrency: Any) -> Mapping[str, Any] | None:
+def _baseline_arm(base_prompt: PromptSummary, concurrency: int | None) -> ArmSummary | None:
     """The baseline arm a release arm is compared with: same concurrency, else the baseline's most serial arm."""
-    arms = list(base_prompt.get("arms") or [])
-    for arm in arms:
-        if arm.get("concurrency") == concurrency:
+    for arm in base_prompt.arms:
+        if arm.concurrency == concurrency:
             return arm
-    return min(arms, key=lambda a: a.get("concurrency") or 0, default=None)
+    return min(base_prompt.arms, key=lambda a: a.concurrency or 0, default=None)
 
 
 def evaluate_gate(
-    summary: Mapping[str, Any],
+    summary: RunSummary,
     thresholds: GateThresholds,
-    baseline: Mapping[str, Any] | None = None,
+    baseline: RunSummary | None = None,
     *,
     run_label: str = "run",
     baseline_label: str | None = None,
@@ -203,7 +197,7 @@ def evaluate_gate(
     t = thresholds
     if (t.require_same_modal or t.max_unique_increase is not None) and baseline is None:
         raise UsageError("--require-same-modal and --max-unique-increase need a baseline summary")
-    base_prompts = {p["prompt_id"]: p for p in (baseline or {}).get("prompts", [])}
+    base_prompts = {p.prompt_id: p for p in baseline.prompts} if baseline is not None else {}
     judgeable = RuleResult("judgeable", "(every arm has successful samples)")
     error_rule = RuleResult("max-error-rate", f"≤ {t.max_error_rate:g}") if t.max_error_rate is not None else None
     rules: dict[str, RuleResult] = {}
@@ -220,56 +214,56 @@ def evaluate_gate(
             "max-unique-increase", f"≤ +{t.max_unique_increase} over {baseline_label or 'baseline'}"
         )
 
-    for prompt in summary.get("prompts", []):
-        pid = prompt["prompt_id"]
+    for prompt in summary.prompts:
+        pid = prompt.prompt_id
         base_prompt = base_prompts.get(pid)
         if baseline is not None and base_prompt is None:
             raise UsageError(f"baseline {baseline_label or ''} has no prompt {pid!r}; gate a run of the same prompts")
-        arms_ok = [a for a in prompt.get("arms", []) if int(a.get("ok", 0)) > 0]
-        if "max-unique" in rules and len(arms_ok) > 1 and prompt.get("unique_all_arms") is not None:
+        arms_ok = [a for a in prompt.arms if a.ok > 0]
+        if t.max_unique is not None and len(arms_ok) > 1 and prompt.unique_all_arms is not None:
             # Arms that each agree with themselves but not with each other are load-dependent too.
-            pooled = int(prompt["unique_all_arms"])
+            pooled = prompt.unique_all_arms
             rules["max-unique"].checks.append(
                 Check(f"{pid}@all-arms", pooled <= t.max_unique, f"{pooled} unique across arms")
             )
-        for arm in prompt.get("arms", []):
+        for arm in prompt.arms:
             where = f"{pid}@{arm_name(arm)}"
-            n, ok, errors = int(arm.get("n", 0)), int(arm.get("ok", 0)), int(arm.get("errors", 0))
+            n, ok, errors = arm.n, arm.ok, arm.errors
             rate = errors / n if n else 1.0
             judgeable.checks.append(Check(where, ok > 0, f"{ok} ok of {n}"))
-            if error_rule is not None:
+            if error_rule is not None and t.max_error_rate is not None:
                 error_rule.checks.append(Check(where, rate <= t.max_error_rate, f"{errors}/{n} errors ({rate:.1%})"))
             if ok == 0:
                 continue
-            unique = int(arm.get("unique", 0))
-            if "max-unique" in rules:
+            unique = arm.unique
+            if t.max_unique is not None:
                 rules["max-unique"].checks.append(Check(where, unique <= t.max_unique, f"{unique} unique in {ok}"))
-            if "min-modal-share" in rules:
-                share = float(_modal(arm)["share"])
+            if t.min_modal_share is not None:
+                share = arm.completions[0].share
                 rules["min-modal-share"].checks.append(
                     Check(where, share >= t.min_modal_share, f"modal share {share:.4g}")
                 )
-            if "min-first-divergence" in rules:
-                first = (arm.get("first_divergence") or {}).get("min")
-                passed = first is None or int(first) >= t.min_first_divergence
+            if t.min_first_divergence is not None:
+                first = arm.first_divergence.min
+                passed = first is None or first >= t.min_first_divergence
                 observed = "no divergence" if first is None else f"first divergence at token {first}"
                 rules["min-first-divergence"].checks.append(Check(where, passed, observed))
             if base_prompt is None:
                 continue
-            base_arm = _baseline_arm(base_prompt, arm.get("concurrency"))
-            if base_arm is None or int(base_arm.get("ok", 0)) == 0:
+            base_arm = _baseline_arm(base_prompt, arm.concurrency)
+            if base_arm is None or base_arm.ok == 0:
                 judgeable.checks.append(Check(f"baseline {pid}", False, "has no successful samples"))
                 continue
             bwhere = f"{where} vs baseline@{arm_name(base_arm)}"
-            if "require-same-modal" in rules:
+            if t.require_same_modal:
                 same = _modal_text(arm) == _modal_text(base_arm)
                 rules["require-same-modal"].checks.append(
                     Check(bwhere, same, "same modal completion" if same else "modal completion differs")
                 )
-            if "max-unique-increase" in rules:
-                increase = unique - int(base_arm.get("unique", 0))
+            if t.max_unique_increase is not None:
+                increase = unique - base_arm.unique
                 rules["max-unique-increase"].checks.append(
-                    Check(bwhere, increase <= t.max_unique_increase, f"{base_arm.get('unique')} → {unique} unique")
+                    Check(bwhere, increase <= t.max_unique_increase, f"{base_arm.unique} → {unique} unique")
                 )
 
     ordered = [r for r in (error_rule, *rules.values()) if r is not None]
@@ -296,7 +290,7 @@ def _check_comparable(run: RunManifest, base: RunManifest, baseline_label: str) 
             raise UsageError(f"prompt {p.prompt_id!r}: max_tokens differs from baseline {baseline_label}")
 
 
-def judge(run_dir: Path, manifest: RunManifest, summary: Mapping[str, Any], thresholds: GateThresholds) -> GateResult:
+def judge(run_dir: Path, manifest: RunManifest, summary: RunSummary, thresholds: GateThresholds) -> GateResult:
     """Judge a summarized run, loading and checking the baseline when the thresholds name one."""
     baseline_summary = None
     baseline_label = None
@@ -308,7 +302,7 @@ def judge(run_dir: Path, manifest: RunManifest, summary: Mapping[str, Any], thre
     return evaluate_gate(summary, thresholds, baseline_summary, run_label=str(run_dir), baseline_label=baseline_label)
 
 
-def run_gate(run_dir: Path, thresholds: GateThresholds) -> tuple[GateResult, RunManifest, dict[str, Any]]:
+def run_gate(run_dir: Path, thresholds: GateThresholds) -> tuple[GateResult, RunManifest, RunSummary]:
     """Load the run (and baseline), summarise and judge. Returns the result plus the run's manifest and summary."""
     manifest = _complete_manifest(Path(run_dir))
     summary = summarize_run(Path(run_dir))

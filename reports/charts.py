@@ -17,6 +17,7 @@ def histogram_svg(histogram: Mapping[str | int, int], *, salt: str) -> str:
     # Imported here, not at module load: matplotlib costs ~1 s, and every CLI start would pay it.
     import matplotlib
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     points = sorted((int(k), int(v)) for k, v in histogram.items())
     positions = [p for p, _ in points]
@@ -31,8 +32,10 @@ def histogram_svg(histogram: Mapping[str | int, int], *, salt: str) -> str:
     ax.tick_params(labelsize=7)
     if span == 0 and positions:
         ax.set_xlim(positions[0] - 5, positions[0] + 5)
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.yaxis.get_major_locator().set_params(integer=True)
+    for axis in (ax.xaxis, ax.yaxis):
+        locator = axis.get_major_locator()
+        if isinstance(locator, MaxNLocator):  # the default AutoLocator is one: ticks on whole numbers only
+            locator.set_params(integer=True)
     for side in ("top", "right"):
         ax.spines[side].set_visible(False)
     buf = io.BytesIO()

@@ -42,7 +42,7 @@ def _finalize(value: object) -> object:
 
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.FunctionLoader(lambda name: files("detaudit.reports").joinpath("templates", name).read_text()),
+        loader=jinja2.FunctionLoader(lambda name: (files("detaudit.reports") / "templates" / name).read_text()),
         autoescape=True,
         undefined=jinja2.StrictUndefined,
         trim_blocks=False,
@@ -54,7 +54,7 @@ def _environment() -> jinja2.Environment:
 
 def render_html(report: Report) -> str:
     """The whole report as one HTML document."""
-    script = files("detaudit.reports").joinpath("templates", "report.js").read_text()
+    script = (files("detaudit.reports") / "templates" / "report.js").read_text()
     digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
     charts: list[str] = []
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from detaudit.reports.html import render_html
 from detaudit.reports.junit import report_junit
@@ -13,6 +12,7 @@ from detaudit.reports.markdown import render_markdown
 from detaudit.reports.view_model import Report, build_report
 
 from detaudit.analysis.summary import summarize_run
+from detaudit.analysis.summary_schema import RunSummary
 from detaudit.errors import UsageError
 from detaudit.rundir.io import load_manifest, write_output_file
 from detaudit.rundir.schema import RunManifest
@@ -25,7 +25,7 @@ class ReportFiles:
     written: list[Path]
 
 
-def load_runs(run_dirs: Sequence[Path]) -> list[tuple[Path, RunManifest, dict[str, Any]]]:
+def load_runs(run_dirs: Sequence[Path]) -> list[tuple[Path, RunManifest, RunSummary]]:
     """Manifest and fresh summary of each run; a bad run directory raises RunDirError (exit 2)."""
     if not run_dirs:
         raise UsageError("give at least one run directory")

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from detaudit.analysis.summary_schema import ArmSummary, Completion, RunSummary
+from detaudit.analysis.summary_schema import Fork as SummaryFork
 from detaudit.gate import arm_name
 from detaudit.rundir.schema import RunManifest
 
@@ -142,7 +144,7 @@ def _label(path: Path, used: set[str]) -> str:
     return label
 
 
-def _run_info(path: Path, manifest: RunManifest, summary: Mapping[str, Any], label: str) -> RunInfo:
+def _run_info(path: Path, manifest: RunManifest, summary: RunSummary, label: str) -> RunInfo:
     t = manifest.target
     if t.kind == "endpoint":
         title = f"endpoint {t.base_url or ''} ({t.api})".strip()
@@ -160,34 +162,27 @@ def _run_info(path: Path, manifest: RunManifest, summary: Mapping[str, Any], lab
         meta.append(("engine", _engine_facts(t.engine)))
     meta += [
         ("params", ", ".join(params)),
-        ("capture", f"{manifest.capture} (compared as {summary.get('unit', '?')})"),
+        ("capture", f"{manifest.capture} (compared as {summary.unit})"),
         ("samples", f"{manifest.repeats} per prompt per arm; arms {', '.join(a.name for a in manifest.arms)}"),
         ("status", f"{manifest.status}; started {manifest.created_at:%Y-%m-%d %H:%M:%S} UTC"),
         ("detaudit", manifest.tool_version),
     ]
-    fingerprints = summary.get("system_fingerprints") or []
+    fingerprints = summary.system_fingerprints
     meta.append(("system_fingerprint", ", ".join(fingerprints) if fingerprints else "not reported"))
     for note in manifest.notes:
         meta.append(("note", note))
-    agreement = summary.get("agreement")
-    counts = None
-    if isinstance(agreement, Mapping):
-        if isinstance(agreement.get("prompts"), int) and isinstance(agreement.get("all_identical"), int):
-            counts = (agreement["all_identical"], agreement["prompts"])
-        agreement = agreement.get("share")
-    earliest = summary.get("earliest_fork")
-    if isinstance(earliest, Mapping):
-        earliest = (int(earliest["position"]), str(earliest["prompt_id"]), str(earliest["arm"]))
+    agreement = summary.agreement
+    earliest = summary.earliest_fork
     return RunInfo(
         label=label,
         path=str(path),
         title=title,
         kind=t.kind,
         meta=meta,
-        unit=str(summary.get("unit", "?")),
-        agreement=float(agreement) if isinstance(agreement, (int, float)) else None,
-        agreement_counts=counts,
-        earliest_fork=earliest if isinstance(earliest, tuple) else None,
+        unit=summary.unit,
+        agreement=agreement.share,
+        agreement_counts=(agreement.all_identical, agreement.prompts),
+        earliest_fork=None if earliest is None else (earliest.position, earliest.prompt_id, earliest.arm),
     )
 
 
@@ -205,45 +200,43 @@ def _engine_facts(engine: Mapping[str, Any]) -> str:
     return ", ".join(parts)
 
 
-def _fingerprints(arm: Mapping[str, Any]) -> dict[str, int]:
+def _fingerprints(arm: ArmSummary) -> dict[str, int]:
     """system_fingerprint -> ok samples, when the fingerprint varies within the arm (the summary omits it otherwise)."""
-    return {str(item.get("system_fingerprint")): int(item.get("n", 0)) for item in arm.get("system_fingerprints") or []}
+    return {str(item.system_fingerprint): item.n for item in arm.system_fingerprints or []}
 
 
-def statistic_text(arm: Mapping[str, Any]) -> str:
+def statistic_text(arm: ArmSummary) -> str:
     """The arm's statistic as one phrase: an upper bound when all agree, else an interval on the modal share."""
-    stats = arm.get("stats") or {}
-    ok = int(arm.get("ok", 0))
-    if ok == 0:
+    if arm.ok == 0:
         return "no successful samples"
-    upper = stats.get("divergence_rate_upper95")
+    upper = arm.stats.divergence_rate_upper95
     if upper is not None:
-        return f"all {ok} identical: P(divergence per request) ≤ {float(upper):.3g} (95% one-sided)"
-    wilson = stats.get("modal_share_wilson95")
+        return f"all {arm.ok} identical: P(divergence per request) ≤ {upper:.3g} (95% one-sided)"
+    wilson = arm.stats.modal_share_wilson95
     if wilson:
-        return f"modal share {float(wilson[0]):.3g}–{float(wilson[1]):.3g} (95% Wilson interval)"
-    return f"{arm.get('unique')} unique in {ok}"
+        return f"modal share {wilson[0]:.3g}–{wilson[1]:.3g} (95% Wilson interval)"
+    return f"{arm.unique} unique in {arm.ok}"
 
 
-def _fork_tree(forks: Sequence[Mapping[str, Any]]) -> list[ForkNode]:
+def _fork_tree(forks: Sequence[SummaryFork]) -> list[ForkNode]:
     """Nest the summary's flat fork list by each fork's `parent` ({fork, branch} indices); roots are returned."""
     nodes = [
         ForkNode(
-            position=int(f["position"]),
-            prefix=shorten(f.get("prefix", ""), 80),
-            prefix_count=int(f.get("prefix_count", sum(int(b["count"]) for b in f["branches"]))),
-            margin=None if f.get("margin") is None else float(f["margin"]),
-            branches=[Branch(token=str(b["token"]), count=int(b["count"])) for b in f["branches"]],
+            position=f.position,
+            prefix=shorten(f.prefix, 80),
+            prefix_count=f.prefix_count,
+            margin=f.margin,
+            branches=[Branch(token=b.token, count=b.count) for b in f.branches],
         )
         for f in forks
     ]
     roots: list[ForkNode] = []
     for fork, node in zip(forks, nodes, strict=True):
-        parent = fork.get("parent")
-        if isinstance(parent, Mapping) and 0 <= int(parent["fork"]) < len(nodes):
-            branches = nodes[int(parent["fork"])].branches
-            if 0 <= int(parent["branch"]) < len(branches):
-                branches[int(parent["branch"])].children.append(node)
+        parent = fork.parent
+        if parent is not None and 0 <= parent.fork < len(nodes):
+            branches = nodes[parent.fork].branches
+            if 0 <= parent.branch < len(branches):
+                branches[parent.branch].children.append(node)
                 continue
         roots.append(node)
     return roots
@@ -263,64 +256,57 @@ def _slots(window: list[str], start: int, stop: int, fork: int, length: int) -> 
     return out
 
 
-def _token_views(completions: Sequence[Mapping[str, Any]]) -> tuple[list[TokenView], str | None]:
+def _token_views(completions: Sequence[Completion]) -> tuple[list[TokenView], str | None]:
     """Each listed variant against the modal completion, from the `context` the summary keeps around its fork."""
     if len(completions) < 2:
         return [], None
-    modal_length = int(completions[0].get("length", 0))
+    modal_length = completions[0].length
     views = []
     for rank, comp in enumerate(completions[1 : MAX_TOKEN_VIEWS + 1], start=2):
-        ctx, pos = comp.get("context"), comp.get("first_divergence")
+        ctx, pos = comp.context, comp.first_divergence
         if ctx is None or pos is None:
             continue
-        pos, start = int(pos), int(ctx["start"])
-        length = int(comp.get("length", 0))
+        start, length = ctx.start, comp.length
         stop = min(pos + TOKEN_WINDOW, max(modal_length, length) + 1)
         views.append(
             TokenView(
                 rank=rank,
-                count=int(comp["count"]),
+                count=comp.count,
                 position=pos,
                 start=start,
                 positions=list(range(start, stop)),
-                modal=_slots(list(ctx["modal"]), start, stop, pos, modal_length),
-                variant=_slots(list(ctx["tokens"]), start, stop, pos, length),
+                modal=_slots(ctx.modal, start, stop, pos, modal_length),
+                variant=_slots(ctx.tokens, start, stop, pos, length),
             )
         )
     more = len(completions) - 1 - MAX_TOKEN_VIEWS
     return views, (f"{more} more listed variants not shown here" if more > 0 else None)
 
 
-def _cell(run: RunInfo, arm: Mapping[str, Any]) -> Cell:
-    completions = list(arm.get("completions") or [])
-    first = arm.get("first_divergence") or {}
-    forks = list(arm.get("forks") or [])
-    views, note = _token_views(completions)
+def _cell(run: RunInfo, arm: ArmSummary) -> Cell:
+    first = arm.first_divergence
+    views, note = _token_views(arm.completions)
     return Cell(
         run=run,
         arm=arm_name(arm),
-        concurrency=arm.get("concurrency"),
-        n=int(arm.get("n", 0)),
-        ok=int(arm.get("ok", 0)),
-        errors=int(arm.get("errors", 0)),
-        unique=int(arm.get("unique", 0)),
+        concurrency=arm.concurrency,
+        n=arm.n,
+        ok=arm.ok,
+        errors=arm.errors,
+        unique=arm.unique,
         statistic=statistic_text(arm),
         completions=[
             CompletionRow(
-                rank=i,
-                count=int(c["count"]),
-                share=float(c["share"]),
-                first_divergence=c.get("first_divergence"),
-                text=shorten(c.get("text")),
+                rank=i, count=c.count, share=c.share, first_divergence=c.first_divergence, text=shorten(c.text)
             )
-            for i, c in enumerate(completions[:MAX_COMPLETIONS], start=1)
+            for i, c in enumerate(arm.completions[:MAX_COMPLETIONS], start=1)
         ],
-        more_completions=max(0, int(arm.get("unique", len(completions))) - MAX_COMPLETIONS),
-        first_min=first.get("min"),
-        first_median=first.get("median"),
-        histogram={int(k): int(v) for k, v in (first.get("histogram") or {}).items()},
-        forks=_fork_tree(forks),
-        fork_count=len(forks),
+        more_completions=max(0, arm.unique - MAX_COMPLETIONS),
+        first_min=first.min,
+        first_median=first.median,
+        histogram={int(k): v for k, v in first.histogram.items()},
+        forks=_fork_tree(arm.forks),
+        fork_count=len(arm.forks),
         token_views=views,
         token_view_note=note,
         fingerprints=_fingerprints(arm),
@@ -337,27 +323,26 @@ def _prompt_text(manifests: Sequence[RunManifest], prompt_id: str) -> str:
     return ""
 
 
-def build_report(runs: Sequence[tuple[Path, RunManifest, Mapping[str, Any]]]) -> Report:
+def build_report(runs: Sequence[tuple[Path, RunManifest, RunSummary]]) -> Report:
     """The report model for one or more runs, prompts in first-seen order, runs side by side within each."""
     used: set[str] = set()
     infos = [_run_info(Path(path), m, s, _label(Path(path), used)) for path, m, s in runs]
     order: list[str] = []
     for _, _, summary in runs:
-        for prompt in summary.get("prompts", []):
-            if prompt["prompt_id"] not in order:
-                order.append(prompt["prompt_id"])
+        for prompt in summary.prompts:
+            if prompt.prompt_id not in order:
+                order.append(prompt.prompt_id)
     sections = []
     manifests = [m for _, m, _ in runs]
     for pid in order:
         cells: list[Cell] = []
         verdicts: list[tuple[str, str]] = []
         for info, (_, _, summary) in zip(infos, runs, strict=True):
-            for prompt in summary.get("prompts", []):
-                if prompt["prompt_id"] != pid:
+            for prompt in summary.prompts:
+                if prompt.prompt_id != pid:
                     continue
-                if prompt.get("verdict"):
-                    verdicts.append((info.label, str(prompt["verdict"])))
-                cells.extend(_cell(info, arm) for arm in prompt.get("arms", []))
+                verdicts.append((info.label, prompt.verdict))
+                cells.extend(_cell(info, arm) for arm in prompt.arms)
         prompt_text = shorten(_prompt_text(manifests, pid), 400)
         sections.append(PromptSection(prompt_id=pid, prompt=prompt_text, verdicts=verdicts, cells=cells))
     return Report(runs=infos, prompts=sections)

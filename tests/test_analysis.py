@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from detaudit.analysis.summary import Limits, summarize_run
+from detaudit.analysis.summary_schema import ArmSummary, RunSummary
 from detaudit.analysis.units import completion_key
 from detaudit.rundir.io import read_samples, write_manifest
 from detaudit.rundir.recorder import ShardWriter, finalize_samples
@@ -61,12 +62,12 @@ def token_rows(seqs: list[list[str]], **extra) -> list[dict]:
     return [{"tokens": s, "token_bytes": [t.encode() for t in s], "text": "".join(s), **extra} for s in seqs]
 
 
-def only_arm(summary: dict, prompt: int = 0, arm: int = 0) -> dict:
-    return summary["prompts"][prompt]["arms"][arm]
+def only_arm(summary: RunSummary, prompt: int = 0, arm: int = 0) -> ArmSummary:
+    return summary.prompts[prompt].arms[arm]
 
 
-def fork_shape(arm: dict) -> list[tuple]:
-    return [(f["position"], f["prefix_count"], [(b["token"], b["count"]) for b in f["branches"]]) for f in arm["forks"]]
+def fork_shape(arm: ArmSummary) -> list[tuple]:
+    return [(f.position, f.prefix_count, [(b.token, b.count) for b in f.branches]) for f in arm.forks]
 
 
 def test_feynman_shape_is_one_fork_at_102(tmp_path):
@@ -77,29 +78,29 @@ def test_feynman_shape_is_one_fork_at_102(tmp_path):
     rows = token_rows([seqs[i] for i in order])
     s = summarize_run(make_run(tmp_path, rows, capture="tokens"))
     arm = only_arm(s)
-    assert s["unit"] == "token" and s["unit_detail"]["compared_as"] == "token_bytes"
-    assert arm["unique"] == 2 and arm["ok"] == 1000
-    assert [(c["count"], c["first_divergence"]) for c in arm["completions"]] == [(992, None), (8, 102)]
+    assert s.unit == "token" and s.unit_detail.compared_as == "token_bytes"
+    assert arm.unique == 2 and arm.ok == 1000
+    assert [(c.count, c.first_divergence) for c in arm.completions] == [(992, None), (8, 102)]
     assert fork_shape(arm) == [(102, 1000, [(" Queens", 992), (" New", 8)])]
-    assert arm["forks"][0]["prefix"].endswith(" t100 t101") and arm["forks"][0]["prefix"].startswith("…")
-    assert arm["first_divergence"] == {"min": 102, "median": 102, "histogram": {"102": 8}, "samples": 8}
-    assert arm["stats"]["modal_share"] == 0.992 and arm["stats"]["divergence_rate_upper95"] is None
-    lo, hi = arm["stats"]["modal_share_wilson95"]
+    assert arm.forks[0].prefix.endswith(" t100 t101") and arm.forks[0].prefix.startswith("…")
+    assert arm.first_divergence.model_dump() == {"min": 102, "median": 102, "histogram": {"102": 8}, "samples": 8}
+    assert arm.stats.modal_share == 0.992 and arm.stats.divergence_rate_upper95 is None
+    lo, hi = arm.stats.modal_share_wilson95
     assert lo < 0.992 < hi
-    assert s["earliest_fork"]["position"] == 102
+    assert s.earliest_fork.position == 102
 
 
 def test_prefix_of_another_diverges_where_the_shorter_ends(tmp_path):
     s = summarize_run(make_run(tmp_path, ids_rows([[1, 2, 3]] * 3 + [[1, 2]] * 2)))
     arm = only_arm(s)
     assert fork_shape(arm) == [(2, 5, [("<id:3>", 3), ("", 2)])]
-    assert arm["forks"][0]["branches"][0]["token_id"] == 3 and arm["forks"][0]["branches"][1]["token_id"] is None
-    assert [(c["count"], c["first_divergence"], c["length"]) for c in arm["completions"]] == [(3, None, 3), (2, 2, 2)]
+    assert arm.forks[0].branches[0].token_id == 3 and arm.forks[0].branches[1].token_id is None
+    assert [(c.count, c.first_divergence, c.length) for c in arm.completions] == [(3, None, 3), (2, 2, 2)]
 
 
 def test_modal_completion_that_is_a_prefix(tmp_path):
     arm = only_arm(summarize_run(make_run(tmp_path, ids_rows([[7, 8]] * 3 + [[7, 8, 9, 10]] * 1))))
-    assert arm["completions"][1]["first_divergence"] == 2
+    assert arm.completions[1].first_divergence == 2
     assert fork_shape(arm) == [(2, 4, [("", 3), ("<id:9>", 1)])]
 
 
@@ -110,33 +111,33 @@ def test_tie_for_modal_goes_to_the_lexicographically_first_whatever_the_row_orde
         order = list(range(len(seqs)))
         random.Random(k).shuffle(order)
         s = summarize_run(make_run(tmp_path / str(k), ids_rows([seqs[i] for i in order])))
-        results.append(only_arm(s)["completions"])
+        results.append(only_arm(s).completions)
     assert results[0] == results[1] == results[2]
-    assert [(c["text"], c["count"]) for c in results[0]] == [("[4][9][9]", 4), ("[5][1]", 4), ("[6]", 2)]
+    assert [(c.text, c.count) for c in results[0]] == [("[4][9][9]", 4), ("[5][1]", 4), ("[6]", 2)]
     # token ids compare as numbers, not as their decimal strings
     arm = only_arm(summarize_run(make_run(tmp_path / "num", ids_rows([[10]] * 2 + [[9]] * 2))))
-    assert arm["completions"][0]["text"] == "[9]"
+    assert arm.completions[0].text == "[9]"
 
 
 def test_all_identical_gives_the_clopper_pearson_bound(tmp_path):
     s = summarize_run(make_run(tmp_path, ids_rows([[3, 1, 4, 1, 5]] * 60)))
     arm = only_arm(s)
-    assert arm["unique"] == 1 and arm["forks"] == [] and arm["earliest_fork"] is None
-    assert arm["first_divergence"] == {"min": None, "median": None, "histogram": {}, "samples": 0}
-    assert arm["stats"]["divergence_rate_upper95"] == pytest.approx(1 - 0.05 ** (1 / 60))
-    assert arm["stats"]["miss_probability"]["0.01"] == pytest.approx(0.99**60)
-    assert s["prompts"][0]["verdict"] == "deterministic"
-    assert s["agreement"]["share"] == 1.0 and s["earliest_fork"] is None
+    assert arm.unique == 1 and arm.forks == [] and arm.earliest_fork is None
+    assert arm.first_divergence.model_dump() == {"min": None, "median": None, "histogram": {}, "samples": 0}
+    assert arm.stats.divergence_rate_upper95 == pytest.approx(1 - 0.05 ** (1 / 60))
+    assert arm.stats.miss_probability["0.01"] == pytest.approx(0.99**60)
+    assert s.prompts[0].verdict == "deterministic"
+    assert s.agreement.share == 1.0 and s.earliest_fork is None
 
 
 def test_all_different_is_one_wide_fork_at_zero(tmp_path):
     s = summarize_run(make_run(tmp_path, ids_rows([[i, 0, 0] for i in range(30)])), Limits(branches=4))
     arm = only_arm(s)
-    assert arm["unique"] == 30 and arm["forks_total"] == 1
-    fork = arm["forks"][0]
-    assert fork["position"] == 0 and fork["branches_total"] == 30 and len(fork["branches"]) == 4
-    assert [b["count"] for b in fork["branches"]] == [1, 1, 1, 1] and fork["branches"][0]["token"] == "<id:0>"
-    assert arm["first_divergence"]["histogram"] == {"0": 29}
+    assert arm.unique == 30 and arm.forks_total == 1
+    fork = arm.forks[0]
+    assert fork.position == 0 and fork.branches_total == 30 and len(fork.branches) == 4
+    assert [b.count for b in fork.branches] == [1, 1, 1, 1] and fork.branches[0].token == "<id:0>"
+    assert arm.first_divergence.histogram == {"0": 29}
 
 
 def test_nested_forks_sorted_by_position(tmp_path):
@@ -147,24 +148,29 @@ def test_nested_forks_sorted_by_position(tmp_path):
         (1, 9, [("<id:1>", 7), ("<id:2>", 2)]),
         (2, 7, [("<id:7>", 4), ("<id:8>", 3)]),
     ]
-    assert arm["first_divergence"] == {"min": 0, "median": 1.5, "histogram": {"0": 1, "1": 2, "2": 3}, "samples": 6}
+    assert arm.first_divergence.model_dump() == {
+        "min": 0,
+        "median": 1.5,
+        "histogram": {"0": 1, "1": 2, "2": 3},
+        "samples": 6,
+    }
 
 
 def test_empty_completions(tmp_path):
     arm = only_arm(summarize_run(make_run(tmp_path / "a", ids_rows([[]] * 3 + [[42]] * 2))))
     assert fork_shape(arm) == [(0, 5, [("", 3), ("<id:42>", 2)])]
-    assert arm["completions"][0]["length"] == 0 and arm["completions"][1]["first_divergence"] == 0
+    assert arm.completions[0].length == 0 and arm.completions[1].first_divergence == 0
     arm = only_arm(summarize_run(make_run(tmp_path / "b", ids_rows([[]] * 4))))
-    assert arm["unique"] == 1 and arm["forks"] == []
+    assert arm.unique == 1 and arm.forks == []
 
 
 def test_errors_are_counted_but_never_compared(tmp_path):
     rows = ids_rows([[1, 2]] * 5) + [{"status": "error", "error": "HTTP 500"}] * 2
     s = summarize_run(make_run(tmp_path, rows))
     arm = only_arm(s)
-    assert (arm["n"], arm["ok"], arm["errors"], arm["unique"]) == (7, 5, 2, 1)
-    assert s["samples"]["errors"] == 2
-    assert s["prompts"][0]["verdict"] == "inconclusive" and "errors" in s["prompts"][0]["verdict_reason"]
+    assert (arm.n, arm.ok, arm.errors, arm.unique) == (7, 5, 2, 1)
+    assert s.samples.errors == 2
+    assert s.prompts[0].verdict == "inconclusive" and "errors" in s.prompts[0].verdict_reason
 
 
 def test_multibyte_characters_split_across_tokens(tmp_path):
@@ -177,10 +183,10 @@ def test_multibyte_characters_split_across_tokens(tmp_path):
         r["tokens"] = [b.decode("utf-8", errors="replace") for b in r["token_bytes"]]
     cafe = only_arm(summarize_run(make_run(tmp_path / "cafe", rows[:4], capture="tokens")))
     assert fork_shape(cafe) == [(2, 4, [("é", 3), ("è", 1)])]
-    assert cafe["forks"][0]["prefix"] == "caf"
+    assert cafe.forks[0].prefix == "caf"
     euro = only_arm(summarize_run(make_run(tmp_path / "euro", rows[4:], capture="tokens")))
     assert fork_shape(euro) == [(1, 3, [("€", 2), ("£", 1)])]
-    assert euro["completions"][0]["text"] == "x€"
+    assert euro.completions[0].text == "x€"
 
 
 def test_multibyte_prefix_is_shown_whole(tmp_path):
@@ -189,23 +195,23 @@ def test_multibyte_prefix_is_shown_whole(tmp_path):
     for r in rows:
         r["text"] = b"".join(r["token_bytes"]).decode()
     arm = only_arm(summarize_run(make_run(tmp_path, rows, capture="tokens")))
-    assert arm["forks"][0]["prefix"] == "日本" and fork_shape(arm)[0][2] == [("A", 2), ("B", 1)]
+    assert arm.forks[0].prefix == "日本" and fork_shape(arm)[0][2] == [("A", 2), ("B", 1)]
 
 
 def test_text_only_runs_compare_characters(tmp_path):
     rows = [{"text": "naïve world"}] * 3 + [{"text": "naïve there"}] + [{"text": None}]
     s = summarize_run(make_run(tmp_path, rows, capture="text"))
     arm = only_arm(s)
-    assert s["unit"] == "text" and s["unit_detail"]["positions"].startswith("characters")
+    assert s.unit == "text" and s.unit_detail.positions.startswith("characters")
     assert fork_shape(arm) == [(0, 5, [("n", 4), ("", 1)]), (6, 4, [("w", 3), ("t", 1)])]
-    assert arm["forks"][1]["prefix"] == "naïve " and arm["forks"][1]["margin"] is None
+    assert arm.forks[1].prefix == "naïve " and arm.forks[1].margin is None
 
 
 def test_only_ids_show_as_id_tokens(tmp_path):
     rows = [{"token_ids": [5, 6]}] * 2 + [{"token_ids": [5, 7]}]
     arm = only_arm(summarize_run(make_run(tmp_path, rows)))
     assert fork_shape(arm) == [(1, 3, [("<id:6>", 2), ("<id:7>", 1)])]
-    assert arm["forks"][0]["prefix"] == "<id:5>" and arm["completions"][0]["text"] == "<id:5><id:6>"
+    assert arm.forks[0].prefix == "<id:5>" and arm.completions[0].text == "<id:5><id:6>"
 
 
 def test_margin_comes_from_the_modal_branch(tmp_path):
@@ -213,9 +219,9 @@ def test_margin_comes_from_the_modal_branch(tmp_path):
     top_b = [[-0.1, -4.0], [-0.60, -0.62], [-0.2, -2.0]]
     rows = [{"token_ids": [1, 2, 3], "top_logprobs": top_a}] * 3 + [{"token_ids": [1, 4, 3], "top_logprobs": top_b}]
     arm = only_arm(summarize_run(make_run(tmp_path / "m", rows)))
-    assert arm["forks"][0]["margin"] == pytest.approx(0.05)
+    assert arm.forks[0].margin == pytest.approx(0.05)
     arm = only_arm(summarize_run(make_run(tmp_path / "none", ids_rows([[1, 2]] * 2 + [[1, 3]]))))
-    assert arm["forks"][0]["margin"] is None
+    assert arm.forks[0].margin is None
 
 
 def test_verdicts_from_load_arms(tmp_path):
@@ -223,7 +229,7 @@ def test_verdicts_from_load_arms(tmp_path):
 
     def verdict_of(name, serial, loaded):
         rows = [{**r, "arm": "c1"} for r in ids_rows(serial)] + [{**r, "arm": "c8"} for r in ids_rows(loaded)]
-        return summarize_run(make_run(tmp_path / name, rows, arms=arms))["prompts"][0]["verdict"]
+        return summarize_run(make_run(tmp_path / name, rows, arms=arms)).prompts[0].verdict
 
     assert verdict_of("dep", [[1, 2]] * 4, [[1, 2]] * 3 + [[1, 3]]) == "load-dependent"
     assert verdict_of("moved", [[1, 2]] * 4, [[1, 3]] * 4) == "load-dependent"
@@ -232,7 +238,7 @@ def test_verdicts_from_load_arms(tmp_path):
     assert verdict_of("thin", [[1, 2]], [[1, 2]] * 4) == "inconclusive"
     rows = [{**r, "arm": "c8"} for r in ids_rows([[1]] * 3 + [[2]])]
     s = summarize_run(make_run(tmp_path / "noserial", rows, arms=(("c8", 8),)))
-    assert s["prompts"][0]["verdict"] == "inconclusive" and "serial" in s["prompts"][0]["verdict_reason"]
+    assert s.prompts[0].verdict == "inconclusive" and "serial" in s.prompts[0].verdict_reason
 
 
 def test_several_prompts_agreement_and_earliest_fork(tmp_path):
@@ -240,10 +246,10 @@ def test_several_prompts_agreement_and_earliest_fork(tmp_path):
     rows += [{**r, "prompt_id": "b"} for r in ids_rows([[9, 9]] * 4)]
     rows += [{**r, "prompt_id": "c"} for r in ids_rows([[7, 1]] * 2 + [[7, 2]] * 2)]
     s = summarize_run(make_run(tmp_path, rows, prompts=("a", "b", "c")))
-    assert [(p["prompt_id"], p["unique"]) for p in s["unique_per_prompt"]] == [("a", 2), ("b", 1), ("c", 2)]
-    assert s["agreement"]["prompts"] == 3 and s["agreement"]["all_identical"] == 1
-    assert s["agreement"]["share"] == pytest.approx(1 / 3)
-    assert (s["earliest_fork"]["prompt_id"], s["earliest_fork"]["position"]) == ("c", 1)
+    assert [(p.prompt_id, p.unique) for p in s.unique_per_prompt] == [("a", 2), ("b", 1), ("c", 2)]
+    assert s.agreement.prompts == 3 and s.agreement.all_identical == 1
+    assert s.agreement.share == pytest.approx(1 / 3)
+    assert (s.earliest_fork.prompt_id, s.earliest_fork.position) == ("c", 1)
 
 
 def test_split_by_system_fingerprint(tmp_path):
@@ -251,9 +257,9 @@ def test_split_by_system_fingerprint(tmp_path):
         [[1, 2]] * 2 + [[1, 3]] * 2, system_fingerprint="fp_b"
     )
     s = summarize_run(make_run(tmp_path, rows))
-    fps = {f["system_fingerprint"]: (f["n"], f["unique"]) for f in only_arm(s)["system_fingerprints"]}
+    fps = {f.system_fingerprint: (f.n, f.unique) for f in only_arm(s).system_fingerprints}
     assert fps == {"fp_a": (4, 1), "fp_b": (4, 2)}
-    by_fp = {f["system_fingerprint"]: f["share"] for f in s["agreement"]["by_system_fingerprint"]}
+    by_fp = {f.system_fingerprint: f.share for f in s.agreement.by_system_fingerprint}
     assert by_fp == {"fp_a": 1.0, "fp_b": 0.0}
 
 
@@ -264,7 +270,7 @@ def test_unique_count_agrees_with_the_live_counter_key(tmp_path):
     for name, rows in (("ids", ids_rows(seqs)), ("tok", token_rows([[f"t{t}" for t in s] for s in seqs]))):
         path = make_run(tmp_path / name, rows)
         keys = {completion_key(r) for r in read_samples(path).to_pylist()}
-        assert only_arm(summarize_run(path))["unique"] == len(keys - {None})
+        assert only_arm(summarize_run(path)).unique == len(keys - {None})
 
 
 def _naive_forks(seqs: list[tuple]) -> list[tuple]:
@@ -301,12 +307,12 @@ def test_everything_matches_brute_force(tmp_path, seed, capture):
     seqs = [tuple(rng.choice(alphabet) for _ in range(rng.randrange(6))) for _ in range(120)]
     arm = only_arm(summarize_run(make_run(tmp_path, _rows_for(capture, seqs), capture=capture), Limits(10**4, 10**4)))
     got = sorted(
-        ((f["position"], f["prefix_count"], [b["count"] for b in f["branches"]]) for f in arm["forks"]),
+        ((f.position, f.prefix_count, [b.count for b in f.branches]) for f in arm.forks),
         key=lambda f: (f[0], -f[1], f[2]),
     )
     assert got == _naive_forks(seqs)
-    assert [(f["position"], -f["prefix_count"]) for f in arm["forks"]] == sorted(
-        (f["position"], -f["prefix_count"]) for f in arm["forks"]
+    assert [(f.position, -f.prefix_count) for f in arm.forks] == sorted(
+        (f.position, -f.prefix_count) for f in arm.forks
     )
     # most frequent first, ties in lexicographic order (token bytes for strings, code points for text)
     key = (lambda s: tuple(t.encode() for t in s)) if capture == "tokens" else (lambda s: s)
@@ -315,14 +321,15 @@ def test_everything_matches_brute_force(tmp_path, seed, capture):
     lcp = [
         next((i for i in range(min(len(s), len(modal))) if s[i] != modal[i]), min(len(s), len(modal))) for s in expected
     ]
-    assert [(c["count"], c["length"]) for c in arm["completions"]] == [(seqs.count(s), len(s)) for s in expected]
-    assert [c["first_divergence"] for c in arm["completions"]] == [None] + lcp[1:]
-    assert arm["unique"] == len(set(seqs))
+    assert [(c.count, c.length) for c in arm.completions] == [(seqs.count(s), len(s)) for s in expected]
+    assert [c.first_divergence for c in arm.completions] == [None] + lcp[1:]
+    assert arm.unique == len(set(seqs))
 
 
 def test_large_run_reads_display_rows_from_few_row_groups(tmp_path):
     """Over several Parquet row groups: the same answers, and shown rows come from as few row groups as possible."""
-    from detaudit.analysis.summary import RunDirReader, _sample_rows, analyze
+    from detaudit.analysis.run_reader import RunDirReader, sample_rows
+    from detaudit.analysis.summary import analyze
     from detaudit.rundir.io import ROW_GROUP_ROWS, load_manifest, read_sample_rows, sample_row_groups
 
     n = 3 * ROW_GROUP_ROWS + 100
@@ -343,9 +350,9 @@ def test_large_run_reads_display_rows_from_few_row_groups(tmp_path):
     summary, s, _, _ = analyze(load_manifest(path), RunDirReader(path))
     arm = only_arm(summary)
     counts = {tuple(v): seqs.count(v) for v in variants}
-    assert sorted(c["count"] for c in arm["completions"]) == sorted(counts.values())
-    assert fork_shape(arm)[0][0] == 0 and arm["forks"][0]["margin"] == pytest.approx(0.2)
-    chosen = _sample_rows(s, np.arange(s.n_unique), bounds)
+    assert sorted(c.count for c in arm.completions) == sorted(counts.values())
+    assert fork_shape(arm)[0][0] == 0 and arm.forks[0].margin == pytest.approx(0.2)
+    chosen = sample_rows(s, np.arange(s.n_unique), bounds)
     assert [seqs[r] for r in chosen] == [list(s.seq(u)) for u in range(s.n_unique)]
     assert len(np.unique(np.searchsorted(bounds, chosen, side="right"))) == 1  # every variant is in row group 0
 
@@ -363,15 +370,16 @@ def test_runs_of_failed_requests_only(tmp_path):
     """Every request failed: counted, nothing compared, the verdict says so (and nothing crashes)."""
     s = summarize_run(make_run(tmp_path, [{"status": "error", "error": "HTTP 503"}] * 4))
     arm = only_arm(s)
-    assert (arm["n"], arm["ok"], arm["errors"], arm["unique"], arm["forks"]) == (4, 0, 4, 0, [])
-    assert s["prompts"][0]["verdict"] == "inconclusive" and s["unit_detail"]["compared_as"] == "token_ids"
-    assert s["agreement"]["prompts"] == 0 and s["agreement"]["share"] is None
+    assert (arm.n, arm.ok, arm.errors, arm.unique, arm.forks) == (4, 0, 4, 0, [])
+    assert s.prompts[0].verdict == "inconclusive" and s.unit_detail.compared_as == "token_ids"
+    assert s.agreement.prompts == 0 and s.agreement.share is None
 
 
 @pytest.mark.parametrize("capture", ["token_ids", "tokens", "text"])
 def test_any_batching_gives_the_same_summary(tmp_path, capture):
     """Batches of one row, of failed requests only, or of a mix: the streamed result does not depend on them."""
-    from detaudit.analysis.summary import TableReader, analyze
+    from detaudit.analysis.run_reader import TableReader
+    from detaudit.analysis.summary import analyze
     from detaudit.rundir.io import load_manifest
 
     rng = random.Random(5)

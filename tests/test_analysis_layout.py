@@ -11,7 +11,8 @@ from test_analysis import ids_rows, make_run
 
 from detaudit.analysis import core
 from detaudit.analysis.core import encode_sequences, lcp_pairs, lcp_with
-from detaudit.analysis.summary import Limits, TableReader, analyze, summarize, summarize_run
+from detaudit.analysis.run_reader import TableReader
+from detaudit.analysis.summary import Limits, analyze, summarize, summarize_run
 from detaudit.errors import RunDirError
 from detaudit.rundir.io import (
     ROW_GROUP_ROWS,
@@ -44,7 +45,7 @@ def test_grouping_is_exact_when_every_completion_hashes_alike(tmp_path, monkeypa
     for batch_rows in (1, 16, 10**4):
         reader = TableReader(read_samples(path), batch_rows=batch_rows)
         assert analyze(load_manifest(path), reader, Limits(10**4, 10**4))[0] == honest
-    assert honest["prompts"][0]["arms"][0]["unique"] == len({tuple(s) for s in seqs})
+    assert honest.prompts[0].arms[0].unique == len({tuple(s) for s in seqs})
 
 
 @pytest.mark.parametrize("capacity", [None, 1, 10**6])
@@ -108,7 +109,7 @@ def test_the_default_arrow_pool_is_restored_even_when_analyses_overlap(tmp_path)
     before = pa.default_memory_pool().backend_name
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(lambda _: summarize_run(path), range(8)))
-    assert all(r == results[0] for r in results) and results[0]["prompts"][0]["arms"][0]["unique"] == 2
+    assert all(r == results[0] for r in results) and results[0].prompts[0].arms[0].unique == 2
     assert pa.default_memory_pool().backend_name == before
 
 
@@ -122,7 +123,7 @@ def test_prompts_and_arms_found_only_in_the_rows(tmp_path):
     rows += [{"status": "ok", "arm": "c1", "concurrency": 1, **r} for r in ids_rows([[4]] * 3, prompt_id="px")]
     table = rows_to_table([{"sample_index": i, **r} for i, r in enumerate(rows)])
     s = summarize(manifest, table, Limits())
-    shape = {(p["prompt_id"], a["arm"], a["concurrency"], a["ok"]) for p in s["prompts"] for a in p["arms"]}
+    shape = {(p.prompt_id, a.arm, a.concurrency, a.ok) for p in s.prompts for a in p.arms}
     assert shape == {("p0", "c1", 1, 5), ("p0", "c64", 64, 2), ("px", "c1", 1, 3)}
     ShardWriter(run).write([{**rows[5], "sample_index": 4}])
     with pytest.raises(RunDirError, match="sample 4 has arm 'c64', but the manifest's sample 4 is arm 'c1'"):

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from detaudit.analysis.stats import arm_stats
+from detaudit.analysis.summary_schema import RunSummary
 from detaudit.errors import UsageError
 from detaudit.gate import GateThresholds, evaluate_gate, parse_gate_spec
 
@@ -17,21 +19,65 @@ def arm(concurrency: int, counts: list[int], *, errors: int = 0, first: int | No
     return {
         "concurrency": concurrency,
         "arm": f"c{concurrency}",
+        "expected": ok + errors,
         "n": ok + errors,
         "ok": ok,
         "errors": errors,
         "unique": len(counts),
         "completions": [
-            {"count": c, "share": c / ok, "first_divergence": None if i == 0 else first, "text": t}
+            {
+                "count": c,
+                "share": c / ok,
+                "first_divergence": None if i == 0 else first,
+                "length": len(t),
+                "text": t,
+                "text_chars": len(t),
+            }
             for i, (c, t) in enumerate(zip(counts, texts, strict=True))
         ],
-        "first_divergence": {"min": first, "median": first, "histogram": {str(first): ok - counts[0]} if first else {}},
+        "first_divergence": {
+            "min": first,
+            "median": first,
+            "histogram": {str(first): ok - counts[0]} if first else {},
+            "samples": ok - counts[0] if counts else 0,
+        },
         "forks": [],
+        "forks_total": 0,
+        "earliest_fork": first,
+        "stats": arm_stats(ok, counts[0] if counts else 0, len(counts)).model_dump(),
+        "system_fingerprints": None,
     }
 
 
-def summary(*arms: dict, prompt_id: str = "p") -> dict:
-    return {"schema": "detaudit.summary/1", "unit": "token", "prompts": [{"prompt_id": prompt_id, "arms": list(arms)}]}
+def summary(*arms: dict, prompt_id: str = "p") -> RunSummary:
+    """A summary of one prompt, built by hand: it leaves out the prompt's count across arms (unique_all_arms)."""
+    prompt = {
+        "prompt_id": prompt_id,
+        "prompt": None,
+        "unique_all_arms": None,
+        "arms": list(arms),
+        "verdict": "inconclusive",
+        "verdict_reason": "built by hand",
+    }
+    n, ok = sum(a["n"] for a in arms), sum(a["ok"] for a in arms)
+    agreement = {"prompts": 0, "all_identical": 0, "share": None, "by_arm": [], "by_system_fingerprint": None}
+    return RunSummary.model_validate(
+        {
+            "schema": "detaudit.summary/1",
+            "run_id": "run",
+            "run_status": "complete",
+            "model": "m",
+            "system_fingerprints": [],
+            "unit": "token",
+            "unit_detail": {"compared_as": "token_ids", "capture": "token_ids", "positions": "tokens"},
+            "samples": {"expected": n, "rows": n, "ok": ok, "errors": n - ok},
+            "unique_per_prompt": [],
+            "agreement": agreement,
+            "earliest_fork": None,
+            "limits": {"completions": 20, "forks": 50, "branches": 10},
+            "prompts": [prompt],
+        }
+    )
 
 
 STABLE = summary(arm(1, [100]), arm(16, [100]))
@@ -40,7 +86,7 @@ SHAKY = summary(arm(1, [100]), arm(16, [90, 8, 2], first=12))
 
 def test_max_unique_also_counts_completions_across_arms():
     s = summary(arm(1, [100], texts=["A"]), arm(16, [100], texts=["B"]))
-    s["prompts"][0]["unique_all_arms"] = 2
+    s.prompts[0].unique_all_arms = 2
     result = evaluate_gate(s, GateThresholds(max_unique=1))
     assert result.lines() == ["FAIL max-unique ≤ 1: p@all-arms 2 unique across arms"]
     assert evaluate_gate(s, GateThresholds(max_unique=2)).exit_code == 0

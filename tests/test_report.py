@@ -121,8 +121,10 @@ def invariant_run(tmp_path: Path) -> Path:
 
 
 def test_summary_forks_name_their_parent_fork_and_branch(tmp_path):
-    arm = summarize_run(endpoint_run(tmp_path))["prompts"][0]["arms"][1]
-    forks = [(f["position"], [(b["token"], b["count"]) for b in f["branches"]], f["parent"]) for f in arm["forks"]]
+    arm = summarize_run(endpoint_run(tmp_path)).prompts[0].arms[1]
+    forks = [
+        (f.position, [(b.token, b.count) for b in f.branches], f.parent and f.parent.model_dump()) for f in arm.forks
+    ]
     assert forks == [
         (5, [(" Queens", 33), (" New", 6), ("", 1)], None),
         (7, [(",", 4), (EVIL, 2)], {"fork": 0, "branch": 1}),
@@ -130,12 +132,12 @@ def test_summary_forks_name_their_parent_fork_and_branch(tmp_path):
 
 
 def test_summary_completions_carry_context_around_their_fork(tmp_path):
-    comps = summarize_run(endpoint_run(tmp_path))["prompts"][0]["arms"][1]["completions"]
-    assert "context" not in comps[0]
-    by_count = {c["count"]: c for c in comps}
-    assert by_count[2]["first_divergence"] == 5
-    assert by_count[2]["context"] == {"start": 0, "tokens": NEW_EVIL[:11], "modal": MODAL[:11]}
-    assert by_count[1]["context"] == {"start": 0, "tokens": SHORT, "modal": MODAL[:11]}
+    comps = summarize_run(endpoint_run(tmp_path)).prompts[0].arms[1].completions
+    assert "context" not in comps[0].model_dump()
+    by_count = {c.count: c for c in comps}
+    assert by_count[2].first_divergence == 5
+    assert by_count[2].context.model_dump() == {"start": 0, "tokens": NEW_EVIL[:11], "modal": MODAL[:11]}
+    assert by_count[1].context.model_dump() == {"start": 0, "tokens": SHORT, "modal": MODAL[:11]}
 
 
 # ---------------------------------------------------------------- model and renderers

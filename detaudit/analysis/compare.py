@@ -10,8 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from detaudit.analysis.arms import GroupResult
 from detaudit.analysis.decode import Decoder, shorten_tail
-from detaudit.analysis.summary import GroupResult, RunDirReader, analyze, load_run_manifest
+from detaudit.analysis.run_reader import RunDirReader
+from detaudit.analysis.summary import analyze, load_run_manifest
 from detaudit.analysis.units import SOURCES, Source
 from detaudit.rundir.schema import PromptSpec, RunManifest
 
@@ -49,16 +51,16 @@ class _Side:
         self.path = run_dir
         self.manifest = load_run_manifest(run_dir)
         self.summary, self.seqs, self.dec, self.pooled = analyze(self.manifest, RunDirReader(run_dir))
-        self.prompts = {p["prompt_id"]: p for p in self.summary["prompts"]}
+        self.prompts = {p.prompt_id: p for p in self.summary.prompts}
 
     def header(self) -> dict[str, Any]:
         return {
             "run_id": self.manifest.run_id,
             "path": str(self.path),
             "model": self.manifest.target.model,
-            "unit": self.summary["unit"],
-            "compared_as": self.summary["unit_detail"]["compared_as"],
-            "samples": self.summary["samples"],
+            "unit": self.summary.unit,
+            "compared_as": self.summary.unit_detail.compared_as,
+            "samples": self.summary.samples.model_dump(),
         }
 
 
@@ -85,7 +87,7 @@ def _split(a: _Side, ua: int, b: _Side, ub: int, unit: Source) -> tuple[bool, di
 def compare_runs(run_a: Path | str, run_b: Path | str) -> dict[str, Any]:
     """The detaudit.compare/1 document for two run directories (docs/summary.md, "compare")."""
     a, b = _Side(Path(run_a)), _Side(Path(run_b))
-    sa, sb = a.summary["unit_detail"]["compared_as"], b.summary["unit_detail"]["compared_as"]
+    sa, sb = a.summary.unit_detail.compared_as, b.summary.unit_detail.compared_as
     common: Source = SOURCES[max(SOURCES.index(sa), SOURCES.index(sb))]
     pa_, pb = a.manifest.params.model_dump(), b.manifest.params.model_dump()
     param_diff = {k: [pa_[k], pb[k]] for k in _OUTPUT_PARAMS if pa_[k] != pb[k]}
@@ -106,14 +108,14 @@ def compare_runs(run_a: Path | str, run_b: Path | str) -> dict[str, Any]:
             {
                 "prompt_id": pid,
                 "modal_equal": equal,
-                "unique": {"a": pra["unique_all_arms"], "b": prb["unique_all_arms"]},
+                "unique": {"a": pra.unique_all_arms, "b": prb.unique_all_arms},
                 "modal_share": {
                     "a": int(ga.counts[0]) / ga.n_ok if ga else None,
                     "b": int(gb.counts[0]) / gb.n_ok if gb else None,
                 },
                 "earliest_fork": {"a": ga.first_fork if ga else None, "b": gb.first_fork if gb else None},
                 "modal_split": split,
-                "verdict": {"a": pra["verdict"], "b": prb["verdict"]},
+                "verdict": {"a": pra.verdict, "b": prb.verdict},
             }
         )
     return {

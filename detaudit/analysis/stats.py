@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import math
 
+from detaudit.analysis.summary_schema import ArmStats
+
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 # Divergence rates for which the summary states the chance of having seen none in N samples.
 HINT_RATES = (0.001, 0.01, 0.05)
@@ -40,13 +42,13 @@ def samples_needed(rate: float, confidence: float = 0.95) -> int:
     return math.ceil(math.log(1.0 - confidence) / math.log(1.0 - rate))
 
 
-def arm_stats(n_ok: int, modal_count: int, unique: int) -> dict:
+def arm_stats(n_ok: int, modal_count: int, unique: int) -> ArmStats:
     """The statistics block of one arm (docs/summary.md, "stats")."""
     interval = wilson_interval(modal_count, n_ok)
-    return {
-        "modal_share": modal_count / n_ok if n_ok else None,
-        "modal_share_wilson95": list(interval) if interval else None,
-        "divergence_rate_upper95": clopper_pearson_upper(n_ok) if unique == 1 else None,
-        "miss_probability": {str(r): miss_probability(r, n_ok) for r in HINT_RATES} if n_ok else None,
-        "samples_needed95": {str(r): samples_needed(r) for r in HINT_RATES},
-    }
+    return ArmStats(
+        modal_share=modal_count / n_ok if n_ok else None,
+        modal_share_wilson95=list(interval) if interval else None,
+        divergence_rate_upper95=clopper_pearson_upper(n_ok) if unique == 1 else None,
+        miss_probability={str(r): miss_probability(r, n_ok) for r in HINT_RATES} if n_ok else None,
+        samples_needed95={str(r): samples_needed(r) for r in HINT_RATES},
+    )

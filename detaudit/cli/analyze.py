@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -16,7 +16,7 @@ from detaudit.cli.render import render_compare, render_summary
 from detaudit.termsafe import json_text, safe
 
 
-def _print_json(doc: dict) -> None:
+def _print_json(doc: dict[str, Any]) -> None:
     typer.echo(json_text(doc))
 
 
@@ -32,7 +32,7 @@ def analyze_command(
 
     summary = store_summary(run_dir, unwritable)
     if as_json:
-        _print_json(summary)
+        _print_json(summary.document())
     else:
         render_summary(summary, Console())
 

@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from detaudit.analysis.summary_schema import RunSummary
 from detaudit.errors import EXIT_ENDPOINT, EndpointError, GateFailed, UsageError
 from detaudit.gate import GateResult, GateThresholds, judge, run_gate
 from detaudit.reports.junit import gate_junit
@@ -76,7 +77,7 @@ def gate_command(
     publish_gate(result, run, manifest, summary, junit=junit, md=md)
 
 
-def gate_finished_run(run_dir: Path, summary: dict, thresholds: GateThresholds) -> None:
+def gate_finished_run(run_dir: Path, summary: RunSummary, thresholds: GateThresholds) -> None:
     """`detaudit run --gate`: the same gate, on the summary the run just wrote."""
     manifest = load_manifest(run_dir)
     # stderr: stdout may carry the run's --json summary
@@ -88,7 +89,7 @@ def publish_gate(
     result: GateResult,
     run: Path,
     manifest: RunManifest,
-    summary: dict,
+    summary: RunSummary,
     *,
     junit: Path | None = None,
     md: Path | None = None,

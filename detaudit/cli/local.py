@@ -143,7 +143,7 @@ def local_command(
         run_dir = run_local(spec, progress)
     summary = store_summary(run_dir)
     if as_json:
-        typer.echo(json.dumps(summary, indent=2, default=str))
+        typer.echo(json.dumps(summary.document(), indent=2, default=str))
     else:
         render_summary(summary, console)
         console.print(f"run directory: {run_dir}", highlight=False, markup=False)

@@ -1,6 +1,7 @@
 """Terminal rendering of a summary (detaudit.summary/1) and of a comparison (detaudit.compare/1) with rich.
 
-Renders from the JSON documents only, so what the terminal shows is exactly what --json and summary.json say.
+Renders from the typed summary and the compare document only, so what the terminal shows is exactly what --json
+and summary.json say.
 Every string in them came from a server or a run directory: names pass `safe`, completion text `quoted` (control
 and bidi characters escaped either way), and none is read as rich markup.
 """
@@ -13,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from detaudit.analysis.summary_schema import ArmSummary, Branch, Fork, PromptSummary, RunSummary
 from detaudit.termsafe import quoted, safe
 
 FORKS_SHOWN = 3  # per arm, in the terminal; the JSON has them all (up to the summary's limits)
@@ -33,129 +35,128 @@ def _short(text: str, limit: int = PROMPT_SHOWN) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _branch_text(branch: dict[str, Any]) -> str:
-    return "⟂ (ended)" if branch["token"] == "" else quoted(branch["token"])
+def _branch_text(branch: Branch) -> str:
+    return "⟂ (ended)" if branch.token == "" else quoted(branch.token)
 
 
-def _fork_line(fork: dict[str, Any]) -> Text:
-    line = Text(f"  @{fork['position']:<5} ", style="bold")
-    line.append(f"({fork['prefix_count']} through) ", style="dim")
-    line.append(quoted(fork["prefix"][-40:]), style="cyan")
+def _fork_line(fork: Fork) -> Text:
+    line = Text(f"  @{fork.position:<5} ", style="bold")
+    line.append(f"({fork.prefix_count} through) ", style="dim")
+    line.append(quoted(fork.prefix[-40:]), style="cyan")
     line.append(" → ")
-    parts = [f"{_branch_text(b)} ×{b['count']}" for b in fork["branches"]]
-    if fork["branches_total"] > len(fork["branches"]):
-        parts.append(f"… {fork['branches_total'] - len(fork['branches'])} more")
+    parts = [f"{_branch_text(b)} ×{b.count}" for b in fork.branches]
+    if fork.branches_total > len(fork.branches):
+        parts.append(f"… {fork.branches_total - len(fork.branches)} more")
     line.append(" | ".join(parts))
-    if fork.get("margin") is not None:
-        line.append(f"  margin {fork['margin']:.3g}", style="yellow")
+    if fork.margin is not None:
+        line.append(f"  margin {fork.margin:.3g}", style="yellow")
     return line
 
 
-def _bound_text(arm: dict[str, Any]) -> str:
-    st = arm["stats"]
-    if st["divergence_rate_upper95"] is not None:
-        return f"rate ≤ {_pct(st['divergence_rate_upper95'], 2)}"
-    if st["modal_share_wilson95"]:
-        lo, hi = st["modal_share_wilson95"]
+def _bound_text(arm: ArmSummary) -> str:
+    st = arm.stats
+    if st.divergence_rate_upper95 is not None:
+        return f"rate ≤ {_pct(st.divergence_rate_upper95, 2)}"
+    if st.modal_share_wilson95:
+        lo, hi = st.modal_share_wilson95
         return f"{100 * lo:.1f}–{100 * hi:.1f}%"
     return "–"
 
 
-def _arm_table(prompt: dict[str, Any]) -> Table:
+def _arm_table(prompt: PromptSummary) -> Table:
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
     for col in ("arm", "conc", "ok/n", "err", "unique", "modal", "95% bound", "1st div min/med", "forks"):
         table.add_column(col, justify="left" if col == "arm" else "right")
-    for arm in prompt["arms"]:
-        fd = arm["first_divergence"]
-        first = "–" if fd["min"] is None else f"{fd['min']}/{fd['median']}"
+    for arm in prompt.arms:
+        fd = arm.first_divergence
+        first = "–" if fd.min is None else f"{fd.min}/{fd.median}"
         table.add_row(
-            Text(safe(arm["arm"])),
-            str(arm["concurrency"]),
-            f"{arm['ok']}/{arm['n']}",
-            str(arm["errors"]),
-            str(arm["unique"]),
-            _pct(arm["stats"]["modal_share"]),
+            Text(safe(arm.arm)),
+            str(arm.concurrency),
+            f"{arm.ok}/{arm.n}",
+            str(arm.errors),
+            str(arm.unique),
+            _pct(arm.stats.modal_share),
             _bound_text(arm),
             first,
-            str(arm["forks_total"]),
+            str(arm.forks_total),
         )
     return table
 
 
-def _miss_hint(arm: dict[str, Any]) -> Text | None:
+def _miss_hint(arm: ArmSummary) -> Text | None:
     """For an arm that never diverged: what N agreeing samples can and cannot rule out."""
-    st = arm["stats"]
-    if arm["unique"] != 1 or not st["miss_probability"]:
+    st = arm.stats
+    if arm.unique != 1 or not st.miss_probability:
         return None
-    miss = st["miss_probability"]["0.01"]
-    need = st["samples_needed95"]["0.01"]
+    miss = st.miss_probability["0.01"]
+    need = st.samples_needed95["0.01"]
     return Text(
-        f"  {safe(arm['arm'])}: {arm['ok']} agreeing samples; a 1% divergence would go unseen with probability "
+        f"  {safe(arm.arm)}: {arm.ok} agreeing samples; a 1% divergence would go unseen with probability "
         f"{_pct(miss, 2)} ({need} samples catch it 95% of the time)",
         style="dim",
     )
 
 
-def render_summary(summary: dict[str, Any], console: Console) -> None:
+def render_summary(summary: RunSummary, console: Console) -> None:
     """Print the run summary: per prompt an arm table, the first forks and the verdict; then cross-prompt figures."""
-    detail = summary["unit_detail"]
-    samples = summary["samples"]
-    head = Text(f"run {safe(summary['run_id'])}", style="bold")
-    head.append(f"  model {safe(summary.get('model') or '?')}  ·  {safe(summary['run_status'])}", style="dim")
+    detail = summary.unit_detail
+    samples = summary.samples
+    head = Text(f"run {safe(summary.run_id)}", style="bold")
+    head.append(f"  model {safe(summary.model or '?')}  ·  {safe(summary.run_status)}", style="dim")
     console.print(head)
     console.print(
         Text(
-            f"compared as {detail['compared_as']} (unit: {summary['unit']}, positions in {detail['positions']}); "
-            f"{samples['ok']} ok, {samples['errors']} errors of {samples['rows']} rows ({samples['expected']} "
-            f"expected)"
+            f"compared as {detail.compared_as} (unit: {summary.unit}, positions in {detail.positions}); "
+            f"{samples.ok} ok, {samples.errors} errors of {samples.rows} rows ({samples.expected} expected)"
         )
     )
-    for prompt in summary["prompts"]:
+    for prompt in summary.prompts:
         console.print()
-        title = Text(f"prompt {safe(prompt['prompt_id'])}", style="bold")
-        if prompt.get("prompt"):
-            title.append(f" {quoted(_short(prompt['prompt']))}")
+        title = Text(f"prompt {safe(prompt.prompt_id)}", style="bold")
+        if prompt.prompt:
+            title.append(f" {quoted(_short(prompt.prompt))}")
         title.append(": ", style="bold")
-        title.append(safe(prompt["verdict"]), style=_VERDICT_STYLE.get(prompt["verdict"], "bold"))
-        title.append(f" — {safe(prompt['verdict_reason'])}", style="dim")
+        title.append(safe(prompt.verdict), style=_VERDICT_STYLE[prompt.verdict])
+        title.append(f" — {safe(prompt.verdict_reason)}", style="dim")
         console.print(title)
         console.print(_arm_table(prompt))
-        for arm in prompt["arms"]:
-            if arm["forks"]:
-                console.print(Text(f"  forks in {safe(arm['arm'])}:", style="bold"))
-                for fork in arm["forks"][:FORKS_SHOWN]:
+        for arm in prompt.arms:
+            if arm.forks:
+                console.print(Text(f"  forks in {safe(arm.arm)}:", style="bold"))
+                for fork in arm.forks[:FORKS_SHOWN]:
                     console.print(_fork_line(fork))
-                if arm["forks_total"] > FORKS_SHOWN:
-                    console.print(Text(f"  … {arm['forks_total'] - FORKS_SHOWN} more (--json)", style="dim"))
+                if arm.forks_total > FORKS_SHOWN:
+                    console.print(Text(f"  … {arm.forks_total - FORKS_SHOWN} more (--json)", style="dim"))
             hint = _miss_hint(arm)
             if hint is not None:
                 console.print(hint)
-            for fp in arm.get("system_fingerprints") or []:
+            for fp in arm.system_fingerprints or []:
                 console.print(
                     Text(
-                        f"  system_fingerprint {safe(fp['system_fingerprint'])}: n={fp['n']} unique={fp['unique']} "
-                        f"modal {_pct(fp['modal_share'])}"
+                        f"  system_fingerprint {safe(fp.system_fingerprint)}: n={fp.n} unique={fp.unique} "
+                        f"modal {_pct(fp.modal_share)}"
                     )
                 )
-    if len(summary["prompts"]) > 1:
-        ag = summary["agreement"]
+    if len(summary.prompts) > 1:
+        ag = summary.agreement
         console.print()
         console.print(
             Text(
-                f"prompts with all completions identical: {ag['all_identical']}/{ag['prompts']} ({_pct(ag['share'])})",
+                f"prompts with all completions identical: {ag.all_identical}/{ag.prompts} ({_pct(ag.share)})",
                 style="bold",
             )
         )
-        for arm in ag["by_arm"]:
-            console.print(Text(f"  {safe(arm['arm'])}: {arm['all_identical']}/{arm['prompts']} ({_pct(arm['share'])})"))
-        for fp in ag.get("by_system_fingerprint") or []:
+        for arm_ag in ag.by_arm:
+            console.print(Text(f"  {safe(arm_ag.arm)}: {arm_ag.all_identical}/{arm_ag.prompts} ({_pct(arm_ag.share)})"))
+        for fp_ag in ag.by_system_fingerprint or []:
             console.print(
-                Text(f"  system_fingerprint {safe(fp['system_fingerprint'])}: {fp['all_identical']}/{fp['prompts']}")
+                Text(f"  system_fingerprint {safe(fp_ag.system_fingerprint)}: {fp_ag.all_identical}/{fp_ag.prompts}")
             )
-        if summary["earliest_fork"]:
-            ef = summary["earliest_fork"]
+        if summary.earliest_fork:
+            ef = summary.earliest_fork
             console.print(
-                Text(f"earliest fork: prompt {safe(ef['prompt_id'])}, arm {safe(ef['arm'])}, position {ef['position']}")
+                Text(f"earliest fork: prompt {safe(ef.prompt_id)}, arm {safe(ef.arm)}, position {ef.position}")
             )
 
 

@@ -59,9 +59,10 @@ def rescore_command(
         Console(stderr=True).print(f"[bold yellow]warning:[/] {escape(safe(line))}", highlight=False, soft_wrap=True)
     rescore_run(run_dir, engine, check)
     summary = store_summary(run_dir)  # its rescore section is built from the rescore.parquet just written
-    section = summary["rescore"]
+    section = summary.rescore
+    assert section is not None  # rescore_run has just written rescore.parquet
     if as_json:
-        typer.echo(json.dumps(section, indent=2))
+        typer.echo(json.dumps(section.model_dump(), indent=2))
         return
     table = Table(title=Text(f"rescore of {safe(run_dir)} ({kernels}, {dtype}, {device})"))
     for col in ("rows", "tokens", "equal tokens", "max |Δ|", "mean |Δ|", "KL mean", "first diff min/median"):
@@ -71,17 +72,17 @@ def rescore_command(
         return "–" if x is None else f"{x:.3g}"
 
     table.add_row(
-        f"{section['rows_compared']}/{section['rows']}",
-        str(section["tokens_compared"]),
-        str(section["tokens_equal"]),
-        fmt(section["max_abs_delta"]),
-        fmt(section["mean_abs_delta"]),
-        fmt(section["kl_mean"]),
-        f"{section['first_diff_min'] if section['first_diff_min'] is not None else '–'}"
-        f"/{section['first_diff_median'] if section['first_diff_median'] is not None else '–'}",
+        f"{section.rows_compared}/{section.rows}",
+        str(section.tokens_compared),
+        str(section.tokens_equal),
+        fmt(section.max_abs_delta),
+        fmt(section.mean_abs_delta),
+        fmt(section.kl_mean),
+        f"{section.first_diff_min if section.first_diff_min is not None else '–'}"
+        f"/{section.first_diff_median if section.first_diff_median is not None else '–'}",
     )
     console = Console()
     console.print(table)
-    if section["rows_compared"] and section["max_abs_delta"] == 0:
+    if section.rows_compared and section.max_abs_delta == 0:
         console.print("every reported logprob equals the teacher-forced one, bit for bit")
     console.print(f"wrote {run_dir / 'rescore.parquet'} and the summary's rescore section")

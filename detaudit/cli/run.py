@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import fields
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from rich.text import Text
 
 from detaudit.analysis.summary import store_summary
+from detaudit.analysis.summary_schema import RunSummary
 from detaudit.audit.endpoint import RunOutcome, execute_run
 from detaudit.audit.request import (
     DEFAULT_KEY_ENV,
@@ -62,7 +63,7 @@ def make_progress(console: Console) -> Progress:
     )
 
 
-def render_run(outcome: RunOutcome, summary: dict[str, Any], console: Console) -> None:
+def render_run(outcome: RunOutcome, summary: RunSummary, console: Console) -> None:
     """The analysis module's summary view, then what the reader of this run should know and where it is."""
     render_summary(summary, console)
     for note in outcome.manifest.notes:
@@ -72,7 +73,7 @@ def render_run(outcome: RunOutcome, summary: dict[str, Any], console: Console) -
 
 def finish_run(
     outcome: RunOutcome, as_json: bool, console: Console, err_console: Console, resume: str | None = None
-) -> dict[str, Any]:
+) -> RunSummary:
     """Summarize a complete run into summary.json and print it. A run that did not complete prints how far it got
     and the command that finishes it (`resume`, default `detaudit run --resume ...`): interrupted, exit 130;
     failed (recording failed), exit 3 with one line."""
@@ -94,13 +95,13 @@ def finish_run(
         raise typer.Exit(130)
     summary = store_summary(outcome.run_dir)
     if as_json:
-        typer.echo(json_text(summary))
+        typer.echo(json_text(summary.document()))
     else:
         render_run(outcome, summary, console)
-    samples = summary["samples"]
-    if samples["expected"] and samples["errors"] > MAX_ERROR_SHARE * samples["expected"]:
+    samples = summary.samples
+    if samples.expected and samples.errors > MAX_ERROR_SHARE * samples.expected:
         raise EndpointError(
-            f"{samples['errors']} of {samples['expected']} requests failed; see the error column "
+            f"{samples.errors} of {samples.expected} requests failed; see the error column "
             f"of {outcome.run_dir}/samples.parquet"
         )
     return summary

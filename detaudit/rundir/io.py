@@ -20,7 +20,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from detaudit.errors import RunDirError, UsageError
 from detaudit.rundir.schema import (
@@ -460,8 +460,9 @@ def open_run(run_dir: Path) -> tuple[RunManifest, pa.Table]:
     return manifest, read_samples(Path(run_dir))
 
 
-def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> None:
-    atomic_write_json(Path(run_dir) / SUMMARY_FILE, summary)
+def write_summary(run_dir: Path, summary: BaseModel) -> None:
+    """summary.json from the analysis' typed summary (analysis.summary_schema.RunSummary), its keys by their names."""
+    atomic_write_json(Path(run_dir) / SUMMARY_FILE, summary.model_dump(by_alias=True))
 
 
 RESCORE_INFO_KEY = b"detaudit.rescore_info"

@@ -1,0 +1,79 @@
+"""What the arms say together: each prompt's load verdict, and agreement (TARr) across the prompts of a run."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from detaudit.analysis.core import Sequences
+from detaudit.analysis.summary_schema import Agreement, ArmAgreement, ArmSummary, FingerprintAgreement, Verdict
+
+MIN_SAMPLES = 2  # fewer ok samples than this cannot show a divergence: the arm is inconclusive
+# The rows of each arm of each prompt: [(prompt_id, [(arm, concurrency, rows), ...]), ...]
+PromptGroups = list[tuple[str, list[tuple[str, int | None, np.ndarray]]]]
+
+
+def verdict(arms: list[ArmSummary], pooled_unique: int) -> tuple[Verdict, str]:
+    """Load verdict of one prompt from its arms (docs/summary.md, "verdict"), with the reason in words."""
+    if not arms:
+        return "inconclusive", "no samples"
+    thin = [a.arm for a in arms if a.ok < MIN_SAMPLES]
+    if thin:
+        return "inconclusive", f"fewer than {MIN_SAMPLES} ok samples in arm {', '.join(thin)}"
+    serial = [a for a in arms if a.concurrency == 1]
+    loaded = [a for a in arms if a.concurrency != 1]
+    with_errors = [a.arm for a in arms if a.errors]
+    if any(a.unique > 1 for a in serial):
+        return "load-independent", "the serial arm (concurrency 1) already diverges"
+    diverging = [a.arm for a in loaded if a.unique > 1]
+    if not diverging and pooled_unique == 1:
+        if with_errors:
+            return "inconclusive", f"no divergence seen, but errors in arm {', '.join(with_errors)} may hide one"
+        return "deterministic", "every arm returned one completion, the same in all arms"
+    if not serial:
+        return "inconclusive", "completions differ, but there is no serial arm (concurrency 1) to compare with"
+    serial_errors = [a.arm for a in serial if a.errors]
+    if serial_errors:
+        return "inconclusive", f"errors in the serial arm {', '.join(serial_errors)} may hide a divergence there"
+    if diverging:
+        return "load-dependent", f"the serial arm returns one completion; arm {', '.join(diverging)} diverges"
+    return "load-dependent", "each arm returns one completion, but the loaded arm's differs from the serial one"
+
+
+def agreement(prompt_groups: PromptGroups, seqs: Sequences, fp_codes: np.ndarray, fp_names: list[Any]) -> Agreement:
+    """TARr-style agreement: the share of prompts whose completions are all identical, overall, per arm, per
+    system_fingerprint (when it varies). A prompt with fewer than MIN_SAMPLES ok samples is not counted."""
+
+    def share(groups: list[np.ndarray]) -> tuple[int, int, float | None]:
+        judged = [g for g in groups if (seqs.row_seq[g] >= 0).sum() >= MIN_SAMPLES]
+        same = sum(1 for g in judged if len(np.unique(seqs.row_seq[g][seqs.row_seq[g] >= 0])) == 1)
+        return len(judged), same, same / len(judged) if judged else None
+
+    pooled = [np.concatenate([r for _, _, r in arms]) if arms else np.zeros(0, np.int64) for _, arms in prompt_groups]
+    arm_names: dict[str, int | None] = {}
+    for _, arms in prompt_groups:
+        for name, conc, _ in arms:
+            arm_names.setdefault(name, conc)
+    by_arm = []
+    for name, conc in arm_names.items():
+        n, same, fraction = share([r for _, arms in prompt_groups for a, _, r in arms if a == name])
+        by_arm.append(ArmAgreement(arm=name, concurrency=conc, prompts=n, all_identical=same, share=fraction))
+    values = np.unique(fp_codes[seqs.row_seq >= 0])
+    by_fingerprint = None
+    if len(values) > 1:
+        by_fingerprint = []
+        for v in values:
+            n, same, fraction = share([g[fp_codes[g] == v] for g in pooled])
+            value = fp_names[v] if v >= 0 else None
+            by_fingerprint.append(
+                FingerprintAgreement(system_fingerprint=value, prompts=n, all_identical=same, share=fraction)
+            )
+    n, same, fraction = share(pooled)
+    return Agreement(
+        prompts=n,
+        all_identical=same,
+        share=fraction,
+        by_arm=by_arm,
+        by_system_fingerprint=by_fingerprint,
+    )
