@@ -50,7 +50,7 @@ def near_tie_threshold(dtype: str = "bfloat16", logit_magnitude: float = LOGIT_M
 
 @dataclass(frozen=True)
 class Samples:
-    """One prompt's samples, all arms: one entry per sample row (row i of every field is sample i)."""
+    """One prompt's ok samples, all arms: one entry per sample row (row i of every field is sample i)."""
 
     arm: Sequence[str]
     concurrency: np.ndarray  # int: 1 is the serial arm
