@@ -175,10 +175,14 @@ def main() -> None:
         return
     import pyarrow
 
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()},"
-          f" pyarrow {pyarrow.__version__}, numpy {np.__version__}, {datetime.now(timezone.utc):%Y-%m-%d}")  # fmt: skip
-    print("| corpus | samples x tokens | parquet MiB | best wall s | its CPU s | peak RSS MiB above cold / warm "
-          "| Arrow peak MiB | unique | forks |")  # fmt: skip
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()},"
+        f" pyarrow {pyarrow.__version__}, numpy {np.__version__}, {datetime.now(timezone.utc):%Y-%m-%d}"
+    )
+    print(
+        "| corpus | samples x tokens | parquet MiB | best wall s | its CPU s | peak RSS MiB above cold / warm "
+        "| Arrow peak MiB | unique | forks |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for capture in args.captures.split(","):
         with tempfile.TemporaryDirectory() as tmp:
@@ -186,15 +190,22 @@ def main() -> None:
             warm_dir = generate(Path(tmp) / "warm", 50, 20, "ids")
             results = []
             for _ in range(args.repeat):
-                proc = subprocess.run([sys.executable, __file__, "--measure", str(run_dir), str(warm_dir)],
-                                      capture_output=True, text=True, check=True)  # fmt: skip
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--measure", str(run_dir), str(warm_dir)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                )
                 results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             best = min(results, key=lambda r: r["wall_s"])
             cold = max(r["peak_rss_above_cold_mib"] for r in results)
             warm = max(r["peak_rss_above_warm_mib"] for r in results)
-            print(f"| {capture} | {args.samples} x {args.length} | {best['parquet_mib']} | {best['wall_s']} | "
-                  f"{best['cpu_s']} | {cold} / {warm} | {best['arrow_peak_mib']} | {best['unique']} | "
-                  f"{best['forks_total']} |", flush=True)  # fmt: skip
+            print(
+                f"| {capture} | {args.samples} x {args.length} | {best['parquet_mib']} | {best['wall_s']} | "
+                f"{best['cpu_s']} | {cold} / {warm} | {best['arrow_peak_mib']} | {best['unique']} | "
+                f"{best['forks_total']} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

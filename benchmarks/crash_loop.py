@@ -45,8 +45,14 @@ MAX_FINAL_RESUMES = 20  # each resume may meet the poison again (1 % of the answ
 
 def start_server(tmp: Path) -> tuple[subprocess.Popen, str]:
     tokens = [f" t{i}" for i in range(48)]
-    return spawn({"completions": {"A": tokens, "B": tokens[:20] + [" fork"], "P": POISON},
-                  "schedules": {"crash": [["A", 98], ["B", 1], ["P", 1]]}, "latency_s": 0.005}, tmp)  # fmt: skip
+    return spawn(
+        {
+            "completions": {"A": tokens, "B": tokens[:20] + [" fork"], "P": POISON},
+            "schedules": {"crash": [["A", 98], ["B", 1], ["P", 1]]},
+            "latency_s": 0.005,
+        },
+        tmp,
+    )
 
 
 def _tmp_files(out: Path, where: str) -> list[Path]:
@@ -100,8 +106,20 @@ def main() -> None:
         tmp = Path(tmp_name)
         server, base_url = start_server(tmp)
         out = tmp / "run"
-        cmd = [DETAUDIT, "run", "--base-url", base_url, "-p", "crash", "-n", str(args.n), "-c", "1,16",
-               "--out", str(out)]  # fmt: skip
+        cmd = [
+            DETAUDIT,
+            "run",
+            "--base-url",
+            base_url,
+            "-p",
+            "crash",
+            "-n",
+            str(args.n),
+            "-c",
+            "1,16",
+            "--out",
+            str(out),
+        ]
         resume = [DETAUDIT, "run", "--resume", "--out", str(out)]
         try:
             started = time.perf_counter()
@@ -129,8 +147,16 @@ def main() -> None:
                 kills += 1
                 raw = check_readable(out)
                 have = read_samples(out).num_rows
-                events.append({"kill": kills, "mode": mode, "moment": moment, "rows_recorded": have,
-                               "raw_rows_on_disk": raw, "status": load_manifest(out).status})  # fmt: skip
+                events.append(
+                    {
+                        "kill": kills,
+                        "mode": mode,
+                        "moment": moment,
+                        "rows_recorded": have,
+                        "raw_rows_on_disk": raw,
+                        "status": load_manifest(out).status,
+                    }
+                )
                 print(json.dumps(events[-1]), flush=True)
             final_codes = []
             while len(final_codes) < MAX_FINAL_RESUMES and (not final_codes or final_codes[-1] != 0):
@@ -150,9 +176,13 @@ def main() -> None:
         expected = 2 * args.n
         raw_rows = check_readable(out)
         result = {
-            "kills": args.kills, "expected_samples": expected, "final_rows": table.num_rows,
-            "lost": len(set(range(expected)) - set(idx)), "duplicated": sum(c - 1 for c in idx.values()),
-            "raw_rows_on_disk": raw_rows, "temp_files_left": len(list(out.rglob("*.tmp"))),
+            "kills": args.kills,
+            "expected_samples": expected,
+            "final_rows": table.num_rows,
+            "lost": len(set(range(expected)) - set(idx)),
+            "duplicated": sum(c - 1 for c in idx.values()),
+            "raw_rows_on_disk": raw_rows,
+            "temp_files_left": len(list(out.rglob("*.tmp"))),
             "ok": sum(s == "ok" for s in table.column("status").to_pylist()),
             "error_reasons": dict(Counter(r for r in table.column("error_reason").to_pylist() if r is not None)),
             "status": load_manifest(out).status,
@@ -161,8 +191,10 @@ def main() -> None:
             "kills_during_shard_write": sum(e.get("moment", "").startswith("during shard") for e in events),
             "kills_during_final_fold": sum(e.get("moment", "").startswith("during samples") for e in events),
             "runs_that_finished_before_their_kill": sum(e["moment"] == "finished before the kill" for e in events),
-            "elapsed_s": round(elapsed, 1), "cpus": os.cpu_count(), "python": platform.python_version(),
-        }  # fmt: skip
+            "elapsed_s": round(elapsed, 1),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+        }
         print(json.dumps(result, indent=2))
         if result["lost"] or result["duplicated"] or result["final_rows"] != expected:
             raise SystemExit("FAILED: samples lost or duplicated")

@@ -127,18 +127,19 @@ def _engine(model: Path, name: str, args: argparse.Namespace, **cfg) -> tuple[En
     """The engine of a phase name and its start-up time (weights, KV cache, CUDA-graph capture)."""
     kernels, graphs = _variant(name)
     t0 = time.perf_counter()
-    eng = Engine(EngineConfig(str(model), device=args.device, dtype="bfloat16", kernels=kernels, cuda_graphs=graphs,
-                              **cfg))  # fmt: skip
+    eng = Engine(
+        EngineConfig(str(model), device=args.device, dtype="bfloat16", kernels=kernels, cuda_graphs=graphs, **cfg)
+    )
     _sync(args.device)
     return eng, round(time.perf_counter() - t0, 2)
 
 
 def local_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
     """`detaudit local`'s load loop (without the run directory): unique target completions and generation time."""
-    eng, start_s = _engine(model, name, args, max_batch=args.max_batch, max_batched_tokens=args.max_batched_tokens,
-                           max_model_len=1024)  # fmt: skip
-    work = build_workload(args.scenario, [PROMPT], args.n, max_tokens=args.max_tokens, max_batch=args.max_batch,
-                          seed=0)  # fmt: skip
+    eng, start_s = _engine(
+        model, name, args, max_batch=args.max_batch, max_batched_tokens=args.max_batched_tokens, max_model_len=1024
+    )
+    work = build_workload(args.scenario, [PROMPT], args.n, max_tokens=args.max_tokens, max_batch=args.max_batch, seed=0)
     outs: list[tuple[int, ...]] = []
     steps = log_steps(eng)
     stats = drive(
@@ -153,17 +154,30 @@ def local_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
     modal = Counter(outs).most_common(1)[0][0]
     first_div = [next((i for i, (x, y) in enumerate(zip(o, modal, strict=False)) if x != y), None) for o in outs]
     first_div = [d for d in first_div if d is not None]
-    return {**stats, "n": len(outs), "unique": len(counts), "counts": counts[:10],
-            "first_divergence_min": min(first_div, default=None),
-            "tok_per_s": round(stats["generated_tokens"] / stats["wall_s"], 1), "engine_start_s": start_s,
-            **_floor(eng, steps, stats["wall_s"], args), "engine": eng.info()}  # fmt: skip
+    return {
+        **stats,
+        "n": len(outs),
+        "unique": len(counts),
+        "counts": counts[:10],
+        "first_divergence_min": min(first_div, default=None),
+        "tok_per_s": round(stats["generated_tokens"] / stats["wall_s"], 1),
+        "engine_start_s": start_s,
+        **_floor(eng, steps, stats["wall_s"], args),
+        "engine": eng.info(),
+    }
 
 
 def offline_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
     """N prompts submitted at once through Engine.generate (as `llm.generate` of the anchors), after a warm-up
     generate of one full batch: wall time, tokens/s and unique completions."""
-    eng, start_s = _engine(model, name.removeprefix("offline-"), args, max_batch=args.max_batch,
-                           max_batched_tokens=args.max_batched_tokens, max_model_len=1024)  # fmt: skip
+    eng, start_s = _engine(
+        model,
+        name.removeprefix("offline-"),
+        args,
+        max_batch=args.max_batch,
+        max_batched_tokens=args.max_batched_tokens,
+        max_model_len=1024,
+    )
     prompt = eng.encode_chat([{"role": "user", "content": PROMPT}])
     eng.generate([prompt] * args.max_batch, SamplingParams(max_tokens=2, ignore_eos=True))
     _sync(args.device)
@@ -175,11 +189,20 @@ def offline_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
     wall = time.perf_counter() - t0
     tokens = sum(len(s.output_ids) for s in seqs)
     counts = sorted(Counter(tuple(s.output_ids) for s in seqs).values(), reverse=True)
-    return {"n": len(seqs), "steps": eng.steps - steps0, "graph_steps": eng.graph_replays - replays0,
-            "prefill_graph_steps": eng.prefill_graph_replays - prefill0,
-            "generated_tokens": tokens, "wall_s": round(wall, 3), "tok_per_s": round(tokens / wall, 1),
-            "unique": len(counts), "counts": counts[:10], "engine_start_s": start_s,
-            **_floor(eng, steps, wall, args), "engine": eng.info()}  # fmt: skip
+    return {
+        "n": len(seqs),
+        "steps": eng.steps - steps0,
+        "graph_steps": eng.graph_replays - replays0,
+        "prefill_graph_steps": eng.prefill_graph_replays - prefill0,
+        "generated_tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tok_per_s": round(tokens / wall, 1),
+        "unique": len(counts),
+        "counts": counts[:10],
+        "engine_start_s": start_s,
+        **_floor(eng, steps, wall, args),
+        "engine": eng.info(),
+    }
 
 
 def hf_phase(model: Path, args: argparse.Namespace) -> dict:
@@ -191,8 +214,7 @@ def hf_phase(model: Path, args: argparse.Namespace) -> dict:
     params = SamplingParams(max_tokens=args.hf_tokens, ignore_eos=True)
     engines: dict[str, dict] = {}
     for name in args.hf_engine_kernels.split(","):
-        eng, start_s = _engine(model, name, args, max_batch=args.hf_batch, max_batched_tokens=4096,
-                               max_model_len=512)  # fmt: skip
+        eng, start_s = _engine(model, name, args, max_batch=args.hf_batch, max_batched_tokens=4096, max_model_len=512)
         prompts = [eng.encode_chat([{"role": "user", "content": t}]) for t in texts]
         eng.generate(prompts, SamplingParams(max_tokens=3, ignore_eos=True))  # warm-up: the same prefill shapes
         _sync(args.device)
@@ -201,8 +223,12 @@ def hf_phase(model: Path, args: argparse.Namespace) -> dict:
         _sync(args.device)
         engine_s = time.perf_counter() - t0
         n_tokens = sum(len(s.output_ids) for s in seqs)
-        engines[name] = {"engine_s": round(engine_s, 3), "engine_tok_per_s": round(n_tokens / engine_s, 1),
-                         "engine_start_s": start_s, "cuda_graphs": eng.info()["cuda_graphs"]}  # fmt: skip
+        engines[name] = {
+            "engine_s": round(engine_s, 3),
+            "engine_tok_per_s": round(n_tokens / engine_s, 1),
+            "engine_start_s": start_s,
+            "cuda_graphs": eng.info()["cuda_graphs"],
+        }
         del eng, seqs
         _release(args.device)
     hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.bfloat16).to(args.device).eval()
@@ -217,8 +243,9 @@ def hf_phase(model: Path, args: argparse.Namespace) -> dict:
         padding=True,
         add_special_tokens=False,
     ).to(args.device)
-    kw = dict(max_new_tokens=args.hf_tokens, min_new_tokens=args.hf_tokens, do_sample=False,
-              pad_token_id=tok.pad_token_id)  # fmt: skip
+    kw = dict(
+        max_new_tokens=args.hf_tokens, min_new_tokens=args.hf_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+    )
     hf.generate(**{k: v[:2] for k, v in enc.items()}, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
     _sync(args.device)
     t0 = time.perf_counter()
@@ -268,9 +295,12 @@ def main() -> None:
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.ceilings = ceilings() if args.device.startswith("cuda") else None
-    result: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "torch": torch.__version__,
-                    "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
-                    "ceilings": args.ceilings}  # fmt: skip
+    result: dict = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
+        "ceilings": args.ceilings,
+    }
     try:
         import triton
 

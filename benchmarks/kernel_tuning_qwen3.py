@@ -111,8 +111,9 @@ def sweep(tm: Any, res: dict[str, Any], out: Path, budget: float) -> None:
             }
             row["base_ms"] = bench(lambda x=x, w=w, c=base: tm.matmul(x, w.t(), config=c), rep=REP)
             row["base_ratio"] = row["cublas_ms"] / row["base_ms"]
-            row["cands"] = {str(c): try_candidate(tm, x, w, tm.Config(*c), ref, row["cublas_ms"], rep=REP)
-                            for c in _cands(m)}  # fmt: skip
+            row["cands"] = {
+                str(c): try_candidate(tm, x, w, tm.Config(*c), ref, row["cublas_ms"], rep=REP) for c in _cands(m)
+            }
             ok = {c: e for c, e in row["cands"].items() if e.get("same_bits") and "ms" in e}
             best = min(ok, key=lambda c: ok[c]["ms"]) if ok else None
             row["best"], row["best_ratio"] = best, (ok[best]["ratio"] if best else None)

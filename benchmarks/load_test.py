@@ -71,9 +71,26 @@ def main() -> None:
         out = tmp / "run"
         try:
             t0 = time.perf_counter()
-            proc = subprocess.Popen([str(Path(sys.executable).with_name("detaudit")), "run", "--base-url", base_url,
-                                     "-p", "load", "-n", str(args.n), "-c", str(args.concurrency), "--out", str(out),
-                                     "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+            proc = subprocess.Popen(
+                [
+                    str(Path(sys.executable).with_name("detaudit")),
+                    "run",
+                    "--base-url",
+                    base_url,
+                    "-p",
+                    "load",
+                    "-n",
+                    str(args.n),
+                    "-c",
+                    str(args.concurrency),
+                    "--out",
+                    str(out),
+                    "--json",
+                ],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             sampler = Sampler(proc.pid)
             sampler.start()
             stdout, stderr = proc.communicate()
@@ -90,17 +107,30 @@ def main() -> None:
         span = (pc.max(table.column("finished_at")).value - pc.min(table.column("started_at")).value) / 1e6
         summary = json.loads(stdout)
         result = {
-            "n": args.n, "concurrency": args.concurrency, "server_latency_s": args.latency,
-            "rows": len(idx), "distinct_sample_indices": len(set(idx)), "ok": ok,
-            "lost": args.n - len(set(idx)), "duplicated": len(idx) - len(set(idx)),
-            "summary_ok": summary["samples"]["ok"], "manifest_status": load_manifest(out).status,
-            "requests_per_s": round(args.n / span, 1), "command_wall_s": round(wall, 1),
-            "peak_rss_mib": round(sampler.peak_rss_kb / 1024, 1), "peak_open_fds": sampler.peak_fds,
+            "n": args.n,
+            "concurrency": args.concurrency,
+            "server_latency_s": args.latency,
+            "rows": len(idx),
+            "distinct_sample_indices": len(set(idx)),
+            "ok": ok,
+            "lost": args.n - len(set(idx)),
+            "duplicated": len(idx) - len(set(idx)),
+            "summary_ok": summary["samples"]["ok"],
+            "manifest_status": load_manifest(out).status,
+            "requests_per_s": round(args.n / span, 1),
+            "command_wall_s": round(wall, 1),
+            "peak_rss_mib": round(sampler.peak_rss_kb / 1024, 1),
+            "peak_open_fds": sampler.peak_fds,
             # RSS at a quarter, half and three quarters of the run: flat means memory does not grow with N
-            "rss_mib_at_25_50_75pct": [round(sampler.rss_kb[int(len(sampler.rss_kb) * q)] / 1024, 1)
-                                       for q in (0.25, 0.5, 0.75)] if sampler.rss_kb else None,
-            "cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
-        }  # fmt: skip
+            "rss_mib_at_25_50_75pct": [
+                round(sampler.rss_kb[int(len(sampler.rss_kb) * q)] / 1024, 1) for q in (0.25, 0.5, 0.75)
+            ]
+            if sampler.rss_kb
+            else None,
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        }
         print(json.dumps(result, indent=2))
 
 

@@ -46,8 +46,14 @@ def start_server(tmp: Path) -> tuple[subprocess.Popen, str]:
 async def bare_loop(base_url: str, n: int, concurrency: int, pool_size: int | None = None) -> float:
     """n requests, `concurrency` in flight, JSON parsed and dropped. pool_size: split connections over several
     httpx clients of that size, as detaudit does (None: one client, as a plain loop would)."""
-    body = {"model": "scripted-model", "messages": [{"role": "user", "content": PROMPT}], "temperature": 0,
-            "logprobs": True, "top_logprobs": 2, "return_token_ids": True}  # fmt: skip
+    body = {
+        "model": "scripted-model",
+        "messages": [{"role": "user", "content": PROMPT}],
+        "temperature": 0,
+        "logprobs": True,
+        "top_logprobs": 2,
+        "return_token_ids": True,
+    }
     n_pools = 1 if pool_size is None else -(-concurrency // pool_size)
     per_pool = -(-(concurrency + 4) // n_pools)
     limits = httpx.Limits(max_connections=per_pool, max_keepalive_connections=per_pool)
@@ -73,8 +79,25 @@ async def bare_loop(base_url: str, n: int, concurrency: int, pool_size: int | No
 def detaudit_run(base_url: str, n: int, concurrency: int, out: Path) -> tuple[float, float]:
     exe = str(Path(sys.executable).with_name("detaudit"))
     t0 = time.perf_counter()
-    proc = subprocess.run([exe, "run", "--base-url", base_url, "-p", PROMPT, "-n", str(n), "-c", str(concurrency),
-                           "--out", str(out), "--json"], capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        [
+            exe,
+            "run",
+            "--base-url",
+            base_url,
+            "-p",
+            PROMPT,
+            "-n",
+            str(n),
+            "-c",
+            str(concurrency),
+            "--out",
+            str(out),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+    )
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"detaudit run failed: {proc.stderr[-500:]}")
@@ -102,19 +125,35 @@ def main() -> None:
                 rps, wall = detaudit_run(base_url, args.n, args.concurrency, tmp / f"run{r}")
                 ours.append(rps)
                 walls.append(wall)
-                print(f"round {r}: bare {bare[-1]:.0f} req/s, bare with pools of {POOL_SIZE} {sharded[-1]:.0f} req/s, "
-                      f"detaudit {rps:.0f} req/s (command wall {wall:.1f} s)", flush=True)  # fmt: skip
+                print(
+                    f"round {r}: bare {bare[-1]:.0f} req/s, bare with pools of {POOL_SIZE} {sharded[-1]:.0f} req/s, "
+                    f"detaudit {rps:.0f} req/s (command wall {wall:.1f} s)",
+                    flush=True,
+                )
         finally:
             server.terminate()
             server.wait()
     b, p, d = statistics.median(bare), statistics.median(sharded), statistics.median(ours)
-    print(json.dumps({
-        "n": args.n, "concurrency": args.concurrency, "rounds": args.rounds, "bare_rps_median": round(b, 1),
-        "bare_pooled_rps_median": round(p, 1), "detaudit_rps_median": round(d, 1), "ratio_vs_bare": round(d / b, 3),
-        "ratio_vs_bare_pooled": round(d / p, 3), "detaudit_wall_s_median": round(
-            statistics.median(walls), 2), "cpus": os.cpu_count(), "python": platform.python_version(),
-        "platform": platform.platform(), "httpx": httpx.__version__,
-    }, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "n": args.n,
+                "concurrency": args.concurrency,
+                "rounds": args.rounds,
+                "bare_rps_median": round(b, 1),
+                "bare_pooled_rps_median": round(p, 1),
+                "detaudit_rps_median": round(d, 1),
+                "ratio_vs_bare": round(d / b, 3),
+                "ratio_vs_bare_pooled": round(d / p, 3),
+                "detaudit_wall_s_median": round(statistics.median(walls), 2),
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "platform": platform.platform(),
+                "httpx": httpx.__version__,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

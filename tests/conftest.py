@@ -49,15 +49,32 @@ def transformers_serve(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFa
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "TRANSFORMERS_OFFLINE": "1"}
     exe = Path(sys.executable).with_name("transformers")
     log = open(tmp_path_factory.mktemp("serve-log") / "serve.log", "wb")
-    proc = subprocess.Popen([str(exe), "serve", str(tiny_model_dir), "--device", "cpu", "--host", "127.0.0.1",
-                             "--port", str(port), "--continuous-batching", "--dtype", "bfloat16"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            str(exe),
+            "serve",
+            str(tiny_model_dir),
+            "--device",
+            "cpu",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--continuous-batching",
+            "--dtype",
+            "bfloat16",
+        ],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(proc, base, Path(log.name))
         # The first generation warms the server up (tens of seconds on a busy CPU): do it here, not in a test.
-        httpx.post(f"{base}/v1/completions", json={"model": str(tiny_model_dir), "prompt": "x", "max_tokens": 1},
-                   timeout=300)  # fmt: skip
+        httpx.post(
+            f"{base}/v1/completions", json={"model": str(tiny_model_dir), "prompt": "x", "max_tokens": 1}, timeout=300
+        )
         yield f"{base}/v1"
     finally:
         proc.terminate()

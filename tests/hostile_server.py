@@ -210,8 +210,12 @@ def _refusal(choice: Obj, i: int) -> None:
 
 def _tool_call(choice: Obj, i: int) -> None:
     if i == 0:
-        call = {"index": 0, "id": "call_1", "type": "function",
-                "function": {"name": "get_weather", "arguments": '{"city": "Queens"}'}}  # fmt: skip
+        call = {
+            "index": 0,
+            "id": "call_1",
+            "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Queens"}'},
+        }
         _message(choice)["tool_calls"] = [call]
     if choice.get("finish_reason"):
         choice["finish_reason"] = "tool_calls"
@@ -324,9 +328,25 @@ _TOKENS: dict[str, Callable[[list[_Token]], list[_Token]]] = {
     "mention_token": _last_text(lambda s: " @everyone"),
 }
 # Modes that write the whole answer themselves (status line, headers, timing); handled in _wire().
-_WIRE = ("empty_stream", "error_200", "error_event", "not_openai", "array_body", "trickle", "keepalive",
-         "truncated_json", "empty_body", "html_200", "reset", "gzip_lie", "truncated_stream", "json_bomb",
-         "redirect", "osc_error", "echo_auth")  # fmt: skip
+_WIRE = (
+    "empty_stream",
+    "error_200",
+    "error_event",
+    "not_openai",
+    "array_body",
+    "trickle",
+    "keepalive",
+    "truncated_json",
+    "empty_body",
+    "html_200",
+    "reset",
+    "gzip_lie",
+    "truncated_stream",
+    "json_bomb",
+    "redirect",
+    "osc_error",
+    "echo_auth",
+)
 # Modes that change the server rather than one answer: set_poison applies them.
 SERVER_MODES = ("osc_models",)
 MODES: tuple[str, ...] = (*_MUTATE, *_TOKENS, *_WIRE, *SERVER_MODES)
@@ -428,8 +448,9 @@ class HostileServer(ScriptedServer):
             await _body(send, b"data: " + encode(chunk) + b"\n\n")
         await _body(send, b"data: [DONE]\n\n", more=False)
 
-    async def _wire(self, mode: str, ctx: _Answer, stream: bool, include_usage: bool, headers: dict[str, str],
-                    send: Any) -> None:  # fmt: skip
+    async def _wire(
+        self, mode: str, ctx: _Answer, stream: bool, include_usage: bool, headers: dict[str, str], send: Any
+    ) -> None:
         """The modes that abuse the status line, the headers, the framing or the timing of an answer."""
         chunks = _chunks(ctx, include_usage)
         sse = b"".join(b"data: " + _encode(c) + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
@@ -451,8 +472,7 @@ class HostileServer(ScriptedServer):
             err = _encode(_err("The server is overloaded", "server_error", None))
             await _raw(send, 200, b"data: " + _encode(chunks[0]) + b"\n\ndata: " + err + b"\n\ndata: [DONE]\n\n", ctype)
         elif mode == "truncated_stream":
-            await _raw(send, 200, b"".join(b"data: " + _encode(c) + b"\n\n" for c in chunks[: len(chunks) // 2]),
-                       ctype)  # fmt: skip
+            await _raw(send, 200, b"".join(b"data: " + _encode(c) + b"\n\n" for c in chunks[: len(chunks) // 2]), ctype)
         elif mode == "empty_body":
             await _raw(send, 200, b"", ctype)
         elif mode == "html_200":
@@ -495,8 +515,13 @@ def _duplicate_keys(obj: Obj) -> bytes:
 
 
 async def _start_sse(send: Any) -> None:
-    await send({"type": "http.response.start", "status": 200,
-                "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})  # fmt: skip
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 200,
+            "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
+        }
+    )
 
 
 async def _body(send: Any, data: bytes, *, more: bool = True) -> None:

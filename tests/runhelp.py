@@ -45,8 +45,7 @@ def cli_process(*args: object, env: dict[str, str] | None = None, timeout: float
     goes to argv as is (e.g. not UTF-8)."""
     full_env = {**os.environ, "COLUMNS": "200", **(env or {})}
     argv = [a if isinstance(a, bytes) else str(a) for a in args]
-    proc = subprocess.run([DETAUDIT, *argv], capture_output=True, text=True, env=full_env,
-                          timeout=timeout)  # fmt: skip
+    proc = subprocess.run([DETAUDIT, *argv], capture_output=True, text=True, env=full_env, timeout=timeout)
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
 

@@ -270,9 +270,16 @@ class ScriptedServer:
         if self.port == 0:
             self.port = free_port()
         config = uvicorn.Config(
-            self.app, host="127.0.0.1", port=self.port, log_level="critical", access_log=False, interface="asgi3",
-            lifespan="off", backlog=4096, timeout_keep_alive=30,
-        )  # fmt: skip
+            self.app,
+            host="127.0.0.1",
+            port=self.port,
+            log_level="critical",
+            access_log=False,
+            interface="asgi3",
+            lifespan="off",
+            backlog=4096,
+            timeout_keep_alive=30,
+        )
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self._server.run, name="scripted-server", daemon=True)
         self._thread.start()
@@ -462,8 +469,13 @@ class ScriptedServer:
         return True
 
     async def _stream(self, ctx: _Answer, send: Any, *, truncate: bool, include_usage: bool) -> None:
-        await send({"type": "http.response.start", "status": 200,
-                    "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]})  # fmt: skip
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")],
+            }
+        )
         n = len(ctx.tokens)
         stop_at = n // 2 if truncate else n
         for i in range(stop_at):
@@ -482,8 +494,18 @@ class ScriptedServer:
 class _Answer:
     """Builds one answer's JSON in the chat or completions shape, whole or as stream chunks."""
 
-    def __init__(self, api: str, model: str, tokens: list[_Token], finish: str, want_lp: bool, k: int,
-                 as_ids: bool, with_ids: bool, fingerprint: str | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        api: str,
+        model: str,
+        tokens: list[_Token],
+        finish: str,
+        want_lp: bool,
+        k: int,
+        as_ids: bool,
+        with_ids: bool,
+        fingerprint: str | None,
+    ) -> None:
         self.api, self.model, self.tokens, self.finish = api, model, tokens, finish
         self.want_lp, self.k, self.as_ids, self.with_ids, self.fingerprint = want_lp, k, as_ids, with_ids, fingerprint
         self.id = f"{'chatcmpl' if api == 'chat' else 'cmpl'}-{random.getrandbits(48):x}"

@@ -124,8 +124,9 @@ def test_scripted_server_run_then_analyze_gives_the_known_forks(scripted_server,
         schedules={FEYNMAN: [("Q", 45), ("N", 3), ("J", 2)], "steady": "Q"},
     )
     out = tmp_path / "run"
-    r = cli(capsys, "run", "--base-url", server.base_url, "-p", FEYNMAN, "-p", "steady", "-n", 50, "-c", "1,8",
-            "--out", out)  # fmt: skip
+    r = cli(
+        capsys, "run", "--base-url", server.base_url, "-p", FEYNMAN, "-p", "steady", "-n", 50, "-c", "1,8", "--out", out
+    )
     assert r.code == 0, r.err
     r = cli(capsys, "analyze", out, "--json")
     assert r.code == 0, r.err
@@ -142,15 +143,25 @@ def test_scripted_server_run_then_analyze_gives_the_known_forks(scripted_server,
         ]
         assert arm["first_divergence"] == {"min": 5, "median": 5, "histogram": {"5": 3, "8": 2}, "samples": 5}
         forks = [
-            (f["position"], f["prefix_count"], f["prefix"], [(b["token"], b["token_id"], b["count"]) for b in
-                                                             f["branches"]], f["margin"])
+            (
+                f["position"],
+                f["prefix_count"],
+                f["prefix"],
+                [(b["token"], b["token_id"], b["count"]) for b in f["branches"]],
+                f["margin"],
+            )
             for f in arm["forks"]
-        ]  # fmt: skip
+        ]
         assert forks == [
             (5, 50, "Richard Feynman was born in", [(" Queens", ids["Q"][5], 47), (" New", ids["N"][5], 3)], 2.0),
-            (8, 47, "Richard Feynman was born in Queens, New",
-             [(" York", ids["Q"][8], 45), (" Jersey", ids["J"][8], 2)], 2.0),
-        ]  # fmt: skip
+            (
+                8,
+                47,
+                "Richard Feynman was born in Queens, New",
+                [(" York", ids["Q"][8], 45), (" Jersey", ids["J"][8], 2)],
+                2.0,
+            ),
+        ]
         assert arm["stats"]["modal_share"] == 0.9
     assert feynman["verdict"] == "load-independent"
     assert [(a["unique"], a["forks"]) for a in steady["arms"]] == [(1, []), (1, [])]
@@ -164,8 +175,9 @@ def test_scripted_server_run_then_analyze_gives_the_known_forks(scripted_server,
 @pytest.mark.parametrize("capture", ["openai", "text"])
 def test_scripted_server_other_captures(scripted_server, capsys, tmp_path, capture):
     """Token strings + bytes (OpenAI-shaped) fork at the same token; text-only forks at the character offset."""
-    server = scripted_server(completions={"Q": QUEENS, "N": NYC}, schedules={FEYNMAN: [("Q", 9), ("N", 1)]},
-                             capture=capture)  # fmt: skip
+    server = scripted_server(
+        completions={"Q": QUEENS, "N": NYC}, schedules={FEYNMAN: [("Q", 9), ("N", 1)]}, capture=capture
+    )
     out = tmp_path / "run"
     r = cli(capsys, "run", "--base-url", server.base_url, "-p", FEYNMAN, "-n", 10, "--out", out)
     assert r.code == 0, r.err
@@ -200,8 +212,9 @@ def test_model_text_that_looks_like_markup_is_printed_literally(tmp_path, capsys
 
 
 def test_load_dependent_server_gets_the_load_dependent_verdict(scripted_server, capsys, tmp_path):
-    server = scripted_server(completions={"Q": QUEENS, "N": NYC}, latency_s=0.02,
-                             schedules={FEYNMAN: {"serial": "Q", "loaded": ["Q", "N"]}})  # fmt: skip
+    server = scripted_server(
+        completions={"Q": QUEENS, "N": NYC}, latency_s=0.02, schedules={FEYNMAN: {"serial": "Q", "loaded": ["Q", "N"]}}
+    )
     out = tmp_path / "run"
     r = cli(capsys, "run", "--base-url", server.base_url, "-p", FEYNMAN, "-n", 16, "-c", "1,8", "--out", out)
     assert r.code == 0, r.err

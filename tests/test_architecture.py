@@ -29,7 +29,13 @@ def test_import_contracts_hold(tmp_path: Path) -> None:
     ]
     subprocess.run(pip, check=True, capture_output=True, timeout=300, cwd=tmp_path)
     lint = Path(sys.executable).with_name("lint-imports")
-    proc = subprocess.run([str(lint), "--config", str(ROOT / "pyproject.toml")], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(target)}, cwd=tmp_path, timeout=300)  # fmt: skip
+    proc = subprocess.run(
+        [str(lint), "--config", str(ROOT / "pyproject.toml")],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(target)},
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "broken" not in proc.stdout.lower().split("contracts:")[-1].replace("0 broken", "")

@@ -21,8 +21,11 @@ def _call(server, api: str, body: dict, *, stream: bool = False, **client_kw):
 
 
 def _body(api: str, **extra) -> dict:
-    return {"model": "scripted-model", **({"messages": [{"role": "user", "content": "x"}]} if api == "chat"
-                                          else {"prompt": "x"}), **extra}  # fmt: skip
+    return {
+        "model": "scripted-model",
+        **({"messages": [{"role": "user", "content": "x"}]} if api == "chat" else {"prompt": "x"}),
+        **extra,
+    }
 
 
 @pytest.mark.parametrize("api", ["chat", "completions"])
@@ -107,8 +110,9 @@ def test_each_request_is_fresh_no_cache(scripted_server) -> None:
 def test_secrets_are_scrubbed_from_errors(scripted_server) -> None:
     server = scripted_server(api_key="sk-live-abcdefgh1234")
     url = server.base_url.replace("http://", "http://alice:hunter2pass@")
-    res = _call(server, "chat", _body("chat"), retries=0, api_key="sk-live-abcdefgh9999",
-                headers={"X-Secret": "tok-zzzz-5555"})  # fmt: skip
+    res = _call(
+        server, "chat", _body("chat"), retries=0, api_key="sk-live-abcdefgh9999", headers={"X-Secret": "tok-zzzz-5555"}
+    )
     assert res.error.startswith("HTTP 401")
     assert redact_url(url) == server.base_url.replace("http://", "http://***@")
     assert redact_url("https://h/v1?api-key=abc123&x=1") == "https://h/v1?api-key=***&x=1"

@@ -21,8 +21,10 @@ _HEAD = {"id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model":
 
 
 def _call(server, api: str = "chat", *, stream: bool = False, **client_kw):
-    body = {"model": "scripted-model", **({"messages": [{"role": "user", "content": "x"}]} if api == "chat"
-                                          else {"prompt": "x"})}  # fmt: skip
+    body = {
+        "model": "scripted-model",
+        **({"messages": [{"role": "user", "content": "x"}]} if api == "chat" else {"prompt": "x"}),
+    }
 
     async def go():
         async with OpenAIClient(server.base_url, **client_kw) as c:
@@ -32,21 +34,36 @@ def _call(server, api: str = "chat", *, stream: bool = False, **client_kw):
 
 
 def _entry(token: str, **over) -> dict:
-    return {"token": token, "logprob": -0.5, "bytes": list(token.encode("utf-8", "surrogatepass")),
-            "top_logprobs": [{"token": token, "logprob": -0.5}, {"token": "x", "logprob": -2.0}], **over}  # fmt: skip
+    return {
+        "token": token,
+        "logprob": -0.5,
+        "bytes": list(token.encode("utf-8", "surrogatepass")),
+        "top_logprobs": [{"token": token, "logprob": -0.5}, {"token": "x", "logprob": -2.0}],
+        **over,
+    }
 
 
 def _chat(message: dict | None = None, *, choice: dict | None = None, **head) -> str:
     """A chat answer (two tokens with logprobs and ids) with `message`, `choice` and head fields replaced."""
     msg = {"role": "assistant", "content": "ab", **(message or {})}
-    ch = {"index": 0, "message": msg, "finish_reason": "stop", "token_ids": [5, 6],
-          "logprobs": {"content": [_entry("a"), _entry("b")]}, **(choice or {})}  # fmt: skip
+    ch = {
+        "index": 0,
+        "message": msg,
+        "finish_reason": "stop",
+        "token_ids": [5, 6],
+        "logprobs": {"content": [_entry("a"), _entry("b")]},
+        **(choice or {}),
+    }
     return json.dumps({**_HEAD, "choices": [ch], "usage": {"prompt_tokens": 3, "completion_tokens": 2}, **head})
 
 
 def _completion(logprobs: dict) -> str:
-    lp = {"tokens": ["a", "b"], "token_logprobs": [-0.5, -0.25], "top_logprobs": [{"a": -0.5}, {"b": -0.25}],
-          **logprobs}  # fmt: skip
+    lp = {
+        "tokens": ["a", "b"],
+        "token_logprobs": [-0.5, -0.25],
+        "top_logprobs": [{"a": -0.5}, {"b": -0.25}],
+        **logprobs,
+    }
     ch = {"index": 0, "text": "ab", "finish_reason": "stop", "logprobs": lp}
     return json.dumps({**_HEAD, "object": "text_completion", "choices": [ch]})
 
@@ -66,71 +83,181 @@ _STOP = _chunk({}, finish_reason="stop")
 # (case, api, streamed, body on the wire, reason, retried)
 CASES = [
     ("model is a number", "chat", False, _chat(model=123), "malformed:model", True),
-    ("usage count is a string", "chat", False, _chat(usage={"prompt_tokens": "8"}), "malformed:usage.prompt_tokens",
-     True),
-    ("token id above int32", "chat", False, _chat(choice={"token_ids": [5, 2**31]}), "malformed:choices.token_ids",
-     True),
-    ("token id not an integer", "chat", False, _chat(choice={"token_ids": [5, 6.5]}), "malformed:choices.token_ids",
-     True),
-    ("finish_reason is a dict", "chat", False, _chat(choice={"finish_reason": {"type": "stop"}}),
-     "malformed:choices.finish_reason", True),
-    ("lone surrogate token", "chat", False,
-     _chat(choice={"logprobs": {"content": [_entry("a"), _entry("\ud800")]}}),
-     "malformed:choices.logprobs.content.token", True),
+    (
+        "usage count is a string",
+        "chat",
+        False,
+        _chat(usage={"prompt_tokens": "8"}),
+        "malformed:usage.prompt_tokens",
+        True,
+    ),
+    (
+        "token id above int32",
+        "chat",
+        False,
+        _chat(choice={"token_ids": [5, 2**31]}),
+        "malformed:choices.token_ids",
+        True,
+    ),
+    (
+        "token id not an integer",
+        "chat",
+        False,
+        _chat(choice={"token_ids": [5, 6.5]}),
+        "malformed:choices.token_ids",
+        True,
+    ),
+    (
+        "finish_reason is a dict",
+        "chat",
+        False,
+        _chat(choice={"finish_reason": {"type": "stop"}}),
+        "malformed:choices.finish_reason",
+        True,
+    ),
+    (
+        "lone surrogate token",
+        "chat",
+        False,
+        _chat(choice={"logprobs": {"content": [_entry("a"), _entry("\ud800")]}}),
+        "malformed:choices.logprobs.content.token",
+        True,
+    ),
     ("lone surrogate text", "chat", False, _chat({"content": "a\udc00"}), "malformed:choices.message.content", True),
-    ("token byte above 255", "chat", False,
-     _chat(choice={"logprobs": {"content": [_entry("a", bytes=[97, 256]), _entry("b")]}}),
-     "malformed:choices.logprobs.content.bytes", True),
-    ("logprob is a string", "chat", False,
-     _chat(choice={"logprobs": {"content": [_entry("a", logprob="-0.5"), _entry("b")]}}),
-     "malformed:choices.logprobs.content.logprob", True),
-    ("logprob beyond float32", "chat", False,
-     _chat(choice={"logprobs": {"content": [_entry("a", logprob=-1e39), _entry("b")]}}),
-     "malformed:choices.logprobs.content.logprob", True),
-    ("top logprob is a bool", "chat", False,
-     _chat(choice={"logprobs": {"content": [_entry("a", top_logprobs=[{"token": "a", "logprob": True}])]}}),
-     "malformed:choices.logprobs.content.top_logprobs.logprob", True),
-    ("NaN is not JSON", "chat", False, _chat().replace('"logprob": -0.5', '"logprob": NaN', 1), "malformed:json",
-     True),
-    ("content is a list", "chat", False, _chat({"content": [{"type": "text", "text": "ab"}]}),
-     "malformed:choices.message.content", True),
+    (
+        "token byte above 255",
+        "chat",
+        False,
+        _chat(choice={"logprobs": {"content": [_entry("a", bytes=[97, 256]), _entry("b")]}}),
+        "malformed:choices.logprobs.content.bytes",
+        True,
+    ),
+    (
+        "logprob is a string",
+        "chat",
+        False,
+        _chat(choice={"logprobs": {"content": [_entry("a", logprob="-0.5"), _entry("b")]}}),
+        "malformed:choices.logprobs.content.logprob",
+        True,
+    ),
+    (
+        "logprob beyond float32",
+        "chat",
+        False,
+        _chat(choice={"logprobs": {"content": [_entry("a", logprob=-1e39), _entry("b")]}}),
+        "malformed:choices.logprobs.content.logprob",
+        True,
+    ),
+    (
+        "top logprob is a bool",
+        "chat",
+        False,
+        _chat(choice={"logprobs": {"content": [_entry("a", top_logprobs=[{"token": "a", "logprob": True}])]}}),
+        "malformed:choices.logprobs.content.top_logprobs.logprob",
+        True,
+    ),
+    ("NaN is not JSON", "chat", False, _chat().replace('"logprob": -0.5', '"logprob": NaN', 1), "malformed:json", True),
+    (
+        "content is a list",
+        "chat",
+        False,
+        _chat({"content": [{"type": "text", "text": "ab"}]}),
+        "malformed:choices.message.content",
+        True,
+    ),
     ("not JSON", "chat", False, '{"choices": [', "malformed:json", True),
     ("not a completion", "chat", False, '{"hello": "world"}', "not_openai", True),
     ("an array", "chat", False, "[1, 2]", "not_openai", True),
     ("error object in a 200", "chat", False, '{"error": {"message": "overloaded"}}', "server_error", True),
     ("content null", "chat", False, _chat({"content": None}), "no_content", False),
     ("refusal", "chat", False, _chat({"content": None, "refusal": "I can't help with that."}), "refusal", False),
-    ("tool call", "chat", False,
-     _chat({"content": None, "tool_calls": [{"id": "c1", "type": "function",
-                                             "function": {"name": "f", "arguments": "{}"}}]}),
-     "tool_calls", False),
+    (
+        "tool call",
+        "chat",
+        False,
+        _chat(
+            {
+                "content": None,
+                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}],
+            }
+        ),
+        "tool_calls",
+        False,
+    ),
     ("only index 1", "chat", False, _chat(choice={"index": 1}), "choice_index", True),
     ("no choices", "chat", False, json.dumps({**_HEAD, "choices": []}), "choice_index", True),
-    ("completions: fewer logprobs than tokens", "completions", False, _completion({"token_logprobs": [-0.5]}),
-     "malformed:choices.logprobs.token_logprobs", True),
-    ("completions: string top logprob", "completions", False,
-     _completion({"top_logprobs": [{"a": "-0.5"}, {"b": -0.25}]}), "malformed:choices.logprobs.top_logprobs", True),
-    ("completions: token id above int32", "completions", False,
-     _completion({"tokens": ["token_id:5", "token_id:99999999999"]}), "malformed:choices.logprobs.tokens", True),
-    ("completions: text null", "completions", False,
-     json.dumps({**_HEAD, "choices": [{"index": 0, "text": None, "finish_reason": "stop"}]}), "no_content", False),
+    (
+        "completions: fewer logprobs than tokens",
+        "completions",
+        False,
+        _completion({"token_logprobs": [-0.5]}),
+        "malformed:choices.logprobs.token_logprobs",
+        True,
+    ),
+    (
+        "completions: string top logprob",
+        "completions",
+        False,
+        _completion({"top_logprobs": [{"a": "-0.5"}, {"b": -0.25}]}),
+        "malformed:choices.logprobs.top_logprobs",
+        True,
+    ),
+    (
+        "completions: token id above int32",
+        "completions",
+        False,
+        _completion({"tokens": ["token_id:5", "token_id:99999999999"]}),
+        "malformed:choices.logprobs.tokens",
+        True,
+    ),
+    (
+        "completions: text null",
+        "completions",
+        False,
+        json.dumps({**_HEAD, "choices": [{"index": 0, "text": None, "finish_reason": "stop"}]}),
+        "no_content",
+        False,
+    ),
     ("stream: only [DONE]", "chat", True, _sse(), "empty_stream", True),
-    ("stream: only usage", "chat", True, _sse({**_HEAD, "choices": [], "usage": {"prompt_tokens": 3}}),
-     "empty_stream", True),
+    (
+        "stream: only usage",
+        "chat",
+        True,
+        _sse({**_HEAD, "choices": [], "usage": {"prompt_tokens": 3}}),
+        "empty_stream",
+        True,
+    ),
     ("stream: keep-alives and [DONE]", "chat", True, ": keep-alive\n\n" * 3 + _sse(), "empty_stream", True),
     ("stream: error event", "chat", True, _sse(_chunk(), {"error": {"message": "boom"}}), "server_error", True),
-    ("stream: bad byte", "chat", True,
-     _sse(_chunk(logprobs={"content": [_entry("ab", bytes=[97, -1])]}), _STOP),
-     "malformed:choices.logprobs.content.bytes", True),
+    (
+        "stream: bad byte",
+        "chat",
+        True,
+        _sse(_chunk(logprobs={"content": [_entry("ab", bytes=[97, -1])]}), _STOP),
+        "malformed:choices.logprobs.content.bytes",
+        True,
+    ),
     ("stream: bad event", "chat", True, _sse(_chunk(), "{not json", _STOP), "malformed:json", True),
     ("stream: refusal", "chat", True, _sse(_chunk({"content": None, "refusal": "No."}), _STOP), "refusal", False),
-    ("stream: tool call", "chat", True, _sse(_chunk({"tool_calls": [{"index": 0, "id": "c1"}]}), _STOP),
-     "tool_calls", False),
+    (
+        "stream: tool call",
+        "chat",
+        True,
+        _sse(_chunk({"tool_calls": [{"index": 0, "id": "c1"}]}), _STOP),
+        "tool_calls",
+        False,
+    ),
     ("stream: no content", "chat", True, _sse(_chunk({"role": "assistant"}), _STOP), "no_content", False),
     ("stream: cut", "chat", True, _sse(_chunk(), done=False), "truncated_stream", True),
-    ("stream: two index 0", "chat", True,
-     _sse({**_chunk(), "choices": [_chunk()["choices"][0]] * 2}, _STOP), "choice_index", True),
-]  # fmt: skip
+    (
+        "stream: two index 0",
+        "chat",
+        True,
+        _sse({**_chunk(), "choices": [_chunk()["choices"][0]] * 2}, _STOP),
+        "choice_index",
+        True,
+    ),
+]
 
 
 @pytest.mark.parametrize("case,api,stream,raw,reason,retried", CASES, ids=[c[0] for c in CASES])
@@ -180,12 +307,14 @@ def test_server_error_text_is_one_bounded_line() -> None:
 # ---------------------------------------------------------------------------- limits of one attempt
 
 
-@pytest.mark.parametrize("fault,stream", [("trickle", False), ("trickle", True), ("keepalive", False),
-                                          ("keepalive", True)])  # fmt: skip
+@pytest.mark.parametrize(
+    "fault,stream", [("trickle", False), ("trickle", True), ("keepalive", False), ("keepalive", True)]
+)
 def test_timeout_is_a_deadline_for_the_whole_attempt(fault, stream, scripted_server) -> None:
     """A byte every 0.2 s (or keep-alives) never trips an idle timeout; the deadline stops the attempt anyway."""
-    server = scripted_server(completions={"Q": QUEENS}, default="Q",
-                             faults={"first": [fault], "trickle_s": 0.2, "hang_s": 3})  # fmt: skip
+    server = scripted_server(
+        completions={"Q": QUEENS}, default="Q", faults={"first": [fault], "trickle_s": 0.2, "hang_s": 3}
+    )
     res = _call(server, stream=stream, retries=0, timeout=1.0)
     assert res.error_reason == "deadline", res.error
     assert 0.9 < res.latency_s < 2.5
@@ -193,8 +322,9 @@ def test_timeout_is_a_deadline_for_the_whole_attempt(fault, stream, scripted_ser
 
 
 def test_a_deadline_is_retried(scripted_server) -> None:
-    server = scripted_server(completions={"Q": QUEENS}, default="Q",
-                             faults={"first": ["trickle"], "trickle_s": 0.2, "hang_s": 3})  # fmt: skip
+    server = scripted_server(
+        completions={"Q": QUEENS}, default="Q", faults={"first": ["trickle"], "trickle_s": 0.2, "hang_s": 3}
+    )
     res = _call(server, retries=1, backoff=0.01, timeout=1.0)
     assert res.completion is not None and res.completion.text == server.text("Q")
     assert res.attempts == 2 and res.errors[0].startswith("deadline")
@@ -238,14 +368,27 @@ def test_error_rows_carry_reason_and_raw_answer(scripted_server, capsys, tmp_pat
 def test_max_response_bytes_is_recorded_and_checked(scripted_server, capsys, tmp_path) -> None:
     server = scripted_server(completions={"Q": QUEENS}, default="Q")
     out = tmp_path / "r"
-    r = cli(capsys, "run", "--base-url", server.base_url, "-p", "hi", "-n", 1, "--max-response-bytes", 1_000_000,
-            "--out", out)  # fmt: skip
+    r = cli(
+        capsys,
+        "run",
+        "--base-url",
+        server.base_url,
+        "-p",
+        "hi",
+        "-n",
+        1,
+        "--max-response-bytes",
+        1_000_000,
+        "--out",
+        out,
+    )
     assert r.code == 0, r.err
     from detaudit.rundir.io import load_manifest
 
     assert load_manifest(out).params.max_response_bytes == 1_000_000
-    r = cli(capsys, "run", "--base-url", server.base_url, "-p", "hi", "--max-response-bytes", 0, "--out",
-            tmp_path / "bad")  # fmt: skip
+    r = cli(
+        capsys, "run", "--base-url", server.base_url, "-p", "hi", "--max-response-bytes", 0, "--out", tmp_path / "bad"
+    )
     assert r.code == 2 and "--max-response-bytes" in r.err and not (tmp_path / "bad").exists()
     r = cli(capsys, "run", "--resume", "--out", out, "--max-response-bytes", 5)
     assert r.code == 2 and "--max-response-bytes" in r.err

@@ -26,30 +26,81 @@ from detaudit.rundir.schema import SAMPLE_COLUMNS
 
 # Every field path a malformed:<field> reason may name (the schema's fields, dotted, without list indices).
 FIELDS = {
-    "json", "model", "system_fingerprint", "usage", "usage.prompt_tokens", "usage.completion_tokens", "choices",
-    "choices.index", "choices.finish_reason", "choices.token_ids", "choices.text", "choices.message",
-    "choices.message.content", "choices.message.refusal", "choices.message.tool_calls", "choices.delta",
-    "choices.delta.content", "choices.delta.refusal", "choices.delta.tool_calls", "choices.logprobs",
-    "choices.logprobs.content", "choices.logprobs.content.token", "choices.logprobs.content.logprob",
-    "choices.logprobs.content.bytes", "choices.logprobs.content.top_logprobs",
-    "choices.logprobs.content.top_logprobs.token", "choices.logprobs.content.top_logprobs.logprob",
-    "choices.logprobs.tokens", "choices.logprobs.token_logprobs", "choices.logprobs.top_logprobs",
-}  # fmt: skip
-REASONS = re.compile(r"not_openai|server_error|no_content|refusal|tool_calls|empty_stream|truncated_stream|"
-                     r"choice_index|malformed:(?P<field>.+)")  # fmt: skip
+    "json",
+    "model",
+    "system_fingerprint",
+    "usage",
+    "usage.prompt_tokens",
+    "usage.completion_tokens",
+    "choices",
+    "choices.index",
+    "choices.finish_reason",
+    "choices.token_ids",
+    "choices.text",
+    "choices.message",
+    "choices.message.content",
+    "choices.message.refusal",
+    "choices.message.tool_calls",
+    "choices.delta",
+    "choices.delta.content",
+    "choices.delta.refusal",
+    "choices.delta.tool_calls",
+    "choices.logprobs",
+    "choices.logprobs.content",
+    "choices.logprobs.content.token",
+    "choices.logprobs.content.logprob",
+    "choices.logprobs.content.bytes",
+    "choices.logprobs.content.top_logprobs",
+    "choices.logprobs.content.top_logprobs.token",
+    "choices.logprobs.content.top_logprobs.logprob",
+    "choices.logprobs.tokens",
+    "choices.logprobs.token_logprobs",
+    "choices.logprobs.top_logprobs",
+}
+REASONS = re.compile(
+    r"not_openai|server_error|no_content|refusal|tool_calls|empty_stream|truncated_stream|"
+    r"choice_index|malformed:(?P<field>.+)"
+)
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 _INT32 = 2**31 - 1
 _FLOAT32_MAX = 3.4028234663852886e38
 
 # Strings with lone surrogates (json.dumps writes them as \ud800 escapes), control characters and the vLLM prefix.
-texts = st.one_of(st.text(st.characters(categories=["L", "N", "Cc", "Cs", "Zs"]), max_size=6),
-                  st.sampled_from(["token_id:5", "token_id:99999999999", "token_id:x", "stop", ""]))  # fmt: skip
+texts = st.one_of(
+    st.text(st.characters(categories=["L", "N", "Cc", "Cs", "Zs"]), max_size=6),
+    st.sampled_from(["token_id:5", "token_id:99999999999", "token_id:x", "stop", ""]),
+)
 numbers = st.one_of(st.integers(), st.integers(-3, 300), st.floats(allow_nan=False), st.sampled_from([1e39, -1e39]))
 # Keys are often the answer's own field names, so random values land where the parser looks.
-keys = st.one_of(texts, st.sampled_from(["choices", "index", "message", "delta", "content", "refusal", "tool_calls",
-                                         "text", "finish_reason", "token_ids", "logprobs", "token", "logprob", "bytes",
-                                         "top_logprobs", "tokens", "token_logprobs", "usage", "prompt_tokens", "model",
-                                         "system_fingerprint", "error"]))  # fmt: skip
+keys = st.one_of(
+    texts,
+    st.sampled_from(
+        [
+            "choices",
+            "index",
+            "message",
+            "delta",
+            "content",
+            "refusal",
+            "tool_calls",
+            "text",
+            "finish_reason",
+            "token_ids",
+            "logprobs",
+            "token",
+            "logprob",
+            "bytes",
+            "top_logprobs",
+            "tokens",
+            "token_logprobs",
+            "usage",
+            "prompt_tokens",
+            "model",
+            "system_fingerprint",
+            "error",
+        ]
+    ),
+)
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), numbers, texts),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(keys, children, max_size=5),
@@ -80,8 +131,25 @@ def _paths(obj: Any, at: tuple = ()) -> list[tuple]:
 
 # Wrong values a server might send in any field: ids past int32, bools, numbers as strings, NaN-free floats beyond
 # float32, lone surrogates, vLLM id strings out of range, containers where scalars belong.
-NASTY = [2**31, 2**63, -1, 1.5, 1e39, True, "8", "", "\ud800", "token_id:2147483648", "token_id:5", None, [], {},
-         [256], [-1], {"type": "stop"}]  # fmt: skip
+NASTY = [
+    2**31,
+    2**63,
+    -1,
+    1.5,
+    1e39,
+    True,
+    "8",
+    "",
+    "\ud800",
+    "token_id:2147483648",
+    "token_id:5",
+    None,
+    [],
+    {},
+    [256],
+    [-1],
+    {"type": "stop"},
+]
 values = st.one_of(st.sampled_from(NASTY).map(copy.deepcopy), json_values)  # a fresh [] or {} each time
 
 
@@ -191,8 +259,11 @@ def test_unmutated_answers_parse_whole_and_streamed() -> None:
             ans = _answers(api, as_ids)
             whole = parse_answer(orjson.dumps(ans.full()), api)
             lines = [b"data: " + orjson.dumps(ans.chunk(i, i == 3)) for i in range(4)] + [b"data: [DONE]"]
-            assert _stream(api, lines).columns() == {**whole.columns(), "prompt_tokens": None,
-                                                     "completion_tokens": None}  # fmt: skip
+            assert _stream(api, lines).columns() == {
+                **whole.columns(),
+                "prompt_tokens": None,
+                "completion_tokens": None,
+            }
             assert whole.token_ids == [1000, 1001, 1002, 1003] and len(whole.top_logprobs[0]) == 2
 
 
@@ -208,10 +279,15 @@ def test_deep_nesting_and_huge_numbers_anywhere() -> None:
     that is printed (the error message) and in one that is ignored; numbers of thousands of digits."""
     hole = '"@"'  # where the raw JSON text goes
     ok_choice = {"index": 0, "message": {"content": "x"}, "text": "x"}
-    shapes = [{"error": "@"}, {"error": {"message": "@"}}, {"choices": [ok_choice], "x": "@"},
-              {"choices": [{"index": 0, "message": {"content": None, "tool_calls": "@"}}]},
-              {"choices": [{**ok_choice, "index": "@"}]}, {"choices": [{**ok_choice, "token_ids": ["@"]}]},
-              {"choices": [ok_choice], "usage": {"prompt_tokens": "@"}}]  # fmt: skip
+    shapes = [
+        {"error": "@"},
+        {"error": {"message": "@"}},
+        {"choices": [ok_choice], "x": "@"},
+        {"choices": [{"index": 0, "message": {"content": None, "tool_calls": "@"}}]},
+        {"choices": [{**ok_choice, "index": "@"}]},
+        {"choices": [{**ok_choice, "token_ids": ["@"]}]},
+        {"choices": [ok_choice], "usage": {"prompt_tokens": "@"}},
+    ]
     nested = ["[" * depth + "]" * depth for depth in (150, 250, 1000, 1030, 5000)]
     numbers = ["9" * 30, "9" * 5000, "-" + "9" * 400, "1e400"]
     for shape in shapes:

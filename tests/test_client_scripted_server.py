@@ -29,13 +29,16 @@ def test_exact_counts_by_arrival_under_concurrency(scripted_server) -> None:
 
 
 def test_load_mode_serial_vs_loaded(scripted_server) -> None:
-    server = scripted_server(completions={"A": A, "B": B, "C": A[:2]}, latency_s=0.05,
-                             schedules={"P": {"serial": "A", "loaded": ["B", "C"]}})  # fmt: skip
+    server = scripted_server(
+        completions={"A": A, "B": B, "C": A[:2]}, latency_s=0.05, schedules={"P": {"serial": "A", "loaded": ["B", "C"]}}
+    )
 
     async def serial() -> set[str]:
         async with httpx.AsyncClient(base_url=server.base_url) as c:
-            return {(await c.post("/chat/completions", json=_chat("P"))).json()["choices"][0]["message"]["content"]
-                    for _ in range(5)}  # fmt: skip
+            return {
+                (await c.post("/chat/completions", json=_chat("P"))).json()["choices"][0]["message"]["content"]
+                for _ in range(5)
+            }
 
     assert asyncio.run(serial()) == {server.text("A")}
     loaded = asyncio.run(_many(server.base_url, [_chat("P") for _ in range(20)]))
@@ -49,8 +52,11 @@ def test_vllm_ids_logprobs_and_openai_strictness(scripted_server) -> None:
     assert choice["token_ids"] == server.token_ids("A")
     assert [e["token"] for e in choice["logprobs"]["content"]] == A
     assert len(choice["logprobs"]["content"][0]["top_logprobs"]) == 3
-    (r,) = asyncio.run(_many(server.base_url, [{"prompt": "x", "logprobs": 2, "return_tokens_as_token_ids": True}],
-                             path="/completions"))  # fmt: skip
+    (r,) = asyncio.run(
+        _many(
+            server.base_url, [{"prompt": "x", "logprobs": 2, "return_tokens_as_token_ids": True}], path="/completions"
+        )
+    )
     assert r.json()["choices"][0]["logprobs"]["tokens"][0] == f"token_id:{server.token_id('Richard')}"
     strict = scripted_server(capture="openai")
     (r,) = asyncio.run(_many(strict.base_url, [_chat("x", return_token_ids=True)]))
@@ -61,8 +67,9 @@ def test_vllm_ids_logprobs_and_openai_strictness(scripted_server) -> None:
 
 
 def test_auth_and_streaming_truncation(scripted_server) -> None:
-    server = scripted_server(completions={"A": A}, default="A", api_key="sk-test-123",
-                             faults={"first": ["truncated_sse"]})  # fmt: skip
+    server = scripted_server(
+        completions={"A": A}, default="A", api_key="sk-test-123", faults={"first": ["truncated_sse"]}
+    )
     (r,) = asyncio.run(_many(server.base_url, [_chat("x")]))
     assert r.status_code == 401
     auth = {"headers": {"Authorization": "Bearer sk-test-123"}}

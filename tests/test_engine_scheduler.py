@@ -91,6 +91,8 @@ def test_scheduler_block_manager_and_load_import_no_torch():
     import subprocess
     import sys
 
-    code = ("import sys, detaudit.engine.scheduler, detaudit.engine.block_manager, detaudit.audit.workload; "
-            "sys.exit('torch' in sys.modules)")  # fmt: skip
+    code = (
+        "import sys, detaudit.engine.scheduler, detaudit.engine.block_manager, detaudit.audit.workload; "
+        "sys.exit('torch' in sys.modules)"
+    )
     assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == 0

@@ -167,9 +167,7 @@ def test_shares_per_prompt_and_run():
     a = divergence_shares(prompt_a)
     assert a is not None and a["load"] == 1.0 and a["near-tie"] == 0.25 and a["unexplained"] == 0.0
     run = divergence_shares(prompt_a + prompt_b)
-    assert run == {
-        "near-tie": 0.1, "load": 0.4, "fingerprint": 0.4, "cache": 0.0, "time": 0.4, "unexplained": 0.2
-    }  # fmt: skip
+    assert run == {"near-tie": 0.1, "load": 0.4, "fingerprint": 0.4, "cache": 0.0, "time": 0.4, "unexplained": 0.2}
     assert set(run) == set(CAUSES)
     assert divergence_shares([cause(0, "unexplained")]) is None
 

@@ -32,8 +32,9 @@ def test_gate_passes_exit_0_and_prints_one_line_per_rule(tmp_path, capsys):
 
 
 def test_gate_fails_exit_1_with_the_reason_per_failed_rule(tmp_path, capsys):
-    r = cli(capsys, "gate", shaky(tmp_path), "--max-unique", "1", "--min-first-divergence", "3",
-            "--min-modal-share", "0.8")  # fmt: skip
+    r = cli(
+        capsys, "gate", shaky(tmp_path), "--max-unique", "1", "--min-first-divergence", "3", "--min-modal-share", "0.8"
+    )
     assert r.code == 1
     assert r.out.splitlines() == [
         "FAIL max-unique ≤ 1: feynman@all-arms 2 unique across arms; feynman@c8 2 unique in 20",
@@ -154,8 +155,9 @@ def test_gate_writes_step_summary_junit_and_markdown(tmp_path, capsys, monkeypat
     step.write_text("earlier step\n")
     monkeypatch.setenv("GITHUB_STEP_SUMMARY", str(step))
     junit, md = tmp_path / "gate.xml", tmp_path / "gate.md"
-    r = cli(capsys, "gate", shaky(tmp_path), "--max-unique", "1", "--min-modal-share", "0.5", "--junit", junit,
-            "--md", md)  # fmt: skip
+    r = cli(
+        capsys, "gate", shaky(tmp_path), "--max-unique", "1", "--min-modal-share", "0.5", "--junit", junit, "--md", md
+    )
     assert r.code == 1
     summary = step.read_text()
     assert summary.startswith("earlier step\n## detaudit gate ❌ failed\n")
@@ -181,8 +183,18 @@ def test_run_with_gate_judges_the_finished_run(scripted_server, capsys, tmp_path
     assert r.code == 0, r.err
     assert json.loads(r.out)["schema"] == "detaudit.summary/1"  # gate lines went to stderr
     assert "PASS max-unique ≤ 2" in r.err and "PASS min-first-divergence ≥ 5 tokens" in r.err
-    r = cli(capsys, *args, "--out", tmp_path / "b", "--gate", "max-unique=1", "--gate", f"baseline={tmp_path / 'a'}",
-            "--gate", "require-same-modal")  # fmt: skip
+    r = cli(
+        capsys,
+        *args,
+        "--out",
+        tmp_path / "b",
+        "--gate",
+        "max-unique=1",
+        "--gate",
+        f"baseline={tmp_path / 'a'}",
+        "--gate",
+        "require-same-modal",
+    )
     assert r.code == 1
     assert "FAIL max-unique ≤ 1: " in r.err and "PASS require-same-modal" in r.err
     r = cli(capsys, *args, "--out", tmp_path / "c", "--gate", "max-uniq=1")

@@ -78,7 +78,7 @@ CASES: list[Case] = [
         "surrogate_content",
         "malformed:choices.message.content",
         stream_reason="malformed:choices.delta.content",
-    ),  # fmt: skip
+    ),
     *_both("bytes_over_255", "malformed:choices.logprobs.content.bytes"),
     *_both("logprob_str", "malformed:choices.logprobs.content.logprob"),
     *_both("logprob_nan", "malformed:json"),
@@ -88,7 +88,7 @@ CASES: list[Case] = [
         "content_list",
         "malformed:choices.message.content",
         stream_reason="malformed:choices.delta.content",
-    ),  # fmt: skip
+    ),
     Case("content_int", "malformed:choices.message.content"),
     Case("fingerprint_object", "malformed:system_fingerprint"),
     Case("choices_object", "malformed:choices"),
@@ -157,18 +157,38 @@ def _run(server: HostileServer, case: Case, prompt: str, out: Path) -> Result:
     base_url = server.base_url
     if case.mode == "echo_auth":
         base_url = base_url.replace("http://", f"http://{USER}:{PASSWORD}@")
-    return cli_process("run", "--base-url", base_url, "-p", prompt, "-n", N, "-c", CONCURRENCY, "--retries", 0,
-                       "--timeout", case.timeout, "--out", out, *(["--stream"] if case.stream else []),
-                       timeout=120)  # fmt: skip
+    return cli_process(
+        "run",
+        "--base-url",
+        base_url,
+        "-p",
+        prompt,
+        "-n",
+        N,
+        "-c",
+        CONCURRENCY,
+        "--retries",
+        0,
+        "--timeout",
+        case.timeout,
+        "--out",
+        out,
+        *(["--stream"] if case.stream else []),
+        timeout=120,
+    )
 
 
 @pytest.fixture(scope="module")
-def outcomes(hostile: HostileServer, request: pytest.FixtureRequest,
-             tmp_path_factory: pytest.TempPathFactory) -> dict[str, Outcome]:  # fmt: skip
+def outcomes(
+    hostile: HostileServer, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Outcome]:
     """The runs of the selected cases that poison one answer, three at a time: each run has a prompt and a poison
     spec of its own, so they share the server without touching each other's arrivals (saves most of the wall time)."""
-    selected = [item.callspec.params["case"] for item in request.session.items
-                if hasattr(item, "callspec") and isinstance(item.callspec.params.get("case"), Case)]  # fmt: skip
+    selected = [
+        item.callspec.params["case"]
+        for item in request.session.items
+        if hasattr(item, "callspec") and isinstance(item.callspec.params.get("case"), Case)
+    ]
     root = tmp_path_factory.mktemp("hostile")
     one = [case for case in selected if not case.shared]
     prompts = {case.id: f"{FEYNMAN} ({case.id})" for case in one}
@@ -201,8 +221,9 @@ def _assert_no_secret(out: Path, *texts: str) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_poisoned_answer(case: Case, request: pytest.FixtureRequest, tmp_path: Path,
-                         capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+def test_poisoned_answer(
+    case: Case, request: pytest.FixtureRequest, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     hostile: HostileServer = request.getfixturevalue("hostile")
     if case.shared:  # poisons the whole server: runs alone
         hostile.set_poison({"mode": case.mode, "rate": 1.0})
@@ -256,8 +277,23 @@ def test_retries(mode: str, reason: str | None, hostile: HostileServer, tmp_path
     An answer the model gave (no content, a refusal, a tool call) is not: asking again would only cost time."""
     hostile.set_poison({"mode": mode, "at": [AT], "prompts": [FEYNMAN]})
     out = tmp_path / "run"
-    r = cli_process("run", "--base-url", hostile.base_url, "-p", FEYNMAN, "-n", N, "-c", CONCURRENCY,
-                    "--retries", 1, "--backoff", 0.01, "--out", out)  # fmt: skip
+    r = cli_process(
+        "run",
+        "--base-url",
+        hostile.base_url,
+        "-p",
+        FEYNMAN,
+        "-n",
+        N,
+        "-c",
+        CONCURRENCY,
+        "--retries",
+        1,
+        "--backoff",
+        0.01,
+        "--out",
+        out,
+    )
     hostile.set_poison(None)
     assert r.code == 0, r.err
     rows = read_samples(out).to_pylist()
@@ -275,14 +311,17 @@ def test_poison_among_hundreds(hostile: HostileServer, tmp_path: Path) -> None:
     poisoned answer is exactly one error row, every other one exactly one ok row."""
     hostile.set_poison({"mode": "usage_huge", "rate": 0.03, "seed": 15, "prompts": [FEYNMAN]})
     out = tmp_path / "run"
-    r = cli_process("run", "--base-url", hostile.base_url, "-p", FEYNMAN, "-n", 150, "-c", "4,16", "--retries", 0,
-                    "--out", out)  # fmt: skip
+    r = cli_process(
+        "run", "--base-url", hostile.base_url, "-p", FEYNMAN, "-n", 150, "-c", "4,16", "--retries", 0, "--out", out
+    )
     poisoned = hostile.poisoned
     hostile.set_poison(None)
     assert r.code == 0, r.err
     assert load_manifest(out).status == "complete"
     rows = read_samples(out).to_pylist()
     assert Counter(row["sample_index"] for row in rows) == Counter(range(300))
-    assert Counter(row["error_reason"] for row in rows) == {None: 300 - poisoned,
-                                                            "malformed:usage.prompt_tokens": poisoned}  # fmt: skip
+    assert Counter(row["error_reason"] for row in rows) == {
+        None: 300 - poisoned,
+        "malformed:usage.prompt_tokens": poisoned,
+    }
     assert poisoned > 3

@@ -14,8 +14,22 @@ from detaudit.rundir.io import load_manifest, read_samples
 
 N = 200
 MAX_TOKENS = 16
-ARGS = ["--prompt", "Tell me about Richard Feynman", "-n", str(N), "--scenario", "mixed", "--max-tokens",
-        str(MAX_TOKENS), "--max-batch", "16", "--max-batched-tokens", "32", "--dtype", "bfloat16"]  # fmt: skip
+ARGS = [
+    "--prompt",
+    "Tell me about Richard Feynman",
+    "-n",
+    str(N),
+    "--scenario",
+    "mixed",
+    "--max-tokens",
+    str(MAX_TOKENS),
+    "--max-batch",
+    "16",
+    "--max-batched-tokens",
+    "32",
+    "--dtype",
+    "bfloat16",
+]
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -124,9 +138,17 @@ def test_progress_reports_each_arm_from_zero_once_the_engine_is_loaded(tiny_mode
     from detaudit.engine.llm import EngineConfig
 
     calls: list[tuple[str, int, int]] = []
-    spec = LocalRunSpec(engine=EngineConfig(str(tiny_model_dir), max_batch=4, max_batched_tokens=64, max_model_len=128),
-                        prompts=["Tell me about Richard Feynman"], repeats=3, scenarios=["single", "mixed"],
-                        out=tmp_path / "run", max_tokens=3, top_logprobs=0, seed=0, force=False)  # fmt: skip
+    spec = LocalRunSpec(
+        engine=EngineConfig(str(tiny_model_dir), max_batch=4, max_batched_tokens=64, max_model_len=128),
+        prompts=["Tell me about Richard Feynman"],
+        repeats=3,
+        scenarios=["single", "mixed"],
+        out=tmp_path / "run",
+        max_tokens=3,
+        top_logprobs=0,
+        seed=0,
+        force=False,
+    )
     run_local(spec, lambda arm, done, total: calls.append((arm, done, total)))
     assert [c for c in calls if c[1] == 0] == [("single", 0, 3), ("mixed", 0, 3)]
     assert calls[0] == ("single", 0, 3) and calls[-1] == ("mixed", 3, 3)
@@ -137,9 +159,32 @@ def test_serial_control_arm_makes_the_stock_verdict_load_dependent(tiny_model_di
     """`--scenario serial,mixed` is the local `--concurrency 1,N`: each serial request runs alone (batch size 1), so
     stock kernels agree there and fork under load, and the analysis can say the divergence is load-dependent."""
     out = tmp_path / "run"
-    main(["local", "--model", str(tiny_model_dir), "--kernels", "stock", "--out", str(out), "--json",
-          "--prompt", "Tell me about Richard Feynman", "-n", "40", "--scenario", "serial,mixed", "--max-tokens", "16",
-          "--max-batch", "16", "--max-batched-tokens", "32", "--top-logprobs", "0"])  # fmt: skip
+    main(
+        [
+            "local",
+            "--model",
+            str(tiny_model_dir),
+            "--kernels",
+            "stock",
+            "--out",
+            str(out),
+            "--json",
+            "--prompt",
+            "Tell me about Richard Feynman",
+            "-n",
+            "40",
+            "--scenario",
+            "serial,mixed",
+            "--max-tokens",
+            "16",
+            "--max-batch",
+            "16",
+            "--max-batched-tokens",
+            "32",
+            "--top-logprobs",
+            "0",
+        ]
+    )
     capsys.readouterr()
     summary = json.loads((out / "summary.json").read_text())
     serial, mixed = summary["prompts"][0]["arms"]

@@ -26,9 +26,18 @@ PY = sys.executable
 def test_vllm_preset_maps_batch_invariant_to_env_and_attention_backend() -> None:
     spec = build_launch("vllm", model="Qwen/Qwen3-8B", port=None, tensor_parallel_size=4, kernels="batch-invariant")
     assert spec.argv == [
-        "vllm", "serve", "Qwen/Qwen3-8B", "--host", HOST, "--port", str(spec.port),
-        "--tensor-parallel-size", "4", "--attention-backend", "FLASH_ATTN",
-    ]  # fmt: skip
+        "vllm",
+        "serve",
+        "Qwen/Qwen3-8B",
+        "--host",
+        HOST,
+        "--port",
+        str(spec.port),
+        "--tensor-parallel-size",
+        "4",
+        "--attention-backend",
+        "FLASH_ATTN",
+    ]
     assert spec.env == {"VLLM_BATCH_INVARIANT": "1"}
     assert spec.health_path == "/health" and spec.base_url == f"http://{HOST}:{spec.port}/v1"
     stock = build_launch("vllm", model="m", kernels="stock", engine_args="--max-num-seqs 64 --enable-prefix-caching")
@@ -45,9 +54,19 @@ def test_vllm_preset_maps_batch_invariant_to_env_and_attention_backend() -> None
 def test_sglang_preset_maps_batch_invariant_to_its_flag() -> None:
     spec = build_launch("sglang", model="/models/q", tensor_parallel_size=2, kernels="batch-invariant")
     assert spec.argv == [
-        PY, "-m", "sglang.launch_server", "--model-path", "/models/q", "--host", HOST, "--port", str(spec.port),
-        "--tp-size", "2", "--enable-deterministic-inference",
-    ]  # fmt: skip
+        PY,
+        "-m",
+        "sglang.launch_server",
+        "--model-path",
+        "/models/q",
+        "--host",
+        HOST,
+        "--port",
+        str(spec.port),
+        "--tp-size",
+        "2",
+        "--enable-deterministic-inference",
+    ]
     assert spec.env == {}
     stock = build_launch("sglang", model="/models/q", attention_backend="fa3")
     assert "--enable-deterministic-inference" not in stock.argv and stock.argv[-2:] == ["--attention-backend", "fa3"]
@@ -184,7 +203,21 @@ def test_nan_timeouts_are_refused_before_starting(option: str, tmp_path: Path, c
     """--startup-timeout nan passed `<= 0` and waited forever for the server; --request-timeout nan named --timeout."""
     from runhelp import cli
 
-    r = cli(capsys, "local", "--model", "m", "--prompt", "hi", "--engine", "command", "--server-cmd", "sleep {port}",
-            "--out", tmp_path / "run", option, "nan")  # fmt: skip
+    r = cli(
+        capsys,
+        "local",
+        "--model",
+        "m",
+        "--prompt",
+        "hi",
+        "--engine",
+        "command",
+        "--server-cmd",
+        "sleep {port}",
+        "--out",
+        tmp_path / "run",
+        option,
+        "nan",
+    )
     assert (r.code, r.err.count("\n")) == (2, 1) and f"{option} must be > 0, got nan" in r.err, r.err
     assert not (tmp_path / "run").exists()

@@ -40,8 +40,22 @@ def _closed(port: int) -> bool:
 
 def test_command_engine_runs_the_audit_and_stops_the_server(tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
-    res = cli(capsys, *LOCAL, "--server-cmd", _scripted_cmd(tmp_path), "--suite", "smoke",
-              "-n", "3", "--concurrency", "1,2", "--out", out, "--server-env", "HF_TOKEN=hf_secret12345")  # fmt: skip
+    res = cli(
+        capsys,
+        *LOCAL,
+        "--server-cmd",
+        _scripted_cmd(tmp_path),
+        "--suite",
+        "smoke",
+        "-n",
+        "3",
+        "--concurrency",
+        "1,2",
+        "--out",
+        out,
+        "--server-env",
+        "HF_TOKEN=hf_secret12345",
+    )
     assert res.code == 0, res.err
     manifest = load_manifest(out)
     eng = manifest.target.engine
@@ -72,8 +86,20 @@ def test_server_dying_mid_audit_is_exit_3_with_its_last_words(tmp_path: Path, ca
     )
     out = tmp_path / "run"
     start = time.monotonic()
-    res = cli(capsys, *LOCAL, "--server-cmd", f"{PY} {dying} {{port}}", "--suite", "smoke",
-              "-n", "200", "--concurrency", "1,4", "--out", out)  # fmt: skip
+    res = cli(
+        capsys,
+        *LOCAL,
+        "--server-cmd",
+        f"{PY} {dying} {{port}}",
+        "--suite",
+        "smoke",
+        "-n",
+        "200",
+        "--concurrency",
+        "1,4",
+        "--out",
+        out,
+    )
     assert res.code == 3
     assert "exited with code 9 during the audit" in res.err and "simulated GPU fault (Xid 79)" in res.err
     assert time.monotonic() - start < 60  # stopped at once, not after 1200 failing requests with retries
@@ -86,11 +112,19 @@ def test_server_dying_mid_audit_is_exit_3_with_its_last_words(tmp_path: Path, ca
 def test_the_child_gets_only_the_environment_it_needs_and_its_log_is_scrubbed(tmp_path: Path) -> None:
     # It inherited detaudit's whole environment (OPENAI_API_KEY, HF_TOKEN, ...), and its log was scrubbed only of
     # the launch's own secrets.
-    secrets = {"OPENAI_API_KEY": "sk-parent-key-0123456789", "HF_TOKEN": "hf_parent_token_0123456789",
-               "AWS_SECRET_ACCESS_KEY": "aws-parent-secret-0123456789", "MY_DB_PASSWORD": "db-parent-pw-0123456789",
-               "VLLM_API_KEY": "vllm-parent-key-0123456789"}  # fmt: skip
-    needed = {"HF_HOME": str(tmp_path / "hf"), "CUDA_VISIBLE_DEVICES": "", "LC_ALL": "C.UTF-8",
-              "VLLM_LOGGING_LEVEL": "DEBUG"}  # fmt: skip
+    secrets = {
+        "OPENAI_API_KEY": "sk-parent-key-0123456789",
+        "HF_TOKEN": "hf_parent_token_0123456789",
+        "AWS_SECRET_ACCESS_KEY": "aws-parent-secret-0123456789",
+        "MY_DB_PASSWORD": "db-parent-pw-0123456789",
+        "VLLM_API_KEY": "vllm-parent-key-0123456789",
+    }
+    needed = {
+        "HF_HOME": str(tmp_path / "hf"),
+        "CUDA_VISIBLE_DEVICES": "",
+        "LC_ALL": "C.UTF-8",
+        "VLLM_LOGGING_LEVEL": "DEBUG",
+    }
     seen = tmp_path / "child-env.json"
     child = tmp_path / "child.py"
     child.write_text(
@@ -105,9 +139,22 @@ def test_the_child_gets_only_the_environment_it_needs_and_its_log_is_scrubbed(tm
         "server._thread.join()\n"
     )
     out = tmp_path / "run"
-    res = cli_process(*LOCAL, "--server-cmd", f"{PY} {child} {{port}}", "-p", "hi", "-n", 1, "--concurrency", 1,
-                      "--out", out, "--server-env", "EXTRA_TOKEN=tok-given-explicitly",
-                      env={**secrets, **needed, "UNRELATED_SETTING": "1"})  # fmt: skip
+    res = cli_process(
+        *LOCAL,
+        "--server-cmd",
+        f"{PY} {child} {{port}}",
+        "-p",
+        "hi",
+        "-n",
+        1,
+        "--concurrency",
+        1,
+        "--out",
+        out,
+        "--server-env",
+        "EXTRA_TOKEN=tok-given-explicitly",
+        env={**secrets, **needed, "UNRELATED_SETTING": "1"},
+    )
     assert res.code == 0, res.err
     env = json.loads(seen.read_text())
     assert not set(secrets) & set(env) and "UNRELATED_SETTING" not in env
@@ -120,8 +167,9 @@ def test_the_child_gets_only_the_environment_it_needs_and_its_log_is_scrubbed(tm
 def test_startup_failure_is_exit_3_and_leaves_the_log_next_to_out(tmp_path: Path, capsys) -> None:
     script = "import sys; print('ValueError: model not found: nope'); sys.exit(1)"
     out = tmp_path / "run"
-    res = cli(capsys, *LOCAL, "--server-cmd", f'{PY} -c "{script}" {{port}}', "--suite",
-              "smoke", "-n", "2", "--out", out)  # fmt: skip
+    res = cli(
+        capsys, *LOCAL, "--server-cmd", f'{PY} -c "{script}" {{port}}', "--suite", "smoke", "-n", "2", "--out", out
+    )
     assert res.code == 3
     assert "exited with code 1 before it was ready" in res.err and "model not found: nope" in res.err
     assert not out.exists()
@@ -140,11 +188,31 @@ def test_busy_port_and_bad_options_exit_2_before_starting(tmp_path: Path, capsys
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        res = cli(capsys, *LOCAL, "--server-cmd", _scripted_cmd(tmp_path), "--port", port,
-                  "--suite", "smoke", "--out", tmp_path / "r")  # fmt: skip
+        res = cli(
+            capsys,
+            *LOCAL,
+            "--server-cmd",
+            _scripted_cmd(tmp_path),
+            "--port",
+            port,
+            "--suite",
+            "smoke",
+            "--out",
+            tmp_path / "r",
+        )
     assert res.code == 2 and "something already listens" in res.err
-    res = cli(capsys, *LOCAL, "--server-cmd", _scripted_cmd(tmp_path),
-              "--kernels", "batch-invariant", "--suite", "smoke", "--out", tmp_path / "r")  # fmt: skip
+    res = cli(
+        capsys,
+        *LOCAL,
+        "--server-cmd",
+        _scripted_cmd(tmp_path),
+        "--kernels",
+        "batch-invariant",
+        "--suite",
+        "smoke",
+        "--out",
+        tmp_path / "r",
+    )
     assert res.code == 2 and "needs --engine vllm or sglang" in res.err
     assert not (tmp_path / "r").exists() and not (tmp_path / "r.server.log").exists()
 
@@ -152,13 +220,29 @@ def test_busy_port_and_bad_options_exit_2_before_starting(tmp_path: Path, capsys
 def test_command_engine_without_model_audits_the_servers_only_model(tmp_path: Path, capsys) -> None:
     """--engine command finds the model its server lists; the option parser made --model required all the same."""
     out = tmp_path / "run"
-    res = cli(capsys, "local", "--engine", "command", "--server-cmd", _scripted_cmd(tmp_path), "-p", "hi", "-n", "2",
-              "--concurrency", "1", "--out", out)  # fmt: skip
+    res = cli(
+        capsys,
+        "local",
+        "--engine",
+        "command",
+        "--server-cmd",
+        _scripted_cmd(tmp_path),
+        "-p",
+        "hi",
+        "-n",
+        "2",
+        "--concurrency",
+        "1",
+        "--out",
+        out,
+    )
     assert res.code == 0, res.err
     assert load_manifest(out).target.model == "scripted-model"
     res = cli(capsys, "local", "-p", "hi", "--out", tmp_path / "r")  # the built-in engine does need it
-    assert (res.code, res.err.strip()) == (2, "error: --engine detaudit needs --model (a hub id or local model "
-                                              "directory)")  # fmt: skip
+    assert (res.code, res.err.strip()) == (
+        2,
+        "error: --engine detaudit needs --model (a hub id or local model directory)",
+    )
     res = cli(capsys, "local", "--model", "m", "-p", "hi", "--port", "5", "--suite", "smoke", "--out", tmp_path / "r")
     assert res.code == 2 and "--port, --suite only apply with" in res.err  # one option "applies", two "apply"
 
@@ -183,8 +267,12 @@ def test_ctrl_c_stops_the_server_and_resume_finishes_the_run(tmp_path: Path) -> 
     manifest = load_manifest(out)
     assert manifest.status == "interrupted" and _closed(manifest.target.engine["port"])
     assert "--resume --out" in err
-    res = subprocess.run([PY, "-m", "detaudit", *LOCAL, "--server-cmd", cmd,
-                          "--resume", "--out", str(out)], capture_output=True, text=True, timeout=120)  # fmt: skip
+    res = subprocess.run(
+        [PY, "-m", "detaudit", *LOCAL, "--server-cmd", cmd, "--resume", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     manifest = load_manifest(out)
     assert manifest.status == "complete" and any("resumed with a new command server" in n for n in manifest.notes)
@@ -195,8 +283,20 @@ def test_ctrl_c_stops_the_server_and_resume_finishes_the_run(tmp_path: Path) -> 
 def test_options_of_the_other_engine_and_a_missing_vllm_exit_2(tmp_path: Path, capsys) -> None:
     res = cli(capsys, "local", "--model", "m", "--prompt", "hi", "--suite", "smoke", "--out", tmp_path / "a")
     assert res.code == 2 and "--suite only applies with --engine vllm, sglang or command" in res.err
-    res = cli(capsys, "local", "--engine", "vllm", "--model", "m", "--dtype", "float32", "--suite", "smoke",
-              "--out", tmp_path / "b")  # fmt: skip
+    res = cli(
+        capsys,
+        "local",
+        "--engine",
+        "vllm",
+        "--model",
+        "m",
+        "--dtype",
+        "float32",
+        "--suite",
+        "smoke",
+        "--out",
+        tmp_path / "b",
+    )
     assert res.code == 2 and "--dtype only applies with --engine detaudit" in res.err
     if shutil.which("vllm") is None:  # the project machines: the preset's program is simply not there
         res = cli(capsys, "local", "--engine", "vllm", "--model", "m", "--suite", "smoke", "--out", tmp_path / "c")
@@ -207,8 +307,11 @@ def test_options_of_the_other_engine_and_a_missing_vllm_exit_2(tmp_path: Path, c
 def test_server_dies_with_detaudit_even_on_sigkill(tmp_path: Path) -> None:
     out = tmp_path / "run"
     cmd = _scripted_cmd(tmp_path, latency_s=0.05)
-    proc = subprocess.Popen([PY, "-m", "detaudit", *LOCAL, "--server-cmd", cmd, "--suite", "smoke", "-n", "200",
-                             "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [PY, "-m", "detaudit", *LOCAL, "--server-cmd", cmd, "--suite", "smoke", "-n", "200", "--out", str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 60
     while not (out / "manifest.json").exists() and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -253,9 +356,28 @@ def test_engine_presets_end_to_end_with_stand_in_programs(engine: str, tmp_path:
         (pkg / "launch_server.py").write_text(code)
         monkeypatch.setenv("PYTHONPATH", str(pkg.parent))
     out = tmp_path / "run"
-    res = cli(capsys, "local", "--engine", engine, "--model", "Qwen/Qwen3-8B", "--tensor-parallel-size", "2",
-              "--kernels", "batch-invariant", "--server-env", "NCCL_ALGO=Tree", "--suite", "smoke", "-n", "2",
-              "--concurrency", "1,2", "--out", out)  # fmt: skip
+    res = cli(
+        capsys,
+        "local",
+        "--engine",
+        engine,
+        "--model",
+        "Qwen/Qwen3-8B",
+        "--tensor-parallel-size",
+        "2",
+        "--kernels",
+        "batch-invariant",
+        "--server-env",
+        "NCCL_ALGO=Tree",
+        "--suite",
+        "smoke",
+        "-n",
+        "2",
+        "--concurrency",
+        "1,2",
+        "--out",
+        out,
+    )
     assert res.code == 0, res.err
     started = json.loads(record.read_text())
     eng = load_manifest(out).target.engine

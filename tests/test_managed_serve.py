@@ -42,8 +42,26 @@ def _pids_with_env(mark: str) -> list[int]:
 
 def test_detaudit_serve_start_audit_clean_stop(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "run"
-    res = cli(capsys, "local", "--engine", "command", "--model", tiny_model_dir, "--server-cmd", SERVE, "--suite",
-              "smoke", "-n", "3", "--concurrency", "1,3", "--max-tokens", "8", "--out", out)  # fmt: skip
+    res = cli(
+        capsys,
+        "local",
+        "--engine",
+        "command",
+        "--model",
+        tiny_model_dir,
+        "--server-cmd",
+        SERVE,
+        "--suite",
+        "smoke",
+        "-n",
+        "3",
+        "--concurrency",
+        "1,3",
+        "--max-tokens",
+        "8",
+        "--out",
+        out,
+    )
     assert res.code == 0, res.err
     manifest = load_manifest(out)
     eng = manifest.target.engine
@@ -71,9 +89,28 @@ def test_detaudit_serve_killed_mid_audit_is_exit_3(tiny_model_dir: Path, tmp_pat
 
     killer = threading.Thread(target=kill_when_auditing, daemon=True)
     killer.start()
-    res = cli(capsys, "local", "--engine", "command", "--model", tiny_model_dir, "--server-cmd", SERVE,
-              "--server-env", mark, "--suite", "smoke", "-n", "400", "--concurrency", "1", "--max-tokens", "8",
-              "--out", out)  # fmt: skip
+    res = cli(
+        capsys,
+        "local",
+        "--engine",
+        "command",
+        "--model",
+        tiny_model_dir,
+        "--server-cmd",
+        SERVE,
+        "--server-env",
+        mark,
+        "--suite",
+        "smoke",
+        "-n",
+        "400",
+        "--concurrency",
+        "1",
+        "--max-tokens",
+        "8",
+        "--out",
+        out,
+    )
     killer.join(timeout=10)
     assert killed
     assert res.code == 3, res.err
@@ -87,7 +124,21 @@ def test_busy_port_is_refused_before_the_model_loads(tiny_model_dir: Path, tmp_p
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        res = cli(capsys, "local", "--engine", "command", "--model", tiny_model_dir, "--server-cmd", SERVE,
-                  "--port", port, "--suite", "smoke", "--out", tmp_path / "run")  # fmt: skip
+        res = cli(
+            capsys,
+            "local",
+            "--engine",
+            "command",
+            "--model",
+            tiny_model_dir,
+            "--server-cmd",
+            SERVE,
+            "--port",
+            port,
+            "--suite",
+            "smoke",
+            "--out",
+            tmp_path / "run",
+        )
     assert res.code == 2 and f"--port {port}: something already listens on 127.0.0.1:{port}" in res.err
     assert not (tmp_path / "run").exists()

@@ -45,8 +45,17 @@ def test_endpoint_commands_work_without_the_local_extra(scripted_server, tmp_pat
     assert _run("analyze", a, "--json").code == 0
     assert _run("compare", a, b).code == 0
     report = tmp_path / "report"
-    r = _run("report", a, b, "--html", report.with_suffix(".html"), "--md", report.with_suffix(".md"),
-             "--junit", report.with_suffix(".xml"))  # fmt: skip
+    r = _run(
+        "report",
+        a,
+        b,
+        "--html",
+        report.with_suffix(".html"),
+        "--md",
+        report.with_suffix(".md"),
+        "--junit",
+        report.with_suffix(".xml"),
+    )
     assert r.code == 0 and report.with_suffix(".html").stat().st_size > 1000
     assert _run("gate", a, "--max-unique", 2).code == 0
     assert _run("probe", "endpoint", "--base-url", server.base_url, "--json").code == 0

@@ -36,14 +36,23 @@ def test_probe_reports_missing_api_and_streaming(scripted_server, capsys, monkey
     r = cli(capsys, "probe", "endpoint", "--base-url", server.base_url, "--api-key-env", "PROBE_KEY", "--json")
     assert r.code == 2 and "PROBE_KEY" in r.err
     monkeypatch.setenv("PROBE_KEY", "sk-probe-secret-42")
-    r = cli(capsys, "probe", "endpoint", "--base-url", server.base_url, "--api-key-env", "PROBE_KEY", "--json",
-            "--retries", 0)  # fmt: skip
+    r = cli(
+        capsys,
+        "probe",
+        "endpoint",
+        "--base-url",
+        server.base_url,
+        "--api-key-env",
+        "PROBE_KEY",
+        "--json",
+        "--retries",
+        0,
+    )
     assert r.code == 0, r.err
     result = json.loads(r.out)
     assert result["apis"]["chat"]["ok"] and not result["apis"]["chat"]["stream"]
     assert not result["apis"]["completions"]["ok"] and "HTTP 404" in result["apis"]["completions"]["error"]
-    r = cli(capsys, "probe", "endpoint", "--base-url", server.base_url, "--api-key-env", "PROBE_KEY",
-            "--retries", 0)  # fmt: skip
+    r = cli(capsys, "probe", "endpoint", "--base-url", server.base_url, "--api-key-env", "PROBE_KEY", "--retries", 0)
     assert r.code == 0, r.err
     assert "HTTP 404" in r.out and "sk-probe-secret-42" not in r.out + r.err
     monkeypatch.delenv("PROBE_KEY")

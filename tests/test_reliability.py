@@ -33,12 +33,33 @@ def _check_exactly_once(out: Path, expected: int) -> list[dict]:
 
 
 def test_twenty_percent_faults_n1000(scripted_server, capsys, tmp_path) -> None:
-    server = scripted_server(completions={"Q": QUEENS, "N": NYC}, schedules={FEYNMAN: [("Q", 990), ("N", 10)]},
-                             faults={"rate": 0.2, "seed": 7, "retry_after": 0.02, "hang_s": 2.5,
-                                     "prompts": [FEYNMAN]})  # fmt: skip
+    server = scripted_server(
+        completions={"Q": QUEENS, "N": NYC},
+        schedules={FEYNMAN: [("Q", 990), ("N", 10)]},
+        faults={"rate": 0.2, "seed": 7, "retry_after": 0.02, "hang_s": 2.5, "prompts": [FEYNMAN]},
+    )
     out = tmp_path / "faults"
-    r = cli(capsys, "run", "--base-url", server.base_url, "-p", FEYNMAN, "-n", 1000, "-c", 32, "--retries", 6,
-            "--backoff", 0.01, "--timeout", 2, "--out", out, "--json")  # fmt: skip
+    r = cli(
+        capsys,
+        "run",
+        "--base-url",
+        server.base_url,
+        "-p",
+        FEYNMAN,
+        "-n",
+        1000,
+        "-c",
+        32,
+        "--retries",
+        6,
+        "--backoff",
+        0.01,
+        "--timeout",
+        2,
+        "--out",
+        out,
+        "--json",
+    )
     assert r.code == 0, r.err
     kinds = server.stats["faults"]
     assert sum(kinds.values()) > 150 and len(kinds) == 10  # (truncated_sse resets a non-streamed answer)
@@ -61,8 +82,23 @@ def test_streamed_faults_and_retries_flag(scripted_server, capsys, tmp_path) -> 
     faults = {"rate": 0.2, "seed": 11, "kinds": ["truncated_sse", "reset", "503", "malformed"], "prompts": ["hi"]}
     server = scripted_server(completions={"Q": QUEENS}, default="Q", faults=faults)
     out = tmp_path / "stream"
-    r = cli(capsys, "run", "--base-url", server.base_url, "-p", "hi", "-n", 200, "-c", 8, "--stream",
-            "--retries", 0, "--out", out)  # fmt: skip
+    r = cli(
+        capsys,
+        "run",
+        "--base-url",
+        server.base_url,
+        "-p",
+        "hi",
+        "-n",
+        200,
+        "-c",
+        8,
+        "--stream",
+        "--retries",
+        0,
+        "--out",
+        out,
+    )
     assert r.code == 0, r.err
     rows = _check_exactly_once(out, 200)
     failed = [row for row in rows if row["status"] == "error"]
@@ -74,8 +110,9 @@ def test_streamed_faults_and_retries_flag(scripted_server, capsys, tmp_path) -> 
 
 
 def _start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([DETAUDIT, "run", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    return subprocess.Popen(
+        [DETAUDIT, "run", *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 def _wait_for(pred, timeout: float = 60) -> None:
@@ -86,8 +123,9 @@ def _wait_for(pred, timeout: float = 60) -> None:
 
 
 def test_kill_9_then_resume_loses_and_duplicates_nothing(scripted_server, tmp_path) -> None:
-    server = scripted_server(completions={"Q": QUEENS, "N": NYC}, schedules={FEYNMAN: [("Q", 9), ("N", 1)]},
-                             latency_s=0.01)  # fmt: skip
+    server = scripted_server(
+        completions={"Q": QUEENS, "N": NYC}, schedules={FEYNMAN: [("Q", 9), ("N", 1)]}, latency_s=0.01
+    )
     out = tmp_path / "killed"
     n, rng = 300, random.Random(5)
     proc = _start("--base-url", server.base_url, "-p", FEYNMAN, "-n", n, "-c", "1,8", "--out", out)
@@ -115,8 +153,9 @@ def test_kill_9_with_a_poisoned_answer_in_the_stream_loses_nothing(scripted_serv
     the writer keeps it as an `unwritable` error row and the run stops failed (exit 3). Kills and resumes (of
     killed and of failed runs alike) end with every index once, and status and exit code agree each time."""
     poison = [{"token": "\ud800", "bytes": [0xED, 0xA0, 0x80]}]
-    server = scripted_server(completions={"Q": QUEENS, "P": poison}, schedules={FEYNMAN: [("Q", 49), ("P", 1)]},
-                             latency_s=0.01)  # fmt: skip
+    server = scripted_server(
+        completions={"Q": QUEENS, "P": poison}, schedules={FEYNMAN: [("Q", 49), ("P", 1)]}, latency_s=0.01
+    )
     out = tmp_path / "poisoned"
     n, rng = 150, random.Random(3)
     proc = _start("--base-url", server.base_url, "-p", FEYNMAN, "-n", n, "-c", "1,8", "--out", out)
@@ -147,8 +186,20 @@ def test_kill_9_with_a_poisoned_answer_in_the_stream_loses_nothing(scripted_serv
 def test_sigint_flushes_and_prints_the_resume_command(scripted_server, tmp_path) -> None:
     server = scripted_server(completions={"Q": QUEENS}, default="Q", latency_s=0.02)
     out = tmp_path / "sigint"
-    proc = _start("--base-url", server.base_url, "-p", "hi", "-n", 600, "-c", 4, "--out", out,
-                  "--header", "X-Team: secret-team-value")  # fmt: skip
+    proc = _start(
+        "--base-url",
+        server.base_url,
+        "-p",
+        "hi",
+        "-n",
+        600,
+        "-c",
+        4,
+        "--out",
+        out,
+        "--header",
+        "X-Team: secret-team-value",
+    )
     _wait_for(lambda: (out / "shards").is_dir() and any((out / "shards").glob("part-*.parquet")))
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=60)
@@ -161,8 +212,12 @@ def test_sigint_flushes_and_prints_the_resume_command(scripted_server, tmp_path)
     assert 0 < done < 600
     proc = subprocess.run([DETAUDIT, "run", "--resume", "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode == 2 and "pass --header again" in proc.stderr
-    proc = subprocess.run([DETAUDIT, "run", "--resume", "--out", str(out), "--header", "X-Team: secret-team-value"],
-                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [DETAUDIT, "run", "--resume", "--out", str(out), "--header", "X-Team: secret-team-value"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     _check_exactly_once(out, 600)
 
@@ -181,8 +236,7 @@ def test_sigterm_is_an_interrupt_too(scripted_server, tmp_path) -> None:
 def test_many_connections_no_fd_leak(scripted_server, capsys, tmp_path) -> None:
     server = scripted_server(completions={"Q": QUEENS}, default="Q", latency_s=0.05)
     fds_before = len(os.listdir("/proc/self/fd"))
-    r = cli(capsys, "run", "--base-url", server.base_url, "-p", "hi", "-n", 1500, "-c", 256, "--out",
-            tmp_path / "load")  # fmt: skip
+    r = cli(capsys, "run", "--base-url", server.base_url, "-p", "hi", "-n", 1500, "-c", 256, "--out", tmp_path / "load")
     assert r.code == 0, r.err
     assert server.stats["max_in_flight"] > 128
     _check_exactly_once(tmp_path / "load", 1500)
@@ -194,11 +248,31 @@ def test_many_connections_no_fd_leak(scripted_server, capsys, tmp_path) -> None:
 def test_odd_model_output_is_recorded_exactly(capture, scripted_server, capsys, tmp_path) -> None:
     long = [f" w{i}" for i in range(4000)]
     odd = [{"token": "\ufffd", "bytes": [0xE2, 0x82]}, {"token": "\ufffd", "bytes": [0xAC]}, "\x00", "nul\x00end"]
-    server = scripted_server(completions={"empty": [], "long": long, "odd": odd},
-                             schedules={"e": "empty", "l": "long", "o": "odd"}, capture=capture)  # fmt: skip
+    server = scripted_server(
+        completions={"empty": [], "long": long, "odd": odd},
+        schedules={"e": "empty", "l": "long", "o": "odd"},
+        capture=capture,
+    )
     out = tmp_path / capture
-    r = cli(capsys, "run", "--base-url", server.base_url, "-p", "e", "-p", "l", "-p", "o", "-n", 3, "-c", "1,3",
-            "--out", out, "--json")  # fmt: skip
+    r = cli(
+        capsys,
+        "run",
+        "--base-url",
+        server.base_url,
+        "-p",
+        "e",
+        "-p",
+        "l",
+        "-p",
+        "o",
+        "-n",
+        3,
+        "-c",
+        "1,3",
+        "--out",
+        out,
+        "--json",
+    )
     assert r.code == 0, r.err
     rows = _check_exactly_once(out, 18)
     by_prompt = {row["prompt_id"]: row for row in rows}
@@ -216,8 +290,8 @@ def test_logprobs_missing_half_way_lowers_the_capture(scripted_server, capsys, t
         completions={"Q": QUEENS, "N": NYC},
         schedules={FEYNMAN: [("Q", 19), ("N", 1)]},
         capture="openai",
-        drop_logprobs_after=13,
-    )  # fmt: skip  (probe's 3 answers + 10)
+        drop_logprobs_after=13,  # the probe's 3 answers + 10
+    )
     out = tmp_path / "half"
     r = cli(capsys, "run", "--base-url", server.base_url, "-p", FEYNMAN, "-n", 20, "--out", out, "--json")
     assert r.code == 0, r.err

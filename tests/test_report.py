@@ -316,11 +316,14 @@ def test_multi_prompt_figures_in_markdown_and_html(scripted_server, capsys, tmp_
     """Share of prompts fully identical and the earliest fork across prompts reach both reports."""
     from runhelp import FEYNMAN, NYC, QUEENS, cli
 
-    server = scripted_server(completions={"Q": QUEENS, "N": NYC},
-                             schedules={FEYNMAN: [("Q", 9), ("N", 1)], "steady": "Q"})  # fmt: skip
+    server = scripted_server(
+        completions={"Q": QUEENS, "N": NYC}, schedules={FEYNMAN: [("Q", 9), ("N", 1)], "steady": "Q"}
+    )
     out = tmp_path / "two"
-    assert cli(capsys, "run", "--base-url", server.base_url, "-p", FEYNMAN, "-p", "steady", "-n", 10,
-               "--out", out).code == 0  # fmt: skip
+    assert (
+        cli(capsys, "run", "--base-url", server.base_url, "-p", FEYNMAN, "-p", "steady", "-n", 10, "--out", out).code
+        == 0
+    )
     md, html_path = tmp_path / "r.md", tmp_path / "r.html"
     assert cli(capsys, "report", str(out), "--md", str(md), "--html", str(html_path)).code == 0
     text = md.read_text()

@@ -18,9 +18,30 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def bi_run(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("rescore") / "run"
-    main(["local", "--model", str(tiny_model_dir), "--prompt", "def fibonacci(n):", "--prompt", "import os", "-n", "6",
-          "--kernels", "batch-invariant", "--max-tokens", "16", "--max-batch", "8", "--max-batched-tokens", "24",
-          "--out", str(out), "--json"])  # fmt: skip
+    main(
+        [
+            "local",
+            "--model",
+            str(tiny_model_dir),
+            "--prompt",
+            "def fibonacci(n):",
+            "--prompt",
+            "import os",
+            "-n",
+            "6",
+            "--kernels",
+            "batch-invariant",
+            "--max-tokens",
+            "16",
+            "--max-batch",
+            "8",
+            "--max-batched-tokens",
+            "24",
+            "--out",
+            str(out),
+            "--json",
+        ]
+    )
     return out
 
 

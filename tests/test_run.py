@@ -15,8 +15,20 @@ from detaudit.rundir.io import load_manifest, read_samples
 def test_feynman_992_of_1000_in_both_arms(scripted_server, capsys, tmp_path) -> None:
     server = scripted_server(completions={"Q": QUEENS, "N": NYC}, schedules={FEYNMAN: [("Q", 992), ("N", 8)]})
     out = tmp_path / "feynman"
-    r = cli(capsys, "run", "--base-url", server.base_url, "--prompt", FEYNMAN, "-n", 1000, "--concurrency", "1,64",
-            "--out", out)  # fmt: skip
+    r = cli(
+        capsys,
+        "run",
+        "--base-url",
+        server.base_url,
+        "--prompt",
+        FEYNMAN,
+        "-n",
+        1000,
+        "--concurrency",
+        "1,64",
+        "--out",
+        out,
+    )
     assert r.code == 0, r.err
     manifest = load_manifest(out)
     assert manifest.status == "complete" and manifest.capture == "token_ids"
@@ -39,10 +51,24 @@ def test_feynman_992_of_1000_in_both_arms(scripted_server, capsys, tmp_path) -> 
 
 
 def test_load_dependent_server_serial_arm_is_clean(scripted_server, capsys, tmp_path) -> None:
-    server = scripted_server(completions={"Q": QUEENS, "N": NYC}, latency_s=0.02,
-                             schedules={FEYNMAN: {"serial": "Q", "loaded": ["Q", "N"]}})  # fmt: skip
-    r = cli(capsys, "run", "--base-url", server.base_url, "-p", FEYNMAN, "-n", 40, "-c", "1,8", "--out",
-            tmp_path / "r", "--json")  # fmt: skip
+    server = scripted_server(
+        completions={"Q": QUEENS, "N": NYC}, latency_s=0.02, schedules={FEYNMAN: {"serial": "Q", "loaded": ["Q", "N"]}}
+    )
+    r = cli(
+        capsys,
+        "run",
+        "--base-url",
+        server.base_url,
+        "-p",
+        FEYNMAN,
+        "-n",
+        40,
+        "-c",
+        "1,8",
+        "--out",
+        tmp_path / "r",
+        "--json",
+    )
     assert r.code == 0, r.err
     summary = json.loads(r.out)
     assert summary["unique_per_prompt"][0]["by_arm"]["c1"] == 1
@@ -51,8 +77,9 @@ def test_load_dependent_server_serial_arm_is_clean(scripted_server, capsys, tmp_
 
 
 def test_text_only_server_is_compared_on_text(scripted_server, capsys, tmp_path) -> None:
-    server = scripted_server(completions={"Q": QUEENS, "N": NYC}, capture="text",
-                             schedules={FEYNMAN: [("Q", 18), ("N", 2)]})  # fmt: skip
+    server = scripted_server(
+        completions={"Q": QUEENS, "N": NYC}, capture="text", schedules={FEYNMAN: [("Q", 18), ("N", 2)]}
+    )
     out = tmp_path / "r"
     r = cli(capsys, "run", "--base-url", server.base_url, "-p", FEYNMAN, "-n", 20, "--out", out)
     assert r.code == 0, r.err
@@ -82,12 +109,27 @@ def test_openai_shaped_server_gives_tokens_and_bytes(scripted_server, capsys, tm
 def test_completions_api_streaming_with_token_id_strings(scripted_server, capsys, tmp_path) -> None:
     server = scripted_server(completions={"Q": QUEENS, "N": NYC}, schedules={FEYNMAN: [("Q", 9), ("N", 1)]})
     out = tmp_path / "r"
-    r = cli(capsys, "run", "--base-url", server.base_url, "-p", FEYNMAN, "-n", 10, "--api", "completions",
-            "--stream", "--out", out)  # fmt: skip
+    r = cli(
+        capsys,
+        "run",
+        "--base-url",
+        server.base_url,
+        "-p",
+        FEYNMAN,
+        "-n",
+        10,
+        "--api",
+        "completions",
+        "--stream",
+        "--out",
+        out,
+    )
     assert r.code == 0, r.err
     rows = read_samples(out).to_pylist()
     assert Counter(tuple(row["token_ids"]) for row in rows) == {
-        tuple(server.token_ids("Q")): 9, tuple(server.token_ids("N")): 1}  # fmt: skip
+        tuple(server.token_ids("Q")): 9,
+        tuple(server.token_ids("N")): 1,
+    }
     assert all(row["completion_tokens"] is not None or row["status"] == "ok" for row in rows)
     assert all(e["body"].get("stream") for e in list(server.log)[-10:])
 
@@ -95,9 +137,32 @@ def test_completions_api_streaming_with_token_id_strings(scripted_server, capsys
 def test_request_options_reach_the_server(scripted_server, capsys, tmp_path, monkeypatch) -> None:
     server = scripted_server(completions={"Q": QUEENS}, default="Q", api_key="sk-abc-123456")
     monkeypatch.setenv("MY_KEY", "sk-abc-123456")
-    r = cli(capsys, "run", "--base-url", server.base_url, "--api-key-env", "MY_KEY", "-p", "hi", "-n", 3,
-            "--max-tokens", 4, "--seed", 7, "--stop", "\n\n", "--top-p", 0.5, "--extra-body", '{"cache_salt": "s1"}',
-            "--header", "X-Team: blue-secret-value", "--out", tmp_path / "r")  # fmt: skip
+    r = cli(
+        capsys,
+        "run",
+        "--base-url",
+        server.base_url,
+        "--api-key-env",
+        "MY_KEY",
+        "-p",
+        "hi",
+        "-n",
+        3,
+        "--max-tokens",
+        4,
+        "--seed",
+        7,
+        "--stop",
+        "\n\n",
+        "--top-p",
+        0.5,
+        "--extra-body",
+        '{"cache_salt": "s1"}',
+        "--header",
+        "X-Team: blue-secret-value",
+        "--out",
+        tmp_path / "r",
+    )
     assert r.code == 0, r.err
     last = list(server.log)[-1]
     body = last["body"]
@@ -112,8 +177,10 @@ def test_request_options_reach_the_server(scripted_server, capsys, tmp_path, mon
 def test_prompt_file_jsonl_with_messages(scripted_server, capsys, tmp_path) -> None:
     server = scripted_server(completions={"Q": QUEENS, "N": NYC}, schedules={"two": "N"}, default="Q")
     pf = tmp_path / "prompts.jsonl"
-    pf.write_text('{"prompt": "one"}\n\n{"messages": [{"role": "system", "content": "be brief"}, '
-                  '{"role": "user", "content": "two"}], "id": "chat-two"}\n')  # fmt: skip
+    pf.write_text(
+        '{"prompt": "one"}\n\n{"messages": [{"role": "system", "content": "be brief"}, '
+        '{"role": "user", "content": "two"}], "id": "chat-two"}\n'
+    )
     out = tmp_path / "r"
     r = cli(capsys, "run", "--base-url", server.base_url, "--prompt-file", pf, "-n", 4, "--out", out)
     assert r.code == 0, r.err
@@ -127,12 +194,28 @@ def test_prompt_file_jsonl_with_messages(scripted_server, capsys, tmp_path) -> N
 
 
 def test_failed_requests_become_error_rows_after_retries(scripted_server, capsys, tmp_path) -> None:
-    server = scripted_server(completions={"Q": QUEENS}, default="Q",
-                             faults={"first": ["429", "503", "500", "500"], "retry_after": 0.25,
-                                     "prompts": ["hi"]})  # fmt: skip
+    server = scripted_server(
+        completions={"Q": QUEENS},
+        default="Q",
+        faults={"first": ["429", "503", "500", "500"], "retry_after": 0.25, "prompts": ["hi"]},
+    )
     out = tmp_path / "r"
-    r = cli(capsys, "run", "--base-url", server.base_url, "-p", "hi", "-n", 4, "--retries", 1, "--backoff", 0.01,
-            "--out", out)  # fmt: skip
+    r = cli(
+        capsys,
+        "run",
+        "--base-url",
+        server.base_url,
+        "-p",
+        "hi",
+        "-n",
+        4,
+        "--retries",
+        1,
+        "--backoff",
+        0.01,
+        "--out",
+        out,
+    )
     assert r.code == 0, r.err
     rows = read_samples(out).to_pylist()
     assert sorted(row["sample_index"] for row in rows) == [0, 1, 2, 3]
@@ -158,8 +241,9 @@ def test_rate_cap_spaces_the_requests(scripted_server, capsys, tmp_path) -> None
 
 
 def test_resume_reruns_failed_rows_and_force_replaces(scripted_server, capsys, tmp_path) -> None:
-    server = scripted_server(completions={"Q": QUEENS}, default="Q",
-                             faults={"rate": 0.5, "seed": 2, "kinds": ["503"], "prompts": ["hi"]})  # fmt: skip
+    server = scripted_server(
+        completions={"Q": QUEENS}, default="Q", faults={"rate": 0.5, "seed": 2, "kinds": ["503"], "prompts": ["hi"]}
+    )
     out = tmp_path / "r"
     r = cli(capsys, "run", "--base-url", server.base_url, "-p", "hi", "-n", 40, "-c", 4, "--retries", 0, "--out", out)
     assert r.code == 0, r.err  # about half failed: kept, summarized, not above the exit-3 threshold
@@ -182,8 +266,9 @@ def test_resume_reruns_failed_rows_and_force_replaces(scripted_server, capsys, t
 
 
 def test_mostly_failing_endpoint_exits_3_and_keeps_the_run(scripted_server, capsys, tmp_path) -> None:
-    server = scripted_server(completions={"Q": QUEENS}, default="Q",
-                             faults={"rate": 0.8, "seed": 1, "kinds": ["500"], "prompts": ["hi"]})  # fmt: skip
+    server = scripted_server(
+        completions={"Q": QUEENS}, default="Q", faults={"rate": 0.8, "seed": 1, "kinds": ["500"], "prompts": ["hi"]}
+    )
     out = tmp_path / "r"
     r = cli(capsys, "run", "--base-url", server.base_url, "-p", "hi", "-n", 30, "--retries", 0, "--out", out)
     assert r.code == 3, r.err
@@ -194,8 +279,22 @@ def test_mostly_failing_endpoint_exits_3_and_keeps_the_run(scripted_server, caps
 def test_endpoint_failing_every_sample_still_gets_a_summary(scripted_server, capsys, tmp_path) -> None:
     server = scripted_server(faults={"rate": 1.0, "kinds": ["503"], "prompts": ["hi"]})
     out = tmp_path / "r"
-    r = cli(capsys, "run", "--base-url", server.base_url, "-p", "hi", "-n", 5, "--retries", 1, "--backoff", 0.01,
-            "--out", out)  # fmt: skip
+    r = cli(
+        capsys,
+        "run",
+        "--base-url",
+        server.base_url,
+        "-p",
+        "hi",
+        "-n",
+        5,
+        "--retries",
+        1,
+        "--backoff",
+        0.01,
+        "--out",
+        out,
+    )
     assert r.code == 3 and "5 of 5 requests failed" in r.err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["samples"]["ok"] == 0 and summary["samples"]["errors"] == 5
@@ -206,8 +305,22 @@ def test_extra_body_overrides_capture_fields_not_explicit_options(scripted_serve
     server = scripted_server(completions={"Q": QUEENS}, default="Q")
     out = tmp_path / "r"
     extra = '{"logprobs": false, "return_token_ids": false, "temperature": 1.0, "top_k": 1}'
-    r = cli(capsys, "run", "--base-url", server.base_url, "-p", "hi", "-n", 2, "--temperature", 0, "--out", out,
-            "--extra-body", extra)  # fmt: skip
+    r = cli(
+        capsys,
+        "run",
+        "--base-url",
+        server.base_url,
+        "-p",
+        "hi",
+        "-n",
+        2,
+        "--temperature",
+        0,
+        "--out",
+        out,
+        "--extra-body",
+        extra,
+    )
     assert r.code == 0, r.err
     body = list(server.log)[-1]["body"]
     assert body["logprobs"] is False and body["return_token_ids"] is False and body["top_k"] == 1

@@ -61,14 +61,26 @@ ARG_CASES = [
     ("jsonl-not-object", ["--prompt-file", "p.jsonl"], {"p.jsonl": b'["a"]\n'}, "expected a JSON object"),
     ("jsonl-both", ["--prompt-file", "p.jsonl"], {"p.jsonl": b'{"prompt": "a", "messages": []}\n'}, "exactly one"),
     ("jsonl-empty-prompt", ["--prompt-file", "p.jsonl"], {"p.jsonl": b'{"prompt": ""}\n'}, "non-empty string"),
-    ("jsonl-bad-messages", ["--prompt-file", "p.jsonl"], {"p.jsonl": b'{"messages": [{"role": 1}]}\n'},
-     "\"messages\" must be"),
+    (
+        "jsonl-bad-messages",
+        ["--prompt-file", "p.jsonl"],
+        {"p.jsonl": b'{"messages": [{"role": 1}]}\n'},
+        '"messages" must be',
+    ),
     ("jsonl-unknown-key", ["--prompt-file", "p.jsonl"], {"p.jsonl": b'{"prompt": "a", "temp": 1}\n'}, "unknown key"),
     ("jsonl-no-prompts", ["--prompt-file", "p.jsonl"], {"p.jsonl": b"\n\n"}, "holds no prompts"),
-    ("jsonl-duplicate-id", ["--prompt-file", "p.jsonl"], {"p.jsonl": b'{"prompt": "a", "id": "x"}\n'
-                                                          b'{"prompt": "b", "id": "x"}\n'}, "appears twice"),
-    ("completions-with-messages", ["--api", "completions", "--prompt-file", "p.jsonl"],
-     {"p.jsonl": b'{"messages": [{"role": "user", "content": "hi"}]}\n'}, "needs plain prompts"),
+    (
+        "jsonl-duplicate-id",
+        ["--prompt-file", "p.jsonl"],
+        {"p.jsonl": b'{"prompt": "a", "id": "x"}\n{"prompt": "b", "id": "x"}\n'},
+        "appears twice",
+    ),
+    (
+        "completions-with-messages",
+        ["--api", "completions", "--prompt-file", "p.jsonl"],
+        {"p.jsonl": b'{"messages": [{"role": "user", "content": "hi"}]}\n'},
+        "needs plain prompts",
+    ),
     ("base-url-scheme", ["-p", "hi", "--base-url", "ftp://example.org/v1"], {}, "must start with http"),
     # an internal error (httpx's InvalidURL, or a ValueError out of a worker task) once the run had started
     ("base-url-port-range", ["-p", "hi", "--base-url", "http://127.0.0.1:99999/v1"], {}, "Port out of range"),
@@ -79,7 +91,7 @@ ARG_CASES = [
     # an empty --base-url (an unset shell variable) quietly became https://api.openai.com/v1
     ("base-url-empty", ["-p", "hi", "--base-url", ""], {}, "must start with http:// or https://, got ''"),
     ("resume-without-out", ["--resume"], {}, "--resume needs --out"),
-]  # fmt: skip
+]
 
 
 def _assert_one_line_exit_2(r, fragment: str) -> None:
@@ -91,8 +103,9 @@ def _assert_one_line_exit_2(r, fragment: str) -> None:
 
 
 @pytest.mark.parametrize("case,args,files,fragment", ARG_CASES, ids=[c[0] for c in ARG_CASES])
-def test_bad_arguments_and_prompt_files(case, args, files, fragment, capsys, tmp_path, monkeypatch,
-                                        scripted_server) -> None:  # fmt: skip
+def test_bad_arguments_and_prompt_files(
+    case, args, files, fragment, capsys, tmp_path, monkeypatch, scripted_server
+) -> None:
     server = scripted_server()
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("DETAUDIT_TEST_UNSET_KEY", raising=False)
@@ -157,20 +170,29 @@ PROCESS_CASES = [
     ("header-value-non-ascii", ["--header", "X-Token: s€cret"], {}, "holds a non-ASCII character"),
     ("header-twice", ["--header", "X-A: 1", "--header", "x-a: 2"], {}, "is given twice"),
     ("base-url-idna", ["--base-url", "http://xn--abc-.invalid-/v1"], {}, "A-label must not end with a hyphen"),
-    ("prompt-file-deep", ["--prompt-file", "deep.jsonl"], {"deep.jsonl": f'{{"prompt": {DEEP}}}\n'.encode()},
-     "deep.jsonl:1: JSON nested too deeply"),
-    ("prompt-file-surrogate", ["--prompt-file", "s.jsonl"], {"s.jsonl": b'{"prompt": "a\\udc80"}\n'},
-     "not valid Unicode"),
+    (
+        "prompt-file-deep",
+        ["--prompt-file", "deep.jsonl"],
+        {"deep.jsonl": f'{{"prompt": {DEEP}}}\n'.encode()},
+        "deep.jsonl:1: JSON nested too deeply",
+    ),
+    (
+        "prompt-file-surrogate",
+        ["--prompt-file", "s.jsonl"],
+        {"s.jsonl": b'{"prompt": "a\\udc80"}\n'},
+        "not valid Unicode",
+    ),
     ("prompt-file-dev-zero", ["--prompt-file", "/dev/zero"], {}, "not a regular file"),
     ("prompt-file-fifo", ["--prompt-file", "fifo"], {"fifo": None}, "not a regular file"),
     ("prompt-file-too-large", ["--prompt-file", "big.txt"], {"big.txt": b"x" * (64 * 2**20 + 1)}, "larger than 64 MiB"),
     ("prompt-not-utf8", ["-p", b"caf\xe9"], {}, "not valid Unicode"),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize("case,args,files,fragment", PROCESS_CASES, ids=[c[0] for c in PROCESS_CASES])
-def test_values_that_crashed_or_hung_are_refused_up_front(case, args, files, fragment, tmp_path, monkeypatch,
-                                                         scripted_server) -> None:  # fmt: skip
+def test_values_that_crashed_or_hung_are_refused_up_front(
+    case, args, files, fragment, tmp_path, monkeypatch, scripted_server
+) -> None:
     server = scripted_server()
     monkeypatch.chdir(tmp_path)
     for name, data in files.items():
@@ -227,14 +249,23 @@ def test_existing_and_broken_run_directories_are_refused_untouched(scripted_serv
         mutate(d)
         return d
 
-    newer = broken("newer", lambda d: (d / "manifest.json").write_text(
-        (d / "manifest.json").read_text().replace('"detaudit.run/1"', '"detaudit.run/99"')))  # fmt: skip
+    newer = broken(
+        "newer",
+        lambda d: (d / "manifest.json").write_text(
+            (d / "manifest.json").read_text().replace('"detaudit.run/1"', '"detaudit.run/99"')
+        ),
+    )
     corrupt = broken("corrupt", lambda d: (d / "samples.parquet").write_bytes(b"PAR1 not really"))
     foreign = broken("foreign", lambda d: pq.write_table(pa.table({"a": [1]}), d / "samples.parquet"))
     bad_json = broken("badjson", lambda d: (d / "manifest.json").write_text("{"))
     shape = broken("shape", lambda d: (d / "manifest.json").write_text(json.dumps({"schema": "detaudit.run/1"})))
-    cases = [(newer, "newer than this detaudit"), (corrupt, "corrupt or unreadable Parquet"),
-             (foreign, "foreign Parquet"), (bad_json, "unreadable manifest"), (shape, "invalid manifest")]  # fmt: skip
+    cases = [
+        (newer, "newer than this detaudit"),
+        (corrupt, "corrupt or unreadable Parquet"),
+        (foreign, "foreign Parquet"),
+        (bad_json, "unreadable manifest"),
+        (shape, "invalid manifest"),
+    ]
     for d, fragment in cases:
         snap = tree_snapshot(d)
         r = cli(capsys, *base, "--resume", "--out", d)

@@ -16,8 +16,12 @@ END = "<!-- END generated: samples columns -->"
 
 
 def render_table() -> str:
-    lines = [f"samples.parquet, schema version {SCHEMA_VERSION}:", "", "| column | Arrow type | meaning |",
-             "|---|---|---|"]  # fmt: skip
+    lines = [
+        f"samples.parquet, schema version {SCHEMA_VERSION}:",
+        "",
+        "| column | Arrow type | meaning |",
+        "|---|---|---|",
+    ]
     for row in describe_schema():
         doc = row["doc"].replace("|", "\\|")
         lines.append(f"| `{row['column']}` | `{row['type']}` | {doc} |")

@@ -27,9 +27,12 @@ def _scan(texts: list[str], root: Path) -> list[str]:
 
 
 def test_no_secret_anywhere(scripted_server, tmp_path) -> None:
-    server = scripted_server(completions={"Q": QUEENS}, default="Q", api_key=KEY,
-                             faults={"rate": 0.3, "seed": 3, "kinds": ["429", "500", "reset", "html"],
-                                     "prompts": ["hi"]})  # fmt: skip
+    server = scripted_server(
+        completions={"Q": QUEENS},
+        default="Q",
+        api_key=KEY,
+        faults={"rate": 0.3, "seed": 3, "kinds": ["429", "500", "reset", "html"], "prompts": ["hi"]},
+    )
     env = {"OPENAI_API_KEY": KEY}
     out = tmp_path / "run"
     outputs: list[str] = []
@@ -40,8 +43,25 @@ def test_no_secret_anywhere(scripted_server, tmp_path) -> None:
         if code is not None:
             assert r.code == code, r.err
 
-    run("run", "--base-url", server.base_url, "-p", "hi", "-n", 30, "-c", "1,4", "--retries", 1, "--backoff", 0.01,
-        "--header", f"X-Custom-Token: {HEADER_VALUE}", "--out", out)  # fmt: skip
+    run(
+        "run",
+        "--base-url",
+        server.base_url,
+        "-p",
+        "hi",
+        "-n",
+        30,
+        "-c",
+        "1,4",
+        "--retries",
+        1,
+        "--backoff",
+        0.01,
+        "--header",
+        f"X-Custom-Token: {HEADER_VALUE}",
+        "--out",
+        out,
+    )
     assert server.log[-1]["headers"]["x-custom-token"] == HEADER_VALUE  # it was sent...
     run("analyze", out, "--json")
     run("report", out, "--html", tmp_path / "r.html", "--md", tmp_path / "r.md", "--junit", tmp_path / "r.xml")
@@ -56,8 +76,18 @@ def test_no_secret_anywhere(scripted_server, tmp_path) -> None:
     url = open_server.base_url.replace("http://", f"http://user:{URL_PASSWORD}@") + f"?api-key={URL_PASSWORD}"
     run("run", "--base-url", url, "-p", "hi", "-n", 3, "--out", tmp_path / "z")
     run("probe", "endpoint", "--base-url", url, "--json")
-    run("run", "--base-url", f"http://127.0.0.1:9/v1?token={URL_PASSWORD}", "-p", "hi", "--retries", 0,
-        "--out", tmp_path / "w", code=2)  # fmt: skip
+    run(
+        "run",
+        "--base-url",
+        f"http://127.0.0.1:9/v1?token={URL_PASSWORD}",
+        "-p",
+        "hi",
+        "--retries",
+        0,
+        "--out",
+        tmp_path / "w",
+        code=2,
+    )
     assert (tmp_path / "z" / "manifest.json").exists() and (tmp_path / "r.html").exists()
     assert "***" in (tmp_path / "z" / "manifest.json").read_text()  # the URL was recorded, redacted
     assert _scan(outputs, tmp_path) == []
@@ -83,13 +113,15 @@ def test_an_echoed_basic_auth_header_is_scrubbed(scripted_server, tmp_path) -> N
     # A run that records the echo in its error rows: never on disk either.
     some = scripted_server(faults={"first": ["500"] * 4, "prompts": ["hi"], **echo})
     url = some.base_url.replace("http://", f"http://user:{URL_PASSWORD}@")
-    r2 = cli_process("--debug", "run", "--base-url", url, "-p", "hi", "-n", 6, "--retries", 0,
-                     "--out", tmp_path / "b", env=env)  # fmt: skip
+    r2 = cli_process(
+        "--debug", "run", "--base-url", url, "-p", "hi", "-n", 6, "--retries", 0, "--out", tmp_path / "b", env=env
+    )
     assert r2.code == 3, r2.err  # 4 of 6 failed
     outputs = [r.out, r.err, r2.out, r2.err]
     assert [t for t in outputs if token in t] == []
-    assert _scan(outputs, tmp_path) == [] and not [p for p in tmp_path.rglob("*") if p.is_file()
-                                                   and token.encode() in p.read_bytes()]  # fmt: skip
+    assert _scan(outputs, tmp_path) == [] and not [
+        p for p in tmp_path.rglob("*") if p.is_file() and token.encode() in p.read_bytes()
+    ]
 
 
 @pytest.mark.parametrize(

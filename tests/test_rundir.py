@@ -130,8 +130,11 @@ def test_a_row_parquet_refuses_becomes_its_error_row_and_spares_its_neighbours(t
     """A lone surrogate (what a server's JSON "\\ud800" decodes to) cannot be stored as UTF-8: that row alone becomes
     an `unwritable` error row, the shard holds every index once, and the writer raises so the run stops."""
     write_manifest(tmp_path, _manifest())
-    rows = [{**GOOD, "sample_index": 0}, {**GOOD, "sample_index": 1, "text": "bad \ud800", "tokens": ["\ud800"]},
-            {**GOOD, "sample_index": 2, "token_ids": [2**40]}]  # fmt: skip
+    rows = [
+        {**GOOD, "sample_index": 0},
+        {**GOOD, "sample_index": 1, "text": "bad \ud800", "tokens": ["\ud800"]},
+        {**GOOD, "sample_index": 2, "token_ids": [2**40]},
+    ]
     with pytest.raises(RecordingFailed, match=r"sample 1: UnicodeEncodeError.*\\ud800.*\(and 1 more rows\)"):
         ShardWriter(tmp_path).write(rows)
     table = read_samples(tmp_path)
@@ -208,8 +211,15 @@ def test_force_removes_only_the_files_of_the_run(tmp_path):
     assert run.is_dir() and not any(run.iterdir())
 
 
-@pytest.mark.parametrize(("stray", "named"), [("notes.txt", "notes.txt"), ("shards/part-x.parquet", "part-x.parquet"),
-                                              ("shards/keep.csv", "keep.csv"), ("data/x", "data")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("stray", "named"),
+    [
+        ("notes.txt", "notes.txt"),
+        ("shards/part-x.parquet", "part-x.parquet"),
+        ("shards/keep.csv", "keep.csv"),
+        ("data/x", "data"),
+    ],
+)
 def test_force_refuses_a_run_directory_holding_anything_else(tmp_path, stray, named):
     run = _finished_run(tmp_path / "run")
     (run / stray).parent.mkdir(exist_ok=True)
@@ -275,7 +285,7 @@ def _edited(tmp_path, manifest: RunManifest, rows: list[dict]):
         (
             [{"sample_index": 1, "prompt_id": "p9"}],
             "sample 1 has prompt_id 'p9', but the manifest's sample 1 is prompt_id 'p0'",
-        ),  # fmt: skip
+        ),
         ([{"sample_index": 2, "arm": "\x1b]0;pwned\x07"}], r"sample 2 has arm '\\x1b\]0;pwned\\x07', but"),
         ([{"sample_index": None}], "a sample row has no sample_index"),
     ],
@@ -293,12 +303,15 @@ def test_rows_in_shards_are_checked_after_the_readers_dedupe(tmp_path):
     assert read_samples(run).column("status").to_pylist() == ["error", "ok", "error"]
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("arms", [], "at arms: List should have at least 1 item"),
-    ("prompts", [], "at prompts: List should have at least 1 item"),
-    ("repeats", 0, "at repeats: Input should be greater than or equal to 1"),
-    ("arms", [{"name": "c1", "concurrency": 1}] * 2, "arm 'c1' appears twice"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("arms", [], "at arms: List should have at least 1 item"),
+        ("prompts", [], "at prompts: List should have at least 1 item"),
+        ("repeats", 0, "at repeats: Input should be greater than or equal to 1"),
+        ("arms", [{"name": "c1", "concurrency": 1}] * 2, "arm 'c1' appears twice"),
+    ],
+)
 def test_a_manifest_without_arms_or_prompts_is_refused(tmp_path, field, value, message):
     write_manifest(tmp_path, _manifest())
     data = json.loads((tmp_path / "manifest.json").read_text())

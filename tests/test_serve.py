@@ -73,8 +73,15 @@ def test_models_and_chat_with_logprobs_and_token_ids(bi_server):
     base, model = bi_server
     client = openai.OpenAI(base_url=base, api_key="unused")
     assert [m.id for m in client.models.list().data] == [model]
-    r = client.chat.completions.create(model=model, messages=PROMPT, max_tokens=12, temperature=0, logprobs=True,
-                                       top_logprobs=3, extra_body={"return_token_ids": True})  # fmt: skip
+    r = client.chat.completions.create(
+        model=model,
+        messages=PROMPT,
+        max_tokens=12,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=3,
+        extra_body={"return_token_ids": True},
+    )
     choice = r.choices[0]
     assert choice.finish_reason in ("length", "stop") and r.usage.completion_tokens == len(choice.logprobs.content)
     assert r.system_fingerprint == "detaudit-engine-batch-invariant-bfloat16-cpu"
@@ -84,9 +91,18 @@ def test_models_and_chat_with_logprobs_and_token_ids(bi_server):
     assert first.top_logprobs[0].logprob == first.logprob and len(first.top_logprobs) == 3
     assert "".join(bytes(c.bytes).decode("utf-8", "replace") for c in choice.logprobs.content) == choice.message.content
     # Same request streamed: same tokens, same logprobs, same text.
-    chunks = list(client.chat.completions.create(model=model, messages=PROMPT, max_tokens=12, temperature=0,
-                                                 logprobs=True, stream=True, stream_options={"include_usage": True},
-                                                 extra_body={"return_token_ids": True}))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=PROMPT,
+            max_tokens=12,
+            temperature=0,
+            logprobs=True,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"return_token_ids": True},
+        )
+    )
     streamed = [c for c in chunks if c.choices]
     assert "".join(c.choices[0].delta.content or "" for c in streamed) == choice.message.content
     assert [t for c in streamed for t in (c.choices[0].model_extra or {}).get("token_ids", [])] == ids
@@ -114,8 +130,12 @@ def test_completions_tokens_as_ids_stop_and_seed(bi_server):
     stop = text[3:6]
     cut = client.completions.create(model=model, prompt="def fibonacci(n):", max_tokens=10, temperature=0, stop=[stop])
     assert cut.choices[0].finish_reason == "stop" and cut.choices[0].text == text[: text.index(stop)]
-    hot = [client.completions.create(model=model, prompt="def fibonacci(n):", max_tokens=10, temperature=1.0,
-                                     seed=s).choices[0].text for s in (5, 5, 6)]  # fmt: skip
+    hot = [
+        client.completions.create(model=model, prompt="def fibonacci(n):", max_tokens=10, temperature=1.0, seed=s)
+        .choices[0]
+        .text
+        for s in (5, 5, 6)
+    ]
     assert hot[0] == hot[1] != hot[2]
 
 
@@ -125,8 +145,9 @@ def test_concurrent_requests_share_batches_and_stay_identical(bi_server):
 
     def one(i: int) -> list[int]:
         msgs = PROMPT if i % 2 == 0 else [{"role": "user", "content": f"filler {i} " * (i % 7 + 1)}]
-        r = client.chat.completions.create(model=model, messages=msgs, max_tokens=16, temperature=0,
-                                           extra_body={"return_token_ids": True})  # fmt: skip
+        r = client.chat.completions.create(
+            model=model, messages=msgs, max_tokens=16, temperature=0, extra_body={"return_token_ids": True}
+        )
         return r.choices[0].model_extra["token_ids"] if i % 2 == 0 else None
 
     with cf.ThreadPoolExecutor(12) as pool:
@@ -154,8 +175,13 @@ def test_errors_in_openai_shape(bi_server):
 
 def test_bad_serve_arguments_exit_2(tmp_path):
     exe = Path(sys.executable).with_name("detaudit")
-    r = subprocess.run([str(exe), "serve", "--model", str(tmp_path / "missing")], capture_output=True, text=True,
-                       timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    r = subprocess.run(
+        [str(exe), "serve", "--model", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert r.returncode == 2 and "does not exist" in r.stderr
 
 
@@ -176,8 +202,9 @@ def test_busy_port_and_bad_queue_are_one_line_exit_2_before_the_model_loads(tmp_
 def test_json_body_roundtrip_is_plain_json(bi_server):
     """A raw client sees standard JSON (no SDK smoothing): object type, id prefix, usage totals."""
     base, model = bi_server
-    body = httpx.post(f"{base}/chat/completions", json={"model": model, "messages": PROMPT, "max_tokens": 3},
-                      timeout=60).json()  # fmt: skip
+    body = httpx.post(
+        f"{base}/chat/completions", json={"model": model, "messages": PROMPT, "max_tokens": 3}, timeout=60
+    ).json()
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
     assert json.loads(json.dumps(body)) == body
@@ -190,8 +217,14 @@ def test_graceful_shutdown_finishes_in_flight_requests(tiny_model_dir, tmp_path)
     client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
     model = str(tiny_model_dir)
     with cf.ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(client.chat.completions.create, model=model, messages=PROMPT, max_tokens=200,
-                              temperature=0, extra_body={"ignore_eos": True})  # fmt: skip
+        pending = pool.submit(
+            client.chat.completions.create,
+            model=model,
+            messages=PROMPT,
+            max_tokens=200,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
         time.sleep(1.0)
         code = _stop(proc)
         r = pending.result(timeout=60)
@@ -201,8 +234,9 @@ def test_graceful_shutdown_finishes_in_flight_requests(tiny_model_dir, tmp_path)
 
 
 @pytest.mark.slow
-def test_detaudit_run_sees_load_dependence_with_stock_and_none_with_bundled(bi_server, tiny_model_dir, tmp_path,
-                                                                           capsys):  # fmt: skip
+def test_detaudit_run_sees_load_dependence_with_stock_and_none_with_bundled(
+    bi_server, tiny_model_dir, tmp_path, capsys
+):
     """The project's own audit against this server: 16 identical requests in flight get their prompts chunked at
     different places; stock attention turns that into different completions, bundled kernels do not."""
     from runhelp import cli
@@ -213,9 +247,25 @@ def test_detaudit_run_sees_load_dependence_with_stock_and_none_with_bundled(bi_s
     try:
         for name, base in (("stock", stock_base), ("bi", bi_server[0])):
             out = tmp_path / name
-            res = cli(capsys, "run", "--base-url", base, "--model", str(tiny_model_dir), "--prompt",
-                      "Tell me about Richard Feynman", "-n", "24", "--concurrency", "1,16", "--max-tokens", "8",
-                      "--out", out, "--json")  # fmt: skip
+            res = cli(
+                capsys,
+                "run",
+                "--base-url",
+                base,
+                "--model",
+                str(tiny_model_dir),
+                "--prompt",
+                "Tell me about Richard Feynman",
+                "-n",
+                "24",
+                "--concurrency",
+                "1,16",
+                "--max-tokens",
+                "8",
+                "--out",
+                out,
+                "--json",
+            )
             assert res.code == 0, res.err
             summary = json.loads((out / "summary.json").read_text())
             verdicts[name] = summary["prompts"][0]["verdict"]
@@ -279,8 +329,9 @@ def test_room_left_is_checked_before_admission(bi_server):
     base, model = bi_server
 
     def post(prompt: list[int], **kw) -> httpx.Response:
-        return httpx.post(f"{base}/completions", json={"model": model, "prompt": prompt, "ignore_eos": True, **kw},
-                          timeout=120)  # fmt: skip
+        return httpx.post(
+            f"{base}/completions", json={"model": model, "prompt": prompt, "ignore_eos": True, **kw}, timeout=120
+        )
 
     for prompt_len in (512, 600):  # no room at all: refused, not one token past the limit
         err = _error(post([7] * prompt_len), 400)
@@ -290,8 +341,11 @@ def test_room_left_is_checked_before_admission(bi_server):
     assert (err["param"], err["code"]) == ("max_tokens", "context_length_exceeded") and "at most 1" in err["message"]
     assert _error(post([7] * 10, max_tokens=10**30), 400)["param"] == "max_tokens"
     r = post([7] * 511)  # one token of room, no max_tokens: exactly that token
-    assert r.status_code == 200 and r.json()["usage"] == {"prompt_tokens": 511, "completion_tokens": 1,
-                                                          "total_tokens": 512}  # fmt: skip
+    assert r.status_code == 200 and r.json()["usage"] == {
+        "prompt_tokens": 511,
+        "completion_tokens": 1,
+        "total_tokens": 512,
+    }
     r = post([7] * 510, max_tokens=2)
     assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 512
     chat = {"model": model, "messages": PROMPT}
@@ -305,8 +359,10 @@ _BAD_REQUESTS = {
     "content null": ({"messages": [{"role": "user", "content": None}]}, "messages.0.content"),
     "content a number": ({"messages": [{"role": "user", "content": 5}]}, "messages.0.content"),
     "content an object": ({"messages": [{"role": "user", "content": {"text": "x"}}]}, "messages.0.content"),
-    "image content part": ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
-                           "messages.0.content"),
+    "image content part": (
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+        "messages.0.content",
+    ),
     "text part without text": ({"messages": [{"role": "user", "content": [{"type": "text"}]}]}, "messages.0.content"),
     "lone surrogate": ({"messages": [{"role": "user", "content": "\ud800"}]}, "messages.0.content"),
     "unknown role": ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
@@ -328,8 +384,10 @@ _BAD_REQUESTS = {
     "max_completion_tokens zero": ({"max_completion_tokens": 0}, "max_completion_tokens"),
     "seed a string": ({"seed": "1"}, "seed"),
     "stream a string": ({"stream": "yes"}, "stream"),
-    "stream_options.include_usage a string": ({"stream_options": {"include_usage": "yes"}},
-                                              "stream_options.include_usage"),
+    "stream_options.include_usage a string": (
+        {"stream_options": {"include_usage": "yes"}},
+        "stream_options.include_usage",
+    ),
     "stop a number": ({"stop": 5}, "stop"),
     "five stops": ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
     "top_logprobs too many": ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
@@ -341,7 +399,7 @@ _BAD_REQUESTS = {
     "logit_bias": ({"logit_bias": {"5": 100}}, "logit_bias"),
     "tools": ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
     "json response_format": ({"response_format": {"type": "json_object"}}, "response_format"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("fields,param", list(_BAD_REQUESTS.values()), ids=list(_BAD_REQUESTS))
@@ -350,23 +408,37 @@ def test_malformed_chat_request_is_400_in_openai_shape(bi_server, fields, param)
     body = {k: v for k, v in {"model": model, "messages": PROMPT, "max_tokens": 2, **fields}.items() if v is not ...}
     with httpx.Client(timeout=60) as client:
         raw = json.dumps(body).encode()  # ASCII-escaped: httpx's json= cannot encode the lone surrogate
-        err = _error(client.post(f"{base}/chat/completions", content=raw, headers={"content-type": "application/json"}),
-                     400)  # fmt: skip
+        err = _error(
+            client.post(f"{base}/chat/completions", content=raw, headers={"content-type": "application/json"}), 400
+        )
         assert (err["type"], err["param"]) == ("invalid_request_error", param), err
         # the connection was answered, not reset, and the server still serves on it
-        assert client.post(f"{base}/chat/completions", json={"model": model, "messages": PROMPT,
-                                                             "max_tokens": 1}).status_code == 200  # fmt: skip
+        assert (
+            client.post(
+                f"{base}/chat/completions", json={"model": model, "messages": PROMPT, "max_tokens": 1}
+            ).status_code
+            == 200
+        )
 
 
 @pytest.mark.parametrize(
     "body,param",
-    [(b"{not json", None), (b"", None), (b"[1, 2]", None), (b'"text"', None), (b"null", None),
-     (b'{"model": "m", "prompt": "\\ud800"}', "prompt"), (b'{"model": "m", "prompt": [[1, 2]]}', "prompt"),
-     (b'{"model": "m", "prompt": [-1]}', "prompt"), (b'{"model": "m", "prompt": []}', "prompt"),
-     (b'{"model": "m", "prompt": ["a", "b"]}', "prompt"), (b'{"model": "m", "prompt": "x", "echo": true}', "echo"),
-     (b'{"model": "m", "prompt": "x", "logprobs": true}', "logprobs"),
-     (b'{"model": "m", "prompt": "x", "temperature": NaN}', "temperature")],
-)  # fmt: skip
+    [
+        (b"{not json", None),
+        (b"", None),
+        (b"[1, 2]", None),
+        (b'"text"', None),
+        (b"null", None),
+        (b'{"model": "m", "prompt": "\\ud800"}', "prompt"),
+        (b'{"model": "m", "prompt": [[1, 2]]}', "prompt"),
+        (b'{"model": "m", "prompt": [-1]}', "prompt"),
+        (b'{"model": "m", "prompt": []}', "prompt"),
+        (b'{"model": "m", "prompt": ["a", "b"]}', "prompt"),
+        (b'{"model": "m", "prompt": "x", "echo": true}', "echo"),
+        (b'{"model": "m", "prompt": "x", "logprobs": true}', "logprobs"),
+        (b'{"model": "m", "prompt": "x", "temperature": NaN}', "temperature"),
+    ],
+)
 def test_malformed_completion_body_is_400_in_openai_shape(bi_server, body, param):
     base, model = bi_server
     body = body.replace(b'"m"', json.dumps(model).encode())
@@ -381,8 +453,14 @@ def test_developer_role_and_text_parts_are_accepted(bi_server):
     parts = [{"type": "text", "text": "def fibonacci"}, {"type": "text", "text": "(n):"}]
 
     def prompt_ids(messages: list[dict]) -> list[int]:
-        body = {"model": model, "messages": messages, "max_tokens": 1, "presence_penalty": 0, "tool_choice": "none",
-                "return_token_ids": True}  # fmt: skip
+        body = {
+            "model": model,
+            "messages": messages,
+            "max_tokens": 1,
+            "presence_penalty": 0,
+            "tool_choice": "none",
+            "return_token_ids": True,
+        }
         r = httpx.post(f"{base}/chat/completions", json=body, timeout=60)
         assert r.status_code == 200, r.text
         return r.json()["prompt_token_ids"]
@@ -413,8 +491,11 @@ def local_server(tiny_model_dir: Path) -> Iterator[tuple[str, Any, list]]:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    engine = Engine(EngineConfig(str(tiny_model_dir), kernels="batch-invariant", max_batch=4, max_batched_tokens=64,
-                                 max_model_len=2048))  # fmt: skip
+    engine = Engine(
+        EngineConfig(
+            str(tiny_model_dir), kernels="batch-invariant", max_batch=4, max_batched_tokens=64, max_model_len=2048
+        )
+    )
     step, add, admitted = engine.runner.step, engine.add, []
 
     def faulty_step(batch, eos_ids):
@@ -427,8 +508,9 @@ def local_server(tiny_model_dir: Path) -> Iterator[tuple[str, Any, list]]:
         return add(seq)
 
     engine.runner.step, engine.add = faulty_step, recording_add
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, model_name="tiny"), host="127.0.0.1", port=free_port(),
-                                           log_level="error"))  # fmt: skip
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(engine, model_name="tiny"), host="127.0.0.1", port=free_port(), log_level="error")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 60
@@ -452,8 +534,18 @@ def test_a_step_that_raises_fails_only_the_request_that_raises(local_server):
 
     def one(i: int) -> httpx.Response:
         ids = [POISON, *prompt] if i == 7 else prompt
-        return httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 6,
-                          "temperature": 0, "ignore_eos": True, "return_token_ids": True}, timeout=300)  # fmt: skip
+        return httpx.post(
+            f"{base}/v1/completions",
+            json={
+                "model": "tiny",
+                "prompt": ids,
+                "max_tokens": 6,
+                "temperature": 0,
+                "ignore_eos": True,
+                "return_token_ids": True,
+            },
+            timeout=300,
+        )
 
     alone = one(0).json()["choices"][0]["token_ids"]
     with cf.ThreadPoolExecutor(16) as pool:
@@ -474,11 +566,13 @@ def test_the_engine_refuses_what_a_step_could_not_run(local_server):
 
     _, engine, _ = local_server
     limit = engine.max_model_len
-    for prompt, max_tokens, why in [([5] * (limit + 5), -5, "max_tokens must be at least 1"),
-                                    ([5] * limit, 0, "max_tokens must be at least 1"),
-                                    ([5, engine.spec.vocab_size], 1, "outside the model's vocabulary"),
-                                    ([5, -1], 1, "outside the model's vocabulary"),
-                                    ([5] * limit, 1, "exceeds the engine's max model length")]:  # fmt: skip
+    for prompt, max_tokens, why in [
+        ([5] * (limit + 5), -5, "max_tokens must be at least 1"),
+        ([5] * limit, 0, "max_tokens must be at least 1"),
+        ([5, engine.spec.vocab_size], 1, "outside the model's vocabulary"),
+        ([5, -1], 1, "outside the model's vocabulary"),
+        ([5] * limit, 1, "exceeds the engine's max model length"),
+    ]:
         with pytest.raises(UsageError, match=why):
             engine.add(Sequence(prompt, SamplingParams(max_tokens=max_tokens)))
     assert not engine.scheduler.waiting
@@ -499,8 +593,16 @@ def test_clients_that_leave_free_their_seats(local_server, stream):
     fresh request is served at once, long before the dropped ones could have finished."""
     base, engine, admitted = local_server
     port = int(base.rsplit(":", 1)[1])
-    body = json.dumps({"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2000, "temperature": 0,
-                       "ignore_eos": True, "stream": stream}).encode()  # fmt: skip
+    body = json.dumps(
+        {
+            "model": "tiny",
+            "prompt": [5, 6, 7],
+            "max_tokens": 2000,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": stream,
+        }
+    ).encode()
     head = f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
     before = len(admitted)
     socks = [socket.create_connection(("127.0.0.1", port)) for _ in range(4)]
@@ -514,8 +616,11 @@ def test_clients_that_leave_free_their_seats(local_server, stream):
     for s in socks:
         s.close()
     t0 = time.monotonic()
-    r = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4,
-                                                   "ignore_eos": True}, timeout=60)  # fmt: skip
+    r = httpx.post(
+        f"{base}/v1/completions",
+        json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4, "ignore_eos": True},
+        timeout=60,
+    )
     waited = time.monotonic() - t0
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
     assert [s.finish_reason for s in dropped] == ["abort"] * 4

@@ -19,12 +19,28 @@ def test_suite_smoke_gives_one_prompt_id_per_entry_with_n_each(
     smoke = load_suite("smoke").prompts
     # The chat entry forks at a known position under a known schedule; the others always agree.
     server = scripted_server(
-        completions={"Q": QUEENS, "N": NYC}, default="Q",
+        completions={"Q": QUEENS, "N": NYC},
+        default="Q",
         schedules={smoke[2].messages[-1]["content"]: [("Q", 3), ("N", 1)]},
-    )  # fmt: skip
+    )
     out = tmp_path / "run"
-    res = cli(capsys, "run", "--suite", "smoke", "-n", "4", "--concurrency", "1,2", "--base-url", server.base_url,
-              "--model", "scripted-model", "--out", out, "--json")  # fmt: skip
+    res = cli(
+        capsys,
+        "run",
+        "--suite",
+        "smoke",
+        "-n",
+        "4",
+        "--concurrency",
+        "1,2",
+        "--base-url",
+        server.base_url,
+        "--model",
+        "scripted-model",
+        "--out",
+        out,
+        "--json",
+    )
     assert res.code == 0, res.err
     manifest = load_manifest(out)
     assert manifest.suite == "smoke"
@@ -61,8 +77,22 @@ def test_own_suite_file_is_recorded_by_path(scripted_server, tmp_path: Path, cap
     own = tmp_path / "own.jsonl"
     own.write_text('{"id": "one", "prompt": "Hello", "max_tokens": 5}\n{"id": "two", "prompt": "Bye"}\n')
     out = tmp_path / "run"
-    res = cli(capsys, "run", "--suite", own, "-n", "2", "--max-tokens", "9", "--base-url", server.base_url,
-              "--model", "scripted-model", "--out", out)  # fmt: skip
+    res = cli(
+        capsys,
+        "run",
+        "--suite",
+        own,
+        "-n",
+        "2",
+        "--max-tokens",
+        "9",
+        "--base-url",
+        server.base_url,
+        "--model",
+        "scripted-model",
+        "--out",
+        out,
+    )
     assert res.code == 0, res.err
     manifest = load_manifest(out)
     assert manifest.suite == str(own) and [p.prompt_id for p in manifest.prompts] == ["one", "two"]
@@ -87,8 +117,20 @@ def test_malformed_suite_exits_2_naming_the_problem_and_writes_nothing(
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
     out = tmp_path / "run"
-    res = cli(capsys, "run", "--suite", bad, "-n", "2", "--base-url", server.base_url, "--model", "scripted-model",
-              "--out", out)  # fmt: skip
+    res = cli(
+        capsys,
+        "run",
+        "--suite",
+        bad,
+        "-n",
+        "2",
+        "--base-url",
+        server.base_url,
+        "--model",
+        "scripted-model",
+        "--out",
+        out,
+    )
     assert res.code == 2
     assert f"{bad}{expected}" in res.err
     assert not out.exists() and not server.log

@@ -37,8 +37,21 @@ def test_hostile_endpoint_text_never_reaches_the_terminal_raw(scripted_server, t
     prompts = tmp_path / "p.jsonl"
     prompts.write_text(json.dumps({"prompt": "hi", "id": PROMPT_ID}) + "\n")
     run = tmp_path / "run"
-    r = cli_process("run", "--base-url", server.base_url, "--prompt-file", prompts, "-n", 6, "-c", "1,2",
-                    "--retries", 0, "--out", run)  # fmt: skip
+    r = cli_process(
+        "run",
+        "--base-url",
+        server.base_url,
+        "--prompt-file",
+        prompts,
+        "-n",
+        6,
+        "-c",
+        "1,2",
+        "--retries",
+        0,
+        "--out",
+        run,
+    )
     assert r.code == 0, r.err
     _clean(r)
     shown_model = "evil\\x1b]0;pwned\\x07\\u202emodel"
@@ -71,8 +84,9 @@ def test_server_error_text_in_the_error_line_is_escaped(scripted_server, tmp_pat
     # the client collapses the server's whitespace (\r included) to one line, then the rest is shown escaped
     assert r.code == 2 and "HTTP 500: bad request \\u202e\\x1b[31mred\\x9b" in r.err
     assert r.err.count("\n") == 1 and not (tmp_path / "run").exists()
-    debug = cli_process("--debug", "run", "--base-url", server.base_url, "-p", "hi", "--retries", 0,
-                        "--out", tmp_path / "run")  # fmt: skip
+    debug = cli_process(
+        "--debug", "run", "--base-url", server.base_url, "-p", "hi", "--retries", 0, "--out", tmp_path / "run"
+    )
     _clean(debug)
     assert "Traceback" in debug.err and debug.code == 2
 

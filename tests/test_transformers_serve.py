@@ -11,8 +11,25 @@ from detaudit.rundir.io import load_manifest, read_samples
 
 def test_run_against_transformers_serve(transformers_serve, tiny_model_dir, capsys, tmp_path) -> None:
     out = tmp_path / "chat"
-    r = cli(capsys, "run", "--base-url", transformers_serve, "--model", tiny_model_dir, "-p", "def parse_args(",
-            "-n", 4, "-c", "1,4", "--max-tokens", 8, "--json", "--out", out)  # fmt: skip
+    r = cli(
+        capsys,
+        "run",
+        "--base-url",
+        transformers_serve,
+        "--model",
+        tiny_model_dir,
+        "-p",
+        "def parse_args(",
+        "-n",
+        4,
+        "-c",
+        "1,4",
+        "--max-tokens",
+        8,
+        "--json",
+        "--out",
+        out,
+    )
     assert r.code == 0, r.err
     manifest = load_manifest(out)
     # transformers serve accepts logprobs and ignores them (HTTP 200, "logprobs": null): the probe must notice
@@ -26,11 +43,29 @@ def test_run_against_transformers_serve(transformers_serve, tiny_model_dir, caps
     assert summary["unique_per_prompt"][0]["by_arm"]["c1"] == 1  # served one at a time, greedy is repeatable
 
 
-def test_completions_api_streamed_against_transformers_serve(transformers_serve, tiny_model_dir, capsys,
-                                                             tmp_path) -> None:  # fmt: skip
+def test_completions_api_streamed_against_transformers_serve(
+    transformers_serve, tiny_model_dir, capsys, tmp_path
+) -> None:
     out = tmp_path / "compl"
-    r = cli(capsys, "run", "--base-url", transformers_serve, "--model", tiny_model_dir, "-p", "import os\n",
-            "-n", 3, "--api", "completions", "--stream", "--max-tokens", 6, "--out", out)  # fmt: skip
+    r = cli(
+        capsys,
+        "run",
+        "--base-url",
+        transformers_serve,
+        "--model",
+        tiny_model_dir,
+        "-p",
+        "import os\n",
+        "-n",
+        3,
+        "--api",
+        "completions",
+        "--stream",
+        "--max-tokens",
+        6,
+        "--out",
+        out,
+    )
     assert r.code == 0, r.err
     rows = read_samples(out).to_pylist()
     assert [row["status"] for row in rows] == ["ok"] * 3

@@ -30,8 +30,18 @@ def _engine(model: Path, kernels: str, graphs: bool, max_batch: int = 8):
 
     # max_model_len 1024: two 512-token splits, so small bi decode batches take the split launch (and its
     # one-time agreement check must have run in the warm-up, not inside a capture).
-    return Engine(EngineConfig(str(model), device="cuda", dtype="bfloat16", kernels=kernels, max_batch=max_batch,
-                               max_batched_tokens=256, max_model_len=1024, cuda_graphs=graphs))  # fmt: skip
+    return Engine(
+        EngineConfig(
+            str(model),
+            device="cuda",
+            dtype="bfloat16",
+            kernels=kernels,
+            max_batch=max_batch,
+            max_batched_tokens=256,
+            max_model_len=1024,
+            cuda_graphs=graphs,
+        )
+    )
 
 
 def _staggered(eng) -> list:  # noqa: ANN001 - an Engine
@@ -90,8 +100,9 @@ def test_stock_engine_runs_with_graphs(model_dir: Path) -> None:
     assert graphs.graph_replays == graphs.steps and graphs.prefill_graph_replays >= len(TEXTS)
     for x, y in zip(a, b, strict=True):
         assert len(x.output_ids) == x.params.max_tokens
-        same = next((i for i, (s, t) in enumerate(zip(x.output_ids, y.output_ids, strict=True)) if s != t),
-                    len(x.output_ids))  # fmt: skip
+        same = next(
+            (i for i, (s, t) in enumerate(zip(x.output_ids, y.output_ids, strict=True)) if s != t), len(x.output_ids)
+        )
         # While the tokens agree, the graph-replayed decode steps give the eager logprobs up to bf16 noise.
         assert max(abs(u - v) for u, v in zip(x.logprobs[:same], y.logprobs[:same], strict=True)) < 0.1
 
