@@ -10,9 +10,9 @@ per sequence by the engine so that only the request that raises fails. A request
 at once, so its KV blocks and batch seat go to the requests still waiting.
 
 schemas.py: the request bodies and the error shape; engine_thread.py: the engine's thread; output.py: a sequence as
-OpenAI answers show it; app.py: the routes.
+OpenAI answers show it; routes.py: the routes.
 """
 
-from detaudit.server.app import create_app
+from detaudit.server.routes import create_app
 
 __all__ = ["create_app"]
