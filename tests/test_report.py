@@ -37,8 +37,10 @@ def make_run(
     *,
     kind: str = "endpoint",
     kernels: str | None = None,
+    engine: dict | None = None,
     errors: dict[str, int] | None = None,
     prompt: str = "Tell me about Richard Feynman",
+    prompt_id: str = "feynman",
     status: str = "complete",
     fingerprint: Callable[[str, int], str | None] = lambda arm, repeat: "fp_a",
 ) -> Path:
@@ -55,10 +57,10 @@ def make_run(
             kind=kind,
             base_url="http://127.0.0.1:9/v1" if kind == "endpoint" else None,
             model="tiny",
-            engine={"kernels": kernels} if kernels else {},
+            engine=engine if engine is not None else ({"kernels": kernels} if kernels else {}),
         ),
         params=RequestParams(max_tokens=16, top_logprobs=2),
-        prompts=[PromptSpec(prompt_id="feynman", prompt=prompt)],
+        prompts=[PromptSpec(prompt_id=prompt_id, prompt=prompt)],
         arms=[ArmSpec(name=name, concurrency=conc) for name, (conc, _) in arms.items()],
         repeats=repeats,
         capture="token_ids",
@@ -73,7 +75,7 @@ def make_run(
                     {
                         "run_id": run_dir.name,
                         "sample_index": manifest.sample_index(0, arm_pos, repeat),
-                        "prompt_id": "feynman",
+                        "prompt_id": prompt_id,
                         "arm": name,
                         "concurrency": conc,
                         "repeat": repeat,
@@ -92,7 +94,7 @@ def make_run(
             rows.append(
                 {
                     "sample_index": manifest.sample_index(0, arm_pos, repeat),
-                    "prompt_id": "feynman",
+                    "prompt_id": prompt_id,
                     "arm": name,
                     "concurrency": conc,
                     "repeat": repeat,
@@ -146,7 +148,8 @@ def test_summary_completions_carry_context_around_their_fork(tmp_path):
 def test_report_model_nests_forks_and_aligns_variants(tmp_path):
     report = build_report(load_runs([endpoint_run(tmp_path), invariant_run(tmp_path)]))
     assert [r.label for r in report.runs] == ["endpoint", "local-bi"]
-    assert ("engine", "kernels=batch-invariant") in report.runs[1].meta
+    assert report.runs[1].engine == "batch-invariant kernels"
+    assert report.runs[1].engine_facts == [("kernels", "batch-invariant")]
     cells = report.prompts[0].cells
     assert [(c.run.label, c.arm, c.unique) for c in cells] == [
         ("endpoint", "c1", 1),
@@ -195,15 +198,16 @@ def test_markdown_is_compact_and_inert(tmp_path):
     lines = md.splitlines()
     assert lines[0] == "## detaudit report"
     assert (
-        "| endpoint | endpoint http://127.0.0.1:9/v1 (chat) | c16 | 40/40 | **4** | 82.5% | 5 (median 5) | "
-        "load-dependent |" in lines
+        "| endpoint | endpoint http://127.0.0.1:9/v1 (chat) | c16 (16 requests in flight) | 40/40 | **4** | 82.5% | "
+        "token 5 (median 5) | load-dependent |" in lines
     )
     assert (
-        "| local-bi | local engine, batch-invariant kernels | c16 | 40/40 | **1** | 100.0% | — | deterministic |"
+        "| local-bi | local engine, batch-invariant kernels | c16 (16 requests in flight) | 40/40 | **1** | 100.0% | "
+        "— | deterministic |"
         in lines
     )
     assert (
-        "- **endpoint · c16**: token 5: “ Queens” ×33 / “ New” ×6 / (end) ×1, margin 0.49; token 7: “,” ×4 / "
+        "- **endpoint · c16**: token 5: “·Queens” ×33 / “·New” ×6 / (end) ×1, margin 0.49; token 7: “,” ×4 / "
         "“&lt;script&gt;document.ti…ent.title='pwned'\"&gt;” ×2, margin 0.49" in lines
     )
     assert "<script" not in md and "<img" not in md
