@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from detaudit.reports.text import common_prefix
+
 if TYPE_CHECKING:  # the report model imports this module; at run time only attributes are read
     from detaudit.reports.view_model import Cell, ForkNode, PromptSection, RunInfo
 
@@ -48,12 +50,6 @@ def run_words(run: RunInfo) -> str:
     if run.kind == "endpoint":
         return "the endpoint"
     return f"the local rerun with {run.kernels} kernels" if run.kernels else "the local rerun"
-
-
-def common_prefix(a: str, b: str) -> int:
-    """Characters two texts share at the start."""
-    n = min(len(a), len(b))
-    return next((i for i in range(n) if a[i] != b[i]), n)
 
 
 def _plural(n: int, word: str) -> str:

@@ -12,7 +12,8 @@ import html
 import re
 
 from detaudit.reports.findings import Piece
-from detaudit.reports.view_model import Cell, CompletionRow, ForkNode, Report, RunInfo, shorten
+from detaudit.reports.text import shorten
+from detaudit.reports.view_model import Cell, CompletionRow, ForkNode, Report, RunInfo
 
 from detaudit.gate import GateResult
 from detaudit.termsafe import visible_bidi

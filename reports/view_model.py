@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from detaudit.reports.findings import Piece, arm_words, common_prefix, finding
+from detaudit.reports.findings import Piece, arm_words, finding
+from detaudit.reports.text import around, common_prefix, shorten
 
 from detaudit.analysis.summary_schema import ArmSummary, Completion, RunSummary
 from detaudit.analysis.summary_schema import Fork as SummaryFork
@@ -24,8 +25,6 @@ from detaudit.rundir.schema import RunManifest
 TOKEN_WINDOW = 6  # units shown on each side of a fork in the aligned token view (the summary keeps 6)
 MAX_COMPLETIONS = 20  # completions-table rows per arm; the rest are counted in one line
 MAX_TOKEN_VIEWS = 8  # variants shown in the aligned token view per arm
-SHORT_TEXT = 160
-BEFORE_FORK = 60  # characters of a completion shown before the point where it leaves the modal one
 
 
 @dataclass
@@ -158,26 +157,6 @@ class PromptSection:
 class Report:
     runs: list[RunInfo]
     prompts: list[PromptSection]
-
-
-def shorten(text: str | None, limit: int = SHORT_TEXT) -> str:
-    """Long model text cut in the middle, so both the start and the end stay visible."""
-    text = text or ""
-    if len(text) <= limit:
-        return text
-    half = (limit - 1) // 2
-    return f"{text[:half]}…{text[-half:]}"
-
-
-def around(text: str, at: int | None, limit: int = SHORT_TEXT) -> tuple[str, int | None]:
-    """`text` cut to about `limit` characters around character `at` (where it leaves another completion), so the
-    divergence is always in view; returns the cut text and where `at` falls in it. Without `at`, the start is kept."""
-    if at is None:
-        return (text if len(text) <= limit else text[: limit - 1] + "…"), None
-    start = max(0, at - BEFORE_FORK)
-    stop = min(len(text), start + limit)
-    head = ("…" if start else "") + text[start:at]
-    return head + text[at:stop] + ("…" if stop < len(text) else ""), len(head)
 
 
 def _label(path: Path, used: set[str]) -> str:

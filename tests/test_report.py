@@ -203,8 +203,7 @@ def test_markdown_is_compact_and_inert(tmp_path):
     )
     assert (
         "| local-bi | local engine, batch-invariant kernels | c16 (16 requests in flight) | 40/40 | **1** | 100.0% | "
-        "— | deterministic |"
-        in lines
+        "— | deterministic |" in lines
     )
     assert (
         "- **endpoint · c16**: token 5: “·Queens” ×33 / “·New” ×6 / (end) ×1, margin 0.49; token 7: “,” ×4 / "
@@ -335,3 +334,44 @@ def test_multi_prompt_figures_in_markdown_and_html(scripted_server, capsys, tmp_
     assert "earliest fork at token 5 (p0 · c1)" in text
     page = html_path.read_text()
     assert "(1/2)" in page and "token 5 (p0 · c1)" in page
+
+
+# ---------------------------------------------------------------- the finding, and text cut around the fork
+
+
+def test_each_prompt_leads_with_one_finding_sentence(tmp_path):
+    report = build_report(load_runs([endpoint_run(tmp_path), invariant_run(tmp_path)]))
+    md = render_markdown(report)
+    assert md.splitlines()[2] == (
+        "- **feynman**: **load-dependent**: the endpoint gave **1 distinct completion** of 40 ok (one request at a "
+        "time) and **4** of 40 ok (16 requests in flight); the first fork is at token 5, after “Richard Feynman was "
+        "born in”, between “·Queens” ×33 and “·New” ×6 (and 1 more). The local rerun with batch-invariant kernels "
+        "gave **1 distinct completion** of 40 ok (16 requests in flight); that answer is the same as the endpoint's "
+        "answer when sent one request at a time."
+    )
+    page = render_html(report)
+    assert page.index('id="findings"') < page.index('class="prompt"') < page.index('id="runs"')
+
+
+def test_a_rerun_whose_one_answer_is_not_the_serial_answer_says_so(tmp_path):
+    other = MODAL[:8] + [" Jersey", "."]
+    rerun = make_run(tmp_path / "bi", {"single": (16, [(other, 40)])}, kind="local", kernels="batch-invariant")
+    md = render_markdown(build_report(load_runs([endpoint_run(tmp_path), rerun])))
+    assert (
+        "The local rerun with batch-invariant kernels gave **1 distinct completion** of 40 ok (copies of the prompt "
+        "arriving over time, up to 16 per batch); that answer **differs** from the endpoint's answer when sent one "
+        "request at a time, from character 40 on: “Jersey.” vs “York.”" in md
+    )
+
+
+def test_completions_are_cut_around_their_fork_and_whitespace_tokens_show(tmp_path):
+    head = [f" w{i}" for i in range(80)]  # 320 characters before the fork
+    a, b = [*head, "  ", "A", *head], [*head, "\n", "B", *head]
+    report = build_report(load_runs([make_run(tmp_path / "long", {"c4": (4, [(a, 3), (b, 1)])})]))
+    rows = report.prompts[0].cells[0].completions
+    fork = len("".join(head))
+    for row, text in zip(rows, ("".join(a), "".join(b)), strict=True):
+        assert row.before == "…" + text[fork - 60 : fork] and row.after == text[fork : fork + 100] + "…"
+    md = render_markdown(report)
+    assert "token 80: “··” ×3 / “↵” ×1" in md  # not a run of bare spaces
+    assert f"| 2 | 1 | 25.0% | 80 | …{''.join(head)[-60:]}▸↵B" in md

@@ -67,9 +67,7 @@ def test_a_text_run_counts_characters_in_every_output(text_run, capsys):
 def test_the_gate_reads_and_states_a_text_runs_threshold_in_characters(text_run, capsys):
     r = cli(capsys, "gate", text_run, "--min-first-divergence", 32)
     assert r.code == 1
-    assert (
-        f"FAIL min-first-divergence ≥ 32 characters: p0@c1 first divergence at character {TEXT_FORK}" in r.out
-    ), r.out
+    assert f"FAIL min-first-divergence ≥ 32 characters: p0@c1 first divergence at character {TEXT_FORK}" in r.out, r.out
     r = cli(capsys, "gate", text_run, "--min-first-divergence", TEXT_FORK)
     assert r.code == 0 and f"PASS min-first-divergence ≥ {TEXT_FORK} characters (1 check)" in r.out, r.out
 
