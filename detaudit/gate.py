@@ -16,6 +16,7 @@ from typing import Any
 
 from detaudit.analysis.summary import summarize_run
 from detaudit.analysis.summary_schema import ArmSummary, PromptSummary, RunSummary
+from detaudit.analysis.units import position_noun
 from detaudit.errors import EXIT_ENDPOINT, EXIT_GATE_FAILED, EXIT_OK, UsageError
 from detaudit.rundir.io import load_manifest
 from detaudit.rundir.schema import RunManifest
@@ -129,12 +130,13 @@ class RuleResult:
     def line(self) -> str:
         """The one line printed for this rule."""
         head = f"{self.rule} {self.threshold}"
+        failed = "; ".join(f"{c.where} {c.observed}" for c in self.checks if not c.passed)
         if not self.judged:
-            return f"CANNOT JUDGE {head}: {'; '.join(f'{c.where} {c.observed}' for c in self.checks if not c.passed)}"
-        failed = [c for c in self.checks if not c.passed]
+            return f"CANNOT JUDGE {head}: {failed}"
         if failed:
-            return f"FAIL {head}: {'; '.join(f'{c.where} {c.observed}' for c in failed)}"
-        return f"PASS {head} ({len(self.checks)} checks)"
+            return f"FAIL {head}: {failed}"
+        checks = len(self.checks)
+        return f"PASS {head} ({checks} check{'' if checks == 1 else 's'})"
 
 
 @dataclass
@@ -197,8 +199,19 @@ def evaluate_gate(
     t = thresholds
     if (t.require_same_modal or t.max_unique_increase is not None) and baseline is None:
         raise UsageError("--require-same-modal and --max-unique-increase need a baseline summary")
+    if baseline is not None and t.max_unique_increase is not None and baseline.unit != summary.unit:
+        # A text run counts distinct texts, a token run distinct token sequences: one text can be two token
+        # sequences, so the counts (and every position) of the two are not on the same scale.
+        raise UsageError(
+            f"baseline {baseline_label or ''} compares completions as {baseline.unit_detail.compared_as} "
+            f"(positions in {position_noun(baseline.unit, plural=True)}), the run as "
+            f"{summary.unit_detail.compared_as} ({position_noun(summary.unit, plural=True)}): their unique counts "
+            "and positions are not comparable; drop --max-unique-increase or record both runs with the same capture"
+        )
     base_prompts = {p.prompt_id: p for p in baseline.prompts} if baseline is not None else {}
-    judgeable = RuleResult("judgeable", "(every arm has successful samples)")
+    noun = position_noun(summary.unit)
+    # Not a threshold but a precondition: an arm without one ok sample leaves every rule nothing to judge.
+    judgeable = RuleResult("successful-samples", "≥ 1 in every arm")
     error_rule = RuleResult("max-error-rate", f"≤ {t.max_error_rate:g}") if t.max_error_rate is not None else None
     rules: dict[str, RuleResult] = {}
     if t.max_unique is not None:
@@ -206,7 +219,10 @@ def evaluate_gate(
     if t.min_modal_share is not None:
         rules["min-modal-share"] = RuleResult("min-modal-share", f"≥ {t.min_modal_share:g}")
     if t.min_first_divergence is not None:
-        rules["min-first-divergence"] = RuleResult("min-first-divergence", f"≥ {t.min_first_divergence} tokens")
+        # The run's own unit: a text run's positions are characters, and the threshold is read as characters.
+        rules["min-first-divergence"] = RuleResult(
+            "min-first-divergence", f"≥ {t.min_first_divergence} {position_noun(summary.unit, plural=True)}"
+        )
     if t.require_same_modal:
         rules["require-same-modal"] = RuleResult("require-same-modal", f"as {baseline_label or 'baseline'}")
     if t.max_unique_increase is not None:
@@ -230,7 +246,7 @@ def evaluate_gate(
             where = f"{pid}@{arm_name(arm)}"
             n, ok, errors = arm.n, arm.ok, arm.errors
             rate = errors / n if n else 1.0
-            judgeable.checks.append(Check(where, ok > 0, f"{ok} ok of {n}"))
+            judgeable.checks.append(Check(where, ok > 0, f"has {ok} ok of {n}"))
             if error_rule is not None and t.max_error_rate is not None:
                 error_rule.checks.append(Check(where, rate <= t.max_error_rate, f"{errors}/{n} errors ({rate:.1%})"))
             if ok == 0:
@@ -246,7 +262,7 @@ def evaluate_gate(
             if t.min_first_divergence is not None:
                 first = arm.first_divergence.min
                 passed = first is None or first >= t.min_first_divergence
-                observed = "no divergence" if first is None else f"first divergence at token {first}"
+                observed = "no divergence" if first is None else f"first divergence at {noun} {first}"
                 rules["min-first-divergence"].checks.append(Check(where, passed, observed))
             if base_prompt is None:
                 continue

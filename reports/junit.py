@@ -67,7 +67,7 @@ def report_junit(report: Report) -> str:
             if c.ok == 0:
                 ET.SubElement(case, "error", message=f"no successful samples ({c.errors} errors of {c.n})")
             elif c.unique > 1:
-                first = "" if c.first_min is None else f"; first divergence at token {c.first_min}"
+                first = "" if c.first_min is None else f"; first divergence at {c.run.noun} {c.first_min}"
                 msg = f"{c.unique} unique completions in {c.ok}{first}"
                 ET.SubElement(case, "failure", message=_clean(msg)).text = _clean(c.statistic)
     return _finish(list(suites.values()))

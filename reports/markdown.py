@@ -11,7 +11,9 @@ from __future__ import annotations
 import html
 import re
 
-from detaudit.reports.view_model import Cell, ForkNode, Report, RunInfo, shorten
+from detaudit.reports.findings import Piece
+from detaudit.reports.text import shorten
+from detaudit.reports.view_model import Cell, CompletionRow, ForkNode, Report, RunInfo
 
 from detaudit.gate import GateResult
 from detaudit.termsafe import visible_bidi
@@ -20,6 +22,8 @@ MAX_FORKS = 5  # fork lines per cell before "... and N more"
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # terminal escapes and the like, never useful in Markdown
 # An @ that GitHub would read as a mention (not inside a word, followed by a name): a zero-width joiner follows it.
 _MENTION = re.compile(r"(?<![0-9A-Za-z_])@(?=[0-9A-Za-z])")
+# Whitespace inside a token drawn as in the HTML report: " " and "  " must not vanish into the table.
+_VISIBLE = str.maketrans({" ": "·", "\n": "↵", "\t": "→", "\r": "␍"})
 
 
 def md_text(text: str, limit: int | None = None) -> str:
@@ -35,13 +39,35 @@ def md_text(text: str, limit: int | None = None) -> str:
 
 
 def _token(token: str) -> str:
-    return "(end)" if token == "" else f"“{md_text(token, 40)}”"
+    """A token in quotes with its whitespace visible (· space, ↵ newline, → tab)."""
+    return "(end)" if token == "" else f"“{md_text(shorten(token, 40).translate(_VISIBLE))}”"
 
 
-def _fork_line(fork: ForkNode) -> str:
+def _fork_line(fork: ForkNode, noun: str) -> str:
     branches = " / ".join(f"{_token(b.token)} ×{b.count}" for b in fork.branches)
     margin = f", margin {fork.margin:.3g}" if fork.margin is not None else ""
-    return f"token {fork.position}: {branches}{margin}"
+    return f"{noun} {fork.position}: {branches}{margin}"
+
+
+def _sentence(pieces: list[Piece]) -> str:
+    out = []
+    for piece in pieces:
+        if piece.kind == "token":
+            out.append(_token(piece.text))
+        elif piece.kind == "quote":
+            out.append(f"“{md_text(piece.text)}”")
+        elif piece.kind == "strong":
+            out.append(f"**{md_text(piece.text)}**")
+        else:
+            out.append(md_text(piece.text))
+    return "".join(out)
+
+
+def _completion(row: CompletionRow) -> str:
+    """The completion cut around its divergence, ▸ marking where it leaves the modal one."""
+    if row.fork_at is None:
+        return md_text(row.text)
+    return f"{md_text(row.before)}▸{md_text(row.after)}"
 
 
 def _all_forks(forks: list[ForkNode]) -> list[ForkNode]:
@@ -56,18 +82,22 @@ def _all_forks(forks: list[ForkNode]) -> list[ForkNode]:
 
 
 def _first(cell: Cell) -> str:
-    return "—" if cell.first_min is None else f"{cell.first_min} (median {cell.first_median:g})"
+    if cell.first_min is None:
+        return "—"
+    return f"{cell.run.noun} {cell.first_min} (median {cell.first_median:g})"
 
 
 def _run_figures(run: RunInfo) -> str:
     """The multi-prompt figures of one run: share of prompts all identical, earliest fork across prompts."""
     parts = []
-    if run.agreement is not None:
+    if run.incomplete:
+        parts.append(f"incomplete ({md_text(run.incomplete)}): agreement not claimed")
+    elif run.agreement is not None:
         counts = f" ({run.agreement_counts[0]}/{run.agreement_counts[1]})" if run.agreement_counts else ""
         parts.append(f"{run.agreement:.1%} of prompts fully identical{counts}")
     if run.earliest_fork is not None:
         pos, prompt, arm = run.earliest_fork
-        parts.append(f"earliest fork at token {pos} ({md_text(prompt)} · {md_text(arm)})")
+        parts.append(f"earliest fork at {run.noun} {pos} ({md_text(prompt)} · {md_text(arm)})")
     elif run.agreement is not None:
         parts.append("no fork in any prompt")
     return f"**{md_text(run.label)}**: " + "; ".join(parts) if parts else ""
@@ -77,10 +107,20 @@ def render_markdown(report: Report, *, heading: str = "## detaudit report") -> s
     """Headline table (one row per run/prompt/arm), forks per cell, completions in collapsed details."""
     lines = [heading, ""]
     many_prompts = len(report.prompts) > 1
+    for run in report.runs:
+        if run.incomplete:
+            lines += [
+                f"> **{md_text(run.label)} is incomplete** ({md_text(run.incomplete)}): its counts cover only the "
+                "samples it recorded; no agreement is claimed for it.",
+                "",
+            ]
+    for p in report.prompts:
+        lines.append(f"- **{md_text(p.prompt_id)}**: {_sentence(p.finding)}")
+    lines.append("")
     lines.append(
         "| run | target | "
         + ("prompt | " if many_prompts else "")
-        + "arm | ok/N | unique | modal share | first divergence | verdict |"
+        + "arm | ok/asked | unique | modal share | first divergence | verdict |"
     )
     lines.append("|---|---|" + ("---|" if many_prompts else "") + "---|--:|--:|--:|--:|---|")
     for p in report.prompts:
@@ -91,8 +131,8 @@ def render_markdown(report: Report, *, heading: str = "## detaudit report") -> s
             if many_prompts:
                 row.append(md_text(p.prompt_id))
             row += [
-                md_text(c.arm),
-                f"{c.ok}/{c.n}",
+                f"{md_text(c.arm)} ({md_text(c.load)})",
+                f"{c.ok}/{c.asked}",
                 f"**{c.unique}**",
                 share,
                 _first(c),
@@ -110,7 +150,7 @@ def render_markdown(report: Report, *, heading: str = "## detaudit report") -> s
                 continue
             prompt = f"{md_text(p.prompt_id)} · " if many_prompts else ""
             where = f"{md_text(c.run.label)} · {prompt}{md_text(c.arm)}"
-            shown = "; ".join(_fork_line(f) for f in forks[:MAX_FORKS])
+            shown = "; ".join(_fork_line(f, c.run.noun) for f in forks[:MAX_FORKS])
             more = f"; … {len(forks) - MAX_FORKS} more" if len(forks) > MAX_FORKS else ""
             fork_lines.append(f"- **{where}**: {shown}{more}")
     if fork_lines:
@@ -123,10 +163,14 @@ def render_markdown(report: Report, *, heading: str = "## detaudit report") -> s
                 f"<details><summary>{md_text(c.run.label)} · {md_text(p.prompt_id)} · {md_text(c.arm)}: "
                 f"{c.unique} distinct completions</summary>"
             )
-            lines += ["", "| # | count | share | first div. | completion |", "|--:|--:|--:|--:|---|"]
+            lines += [
+                "",
+                f"| # | count | share | first div. ({c.run.noun}) | completion (▸ where it leaves the modal one) |",
+                "|--:|--:|--:|--:|---|",
+            ]
             for r in c.completions:
                 first = "modal" if r.rank == 1 else ("—" if r.first_divergence is None else str(r.first_divergence))
-                lines.append(f"| {r.rank} | {r.count} | {r.share:.1%} | {first} | {md_text(r.text, 120)} |")
+                lines.append(f"| {r.rank} | {r.count} | {r.share:.1%} | {first} | {_completion(r)} |")
             if c.more_completions:
                 lines.append(f"| | | | | … {c.more_completions} more |")
             lines += ["", "</details>", ""]

@@ -1,7 +1,8 @@
 """The report model: what every renderer shows, built from run manifests and their summaries (detaudit.summary/1).
 
 Renderers (HTML, Markdown, JUnit) read only this model, never Parquet. Several runs (say an endpoint, a local
-stock rerun and a local batch-invariant rerun) become one report with the runs side by side per prompt.
+stock rerun and a local batch-invariant rerun) become one report with the runs side by side per prompt, led by one
+sentence per prompt (reports/findings.py).
 """
 
 from __future__ import annotations
@@ -12,15 +13,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from detaudit.reports.findings import Piece, arm_words, finding
+from detaudit.reports.text import around, common_prefix, shorten
+
 from detaudit.analysis.summary_schema import ArmSummary, Completion, RunSummary
 from detaudit.analysis.summary_schema import Fork as SummaryFork
+from detaudit.analysis.units import position_noun
 from detaudit.gate import arm_name
 from detaudit.rundir.schema import RunManifest
 
 TOKEN_WINDOW = 6  # units shown on each side of a fork in the aligned token view (the summary keeps 6)
 MAX_COMPLETIONS = 20  # completions-table rows per arm; the rest are counted in one line
 MAX_TOKEN_VIEWS = 8  # variants shown in the aligned token view per arm
-SHORT_TEXT = 160
 
 
 @dataclass
@@ -36,15 +40,35 @@ class RunInfo:
     agreement: float | None
     agreement_counts: tuple[int, int] | None  # (prompts all identical, prompts judged)
     earliest_fork: tuple[int, str, str] | None  # (position, prompt id, arm) of the shallowest fork in the run
+    noun: str = "token"  # what this run's positions count: "token", or "character" for a run compared as text
+    engine: str | None = None  # the engine facts that explain determinism, one short line (kernels, dtype, device)
+    engine_facts: list[tuple[str, str]] = field(default_factory=list)  # every engine fact, for the expandable block
+    kernels: str | None = None
+    incomplete: str | None = None  # set when rows are missing: the run's figures cover only what it recorded
+
+    @property
+    def nouns(self) -> str:
+        return self.noun + "s"
 
 
 @dataclass
 class CompletionRow:
+    """One distinct completion; `text` is cut around where it leaves the modal one (`fork_at`, in `text`)."""
+
     rank: int
     count: int
     share: float
     first_divergence: int | None
     text: str
+    fork_at: int | None = None
+
+    @property
+    def before(self) -> str:
+        return self.text if self.fork_at is None else self.text[: self.fork_at]
+
+    @property
+    def after(self) -> str:
+        return "" if self.fork_at is None else self.text[self.fork_at :]
 
 
 @dataclass
@@ -95,6 +119,7 @@ class Cell:
     run: RunInfo
     arm: str
     concurrency: int | None
+    expected: int | None  # samples the manifest asked for in this arm (None: an arm found only in the rows)
     n: int
     ok: int
     errors: int
@@ -110,6 +135,13 @@ class Cell:
     token_views: list[TokenView]
     token_view_note: str | None
     fingerprints: dict[str, int]
+    modal_text: str | None = None  # the most frequent completion in full (as the summary keeps it)
+    load: str = ""  # the arm's load in plain words ("one request at a time", "16 requests in flight")
+
+    @property
+    def asked(self) -> int:
+        """The denominator of ok/N: what was asked for, never just the rows that happen to be there."""
+        return self.n if self.expected is None else max(self.expected, self.n)
 
 
 @dataclass
@@ -118,21 +150,13 @@ class PromptSection:
     prompt: str
     verdicts: list[tuple[str, str]]
     cells: list[Cell]
+    finding: list[Piece] = field(default_factory=list)
 
 
 @dataclass
 class Report:
     runs: list[RunInfo]
     prompts: list[PromptSection]
-
-
-def shorten(text: str | None, limit: int = SHORT_TEXT) -> str:
-    """Long model text cut in the middle, so both the start and the end stay visible."""
-    text = text or ""
-    if len(text) <= limit:
-        return text
-    half = (limit - 1) // 2
-    return f"{text[:half]}…{text[-half:]}"
 
 
 def _label(path: Path, used: set[str]) -> str:
@@ -146,10 +170,10 @@ def _label(path: Path, used: set[str]) -> str:
 
 def _run_info(path: Path, manifest: RunManifest, summary: RunSummary, label: str) -> RunInfo:
     t = manifest.target
+    kernels = t.engine.get("kernels")
     if t.kind == "endpoint":
         title = f"endpoint {t.base_url or ''} ({t.api})".strip()
     else:
-        kernels = t.engine.get("kernels")
         title = f"local engine, {kernels} kernels" if kernels else "local engine"
     p = manifest.params
     params = [f"temperature={p.temperature:g}"]
@@ -157,12 +181,12 @@ def _run_info(path: Path, manifest: RunManifest, summary: RunSummary, label: str
     params += [f"{k}={v}" for k, v in optional if v is not None]
     if p.stop:
         params.append(f"stop={p.stop!r}")
-    meta = [("target", title), ("model", t.model or "—")]
-    if t.engine:
-        meta.append(("engine", _engine_facts(t.engine)))
-    meta += [
+    noun = position_noun(summary.unit)
+    meta = [
+        ("target", title),
+        ("model", t.model or "—"),
         ("params", ", ".join(params)),
-        ("capture", f"{manifest.capture} (compared as {summary.unit})"),
+        ("capture", f"{manifest.capture} (compared as {summary.unit}; positions count {noun}s)"),
         ("samples", f"{manifest.repeats} per prompt per arm; arms {', '.join(a.name for a in manifest.arms)}"),
         ("status", f"{manifest.status}; started {manifest.created_at:%Y-%m-%d %H:%M:%S} UTC"),
         ("detaudit", manifest.tool_version),
@@ -173,6 +197,10 @@ def _run_info(path: Path, manifest: RunManifest, summary: RunSummary, label: str
         meta.append(("note", note))
     agreement = summary.agreement
     earliest = summary.earliest_fork
+    samples = summary.samples
+    incomplete = None
+    if manifest.status != "complete" or samples.rows < samples.expected:
+        incomplete = f"{manifest.status}: {samples.rows} of {samples.expected} samples recorded"
     return RunInfo(
         label=label,
         path=str(path),
@@ -180,24 +208,37 @@ def _run_info(path: Path, manifest: RunManifest, summary: RunSummary, label: str
         kind=t.kind,
         meta=meta,
         unit=summary.unit,
-        agreement=agreement.share,
-        agreement_counts=(agreement.all_identical, agreement.prompts),
+        # An incomplete run claims no agreement over rows it does not have.
+        agreement=None if incomplete else agreement.share,
+        agreement_counts=None if incomplete else (agreement.all_identical, agreement.prompts),
         earliest_fork=None if earliest is None else (earliest.position, earliest.prompt_id, earliest.arm),
+        noun=noun,
+        engine=_engine_brief(t.engine) if t.engine else None,
+        engine_facts=_engine_facts(t.engine),
+        kernels=str(kernels) if kernels else None,
+        incomplete=incomplete,
     )
 
 
 _ENGINE_FIRST = ("kernels", "dtype", "device", "gpu", "torch", "triton", "engine", "scenarios", "seed")
 
 
-def _engine_facts(engine: Mapping[str, Any]) -> str:
-    """Engine facts as one line: the ones that explain determinism first, nested values as compact JSON."""
+def _engine_brief(engine: Mapping[str, Any]) -> str:
+    """The three facts that decide determinism, as words: 'batch-invariant kernels, bfloat16, cpu'."""
+    parts = [f"{engine['kernels']} kernels" if "kernels" in engine else None, engine.get("dtype"), engine.get("device")]
+    brief = ", ".join(str(x) for x in parts if x)
+    return brief or f"{len(engine)} facts"
+
+
+def _engine_facts(engine: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Every engine fact as (key, value), the ones that explain determinism first, nested values as compact JSON."""
     keys = [k for k in _ENGINE_FIRST if k in engine] + sorted(k for k in engine if k not in _ENGINE_FIRST)
-    parts = []
+    out = []
     for k in keys:
         v = engine[k]
-        text = json.dumps(v, separators=(",", ":"), default=str) if isinstance(v, (dict, list)) else str(v)
-        parts.append(f"{k}={text}")
-    return ", ".join(parts)
+        text = json.dumps(v, separators=(", ", ": "), default=str) if isinstance(v, (dict, list)) else str(v)
+        out.append((k, text))
+    return out
 
 
 def _fingerprints(arm: ArmSummary) -> dict[str, int]:
@@ -283,6 +324,22 @@ def _token_views(completions: Sequence[Completion]) -> tuple[list[TokenView], st
     return views, (f"{more} more listed variants not shown here" if more > 0 else None)
 
 
+def _completion_rows(completions: Sequence[Completion]) -> list[CompletionRow]:
+    """The listed completions, each cut around where it leaves the modal one; the modal one around the earliest
+    such point, so the rows line up on the divergence."""
+    shown = completions[:MAX_COMPLETIONS]
+    if not shown:
+        return []
+    modal = shown[0].text
+    forks = [common_prefix(c.text, modal) for c in shown[1:]]
+    rows = []
+    for i, c in enumerate(shown):
+        at = (min(forks) if forks else None) if i == 0 else forks[i - 1]
+        text, fork_at = around(c.text, at)
+        rows.append(CompletionRow(i + 1, c.count, c.share, c.first_divergence, text, fork_at))
+    return rows
+
+
 def _cell(run: RunInfo, arm: ArmSummary) -> Cell:
     first = arm.first_divergence
     views, note = _token_views(arm.completions)
@@ -290,17 +347,13 @@ def _cell(run: RunInfo, arm: ArmSummary) -> Cell:
         run=run,
         arm=arm_name(arm),
         concurrency=arm.concurrency,
+        expected=arm.expected,
         n=arm.n,
         ok=arm.ok,
         errors=arm.errors,
         unique=arm.unique,
         statistic=statistic_text(arm),
-        completions=[
-            CompletionRow(
-                rank=i, count=c.count, share=c.share, first_divergence=c.first_divergence, text=shorten(c.text)
-            )
-            for i, c in enumerate(arm.completions[:MAX_COMPLETIONS], start=1)
-        ],
+        completions=_completion_rows(arm.completions),
         more_completions=max(0, arm.unique - MAX_COMPLETIONS),
         first_min=first.min,
         first_median=first.median,
@@ -310,6 +363,8 @@ def _cell(run: RunInfo, arm: ArmSummary) -> Cell:
         token_views=views,
         token_view_note=note,
         fingerprints=_fingerprints(arm),
+        modal_text=arm.completions[0].text if arm.completions else None,
+        load=arm_words(run.kind, arm_name(arm), arm.concurrency),
     )
 
 
@@ -344,5 +399,7 @@ def build_report(runs: Sequence[tuple[Path, RunManifest, RunSummary]]) -> Report
                 verdicts.append((info.label, prompt.verdict))
                 cells.extend(_cell(info, arm) for arm in prompt.arms)
         prompt_text = shorten(_prompt_text(manifests, pid), 400)
-        sections.append(PromptSection(prompt_id=pid, prompt=prompt_text, verdicts=verdicts, cells=cells))
+        section = PromptSection(prompt_id=pid, prompt=prompt_text, verdicts=verdicts, cells=cells)
+        section.finding = finding(section)
+        sections.append(section)
     return Report(runs=infos, prompts=sections)

@@ -63,6 +63,13 @@ def transformers_serve(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFa
             "--continuous-batching",
             "--dtype",
             "bfloat16",
+            # the README's bounds on the KV cache: without them the server grows to many GB
+            "--cb-num-blocks",
+            "128",
+            "--cb-block-size",
+            "32",
+            "--cb-max-batch-tokens",
+            "512",
         ],
         env=env,
         stdout=log,

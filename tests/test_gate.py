@@ -140,7 +140,7 @@ def test_an_arm_with_no_successful_sample_cannot_be_judged_even_without_error_ru
     s = summary(arm(1, [100]), {**arm(16, [1]), "n": 100, "ok": 0, "errors": 100, "unique": 0, "completions": []})
     result = evaluate_gate(s, GateThresholds(max_unique=1))
     assert result.exit_code == 3
-    assert result.lines()[0] == "CANNOT JUDGE judgeable (every arm has successful samples): p@c16 0 ok of 100"
+    assert result.lines()[0] == "CANNOT JUDGE successful-samples ≥ 1 in every arm: p@c16 has 0 ok of 100"
 
 
 def test_require_same_modal_compares_with_the_baseline_arm_of_the_same_concurrency():

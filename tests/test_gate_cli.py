@@ -164,7 +164,7 @@ def test_gate_writes_step_summary_junit_and_markdown(tmp_path, capsys, monkeypat
     failed = "feynman@all-arms: 2 unique across arms; feynman@c8: 2 unique in 20"
     assert f"| max-unique | ≤ 1 | **FAIL** ({failed}) |" in summary
     assert "### Audit" in summary
-    assert "| shaky | endpoint http://127.0.0.1:9/v1 (chat) | c8 | 20/20 | **2** |" in summary
+    assert "| shaky | endpoint http://127.0.0.1:9/v1 (chat) | c8 (8 requests in flight) | 20/20 | **2** |" in summary
     assert md.read_text() in summary
     root = ET.parse(junit).getroot()
     assert [(c.get("name"), c.find("failure") is not None) for c in root.iter("testcase")] == [

@@ -37,8 +37,10 @@ def make_run(
     *,
     kind: str = "endpoint",
     kernels: str | None = None,
+    engine: dict | None = None,
     errors: dict[str, int] | None = None,
     prompt: str = "Tell me about Richard Feynman",
+    prompt_id: str = "feynman",
     status: str = "complete",
     fingerprint: Callable[[str, int], str | None] = lambda arm, repeat: "fp_a",
 ) -> Path:
@@ -55,10 +57,10 @@ def make_run(
             kind=kind,
             base_url="http://127.0.0.1:9/v1" if kind == "endpoint" else None,
             model="tiny",
-            engine={"kernels": kernels} if kernels else {},
+            engine=engine if engine is not None else ({"kernels": kernels} if kernels else {}),
         ),
         params=RequestParams(max_tokens=16, top_logprobs=2),
-        prompts=[PromptSpec(prompt_id="feynman", prompt=prompt)],
+        prompts=[PromptSpec(prompt_id=prompt_id, prompt=prompt)],
         arms=[ArmSpec(name=name, concurrency=conc) for name, (conc, _) in arms.items()],
         repeats=repeats,
         capture="token_ids",
@@ -73,7 +75,7 @@ def make_run(
                     {
                         "run_id": run_dir.name,
                         "sample_index": manifest.sample_index(0, arm_pos, repeat),
-                        "prompt_id": "feynman",
+                        "prompt_id": prompt_id,
                         "arm": name,
                         "concurrency": conc,
                         "repeat": repeat,
@@ -92,7 +94,7 @@ def make_run(
             rows.append(
                 {
                     "sample_index": manifest.sample_index(0, arm_pos, repeat),
-                    "prompt_id": "feynman",
+                    "prompt_id": prompt_id,
                     "arm": name,
                     "concurrency": conc,
                     "repeat": repeat,
@@ -146,7 +148,8 @@ def test_summary_completions_carry_context_around_their_fork(tmp_path):
 def test_report_model_nests_forks_and_aligns_variants(tmp_path):
     report = build_report(load_runs([endpoint_run(tmp_path), invariant_run(tmp_path)]))
     assert [r.label for r in report.runs] == ["endpoint", "local-bi"]
-    assert ("engine", "kernels=batch-invariant") in report.runs[1].meta
+    assert report.runs[1].engine == "batch-invariant kernels"
+    assert report.runs[1].engine_facts == [("kernels", "batch-invariant")]
     cells = report.prompts[0].cells
     assert [(c.run.label, c.arm, c.unique) for c in cells] == [
         ("endpoint", "c1", 1),
@@ -195,15 +198,15 @@ def test_markdown_is_compact_and_inert(tmp_path):
     lines = md.splitlines()
     assert lines[0] == "## detaudit report"
     assert (
-        "| endpoint | endpoint http://127.0.0.1:9/v1 (chat) | c16 | 40/40 | **4** | 82.5% | 5 (median 5) | "
-        "load-dependent |" in lines
+        "| endpoint | endpoint http://127.0.0.1:9/v1 (chat) | c16 (16 requests in flight) | 40/40 | **4** | 82.5% | "
+        "token 5 (median 5) | load-dependent |" in lines
     )
     assert (
-        "| local-bi | local engine, batch-invariant kernels | c16 | 40/40 | **1** | 100.0% | — | deterministic |"
-        in lines
+        "| local-bi | local engine, batch-invariant kernels | c16 (16 requests in flight) | 40/40 | **1** | 100.0% | "
+        "— | deterministic |" in lines
     )
     assert (
-        "- **endpoint · c16**: token 5: “ Queens” ×33 / “ New” ×6 / (end) ×1, margin 0.49; token 7: “,” ×4 / "
+        "- **endpoint · c16**: token 5: “·Queens” ×33 / “·New” ×6 / (end) ×1, margin 0.49; token 7: “,” ×4 / "
         "“&lt;script&gt;document.ti…ent.title='pwned'\"&gt;” ×2, margin 0.49" in lines
     )
     assert "<script" not in md and "<img" not in md
@@ -331,3 +334,44 @@ def test_multi_prompt_figures_in_markdown_and_html(scripted_server, capsys, tmp_
     assert "earliest fork at token 5 (p0 · c1)" in text
     page = html_path.read_text()
     assert "(1/2)" in page and "token 5 (p0 · c1)" in page
+
+
+# ---------------------------------------------------------------- the finding, and text cut around the fork
+
+
+def test_each_prompt_leads_with_one_finding_sentence(tmp_path):
+    report = build_report(load_runs([endpoint_run(tmp_path), invariant_run(tmp_path)]))
+    md = render_markdown(report)
+    assert md.splitlines()[2] == (
+        "- **feynman**: **load-dependent**: the endpoint gave **1 distinct completion** of 40 ok (one request at a "
+        "time) and **4** of 40 ok (16 requests in flight); the first fork is at token 5, after “Richard Feynman was "
+        "born in”, between “·Queens” ×33 and “·New” ×6 (and 1 more). The local rerun with batch-invariant kernels "
+        "gave **1 distinct completion** of 40 ok (16 requests in flight); that answer is the same as the endpoint's "
+        "answer when sent one request at a time."
+    )
+    page = render_html(report)
+    assert page.index('id="findings"') < page.index('class="prompt"') < page.index('id="runs"')
+
+
+def test_a_rerun_whose_one_answer_is_not_the_serial_answer_says_so(tmp_path):
+    other = MODAL[:8] + [" Jersey", "."]
+    rerun = make_run(tmp_path / "bi", {"single": (16, [(other, 40)])}, kind="local", kernels="batch-invariant")
+    md = render_markdown(build_report(load_runs([endpoint_run(tmp_path), rerun])))
+    assert (
+        "The local rerun with batch-invariant kernels gave **1 distinct completion** of 40 ok (copies of the prompt "
+        "arriving over time, up to 16 per batch); that answer **differs** from the endpoint's answer when sent one "
+        "request at a time, from character 40 on: “Jersey.” vs “York.”" in md
+    )
+
+
+def test_completions_are_cut_around_their_fork_and_whitespace_tokens_show(tmp_path):
+    head = [f" w{i}" for i in range(80)]  # 320 characters before the fork
+    a, b = [*head, "  ", "A", *head], [*head, "\n", "B", *head]
+    report = build_report(load_runs([make_run(tmp_path / "long", {"c4": (4, [(a, 3), (b, 1)])})]))
+    rows = report.prompts[0].cells[0].completions
+    fork = len("".join(head))
+    for row, text in zip(rows, ("".join(a), "".join(b)), strict=True):
+        assert row.before == "…" + text[fork - 60 : fork] and row.after == text[fork : fork + 100] + "…"
+    md = render_markdown(report)
+    assert "token 80: “··” ×3 / “↵” ×1" in md  # not a run of bare spaces
+    assert f"| 2 | 1 | 25.0% | 80 | …{''.join(head)[-60:]}▸↵B" in md

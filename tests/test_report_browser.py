@@ -165,3 +165,94 @@ def test_report_loads_offline_without_errors_and_shows_model_markup_as_text(tmp_
         )
         == 0
     )
+
+
+# A demo-like pair of runs (docs/report-*.png): a code prompt whose loaded arm forks on whitespace and comparison
+# tokens, next to a batch-invariant rerun whose one answer is not the endpoint's serial answer.
+FIB_PROMPT = "def fibonacci(n):"
+FIB = ["\n", "   ", " if", " n", " <", " 2", ":", "\n", "       ", " return", " n", "\n", "   ", " return", " fib"]
+FIB += ["onacci", "(", "n", " -", " 1", ")", " +", " fib", "onacci", "(", "n", " -", " 2", ")", "\n", "\n", "def"]
+FIB_LE = FIB[:4] + [" <=", " 1", ":", "\n", "       ", " return", " n", "\n", "   ", " return", " fib", "onacci", "("]
+FIB_LE += ["n", " -", " 1", ")", " +", " fib", "onacci", "(", "n", " -", " 2", ")", "\n", "\n", "def"]
+FIB_INLINE = FIB[:7] + [" return", " n", "\n", "   ", " return", " fib", "onacci", "(", "n", "-", "1", ")", " +"]
+FIB_INLINE += [" fib", "onacci", "(", "n", "-", "2", ")", "\n", "\n", "\n", "#", " test"]
+FIB_LOCAL = FIB[:11] + ["\n", "\n", "   ", " return", " fib", "onacci", "(", "n", " -", " 1", ")", " +", " fib"]
+FIB_LOCAL += ["onacci", "(", "n", " -", " 2", ")", "\n", "\n", "print", "(", "fib"]
+LOCAL_ENGINE = {
+    "kernels": "batch-invariant",
+    "dtype": "bfloat16",
+    "device": "cpu",
+    "torch": "2.13.0",
+    "engine": {"max_batch": 16, "max_batched_tokens": 32, "block_size": 16, "cuda_graphs": False},
+    "scenarios": ["single"],
+    "seed": 3,
+}
+
+
+def demo_like_runs(tmp_path: Path, scripted_server, capsys) -> list[Path]:
+    """An endpoint run recorded from a scripted load-dependent server through `detaudit run` (-n 48 -c 1,16, as
+    the demo), and a local batch-invariant run written directly: the report the demo writes, built offline."""
+    from runhelp import cli
+    from test_report import make_run
+
+    server = scripted_server(
+        completions={"A": FIB, "B": FIB_LE, "C": FIB_INLINE},
+        schedules={FIB_PROMPT: {"serial": "A", "loaded": ["A", "A", "B", "A", "A", "C", "A", "B"]}},
+        latency_s=0.01,
+    )
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"id": "fibonacci", "prompt": FIB_PROMPT}) + "\n")
+    endpoint = tmp_path / "endpoint-stock"
+    args = ["run", "--base-url", server.base_url, "--prompt-file", prompts, "-n", 48, "-c", "1,16"]
+    r = cli(capsys, *args, "--max-tokens", 32, "--out", endpoint)
+    assert r.code == 0, r.err
+    local = make_run(
+        tmp_path / "local-batch-invariant",
+        {"single": (16, [(FIB_LOCAL, 48)])},
+        kind="local",
+        engine=LOCAL_ENGINE,
+        prompt=FIB_PROMPT,
+        prompt_id="fibonacci",
+    )
+    return [endpoint, local]
+
+
+@pytest.mark.parametrize("width", [1400, 1920])
+def test_report_leads_with_the_finding_and_shows_each_fork_in_view(tmp_path, chromium, scripted_server, capsys, width):
+    html = tmp_path / "report.html"
+    write_reports(demo_like_runs(tmp_path, scripted_server, capsys), html=html)
+    chromium.send("Page.enable")
+    chromium.send("Emulation.setDeviceMetricsOverride", width=width, height=1100, deviceScaleFactor=1, mobile=False)
+    chromium.send("Page.navigate", url=html.resolve().as_uri())
+    chromium.wait_for("Page.loadEventFired")
+    chromium.drain(0.5)
+
+    # the first thing under the title is the finding, on the first screen, in words
+    assert chromium.js("document.querySelector('h2').innerText") == "Findings"
+    finding = chromium.js("document.querySelector('#findings li').innerText")
+    assert finding.startswith("fibonacci load-dependent: the endpoint gave 1 distinct completion of 48 ok"), finding
+    assert "the first fork is at token 4" in finding and "differs from the endpoint's answer" in finding
+    assert chromium.js("document.querySelector('#findings li').getBoundingClientRect().bottom") < 1100
+    assert chromium.js("document.body.innerText.includes('concurrency')") is False  # plain words, no jargon
+
+    # every highlighted diverging token is inside its scroll box and inside the window
+    boxes = chromium.js(
+        "Array.from(document.querySelectorAll('.tv-scroll')).map(b => { const t = b.querySelector('.tok.div');"
+        " const r = t.getBoundingClientRect(), s = b.getBoundingClientRect();"
+        " return [r.left >= s.left - 0.5, r.right <= s.right + 0.5, r.right <= window.innerWidth]; })"
+    )
+    assert boxes and all(all(v) for v in boxes), boxes
+
+    # the engine block is one line until opened
+    assert (
+        chromium.js("document.querySelector('details.engine summary').innerText")
+        == "batch-invariant kernels, bfloat16, cpu"
+    )
+    assert chromium.js("document.querySelector('details.engine').open") is False
+
+    shot = base64.b64decode(chromium.send("Page.captureScreenshot", format="png")["data"])
+    (_artifact_dir(tmp_path) / f"report-{width}.png").write_bytes(shot)
+    full = chromium.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)["data"]
+    (_artifact_dir(tmp_path) / f"report-{width}-full.png").write_bytes(base64.b64decode(full))
+    if os.environ.get("DETAUDIT_DOCS_SCREENSHOTS"):  # regenerates docs/report-1400.png and docs/report-1920.png
+        Path(os.environ["DETAUDIT_DOCS_SCREENSHOTS"], f"report-{width}.png").write_bytes(shot)

@@ -52,3 +52,9 @@ def completion_key(row: Mapping[str, Any]) -> tuple[str, Any] | None:
         return ("text", row.get("text") or "")
     seq: Sequence[Any] = row[source]
     return (_KEY_TAG[source], tuple(seq))
+
+
+def position_noun(unit: Unit, plural: bool = False) -> str:
+    """What a position counts, in words: a text run's positions are characters, never tokens."""
+    noun = "character" if unit == "text" else "token"
+    return noun + "s" if plural else noun

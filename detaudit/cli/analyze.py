@@ -13,6 +13,7 @@ from detaudit.analysis.summary import store_summary
 from detaudit.cli import options
 from detaudit.cli.options import like
 from detaudit.cli.render import render_compare, render_summary
+from detaudit.errors import UsageError
 from detaudit.termsafe import json_text, safe
 
 
@@ -41,9 +42,27 @@ def compare_command(
     run_a: Annotated[Path, typer.Argument(help="The baseline run directory.")],
     run_b: Annotated[Path, typer.Argument(help="The run directory to compare with it.")],
     as_json: Annotated[bool, like(options.Json, help="Print the comparison (detaudit.compare/1) as JSON.")] = False,
+    allow_different: Annotated[
+        bool,
+        typer.Option(
+            "--allow-different",
+            help="Exit 0 even when the runs used different models or APIs (otherwise exit 2 after the comparison).",
+        ),
+    ] = False,
 ) -> None:
     result = compare_runs(run_a, run_b)
     if as_json:
         _print_json(result)
     else:
         render_compare(result, Console())
+    differ = [
+        f"{what} ({safe(result['a'][key])} vs {safe(result['b'][key])})"
+        for what, key, same in (("models", "model", "same_model"), ("APIs", "api", "same_api"))
+        if not result[same]
+    ]
+    if differ and not allow_different:
+        # Not a nondeterminism finding: two models, or chat against completions, answer differently anyway.
+        raise UsageError(
+            f"the runs differ in {' and '.join(differ)}; their answers are not comparable as one setup "
+            "(pass --allow-different to compare them anyway)"
+        )

@@ -36,7 +36,11 @@ def gate_command(
     ] = None,
     min_first_divergence: Annotated[
         int | None,
-        typer.Option("--min-first-divergence", help="No sample diverges from the modal completion before token P."),
+        typer.Option(
+            "--min-first-divergence",
+            help="No sample diverges from the modal completion before position P, in the run's unit "
+            "(tokens; characters for a run compared as text).",
+        ),
     ] = None,
     max_error_rate: Annotated[
         float | None,
@@ -115,8 +119,9 @@ def publish_gate(
         with open(step_summary, "a", encoding="utf-8") as f:  # GitHub expects appends: steps share the file
             f.write(markdown + "\n")
     failed = sum(1 for r in result.rules if not r.passed)
+    rules = f"{len(result.rules)} rule{'' if len(result.rules) == 1 else 's'}"
     if result.exit_code == EXIT_ENDPOINT:
         raise EndpointError(f"gate cannot judge {run}: too many endpoint errors")
     if failed:
-        raise GateFailed(f"gate failed: {failed} of {len(result.rules)} rules")
-    console.print(f"gate passed: {len(result.rules)} rules", style="green", highlight=False, markup=False)
+        raise GateFailed(f"gate failed: {failed} of {rules}")
+    console.print(f"gate passed: {rules}", style="green", highlight=False, markup=False)

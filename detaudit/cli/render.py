@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from detaudit.analysis.summary_schema import ArmSummary, Branch, Fork, PromptSummary, RunSummary
+from detaudit.analysis.units import position_noun
 from detaudit.termsafe import quoted, safe
 
 FORKS_SHOWN = 3  # per arm, in the terminal; the JSON has them all (up to the summary's limits)
@@ -63,9 +64,19 @@ def _bound_text(arm: ArmSummary) -> str:
     return "–"
 
 
-def _arm_table(prompt: PromptSummary) -> Table:
+def _arm_table(prompt: PromptSummary, nouns: str) -> Table:
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-    for col in ("arm", "conc", "ok/n", "err", "unique", "modal", "95% bound", "1st div min/med", "forks"):
+    for col in (
+        "arm",
+        "conc",
+        "ok/asked",
+        "err",
+        "unique",
+        "modal",
+        "95% bound",
+        f"1st div min/med ({nouns})",
+        "forks",
+    ):
         table.add_column(col, justify="left" if col == "arm" else "right")
     for arm in prompt.arms:
         fd = arm.first_divergence
@@ -73,7 +84,7 @@ def _arm_table(prompt: PromptSummary) -> Table:
         table.add_row(
             Text(safe(arm.arm)),
             str(arm.concurrency),
-            f"{arm.ok}/{arm.n}",
+            f"{arm.ok}/{max(arm.expected or 0, arm.n)}",  # what was asked, not just the rows there
             str(arm.errors),
             str(arm.unique),
             _pct(arm.stats.modal_share),
@@ -111,6 +122,16 @@ def render_summary(summary: RunSummary, console: Console) -> None:
             f"{samples.ok} ok, {samples.errors} errors of {samples.rows} rows ({samples.expected} expected)"
         )
     )
+    nouns = position_noun(summary.unit, plural=True)
+    incomplete = summary.run_status != "complete" or samples.rows < samples.expected
+    if incomplete:
+        console.print(
+            Text(
+                f"incomplete run ({safe(summary.run_status)}): {samples.rows} of {samples.expected} samples recorded; "
+                "the figures below cover only those",
+                style="bold yellow",
+            )
+        )
     for prompt in summary.prompts:
         console.print()
         title = Text(f"prompt {safe(prompt.prompt_id)}", style="bold")
@@ -120,10 +141,10 @@ def render_summary(summary: RunSummary, console: Console) -> None:
         title.append(safe(prompt.verdict), style=_VERDICT_STYLE[prompt.verdict])
         title.append(f" — {safe(prompt.verdict_reason)}", style="dim")
         console.print(title)
-        console.print(_arm_table(prompt))
+        console.print(_arm_table(prompt, nouns))
         for arm in prompt.arms:
             if arm.forks:
-                console.print(Text(f"  forks in {safe(arm.arm)}:", style="bold"))
+                console.print(Text(f"  forks in {safe(arm.arm)} (@ {nouns}):", style="bold"))
                 for fork in arm.forks[:FORKS_SHOWN]:
                     console.print(_fork_line(fork))
                 if arm.forks_total > FORKS_SHOWN:
@@ -138,7 +159,10 @@ def render_summary(summary: RunSummary, console: Console) -> None:
                         f"modal {_pct(fp.modal_share)}"
                     )
                 )
-    if len(summary.prompts) > 1:
+    if len(summary.prompts) > 1 and incomplete:
+        console.print()
+        console.print(Text("prompts with all completions identical: not claimed, the run is incomplete", style="bold"))
+    elif len(summary.prompts) > 1:
         ag = summary.agreement
         console.print()
         console.print(
@@ -156,7 +180,10 @@ def render_summary(summary: RunSummary, console: Console) -> None:
         if summary.earliest_fork:
             ef = summary.earliest_fork
             console.print(
-                Text(f"earliest fork: prompt {safe(ef.prompt_id)}, arm {safe(ef.arm)}, position {ef.position}")
+                Text(
+                    f"earliest fork: prompt {safe(ef.prompt_id)}, arm {safe(ef.arm)}, "
+                    f"{position_noun(summary.unit)} {ef.position}"
+                )
             )
 
 
@@ -170,13 +197,20 @@ def render_compare(result: dict[str, Any], console: Console) -> None:
     )
     console.print(Text(f"compared as {safe(result['compared_as'])}"))
     if not result["same_model"]:
-        console.print(Text(f"models differ: {safe(a['model'])} vs {safe(b['model'])}", style="yellow"))
+        console.print(Text(f"models differ: {safe(a['model'])} vs {safe(b['model'])}", style="bold yellow"))
+    if not result.get("same_api", True):
+        console.print(Text(f"APIs differ: {safe(a['api'])} vs {safe(b['api'])}", style="bold yellow"))
+    nouns = {side: position_noun(result[side]["unit"], plural=True) for side in ("a", "b")}
+    if nouns["a"] != nouns["b"]:
+        console.print(Text(f"earliest forks count {nouns['a']} in A, {nouns['b']} in B", style="yellow"))
     for name, (va, vb) in result["param_differences"].items():
         console.print(Text(f"parameter {safe(name)} differs: {safe(repr(va))} vs {safe(repr(vb))}", style="yellow"))
     for diff in result["prompt_differences"]:
         console.print(Text(f"prompt {safe(diff['prompt_id'])}: {safe(diff['what'])}", style="yellow"))
     table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
-    for col in ("prompt", "modal equal", "unique A/B", "earliest fork A/B", "modals part at", "A", "B"):
+    split_noun = position_noun("text" if result["compared_as"] == "text" else "token", plural=True)
+    fork_col = f"earliest fork A/B ({nouns['a']})" if nouns["a"] == nouns["b"] else "earliest fork A/B"
+    for col in ("prompt", "modal equal", "unique A/B", fork_col, f"modals part at ({split_noun})", "A", "B"):
         table.add_column(col)
     for p in result["prompts"]:
         split = p["modal_split"]
