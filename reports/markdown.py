@@ -34,6 +34,9 @@ def md_text(text: str, limit: int | None = None) -> str:
     return _MENTION.sub("@\u200d", text)
 
 
+EMPTY = "*(empty completion)*"  # never a blank cell; model text is escaped, so this mark cannot be model text
+
+
 def _token(token: str) -> str:
     return "(end)" if token == "" else f"“{md_text(token, 40)}”"
 
@@ -76,6 +79,7 @@ def _run_figures(run: RunInfo) -> str:
 def render_markdown(report: Report, *, heading: str = "## detaudit report") -> str:
     """Headline table (one row per run/prompt/arm), forks per cell, completions in collapsed details."""
     lines = [heading, ""]
+    lines += [f"> **warning:** {md_text(w)}" for w in report.warnings] + ([""] if report.warnings else [])
     many_prompts = len(report.prompts) > 1
     lines.append(
         "| run | target | "
@@ -126,7 +130,8 @@ def render_markdown(report: Report, *, heading: str = "## detaudit report") -> s
             lines += ["", "| # | count | share | first div. | completion |", "|--:|--:|--:|--:|---|"]
             for r in c.completions:
                 first = "modal" if r.rank == 1 else ("—" if r.first_divergence is None else str(r.first_divergence))
-                lines.append(f"| {r.rank} | {r.count} | {r.share:.1%} | {first} | {md_text(r.text, 120)} |")
+                text = EMPTY if r.empty else md_text(r.text, 120)
+                lines.append(f"| {r.rank} | {r.count} | {r.share:.1%} | {first} | {text} |")
             if c.more_completions:
                 lines.append(f"| | | | | … {c.more_completions} more |")
             lines += ["", "</details>", ""]
