@@ -5,6 +5,9 @@ samples table: vLLM's `token_ids`, "token_id:123" token strings and the `id` of 
 become ids, per-token `bytes` are kept, a missing logprob is NaN, alternatives are ordered best first. Logprobs are
 read in either shape (chat `content` entries or the legacy completions lists) on either API. One `Completion` per
 request, parsed the same way whichever API or transport produced it.
+
+Over 400 lines, for a reason: it is the one place that decides what an answer means, for both APIs, whole or
+streamed, in either logprobs shape; split, the shapes would drift apart again (issue #23).
 """
 
 from __future__ import annotations
