@@ -38,6 +38,9 @@ def md_text(text: str, limit: int | None = None) -> str:
     return _MENTION.sub("@\u200d", text)
 
 
+EMPTY = "*(empty completion)*"  # never a blank cell; model text is escaped, so this mark cannot be model text
+
+
 def _token(token: str) -> str:
     """A token in quotes with its whitespace visible (· space, ↵ newline, → tab)."""
     return "(end)" if token == "" else f"“{md_text(shorten(token, 40).translate(_VISIBLE))}”"
@@ -106,6 +109,7 @@ def _run_figures(run: RunInfo) -> str:
 def render_markdown(report: Report, *, heading: str = "## detaudit report") -> str:
     """Headline table (one row per run/prompt/arm), forks per cell, completions in collapsed details."""
     lines = [heading, ""]
+    lines += [f"> **warning:** {md_text(w)}" for w in report.warnings] + ([""] if report.warnings else [])
     many_prompts = len(report.prompts) > 1
     for run in report.runs:
         if run.incomplete:
@@ -170,7 +174,8 @@ def render_markdown(report: Report, *, heading: str = "## detaudit report") -> s
             ]
             for r in c.completions:
                 first = "modal" if r.rank == 1 else ("—" if r.first_divergence is None else str(r.first_divergence))
-                lines.append(f"| {r.rank} | {r.count} | {r.share:.1%} | {first} | {_completion(r)} |")
+                text = EMPTY if r.empty else _completion(r)
+                lines.append(f"| {r.rank} | {r.count} | {r.share:.1%} | {first} | {text} |")
             if c.more_completions:
                 lines.append(f"| | | | | … {c.more_completions} more |")
             lines += ["", "</details>", ""]

@@ -2,7 +2,9 @@
 
 Renderers (HTML, Markdown, JUnit) read only this model, never Parquet. Several runs (say an endpoint, a local
 stock rerun and a local batch-invariant rerun) become one report with the runs side by side per prompt, led by one
-sentence per prompt (reports/findings.py).
+sentence per prompt (reports/findings.py). Prompts are matched across runs by what they say
+(PromptSpec.content_key), never by their ids: each run numbers its own prompts p0, p1, ..., so the same id can name
+different prompts in two runs.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from detaudit.analysis.summary_schema import ArmSummary, Completion, RunSummary
 from detaudit.analysis.summary_schema import Fork as SummaryFork
 from detaudit.analysis.units import position_noun
 from detaudit.gate import arm_name
-from detaudit.rundir.schema import RunManifest
+from detaudit.rundir.schema import PromptSpec, RunManifest
 
 TOKEN_WINDOW = 6  # units shown on each side of a fork in the aligned token view (the summary keeps 6)
 MAX_COMPLETIONS = 20  # completions-table rows per arm; the rest are counted in one line
@@ -61,6 +63,7 @@ class CompletionRow:
     first_divergence: int | None
     text: str
     fork_at: int | None = None
+    empty: bool = False  # the completion is empty: renderers show a marker, never a blank cell
 
     @property
     def before(self) -> str:
@@ -146,17 +149,24 @@ class Cell:
 
 @dataclass
 class PromptSection:
+    """One prompt, by content, with every run that asked it. `prompt_id` is its heading: the ids the runs gave it
+    ("p0", or "p0/p2" when two runs numbered it differently), with the runs' labels added when another prompt
+    would otherwise get the same heading."""
+
     prompt_id: str
     prompt: str
     verdicts: list[tuple[str, str]]
     cells: list[Cell]
     finding: list[Piece] = field(default_factory=list)
+    key: str = ""  # PromptSpec.content_key
+    asked: list[tuple[str, str]] = field(default_factory=list)  # (run label, the prompt's id in that run)
 
 
 @dataclass
 class Report:
     runs: list[RunInfo]
     prompts: list[PromptSection]
+    warnings: list[str] = field(default_factory=list)  # shown atop every report and on stderr
 
 
 def _label(path: Path, used: set[str]) -> str:
@@ -336,7 +346,7 @@ def _completion_rows(completions: Sequence[Completion]) -> list[CompletionRow]:
     for i, c in enumerate(shown):
         at = (min(forks) if forks else None) if i == 0 else forks[i - 1]
         text, fork_at = around(c.text, at)
-        rows.append(CompletionRow(i + 1, c.count, c.share, c.first_divergence, text, fork_at))
+        rows.append(CompletionRow(i + 1, c.count, c.share, c.first_divergence, text, fork_at, c.text_chars == 0))
     return rows
 
 
@@ -368,38 +378,72 @@ def _cell(run: RunInfo, arm: ArmSummary) -> Cell:
     )
 
 
-def _prompt_text(manifests: Sequence[RunManifest], prompt_id: str) -> str:
-    for m in manifests:
-        for p in m.prompts:
-            if p.prompt_id == prompt_id:
-                if p.prompt is not None:
-                    return p.prompt
-                return "\n".join(f"{msg.get('role', '?')}: {msg.get('content', '')}" for msg in p.messages or [])
-    return ""
+def _prompt_text(spec: PromptSpec) -> str:
+    if spec.prompt is not None:
+        return spec.prompt
+    return "\n".join(f"{msg.get('role', '?')}: {msg.get('content', '')}" for msg in spec.messages or [])
+
+
+MAX_UNSHARED_WARNINGS = 5  # prompts named one by one in the "not asked by every run" warning
 
 
 def build_report(runs: Sequence[tuple[Path, RunManifest, RunSummary]]) -> Report:
-    """The report model for one or more runs, prompts in first-seen order, runs side by side within each."""
+    """The report model for one or more runs: each prompt once (matched by content), in first-seen order, with the
+    runs that asked it side by side."""
     used: set[str] = set()
     infos = [_run_info(Path(path), m, s, _label(Path(path), used)) for path, m, s in runs]
-    order: list[str] = []
-    for _, _, summary in runs:
+    sections: dict[str, PromptSection] = {}
+    for info, (_, manifest, summary) in zip(infos, runs, strict=True):
+        specs = {spec.prompt_id: spec for spec in manifest.prompts}
         for prompt in summary.prompts:
-            if prompt.prompt_id not in order:
-                order.append(prompt.prompt_id)
-    sections = []
-    manifests = [m for _, m, _ in runs]
-    for pid in order:
-        cells: list[Cell] = []
-        verdicts: list[tuple[str, str]] = []
-        for info, (_, _, summary) in zip(infos, runs, strict=True):
-            for prompt in summary.prompts:
-                if prompt.prompt_id != pid:
-                    continue
-                verdicts.append((info.label, prompt.verdict))
-                cells.extend(_cell(info, arm) for arm in prompt.arms)
-        prompt_text = shorten(_prompt_text(manifests, pid), 400)
-        section = PromptSection(prompt_id=pid, prompt=prompt_text, verdicts=verdicts, cells=cells)
+            spec = specs[prompt.prompt_id]
+            key = spec.content_key()
+            if key not in sections:
+                text = shorten(_prompt_text(spec), 400)
+                sections[key] = PromptSection(prompt_id="", prompt=text, verdicts=[], cells=[], key=key)
+            section = sections[key]
+            section.asked.append((info.label, prompt.prompt_id))
+            section.verdicts.append((info.label, prompt.verdict))
+            section.cells.extend(_cell(info, arm) for arm in prompt.arms)
+    prompts = list(sections.values())
+    _headings(prompts)
+    for section in prompts:
         section.finding = finding(section)
-        sections.append(section)
-    return Report(runs=infos, prompts=sections)
+    return Report(runs=infos, prompts=prompts, warnings=_warnings(len(infos), prompts))
+
+
+def _headings(sections: list[PromptSection]) -> None:
+    """Each section's heading: its ids across runs, and the runs that asked it where two would read the same."""
+    bases = ["/".join(dict.fromkeys(pid for _, pid in s.asked)) for s in sections]
+    for section, base in zip(sections, bases, strict=True):
+        clash = bases.count(base) > 1
+        section.prompt_id = f"{base} ({', '.join(label for label, _ in section.asked)})" if clash else base
+
+
+def _warnings(n_runs: int, sections: list[PromptSection]) -> list[str]:
+    """What a reader comparing runs must know: ids that name different prompts in different runs (matched by
+    content here, so never mixed), and prompts that not every run asked."""
+    if n_runs < 2:
+        return []
+    out = []
+    keys_by_id: dict[str, set[str]] = {}
+    for s in sections:
+        for _, pid in s.asked:
+            keys_by_id.setdefault(pid, set()).add(s.key)
+    for pid, keys in keys_by_id.items():
+        if len(keys) > 1:
+            out.append(
+                f"prompt id {pid} names {len(keys)} different prompts in these runs: prompts are matched by their "
+                "content, not their id"
+            )
+    unshared = [s for s in sections if len(s.asked) < n_runs]
+    if unshared:
+        out.append(
+            f"the runs do not share all their prompts: {len(unshared)} of {len(sections)} not asked by every run"
+        )
+    for s in unshared[:MAX_UNSHARED_WARNINGS]:
+        runs = ", ".join(label for label, _ in s.asked)
+        out.append(f"prompt {s.prompt_id} ({shorten(s.prompt, 60)!r}) was asked only by {runs}")
+    if len(unshared) > MAX_UNSHARED_WARNINGS:
+        out.append(f"… and {len(unshared) - MAX_UNSHARED_WARNINGS} more prompts not asked by every run")
+    return out

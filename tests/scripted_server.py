@@ -46,8 +46,15 @@ What comes back (``capture``):
 * ``"vllm"`` (default) -- logprobs/top_logprobs with `bytes` when asked; `return_token_ids` adds `token_ids` to
   each choice (and per-chunk deltas in streams); `return_tokens_as_token_ids` turns token strings into
   ``"token_id:123"``. Unknown request fields are ignored.
-* ``"openai"`` -- logprobs with `bytes` but no ids; unknown fields (`return_token_ids`, ...) get a 400, as OpenAI does.
+* ``"openai"`` -- logprobs with `bytes` but no ids; any field OpenAI does not know (`return_token_ids`, a made-up
+  name, ...) gets a 400, as OpenAI does.
 * ``"text"`` -- logprobs are ignored and come back as null (like `transformers serve`).
+* ``"llama-server"`` -- like llama.cpp's `llama-server`: logprobs in the chat shape on both APIs (on
+  /v1/completions too: ``logprobs.content[]``), every entry and every top_logprobs entry with its token ``id`` and
+  ``bytes``; no ``token_ids`` switch.
+
+Every capture but ``"openai"`` answers requests with unknown fields as if they were not there (vLLM, llama-server and
+llama-cpp-python do): a seed in such a request may or may not be honoured.
 
 Other options: ``api_key`` (requests without ``Authorization: Bearer <key>`` get 401), ``latency_s`` (delay per
 request), ``system_fingerprint`` (None omits it; a list is cycled through, one value per answer), ``apis`` (subset
@@ -99,6 +106,13 @@ import uvicorn
 
 FAULT_KINDS = ("429", "500", "502", "503", "timeout", "reset", "malformed", "truncated_sse", "non_openai", "html")
 NAMED_FAULT_KINDS = ("raw", "trickle", "keepalive")  # only when named: never in the default random draw
+CAPTURES = ("vllm", "openai", "text", "llama-server")
+# What OpenAI's chat and completions endpoints accept; the "openai" capture refuses any other field.
+OPENAI_FIELDS = frozenset(
+    "model messages prompt max_tokens max_completion_tokens temperature top_p n stream stream_options stop "
+    "presence_penalty frequency_penalty logit_bias logprobs top_logprobs user seed response_format tools tool_choice "
+    "parallel_tool_calls functions function_call echo suffix best_of metadata store service_tier".split()
+)
 _CHAT = "/v1/chat/completions"
 _COMPLETIONS = "/v1/completions"
 
@@ -179,8 +193,8 @@ class ScriptedServer:
         record: int = 2000,
         port: int = 0,
     ) -> None:
-        if capture not in ("vllm", "openai", "text"):
-            raise ValueError(f"capture must be vllm, openai or text, not {capture!r}")
+        if capture not in CAPTURES:
+            raise ValueError(f"capture must be one of {', '.join(CAPTURES)}, not {capture!r}")
         self.models = list(models or ["scripted-model"])
         completions = dict(completions or {})
         completions.setdefault("default", ["Hello", ",", " world", "."])
@@ -379,7 +393,7 @@ class ScriptedServer:
     async def _refused(self, req: dict[str, Any], send: Any) -> bool:
         """Answer the 4xx a real server gives (unknown field, unknown model, streaming off); True if it did."""
         if self.capture == "openai":
-            unknown = set(req) & {"return_token_ids", "return_tokens_as_token_ids", "cache_salt", "top_k"}
+            unknown = set(req) - OPENAI_FIELDS
             if unknown:
                 msg = f"Unrecognized request argument supplied: {sorted(unknown)[0]}"
                 await _json(send, 400, _err(msg, "invalid_request_error", None))
@@ -424,7 +438,8 @@ class ScriptedServer:
         fingerprint = self.system_fingerprint
         if isinstance(fingerprint, list):
             fingerprint = fingerprint[self.answers % len(fingerprint)]
-        return _Answer(api, model, tokens, finish, want_lp, k, as_ids, with_ids, fingerprint)
+        entries = self.capture == "llama-server"
+        return _Answer(api, model, tokens, finish, want_lp, k, as_ids, with_ids, fingerprint, entries)
 
     def _draw_fault(self, prompt: str) -> str | None:
         if self.fault_prompts is not None and prompt not in self.fault_prompts:
@@ -505,9 +520,11 @@ class _Answer:
         as_ids: bool,
         with_ids: bool,
         fingerprint: str | None,
+        entries: bool = False,
     ) -> None:
         self.api, self.model, self.tokens, self.finish = api, model, tokens, finish
         self.want_lp, self.k, self.as_ids, self.with_ids, self.fingerprint = want_lp, k, as_ids, with_ids, fingerprint
+        self.entries = entries  # llama-server: chat-shaped logprobs on both APIs, each entry with its id
         self.id = f"{'chatcmpl' if api == 'chat' else 'cmpl'}-{random.getrandbits(48):x}"
 
     def _tok_str(self, t: _Token) -> str:
@@ -517,22 +534,29 @@ class _Answer:
     def _lp(t: _Token, pos: int) -> float:
         return t.logprob if t.logprob is not None else -0.05 * (1 + pos % 7)
 
-    def _alts(self, t: _Token, pos: int) -> list[tuple[str, float, list[int] | None]]:
-        out = [(self._tok_str(t), self._lp(t, pos), t.bytes)]
+    def _alts(self, t: _Token, pos: int) -> list[tuple[str, float, list[int] | None, int]]:
+        out = [(self._tok_str(t), self._lp(t, pos), t.bytes, t.id)]
         for j in range(1, self.k):
             name = f"token_id:{j}" if self.as_ids else f"<alt{j}>"
-            out.append((name, self._lp(t, pos) - 1.0 - j, list(f"<alt{j}>".encode())))
+            out.append((name, self._lp(t, pos) - 1.0 - j, list(f"<alt{j}>".encode()), j))
         return out
 
     def _chat_lp(self, start: int, toks: list[_Token]) -> dict[str, Any]:
         content = []
         for pos, t in enumerate(toks, start):
+            ids = self.entries  # llama-server gives each entry, and each alternative, its token id
             entry: dict[str, Any] = {"token": self._tok_str(t), "logprob": self._lp(t, pos), "bytes": t.bytes}
-            entry["top_logprobs"] = (
-                [{"token": s, "logprob": lp, "bytes": b} for s, lp, b in self._alts(t, pos)] if self.k else []
-            )
+            entry.update({"id": t.id} if ids else {})
+            entry["top_logprobs"] = [
+                {"token": s, "logprob": lp, "bytes": b, **({"id": i} if ids else {})}
+                for s, lp, b, i in (self._alts(t, pos) if self.k else [])
+            ]
             content.append(entry)
         return {"content": content, "refusal": None}
+
+    def _lp_object(self, start: int, toks: list[_Token]) -> dict[str, Any]:
+        """The logprobs of a choice: chat-shaped on the chat API, and on both APIs for llama-server."""
+        return self._chat_lp(start, toks) if self.api == "chat" or self.entries else self._compl_lp(start, toks)
 
     def _compl_lp(self, start: int, toks: list[_Token]) -> dict[str, Any]:
         offsets, off = [], 0
@@ -542,7 +566,7 @@ class _Answer:
         return {
             "tokens": [self._tok_str(t) for t in toks],
             "token_logprobs": [self._lp(t, p) for p, t in enumerate(toks, start)],
-            "top_logprobs": [{s: lp for s, lp, _ in self._alts(t, p)} for p, t in enumerate(toks, start)]
+            "top_logprobs": [{s: lp for s, lp, _, _ in self._alts(t, p)} for p, t in enumerate(toks, start)]
             if self.k
             else None,
             "text_offset": offsets,
@@ -562,11 +586,11 @@ class _Answer:
         choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish}
         if self.api == "chat":
             choice["message"] = {"role": "assistant", "content": text}
-            choice["logprobs"] = self._chat_lp(0, self.tokens) if self.want_lp else None
+            choice["logprobs"] = self._lp_object(0, self.tokens) if self.want_lp else None
             head = self._head("chat.completion")
         else:
             choice["text"] = text
-            choice["logprobs"] = self._compl_lp(0, self.tokens) if self.want_lp else None
+            choice["logprobs"] = self._lp_object(0, self.tokens) if self.want_lp else None
             head = self._head("text_completion")
         if self.with_ids:
             choice["token_ids"] = [t.id for t in self.tokens]
@@ -578,11 +602,11 @@ class _Answer:
         choice: dict[str, Any] = {"index": 0, "finish_reason": self.finish if last else None}
         if self.api == "chat":
             choice["delta"] = {"role": "assistant", "content": text} if i == 0 else {"content": text}
-            choice["logprobs"] = self._chat_lp(i or 0, toks) if self.want_lp else None
+            choice["logprobs"] = self._lp_object(i or 0, toks) if self.want_lp else None
             head = self._head("chat.completion.chunk")
         else:
             choice["text"] = text
-            choice["logprobs"] = self._compl_lp(i or 0, toks) if self.want_lp else None
+            choice["logprobs"] = self._lp_object(i or 0, toks) if self.want_lp else None
             head = self._head("text_completion")
         if self.with_ids:
             choice["token_ids"] = [t.id for t in toks]

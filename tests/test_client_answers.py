@@ -68,6 +68,12 @@ def _completion(logprobs: dict) -> str:
     return json.dumps({**_HEAD, "object": "text_completion", "choices": [ch]})
 
 
+def _llama(*entries: dict, text: str = "ab") -> str:
+    """A /v1/completions answer as llama-server sends it: chat-shaped logprobs, each entry with its token id."""
+    ch = {"index": 0, "text": text, "finish_reason": "stop", "logprobs": {"content": list(entries)}}
+    return json.dumps({**_HEAD, "object": "text_completion", "choices": [ch]})
+
+
 def _sse(*events: object, done: bool = True) -> str:
     lines = [f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n" for e in events]
     return "".join(lines) + ("data: [DONE]\n\n" if done else "")
@@ -211,6 +217,46 @@ CASES = [
         True,
     ),
     (
+        "entry id is a string",
+        "chat",
+        False,
+        _chat(choice={"logprobs": {"content": [_entry("a", id="5"), _entry("b", id=6)]}}),
+        "malformed:choices.logprobs.content.id",
+        True,
+    ),
+    (
+        "completions, chat-shaped: entry id above int32",
+        "completions",
+        False,
+        _llama(_entry("a", id=5), _entry("b", id=2**31)),
+        "malformed:choices.logprobs.content.id",
+        True,
+    ),
+    (
+        "completions, chat-shaped: negative alternative id",
+        "completions",
+        False,
+        _llama(_entry("a", id=5, top_logprobs=[{"token": "a", "logprob": -0.5, "id": -1}]), _entry("b", id=6)),
+        "malformed:choices.logprobs.content.top_logprobs.id",
+        True,
+    ),
+    (
+        "completions, chat-shaped: id and token_id string disagree",
+        "completions",
+        False,
+        _llama(_entry("token_id:5", id=6), _entry("b", id=7)),
+        "malformed:choices.logprobs.content.id",
+        True,
+    ),
+    (
+        "completions: both shapes at once",
+        "completions",
+        False,
+        _completion({"content": [_entry("a"), _entry("b")]}),
+        "malformed:choices.logprobs",
+        True,
+    ),
+    (
         "completions: text null",
         "completions",
         False,
@@ -288,6 +334,48 @@ def test_vllm_answers_still_parse_whole_and_streamed(scripted_server) -> None:
     server = scripted_server(faults={"first": ["raw"], "raw_body": _sse(_chunk(), _STOP)})
     c = _call(server, stream=True, retries=0).completion
     assert c.text == "ab" and c.finish_reason == "stop" and c.model == "scripted-model"
+
+
+def _with_ids(token: str, tid: int) -> dict:
+    return _entry(
+        token,
+        id=tid,
+        top_logprobs=[{"token": token, "logprob": -0.5, "id": tid}, {"token": "x", "logprob": -2.0, "id": 9}],
+    )
+
+
+def test_llama_server_shape_on_completions_gives_ids_whole_and_streamed(scripted_server) -> None:
+    """Chat-shaped logprobs on /v1/completions (llama-server) are per-token data, and each entry's `id` a token id:
+    ids, strings, bytes and both alternative columns come back, whole or streamed."""
+    server = scripted_server(faults={"first": ["raw"], "raw_body": _llama(_with_ids("a", 5), _with_ids("b", 6))})
+    c = _call(server, "completions", retries=0).completion
+    assert c.text == "ab" and c.token_ids == [5, 6] and c.tokens == ["a", "b"] and c.token_bytes == [b"a", b"b"]
+    assert c.logprobs == [-0.5, -0.5] and c.top_token_ids == [[5, 9], [6, 9]]
+    assert c.top_tokens == [["a", "x"], ["b", "x"]] and c.top_logprobs == [[-0.5, -2.0], [-0.5, -2.0]]
+    chunks = [
+        {**_HEAD, "choices": [{"index": 0, "text": t, "logprobs": {"content": [_with_ids(t, i)]}}]}
+        for t, i in (("a", 5), ("b", 6))
+    ]
+    stop = {**_HEAD, "choices": [{"index": 0, "text": "", "finish_reason": "stop"}]}
+    server = scripted_server(faults={"first": ["raw"], "raw_body": _sse(*chunks, stop)})
+    c = _call(server, "completions", stream=True, retries=0).completion
+    assert c.text == "ab" and c.token_ids == [5, 6] and c.top_token_ids == [[5, 9], [6, 9]]
+    # alternatives out of order are sorted with their ids; an entry without ids leaves ids unknown, strings kept
+    unsorted = _entry(
+        "a", id=5, top_logprobs=[{"token": "x", "logprob": -2.0, "id": 9}, {"token": "a", "logprob": -0.5, "id": 5}]
+    )
+    server = scripted_server(faults={"first": ["raw"], "raw_body": _llama(unsorted, _entry("b"))})
+    c = _call(server, "completions", retries=0).completion
+    assert c.token_ids is None and c.tokens == ["a", "b"] and c.top_token_ids is None
+    assert c.top_tokens == [["a", "x"], ["b", "x"]]
+
+
+def test_the_legacy_shape_on_chat_is_read_too(scripted_server) -> None:
+    """Shapes do not follow the API: legacy completions lists in a chat answer are per-token data as well."""
+    legacy = {"tokens": ["a", "b"], "token_logprobs": [-0.5, -0.25], "top_logprobs": [{"a": -0.5}, {"b": -0.25}]}
+    server = scripted_server(faults={"first": ["raw"], "raw_body": _chat(choice={"logprobs": legacy})})
+    c = _call(server, retries=0).completion
+    assert c.tokens == ["a", "b"] and c.logprobs == [-0.5, -0.25] and c.top_tokens == [["a"], ["b"]]
 
 
 def test_secrets_in_a_bad_answer_are_scrubbed_from_raw_answer(scripted_server) -> None:

@@ -7,13 +7,25 @@ import json
 import pytest
 from runhelp import cli
 
+_VLLM = {"token_ids": "return_token_ids", "capture": "token_ids", "request_fields": {"return_token_ids": True}}
+_NO_IDS = {"token_ids": None, "request_fields": {}}
+
 
 @pytest.mark.parametrize(
     "capture,expected",
     [
-        ("vllm", {"logprobs": True, "top_logprobs": True, "token_ids": "return_token_ids", "capture": "token_ids"}),
-        ("openai", {"logprobs": True, "top_logprobs": True, "token_ids": None, "capture": "tokens"}),
-        ("text", {"logprobs": False, "top_logprobs": False, "token_ids": None, "capture": "text"}),
+        ("vllm", {"logprobs": True, "top_logprobs": True, **_VLLM, "seed": "ignored-or-unknown"}),
+        ("openai", {"logprobs": True, "top_logprobs": True, **_NO_IDS, "capture": "tokens", "seed": "accepted"}),
+        (
+            "text",
+            {"logprobs": False, "top_logprobs": False, **_NO_IDS, "capture": "text", "seed": "ignored-or-unknown"},
+        ),
+        # chat-shaped logprobs on /v1/completions too, each entry with its id: ids with no switch asked for
+        (
+            "llama-server",
+            {"logprobs": True, "top_logprobs": True, "bytes": True, "token_ids": "logprobs", "capture": "token_ids"}
+            | {"request_fields": {}, "seed": "ignored-or-unknown"},
+        ),
     ],
 )
 def test_probe_endpoint_shapes(capture, expected, scripted_server, capsys) -> None:
@@ -24,10 +36,29 @@ def test_probe_endpoint_shapes(capture, expected, scripted_server, capsys) -> No
     assert result["model"] == "scripted-model" and result["models"] == ["scripted-model"]
     for api in ("chat", "completions"):
         got = result["apis"][api]
-        assert got["ok"] and got["stream"] and got["seed_accepted"]
+        assert got["ok"] and got["stream"]
         assert got["system_fingerprint"] is False
-        assert {k: got[k] for k in expected} == expected
+        assert {k: got[k] for k in expected} == expected, api
+        # usage in a stream only where the run asks for it (stream_options, chat)
+        assert got["stream_usage"] is (api == "chat")
     assert result["apis"]["chat"]["bytes"] is (capture != "text")  # the legacy completions shape has no bytes
+
+
+def test_probe_tells_a_seed_from_a_server_that_takes_any_field(scripted_server, capsys) -> None:
+    """Taking `seed` is evidence only from a server that refuses a made-up field (llama-cpp-python takes
+    `bogus_field`): the table says ignored-or-unknown and why; a strict server's seed stays accepted."""
+    lenient = scripted_server(capture="llama-server")
+    r = cli(capsys, "probe", "endpoint", "--base-url", lenient.base_url, "--api", "chat")
+    assert r.code == 0, r.err
+    (row,) = [line for line in r.out.splitlines() if line.startswith("│ seed ")]
+    assert "ignored-or-unknown" in row and "accepted" not in row.replace("ignored-or-unknown", "")
+    assert "also accepted a made-up field" in " ".join(r.out.split())
+    first = list(lenient.log)[0]["body"]  # the seed went out beside the made-up field, in one request
+    assert first["seed"] == 0 and first["detaudit_probe_bogus_field"] is True
+    strict = scripted_server(capture="openai")
+    r = cli(capsys, "probe", "endpoint", "--base-url", strict.base_url, "--api", "chat")
+    (row,) = [line for line in r.out.splitlines() if line.startswith("│ seed ")]
+    assert "accepted" in row and "ignored" not in row and "made-up field" not in r.out
 
 
 def test_probe_reports_missing_api_and_streaming(scripted_server, capsys, monkeypatch) -> None:

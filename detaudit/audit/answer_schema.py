@@ -39,20 +39,29 @@ class _Usage(TypedDict):
 @with_config(_STRICT)
 class _ChatTop(TypedDict):
     token: str
+    id: NotRequired[_Id | None]  # llama-server gives every entry its token id
     logprob: NotRequired[_Logprob | None]
 
 
 @with_config(_STRICT)
 class _ChatEntry(TypedDict):
     token: str
+    id: NotRequired[_Id | None]
     logprob: NotRequired[_Logprob | None]
     bytes: NotRequired[_List[_Byte] | None]
     top_logprobs: NotRequired[_List[_ChatTop] | None]
 
 
 @with_config(_STRICT)
-class _ChatLogprobs(TypedDict):
-    content: NotRequired[_List[_ChatEntry] | None]
+class _Logprobs(TypedDict):
+    """Either shape on either API: servers do not keep to one per API (llama-server answers /v1/completions with
+    the chat shape, `content` entries), so both are read wherever they come."""
+
+    content: NotRequired[_List[_ChatEntry] | None]  # the chat shape
+    tokens: NotRequired[_List[str] | None]  # the legacy completions shape: parallel lists
+    token_logprobs: NotRequired[_List[_Logprob | None] | None]
+    # token -> logprob; the values are checked by _top_rows (a dict cannot stop at its first bad entry)
+    top_logprobs: NotRequired[_List[dict[str, Any] | None] | None]
 
 
 @with_config(_STRICT)
@@ -67,7 +76,7 @@ class _Message(TypedDict):
 class _ChatChoice(TypedDict):
     index: NotRequired[int]
     message: _Message
-    logprobs: NotRequired[_ChatLogprobs | None]
+    logprobs: NotRequired[_Logprobs | None]
     finish_reason: NotRequired[str | None]
     token_ids: NotRequired[_List[_Id] | None]
 
@@ -76,24 +85,16 @@ class _ChatChoice(TypedDict):
 class _ChatChunkChoice(TypedDict):
     index: NotRequired[int]
     delta: NotRequired[_Message | None]
-    logprobs: NotRequired[_ChatLogprobs | None]
+    logprobs: NotRequired[_Logprobs | None]
     finish_reason: NotRequired[str | None]
     token_ids: NotRequired[_List[_Id] | None]
-
-
-@with_config(_STRICT)
-class _ComplLogprobs(TypedDict):
-    tokens: NotRequired[_List[str] | None]
-    token_logprobs: NotRequired[_List[_Logprob | None] | None]
-    # token -> logprob; the values are checked by _top_rows (a dict cannot stop at its first bad entry)
-    top_logprobs: NotRequired[_List[dict[str, Any] | None] | None]
 
 
 @with_config(_STRICT)
 class _ComplChoice(TypedDict):
     index: NotRequired[int]
     text: NotRequired[str | None]
-    logprobs: NotRequired[_ComplLogprobs | None]
+    logprobs: NotRequired[_Logprobs | None]
     finish_reason: NotRequired[str | None]
     token_ids: NotRequired[_List[_Id] | None]
 

@@ -1,15 +1,20 @@
 """The answer parser: a whole OpenAI answer, or a stream's chunks, -> one `Completion`, or a CallError with a reason.
 
 Every answer is checked against its typed schema (answer_schema.py), and what the parser returns always fits the
-samples table: vLLM's `token_ids` and "token_id:123" token strings become ids, per-token `bytes` are kept, a missing
-logprob is NaN, alternatives are ordered best first. One `Completion` per request, parsed the same way whichever
-API or transport produced it.
+samples table: vLLM's `token_ids`, "token_id:123" token strings and the `id` of each logprob entry (llama-server)
+become ids, per-token `bytes` are kept, a missing logprob is NaN, alternatives are ordered best first. Logprobs are
+read in either shape (chat `content` entries or the legacy completions lists) on either API. One `Completion` per
+request, parsed the same way whichever API or transport produced it.
+
+Over 400 lines, for a reason: it is the one place that decides what an answer means, for both APIs, whole or
+streamed, in either logprobs shape; split, the shapes would drift apart again (issue #23).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from dataclasses import dataclass
 from itertools import chain
 from typing import Any, cast
 
@@ -106,6 +111,34 @@ def _check_text(value: str | None, where: str) -> None:
             raise malformed(where, "lone surrogate in a string") from None
 
 
+@dataclass(frozen=True)
+class _Shape:
+    """Where one shape of per-token data keeps its fields, for the reasons that name them."""
+
+    token: str
+    top: str
+    id: str
+    top_id: str
+
+
+_ENTRIES = _Shape(  # the chat shape: logprobs.content[] entries
+    "choices.logprobs.content.token",
+    "choices.logprobs.content.top_logprobs.token",
+    "choices.logprobs.content.id",
+    "choices.logprobs.content.top_logprobs.id",
+)
+_LISTS = _Shape("choices.logprobs.tokens", "choices.logprobs.top_logprobs", "", "")  # legacy: no ids
+
+
+def _one_id(from_string: int | None, from_entry: int | None, where: str) -> int | None:
+    """A token's id from its entry's `id` or its "token_id:" string; both present must agree."""
+    if from_entry is None:
+        return from_string
+    if from_string is not None and from_string != from_entry:
+        raise malformed(where, f"id {from_entry} but the token string says token_id:{from_string}")
+    return from_entry
+
+
 class _Acc:
     """Accumulates per-token data from one validated whole answer or from a stream's validated chunks."""
 
@@ -121,6 +154,8 @@ class _Acc:
         self.top_lps: list[list[float]] = []
         self.any_top = False
         self.any_bytes = False
+        self.top_id_strings = False  # some alternative was a "token_id:" string, not a token's text
+        self.shape = _ENTRIES if api == "chat" else _LISTS  # the shape per-token data came in (names its fields)
         self.choice_ids: list[int] | None = None
         self.finish: str | None = None
         self.model: str | None = None
@@ -148,14 +183,11 @@ class _Acc:
             if msg.get("tool_calls") or msg.get("function_call") is not None:
                 raise CallError("the answer is a tool call, not a completion", retryable=False, reason="tool_calls")
             content = msg.get("content")
-            lp = choice.get("logprobs")
-            if lp is not None and lp.get("content"):
-                self._chat_logprobs(lp["content"])
         else:
             content = choice.get("text")
-            lp = choice.get("logprobs")
-            if lp is not None and lp.get("tokens") is not None:
-                self._completion_logprobs(lp)
+        lp = choice.get("logprobs")
+        if lp is not None:
+            self._logprobs(lp)
         if content is not None:
             self.text.append(content)
             self.saw_content = True
@@ -167,16 +199,29 @@ class _Acc:
         if choice.get("finish_reason"):
             self.finish = choice["finish_reason"]
 
+    def _logprobs(self, lp: Mapping[str, Any]) -> None:
+        """Per-token data in whichever shape came, on either API: chat-shaped entries (llama-server sends them on
+        /v1/completions too) or the legacy parallel lists; both at once is not one answer."""
+        content, tokens = lp.get("content"), lp.get("tokens")
+        if content and tokens:
+            raise malformed("choices.logprobs", "holds both content entries and a tokens list")
+        if content:
+            self._chat_logprobs(content)
+        elif tokens is not None:
+            self._completion_logprobs(lp)
+
     def _chat_logprobs(self, content: list[dict[str, Any]]) -> None:
         tops = [e.get("top_logprobs") or () for e in content]
         byts = [e.get("bytes") for e in content]
         self._add(
             [e["token"] for e in content],
+            [e.get("id") for e in content],
             [e.get("logprob") for e in content],
             [None if b is None else bytes(b) for b in byts],
             [[t["token"] for t in r] for r in tops],
+            [[t.get("id") for t in r] for r in tops],
             [[t.get("logprob") for t in r] for r in tops],
-            "choices.logprobs.content",
+            _ENTRIES,
         )
 
     def _completion_logprobs(self, lp: Mapping[str, Any]) -> None:
@@ -195,57 +240,63 @@ class _Acc:
         rows = [r or {} for r in tops]
         self._add(
             toks,
+            [None] * n,
             lps,
             [None] * n,
             [list(r) for r in rows],
+            [[None] * len(r) for r in rows],
             _top_rows([list(r.values()) for r in rows]),
-            "choices.logprobs",
+            _LISTS,
         )
 
     def _add(
         self,
         toks: list[str],
+        ids: list[int | None],
         lps: list[float | None],
         byts: list[bytes | None],
         top_toks: list[list[str]],
+        top_ids: list[list[int | None]],
         top_lps: list[list[float | None]],
-        where: str,
+        shape: _Shape,
     ) -> None:
-        """Per-token data of one answer or chunk; types are already checked, only "token_id:" strings, missing
-        logprobs (NaN) and the order of the alternatives (best first) are left to settle."""
+        """Per-token data of one answer or chunk; types are already checked, only ids (an entry's `id` or a
+        "token_id:" string), missing logprobs (NaN) and the order of the alternatives (best first) are left to
+        settle."""
         n = len(toks)
-        chat = self.api == "chat"
+        self.shape = shape
         if _TOKEN_ID_PREFIX in "\x00".join(toks):
-            tok_field = f"{where}.token" if chat else f"{where}.tokens"
-            for tok in toks:
-                s, i = _split_token(tok, tok_field)
+            for tok, entry_id in zip(toks, ids, strict=True):
+                s, i = _split_token(tok, shape.token)
                 self.strs.append(s)
-                self.str_ids.append(i)
+                self.str_ids.append(_one_id(i, entry_id, shape.id))
         else:
             self.strs.extend(toks)
-            self.str_ids.extend([None] * n)
+            self.str_ids.extend(ids)
         self.logprobs.extend(_floats(lps))
         self.bytes.extend(byts)
         self.any_bytes = self.any_bytes or any(b is not None for b in byts)
         rows = [_floats(r) for r in top_lps] if any(None in r for r in top_lps) else cast("list[list[float]]", top_lps)
         self.any_top = self.any_top or any(rows)
-        # The common shape whole, with list operations only: plain strings, alternatives best first.
+        # The common shapes whole, with list operations only: plain strings, alternatives best first.
         plain = _TOKEN_ID_PREFIX not in "\x00".join(map("\x00".join, top_toks))
         if plain and not any(r[k] < r[k + 1] for r in rows for k in range(len(r) - 1)):
             self.top_strs.extend(top_toks)
-            self.top_ids.extend([[] for _ in range(n)])
+            known = not any(None in r for r in top_ids)  # every alternative came with its id
+            self.top_ids.extend(cast("list[list[int]]", top_ids) if known else [[] for _ in range(n)])
             self.top_lps.extend(rows)
             return
-        top_field = f"{where}.top_logprobs.token" if chat else f"{where}.top_logprobs"
-        for strs, row in zip(top_toks, rows, strict=True):
-            self._top(strs, row, top_field)
+        for strs, entry_ids, row in zip(top_toks, top_ids, rows, strict=True):
+            self._top(strs, entry_ids, row, shape)
 
-    def _top(self, toks: list[str], lps: list[float], where: str) -> None:
-        """One position's alternatives, best first; ids kept when every one was a "token_id:" string."""
+    def _top(self, toks: list[str], entry_ids: list[int | None], lps: list[float], shape: _Shape) -> None:
+        """One position's alternatives, best first; ids kept when every one came with its id."""
         strs, ids = [], []
-        for tok in toks:
-            s, i = _split_token(tok, where)
+        for tok, entry_id in zip(toks, entry_ids, strict=True):
+            s, i = _split_token(tok, shape.top)
             strs.append(tok if s is None else s)
+            self.top_id_strings = self.top_id_strings or s is None
+            i = _one_id(i, entry_id, shape.top_id)
             if i is not None:
                 ids.append(i)
         if any(lps[k] < lps[k + 1] for k in range(len(lps) - 1)):  # servers send best first; sort only if not
@@ -277,7 +328,7 @@ class _Acc:
             out.top_logprobs = self.top_lps
             if all(self.top_ids[i] or not self.top_lps[i] for i in range(n)) and any(self.top_ids):
                 out.top_token_ids = self.top_ids
-            else:
+            if out.top_token_ids is None or not self.top_id_strings:  # strings that are not "token_id:" stand-ins
                 out.top_tokens = self.top_strs
         if out.token_ids is not None and n and len(out.token_ids) != n:
             # Ids and logprobs disagree on the length: keep the ids (the canonical record), drop per-token extras.
@@ -293,12 +344,11 @@ class _Acc:
         _check_text(out.model, "model")
         _check_text(out.system_fingerprint, "system_fingerprint")
         _check_text(out.finish_reason, "choices.finish_reason")
-        where = "choices.logprobs.content" if self.api == "chat" else "choices.logprobs"
         for s in self.strs:
-            _check_text(s, f"{where}.token" if self.api == "chat" else f"{where}.tokens")
+            _check_text(s, self.shape.token)
         for row in self.top_strs:
             for s in row:
-                _check_text(s, f"{where}.top_logprobs.token" if self.api == "chat" else f"{where}.top_logprobs")
+                _check_text(s, self.shape.top)
 
 
 def _answer(data: bytes | bytearray, api: Api, streamed: bool) -> tuple[dict[str, Any], bool]:

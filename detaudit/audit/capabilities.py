@@ -1,7 +1,8 @@
 """Capability probe: what an endpoint really returns, so a run asks for the richest capture it can get.
 
 Servers accept parameters they ignore (`transformers serve` answers HTTP 200 with `"logprobs": null`; Ollama's
-compat layer has dropped logprobs), so nothing is assumed: each capability is requested and the answer inspected.
+compat layer has dropped logprobs; llama-cpp-python takes any field at all), so nothing is assumed: each capability
+is requested and the answer inspected, and `seed` is judged against a made-up field sent beside it.
 A handful of tiny requests (max_tokens 4) per API, on a probe prompt of its own so scripted schedules and prefix
 caches of the audited prompts are untouched.
 """
@@ -17,6 +18,8 @@ from detaudit.audit.completion import Api, CallResult
 PROBE_PROMPT = "Reply with one word: ready."
 PROBE_MAX_TOKENS = 4
 CAPTURE_ORDER = ("text", "tokens", "token_ids")
+# Sent with the first probe request beside `seed`: no server knows it, so one that accepts it accepts any field.
+BOGUS_FIELD = "detaudit_probe_bogus_field"
 
 
 def _body(api: Api, model: str | None, extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -37,6 +40,12 @@ def logprob_fields(api: Api, top_k: int) -> dict[str, Any]:
     return {"logprobs": max(top_k, 1)}
 
 
+def stream_fields(api: Api) -> dict[str, Any]:
+    """The request fields a streamed request adds: usage in the last chunk (chat; not every completions server
+    takes stream_options)."""
+    return {"stream_options": {"include_usage": True}} if api == "chat" else {}
+
+
 async def probe_api(
     client: OpenAIClient, api: Api, model: str | None, extra_body: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
@@ -45,13 +54,14 @@ async def probe_api(
     out: dict[str, Any] = {
         "ok": False,
         "error": None,
-        "seed_accepted": False,
+        "seed": "rejected",
         "system_fingerprint": False,
         "logprobs": False,
         "top_logprobs": False,
         "bytes": False,
         "token_ids": None,
         "stream": False,
+        "stream_usage": False,
         "capture": "text",
         "request_fields": {},
     }
@@ -59,8 +69,13 @@ async def probe_api(
     def ok(res: CallResult) -> bool:
         return res.completion is not None
 
-    res = await client.call(api, _body(api, model, {**extra, "seed": 0}))
-    out["seed_accepted"] = ok(res)
+    # A server that takes a made-up field takes anything: its taking `seed` says nothing about honouring it.
+    res = await client.call(api, _body(api, model, {**extra, "seed": 0, BOGUS_FIELD: True}))
+    if ok(res):
+        out["seed"] = "ignored-or-unknown"
+    else:
+        res = await client.call(api, _body(api, model, {**extra, "seed": 0}))
+        out["seed"] = "accepted" if ok(res) else "rejected"
     if not ok(res):
         res = await client.call(api, _body(api, model, extra))
     if not ok(res):
@@ -71,32 +86,33 @@ async def probe_api(
     out["system_fingerprint"] = res.completion.system_fingerprint is not None
     out["model"] = res.completion.model
 
+    # Logprobs first on their own: whichever shape they come in (answers.py reads every known one), and ids may
+    # come with them (llama-server's entry ids); only then vLLM's two switches.
     lp = logprob_fields(api, 2)
-    res = await client.call(api, _body(api, model, {**extra, **lp, "return_token_ids": True}))
-    ids_via: str | None = "return_token_ids"
-    if not ok(res):  # strict servers reject unknown fields with a 400
-        res = await client.call(api, _body(api, model, {**extra, **lp}))
-        ids_via = None
-    c = res.completion
+    c = (await client.call(api, _body(api, model, {**extra, **lp}))).completion
     if c is not None:
         out["logprobs"] = c.logprobs is not None
         out["top_logprobs"] = c.top_logprobs is not None
         out["bytes"] = c.token_bytes is not None
-        if c.token_ids is not None and ids_via:
-            out["token_ids"] = ids_via
-    if out["logprobs"] and out["token_ids"] is None:
-        res = await client.call(api, _body(api, model, {**extra, **lp, "return_tokens_as_token_ids": True}))
-        if res.completion is not None and res.completion.token_ids is not None:
-            out["token_ids"] = "return_tokens_as_token_ids"
+        out["token_ids"] = "logprobs" if c.token_ids is not None else None
+    if out["token_ids"] is None:
+        switches = ("return_token_ids", "return_tokens_as_token_ids") if out["logprobs"] else ("return_token_ids",)
+        for switch in switches:
+            c = (await client.call(api, _body(api, model, {**extra, **lp, switch: True}))).completion
+            if c is not None and c.token_ids is not None:  # strict servers reject unknown fields with a 400
+                out["token_ids"] = switch
+                out["request_fields"] = {switch: True}
+                break
 
-    res = await client.call(api, _body(api, model, extra), stream=True)
+    res = await client.call(api, _body(api, model, {**extra, **stream_fields(api)}), stream=True)
     out["stream"] = ok(res)
-    if not out["stream"]:
+    if res.completion is not None:
+        out["stream_usage"] = res.completion.completion_tokens is not None
+    else:
         out["stream_error"] = res.error
 
     if out["token_ids"]:
         out["capture"] = "token_ids"
-        out["request_fields"] = {out["token_ids"]: True}
     elif out["logprobs"]:
         out["capture"] = "tokens"
     return out

@@ -33,7 +33,7 @@ from typing import Any
 
 from detaudit import __version__
 from detaudit.analysis.units import completion_key
-from detaudit.audit.capabilities import logprob_fields, probe_api
+from detaudit.audit.capabilities import logprob_fields, probe_api, stream_fields
 from detaudit.audit.client import CallError, CallResult, OpenAIClient
 from detaudit.audit.request import RunRequest
 from detaudit.errors import UsageError
@@ -60,7 +60,17 @@ class ArmTally:
     done: int = 0
     ok: int = 0
     errors: int = 0
-    keys: set[int] = field(default_factory=set)  # hashes of the distinct completions seen
+    prompts: int = 1
+    # prompt position -> hashes of the distinct completions seen: distinct counts are per prompt (a deterministic
+    # 3-prompt arm has 1 completion for each, not 3)
+    keys: dict[int, set[int]] = field(default_factory=dict)
+
+    def add_key(self, prompt_pos: int, key: int) -> None:
+        self.keys.setdefault(prompt_pos, set()).add(key)
+
+    def distinct(self) -> list[int]:
+        """Distinct completions so far of each prompt, in the run's prompt order."""
+        return [len(self.keys.get(pos, ())) for pos in range(self.prompts)]
 
 
 @dataclass
@@ -136,8 +146,8 @@ def _base_body(req: RunRequest, manifest: RunManifest, spec: PromptSpec) -> dict
         body["messages"] = spec.messages or [{"role": "user", "content": spec.prompt}]
     else:
         body["prompt"] = spec.prompt
-    if req.stream and manifest.target.api == "chat":
-        body["stream_options"] = {"include_usage": True}
+    if req.stream:
+        body.update(stream_fields(manifest.target.api))
     return body
 
 
@@ -168,6 +178,7 @@ class _Runner:
         self.current: list[asyncio.Task[Any]] = []  # the arm running now, cancelled by halt()
         self._next_slot = 0.0
         self.capture_seen: Counter[str] = Counter()
+        self.without_usage = 0  # ok answers that reported no usage.completion_tokens
 
     def halt(self) -> None:
         """Stop sending and cancel the requests in flight (Ctrl-C, SIGTERM, or a failed shard write)."""
@@ -210,7 +221,7 @@ class _Runner:
                 row = _row(manifest, prompt_pos, arm_pos, repeat, res)
                 if recorder.add(row):
                     await recorder.flush_async()
-                self._count(row, tally, task_id)
+                self._count(row, prompt_pos, tally, task_id)
 
         workers = [
             asyncio.create_task(worker(slot)) for slot in range(min(manifest.arms[arm_pos].concurrency, len(todo)))
@@ -222,16 +233,17 @@ class _Runner:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
 
-    def _count(self, row: Mapping[str, Any], tally: ArmTally, task_id: Any) -> None:
+    def _count(self, row: Mapping[str, Any], prompt_pos: int, tally: ArmTally, task_id: Any) -> None:
         tally.done += 1
         if row["status"] == "ok":
             tally.ok += 1
-            tally.keys.add(_key_hash(row))
+            tally.add_key(prompt_pos, _key_hash(row))
             self.capture_seen[_row_capture(row)] += 1
+            self.without_usage += row.get("completion_tokens") is None
         else:
             tally.errors += 1
         if self.progress is not None:
-            self.progress.update(task_id, advance=1, errors=tally.errors, distinct=len(tally.keys))
+            self.progress.update(task_id, advance=1, errors=tally.errors, distinct=tally.distinct())
 
 
 def _row_capture(row: Mapping[str, Any]) -> str:
@@ -273,7 +285,7 @@ def _todo(
             if key is not None:
                 tally.done += 1
                 tally.ok += 1
-                tally.keys.add(key)
+                tally.add_key(prompt_pos, key)
             else:
                 todo.append((prompt_pos, repeat))
     return todo
@@ -371,7 +383,10 @@ async def _execute(req: RunRequest, make_progress: Callable[[], Any] | None, res
             restore_signals()
             raise
         recorder.on_failure = runner.halt
-        tallies = [ArmTally(a.name, a.concurrency, len(manifest.prompts) * manifest.repeats) for a in manifest.arms]
+        n_prompts = len(manifest.prompts)
+        tallies = [
+            ArmTally(a.name, a.concurrency, n_prompts * manifest.repeats, prompts=n_prompts) for a in manifest.arms
+        ]
         flusher = asyncio.create_task(recorder.flush_every(FLUSH_INTERVAL_S))
         try:
             try:
@@ -390,6 +405,7 @@ async def _execute(req: RunRequest, make_progress: Callable[[], Any] | None, res
             raise
         if not stopped:
             recorder.manifest = _final_capture(recorder.manifest, runner.capture_seen)
+            recorder.manifest = _usage_note(recorder.manifest, runner.without_usage, runner.capture_seen.total())
         end = recorder.end(interrupted=stopped)
         return RunOutcome(
             run_dir,
@@ -434,7 +450,7 @@ async def _run_arms(runner: _Runner, recorder: Recorder, client: OpenAIClient, t
                 total=tally.total,
                 completed=tally.done,
                 errors=tally.errors,
-                distinct=len(tally.keys),
+                distinct=tally.distinct(),
             )
         if not todo:
             continue
@@ -463,6 +479,18 @@ def _final_capture(manifest: RunManifest, seen: Counter[str]) -> RunManifest:
         f"this session: compare completions as {'text' if lowest == 'text' else 'tokens'}"
     )
     return manifest.model_copy(update={"capture": lowest, "notes": [*manifest.notes, note]})
+
+
+def _usage_note(manifest: RunManifest, without: int, ok: int) -> RunManifest:
+    """Answers without usage cannot have their token count checked against the server's own: say so."""
+    if not without:
+        return manifest
+    streamed = "streamed " if manifest.environment.get("stream") else ""
+    note = (
+        f"{without} of {ok} {streamed}answers this session reported no usage (usage.completion_tokens): their "
+        "token counts cannot be checked against the server's"
+    )
+    return manifest.model_copy(update={"notes": [*manifest.notes, note]})
 
 
 def execute_run(

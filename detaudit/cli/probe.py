@@ -33,13 +33,14 @@ probe_app = typer.Typer(help="Probe what a target can do before auditing it.", n
 
 _ROWS = [
     ("answers", "ok"),
-    ("seed accepted", "seed_accepted"),
+    ("seed", "seed"),
     ("system_fingerprint", "system_fingerprint"),
     ("logprobs", "logprobs"),
     ("top_logprobs", "top_logprobs"),
     ("token bytes", "bytes"),
     ("token ids via", "token_ids"),
     ("streaming", "stream"),
+    ("usage in streams", "stream_usage"),
     ("capture a run gets", "capture"),
 ]
 
@@ -78,6 +79,13 @@ def render_probe(result: dict[str, Any], console: Console) -> None:
     for api, res in result["apis"].items():
         if res.get("error"):
             console.print(f"{api}: {safe(res['error'])}", highlight=False, markup=False)
+    if any(res.get("seed") == "ignored-or-unknown" for res in result["apis"].values()):
+        console.print(
+            "seed ignored-or-unknown: the server also accepted a made-up field, so accepting seed is no evidence "
+            "that it is honoured",
+            highlight=False,
+            markup=False,
+        )
 
 
 @probe_app.command(

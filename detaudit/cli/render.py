@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from detaudit.analysis.summary_schema import ArmSummary, Branch, Fork, PromptSummary, RunSummary
+from detaudit.analysis.summary_schema import ArmSummary, Fork, PromptSummary, RunSummary
 from detaudit.analysis.units import position_noun
 from detaudit.termsafe import quoted, safe
 
@@ -36,8 +36,9 @@ def _short(text: str, limit: int = PROMPT_SHOWN) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _branch_text(branch: Branch) -> str:
-    return "⟂ (ended)" if branch.token == "" else quoted(branch.token)
+def _unit_text(token: str) -> str:
+    """A token (or character) of a completion; the empty one is where the completion ended (or an empty one)."""
+    return "⟂ (ended)" if token == "" else quoted(token)
 
 
 def _fork_line(fork: Fork) -> Text:
@@ -45,7 +46,7 @@ def _fork_line(fork: Fork) -> Text:
     line.append(f"({fork.prefix_count} through) ", style="dim")
     line.append(quoted(fork.prefix[-40:]), style="cyan")
     line.append(" → ")
-    parts = [f"{_branch_text(b)} ×{b.count}" for b in fork.branches]
+    parts = [f"{_unit_text(b.token)} ×{b.count}" for b in fork.branches]
     if fork.branches_total > len(fork.branches):
         parts.append(f"… {fork.branches_total - len(fork.branches)} more")
     line.append(" | ".join(parts))
@@ -221,7 +222,7 @@ def render_compare(result: dict[str, Any], console: Console) -> None:
             f"{p['unique']['a']}/{p['unique']['b']}",
             f"{ef['a'] if ef['a'] is not None else '–'}/{ef['b'] if ef['b'] is not None else '–'}",
             "–" if split is None else str(split["position"]),
-            Text("" if split is None else quoted(split["a"])),
-            Text("" if split is None else quoted(split["b"])),
+            Text("" if split is None else _unit_text(split["a"])),
+            Text("" if split is None else _unit_text(split["b"])),
         )
     console.print(table)

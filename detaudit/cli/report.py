@@ -34,9 +34,11 @@ def report_command(
         if same:
             raise UsageError(f"{opt} and {same[0]} name the same file {path}; give each report its own file")
     result = write_reports(runs, html=html, md=md, junit=junit)
+    err = Console(stderr=True)  # stdout stays the reports' own (`--html /dev/stdout | gzip` gets no status lines)
+    for warning in result.report.warnings:
+        err.print(f"warning: {safe(warning)}", highlight=False, markup=False, soft_wrap=True)
     if not result.written:
         typer.echo(result.markdown, nl=False)
         return
-    console = Console(stderr=True)  # stdout stays the reports' own (`--html /dev/stdout | gzip` gets no status lines)
     for path in result.written:
-        console.print(f"wrote {safe(path)}", highlight=False, markup=False)
+        err.print(f"wrote {safe(path)}", highlight=False, markup=False)

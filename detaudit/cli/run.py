@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import fields
 from typing import Annotated
 
@@ -47,15 +48,36 @@ class _RateColumn(ProgressColumn):
         return Text(f"{task.speed:6.1f} req/s" if task.speed else "     - req/s", style="cyan")
 
 
+# Up to this many prompts, the progress bar lists each prompt's distinct count; beyond, the largest and how many
+# prompts have more than one.
+DISTINCT_LISTED = 6
+
+
+def distinct_text(per_prompt: Sequence[int]) -> str:
+    """Distinct completions so far, per prompt (never summed over prompts: a deterministic 3-prompt arm is
+    "1/1/1", not "3"): each prompt's count, in prompt order, for up to DISTINCT_LISTED prompts; beyond, the largest
+    count and how many prompts diverged ("max 3, 2/40 prompts diverged")."""
+    if len(per_prompt) <= DISTINCT_LISTED:
+        return "/".join(map(str, per_prompt))
+    diverged = sum(n > 1 for n in per_prompt)
+    return f"max {max(per_prompt)}, {diverged}/{len(per_prompt)} prompts diverged"
+
+
+class _DistinctColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        return Text(f"distinct {distinct_text(task.fields['distinct'])}")
+
+
 def make_progress(console: Console) -> Progress:
-    """One bar per arm: done/total, rate, failed requests and distinct completions so far."""
+    """One bar per arm: done/total, rate, failed requests and distinct completions so far per prompt
+    (distinct_text)."""
     return Progress(
         _ArmColumn(),
         BarColumn(),
         MofNCompleteColumn(),
         _RateColumn(),
         TextColumn("errors {task.fields[errors]}"),
-        TextColumn("distinct {task.fields[distinct]}"),
+        _DistinctColumn(),
         TimeElapsedColumn(),
         console=console,
         transient=False,

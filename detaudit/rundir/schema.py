@@ -23,6 +23,8 @@ named migration in io.py and a fixture of the old version in tests/fixtures/.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 from datetime import datetime
 from typing import Any, Literal
@@ -124,6 +126,14 @@ class PromptSpec(_Model):
     messages: list[dict[str, Any]] | None = Field(default=None, description="Chat messages, when given as such.")
     max_tokens: int | None = Field(default=None, description="Per-prompt max_tokens overriding the run's.")
     rationale: str | None = Field(default=None, description="Why this prompt is in its suite (suites only).")
+
+    def content_key(self) -> str:
+        """What the prompt says, as a short hash: two runs that asked the same thing get the same key whatever ids
+        they gave it (ids are assigned per run: p0, p1, ...). A plain prompt counts as one user message, which is
+        what the chat API sends."""
+        messages = self.messages or [{"role": "user", "content": self.prompt}]
+        blob = json.dumps(messages, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 class ArmSpec(_Model):
