@@ -24,21 +24,26 @@ class _Sections(HTMLParser):
         super().__init__()
         self.sections: list[dict] = []
         self._in: str | None = None
+        self._inside = False  # within a prompt section (other sections, e.g. the runs at the end, are not read)
 
     def handle_starttag(self, tag: str, attrs: list) -> None:
         a = dict(attrs)
-        if tag == "section" and "prompt" in (a.get("class") or ""):
-            self.sections.append({"heading": "", "text": "", "runs": []})
-        elif self.sections and tag == "h2":
+        if tag == "section":
+            self._inside = "prompt" in (a.get("class") or "")
+            if self._inside:
+                self.sections.append({"heading": "", "text": "", "runs": []})
+        elif self._inside and tag == "h2":
             self._in = "heading"
-        elif self.sections and tag == "pre" and a.get("class") == "prompt-text":
+        elif self._inside and tag == "pre" and a.get("class") == "prompt-text":
             self._in = "text"
-        elif self.sections and tag == "article":
+        elif self._inside and tag == "article":
             self.sections[-1]["runs"].append(a["data-run"])
 
     def handle_endtag(self, tag: str) -> None:
         if tag in ("h2", "pre"):
             self._in = None
+        elif tag == "section":
+            self._inside = False
 
     def handle_data(self, data: str) -> None:
         if self._in:
