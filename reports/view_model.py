@@ -110,6 +110,8 @@ class Cell:
     token_views: list[TokenView]
     token_view_note: str | None
     fingerprints: dict[str, int]
+    truncated: int = 0  # ok answers that ended without a stated reason: not compared
+    numeric: str | None = None  # logprobs varying among identical completions, in words
 
 
 @dataclass
@@ -169,7 +171,7 @@ def _run_info(path: Path, manifest: RunManifest, summary: RunSummary, label: str
     ]
     fingerprints = summary.system_fingerprints
     meta.append(("system_fingerprint", ", ".join(fingerprints) if fingerprints else "not reported"))
-    for note in manifest.notes:
+    for note in [*manifest.notes, *summary.notes]:
         meta.append(("note", note))
     agreement = summary.agreement
     earliest = summary.earliest_fork
@@ -216,6 +218,16 @@ def statistic_text(arm: ArmSummary) -> str:
     if wilson:
         return f"modal share {wilson[0]:.3g}–{wilson[1]:.3g} (95% Wilson interval)"
     return f"{arm.unique} unique in {arm.ok}"
+
+
+def numeric_text(arm: ArmSummary) -> str | None:
+    """Logprob vectors that differ among the arm's identical (modal) completions, as one phrase; None if they don't."""
+    num = arm.numeric
+    if num is None or num.vectors < 2:
+        return None
+    where = "" if num.max_abs_delta is None else f": max |Δ logprob| {num.max_abs_delta:.3g}, first at position "
+    where += "" if num.max_abs_delta is None else str(num.first_position)
+    return f"{num.vectors} distinct logprob vectors among {num.rows} identical completions{where}"
 
 
 def _fork_tree(forks: Sequence[SummaryFork]) -> list[ForkNode]:
@@ -310,6 +322,8 @@ def _cell(run: RunInfo, arm: ArmSummary) -> Cell:
         token_views=views,
         token_view_note=note,
         fingerprints=_fingerprints(arm),
+        truncated=arm.truncated,
+        numeric=numeric_text(arm),
     )
 
 

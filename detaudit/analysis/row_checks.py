@@ -10,7 +10,8 @@ are compared").
   with `usage.completion_tokens` (one entry per token) on every compared row; a record that disagrees anywhere is
   abandoned for the next one (units.SOURCES), and the rows that disagreed are counted.
 - **Logprob vectors.** Each row's logprobs are hashed (64 bits over their float32 bytes), so identical completions
-  carrying different numbers are seen without keeping the numbers.
+  carrying different numbers are seen without keeping the numbers. Only when completions are compared token by
+  token: two equal texts may be different token sequences, whose logprobs do not line up.
 """
 
 from __future__ import annotations
@@ -82,7 +83,7 @@ class RowChecker:
     def __init__(self, manifest: RunManifest, source: Source, finish_recorded: bool, logprobs: bool) -> None:
         self.source = source
         self.finish_recorded = finish_recorded
-        self.logprobs = logprobs
+        self.logprobs = logprobs and source != "text"  # text positions are characters: no per-token alignment
         limits = _prompt_max_tokens(manifest)
         self.limit_ids = pa.array(list(limits), pa.string())
         self.limit_values = np.array(list(limits.values()), dtype=np.int64)

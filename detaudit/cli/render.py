@@ -15,6 +15,7 @@ from rich.table import Table
 from rich.text import Text
 
 from detaudit.analysis.summary_schema import ArmSummary, Branch, Fork, PromptSummary, RunSummary
+from detaudit.reports.view_model import numeric_text
 from detaudit.termsafe import quoted, safe
 
 FORKS_SHOWN = 3  # per arm, in the terminal; the JSON has them all (up to the summary's limits)
@@ -24,6 +25,7 @@ _VERDICT_STYLE = {
     "load-dependent": "bold yellow",
     "load-independent": "bold red",
     "inconclusive": "bold magenta",
+    "numerically-load-dependent": "bold yellow",
 }
 
 
@@ -73,7 +75,7 @@ def _arm_table(prompt: PromptSummary) -> Table:
         table.add_row(
             Text(safe(arm.arm)),
             str(arm.concurrency),
-            f"{arm.ok}/{arm.n}",
+            f"{arm.ok}/{arm.n}" + (f" ({arm.truncated} cut)" if arm.truncated else ""),
             str(arm.errors),
             str(arm.unique),
             _pct(arm.stats.modal_share),
@@ -108,9 +110,13 @@ def render_summary(summary: RunSummary, console: Console) -> None:
     console.print(
         Text(
             f"compared as {detail.compared_as} (unit: {summary.unit}, positions in {detail.positions}); "
-            f"{samples.ok} ok, {samples.errors} errors of {samples.rows} rows ({samples.expected} expected)"
+            f"{samples.ok} ok, {samples.errors} errors"
+            + (f", {samples.truncated} truncated" if samples.truncated else "")
+            + f" of {samples.rows} rows ({samples.expected} expected)"
         )
     )
+    for note in summary.notes:
+        console.print(Text(f"note: {safe(note)}", style="yellow"))
     for prompt in summary.prompts:
         console.print()
         title = Text(f"prompt {safe(prompt.prompt_id)}", style="bold")
@@ -128,6 +134,9 @@ def render_summary(summary: RunSummary, console: Console) -> None:
                     console.print(_fork_line(fork))
                 if arm.forks_total > FORKS_SHOWN:
                     console.print(Text(f"  … {arm.forks_total - FORKS_SHOWN} more (--json)", style="dim"))
+            numeric = numeric_text(arm)
+            if numeric is not None:
+                console.print(Text(f"  {safe(arm.arm)}: {numeric}", style="yellow"))
             hint = _miss_hint(arm)
             if hint is not None:
                 console.print(hint)
