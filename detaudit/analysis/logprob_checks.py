@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from detaudit.analysis.row_checks import RowFlags
+from detaudit.analysis.row_checks import RowFlags, bools
 from detaudit.analysis.summary_schema import ArmSampling, NumericSpread, SamplingCheck
 
 VECTORS_READ = 64  # distinct logprob vectors read per arm to measure their spread
@@ -83,19 +84,41 @@ def read_vectors(table: pa.Table, rows: np.ndarray) -> dict[int, np.ndarray]:
     return {int(r): np.array(v, dtype=np.float32) for r, v in zip(rows, col, strict=True)}
 
 
-def _count(lps: Any, tops: Any, asked: int | None) -> tuple[int, int, int]:
-    """(positions checked, chosen below the top-1, top-k lists longer than asked) of one row."""
-    if lps is None or tops is None or len(lps) != len(tops):
-        return 0, 0, 0
-    checked = below = grown = 0
-    for lp, top in zip(lps, tops, strict=True):
-        best = max((v for v in top or () if v is not None and v == v), default=None)
-        if lp is None or lp != lp or best is None:
-            continue
-        checked += 1
-        below += best - lp > TIE
-        grown += asked is not None and len(top) > asked
-    return checked, below, grown
+def _lengths(col: pa.Array) -> np.ndarray:
+    return pc.list_value_length(col).fill_null(0).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def _floats(values: pa.Array) -> np.ndarray:
+    """float values with null and NaN as -inf (never a best logprob, never a checked one)."""
+    out = values.fill_null(float("nan")).to_numpy(zero_copy_only=False).astype(np.float64)
+    out[np.isnan(out)] = -np.inf
+    return out
+
+
+def _positions(table: pa.Table, asked: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per position of the rows whose logprobs and top-k lists line up: (its row, checked, chosen below the
+    top-1, top-k list longer than asked). Vectorised over all rows at once."""
+    lps = table.column("logprobs").combine_chunks()
+    tops = table.column("top_logprobs").combine_chunks()
+    n_lp, n_top = _lengths(lps), _lengths(tops)
+    good = (n_lp == n_top) & bools(lps.is_valid()) & bools(tops.is_valid())
+    lp_row = np.repeat(np.arange(len(n_lp)), n_lp)
+    top_row = np.repeat(np.arange(len(n_top)), n_top)
+    chosen = _floats(lps.flatten())[good[lp_row]]
+    inner = tops.flatten()
+    sizes = _lengths(inner)
+    values = _floats(inner.flatten())
+    best = np.full(len(sizes), -np.inf)
+    filled = np.flatnonzero(sizes > 0)
+    if len(filled):
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])[filled]
+        best[filled] = np.maximum.reduceat(values, starts)
+    keep = good[top_row]
+    best, sizes, rows = best[keep], sizes[keep], top_row[keep]
+    checked = np.isfinite(chosen) & np.isfinite(best)
+    below = checked & (best - chosen > TIE)
+    grown = checked & (sizes > asked) if asked is not None else np.zeros(len(rows), dtype=bool)
+    return rows, checked, below, grown
 
 
 def sampling_check(
@@ -103,23 +126,22 @@ def sampling_check(
 ) -> SamplingCheck:
     """Chosen tokens against the reported top-1, per arm; `table` holds logprobs and top_logprobs of every row in
     `rows_by_arm` (in that order, arm after arm)."""
-    lps, tops = table.column("logprobs").to_pylist(), table.column("top_logprobs").to_pylist()
-    arms, at = [], 0
-    for name, concurrency, rows in rows_by_arm:
-        totals = np.zeros(3, dtype=np.int64)
-        for i in range(at, at + len(rows)):
-            totals += _count(lps[i], tops[i], asked)
-        at += len(rows)
-        checked, below, grown = (int(x) for x in totals)
+    rows, checked, below, grown = _positions(table, asked)
+    arm_of_row = np.repeat(np.arange(len(rows_by_arm)), [len(r) for _, _, r in rows_by_arm])
+    arm = arm_of_row[rows]
+    per_arm = [np.bincount(arm[m], minlength=len(rows_by_arm)) for m in (checked, below, grown)]
+    arms = []
+    for i, (name, concurrency, arm_rows) in enumerate(rows_by_arm):
+        n_checked, n_below, n_grown = (int(c[i]) for c in per_arm)
         arms.append(
             ArmSampling(
                 arm=name,
                 concurrency=concurrency,
-                rows=len(rows),
-                positions=checked,
-                below_top1=below,
-                share=below / checked if checked else None,
-                grown_lists=grown,
+                rows=len(arm_rows),
+                positions=n_checked,
+                below_top1=n_below,
+                share=n_below / n_checked if n_checked else None,
+                grown_lists=n_grown,
             )
         )
     return SamplingCheck(greedy=not any(a.below_top1 for a in arms), tolerance=TIE, arms=arms)

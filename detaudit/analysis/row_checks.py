@@ -31,6 +31,7 @@ STATED_ENDS = ("stop", "eos", "eos_token", "stop_sequence")
 LENGTH = "length"
 TRUNCATED_STATUS = "truncated"  # what the encoder sees instead of "ok" for a truncated row: it is not compared
 _NO_HASH = np.int64(0)
+_STATED = pa.array(STATED_ENDS, pa.string())
 
 
 @dataclass
@@ -53,18 +54,19 @@ def _prompt_max_tokens(manifest: RunManifest) -> dict[str, int]:
     return out
 
 
-def _ints(col: pa.Array) -> np.ndarray:
+def ints(col: pa.Array) -> np.ndarray:
     """An integer column as int64 with -1 for null (unknown)."""
     return col.cast(pa.int64()).fill_null(-1).to_numpy(zero_copy_only=False)
 
 
-def _bools(col: pa.Array) -> np.ndarray:
+def bools(col: pa.Array) -> np.ndarray:
+    """A boolean column as numpy, null as False."""
     return col.fill_null(False).to_numpy(zero_copy_only=False)
 
 
 def _row_hashes(col: pa.Array) -> tuple[np.ndarray, np.ndarray]:
     """Per row of a list<float32> column: a 64-bit hash of its values' bytes, and whether the row has a list."""
-    valid = _bools(col.is_valid())
+    valid = bools(col.is_valid())
     if not valid.any():
         return np.zeros(len(valid), dtype=np.int64), valid
     offsets = np.asarray(col.offsets, dtype=np.int64)
@@ -101,28 +103,28 @@ class RowChecker:
         """Per row the requested max_tokens, -1 where unknown."""
         if not len(self.limit_values):
             return np.full(len(prompt_ids), -1, dtype=np.int64)
-        at = _ints(pc.index_in(prompt_ids, value_set=self.limit_ids))
+        at = ints(pc.index_in(prompt_ids, value_set=self.limit_ids))
         return np.where(at >= 0, self.limit_values[np.maximum(at, 0)], -1)
 
     def check(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         """Record the batch's flags; the batch as the encoder must see it (truncated rows not "ok")."""
         status = batch.column("status")
-        ok = _bools(pc.equal(status, "ok"))
-        count = _ints(batch.column("completion_tokens"))
+        ok = bools(pc.equal(status, "ok"))
+        usage = count = ints(batch.column("completion_tokens"))
         units = None if self.source == "text" else batch.column(self.source)
         if units is not None and self.source == "token_ids" and count.min(initial=0) < 0:
-            count = np.where(count >= 0, count, _ints(pc.list_value_length(units)))  # no usage: count the ids
+            count = np.where(count >= 0, count, ints(pc.list_value_length(units)))  # no usage: count the ids
         truncated = np.zeros(len(ok), dtype=bool)
         if self.finish_recorded:
             finish = batch.column("finish_reason")
-            stated = _bools(pc.is_in(finish, value_set=pa.array(STATED_ENDS)))
+            stated = bools(pc.is_in(finish, value_set=_STATED))
             limit = self._max_tokens(batch.column("prompt_id"))
-            at_limit = _bools(pc.equal(finish, LENGTH)) & ((limit < 0) | (count < 0) | (count >= limit))
+            at_limit = bools(pc.equal(finish, LENGTH)) & ((limit < 0) | (count < 0) | (count >= limit))
             truncated = ok & ~(stated | at_limit)
         self.truncated.append(truncated)
         compared = ok & ~truncated
         if units is not None:
-            self.disagree += int((compared & self._unfaithful(batch, units)).sum())
+            self.disagree += int((compared & self._unfaithful(batch, units, usage)).sum())
         if self.logprobs:
             hashes, has = _row_hashes(batch.column("logprobs"))
             self.hashes.append(hashes)
@@ -132,17 +134,16 @@ class RowChecker:
         marked = pc.if_else(pa.array(truncated), TRUNCATED_STATUS, status)
         return batch.set_column(batch.schema.get_field_index("status"), "status", marked)
 
-    def _unfaithful(self, batch: pa.RecordBatch, units: pa.Array) -> np.ndarray:
+    def _unfaithful(self, batch: pa.RecordBatch, units: pa.Array, usage: np.ndarray) -> np.ndarray:
         """Rows whose record disagrees with usage.completion_tokens, or (strings, bytes) with the text."""
-        usage = _ints(batch.column("completion_tokens"))
-        length = _ints(pc.list_value_length(units))
+        length = ints(pc.list_value_length(units))
         bad = (usage >= 0) & (length >= 0) & (length != usage)
         if self.source in ("tokens", "token_bytes"):
             text = batch.column("text")
             joined = pc.binary_join(units, b"" if self.source == "token_bytes" else "")
             if self.source == "token_bytes":
                 text = text.cast(pa.binary())
-            bad |= _bools(pc.not_equal(joined, text))  # null (no text, or a missing piece) is not a disagreement
+            bad |= bools(pc.not_equal(joined, text))  # null (no text, or a missing piece) is not a disagreement
         return bad
 
     def finish(self, rows: int) -> RowFlags:

@@ -254,6 +254,8 @@ def _sampling(
         rows = np.flatnonzero(compared & (a_codes == code[a]))[:GREEDY_ROWS] if a in code else np.zeros(0, np.int64)
         by_arm.append((a, arm_conc.get(a), rows))
     rows = np.concatenate([r for _, _, r in by_arm])
+    if not len(rows):
+        return None
     check = sampling_check(reader.rows(rows, ["logprobs", "top_logprobs"]), by_arm, manifest.params.top_logprobs)
     return check if any(a.positions for a in check.arms) else None
 
