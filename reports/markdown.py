@@ -136,7 +136,7 @@ def render_markdown(report: Report, *, heading: str = "## detaudit report") -> s
                 row.append(md_text(p.prompt_id))
             row += [
                 f"{md_text(c.arm)} ({md_text(c.load)})",
-                f"{c.ok}/{c.asked}",
+                f"{c.ok}/{c.asked}" + (f" ({c.truncated} truncated)" if c.truncated else ""),
                 f"**{c.unique}**",
                 share,
                 _first(c),
@@ -159,6 +159,19 @@ def render_markdown(report: Report, *, heading: str = "## detaudit report") -> s
             fork_lines.append(f"- **{where}**: {shown}{more}")
     if fork_lines:
         lines += ["**Forks**", "", *fork_lines, ""]
+    numeric = [
+        f"- **{md_text(c.run.label)} · {md_text(p.prompt_id)} · {md_text(c.arm)}**: {md_text(c.numeric)}"
+        for p in report.prompts
+        for c in p.cells
+        if c.numeric
+    ]
+    if numeric:
+        lines += ["**Below the tokens**", "", *numeric, ""]
+    notes = [
+        f"- **{md_text(run.label)}**: {md_text(text)}" for run in report.runs for key, text in run.meta if key == "note"
+    ]
+    if notes:
+        lines += ["**Notes**", "", *notes, ""]
     for p in report.prompts:
         for c in p.cells:
             if c.unique < 2:

@@ -140,6 +140,8 @@ class Cell:
     fingerprints: dict[str, int]
     modal_text: str | None = None  # the most frequent completion in full (as the summary keeps it)
     load: str = ""  # the arm's load in plain words ("one request at a time", "16 requests in flight")
+    truncated: int = 0  # ok answers that ended without a stated reason: not compared
+    numeric: str | None = None  # logprobs varying among identical completions, in words
 
     @property
     def asked(self) -> int:
@@ -203,7 +205,7 @@ def _run_info(path: Path, manifest: RunManifest, summary: RunSummary, label: str
     ]
     fingerprints = summary.system_fingerprints
     meta.append(("system_fingerprint", ", ".join(fingerprints) if fingerprints else "not reported"))
-    for note in manifest.notes:
+    for note in [*manifest.notes, *summary.notes]:
         meta.append(("note", note))
     agreement = summary.agreement
     earliest = summary.earliest_fork
@@ -267,6 +269,16 @@ def statistic_text(arm: ArmSummary) -> str:
     if wilson:
         return f"modal share {wilson[0]:.3g}–{wilson[1]:.3g} (95% Wilson interval)"
     return f"{arm.unique} unique in {arm.ok}"
+
+
+def numeric_text(arm: ArmSummary) -> str | None:
+    """Logprob vectors that differ among the arm's identical (modal) completions, as one phrase; None if they don't."""
+    num = arm.numeric
+    if num is None or num.vectors < 2:
+        return None
+    where = "" if num.max_abs_delta is None else f": max |Δ logprob| {num.max_abs_delta:.3g}, first at position "
+    where += "" if num.max_abs_delta is None else str(num.first_position)
+    return f"{num.vectors} distinct logprob vectors among {num.rows} identical completions{where}"
 
 
 def _fork_tree(forks: Sequence[SummaryFork]) -> list[ForkNode]:
@@ -375,6 +387,8 @@ def _cell(run: RunInfo, arm: ArmSummary) -> Cell:
         fingerprints=_fingerprints(arm),
         modal_text=arm.completions[0].text if arm.completions else None,
         load=arm_words(run.kind, arm_name(arm), arm.concurrency),
+        truncated=arm.truncated,
+        numeric=numeric_text(arm),
     )
 
 

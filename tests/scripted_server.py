@@ -31,6 +31,8 @@ Schedules (value of `schedules[prompt]` or `default`):
   seeded permutation of 992 x A + 8 x B, so any 1000 consecutive successful answers hold exactly 992 A and 8 B,
   under any concurrency. The permutation repeats after 1000 (two arms of N=1000 each get 992/8). Requests that
   get an injected fault do not use a slot. ``server.reset_counts()`` restarts every schedule.
+* ``["A", "A", "B"]`` (names, not pairs) -- in arrival order, cycled: the k-th successful answer to that prompt gets
+  entry k mod len, not shuffled. Arms run one after another, so a serial arm of N gets the first N entries.
 * ``{"serial": "A", "loaded": ["B", "C"]}`` -- load-dependent: a request that arrives while no other request is in
   flight gets A; one that arrives while others are in flight gets the loaded completions in turn (B, C, B, ...).
   Pair it with ``latency_s`` so requests overlap: a concurrency-1 arm then has 1 unique completion and a loaded
@@ -40,6 +42,15 @@ A token is a string, or a dict ``{"token": str, "id": int, "bytes": list[int] | 
 its id, its UTF-8 bytes (e.g. invalid UTF-8 fragments) or its logprob. Token ids otherwise come from a vocabulary
 built in order of first appearance, starting at 1000: ``server.token_id(" Queens")``. Logprobs default to
 ``-0.05 * (1 + position % 7)``; top_logprobs list the chosen token first, then ``"<alt{j}>"`` tokens (ids 1..K).
+Three more keys shape what a real server gets wrong (issue #23):
+
+* ``"penalised": d`` -- the chosen token was not the top-1 (a repeat penalty at temperature 0, as llama-cpp-python
+  applies by default): the top-k list holds the K alternatives, the best ``d`` above the chosen token (alternative j
+  at ``logprob + d / j``), and the chosen token appended as a K+1-th entry.
+* ``"shown": str`` -- the string the logprobs report for the token instead of its text (e.g. ``""`` for a token
+  whose bytes a server decoded with ``errors="ignore"``); the answer's text keeps the real one.
+* ``"merged": true`` -- the token has no logprobs entry (nor id in ``token_ids``) of its own: its string is
+  prepended to the next entry's, as llama-server does with an incomplete UTF-8 character; usage still counts it.
 
 What comes back (``capture``):
 
@@ -60,7 +71,9 @@ Other options: ``api_key`` (requests without ``Authorization: Bearer <key>`` get
 request), ``system_fingerprint`` (None omits it; a list is cycled through, one value per answer), ``apis`` (subset
 of ``("chat", "completions")``; the other path 404s), ``stream`` (False: a streaming request gets 400),
 ``drop_logprobs_after`` (answers after that many omit logprobs: "logprobs missing half-way"), ``record`` (how many
-requests ``server.log`` keeps, default 2000).
+requests ``server.log`` keeps, default 2000), ``interrupted`` (names of completions answered as llama-cpp-python
+answers a request it interrupts for another: the completion's tokens, then a normal ``[DONE]``, and no
+``finish_reason`` anywhere; unstreamed, ``finish_reason`` is null).
 
 Faults (``faults=dict(...)``), decided per arrival on the completion paths only (never /v1/models):
 
@@ -124,10 +137,11 @@ def free_port() -> int:
 
 
 class _Token:
-    __slots__ = ("text", "id", "bytes", "logprob")
+    __slots__ = ("text", "id", "bytes", "logprob", "shown", "merged", "penalised")
 
     def __init__(self, text: str, id_: int, bytes_: list[int] | None, logprob: float | None) -> None:
         self.text, self.id, self.bytes, self.logprob = text, id_, bytes_, logprob
+        self.shown, self.merged, self.penalised = text, False, 0.0
 
 
 class _Schedule:
@@ -143,6 +157,9 @@ class _Schedule:
         elif isinstance(spec, dict):
             self.kind = "load"
             self.serial, self.loaded = spec["serial"], list(spec["loaded"])
+        elif all(isinstance(name, str) for name in spec):
+            self.kind = "counts"
+            self.order = list(spec)  # in arrival order, as given
         else:
             self.kind = "counts"
             order = [name for name, n in spec for _ in range(int(n))]
@@ -188,6 +205,7 @@ class ScriptedServer:
         apis: tuple[str, ...] | list[str] = ("chat", "completions"),
         stream: bool = True,
         drop_logprobs_after: int | None = None,
+        interrupted: list[str] | tuple[str, ...] = (),
         faults: dict[str, Any] | None = None,
         seed: int = 0,
         record: int = 2000,
@@ -215,6 +233,11 @@ class ScriptedServer:
         self.apis = tuple(apis)
         self.stream_ok = stream
         self.drop_logprobs_after = drop_logprobs_after
+        self.interrupted = set(interrupted)
+        if self.interrupted - set(self.completions):
+            raise ValueError(
+                f"interrupted names unknown completions: {sorted(self.interrupted - set(self.completions))}"
+            )
         f = dict(faults or {})
         self.fault_rate = float(f.pop("rate", 0.0))
         self.fault_kinds = tuple(f.pop("kinds", FAULT_KINDS))
@@ -252,7 +275,11 @@ class ScriptedServer:
         if tid is None:
             tid = self._vocab.setdefault(text, 1000 + len(self._vocab))
         bytes_ = spec["bytes"] if "bytes" in spec else list(text.encode())  # pinned: may be what UTF-8 cannot say
-        return _Token(text, int(tid), bytes_, spec.get("logprob"))
+        token = _Token(text, int(tid), bytes_, spec.get("logprob"))
+        token.shown = spec.get("shown", text)
+        token.merged = bool(spec.get("merged", False))
+        token.penalised = float(spec.get("penalised", 0.0))
+        return token
 
     def token_id(self, token: str) -> int:
         """The id the server reports for `token` (vocabulary built from the script's completions)."""
@@ -422,7 +449,7 @@ class ScriptedServer:
         self.answers += 1
         tokens = self.completions[name]
         max_tokens = req.get("max_tokens") or req.get("max_completion_tokens")
-        finish = "stop"
+        finish: str | None = None if name in self.interrupted else "stop"
         if isinstance(max_tokens, int) and 0 < max_tokens < len(tokens):
             tokens, finish = tokens[:max_tokens], "length"
         want_lp = self.capture != "text" and bool(req.get("logprobs"))
@@ -514,7 +541,7 @@ class _Answer:
         api: str,
         model: str,
         tokens: list[_Token],
-        finish: str,
+        finish: str | None,
         want_lp: bool,
         k: int,
         as_ids: bool,
@@ -527,15 +554,33 @@ class _Answer:
         self.entries = entries  # llama-server: chat-shaped logprobs on both APIs, each entry with its id
         self.id = f"{'chatcmpl' if api == 'chat' else 'cmpl'}-{random.getrandbits(48):x}"
 
-    def _tok_str(self, t: _Token) -> str:
-        return f"token_id:{t.id}" if self.as_ids else t.text
+    def _tok_str(self, t: _Token, pos: int) -> str:
+        """The token as the logprobs name it: its id, or its shown string after those of merged tokens before it."""
+        if self.as_ids:
+            return f"token_id:{t.id}"
+        before, at = "", pos - 1
+        while at >= 0 and self.tokens[at].merged:
+            before, at = self.tokens[at].shown + before, at - 1
+        return before + t.shown
+
+    @staticmethod
+    def _entries(start: int, toks: list[_Token]) -> list[tuple[int, _Token]]:
+        """(position, token) of the tokens that have a logprobs entry of their own."""
+        return [(pos, t) for pos, t in enumerate(toks, start) if not t.merged]
 
     @staticmethod
     def _lp(t: _Token, pos: int) -> float:
         return t.logprob if t.logprob is not None else -0.05 * (1 + pos % 7)
 
     def _alts(self, t: _Token, pos: int) -> list[tuple[str, float, list[int] | None, int]]:
-        out = [(self._tok_str(t), self._lp(t, pos), t.bytes, t.id)]
+        chosen = (self._tok_str(t, pos), self._lp(t, pos), t.bytes, t.id)
+        if t.penalised:
+            alts = [
+                (f"<alt{j}>", self._lp(t, pos) + t.penalised / j, list(f"<alt{j}>".encode()), j)
+                for j in range(1, 1 + self.k)
+            ]
+            return [*alts, chosen]
+        out = [chosen]
         for j in range(1, self.k):
             name = f"token_id:{j}" if self.as_ids else f"<alt{j}>"
             out.append((name, self._lp(t, pos) - 1.0 - j, list(f"<alt{j}>".encode()), j))
@@ -543,9 +588,9 @@ class _Answer:
 
     def _chat_lp(self, start: int, toks: list[_Token]) -> dict[str, Any]:
         content = []
-        for pos, t in enumerate(toks, start):
+        for pos, t in self._entries(start, toks):
             ids = self.entries  # llama-server gives each entry, and each alternative, its token id
-            entry: dict[str, Any] = {"token": self._tok_str(t), "logprob": self._lp(t, pos), "bytes": t.bytes}
+            entry: dict[str, Any] = {"token": self._tok_str(t, pos), "logprob": self._lp(t, pos), "bytes": t.bytes}
             entry.update({"id": t.id} if ids else {})
             entry["top_logprobs"] = [
                 {"token": s, "logprob": lp, "bytes": b, **({"id": i} if ids else {})}
@@ -559,16 +604,16 @@ class _Answer:
         return self._chat_lp(start, toks) if self.api == "chat" or self.entries else self._compl_lp(start, toks)
 
     def _compl_lp(self, start: int, toks: list[_Token]) -> dict[str, Any]:
+        entries = self._entries(start, toks)
         offsets, off = [], 0
         for t in toks:
-            offsets.append(off)
+            if not t.merged:
+                offsets.append(off)
             off += len(t.text)
         return {
-            "tokens": [self._tok_str(t) for t in toks],
-            "token_logprobs": [self._lp(t, p) for p, t in enumerate(toks, start)],
-            "top_logprobs": [{s: lp for s, lp, _, _ in self._alts(t, p)} for p, t in enumerate(toks, start)]
-            if self.k
-            else None,
+            "tokens": [self._tok_str(t, p) for p, t in entries],
+            "token_logprobs": [self._lp(t, p) for p, t in entries],
+            "top_logprobs": [{s: lp for s, lp, _, _ in self._alts(t, p)} for p, t in entries] if self.k else None,
             "text_offset": offsets,
         }
 
@@ -593,7 +638,7 @@ class _Answer:
             choice["logprobs"] = self._lp_object(0, self.tokens) if self.want_lp else None
             head = self._head("text_completion")
         if self.with_ids:
-            choice["token_ids"] = [t.id for t in self.tokens]
+            choice["token_ids"] = [t.id for t in self.tokens if not t.merged]
         return {**head, "choices": [choice], "usage": self._usage()}
 
     def chunk(self, i: int | None, last: bool) -> dict[str, Any]:
@@ -609,7 +654,7 @@ class _Answer:
             choice["logprobs"] = self._lp_object(i or 0, toks) if self.want_lp else None
             head = self._head("text_completion")
         if self.with_ids:
-            choice["token_ids"] = [t.id for t in toks]
+            choice["token_ids"] = [t.id for t in toks if not t.merged]
         return {**head, "choices": [choice]}
 
     def usage_chunk(self) -> dict[str, Any]:

@@ -15,6 +15,8 @@ import numpy as np
 from detaudit.analysis.core import Sequences, lcp_pairs, lcp_with
 from detaudit.analysis.decode import Decoder, clip_text
 from detaudit.analysis.forks import PlannedFork, fork_list, plan_forks
+from detaudit.analysis.logprob_checks import NumericPlan, plan_numeric
+from detaudit.analysis.row_checks import RowFlags
 from detaudit.analysis.stats import arm_stats
 from detaudit.analysis.summary_schema import ArmSummary, Completion, Context, FingerprintSplit, FirstDivergence, Limits
 
@@ -112,6 +114,8 @@ class ArmPlan:
     fingerprints: list[FingerprintSplit] | None
     limits: Limits
     needed: set[int]
+    truncated: int = 0  # ok rows not compared: their answers ended without a stated reason
+    numeric: NumericPlan | None = None
 
     @property
     def n_ok(self) -> int:
@@ -121,8 +125,11 @@ class ArmPlan:
     def earliest_fork(self) -> int | None:
         return self.forks[0].node.position if self.forks else None
 
-    def build(self, dec: Decoder, arm: str, concurrency: int | None, expected: int | None) -> ArmSummary:
-        """The arm's block of the summary (docs/summary.md, `prompts[].arms[]`)."""
+    def build(
+        self, dec: Decoder, arm: str, concurrency: int | None, expected: int | None, vectors: dict[int, np.ndarray]
+    ) -> ArmSummary:
+        """The arm's block of the summary (docs/summary.md, `prompts[].arms[]`); `vectors`: the logprobs of the
+        rows its numeric plan asked for."""
         n_ok = self.n_ok
         shown = [int(u) for u in self.uniq[: self.limits.completions]]
         completions = []
@@ -145,7 +152,8 @@ class ArmPlan:
             expected=expected,
             n=self.n,
             ok=n_ok,
-            errors=self.n - n_ok,
+            errors=self.n - n_ok - self.truncated,
+            truncated=self.truncated,
             unique=len(self.uniq),
             completions=completions,
             first_divergence=_first_divergence(self.fd, self.counts),
@@ -154,17 +162,21 @@ class ArmPlan:
             earliest_fork=self.earliest_fork,
             stats=arm_stats(n_ok, int(self.counts[0]) if n_ok else 0, len(self.uniq)),
             system_fingerprints=self.fingerprints,
+            numeric=None if self.numeric is None else self.numeric.spread(vectors),
         )
 
 
-def plan_arm(seqs: Sequences, rows: np.ndarray, fp_codes: np.ndarray, fp_names: list[Any], limits: Limits) -> ArmPlan:
+def plan_arm(
+    seqs: Sequences, flags: RowFlags, rows: np.ndarray, fp_codes: np.ndarray, fp_names: list[Any], limits: Limits
+) -> ArmPlan:
     """The arm made of rows `rows`: its numbers now, its text later (ArmPlan.build)."""
     row_seq = seqs.row_seq[rows]
     ok_rows = rows[row_seq >= 0]
     row_seq = row_seq[row_seq >= 0]
+    truncated = int(flags.truncated[rows].sum())
     if not len(row_seq):
         empty = np.zeros(0, np.int64)
-        return ArmPlan(seqs, len(rows), empty, empty, empty, [], 0, empty, None, limits, set())
+        return ArmPlan(seqs, len(rows), empty, empty, empty, [], 0, empty, None, limits, set(), truncated)
     uniq, counts = order_uniques(seqs, row_seq)
     srt, inv, neighbour_lcp = _sorted(seqs, uniq)
     sorted_counts = counts[srt]
@@ -173,4 +185,19 @@ def plan_arm(seqs: Sequences, rows: np.ndarray, fp_codes: np.ndarray, fp_names: 
     forks, forks_total, needed = plan_forks(seqs, uniq[srt], sorted_counts, neighbour_lcp, limits)
     needed.update(int(u) for u in uniq[: limits.completions])
     fingerprints = _by_fingerprint(seqs, ok_rows, fp_codes, fp_names)
-    return ArmPlan(seqs, len(rows), uniq, counts, fd, forks, forks_total, sorted_counts, fingerprints, limits, needed)
+    numeric = plan_numeric(flags, ok_rows[row_seq == uniq[0]])
+    return ArmPlan(
+        seqs,
+        len(rows),
+        uniq,
+        counts,
+        fd,
+        forks,
+        forks_total,
+        sorted_counts,
+        fingerprints,
+        limits,
+        needed,
+        truncated,
+        numeric,
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -17,6 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from detaudit.analysis.core import Sequences, SourceMissing, encode_sequences
+from detaudit.analysis.row_checks import RowChecker, RowFlags
 from detaudit.analysis.units import SOURCES, Source
 from detaudit.rundir.io import iter_samples, read_sample_rows, sample_list_values, sample_row_groups
 from detaudit.rundir.schema import SAMPLES_SCHEMA, RunManifest
@@ -168,34 +170,62 @@ def sample_rows(seqs: Sequences, uniques: np.ndarray, bounds: np.ndarray) -> np.
     return chosen
 
 
-def encode(reader: SampleReader, manifest: RunManifest) -> tuple[Sequences, RowMeta, Source]:
-    """One pass over the rows: distinct completions in the richest source every ok row carries, plus row meta.
+@dataclass
+class Encoded:
+    """The run as the analysis compares it: distinct completions, row meta, per-row flags, and the records
+    abandoned because they disagreed with the text or the token count (source -> rows that disagreed)."""
 
-    A source that some ok row lacks is abandoned at the first batch showing it, and the next one is tried.
+    seqs: Sequences
+    meta: RowMeta
+    source: Source
+    flags: RowFlags
+    finish_recorded: bool
+    abandoned: dict[Source, int]
+
+
+def _states_finish(reader: SampleReader) -> bool:
+    """Whether any row of the run says why its answer ended (a finish_reason): else truncation cannot be seen."""
+    return any(b.column(0).null_count < b.num_rows for b in reader.batches(["finish_reason"]))
+
+
+def encode(reader: SampleReader, manifest: RunManifest) -> Encoded:
+    """One pass over the rows: distinct completions in the richest faithful source every compared row carries,
+    plus row meta and per-row flags (row_checks).
+
+    A source that some compared row lacks is abandoned at the first batch showing it, one that disagrees with the
+    text or the token count on some row after the pass (so the disagreeing rows are counted); the next is tried.
     """
+    recorded = _states_finish(reader)
+    logprobs = reader.list_values("logprobs") > 0
+    abandoned: dict[Source, int] = {}
 
-    def attempt(source: Source) -> tuple[Sequences, RowMeta]:
+    def attempt(source: Source) -> tuple[Sequences, RowMeta, RowFlags]:
         meta = RowMeta()
+        checker = RowChecker(manifest, source, recorded, logprobs)
 
         def tee(batches: Iterable[pa.RecordBatch]) -> Iterator[pa.RecordBatch]:
             for b in batches:
                 meta.add(b)
-                yield b
+                yield checker.check(b)
 
         capacity = None if source == "text" else reader.list_values(source)
-        seqs = encode_sequences(tee(reader.batches([*META_COLUMNS, "status", source])), source, capacity)
-        return seqs, meta
+        columns = list(dict.fromkeys([*META_COLUMNS, "status", source, *checker.columns]))
+        seqs = encode_sequences(tee(reader.batches(columns)), source, capacity)
+        return seqs, meta, checker.finish(meta.num_rows)
 
     for source in SOURCES[:-1]:
         try:
-            seqs, meta = attempt(source)
+            seqs, meta, flags = attempt(source)
         except SourceMissing:
             continue
-        if not (seqs.row_seq >= 0).any():  # no ok row: nothing says what was captured but the manifest
+        if flags.disagree:
+            abandoned[source] = flags.disagree
+            continue
+        if not (seqs.row_seq >= 0).any():  # no compared row: nothing says what was captured but the manifest
             source = _CAPTURE_SOURCE.get(manifest.capture, "text")
-        return seqs, meta, source
-    seqs, meta = attempt("text")
-    return seqs, meta, "text"
+        return Encoded(seqs, meta, source, flags, recorded, abandoned)
+    seqs, meta, flags = attempt("text")
+    return Encoded(seqs, meta, "text", flags, recorded, abandoned)
 
 
 _POOL_LOCK = threading.Lock()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -17,9 +18,11 @@ import pyarrow as pa
 from detaudit.analysis.arms import ArmPlan, GroupResult, order_uniques, plan_arm
 from detaudit.analysis.core import Sequences
 from detaudit.analysis.decode import Decoder
+from detaudit.analysis.logprob_checks import GREEDY_ROWS, distinct_vectors, greedy_note, read_vectors, sampling_check
 from detaudit.analysis.rescore_summary import summarize_rescore
 from detaudit.analysis.run_reader import (
     DISPLAY_COLUMNS,
+    Encoded,
     RunDirReader,
     SampleReader,
     TableReader,
@@ -34,7 +37,9 @@ from detaudit.analysis.summary_schema import (
     PromptUnique,
     RunSummary,
     SampleCounts,
+    SamplingCheck,
     UnitDetail,
+    UnitFallback,
 )
 from detaudit.analysis.units import unit_of
 from detaudit.analysis.verdicts import PromptGroups, agreement, verdict
@@ -118,7 +123,8 @@ def _earliest_fork(prompts: list[PromptSummary]) -> EarliestFork | None:
 def _analyze(
     manifest: RunManifest, reader: SampleReader, limits: Limits
 ) -> tuple[RunSummary, Sequences, Decoder, dict[str, GroupResult]]:
-    seqs, meta, source = encode(reader, manifest)
+    enc = encode(reader, manifest)
+    seqs, meta, source, flags = enc.seqs, enc.meta, enc.source, enc.flags
     p_codes, p_names = meta.codes("prompt_id")
     a_codes, a_names = meta.codes("arm")
     fp_codes, fp_names = meta.codes("system_fingerprint")
@@ -142,7 +148,7 @@ def _analyze(
 
     # numbers first, for every prompt and arm; the text of what will be shown is read afterwards, in one pass
     needed: set[int] = set()
-    plan: list[tuple[str, list[tuple[str, int | None, ArmPlan]], int]] = []
+    plan: list[tuple[str, list[tuple[str, int | None, ArmPlan]], int, int | None]] = []
     groups: PromptGroups = []
     pooled_results: dict[str, GroupResult] = {}
     for p in prompt_order:
@@ -151,7 +157,7 @@ def _analyze(
             rows = rows_of(p, a)
             if not len(rows) and a not in arm_conc:
                 continue
-            arm = plan_arm(seqs, rows, fp_codes, fp_names, limits)
+            arm = plan_arm(seqs, flags, rows, fp_codes, fp_names, limits)
             needed |= arm.needed
             c = arm_conc[a] if a in arm_conc else meta.concurrency_at(int(rows[0]))
             arms.append((a, c, arm))
@@ -159,21 +165,28 @@ def _analyze(
         all_rows = np.concatenate([r for _, _, r in arm_rows]) if arm_rows else np.zeros(0, np.int64)
         pooled_seq = seqs.row_seq[all_rows]
         pooled_seq = pooled_seq[pooled_seq >= 0]
-        plan.append((p, arms, len(np.unique(pooled_seq))))
+        pooled_vectors = None
         if len(pooled_seq):
             uniq, counts = order_uniques(seqs, pooled_seq)
+            pooled_vectors = distinct_vectors(flags, all_rows[seqs.row_seq[all_rows] == uniq[0]])
             forks = [arm.earliest_fork for _, _, arm in arms if arm.earliest_fork is not None]
             pooled_results[p] = GroupResult(len(pooled_seq), uniq, counts, min(forks, default=None))
             needed.add(int(uniq[0]))
+        plan.append((p, arms, len(np.unique(pooled_seq)), pooled_vectors))
         groups.append((p, arm_rows))
 
     shown = np.array(sorted(needed), dtype=np.int64)
     dec = Decoder(reader.rows(sample_rows(seqs, shown, reader.units()), DISPLAY_COLUMNS), shown, seqs)
     prompt_text = {q.prompt_id: _prompt_text(q) for q in manifest.prompts}
+    numeric_rows = np.array(
+        sorted({int(r) for _, arms, _, _ in plan for _, _, arm in arms if arm.numeric for r in arm.numeric.read}),
+        dtype=np.int64,
+    )
+    vectors = read_vectors(reader.rows(numeric_rows, ["logprobs"]), numeric_rows) if len(numeric_rows) else {}
     prompts = []
-    for p, arms, pooled_unique in plan:
-        blocks = [arm.build(dec, a, c, manifest.repeats if a in arm_conc else None) for a, c, arm in arms]
-        v, why = verdict(blocks, pooled_unique)
+    for p, arms, pooled_unique, pooled_vectors in plan:
+        blocks = [arm.build(dec, a, c, manifest.repeats if a in arm_conc else None, vectors) for a, c, arm in arms]
+        v, why = verdict(blocks, pooled_unique, pooled_vectors)
         prompts.append(
             PromptSummary(
                 prompt_id=p,
@@ -186,6 +199,8 @@ def _analyze(
         )
 
     n_ok = int((seqs.row_seq >= 0).sum())
+    n_truncated = int(flags.truncated.sum())
+    sampling = _sampling(reader, manifest, seqs, a_codes, a_names, arm_order, arm_conc)
     summary = RunSummary(
         run_id=manifest.run_id,
         run_status=manifest.status,
@@ -196,17 +211,94 @@ def _analyze(
             compared_as=source,
             capture=manifest.capture,
             positions="characters (Unicode code points)" if source == "text" else "tokens",
+            fallbacks=[UnitFallback(source=s, rows=n) for s, n in enc.abandoned.items()],
         ),
         samples=SampleCounts(
-            expected=manifest.expected_samples, rows=meta.num_rows, ok=n_ok, errors=meta.num_rows - n_ok
+            expected=manifest.expected_samples,
+            rows=meta.num_rows,
+            ok=n_ok,
+            errors=meta.num_rows - n_ok - n_truncated,
+            truncated=n_truncated,
         ),
         unique_per_prompt=[
             PromptUnique(prompt_id=pr.prompt_id, unique=pooled_unique, by_arm={a.arm: a.unique for a in pr.arms})
-            for pr, (_, _, pooled_unique) in zip(prompts, plan, strict=True)
+            for pr, (_, _, pooled_unique, _) in zip(prompts, plan, strict=True)
         ],
         agreement=agreement(groups, seqs, fp_codes, fp_names),
         earliest_fork=_earliest_fork(prompts),
         limits=limits,
         prompts=prompts,
+        sampling=sampling,
     )
+    summary.notes = _notes(summary, enc, manifest)
     return summary, seqs, dec, pooled_results
+
+
+def _sampling(
+    reader: SampleReader,
+    manifest: RunManifest,
+    seqs: Sequences,
+    a_codes: np.ndarray,
+    a_names: list[Any],
+    arm_order: list[str],
+    arm_conc: dict[str, int],
+) -> SamplingCheck | None:
+    """The greedy check (logprob_checks) over the first GREEDY_ROWS compared rows of each arm; None without top-k
+    logprobs."""
+    if not reader.list_values("top_logprobs"):
+        return None
+    compared = seqs.row_seq >= 0
+    code = {name: i for i, name in enumerate(a_names)}
+    by_arm = []
+    for a in arm_order:
+        rows = np.flatnonzero(compared & (a_codes == code[a]))[:GREEDY_ROWS] if a in code else np.zeros(0, np.int64)
+        by_arm.append((a, arm_conc.get(a), rows))
+    rows = np.concatenate([r for _, _, r in by_arm])
+    if not len(rows):
+        return None
+    check = sampling_check(reader.rows(rows, ["logprobs", "top_logprobs"]), by_arm, manifest.params.top_logprobs)
+    return check if any(a.positions for a in check.arms) else None
+
+
+def _notes(summary: RunSummary, enc: Encoded, manifest: RunManifest) -> list[str]:
+    """What the reader must know to trust the numbers (RunSummary.notes), in the order the analysis found it."""
+    notes = []
+    ok_rows = summary.samples.ok + summary.samples.truncated
+    if not enc.finish_recorded and ok_rows:
+        notes.append("no answer recorded a finish_reason: truncated answers cannot be told apart, all were compared")
+    if summary.samples.truncated:
+        where = ", ".join(
+            f"{p.prompt_id}/{a.arm} {a.truncated}/{a.ok + a.truncated}"
+            for p in summary.prompts
+            for a in p.arms
+            if a.truncated
+        )
+        notes.append(
+            f"{summary.samples.truncated} of {ok_rows} ok answers ended without a stated reason (no finish_reason, or "
+            f"`length` short of max_tokens): counted as truncated and not compared ({where})"
+        )
+    for fb in summary.unit_detail.fallbacks:
+        notes.append(
+            f"{fb.source} disagreed with the text or usage.completion_tokens on {fb.rows} rows: not compared; "
+            f"compared as {summary.unit_detail.compared_as} instead"
+        )
+    if summary.sampling is not None:
+        note = greedy_note(summary.sampling, manifest.params.extra_body)
+        if note:
+            notes.append(note)
+    jitter = [
+        f"{p.prompt_id}/{a.arm} {a.numeric.vectors} vectors"
+        + (
+            f", max |Δ| {a.numeric.max_abs_delta:.3g} first at position {a.numeric.first_position}"
+            if a.numeric.max_abs_delta is not None
+            else ""
+        )
+        for p in summary.prompts
+        for a in p.arms
+        if a.numeric is not None and a.numeric.vectors > 1
+    ]
+    if jitter:
+        notes.append(
+            "identical completions carry different logprobs (divergence below the tokens): " + "; ".join(jitter)
+        )
+    return notes

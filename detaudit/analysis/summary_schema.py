@@ -21,7 +21,7 @@ from detaudit.rundir.io import describe
 from detaudit.rundir.schema import SUMMARY_FILE, CaptureLevel, RunStatus
 
 SUMMARY_SCHEMA: Final = "detaudit.summary/1"
-Verdict = Literal["deterministic", "load-dependent", "load-independent", "inconclusive"]
+Verdict = Literal["deterministic", "load-dependent", "load-independent", "inconclusive", "numerically-load-dependent"]
 
 _PROMPTS_JUDGED = "prompts judged (at least 2 ok samples)"
 _ALL_IDENTICAL = "judged prompts whose completions are all identical"
@@ -41,6 +41,14 @@ class Limits:
     branches: int = Field(default=10, description="at most this many `branches` per fork")
 
 
+class UnitFallback(_Doc):
+    source: Source = Field(description='a record abandoned: `"token_ids"`, `"token_bytes"` or `"tokens"`')
+    rows: int = Field(
+        description="compared rows on which it disagreed with the text (joined token strings or bytes ≠ text) or "
+        "with `usage.completion_tokens` (entries ≠ tokens)"
+    )
+
+
 class UnitDetail(_Doc):
     compared_as: Source = Field(
         description='`"token_ids"`, `"token_bytes"`, `"tokens"` or `"text"`: the record compared'
@@ -49,13 +57,21 @@ class UnitDetail(_Doc):
     positions: Literal["tokens", "characters (Unicode code points)"] = Field(
         description='`"tokens"` or `"characters (Unicode code points)"`: what positions count'
     )
+    fallbacks: list[UnitFallback] = Field(
+        default_factory=list,
+        description="richer records tried first and abandoned because they disagreed on some row (richest "
+        "first); `[]` when none was",
+    )
 
 
 class SampleCounts(_Doc):
     expected: int = Field(description="samples asked for: prompts × arms × repeats")
     rows: int = Field(description="rows recorded")
-    ok: int = Field(description="ok rows")
+    ok: int = Field(description="ok rows compared (truncated answers are counted in `truncated` instead)")
     errors: int = Field(description="error rows")
+    truncated: int = Field(
+        default=0, description="ok rows whose answer ended without a stated reason: never compared (rules below)"
+    )
 
 
 class PromptUnique(_Doc):
@@ -182,14 +198,36 @@ class FingerprintSplit(_Doc):
     modal_share: float = Field(description="their most frequent completion's share")
 
 
+class NumericSpread(_Doc):
+    rows: int = Field(description="compared rows of the arm's modal completion that carry logprobs")
+    vectors: int = Field(
+        description="distinct logprob vectors among them (equal float32 values; rows compared by a 64-bit hash)"
+    )
+    vectors_compared: int = Field(
+        description="vectors read to measure the spread below: one per distinct vector, at most 64"
+    )
+    max_abs_delta: float | None = Field(
+        description="largest |Δ logprob| at one position between two of those vectors; null with one vector"
+    )
+    max_position: int | None = Field(description="the position of `max_abs_delta`")
+    first_position: int | None = Field(
+        description="the first position where the vectors differ: where divergence below the tokens starts"
+    )
+
+
 class ArmSummary(_Doc):
     arm: str = Field(description="the load arm's name")
     concurrency: int | None = Field(description="its concurrency")
     expected: int | None = Field(description="repeats the manifest asked for (null for an arm found only in the rows)")
     n: int = Field(description="rows present")
-    ok: int = Field(description="ok rows")
+    ok: int = Field(description="ok rows compared (truncated answers are counted in `truncated` instead)")
     errors: int = Field(description="error rows")
-    unique: int = Field(description="distinct completions among the ok rows")
+    truncated: int = Field(
+        default=0,
+        description="ok rows whose answer ended without a stated reason (no `finish_reason`, `length` short of "
+        "max_tokens, `abort`, ...): never compared, in no count below",
+    )
+    unique: int = Field(description="distinct completions among the compared rows")
     completions: list[Completion] = Field(
         description="the most frequent distinct completions (up to `limits.completions`), most frequent first, "
         "ties in lexicographic order"
@@ -207,6 +245,10 @@ class ArmSummary(_Doc):
     system_fingerprints: list[FingerprintSplit] | None = Field(
         description="per `system_fingerprint` value when the arm's ok samples carry more than one; else null"
     )
+    numeric: NumericSpread | None = Field(
+        default=None,
+        description="logprob vectors of the modal completion (divergence below the tokens); null without logprobs",
+    )
 
 
 class PromptSummary(_Doc):
@@ -218,7 +260,8 @@ class PromptSummary(_Doc):
     )
     arms: list[ArmSummary] = Field(description="one entry per load arm, in manifest order")
     verdict: Verdict = Field(
-        description="`deterministic`, `load-dependent`, `load-independent` or `inconclusive` (rules below)"
+        description="`deterministic`, `load-dependent`, `numerically-load-dependent`, `load-independent` or "
+        "`inconclusive` (rules below)"
     )
     verdict_reason: str = Field(description="the rule that decided it, in words")
 
@@ -239,6 +282,27 @@ class ModelCheck(_Doc):
         description="`same`, `different` or `unverified` (nothing to compare with, e.g. an endpoint's served name)"
     )
     reason: str = Field(description="why, in words")
+
+
+class ArmSampling(_Doc):
+    arm: str = Field(description="the load arm")
+    concurrency: int | None = Field(description="its concurrency")
+    rows: int = Field(description="compared rows checked (the arm's first 256 in the run)")
+    positions: int = Field(description="positions checked: a logprob for the chosen token and a top-k list")
+    below_top1: int = Field(
+        description="positions whose chosen token's logprob is below the top-1 logprob by more than `tolerance`"
+    )
+    share: float | None = Field(description="`below_top1 / positions`; null when no position was checked")
+    grown_lists: int = Field(
+        description="positions whose top-k list holds more entries than `top_logprobs` asked for (the chosen "
+        "token appended)"
+    )
+
+
+class SamplingCheck(_Doc):
+    greedy: bool = Field(description="false when some checked position's chosen token is below the top-1")
+    tolerance: float = Field(description="logprob difference still taken for a float tie")
+    arms: list[ArmSampling] = Field(description="per arm, in manifest order")
 
 
 class RescoreSummary(_Doc):
@@ -288,6 +352,16 @@ class RunSummary(_Doc):
     earliest_fork: EarliestFork | None = Field(description="the shallowest fork over all prompts and arms, or null")
     limits: Limits = Field(description="how many entries the lists below hold at most (totals are given beside them)")
     prompts: list[PromptSummary] = Field(description="one entry per prompt, in manifest order")
+    sampling: SamplingCheck | None = Field(
+        default=None,
+        description="whether temperature 0 was greedy: chosen tokens against the reported top-1 (when top-k "
+        "logprobs were recorded; else null), below",
+    )
+    notes: list[str] = Field(
+        default_factory=list,
+        description="what the reader must know to trust the numbers: truncated answers, a record abandoned for "
+        "disagreeing, non-greedy sampling, logprobs that vary among identical completions",
+    )
     rescore: RescoreSummary | None = Field(
         default=None,
         description="only when `detaudit rescore` ran (absent otherwise): the sampler-vs-trainer logprob gap "

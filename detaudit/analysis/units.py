@@ -4,7 +4,8 @@ The one place that decides the comparison unit. The runner's live counter keys s
 `completion_key`; the analysis (core.encode_sequences) takes, for a whole run, the first source of the same
 precedence (`SOURCES`) that every ok row carries, by the same rule as `row_source`. So whenever every ok row
 of a run carries the same capture (the runner asks every request for the same fields) the two agree on which
-completions are "the same".
+completions are "the same" -- unless the analysis abandons a record that disagrees with the text or the token
+count on some row (row_checks), which one row alone cannot show.
 """
 
 from __future__ import annotations

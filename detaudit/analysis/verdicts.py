@@ -14,10 +14,23 @@ MIN_SAMPLES = 2  # fewer ok samples than this cannot show a divergence: the arm 
 PromptGroups = list[tuple[str, list[tuple[str, int | None, np.ndarray]]]]
 
 
-def verdict(arms: list[ArmSummary], pooled_unique: int) -> tuple[Verdict, str]:
-    """Load verdict of one prompt from its arms (docs/summary.md, "verdict"), with the reason in words."""
+def verdict(arms: list[ArmSummary], pooled_unique: int, pooled_vectors: int | None = None) -> tuple[Verdict, str]:
+    """Load verdict of one prompt from its arms (docs/summary.md, "verdict"), with the reason in words.
+
+    `pooled_vectors`: distinct logprob vectors of the prompt's modal completion over all arms (None: no logprobs).
+    Truncated answers are never compared; an arm made mostly of them cannot be judged at all."""
     if not arms:
         return "inconclusive", "no samples"
+    cut = [a for a in arms if 2 * a.truncated > a.ok + a.truncated]
+    if cut:
+        counts = ", ".join(f"{a.arm} {a.truncated} of {a.ok + a.truncated}" for a in cut)
+        return "inconclusive", f"most answers ended without a stated reason (truncated: {counts}); nothing to compare"
+    v, why = _token_verdict(arms, pooled_unique, pooled_vectors)
+    truncated = sum(a.truncated for a in arms)
+    return v, why + (f" ({truncated} truncated answers not compared)" if truncated else "")
+
+
+def _token_verdict(arms: list[ArmSummary], pooled_unique: int, pooled_vectors: int | None) -> tuple[Verdict, str]:
     thin = [a.arm for a in arms if a.ok < MIN_SAMPLES]
     if thin:
         return "inconclusive", f"fewer than {MIN_SAMPLES} ok samples in arm {', '.join(thin)}"
@@ -30,7 +43,7 @@ def verdict(arms: list[ArmSummary], pooled_unique: int) -> tuple[Verdict, str]:
     if not diverging and pooled_unique == 1:
         if with_errors:
             return "inconclusive", f"no divergence seen, but errors in arm {', '.join(with_errors)} may hide one"
-        return "deterministic", "every arm returned one completion, the same in all arms"
+        return _numeric_verdict(serial, loaded, pooled_vectors)
     if not serial:
         return "inconclusive", "completions differ, but there is no serial arm (concurrency 1) to compare with"
     serial_errors = [a.arm for a in serial if a.errors]
@@ -39,6 +52,33 @@ def verdict(arms: list[ArmSummary], pooled_unique: int) -> tuple[Verdict, str]:
     if diverging:
         return "load-dependent", f"the serial arm returns one completion; arm {', '.join(diverging)} diverges"
     return "load-dependent", "each arm returns one completion, but the loaded arm's differs from the serial one"
+
+
+def _numeric_verdict(
+    serial: list[ArmSummary], loaded: list[ArmSummary], pooled_vectors: int | None
+) -> tuple[Verdict, str]:
+    """Every arm returned the same completion: its logprobs decide between deterministic and
+    numerically-load-dependent (one vector in the serial arm, more than one over all arms)."""
+    same = "every arm returned one completion, the same in all arms"
+    if pooled_vectors is None or pooled_vectors == 1:
+        return "deterministic", same + ("" if pooled_vectors is None else ", with the same logprobs")
+    serial_vectors = [a.numeric.vectors for a in serial if a.numeric is not None]
+    if not serial_vectors:
+        return "deterministic", f"{same}; its logprobs vary ({pooled_vectors} vectors), with no serial arm to compare"
+    if max(serial_vectors) > 1:
+        return "deterministic", f"{same}; its logprobs vary already in the serial arm ({max(serial_vectors)} vectors)"
+    spread = [a for a in loaded if a.numeric is not None and a.numeric.max_abs_delta is not None]
+    detail = "".join(
+        f"; arm {a.arm}: {a.numeric.vectors} vectors, max |Δ logprob| {a.numeric.max_abs_delta:.3g}, first at "
+        f"position {a.numeric.first_position}"
+        for a in spread
+        if a.numeric is not None
+    )
+    return (
+        "numerically-load-dependent",
+        f"{same}, but its logprobs vary under load: one vector in the serial arm, {pooled_vectors} over all arms"
+        + detail,
+    )
 
 
 def agreement(prompt_groups: PromptGroups, seqs: Sequences, fp_codes: np.ndarray, fp_names: list[Any]) -> Agreement:

@@ -16,6 +16,7 @@ from rich.text import Text
 
 from detaudit.analysis.summary_schema import ArmSummary, Fork, PromptSummary, RunSummary
 from detaudit.analysis.units import position_noun
+from detaudit.reports.view_model import numeric_text
 from detaudit.termsafe import quoted, safe
 
 FORKS_SHOWN = 3  # per arm, in the terminal; the JSON has them all (up to the summary's limits)
@@ -25,6 +26,7 @@ _VERDICT_STYLE = {
     "load-dependent": "bold yellow",
     "load-independent": "bold red",
     "inconclusive": "bold magenta",
+    "numerically-load-dependent": "bold yellow",
 }
 
 
@@ -85,7 +87,8 @@ def _arm_table(prompt: PromptSummary, nouns: str) -> Table:
         table.add_row(
             Text(safe(arm.arm)),
             str(arm.concurrency),
-            f"{arm.ok}/{max(arm.expected or 0, arm.n)}",  # what was asked, not just the rows there
+            f"{arm.ok}/{max(arm.expected or 0, arm.n)}"  # what was asked, not just the rows there
+            + (f" ({arm.truncated} cut)" if arm.truncated else ""),
             str(arm.errors),
             str(arm.unique),
             _pct(arm.stats.modal_share),
@@ -120,7 +123,9 @@ def render_summary(summary: RunSummary, console: Console) -> None:
     console.print(
         Text(
             f"compared as {detail.compared_as} (unit: {summary.unit}, positions in {detail.positions}); "
-            f"{samples.ok} ok, {samples.errors} errors of {samples.rows} rows ({samples.expected} expected)"
+            f"{samples.ok} ok, {samples.errors} errors"
+            + (f", {samples.truncated} truncated" if samples.truncated else "")
+            + f" of {samples.rows} rows ({samples.expected} expected)"
         )
     )
     nouns = position_noun(summary.unit, plural=True)
@@ -133,6 +138,8 @@ def render_summary(summary: RunSummary, console: Console) -> None:
                 style="bold yellow",
             )
         )
+    for note in summary.notes:
+        console.print(Text(f"note: {safe(note)}", style="yellow"))
     for prompt in summary.prompts:
         console.print()
         title = Text(f"prompt {safe(prompt.prompt_id)}", style="bold")
@@ -150,6 +157,9 @@ def render_summary(summary: RunSummary, console: Console) -> None:
                     console.print(_fork_line(fork))
                 if arm.forks_total > FORKS_SHOWN:
                     console.print(Text(f"  … {arm.forks_total - FORKS_SHOWN} more (--json)", style="dim"))
+            numeric = numeric_text(arm)
+            if numeric is not None:
+                console.print(Text(f"  {safe(arm.arm)}: {numeric}", style="yellow"))
             hint = _miss_hint(arm)
             if hint is not None:
                 console.print(hint)
