@@ -23,13 +23,18 @@ from detaudit.audit.request import (
     parse_extra_body,
     parse_headers,
 )
-from detaudit.cli import options
+from detaudit.cli import helpfmt, options
 from detaudit.cli.options import like
 from detaudit.errors import UsageError
 from detaudit.redact import redact_url
 from detaudit.termsafe import json_text, safe
 
-probe_app = typer.Typer(help="Probe what a target can do before auditing it.", no_args_is_help=True)
+probe_app = typer.Typer(
+    help="Probe what a target can do before auditing it.",
+    no_args_is_help=True,
+    cls=helpfmt.Group,
+    epilog=helpfmt.example("detaudit probe endpoint --base-url http://127.0.0.1:8000/v1"),
+)
 
 _ROWS = [
     ("answers", "ok"),
@@ -84,6 +89,8 @@ def render_probe(result: dict[str, Any], console: Console) -> None:
     "endpoint",
     help="Which APIs answer; whether logprobs, top_logprobs, token ids, streaming, seed "
     "and system_fingerprint come back.",
+    epilog=helpfmt.example("detaudit probe endpoint --base-url http://127.0.0.1:8000/v1 --api both --json"),
+    cls=helpfmt.Command,
 )
 def endpoint_command(
     base_url: options.BaseUrl = None,

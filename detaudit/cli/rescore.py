@@ -20,7 +20,14 @@ from detaudit.termsafe import safe
 def rescore_command(
     run_dir: Annotated[Path, typer.Argument(help="Run directory to rescore (any target that returned tokens).")],
     model: Annotated[str, like(options.ModelDir, help="Hub id or local model directory: the model the run sampled.")],
-    kernels: options.Kernels = "batch-invariant",
+    kernels: Annotated[
+        str,
+        like(
+            options.Kernels,
+            help="stock or batch-invariant. Unlike local and serve (stock, as servers run), rescoring defaults to "
+            "batch-invariant: the reference the run's reported logprobs are measured against.",
+        ),
+    ] = "batch-invariant",
     device: options.Device = "cpu",
     dtype: options.Dtype = "bfloat16",
     max_batch: Annotated[int, like(options.MaxBatch, help="Sequences prefilled per engine step.")] = 16,
