@@ -12,7 +12,7 @@ from rich.text import Text
 
 from detaudit.audit.capabilities import probe_endpoint
 from detaudit.audit.client import OpenAIClient
-from detaudit.audit.endpoint import resolve_model
+from detaudit.audit.endpoint import resolve_model, v1_hint
 from detaudit.audit.request import (
     DEFAULT_KEY_ENV,
     MAX_SECONDS,
@@ -82,7 +82,8 @@ def render_probe(result: dict[str, Any], console: Console) -> None:
     console.print(table)
     for api, res in result["apis"].items():
         if res.get("error"):
-            console.print(f"{api}: {safe(res['error'])}", highlight=False, markup=False)
+            hint = v1_hint(result["base_url"], res["error"])
+            console.print(f"{api}: {safe(res['error'] + hint)}", highlight=False, markup=False, soft_wrap=True)
 
 
 @probe_app.command(
