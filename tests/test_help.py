@@ -81,4 +81,5 @@ def test_local_defaults_to_a_serial_control_arm_and_panels_say_which_engine(caps
     monkeypatch.setenv("COLUMNS", "200")
     text = cli(capsys, "local", "--help").out
     builtin, managed = text.index("Built-in engine only"), text.index("Managed engine only")
-    assert builtin < text.index("--scenario") < managed < text.index("--concurrency") and text.index("--resume") > managed
+    assert builtin < text.index("--scenario") < managed < text.index("--concurrency")
+    assert text.index("--resume") > managed
