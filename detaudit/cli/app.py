@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -190,6 +191,22 @@ def _print_traceback() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: user errors become one line on stderr and their exit code."""
+    if argv is not None:  # in-process (tests): the caller goes on after the command
+        _main(argv)
+        return
+    try:
+        _main(None)
+    except SystemExit as e:
+        if e.code == EXIT_INTERRUPTED:
+            # Ctrl-C ends the process now: what a command keeps is closed and marked by then, and the interpreter's
+            # teardown of torch and transformers alone takes seconds (a demo took 5 s to give the prompt back).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
+        raise
+
+
+def _main(argv: list[str] | None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     new_session()
     try:

@@ -9,11 +9,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from detaudit.audit.workload import SCENARIOS
 from detaudit.cli import options
 from detaudit.cli.options import given_options, group, like
+from detaudit.cli.progress import arm_progress
 from detaudit.errors import UsageError
 
 # Options that only one side takes (cli/local_managed.py refuses them on the other), each under its own panel.
@@ -132,23 +132,7 @@ def local_command(
         force=force,
     )
     console = Console(stderr=as_json)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        tasks: dict[str, TaskID] = {"": bar.add_task(spec.engine.loading_message(), total=None)}  # until an arm starts
-
-        def progress(arm: str, done: int, total: int) -> None:
-            if "" in tasks:
-                bar.remove_task(tasks.pop(""))
-            if arm not in tasks:
-                tasks[arm] = bar.add_task(f"{arm} ({kernels})", total=total)
-            bar.update(tasks[arm], completed=done)
-
+    with arm_progress(console, spec.engine.loading_message(), lambda arm: f"{arm} ({kernels})") as progress:
         run_dir = run_local(spec, progress)
     summary = store_summary(run_dir)
     if as_json:

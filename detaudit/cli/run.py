@@ -27,6 +27,7 @@ from detaudit.audit.request import (
 from detaudit.cli import options
 from detaudit.cli.gate import gate_finished_run
 from detaudit.cli.options import given_options, group
+from detaudit.cli.progress import PlainProgress, bars
 from detaudit.cli.render import render_summary
 from detaudit.errors import EndpointError, RecordingFailed, UsageError
 from detaudit.gate import parse_gate_spec
@@ -52,9 +53,11 @@ class _RateColumn(ProgressColumn):
         return Text(f"{task.speed:6.1f} req/s" if task.speed else "     - req/s", style="cyan")
 
 
-def make_progress(console: Console) -> Progress:
-    """One bar per arm: done/total, rate, failed requests and distinct completions so far."""
-    return Progress(
+def make_progress(console: Console) -> Progress | PlainProgress:
+    """One bar per arm: done/total, rate, failed requests and distinct completions so far (plain lines when the
+    console is not a terminal)."""
+    return bars(
+        console,
         _ArmColumn(),
         BarColumn(),
         MofNCompleteColumn(),
@@ -62,9 +65,6 @@ def make_progress(console: Console) -> Progress:
         TextColumn("errors {task.fields[errors]}"),
         TextColumn("distinct {task.fields[distinct]}"),
         TimeElapsedColumn(),
-        console=console,
-        transient=False,
-        refresh_per_second=4,
     )
 
 
