@@ -140,7 +140,9 @@ def show_dry_run(req: RunRequest, console: Console) -> None:
         + (req.model or "not given: the run takes the only model GET /models lists"),
         f"API key: {req.key_env} ({'set' if req.api_key else 'not set: no Authorization header'})"
         + (f"; headers: {', '.join(sorted(req.headers))} (values not shown)" if req.headers else ""),
-        "arms: " + ", ".join(f"c{c} (concurrency {c})" for c in req.concurrency) + f"; -n {req.repeats} per arm",
+        "arms: "
+        + ", ".join(f"c{c} (concurrency {c})" for c in req.concurrency)
+        + f"; -n {req.repeats} per prompt per arm",
         f"plan: {plan_line(req)}",
         f"run directory: {req.out or 'runs/<run id>'}",
         "before the first sample, probe requests ask the endpoint which capture fields it returns (logprobs, "
