@@ -8,7 +8,9 @@
 5. write report.html and report.md with both runs side by side.
 
 Each step is a call into the same pipeline the commands use (no subprocesses). A missing part (the `local`
-extra, the server) stops the demo with a message saying what to install, before anything is written.
+extra, the server) stops the demo with a message saying what to install, before anything is written. Ctrl-C in any
+step stops the whole demo (DemoInterrupted); what it wrote stays, marked unfinished, and the next demo in the same
+directory replaces it without --force.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,18 @@ LOCAL_SCENARIO = "single"
 # What `--force` may remove from an existing demo directory: only what the demo itself writes.
 _OUTPUTS = ("model", "runs", "report.html", "report.md")
 _MARKER = ".detaudit-demo"  # proof that the outputs in a directory are the demo's, not the user's
+_STATUS = "status: "  # the marker's line saying whether the demo there finished (running, interrupted, complete)
+# What the CLI shows while a step counts: the endpoint audit's bars (execute_run's make_progress), and the local
+# rerun's progress callback (arm, done, total) under a context that first shows the given loading message.
+LocalProgress = Callable[[str], AbstractContextManager[Callable[[str, int, int], None] | None]]
+
+
+class DemoInterrupted(Exception):
+    """Ctrl-C during a step: the demo stopped there; `kept` is what it had written (left marked unfinished)."""
+
+    def __init__(self, step: str, out: Path, kept: list[str]) -> None:
+        super().__init__(step)
+        self.step, self.out, self.kept = step, out, kept
 
 
 @dataclass(frozen=True)
@@ -88,20 +102,37 @@ def missing_parts() -> list[str]:
     return missing
 
 
+def _status(out: Path) -> str | None:
+    """The marker's status line (None: no marker; "complete" for a marker of a demo older than the status line)."""
+    try:
+        text = (out / _MARKER).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    return next((line[len(_STATUS) :] for line in text.splitlines() if line.startswith(_STATUS)), "complete")
+
+
+def _mark(out: Path, status: str) -> None:
+    (out / _MARKER).write_text(
+        f"written by `detaudit demo`; --force may replace model/, runs/ and the reports here\n{_STATUS}{status}\n"
+    )
+
+
 def _prepare(settings: DemoSettings) -> None:
     out = settings.out
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out} exists and is not a directory")
     present = [name for name in _OUTPUTS if (out / name).exists()]
-    if present and not settings.force:
+    status = _status(out)
+    unfinished = status in ("running", "interrupted")  # the demo's own leftovers: replaced without --force
+    if present and not settings.force and not unfinished:
         raise UsageError(f"{out} already holds a demo ({', '.join(present)}); pass --force to redo it")
-    if present and not (out / _MARKER).exists():
+    if present and status is None:
         raise UsageError(f"--force refuses to clear {', '.join(present)} in {out}: detaudit demo did not write them")
     for name in present:
         path = out / name
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    (out / _MARKER).write_text("written by `detaudit demo`; --force may replace model/, runs/ and the reports here\n")
+    _mark(out, "running")
 
 
 def _engine_config(model_dir: Path, kernels: str) -> Any:
@@ -145,7 +176,7 @@ def _serving(model_dir: Path, kernels: str) -> Iterator[str]:
         sock.close()
 
 
-def _audit_endpoint(settings: DemoSettings, base_url: str, out: Path) -> Path:
+def _audit_endpoint(settings: DemoSettings, base_url: str, out: Path, make_progress: Callable[[], Any] | None) -> Path:
     req = RunRequest(
         out=out,
         base_url=base_url,
@@ -154,12 +185,16 @@ def _audit_endpoint(settings: DemoSettings, base_url: str, out: Path) -> Path:
         concurrency=list(settings.concurrency),
         params=RequestParams(max_tokens=settings.max_tokens, seed=settings.seed, top_logprobs=2, timeout_s=120.0),
     )
-    outcome = execute_run(req)
+    outcome = execute_run(req, make_progress)
+    if outcome.gone is not None or outcome.failure is not None:
+        raise EndpointError(f"the demo's audit of its own server stopped: {outcome.gone or outcome.failure}")
+    if outcome.interrupted:  # Ctrl-C reached the run's own handler, which stopped only the audit: stop the demo
+        raise KeyboardInterrupt
     store_summary(outcome.run_dir)
     return outcome.run_dir
 
 
-def _rerun_local(settings: DemoSettings, model_dir: Path, out: Path) -> Path:
+def _rerun_local(settings: DemoSettings, model_dir: Path, out: Path, local_progress: LocalProgress | None) -> Path:
     from detaudit.audit.local_engine import LocalRunSpec, run_local
 
     spec = LocalRunSpec(
@@ -172,51 +207,70 @@ def _rerun_local(settings: DemoSettings, model_dir: Path, out: Path) -> Path:
         top_logprobs=2,
         seed=settings.seed,
     )
-    run_dir = run_local(spec)
+    shown = local_progress(spec.engine.loading_message()) if local_progress is not None else nullcontext()
+    with shown as progress:
+        run_dir = run_local(spec, progress)
     store_summary(run_dir)
     return run_dir
 
 
-def run_demo(settings: DemoSettings, say: Callable[[str], None] = lambda _: None) -> DemoResult:
-    """Run the five steps; `say` hears one line as each step starts."""
+def run_demo(
+    settings: DemoSettings,
+    say: Callable[[str], None] = lambda _: None,
+    make_progress: Callable[[], Any] | None = None,
+    local_progress: LocalProgress | None = None,
+) -> DemoResult:
+    """Run the five steps; `say` hears one line as each step starts, the progress arguments show the two long ones
+    (LocalProgress). Ctrl-C in any step raises DemoInterrupted."""
     missing = missing_parts()
     if missing:
         raise UsageError("detaudit demo cannot run: " + "; ".join(missing))
     _prepare(settings)
-    from transformers.utils import logging as hf_logging
-
-    from detaudit.tiny import build_tiny_model
-
-    hf_logging.disable_progress_bar()  # save_pretrained's bar would interleave with the step lines
-
     out = settings.out
     timings: dict[str, float] = {}
+    current = ["setup"]
 
     def step(name: str, line: str, fn: Callable[[], Any]) -> Any:
+        current[0] = name
         say(line)
         t0 = time.perf_counter()
         value = fn()
         timings[name] = round(time.perf_counter() - t0, 1)
         return value
 
-    model_dir = step("model", "building a tiny qwen3 model offline …", lambda: build_tiny_model(out / "model", "qwen3"))
-    arms = ",".join(str(c) for c in settings.concurrency)
-    with _serving(model_dir, "stock") as base_url:
-        endpoint = step(
-            "endpoint",
-            f"auditing it served at {base_url} with stock kernels: -n {settings.repeats} --concurrency {arms} …",
-            lambda: _audit_endpoint(settings, base_url, out / "runs" / ENDPOINT_RUN),
+    try:
+        from transformers.utils import logging as hf_logging
+
+        from detaudit.tiny import build_tiny_model
+
+        hf_logging.disable_progress_bar()  # save_pretrained's bar would interleave with the step lines
+        model_dir = step(
+            "model", "building a tiny qwen3 model offline …", lambda: build_tiny_model(out / "model", "qwen3")
         )
-    local = step(
-        "local",
-        f"rerunning it locally with batch-invariant kernels, batch sizes varying: -n {settings.repeats} …",
-        lambda: _rerun_local(settings, model_dir, out / "runs" / LOCAL_RUN),
-    )
-    files = step(
-        "report",
-        "writing report.html and report.md …",
-        lambda: write_reports([endpoint, local], html=out / "report.html", md=out / "report.md"),
-    )
+        arms = ",".join(str(c) for c in settings.concurrency)
+        current[0] = "serve"
+        with _serving(model_dir, "stock") as base_url:
+            endpoint = step(
+                "endpoint",
+                f"auditing it served at {base_url} with stock kernels: -n {settings.repeats} --concurrency {arms} …",
+                lambda: _audit_endpoint(settings, base_url, out / "runs" / ENDPOINT_RUN, make_progress),
+            )
+        local = step(
+            "local",
+            f"rerunning it locally with batch-invariant kernels, batch sizes varying: -n {settings.repeats} …",
+            lambda: _rerun_local(settings, model_dir, out / "runs" / LOCAL_RUN, local_progress),
+        )
+        files = step(
+            "report",
+            "writing report.html and report.md …",
+            lambda: write_reports([endpoint, local], html=out / "report.html", md=out / "report.md"),
+        )
+    except KeyboardInterrupt:
+        _mark(out, "interrupted")
+        runs = sorted(f"runs/{p.name}" for p in (out / "runs").glob("*"))
+        kept = [name for name in ("model", *runs, "report.html", "report.md") if (out / name).exists()]
+        raise DemoInterrupted(current[0], out, kept) from None
+    _mark(out, "complete")
     endpoint_cells = [c for c in files.report.prompts[0].cells if c.run.label == ENDPOINT_RUN]
     local_cells = [c for c in files.report.prompts[0].cells if c.run.label == LOCAL_RUN]
     verdicts = dict(files.report.prompts[0].verdicts)

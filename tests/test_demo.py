@@ -22,6 +22,9 @@ def test_demo_shows_load_dependent_endpoint_beside_one_unique_invariant_rerun(tm
     assert r.code == 0, r.err
     assert "endpoint, stock kernels: load-dependent (c1: 1 unique, c16: " in r.out
     assert "local rerun, batch-invariant kernels: 1 unique" in r.out
+    # progress as plain lines (the captured output is not a terminal): the audit's arms, the rerun's loading and arm
+    assert "arm c16: 48/48 (100%), errors 0, " in r.out and "local rerun, arm single: 48/48 (100%), " in r.out
+    assert f"loading {out / 'model'} (batch-invariant kernels) done in " in r.out
     assert sorted(p.name for p in (out / "runs").iterdir()) == ["endpoint-stock", "local-batch-invariant"]
     endpoint = json.loads((out / "runs" / "endpoint-stock" / "summary.json").read_text())
     by_arm = endpoint["unique_per_prompt"][0]["by_arm"]

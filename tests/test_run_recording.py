@@ -12,6 +12,7 @@ Manifest status vs exit code vs rows on disk:
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
@@ -34,8 +35,12 @@ def _indices(out: Path) -> Counter:
     return Counter(read_samples(out, ["sample_index"]).column("sample_index").to_pylist())
 
 
+PROGRESS = re.compile(r"arm \S+: \d+/\d+ ")
+
+
 def _one_error_line(err: str) -> str:
-    lines = [line for line in err.strip().splitlines() if line.strip() and "━" not in line]  # progress bars aside
+    # progress aside: bars on a terminal, plain "arm c1: 3/10 (30%), ..." lines elsewhere
+    lines = [line for line in err.strip().splitlines() if line.strip() and not PROGRESS.match(line) and "━" not in line]
     assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in err, err
     return lines[0]
 

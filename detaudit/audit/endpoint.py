@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from detaudit import __version__
 from detaudit.analysis.units import completion_key
@@ -45,6 +46,12 @@ from detaudit.rundir.schema import ArmSpec, PromptSpec, RunManifest, TargetSpec
 DEFAULT_TOP_LOGPROBS = 2  # top-1 vs top-2 margin at each fork; --top-logprobs 0 turns alternatives off
 FLUSH_INTERVAL_S = 1.0
 FLUSH_ROWS = 2000
+# The circuit breaker: this many requests in a row (at least; an arm's concurrency when larger, since a loaded arm's
+# requests in flight fail together) that could not reach the endpoint, each after its retries, and no answer of any
+# kind in between: the endpoint is gone, and every remaining sample would only wait out its retries (an hour for
+# -n 1000 -c 1). The run stops as interrupted, and --resume finishes it once the endpoint is back.
+DEAD_AFTER = 4
+DEAD_REASONS = frozenset({"connect", "broken"})  # refused, reset or cut off: no HTTP answer at all
 
 
 # ---------------------------------------------------------------------------- results
@@ -83,6 +90,7 @@ class RunOutcome:
     tallies: list[ArmTally] = field(default_factory=list)
     failure: str | None = None
     rows: int | None = None  # sample rows on disk
+    gone: str | None = None  # why the circuit breaker stopped the run (the endpoint stopped answering)
 
     def resume_command(self) -> str:
         cmd = f"detaudit run --resume --out {shlex.quote(str(self.run_dir))}"
@@ -98,6 +106,17 @@ def _endpoint_usage_error(what: str, err: CallError | str) -> UsageError:
     return UsageError(f"{what}: {err}")
 
 
+def v1_hint(base_url: str, error: CallError | str | None) -> str:
+    """ " (did you mean …/v1?)" after a 404 from a base URL whose path does not end in /v1, where OpenAI-compatible
+    servers (OpenAI, vLLM, SGLang, Ollama, llama.cpp) serve their API; else nothing."""
+    status = error.status if isinstance(error, CallError) else None
+    if status != 404 and not (isinstance(error, str) and error.startswith("HTTP 404")):
+        return ""
+    if urlsplit(base_url).path.rstrip("/").endswith("/v1"):
+        return ""
+    return f" (did you mean {redact_url(base_url).rstrip('/')}/v1?)"
+
+
 async def resolve_model(client: OpenAIClient, model: str | None, base_url: str) -> tuple[str | None, list[str]]:
     """Reach the endpoint once: unreachable, 401 and unknown model are usage errors (exit 2), before any write."""
     try:
@@ -108,7 +127,9 @@ async def resolve_model(client: OpenAIClient, model: str | None, base_url: str) 
         if e.status is None:
             raise _endpoint_usage_error(f"endpoint {redact_url(base_url)} is unreachable", e) from None
         if model is None:
-            raise UsageError(f"--model is required: {redact_url(base_url)}/models answered {e}") from None
+            raise UsageError(
+                f"--model is required: {redact_url(base_url)}/models answered {e}{v1_hint(base_url, e)}"
+            ) from None
         return model, []
     if model is None:
         if len(models) == 1:
@@ -151,6 +172,14 @@ def _base_body(req: RunRequest, manifest: RunManifest, spec: PromptSpec) -> dict
     return body
 
 
+def planned_bodies(req: RunRequest) -> list[tuple[str, dict[str, Any]]]:
+    """(prompt id, request body) for each prompt as the run would send it, less the capture fields the capability
+    probe adds (logprobs, top_logprobs, token ids), which only the endpoint can say: what --dry-run shows."""
+    manifest = _new_manifest(req, req.model or "<the only model GET /models lists>", {})
+    stream = {"stream": True} if req.stream else {}  # the client adds it to each streamed request
+    return [(s.prompt_id, {**_base_body(req, manifest, s), **stream}) for s in manifest.prompts]
+
+
 def _row(manifest: RunManifest, prompt_pos: int, arm_pos: int, repeat: int, res: CallResult) -> dict[str, Any]:
     timing = Timing(res.started_at, res.finished_at, res.latency_s, res.attempts)
     if res.completion is None:
@@ -179,6 +208,8 @@ class _Runner:
         self._next_slot = 0.0
         self.capture_seen: Counter[str] = Counter()
         self.without_usage = 0  # ok answers that reported no usage.completion_tokens
+        self.unreachable = 0  # requests in a row that got no HTTP answer (DEAD_REASONS)
+        self.gone: str | None = None
 
     def halt(self) -> None:
         """Stop sending and cancel the requests in flight (Ctrl-C, SIGTERM, or a failed shard write)."""
@@ -222,6 +253,7 @@ class _Runner:
                 if recorder.add(row):
                     await recorder.flush_async()
                 self._count(row, prompt_pos, tally, task_id)
+                self._watch(res, manifest.arms[arm_pos].concurrency)
 
         workers = [
             asyncio.create_task(worker(slot)) for slot in range(min(manifest.arms[arm_pos].concurrency, len(todo)))
@@ -232,6 +264,16 @@ class _Runner:
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+
+    def _watch(self, res: CallResult, concurrency: int) -> None:
+        """The circuit breaker (DEAD_AFTER): any HTTP answer, even an error status, shows the endpoint is there."""
+        if res.completion is not None or res.error_reason not in DEAD_REASONS:
+            self.unreachable = 0
+            return
+        self.unreachable += 1
+        if self.unreachable >= max(DEAD_AFTER, concurrency) and self.gone is None:
+            self.gone = f"the endpoint stopped answering ({self.unreachable} requests in a row failed: {res.error})"
+            self.halt()
 
     def _count(self, row: Mapping[str, Any], prompt_pos: int, tally: ArmTally, task_id: Any) -> None:
         tally.done += 1
@@ -363,7 +405,10 @@ async def _execute(req: RunRequest, make_progress: Callable[[], Any] | None, res
         if resumed is None:
             probe = await probe_api(client, req.api, model, req.params.extra_body)
             if not probe["ok"]:
-                raise UsageError(f"{req.api} API of {redact_url(req.base_url)} does not answer: {probe['error']}")
+                raise UsageError(
+                    f"{req.api} API of {redact_url(req.base_url)} does not answer: {probe['error']}"
+                    + v1_hint(req.base_url, probe["error"])
+                )
             probe["models"] = models
             manifest = _new_manifest(req, model, probe)
             run_dir = req.out or Path("runs") / manifest.run_id
@@ -414,6 +459,7 @@ async def _execute(req: RunRequest, make_progress: Callable[[], Any] | None, res
             tallies=tallies,
             failure=end.failure,
             rows=end.rows,
+            gone=runner.gone,
         )
 
 

@@ -359,6 +359,41 @@ class RunRequest:
                 raise UsageError(f"--api completions needs plain prompts; {chat_only[0]!r} has chat messages")
 
 
+# ---------------------------------------------------------------------------- what a run will cost
+
+# Requests from which `detaudit run` prints the plan line before it starts (always with --dry-run).
+LARGE_RUN = 1000
+
+
+def plan_line(req: RunRequest) -> str:
+    """What the run will send at most, from its request alone (no network): requests, completion tokens (when every
+    prompt has a cap) and, with --rate, the least time it takes. Upper bounds only: answers are often shorter, and
+    the time per answer is the endpoint's."""
+    arms = len(req.concurrency)
+    requests = len(req.prompts) * req.repeats * arms
+    caps = [s.max_tokens or req.params.max_tokens for s in req.prompts]
+    shape = (
+        f"{len(req.prompts)} prompt{'s' * (len(req.prompts) != 1)} × -n {req.repeats:,} × {arms} arm{'s' * (arms != 1)}"
+    )
+    line = f"up to {requests:,} requests ({shape})"
+    if all(c is not None for c in caps):
+        tokens = sum(c or 0 for c in caps) * req.repeats * arms
+        line += f", at most {tokens:,} completion tokens"
+    else:
+        line += ", completion tokens not capped (no --max-tokens: each answer runs to the model's own limit)"
+    if req.params.rate:
+        line += f", at least {_duration(requests / req.params.rate)} at --rate {req.params.rate:g}/s"
+    return line
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 # ---------------------------------------------------------------------------- from options or from a manifest
 # The option groups of a run: each field is named like the command-line parameter it comes from
 # (detaudit.cli.options.group builds them), and a field's default is what a command without that option means.

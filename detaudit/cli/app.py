@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from detaudit import __version__
+from detaudit.cli import helpfmt
 from detaudit.errors import EXIT_INTERRUPTED, DetauditError, EndpointError
 from detaudit.redact import new_session, session_scrubber
 from detaudit.termsafe import safe
@@ -25,6 +27,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    cls=helpfmt.Group,
+    epilog="Start with the offline demo: detaudit demo",
 )
 err_console = Console(stderr=True)
 _state = {"debug": False}
@@ -64,53 +68,91 @@ def _register() -> None:
     )
     from detaudit.cli.probe import probe_app
 
-    commands: list[tuple[str, Callable[..., Any], str]] = [
+    # name, function, one-line help, one example (the help's last line)
+    commands: list[tuple[str, Callable[..., Any], str, str]] = [
         (
             "demo",
             demo.demo_command,
             "Offline demo: tiny model served with stock kernels, audited, rerun batch-invariant.",
+            "detaudit demo --out /tmp/detaudit-demo",
         ),
         (
             "run",
             run.run_command,
             "Fire N temperature-0 requests per prompt per load arm and record every token stream.",
+            'detaudit run --model gpt-4o-mini -p "Tell me about Richard Feynman" -n 100 -c 1,8 --max-tokens 256 '
+            "--out runs/feynman",
         ),
-        ("analyze", analyze.analyze_command, "Analyse a run: unique completions, forks, statistics, load verdict."),
+        (
+            "analyze",
+            analyze.analyze_command,
+            "Analyse a run: unique completions, forks, statistics, load verdict.",
+            "detaudit analyze runs/feynman",
+        ),
         (
             "compare",
             analyze.compare_command,
             "Compare two runs: same setup? same modal completions? where do they part?",
+            "detaudit compare runs/release-1 runs/release-2",
         ),
         (
             "report",
             report.report_command,
             "Render runs side by side as self-contained HTML, Markdown and/or JUnit XML.",
+            "detaudit report runs/endpoint runs/local-bi --html report.html --md report.md",
         ),
-        ("gate", gate.gate_command, "Pass or fail a run on thresholds (and a baseline run); exit 0/1/2/3 for CI."),
-        ("suites", suites.suites_command, "List the bundled probe suites, or show and validate one suite."),
+        (
+            "gate",
+            gate.gate_command,
+            "Pass or fail a run on thresholds (and a baseline run); exit 0/1/2/3 for CI.",
+            "detaudit gate runs/rc --baseline runs/prod --require-same-modal --max-unique 1",
+        ),
+        (
+            "suites",
+            suites.suites_command,
+            "List the bundled probe suites, or show and validate one suite.",
+            "detaudit suites standard",
+        ),
         (
             "local",
             local.local_command,
             "Rerun prompts on the bundled engine under server-like load (stock or batch-invariant).",
+            'detaudit local --model Qwen/Qwen3-0.6B -p "def fibonacci(n):" -n 100 --kernels batch-invariant '
+            "--out runs/local-bi",
         ),
-        ("serve", serve.serve_command, "Serve a model on the local engine through an OpenAI-compatible API."),
+        (
+            "serve",
+            serve.serve_command,
+            "Serve a model on the local engine through an OpenAI-compatible API.",
+            "detaudit serve --model Qwen/Qwen3-0.6B --kernels batch-invariant --port 8000",
+        ),
         (
             "rescore",
             rescore.rescore_command,
             "Recompute a run's token logprobs by teacher-forced prefill; report the gap.",
+            "detaudit rescore runs/local-bi --model Qwen/Qwen3-0.6B",
         ),
         (
             "tiny-model",
             tiny_model.tiny_model_command,
             "Build a tiny random-weight model with an offline tokenizer (tests, demos).",
+            "detaudit tiny-model /tmp/tiny --arch qwen3",
         ),
-        ("schema", schema.schema_command, "Print the run-directory schema (samples.parquet columns, manifest fields)."),
+        (
+            "schema",
+            schema.schema_command,
+            "Print the run-directory schema (samples.parquet columns, manifest fields).",
+            "detaudit schema --json",
+        ),
     ]
-    for name, func, text in commands:
-        app.command(name, help=text)(func)
-    probe_app.command("kernels", help="Sweep our kernels and stock torch over batch sizes: invariant or not, per op.")(
-        probe_kernels.kernels_command
-    )
+    for name, func, text, example in commands:
+        app.command(name, help=text, epilog=helpfmt.example(example), cls=helpfmt.Command)(func)
+    probe_app.command(
+        "kernels",
+        help="Sweep our kernels and stock torch over batch sizes: invariant or not, per op.",
+        epilog=helpfmt.example("detaudit probe kernels --device cuda --dtype bf16 --quick"),
+        cls=helpfmt.Command,
+    )(probe_kernels.kernels_command)
     app.add_typer(probe_app, name="probe")
 
 
@@ -149,10 +191,26 @@ def _print_traceback() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: user errors become one line on stderr and their exit code."""
+    if argv is not None:  # in-process (tests): the caller goes on after the command
+        _main(argv)
+        return
+    try:
+        _main(None)
+    except SystemExit as e:
+        if e.code == EXIT_INTERRUPTED:
+            # Ctrl-C ends the process now: what a command keeps is closed and marked by then, and the interpreter's
+            # teardown of torch and transformers alone takes seconds (a demo took 5 s to give the prompt back).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_INTERRUPTED)
+        raise
+
+
+def _main(argv: list[str] | None) -> None:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     new_session()
     try:
-        rc = app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False, prog_name="detaudit")  # not argv[0]: python -m, pytest
         if isinstance(rc, int) and rc:  # typer.Exit(code) inside a command returns its code here
             sys.exit(rc)
     except DetauditError as e:

@@ -5,14 +5,29 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import typer
 from rich.console import Console
+from rich.markup import escape
 
 from detaudit.audit.request import MAX_SAMPLES
 from detaudit.cli import options
 from detaudit.cli.options import like
-from detaudit.demo import DemoSettings, run_demo
+from detaudit.cli.progress import arm_progress
+from detaudit.cli.run import make_progress
+from detaudit.demo import DemoInterrupted, DemoSettings, run_demo
 from detaudit.errors import UsageError
 from detaudit.rundir.schema import MANIFEST_FILE
+from detaudit.termsafe import safe
+
+# The demo's steps, as the interrupted line names them.
+_STEPS = {
+    "setup": "setup",
+    "model": "model build",
+    "serve": "server start",
+    "endpoint": "endpoint audit",
+    "local": "local rerun",
+    "report": "report",
+}
 
 
 def demo_command(
@@ -42,10 +57,21 @@ def demo_command(
     if (out / MANIFEST_FILE).exists():  # the demo's model/, runs/ and reports would land inside a run
         raise UsageError(f"--out {out} is a run directory; give the demo a directory of its own")
     console = Console()
-    result = run_demo(
-        DemoSettings(out=out, repeats=repeats, max_tokens=max_tokens, force=force),
-        say=lambda line: console.print(f"[bold]›[/] {line}", highlight=False),
-    )
+    try:
+        result = run_demo(
+            DemoSettings(out=out, repeats=repeats, max_tokens=max_tokens, force=force),
+            say=lambda line: console.print(f"[bold]›[/] {escape(line)}", highlight=False),
+            make_progress=lambda: make_progress(console),
+            local_progress=lambda loading: arm_progress(console, loading, lambda arm: f"local rerun, arm {arm}"),
+        )
+    except DemoInterrupted as e:
+        kept = ", ".join(e.kept) if e.kept else "nothing"
+        line = (
+            f"interrupted during the {_STEPS.get(e.step, e.step)}: the demo stopped. Kept in {e.out} (unfinished): "
+            f"{kept}. `detaudit demo --out {e.out}` starts over and replaces it, no --force needed."
+        )
+        Console(stderr=True).print(safe(line), highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     arms = ", ".join(f"{arm}: {n} unique" for arm, n in result.endpoint_unique.items())
     console.print(f"endpoint, stock kernels: [bold]{result.endpoint_verdict}[/] ({arms})", highlight=False)
     console.print(f"local rerun, batch-invariant kernels: [bold]{result.local_unique} unique[/]", highlight=False)

@@ -9,14 +9,16 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from detaudit.audit.workload import SCENARIOS
 from detaudit.cli import options
 from detaudit.cli.options import given_options, group, like
+from detaudit.cli.progress import arm_progress
 from detaudit.errors import UsageError
 
-_MANAGED = "Managed engine (--engine vllm|sglang|command; docs/scale.md)"
+# Options that only one side takes (cli/local_managed.py refuses them on the other), each under its own panel.
+_BUILTIN = "Built-in engine only (--engine detaudit, the default)"
+_MANAGED = "Managed engine only (--engine vllm|sglang|command; docs/scale.md)"
 
 
 def local_command(
@@ -33,16 +35,24 @@ def local_command(
     repeats: options.Repeats = 100,
     kernels: options.Kernels = "stock",
     scenario: Annotated[
-        str, typer.Option("--scenario", help=f"Comma list of {', '.join(SCENARIOS)}; one arm each.")
-    ] = "mixed",
-    max_batch: Annotated[int, like(options.MaxBatch, help="Sequences per engine step (the arm's concurrency).")] = 16,
+        str,
+        typer.Option(
+            "--scenario",
+            help=f"Comma list of {', '.join(SCENARIOS)}; one arm each. The default pairs the serial control arm "
+            "with a loaded one, so a divergence can be judged load-dependent.",
+            rich_help_panel=_BUILTIN,
+        ),
+    ] = "serial,mixed",
+    max_batch: Annotated[
+        int, like(options.MaxBatch, help="Sequences per engine step (the arm's concurrency).", panel=_BUILTIN)
+    ] = 16,
     max_tokens: Annotated[int, like(options.MaxTokens)] = 64,
-    max_batched_tokens: options.MaxBatchedTokens = 512,
-    max_model_len: options.MaxModelLen = 1024,
-    device: options.Device = "cpu",
-    dtype: options.Dtype = "bfloat16",
-    cuda_graphs: options.CudaGraphs = True,
-    seed: Annotated[int, like(options.Seed, help="Seeds the filler requests and their arrivals.")] = 0,
+    max_batched_tokens: Annotated[int, like(options.MaxBatchedTokens, panel=_BUILTIN)] = 512,
+    max_model_len: Annotated[int, like(options.MaxModelLen, panel=_BUILTIN)] = 1024,
+    device: Annotated[str, like(options.Device, panel=_BUILTIN)] = "cpu",
+    dtype: Annotated[str, like(options.Dtype, panel=_BUILTIN)] = "bfloat16",
+    cuda_graphs: Annotated[bool, like(options.CudaGraphs, panel=_BUILTIN)] = True,
+    seed: Annotated[int, like(options.Seed, help="Seeds the filler requests and their arrivals.", panel=_BUILTIN)] = 0,
     top_logprobs: Annotated[int, like(options.TopLogprobs, help="Top-k alternatives recorded per token (0-20).")] = 5,
     out: options.Out = None,
     force: options.Force = False,
@@ -52,7 +62,6 @@ def local_command(
         typer.Option(
             "--engine",
             help="detaudit (built-in), or a server detaudit starts and audits over HTTP: vllm, sglang, command.",
-            rich_help_panel=_MANAGED,
         ),
     ] = "detaudit",
     suite: Annotated[str | None, like(options.Suite, panel=_MANAGED)] = None,
@@ -123,23 +132,7 @@ def local_command(
         force=force,
     )
     console = Console(stderr=as_json)
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-    ) as bar:
-        tasks: dict[str, TaskID] = {"": bar.add_task(spec.engine.loading_message(), total=None)}  # until an arm starts
-
-        def progress(arm: str, done: int, total: int) -> None:
-            if "" in tasks:
-                bar.remove_task(tasks.pop(""))
-            if arm not in tasks:
-                tasks[arm] = bar.add_task(f"{arm} ({kernels})", total=total)
-            bar.update(tasks[arm], completed=done)
-
+    with arm_progress(console, spec.engine.loading_message(), lambda arm: f"{arm} ({kernels})") as progress:
         run_dir = run_local(spec, progress)
     summary = store_summary(run_dir)
     if as_json:

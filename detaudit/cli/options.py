@@ -117,9 +117,27 @@ MaxResponseBytes = Annotated[
 ModelDir = Annotated[
     str, typer.Option("--model", help="Hub id or local model directory (Llama, Mistral, Qwen2, Qwen3).")
 ]
-Kernels = Annotated[str, typer.Option("--kernels", help=f"{' or '.join(KERNELS)}.")]
+Kernels = Annotated[
+    str,
+    typer.Option(
+        "--kernels",
+        help=f"{' or '.join(KERNELS)}: stock runs plain torch ops, as servers do; "
+        "batch-invariant, the bundled kernels.",
+    ),
+]
 Device = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
-Dtype = Annotated[str, typer.Option("--dtype", help=f"{', '.join(DTYPES)}.")]
+# The short names are accepted wherever a dtype is (`probe kernels` took only these, the engine commands only the
+# long ones); a command sees the long name.
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+
+
+def _long_dtype(value: str) -> str:
+    return DTYPE_ALIASES.get(value, value)
+
+
+Dtype = Annotated[
+    str, typer.Option("--dtype", callback=_long_dtype, help=f"{', '.join(DTYPES)} (or bf16, fp16, fp32).")
+]
 CudaGraphs = Annotated[
     bool,
     typer.Option(
@@ -135,8 +153,16 @@ Port = Annotated[int, typer.Option("--port", help="TCP port.")]
 
 # ---------------------------------------------------------------------------- torch: tiny-model, probe kernels
 
-# torch's generator takes seeds in [0, 2**64): past that, a ValueError instead of a usage error
-TorchSeed = Annotated[int, typer.Option("--seed", min=0, max=2**64 - 1, help="Seed for the random weights.")]
+
+def _torch_seed(value: int) -> int:
+    """torch's generator takes seeds in [0, 2**64): past that, a ValueError instead of a usage error. Checked here
+    rather than with min/max, which --help would print as "[0<=x<=18446744073709551615]"."""
+    if not 0 <= value < 2**64:
+        raise typer.BadParameter(f"{value} is not between 0 and 2**64 - 1 (torch's seed range)")
+    return value
+
+
+TorchSeed = Annotated[int, typer.Option("--seed", callback=_torch_seed, help="Seed for the random weights.")]
 
 
 def like(alias: Any, *, help: str | None = None, panel: str | None = None) -> Any:

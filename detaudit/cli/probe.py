@@ -12,7 +12,7 @@ from rich.text import Text
 
 from detaudit.audit.capabilities import probe_endpoint
 from detaudit.audit.client import OpenAIClient
-from detaudit.audit.endpoint import resolve_model
+from detaudit.audit.endpoint import resolve_model, v1_hint
 from detaudit.audit.request import (
     DEFAULT_KEY_ENV,
     MAX_SECONDS,
@@ -23,13 +23,18 @@ from detaudit.audit.request import (
     parse_extra_body,
     parse_headers,
 )
-from detaudit.cli import options
+from detaudit.cli import helpfmt, options
 from detaudit.cli.options import like
 from detaudit.errors import UsageError
 from detaudit.redact import redact_url
 from detaudit.termsafe import json_text, safe
 
-probe_app = typer.Typer(help="Probe what a target can do before auditing it.", no_args_is_help=True)
+probe_app = typer.Typer(
+    help="Probe what a target can do before auditing it.",
+    no_args_is_help=True,
+    cls=helpfmt.Group,
+    epilog=helpfmt.example("detaudit probe endpoint --base-url http://127.0.0.1:8000/v1"),
+)
 
 _ROWS = [
     ("answers", "ok"),
@@ -78,7 +83,8 @@ def render_probe(result: dict[str, Any], console: Console) -> None:
     console.print(table)
     for api, res in result["apis"].items():
         if res.get("error"):
-            console.print(f"{api}: {safe(res['error'])}", highlight=False, markup=False)
+            hint = v1_hint(result["base_url"], res["error"])
+            console.print(f"{api}: {safe(res['error'] + hint)}", highlight=False, markup=False, soft_wrap=True)
     if any(res.get("seed") == "ignored-or-unknown" for res in result["apis"].values()):
         console.print(
             "seed ignored-or-unknown: the server also accepted a made-up field, so accepting seed is no evidence "
@@ -92,6 +98,8 @@ def render_probe(result: dict[str, Any], console: Console) -> None:
     "endpoint",
     help="Which APIs answer; whether logprobs, top_logprobs, token ids, streaming, seed "
     "and system_fingerprint come back.",
+    epilog=helpfmt.example("detaudit probe endpoint --base-url http://127.0.0.1:8000/v1 --api both --json"),
+    cls=helpfmt.Command,
 )
 def endpoint_command(
     base_url: options.BaseUrl = None,

@@ -12,14 +12,13 @@ from rich.table import Table
 
 from detaudit.cli import options
 from detaudit.cli.options import like
+from detaudit.engine.config import DTYPES
 from detaudit.errors import UsageError
-
-_DTYPES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 
 
 def kernels_command(
     device: options.Device = "cpu",
-    dtype: Annotated[str, like(options.Dtype, help="bf16, fp16 or fp32.")] = "fp32",
+    dtype: options.Dtype = "float32",
     quick: Annotated[bool, typer.Option("--quick", help="Fewer batch sizes (smoke test).")] = False,
     seed: Annotated[int, like(options.TorchSeed, help="Seed for inputs, offsets and probed rows.")] = 0,
     as_json: Annotated[bool, like(options.Json, help="Print the rows as JSON.")] = False,
@@ -27,8 +26,8 @@ def kernels_command(
     """Sweep every op over batch sizes that cross kernel-heuristic boundaries; report invariance per op."""
     if device not in ("cpu", "cuda"):
         raise UsageError(f"--device must be cpu or cuda, got {device!r}")
-    if dtype not in _DTYPES:
-        raise UsageError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)} (or bf16, fp16, fp32), got {dtype!r}")
     try:
         import torch
     except ImportError as e:
@@ -38,7 +37,7 @@ def kernels_command(
     from detaudit.probes.kernel_probes import default_config, run_sweep
 
     cfg = default_config(device, quick=quick)
-    rows = run_sweep(device, getattr(torch, _DTYPES[dtype]), cfg=cfg, seed=seed)
+    rows = run_sweep(device, getattr(torch, dtype), cfg=cfg, seed=seed)
     if as_json:
         typer.echo(
             json.dumps(

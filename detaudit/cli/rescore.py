@@ -14,13 +14,21 @@ from rich.text import Text
 
 from detaudit.cli import options
 from detaudit.cli.options import like
+from detaudit.cli.progress import loading
 from detaudit.termsafe import safe
 
 
 def rescore_command(
     run_dir: Annotated[Path, typer.Argument(help="Run directory to rescore (any target that returned tokens).")],
     model: Annotated[str, like(options.ModelDir, help="Hub id or local model directory: the model the run sampled.")],
-    kernels: options.Kernels = "batch-invariant",
+    kernels: Annotated[
+        str,
+        like(
+            options.Kernels,
+            help="stock or batch-invariant. Unlike local and serve (stock, as servers run), rescoring defaults to "
+            "batch-invariant: the reference the run's reported logprobs are measured against.",
+        ),
+    ] = "batch-invariant",
     device: options.Device = "cpu",
     dtype: options.Dtype = "bfloat16",
     max_batch: Annotated[int, like(options.MaxBatch, help="Sequences prefilled per engine step.")] = 16,
@@ -38,18 +46,18 @@ def rescore_command(
     if "ok" not in read_samples(run_dir, ["status"]).column("status").to_pylist():
         raise UsageError(f"{run_dir}: no ok sample to rescore")
     # Rescoring only prefills (no decode step), so no CUDA graph would ever be replayed: none is captured.
-    engine = Engine(
-        EngineConfig(
-            model,
-            device=device,
-            dtype=dtype,
-            kernels=kernels,
-            max_batch=max_batch,
-            max_batched_tokens=max(max_model_len, max_batch),
-            max_model_len=max_model_len,
-            cuda_graphs=False,
-        )
+    config = EngineConfig(
+        model,
+        device=device,
+        dtype=dtype,
+        kernels=kernels,
+        max_batch=max_batch,
+        max_batched_tokens=max(max_model_len, max_batch),
+        max_model_len=max_model_len,
+        cuda_graphs=False,
     )
+    with loading(Console(stderr=True), config.loading_message()):
+        engine = Engine(config)
     check = check_model(manifest, model, engine.info())
     if check["status"] != "same":
         # A warning, not an error: a served name cannot be matched to a directory, and rescoring with another

@@ -13,22 +13,28 @@ from rich.text import Text
 
 from detaudit.analysis.summary import store_summary
 from detaudit.analysis.summary_schema import RunSummary
-from detaudit.audit.endpoint import RunOutcome, execute_run
+from detaudit.audit.endpoint import RunOutcome, execute_run, planned_bodies
 from detaudit.audit.request import (
     DEFAULT_KEY_ENV,
+    LARGE_RUN,
     EndpointOptions,
     PromptOptions,
+    RunRequest,
     RunSettings,
+    plan_line,
     request_from_manifest,
     request_from_options,
 )
 from detaudit.cli import options
 from detaudit.cli.gate import gate_finished_run
 from detaudit.cli.options import given_options, group
+from detaudit.cli.progress import PlainProgress, bars
 from detaudit.cli.render import render_summary
 from detaudit.errors import EndpointError, RecordingFailed, UsageError
 from detaudit.gate import parse_gate_spec
+from detaudit.redact import redact_url
 from detaudit.rundir.io import load_manifest
+from detaudit.rundir.recorder import check_out_dir
 from detaudit.rundir.schema import DEFAULT_MAX_RESPONSE_BYTES
 from detaudit.termsafe import json_text, safe
 
@@ -68,10 +74,11 @@ class _DistinctColumn(ProgressColumn):
         return Text(f"distinct {distinct_text(task.fields['distinct'])}")
 
 
-def make_progress(console: Console) -> Progress:
+def make_progress(console: Console) -> Progress | PlainProgress:
     """One bar per arm: done/total, rate, failed requests and distinct completions so far per prompt
-    (distinct_text)."""
-    return Progress(
+    (distinct_text); plain lines when the console is not a terminal."""
+    return bars(
+        console,
         _ArmColumn(),
         BarColumn(),
         MofNCompleteColumn(),
@@ -79,9 +86,7 @@ def make_progress(console: Console) -> Progress:
         TextColumn("errors {task.fields[errors]}"),
         _DistinctColumn(),
         TimeElapsedColumn(),
-        console=console,
-        transient=False,
-        refresh_per_second=4,
+        formats={"distinct": distinct_text},
     )
 
 
@@ -98,7 +103,7 @@ def finish_run(
 ) -> RunSummary:
     """Summarize a complete run into summary.json and print it. A run that did not complete prints how far it got
     and the command that finishes it (`resume`, default `detaudit run --resume ...`): interrupted, exit 130;
-    failed (recording failed), exit 3 with one line."""
+    stopped by the circuit breaker (the endpoint is gone) or failed (recording failed), exit 3 with one line."""
     resume = resume or outcome.resume_command()
     expected = outcome.manifest.expected_samples
     if outcome.failure is not None:
@@ -106,6 +111,11 @@ def finish_run(
             f"recording failed, run stopped: {outcome.failure}. {_on_disk(outcome)} of {expected} "
             f"samples are recorded in {outcome.run_dir} (status failed); once the cause is fixed, "
             f"finish with: {resume}"
+        )
+    if outcome.interrupted and outcome.gone is not None:
+        raise EndpointError(
+            f"stopped: {outcome.gone}. {_on_disk(outcome)} of {expected} samples are recorded in {outcome.run_dir} "
+            f"(status interrupted); once the endpoint answers again, finish with: {resume}"
         )
     if outcome.interrupted:
         msg = (
@@ -124,7 +134,7 @@ def finish_run(
     if samples.expected and samples.errors > MAX_ERROR_SHARE * samples.expected:
         raise EndpointError(
             f"{samples.errors} of {samples.expected} requests failed; see the error column "
-            f"of {outcome.run_dir}/samples.parquet"
+            f"of {outcome.run_dir}/samples.parquet; once the endpoint is fixed, resend them with: {resume}"
         )
     return summary
 
@@ -142,6 +152,29 @@ _MANIFEST_SETTINGS = (*(f.name for f in fields(PromptOptions)), *(f.name for f i
 def _flag(ctx: typer.Context, name: str) -> str:
     param = next(p for p in ctx.command.params if p.name == name)
     return max(param.opts, key=len)
+
+
+def show_dry_run(req: RunRequest, console: Console) -> None:
+    """--dry-run: what the run would send, from the command line alone; nothing is contacted or written."""
+    lines = [
+        "dry run: nothing is sent and nothing is written",
+        f"endpoint: {redact_url(req.base_url)} ({req.api} API), model "
+        + (req.model or "not given: the run takes the only model GET /models lists"),
+        f"API key: {req.key_env} ({'set' if req.api_key else 'not set: no Authorization header'})"
+        + (f"; headers: {', '.join(sorted(req.headers))} (values not shown)" if req.headers else ""),
+        "arms: "
+        + ", ".join(f"c{c} (concurrency {c})" for c in req.concurrency)
+        + f"; -n {req.repeats} per prompt per arm",
+        f"plan: {plan_line(req)}",
+        f"run directory: {req.out or 'runs/<run id>'}",
+        "before the first sample, probe requests ask the endpoint which capture fields it returns (logprobs, "
+        "top_logprobs, token ids); the bodies below get those added",
+    ]
+    for line in lines:
+        console.print(safe(line), highlight=False, markup=False, soft_wrap=True)
+    for prompt_id, body in planned_bodies(req):
+        console.print(f"request body of prompt {safe(prompt_id)}:", highlight=False, markup=False)
+        typer.echo(json_text(body))
 
 
 def run_command(
@@ -173,6 +206,14 @@ def run_command(
     force: options.Force = False,
     stream: options.Stream = False,
     as_json: options.Json = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Print what would be sent (endpoint, model, arms, N, the plan, each prompt's request body) and "
+            "exit: contacts nothing, writes nothing.",
+        ),
+    ] = False,
     gate: Annotated[
         list[str],
         typer.Option(
@@ -190,6 +231,8 @@ def run_command(
         load_manifest(thresholds.baseline)  # so does a baseline that is not a run
     endpoint = group(EndpointOptions, ctx)
     if resume:
+        if dry_run:
+            raise UsageError("--dry-run shows a new run; drop --resume (the run in --out is finished as recorded)")
         if out is None:
             raise UsageError("--resume needs --out DIR (the run directory to finish)")
         given = [_flag(ctx, name) for name in _MANIFEST_SETTINGS if name in given_options(ctx)]
@@ -200,6 +243,13 @@ def run_command(
     else:
         prompts, settings = group(PromptOptions, ctx), group(RunSettings, ctx)
         req = request_from_options(prompts, endpoint, settings, out=out, force=force)
+        if dry_run:
+            if out is not None:
+                check_out_dir(out, force)  # reads only: an --out the run would refuse is refused here too
+            show_dry_run(req, console)
+            return
+        if len(req.prompts) * req.repeats * len(req.concurrency) >= LARGE_RUN:
+            err_console.print(f"plan: {safe(plan_line(req))}", highlight=False, markup=False, soft_wrap=True)
         outcome = execute_run(req, lambda: make_progress(err_console))
     summary = finish_run(outcome, as_json, console, err_console)
     if thresholds is not None:

@@ -10,6 +10,7 @@ from rich.console import Console
 
 from detaudit.cli import options
 from detaudit.cli.options import group
+from detaudit.cli.progress import loading
 
 
 def serve_command(
@@ -41,7 +42,7 @@ def serve_command(
         raise UsageError(f"--max-queue must be at least 1, got {max_queue}")
     sock = _listen(host, port)  # before the model loads: a busy port fails in a second, not after minutes
     cfg = group(EngineConfig, ctx)
-    with Console(stderr=True).status(cfg.loading_message()):
+    with loading(Console(stderr=True), cfg.loading_message()):
         engine = Engine(cfg)
     name = served_model_name or model
     app = create_app(engine, model_name=name, max_queue=max_queue)

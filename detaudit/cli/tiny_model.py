@@ -18,7 +18,9 @@ def tiny_model_command(
     out_dir: Annotated[Path, typer.Argument(help="Directory to create (must not exist or be empty).")],
     arch: Annotated[str, typer.Option("--arch", help=f"Architecture: {', '.join(ARCHS)}.")] = "qwen3",
     preset: Annotated[str, typer.Option("--preset", help=f"Shape preset: {', '.join(PRESETS)}.")] = "tiny",
-    dtype: Annotated[str, like(options.Dtype, help="Saved weight dtype: float32, bfloat16 or float16.")] = "float32",
+    dtype: Annotated[
+        str, like(options.Dtype, help="Saved weight dtype: float32, bfloat16 or float16 (or fp32, bf16, fp16).")
+    ] = "float32",
     seed: options.TorchSeed = 0,
     device: Annotated[
         str,

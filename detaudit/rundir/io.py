@@ -54,10 +54,44 @@ def _fsync_dir(path: Path) -> None:
 TEMP_NAME = re.compile(r"\..+\.tmp")  # an atomic write's temporary: .NAME.RANDOM.tmp
 
 
+def _umask_at_import() -> int:
+    """The umask by setting and restoring it: done once, at import, before any writer thread exists."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK_AT_IMPORT = _umask_at_import()
+
+
+def file_mode() -> int:
+    """The mode a plain open() gives a new file: 0666 less the umask (read from /proc where Linux has it, so a
+    change after import counts; else the one at import). mkstemp's temporaries are owner-only (0600), and the
+    rename keeps that mode, but run directories and reports are for sharing."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o666 & ~_UMASK_AT_IMPORT
+
+
+def _new_temp(path: Path) -> tuple[int, str]:
+    """A temporary next to `path` (same file system, so the rename is atomic) with the mode of file_mode()."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, file_mode())
+    except OSError:  # a file system without modes (e.g. some FUSE mounts) keeps what it has
+        pass
+    return fd, tmp
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` so that a reader sees the old file or the new one, never half of one."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        fd, tmp = _new_temp(path)
     except OSError as e:  # name the file asked for, not the temporary one
         raise OSError(e.errno, e.strerror, str(path)) from None
     try:
@@ -152,7 +186,7 @@ ROW_GROUP_ROWS = 1024
 
 
 def atomic_write_table(path: Path, table: pa.Table) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _new_temp(path)
     os.close(fd)
     try:
         pq.write_table(table, tmp, compression="zstd", row_group_size=ROW_GROUP_ROWS)
