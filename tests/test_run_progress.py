@@ -20,8 +20,8 @@ def test_distinct_text_lists_each_prompt_then_summarises() -> None:
 
 
 def _bars(err: str) -> dict[str, str]:
-    """arm -> its distinct field, from the final progress bars on stderr."""
-    return dict(re.findall(r"arm (c\d+) .*? distinct (\S+)", err))
+    """arm -> its distinct field, from the last progress line of each arm on stderr (plain lines: not a terminal)."""
+    return dict(re.findall(r"arm (c\d+):? .*? distinct ([^\s,]+)", err))
 
 
 def test_progress_counts_distinct_completions_per_prompt(scripted_server, capsys, tmp_path) -> None:
