@@ -69,7 +69,13 @@ def test_twenty_percent_faults_n1000(scripted_server, capsys, tmp_path) -> None:
     assert max(row["attempts"] for row in rows) <= 7 and any(row["attempts"] > 1 for row in ok)
     assert all(row["attempts"] == 7 and row["error"] for row in failed)
     summary = json.loads(r.out)
-    assert summary["samples"] == {"expected": 1000, "rows": 1000, "ok": len(ok), "errors": len(failed)}
+    assert summary["samples"] == {
+        "expected": 1000,
+        "rows": 1000,
+        "ok": len(ok),
+        "errors": len(failed),
+        "truncated": 0,  # every answer the server completed ended with a stated finish_reason
+    }
     counts = Counter(tuple(row["token_ids"]) for row in ok)
     if not failed:  # each answer the server completed is exactly one ok row: the schedule's counts come back
         assert counts == {tuple(server.token_ids("Q")): 990, tuple(server.token_ids("N")): 10}
