@@ -212,6 +212,9 @@ def evaluate_gate(
     noun = position_noun(summary.unit)
     # Not a threshold but a precondition: an arm without one ok sample leaves every rule nothing to judge.
     judgeable = RuleResult("successful-samples", "≥ 1 in every arm")
+    # Nor can an arm whose answers were mostly cut short (truncated, docs/summary.md): its verdict is inconclusive,
+    # and what few answers are left to compare say nothing about the model.
+    complete = RuleResult("complete-answers", "more than half of every arm's answers not truncated")
     error_rule = RuleResult("max-error-rate", f"≤ {t.max_error_rate:g}") if t.max_error_rate is not None else None
     rules: dict[str, RuleResult] = {}
     if t.max_unique is not None:
@@ -247,6 +250,11 @@ def evaluate_gate(
             n, ok, errors = arm.n, arm.ok, arm.errors
             rate = errors / n if n else 1.0
             judgeable.checks.append(Check(where, ok > 0, f"has {ok} ok of {n}"))
+            if arm.truncated:
+                answered = ok + arm.truncated
+                complete.checks.append(
+                    Check(where, 2 * arm.truncated <= answered, f"has {arm.truncated} truncated of {answered}")
+                )
             if error_rule is not None and t.max_error_rate is not None:
                 error_rule.checks.append(Check(where, rate <= t.max_error_rate, f"{errors}/{n} errors ({rate:.1%})"))
             if ok == 0:
@@ -283,13 +291,13 @@ def evaluate_gate(
                 )
 
     ordered = [r for r in (error_rule, *rules.values()) if r is not None]
-    if not judgeable.passed:
-        ordered.insert(0, judgeable)
+    for precondition in (complete, judgeable):  # judgeable first when both fail
+        if not precondition.passed:
+            ordered.insert(0, precondition)
+            precondition.judged = False
     if error_rule is not None and not error_rule.passed:
         # Too many failed requests: the other rules were computed on what is left and cannot be trusted.
         error_rule.judged = False
-    if not judgeable.passed:
-        judgeable.judged = False
     return GateResult(run=run_label, baseline=baseline_label, rules=ordered)
 
 

@@ -143,6 +143,18 @@ def test_an_arm_with_no_successful_sample_cannot_be_judged_even_without_error_ru
     assert result.lines()[0] == "CANNOT JUDGE successful-samples ≥ 1 in every arm: p@c16 has 0 ok of 100"
 
 
+def test_an_arm_whose_answers_were_mostly_cut_short_cannot_be_judged():
+    """Truncated answers are not compared (docs/summary.md): 1 unique among the 40 complete answers of an arm that
+    lost 60 to truncation passes max-unique, yet says nothing about the model."""
+    cut = {**arm(16, [40]), "n": 100, "truncated": 60}
+    result = evaluate_gate(summary(arm(1, [100]), cut), GateThresholds(max_unique=1))
+    assert result.exit_code == 3
+    rule = "complete-answers more than half of every arm's answers not truncated"
+    assert result.lines()[0] == f"CANNOT JUDGE {rule}: p@c16 has 60 truncated of 100"
+    fewer = {**arm(16, [60]), "n": 100, "truncated": 40}  # the verdict's rule too: half or fewer cut short is judged
+    assert evaluate_gate(summary(arm(1, [100]), fewer), GateThresholds(max_unique=1)).exit_code == 0
+
+
 def test_require_same_modal_compares_with_the_baseline_arm_of_the_same_concurrency():
     base = summary(arm(1, [100], texts=["A"]), arm(16, [100], texts=["A"]))
     same = summary(arm(1, [100], texts=["A"]), arm(16, [60, 40], first=3, texts=["A", "B"]))
