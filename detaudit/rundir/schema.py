@@ -79,9 +79,14 @@ SAMPLE_COLUMNS: dict[str, tuple[pa.DataType, str]] = {
         "'no_content', 'refusal', 'tool_calls', 'empty_stream', 'choice_index', 'too_large', ... (null when ok).",
     ),
     "raw_answer": (pa.string(), "The start of what the server sent on the last failed attempt, scrubbed (error rows)."),
+    "cached_tokens": (
+        pa.int32(),
+        "Prompt tokens the target served from its prefix cache (usage.prompt_tokens_details.cached_tokens; the "
+        "local engine's own count); null when the target reported nothing.",
+    ),
 }
 # Columns a samples file written by an earlier detaudit may lack (read back as all-null).
-LATER_SAMPLE_COLUMNS = frozenset({"error_reason", "raw_answer"})
+LATER_SAMPLE_COLUMNS = frozenset({"error_reason", "raw_answer", "cached_tokens"})
 
 SAMPLES_SCHEMA = pa.schema(
     [pa.field(name, typ, nullable=True, metadata={"doc": doc}) for name, (typ, doc) in SAMPLE_COLUMNS.items()],
@@ -137,10 +142,13 @@ class PromptSpec(_Model):
 
 
 class ArmSpec(_Model):
-    """One load arm: all prompts x repeats at one concurrency."""
+    """One load arm: all prompts x repeats at one concurrency (and, for cache arms, one prefix-cache state)."""
 
     name: str
     concurrency: int
+    cache: Literal["cold", "warm"] | None = Field(
+        default=None, description="Prefix-cache state this arm asks for: 'cold' or 'warm'; null for a load arm."
+    )
 
 
 class TargetSpec(_Model):
