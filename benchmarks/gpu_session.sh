@@ -15,7 +15,8 @@
 # kernels: benchmarks/kernels.py (matmul vs cuBLAS and TML's matmul_persistent from .third_party/tml, row-wise
 #          bandwidth, attention decode vs flash), JSON under $OUT/kernels
 # tune:    benchmarks/kernel_tuning_h200.py (TUNE_ONLY sections), its candidates compiled first by $WARM processes
-# profile: benchmarks/engine_profile.py: a decode step's time and kernels, stock vs batch-invariant
+# profile: benchmarks/engine_profile.py: a decode step's time and kernels, stock vs batch-invariant ($PROFILE_ARGS,
+#          e.g. "--batches '' --mixed 32,96,128" for the steps that mix decode and prefill)
 set -u
 : "${OUT:?OUT must name the output folder}"
 STEPS=${STEPS:-"probe rescore engine"}
@@ -119,7 +120,9 @@ for step in $STEPS; do
             2>&1 | tee "$OUT/tuning.log" ;;
     profile)
         build_model
-        timeout "$(left)" python3 benchmarks/engine_profile.py --model "$MODEL" --out "$OUT" 2>&1 | tee "$OUT/profile.log" ;;
+        # shellcheck disable=SC2086
+        timeout "$(left)" python3 benchmarks/engine_profile.py --model "$MODEL" --out "$OUT" ${PROFILE_ARGS:-} 2>&1 \
+            | tee "$OUT/profile.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
     esac
 done

@@ -49,9 +49,10 @@ def uniform(split: int) -> Schedule:
 
 
 # Per GPU kind (benchmarks/RESULTS.md, "Attention decode" and "H200"): on the H100, 256-position splits below 1024
-# and 512 from there on (benchmarks/kernel_tuning_decode.py). On the H200 uniform splits measured best at 256 below
-# 1k, 512 at batch 1-4 up to 16k, 1024-2048 past that (benchmarks/h200/tuning_attention.json): 1024 from 8192 on.
-SCHEDULES = {"h100": Schedule(256, 1024, 512, 1024, 512), "h200": Schedule(256, 1024, 512, 8192, 1024)}
+# and 512 from there on (benchmarks/kernel_tuning_decode.py). On the H200 the same schedule measured best of ten
+# fixed-by-position schedules (benchmarks/h200/tuning_attention_schedules.json: geomean 0.988 of flash, against
+# 0.979 for a three-size one that adds 1024-position splits from 8192 on, which loses at batch 1 to wave tails).
+SCHEDULES = {"h100": Schedule(256, 1024, 512, 1024, 512), "h200": Schedule(256, 1024, 512, 1024, 512)}
 # Pipeline depth of the split launch's KV loads (H100: 3 beat 2 by up to 0.06 of flash).
 SPLIT_STAGES = {"h100": 3, "h200": 3}
 # (device, dtype) -> did the split launch reproduce the one-program launch bitwise on this device?
