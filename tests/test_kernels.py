@@ -120,6 +120,52 @@ def test_enable_is_reference_counted_nesting_and_exception_safe() -> None:
         disable()
 
 
+def test_pinned_overrides_switch_by_flag_and_pass_stock_through() -> None:
+    """An engine pins the overrides so that a step's block does not re-register them (about 1 ms a step): inside a
+    block ours run (row 0 alone = row 0 in any batch), outside one the stock kernels do, bit for bit (batch-dependent
+    as stock is), and the finalizer's unpin removes them."""
+    import gc
+
+    import detaudit.kernels as dk
+
+    from detaudit.engine.config import pin_kernels
+
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(64, 512, generator=g)
+    w = torch.randn(512, 512, generator=g)
+    x = torch.randn(9, 300, generator=g)
+
+    def run() -> list[torch.Tensor]:
+        return [torch.mm(a[:m], w) for m in (1, 2, 3, 4, 8, 16, 64)] + [torch.log_softmax(x, -1), x.sum(-1)]
+
+    def invariant(out: list[torch.Tensor]) -> bool:
+        return all(torch.equal(out[0], o[:1]) for o in out[1:7])
+
+    stock = run()
+    assert not invariant(stock)  # the negative control: stock mm's row 0 depends on M on this CPU
+
+    class Owner:
+        pass
+
+    owner = Owner()
+    pin_kernels(owner, "batch-invariant")
+    pin_kernels(Owner(), "stock")  # stock engines pin nothing
+    try:
+        with batch_invariant():
+            libs = list(dk._libs)
+            assert dk.overridden("CPU") and invariant(run())
+        assert dk._libs == libs and not is_enabled() and not dk.overridden("CPU")  # registered, switched off
+        assert all(torch.equal(p, q) for p, q in zip(run(), stock, strict=True))
+        with batch_invariant():
+            assert dk._libs == libs and invariant(run())
+    finally:
+        del owner
+        gc.collect()
+    assert dk._libs == [] and dk._pins == 0  # the owner's finalizer unpinned
+    with pytest.raises(RuntimeError):
+        dk.unpin()
+
+
 def test_overrides_compute_the_right_thing() -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(5, 6, 7, generator=g)

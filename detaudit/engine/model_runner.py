@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from detaudit.engine.config import ModelSpec, kernel_context
+from detaudit.engine.config import ModelSpec, kernel_context, pin_kernels
 from detaudit.engine.graphs import DecodeGraphs, is_decode_only
 from detaudit.engine.kv_cache import allocate_kv_cache
 from detaudit.engine.model import AttentionInputs, PagedModel, StepInputs, load_model
@@ -42,6 +42,7 @@ class ModelRunner:
         from detaudit.kernels.attention import paged_attention
 
         self.device = torch.device(device)
+        pin_kernels(self, kernels)
         cache = allocate_kv_cache(
             spec,
             num_blocks=num_blocks,
