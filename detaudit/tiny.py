@@ -12,6 +12,7 @@ import inspect
 from pathlib import Path
 from typing import Any
 
+from detaudit.engine.config import RANDOM_WEIGHTS_KEY
 from detaudit.errors import UsageError
 
 ARCHS = ("qwen3", "qwen2", "llama", "mistral")
@@ -103,6 +104,7 @@ def model_config(arch: str, preset: str, tokenizer: Any, max_position_embeddings
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
+        **{RANDOM_WEIGHTS_KEY: True},  # read by the engine (ModelSpec.random_weights): runs and reports say so
         **shape,
     )
 

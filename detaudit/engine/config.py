@@ -15,6 +15,7 @@ SUPPORTED = {"llama": (False, False), "mistral": (False, False), "qwen2": (False
 DTYPES = ("bfloat16", "float16", "float32")
 KERNELS = ("stock", "batch-invariant")
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+RANDOM_WEIGHTS_KEY = "detaudit_random_weights"  # in config.json of a model whose weights were drawn, not trained
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class ModelSpec:
     max_position_embeddings: int
     sliding_window: int | None
     eos_token_ids: tuple[int, ...]
+    random_weights: bool = False  # a test model (detaudit.tiny marks its config.json): its text means nothing
 
 
 def resolve_model(model: str) -> Path:
@@ -106,6 +108,7 @@ def load_spec(model_dir: Path) -> ModelSpec:
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         sliding_window=cfg.get("sliding_window") if use_window else None,
         eos_token_ids=eos_ids,
+        random_weights=bool(cfg.get(RANDOM_WEIGHTS_KEY, False)),
     )
 
 
