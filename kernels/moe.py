@@ -29,8 +29,8 @@ from detaudit.kernels._dispatch import use_triton
 from detaudit.kernels.coverage import note_protected
 
 OP_NAME = "detaudit::moe"
-# Stock CPU: an expert with at most this many tokens splits its GEMMs' K into STOCK_SPLITS partial sums (fp32),
-# as a server's small-M config does to fill the machine.
+# Stock CPU: an expert with at most this many tokens splits its GEMMs' K into STOCK_SPLITS partial products added
+# in the model dtype, as a server's small-M split-K config does to fill the machine.
 STOCK_SPLIT_MAX_TOKENS = 4
 STOCK_SPLITS = 4
 
@@ -85,11 +85,20 @@ def _cpu_experts_bi(x: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: t
 
 
 def _stock_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``a @ w.T`` as a server's grouped GEMM tiles it for ``len(a)`` rows: split-K partial sums for few rows."""
+    """``a @ w.T`` as a server's grouped GEMM tiles it for ``len(a)`` rows: for few rows, split-K partial products
+    added up in the output dtype (as a split-K kernel's atomic adds into its output do, here in a fixed order)."""
     if a.shape[0] > STOCK_SPLIT_MAX_TOKENS:
         return a @ w.t()
-    chunks = zip(a.chunk(STOCK_SPLITS, dim=1), w.chunk(STOCK_SPLITS, dim=1), strict=True)
-    return sum((ac.float() @ wc.float().t() for ac, wc in chunks), torch.zeros(())).to(a.dtype)
+    parts = [ac @ wc.t() for ac, wc in zip(a.chunk(STOCK_SPLITS, dim=1), w.chunk(STOCK_SPLITS, dim=1), strict=True)]
+    return sum_in_order(parts)
+
+
+def sum_in_order(parts: list[torch.Tensor]) -> torch.Tensor:
+    """parts[0] + parts[1] + … left to right, each add rounded to the parts' dtype."""
+    acc = parts[0]
+    for p in parts[1:]:
+        acc = acc + p
+    return acc
 
 
 def _cpu_stock(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor):

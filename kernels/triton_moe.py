@@ -10,8 +10,8 @@ Batch-invariant (:data:`BI`): one config whatever the load, every tile walks all
 accumulation (IEEE for fp32 inputs) and stores once; a pair row's result depends on its own row and its expert's
 weights only, never on which rows share its tile or how many tiles its expert has. Padding rows are masked loads
 that are never stored. Stock (:func:`stock_config`): the tile and a split-K factor chosen from the expected tokens
-per expert (``T * k / E``), as fused-MoE configs are picked by M; split-K partial sums land in an fp32 buffer summed
-afterwards, so a token's bits change with the load.
+per expert (``T * k / E``), as fused-MoE configs are picked by M; split-K partial products are stored in the output
+dtype and added up afterwards (as split-K's atomic adds into the output do), so a token's bits change with the load.
 
 Import this module only when a GPU or ``TRITON_INTERPRET=1`` is present: kernels are decorated at import time.
 """
@@ -159,7 +159,7 @@ def grouped_mm(
     sorted_pairs, block_expert = align(ids, num_experts, cfg.bm)
     a = a.contiguous()
     split = cfg.split_k
-    out = torch.empty((split, pairs, n), device=a.device, dtype=a.dtype if split == 1 else torch.float32)
+    out = torch.empty((split, pairs, n), device=a.device, dtype=a.dtype)
     grid = (block_expert.shape[0], triton.cdiv(n, cfg.bn), split)
     _grouped_kernel[grid](
         a,
@@ -186,7 +186,11 @@ def grouped_mm(
         num_warps=cfg.warps,
         num_stages=cfg.stages,
     )
-    return out[0] if split == 1 else out.sum(0).to(a.dtype)
+    if split == 1:
+        return out[0]
+    from detaudit.kernels.moe import sum_in_order
+
+    return sum_in_order(list(out.unbind(0)))
 
 
 def experts(
