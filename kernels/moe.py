@@ -29,10 +29,9 @@ from detaudit.kernels._dispatch import use_triton
 from detaudit.kernels.coverage import note_protected
 
 OP_NAME = "detaudit::moe"
-# Stock CPU: an expert with at most this many tokens splits its GEMMs' K into STOCK_SPLITS partial products added
-# in the model dtype, as a server's small-M split-K config does to fill the machine.
-STOCK_SPLIT_MAX_TOKENS = 4
-STOCK_SPLITS = 4
+# Stock CPU: (most tokens, K splits) per expert: few tokens split each GEMM's K into partial products added in the
+# model dtype, as a server's small-M split-K configs do to fill the machine.
+STOCK_SPLITS = ((2, 4), (8, 2))
 
 
 def route(
@@ -87,9 +86,10 @@ def _cpu_experts_bi(x: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: t
 def _stock_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``a @ w.T`` as a server's grouped GEMM tiles it for ``len(a)`` rows: for few rows, split-K partial products
     added up in the output dtype (as a split-K kernel's atomic adds into its output do, here in a fixed order)."""
-    if a.shape[0] > STOCK_SPLIT_MAX_TOKENS:
+    splits = next((s for most, s in STOCK_SPLITS if a.shape[0] <= most), 1)
+    if splits == 1:
         return a @ w.t()
-    parts = [ac @ wc.t() for ac, wc in zip(a.chunk(STOCK_SPLITS, dim=1), w.chunk(STOCK_SPLITS, dim=1), strict=True)]
+    parts = [ac @ wc.t() for ac, wc in zip(a.chunk(splits, dim=1), w.chunk(splits, dim=1), strict=True)]
     return sum_in_order(parts)
 
 

@@ -11,7 +11,7 @@ import torch
 
 from detaudit.engine.llm import Engine, EngineConfig
 from detaudit.engine.sequence import SamplingParams, Sequence
-from detaudit.tiny import ARCHS
+from detaudit.tiny import ARCHS, MOE_ARCHS
 
 PROMPT = [{"role": "user", "content": "def fibonacci(n):"}]
 OTHERS = ["import os", "class Vector:\n    def __init__(self, x, y):", "Tell me about Richard Feynman " * 6, "x = 1"]
@@ -171,3 +171,32 @@ def test_a_kv_cache_that_cannot_be_allocated_is_a_usage_error(tiny_model_dir):
 
     with pytest.raises(UsageError, match="does not fit in cpu memory"):
         Engine(EngineConfig(str(tiny_model_dir), dtype="float32", max_batch=10**11, max_batched_tokens=10**11))
+
+
+@pytest.mark.parametrize("arch", list(MOE_ARCHS))
+def test_moe_alone_vs_in_batch_and_decode_vs_prefill_bitwise(arch_dirs, arch):
+    """Mixture-of-Experts layers with bundled kernels: per-step logprobs alone == in a batch, decode == re-prefill,
+    bitwise, though the batch changes how many tokens each expert gets; stock kernels see other bits."""
+    alone, in_batch = _alone_and_in_batch(arch_dirs[arch], "batch-invariant")
+    for seq in in_batch:
+        assert seq.output_ids == alone.output_ids and seq.logprobs == alone.logprobs
+    decoded, prefilled = _decode_vs_prefill(arch_dirs[arch], "batch-invariant")
+    assert decoded == prefilled
+    stock_alone, stock_in_batch = _alone_and_in_batch(arch_dirs[arch], "stock")
+    assert any(seq.logprobs != stock_alone.logprobs for seq in stock_in_batch)
+
+
+def test_moe_weights_drawn_at_load(tmp_path, capsys):
+    """`tiny-model --weights-at-load` writes no weights; the engine draws the same seeded ones at every load."""
+    from detaudit.cli.app import main
+
+    path = tmp_path / "m"
+    main(["tiny-model", str(path), "--arch", "qwen3-moe", "--seed", "5", "--weights-at-load"])
+    assert "weights drawn at load" in capsys.readouterr().out
+    assert not list(path.glob("*.safetensors")) and (path / "config.json").is_file()
+    runs = []
+    for _ in range(2):
+        eng = _engine(path, "batch-invariant")
+        runs.append(eng.generate([eng.encode_chat(PROMPT)], SamplingParams(max_tokens=6, ignore_eos=True))[0])
+    assert runs[0].output_ids == runs[1].output_ids and runs[0].logprobs == runs[1].logprobs
+    assert eng.spec.num_experts == 8 and eng.spec.moe_layers == frozenset(range(4))
