@@ -15,9 +15,10 @@
 # kernels: benchmarks/kernels.py (matmul vs cuBLAS and TML's matmul_persistent from .third_party/tml, row-wise
 #          bandwidth, attention decode vs flash), JSON under $OUT/kernels
 # tune:    benchmarks/kernel_tuning_h200.py (TUNE_ONLY sections), its candidates compiled first by $WARM processes
-# moe:     Mixture-of-Experts on a Qwen3-30B-A3B-shaped random model (PRESET=qwen3-30b-a3b; weights drawn on the
-#          device at load): tests/gpu/test_moe_gpu.py, benchmarks/kernels.py --only moe (bi vs stock grouped GEMMs),
-#          then benchmarks/engine.py N target requests stock vs batch-invariant under `single` load ($MOE_ARGS)
+# moekernels: tests/gpu/test_moe_gpu.py, then benchmarks/kernels.py --only moe (one Qwen3-30B-A3B layer's experts:
+#          bi vs the stock grouped GEMMs)
+# moe:     benchmarks/engine.py on a Qwen3-30B-A3B-shaped random model (PRESET=qwen3-30b-a3b: weights drawn on the
+#          device at load): N target requests, batch-invariant then stock, under `single` load ($MOE_ARGS)
 # profile: benchmarks/engine_profile.py: a decode step's time and kernels, stock vs batch-invariant ($PROFILE_ARGS,
 #          e.g. "--batches '' --mixed 32,96,128" for the steps that mix decode and prefill)
 set -u
@@ -127,13 +128,14 @@ for step in $STEPS; do
         timeout "${TUNE_S:-$(left)}" python3 benchmarks/kernel_tuning_h200.py --out "$OUT" ${TUNE_ARGS:-} \
             --only "${TUNE_ONLY:-matmul,attention,softmax}" \
             2>&1 | tee "$OUT/tuning.log" ;;
-    moe)
+    moekernels)
         repo=$(pwd)
-        (cd /tmp && PYTHONPATH=$PYTHONPATH:$repo/tests timeout 240 python3 -m pytest -q -p no:cacheprovider \
+        (cd /tmp && PYTHONPATH=$PYTHONPATH:$repo/tests timeout 240 python3 -m pytest -q -s -p no:cacheprovider \
             --noconftest -rfE "$repo/tests/gpu/test_moe_gpu.py") 2>&1 | tee "$OUT/moe_gpu_tests.log"
-        timeout 150 python3 benchmarks/kernels.py --out /tmp/kmoe --only moe 2>&1 | tee "$OUT/moe_kernels.txt" \
-            | grep -v '^{'
-        cp /tmp/kmoe/kernels.json "$OUT/moe_kernels.json"
+        timeout "$(left)" python3 benchmarks/kernels.py --out /tmp/kmoe --only moe 2>&1 \
+            | tee "$OUT/moe_kernels.txt" | grep -v '^{'
+        cp /tmp/kmoe/kernels.json "$OUT/moe_kernels.json" ;;
+    moe)
         build_model
         # shellcheck disable=SC2086
         timeout "$(left)" python3 benchmarks/engine.py --out /tmp/ebmoe --model "$MODEL" $MOE_ARGS 2>&1 \
