@@ -97,7 +97,10 @@ def _grouped_kernel(
     pairs = tl.load(sorted_ptr + offs_m)
     valid = pairs < num_pairs
     pairs = tl.where(valid, pairs, 0)
-    rows = (pairs // top_k) if GATHER_TOKENS else pairs
+    if GATHER_TOKENS:
+        rows = pairs // top_k
+    else:
+        rows = pairs
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     k_per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
