@@ -258,6 +258,13 @@ def bench_attention(batches: list[int], ctxs: list[int]) -> list[dict[str, Any]]
     return rows
 
 
+def _moe_candidates() -> list[Any]:
+    """Fixed configs timed beside the bi path's own (triton_moe.BI), to pick it from data."""
+    from detaudit.kernels.triton_moe import MoeConfig
+
+    return [MoeConfig(64, 64, 64, 1, 4, 4), MoeConfig(64, 128, 128, 1, 8, 3), MoeConfig(128, 128, 64, 1, 8, 3)]
+
+
 def bench_moe(tokens: list[int]) -> list[dict[str, Any]]:
     """Qwen3-30B-A3B's MoE layer: ms of the experts' grouped GEMMs and of the whole op, bi vs stock (graph replays)."""
     from detaudit.kernels import triton_moe
@@ -271,6 +278,7 @@ def bench_moe(tokens: list[int]) -> list[dict[str, Any]]:
     w2 = torch.randn(e, h, inter, device=dev, generator=g).mul_(inter**-0.5).to(dt_)
     weight_bytes = (w13.numel() + w2.numel()) * 2
     rows = []
+    candidates = _moe_candidates()
     for t in tokens:
         x = torch.randn(t, h, device=dev, generator=g).to(dt_)
         ids, _ = route(x, router, k, True, batch_invariant=True)
@@ -281,6 +289,15 @@ def bench_moe(tokens: list[int]) -> list[dict[str, Any]]:
             experts(), whole()  # compile and run the one-time checks outside the graph capture
             row[f"experts_{name}_ms"] = _bench(experts)
             row[f"moe_{name}_ms"] = _bench(whole)
+        for cfg in candidates:  # other fixed configs for the bi path: time, and whether they give its bits
+            name = "x".join(map(str, (cfg.bm, cfg.bn, cfg.bk))) + f"_w{cfg.warps}s{cfg.stages}"
+            cand = lambda x=x, ids=ids, cfg=cfg: triton_moe.experts(  # noqa: E731
+                x, ids, w13, w2, batch_invariant=True, config=cfg
+            )
+            row[f"experts_bi_{name}_ms"] = _bench(cand)
+            row[f"experts_bi_{name}_same_bits"] = bool(
+                torch.equal(cand(), triton_moe.experts(x, ids, w13, w2, batch_invariant=True))
+            )
         row["experts_ratio"] = row["experts_stock_ms"] / row["experts_bi_ms"]
         row["moe_ratio"] = row["moe_stock_ms"] / row["moe_bi_ms"]
         hit_bytes = weight_bytes * row["experts_hit"] / e

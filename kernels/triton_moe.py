@@ -197,14 +197,20 @@ def grouped_mm(
 
 
 def experts(
-    x: torch.Tensor, ids: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor, *, batch_invariant: bool
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    *,
+    batch_invariant: bool,
+    config: MoeConfig | None = None,
 ) -> torch.Tensor:
     """[T, k, H]: expert ``ids[t, j]``'s SwiGLU output for token t; w13 [E, 2I, H] (gate rows, then up rows), w2
-    [E, H, I]."""
+    [E, H, I]. ``config`` replaces the batch-invariant path's fixed config (benchmarks time candidates with it)."""
     t, k = ids.shape
     num_experts, inter = w13.shape[0], w2.shape[2]
     if batch_invariant:
-        cfg1 = cfg2 = _INTERP if INTERPRET else BI
+        cfg1 = cfg2 = config or (_INTERP if INTERPRET else BI)
     else:
         cfg1 = stock_config(t, k, num_experts, x.shape[1])
         cfg2 = stock_config(t, k, num_experts, inter)
