@@ -42,6 +42,16 @@ def arch_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         },
     )
     (dirs["llama3-rope"] / "config.json").write_text(json.dumps(cfg))
+    # Qwen3-MoE with dense layers among the sparse ones: decoder_sparse_step 2 and mlp_only_layers [3] leave only
+    # layer 1 sparse (layers 0, 2 and 3 have a dense MLP of intermediate_size).
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    moe_cfg = AutoConfig.from_pretrained(dirs["qwen3-moe"])
+    moe_cfg.decoder_sparse_step, moe_cfg.mlp_only_layers = 2, [3]
+    dirs["qwen3-moe-dense-layers"] = root / "qwen3-moe-dense-layers"
+    shutil.copytree(dirs["qwen3-moe"], dirs["qwen3-moe-dense-layers"], ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(moe_cfg).save_pretrained(dirs["qwen3-moe-dense-layers"])
     return dirs
 
 
@@ -51,12 +61,14 @@ def _engine(model: Path, kernels: str = "stock", dtype: str = "bfloat16", **kw) 
     return Engine(EngineConfig(str(model), device="cpu", dtype=dtype, kernels=kernels, **cfg))
 
 
-@pytest.mark.parametrize("arch", [*ARCHS, "llama3-rope"])
+@pytest.mark.parametrize("arch", [*ARCHS, "llama3-rope", "qwen3-moe-dense-layers"])
 def test_matches_transformers_fp32(arch_dirs, arch):
     """Own model code == the transformers module: same greedy tokens, logprobs within fp32 noise."""
     from transformers import AutoModelForCausalLM
 
     eng = _engine(arch_dirs[arch], dtype="float32")
+    if arch in MOE_ARCHS or arch.startswith("qwen3-moe"):
+        assert eng.spec.moe_layers == ({1} if arch == "qwen3-moe-dense-layers" else set(range(4)))
     ids = eng.encode_chat(PROMPT)
     seq = eng.generate([ids], SamplingParams(max_tokens=12, ignore_eos=True, top_logprobs=3))[0]
     hf = AutoModelForCausalLM.from_pretrained(arch_dirs[arch], dtype=torch.float32).eval()
