@@ -19,7 +19,8 @@ weights and the KV cache each step must read at the measured copy bandwidth, or 
 matmul rate, whichever is longer, summed over the phase's steps; and the wall time as a multiple of it.
 
 No weights can be downloaded on the benchmark machines: the model is a random-weight one of the preset's shapes,
-built here with detaudit.tiny (detaudit tiny-model).
+built here with detaudit.tiny (detaudit tiny-model); a Mixture-of-Experts preset (qwen3-30b-a3b) builds a Qwen3-MoE,
+with --weights-at-load drawn on the device as the engine loads (too big to write).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch
 from detaudit.audit.workload import CONTROL, build_workload, drive
 from detaudit.engine.llm import Engine, EngineConfig
 from detaudit.engine.sequence import SamplingParams
-from detaudit.tiny import build_tiny_model
+from detaudit.tiny import PRESETS, build_tiny_model
 
 PROMPT = "Tell me about Richard Feynman"
 
@@ -116,22 +117,27 @@ def log_steps(eng: Engine) -> list[tuple[int, int, int, int]]:
 def floor(eng: Engine, steps: list[tuple[int, int, int, int]], ceil: dict[str, float]) -> dict[str, float]:
     """The phase's physical floor: per step, max(bytes / copy bandwidth, FLOPs / matmul rate), summed. Bytes: every
     weight but the embedding (whose gathered rows are negligible) plus the KV cache read and written; FLOPs: the
-    linear layers on the step's tokens (the lm_head on one row per sequence) and attention's two products."""
+    linear layers on the step's tokens (the lm_head on one row per sequence) and attention's two products. A
+    Mixture-of-Experts layer reads the experts its tokens pick (as many as uniform routing of tokens x top-k picks
+    would hit on average: a random model's router is near uniform) and computes top-k of them per token."""
     s = eng.spec
     d, lay, width = s.head_dim, s.num_layers, s.num_heads * s.head_dim
-    layer = (
-        s.hidden_size * (width + 2 * s.num_kv_heads * d)
-        + width * s.hidden_size
-        + 3 * s.hidden_size * s.intermediate_size
-    )
+    attn = s.hidden_size * (width + 2 * s.num_kv_heads * d) + width * s.hidden_size
+    moe, dense = len(s.moe_layers), lay - len(s.moe_layers)
+    mlp, expert, router = 3 * s.hidden_size * s.intermediate_size, 3 * s.hidden_size * s.moe_intermediate_size, 0
+    if moe:
+        router = s.num_experts * s.hidden_size
     head = s.hidden_size * s.vocab_size
     elt = 2  # bf16
     kv_token = 2 * lay * s.num_kv_heads * d * elt
     bw, peak = ceil["copy_GBps"] * 1e9, ceil["mm8192_bf16_TFLOPs"] * 1e12
     mem = comp = total = 0.0
     for seqs, tokens, keys, pairs in steps:
-        t_mem = ((lay * layer + head) * elt + (keys + tokens) * kv_token) / bw
-        t_comp = (2 * lay * layer * tokens + 2 * head * seqs + 4 * lay * s.num_heads * d * pairs) / peak
+        hit = s.num_experts * (1 - (1 - 1 / s.num_experts) ** (tokens * s.num_experts_per_tok)) if moe else 0
+        weights = lay * attn + dense * mlp + moe * (hit * expert + router) + head
+        t_mem = (weights * elt + (keys + tokens) * kv_token) / bw
+        per_token = lay * attn + dense * mlp + moe * (s.num_experts_per_tok * expert + router)
+        t_comp = (2 * per_token * tokens + 2 * head * seqs + 4 * lay * s.num_heads * d * pairs) / peak
         mem, comp, total = mem + t_mem, comp + t_comp, total + max(t_mem, t_comp)
     return {"floor_s": round(total, 3), "bytes_s": round(mem, 3), "flops_s": round(comp, 3), "steps": len(steps)}
 
@@ -314,7 +320,13 @@ def hf_phase(model: Path, args: argparse.Namespace) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--preset", default="qwen3-1.7b")
+    ap.add_argument("--preset", default="qwen3-1.7b", help="a model-named MoE preset (qwen3-30b-a3b) builds qwen3-moe")
+    ap.add_argument(
+        "--weights-at-load",
+        action="store_true",
+        help="write no weights: the engine draws random ones on the device as it loads (tiny-model --weights-at-load; "
+        "needed for qwen3-30b-a3b, 61 GB in bf16; no hf phase then)",
+    )
     ap.add_argument("--model", type=Path, help="an existing model directory (else one of --preset's shape is built)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("-n", type=int, default=1000)
@@ -361,8 +373,14 @@ def main() -> None:
         print(json.dumps(result), flush=True)
 
     t0 = time.perf_counter()
+    arch = "qwen3-moe" if "num_experts" in PRESETS[args.preset] else "qwen3"
     model = args.model or build_tiny_model(
-        args.out / "model", "qwen3", preset=args.preset, dtype="bfloat16", device=args.device
+        args.out / "model",
+        arch,
+        preset=args.preset,
+        dtype="bfloat16",
+        device=args.device,
+        weights_at_load=args.weights_at_load,
     )
     result["model_build_s"] = round(time.perf_counter() - t0, 1)
     args.model_dir = model

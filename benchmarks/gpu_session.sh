@@ -19,6 +19,10 @@
 # kernels: benchmarks/kernels.py (matmul vs cuBLAS and TML's matmul_persistent from .third_party/tml, row-wise
 #          bandwidth, attention decode vs flash), JSON under $OUT/kernels
 # tune:    benchmarks/kernel_tuning_h200.py (TUNE_ONLY sections), its candidates compiled first by $WARM processes
+# moekernels: tests/gpu/test_moe_gpu.py, then benchmarks/kernels.py --only moe (one Qwen3-30B-A3B layer's experts:
+#          bi vs the stock grouped GEMMs)
+# moe:     benchmarks/engine.py on a Qwen3-30B-A3B-shaped random model (PRESET=qwen3-30b-a3b: weights drawn on the
+#          device at load): N target requests, batch-invariant then stock, under `single` load ($MOE_ARGS)
 # profile: benchmarks/engine_profile.py: a decode step's time and kernels, stock vs batch-invariant ($PROFILE_ARGS,
 #          e.g. "--batches '' --mixed 32,96,128" for the steps that mix decode and prefill)
 set -u
@@ -27,6 +31,8 @@ STEPS=${STEPS:-"probe rescore engine"}
 ENGINE_ARGS=${ENGINE_ARGS:-"-n 1000 --max-tokens 100 --scenario single --max-batch 128 --max-batched-tokens 2048 \
 --phases batch-invariant,stock,offline-batch-invariant,offline-stock"}
 LOCAL_N=${LOCAL_N:-1000}
+MOE_ARGS=${MOE_ARGS:-"-n 1000 --max-tokens 100 --scenario single --max-batch 128 --max-batched-tokens 2048 \
+--phases batch-invariant,stock"}
 PRESET=${PRESET:-qwen3-8b}
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
@@ -53,8 +59,12 @@ SH
 MODEL=/tmp/model-$PRESET
 build_model() {
     [ -d "$MODEL" ] && return 0
-    timeout 240 detaudit tiny-model "$MODEL" --arch qwen3 --preset "$PRESET" --dtype bfloat16 --device cuda 2>&1 \
-        | tee -a "$OUT/model.log"
+    local arch=qwen3 extra=""
+    # The MoE preset is 61 GB in bf16: written as config + tokenizer, its weights drawn by the engine as it loads.
+    [ "$PRESET" = qwen3-30b-a3b ] && arch=qwen3-moe extra=--weights-at-load
+    # shellcheck disable=SC2086
+    timeout 240 detaudit tiny-model "$MODEL" --arch $arch --preset "$PRESET" --dtype bfloat16 --device cuda $extra \
+        2>&1 | tee -a "$OUT/model.log"
 }
 
 for step in $STEPS; do
@@ -134,6 +144,19 @@ for step in $STEPS; do
         timeout "${TUNE_S:-$(left)}" python3 benchmarks/kernel_tuning_h200.py --out "$OUT" ${TUNE_ARGS:-} \
             --only "${TUNE_ONLY:-matmul,attention,softmax}" \
             2>&1 | tee "$OUT/tuning.log" ;;
+    moekernels)
+        repo=$(pwd)
+        (cd /tmp && PYTHONPATH=$PYTHONPATH:$repo/tests timeout 240 python3 -m pytest -q -s -p no:cacheprovider \
+            --noconftest -rfE "$repo/tests/gpu/test_moe_gpu.py") 2>&1 | tee "$OUT/moe_gpu_tests.log"
+        timeout "$(left)" python3 benchmarks/kernels.py --out /tmp/kmoe --only moe 2>&1 \
+            | tee "$OUT/moe_kernels.txt" | grep -v '^{'
+        cp /tmp/kmoe/kernels.json "$OUT/moe_kernels.json" ;;
+    moe)
+        build_model
+        # shellcheck disable=SC2086
+        timeout "$(left)" python3 benchmarks/engine.py --out /tmp/ebmoe --model "$MODEL" $MOE_ARGS 2>&1 \
+            | tee /tmp/moe_engine_bench.log | grep -v '^{'
+        cp /tmp/ebmoe/engine_bench.json "$OUT/moe_engine_bench.json" ;;
     profile)
         build_model
         # shellcheck disable=SC2086
