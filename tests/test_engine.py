@@ -71,9 +71,10 @@ def test_matches_transformers_fp32(arch_dirs, arch):
 
 def _alone_and_in_batch(model: Path, kernels: str) -> tuple[Sequence, list[Sequence]]:
     """The target request alone, then among others arriving over time under several token budgets, which cut
-    its prompt into chunks at different places (as load does on a server)."""
+    its prompt into chunks at different places (as load does on a server). No prefix cache: every run of the target
+    computes its whole prompt (with it, the later runs start past the first run's blocks; test_prefix_cache.py)."""
     params = SamplingParams(max_tokens=24, ignore_eos=True)
-    eng = _engine(model, kernels)
+    eng = _engine(model, kernels, prefix_cache=False)
     target = eng.encode_chat(PROMPT)
     alone = eng.generate([target], params)[0]
     others = [eng.encode_chat([{"role": "user", "content": t}]) for t in OTHERS]
