@@ -76,7 +76,8 @@ def test_cache_dependent_endpoint_with_proof(scripted_server, capsys, tmp_path) 
     assert g.code == 1, g.out + g.err
     assert "FAIL require-cache-invariant cold = warm: p0 cache-dependent" in g.out
     md = (tmp_path / "gate.md").read_text()
-    assert "**Prefix cache**" in md and "warm cache asked; 4 of 4 answers hit the cache (4 reported" in md
+    assert "**Prefix cache**" in md
+    assert "warm cache asked; 4 of 4 answers hit the cache (4 reported cached\\_tokens, 4 tokens): warm, as asked" in md
     rep = cli(capsys, "report", out, "--html", tmp_path / "report.html")
     assert rep.code == 0, rep.err
     html = (tmp_path / "report.html").read_text()

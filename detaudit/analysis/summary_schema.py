@@ -247,9 +247,10 @@ class PromptCache(_Doc):
         "`unverified` (the endpoint reports no cached_tokens); `contradicted`: otherwise (a warm arm that missed, "
         "a cold arm that hit, a mixed arm)"
     )
-    cold_method: Literal["cache_salt", "nonce"] | None = Field(
-        description="how cold arms were made cold: a `cache_salt` per request, or a `nonce` line before the prompt "
-        "(the model then read a different prompt); null without a cold arm"
+    cold_method: Literal["cache_salt", "reset", "nonce"] | None = Field(
+        description="how cold arms were made cold: a `cache_salt` per request, a `reset` of the prefix cache before "
+        "each request, or a `nonce` line before the prompt (the model then read a different prompt); null without "
+        "a cold arm"
     )
     same_completion: bool | None = Field(
         description="whether the most frequent completion of the cold arms (pooled) is that of the warm arms; null "

@@ -6,10 +6,12 @@ warm. A cache arm asks for one state and the answers' `usage.prompt_tokens_detai
 that it got it (analysis/cache_evidence.py).
 
 - **cold**: each request gets its own `cache_salt` (vLLM: a salt isolates the request's cache entries) when the
-  capability probe saw the endpoint honour it; otherwise a unique nonce line is put before the prompt, so no prefix
-  of it was ever seen. The nonce is a hash of the run id and the sample index; it is never part of the prompt the
-  run records (prompt ids, texts and `content_key` stay those of the prompt), but it does change what the model
-  reads, which the verdict reason says.
+  capability probe saw the endpoint honour it; else, when the probe saw `POST /reset_prefix_cache` empty the cache
+  (vLLM's dev route, `detaudit serve`), that is sent before each cold request (race-free at concurrency 1 only: a
+  request of a loaded arm may still find what another one cached since, which its cached_tokens then show);
+  otherwise a unique nonce line is put before the prompt, so no prefix of it was ever seen. The nonce is a hash
+  of the run id and the sample index; it is never part of the prompt the run records (prompt ids, texts and
+  `content_key` stay those of the prompt), but it does change what the model reads, which the verdict reason says.
 - **warm**: before the arm's first request, the same request body is sent once per prompt with `max_tokens` 1 and
   its answer dropped (not recorded); with a honoured salt the warm arm uses one salt of its own, so only that
   warm-up (and the arm's own requests) warmed it.
@@ -45,9 +47,12 @@ def nonce(run_id: str, sample_index: int) -> str:
 
 
 def cold_body(body: dict[str, Any], api: str, run_id: str, sample_index: int, method: str) -> dict[str, Any]:
-    """The request body of one cold sample: its own cache_salt (method "cache_salt"), or a nonce line before the
-    prompt (method "nonce": the first chat message, or the completions prompt)."""
+    """The request body of one cold sample: its own cache_salt (method "cache_salt"), the body as it is (method
+    "reset": the cache is emptied before it is sent), or a nonce line before the prompt (method "nonce": the first
+    chat message, or the completions prompt)."""
     key = nonce(run_id, sample_index)
+    if method == "reset":
+        return body
     if method == "cache_salt":
         return {**body, "cache_salt": f"detaudit-cold-{key}"}
     line = NONCE_LINE.format(nonce=key)

@@ -142,8 +142,9 @@ async def probe_cache(
 ) -> dict[str, Any]:
     """Whether the endpoint reports prefix-cache hits (usage.prompt_tokens_details.cached_tokens) and honours vLLM's
     cache_salt: the same new prompt twice (the second should hit), then once more with a salt of its own (a miss
-    when the salt is honoured). `cold` is how a run's cold arms are made: "cache_salt" only when it was seen to
-    work, else "nonce"."""
+    when the salt is honoured); failing that, whether POST /reset_prefix_cache (vLLM's dev route, `detaudit
+    serve`'s) empties the cache. `cold` is how a run's cold arms are made: "cache_salt" or "reset" only when it was
+    seen to work, else "nonce"."""
     extra = dict(extra_body or {})
     extra.pop("cache_salt", None)
     tag = secrets.token_hex(8)
@@ -176,6 +177,12 @@ async def probe_cache(
         out["cache_salt"] = "rejected"
     elif salted.completion.cached_tokens == 0:
         out["cache_salt"], out["cold"] = "honoured", "cache_salt"
+        return out
     else:
         out["cache_salt"] = "ignored"
+    out["reset"] = await client.reset_prefix_cache()
+    if out["reset"]:
+        after = await client.call(api, body())
+        if after.completion is not None and after.completion.cached_tokens == 0:
+            out["cold"] = "reset"
     return out

@@ -263,6 +263,8 @@ class _Runner:
                     return
                 await self._rate_wait(manifest.params.rate)
                 body = body_of(prompt_pos, repeat)
+                if arm.cache == "cold" and method == "reset":
+                    await client.reset_prefix_cache()
                 res = await client.call(manifest.target.api, body, stream=self.req.stream, slot=slot)
                 row = _row(manifest, prompt_pos, arm_pos, repeat, res)
                 if recorder.add(row):
@@ -402,6 +404,8 @@ def _cold_note(cache_probe: Mapping[str, Any]) -> str:
     """How the cold arms were made cold, and what that means for comparing them with the warm ones."""
     if cache_probe.get("cold") == "cache_salt":
         return "cold arms: every request carried its own cache_salt (the probe saw the endpoint honour it)."
+    if cache_probe.get("cold") == "reset":
+        return "cold arms: POST /reset_prefix_cache emptied the endpoint's prefix cache before every request."
     return (
         "cold arms: every request's prompt began with its own nonce line (the endpoint did not show that it honours "
         "cache_salt), so the model read a slightly different prompt in cold arms than in warm ones"
