@@ -81,7 +81,8 @@ A prefix cache (``cache=dict(...)``; None, the default, has none and reports not
 prompt text (its first line a `detaudit run` cold nonce or not) came before with the same ``cache_salt``. Keys:
 ``report`` (default True: usage carries ``prompt_tokens_details.cached_tokens``, ``hit_tokens`` (default 4) of the
 7 prompt tokens on a hit, else 0; False: it caches but says nothing), ``salt`` (default True: ``cache_salt``
-separates cache entries, as vLLM's does; False: ignored), ``value`` (report exactly this as cached_tokens on every
+separates cache entries, as vLLM's does; False: ignored), ``reset`` (default False: True serves vLLM's
+``POST /reset_prefix_cache``, which empties the cache), ``value`` (report exactly this as cached_tokens on every
 answer, whatever it is: a hostile server; with ``prompts``, only to requests for those prompt texts). The schedule
 key of a prompt leaves a leading cold nonce line out.
 
@@ -265,6 +266,7 @@ class ScriptedServer:
         self.cache_report = bool(c.pop("report", True)) if c is not None else False
         self.cache_salt = bool(c.pop("salt", True)) if c is not None else False
         self.cache_hit_tokens = int(c.pop("hit_tokens", 4)) if c is not None else 0
+        self.cache_reset = bool(c.pop("reset", False)) if c is not None else False
         self.cache_value: Any = c.pop("value", None) if c is not None else None
         self.cache_forced = c is not None and self.cache_value is not None
         forced_prompts = c.pop("prompts", None) if c is not None else None
@@ -395,6 +397,10 @@ class ScriptedServer:
             await _json(send, 401, _err("Incorrect API key provided.", "invalid_request_error", "invalid_api_key"))
             return
         if path in ("/health", "/v1/health"):
+            await _json(send, 200, {"status": "ok"})
+            return
+        if path == "/reset_prefix_cache" and method == "POST" and self.cache_reset:
+            self.cached.clear()
             await _json(send, 200, {"status": "ok"})
             return
         if path == "/v1/models" and method == "GET":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from runhelp import FEYNMAN, NYC, QUEENS, cli
 
@@ -162,6 +163,36 @@ def test_ignored_salt_falls_back_to_nonces(scripted_server, capsys, tmp_path) ->
     prompt = _summary(out)["prompts"][0]
     # nonces keep the cold arm cold even so
     assert [a["cache"]["evidence"] for a in prompt["arms"]] == ["cold", "warm"]
+
+
+def test_reset_route_makes_cold_arms_cold(scripted_server, capsys, tmp_path) -> None:
+    server = scripted_server(
+        completions={"Q": QUEENS, "N": NYC},
+        schedules={FEYNMAN: {"cold": "Q", "warm": "N"}},
+        cache={"salt": False, "reset": True},
+    )
+    out = tmp_path / "run"
+    assert _run(capsys, server, out).code == 0
+    manifest = load_manifest(out)
+    assert (manifest.probe["cache"]["cache_salt"], manifest.probe["cache"]["cold"]) == ("ignored", "reset")
+    assert all(b["messages"][-1]["content"] == FEYNMAN and "cache_salt" not in b for b in _prompt_bodies(server))
+    prompt = _summary(out)["prompts"][0]
+    assert [a["cache"]["evidence"] for a in prompt["arms"]] == ["cold", "warm"]
+    assert prompt["verdict"] == "cache-dependent" and prompt["cache"]["cold_method"] == "reset"
+
+
+def test_evidence_states() -> None:
+    from detaudit.analysis.cache_evidence import arm_evidence
+
+    def state(asked: str, cached: list[int]) -> str:
+        return arm_evidence(asked, np.array(cached, dtype=np.int64)).evidence  # type: ignore[arg-type]
+
+    assert state("cold", [0, 0, 0]) == "cold" and state("warm", [5, 1, 9]) == "warm"
+    assert state("warm", [5, 0, 9]) == "mixed"  # one miss: no "most rows" threshold
+    assert state("warm", [5, -1, 9]) == "mixed" and state("cold", [0, -1]) == "mixed"  # -1: not reported
+    assert state("warm", [-1, -1]) == "unverified" and state("cold", []) == "unverified"
+    e = arm_evidence("warm", np.array([5, 0, 9, -1]))
+    assert (e.rows, e.reporting, e.hits, e.cached_tokens_min, e.cached_tokens_max) == (4, 3, 2, 0, 9)
 
 
 def test_warm_arm_that_misses_contradicts(scripted_server, capsys, tmp_path) -> None:

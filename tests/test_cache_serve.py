@@ -2,9 +2,9 @@
 reported, /reset_prefix_cache for cold), stock kernels against the bundled ones; and `transformers serve`, which
 reports no cached_tokens (the cache state is unverified, and the report and gate say so).
 
-Why float32 for `detaudit serve`: on CPU, stock bf16 answers bitwise the same cold and warm (docs/engine.md, "Prefix
-cache on CPU"), while MKL's float32 GEMM reduces a warm prefill's few suffix rows in another order than the cold
-prefill's full prompt: the same tokens with logprobs some 5e-7 apart."""
+Why float32 for `detaudit serve`: on CPU, stock bf16 answers bitwise the same cold and warm (docs/gate.md,
+"Prefix-cache invariance"), while MKL's float32 GEMM reduces a warm prefill's few suffix rows in another order than
+the cold prefill's full prompt: the same tokens with logprobs some 5e-7 apart."""
 
 from __future__ import annotations
 
