@@ -158,6 +158,21 @@ CudaGraphs = Annotated[
 MaxBatch = Annotated[int, typer.Option("--max-batch", help="Sequences per engine step.")]
 MaxBatchedTokens = Annotated[int, typer.Option("--max-batched-tokens", help="Token budget per step (chunks prompts).")]
 MaxModelLen = Annotated[int, typer.Option("--max-model-len", help="Longest prompt + completion the KV cache holds.")]
+PrefixCache = Annotated[
+    bool,
+    typer.Option(
+        "--prefix-cache/--no-prefix-cache",
+        help="Reuse the KV blocks of prompt prefixes already computed, as servers do (on by default).",
+    ),
+]
+KvBlocks = Annotated[
+    int | None,
+    typer.Option(
+        "--kv-blocks",
+        help="KV-cache blocks of 16 tokens in all (default: --max-batch sequences of --max-model-len); fewer "
+        "forces eviction and preemption.",
+    ),
+]
 Port = Annotated[int, typer.Option("--port", help="TCP port.")]
 
 # ---------------------------------------------------------------------------- torch: tiny-model, probe kernels
