@@ -36,14 +36,14 @@ def _serve(model: Path, kernels: str, log_dir: Path) -> tuple[subprocess.Popen, 
 
 def _run(capsys, base: str, model: Path, out: Path, *extra: object) -> dict:
     r = cli(
-        capsys, "run", "--base-url", base, "--model", model, "-p", PROMPT, "-n", 3, "--max-tokens", 8,
+        capsys, "run", "--base-url", base, "--model", model, "-p", PROMPT, "-n", 2, "--max-tokens", 4,
         "--cache", "cold,warm", "--out", out, *extra,
     )  # fmt: skip
     assert r.code == 0, r.err
     return json.loads((out / "summary.json").read_text())
 
 
-def test_detaudit_serve_stock_is_cache_dependent_bundled_is_not(tiny_model_dir, tmp_path, capsys) -> None:
+def test_detaudit_serve_stock_logprobs_move_cold_vs_warm_bundled_do_not(tiny_model_dir, tmp_path, capsys) -> None:
     servers = [_serve(tiny_model_dir, k, tmp_path) for k in ("stock", "batch-invariant")]
     try:
         for proc, base, log in servers:
