@@ -256,3 +256,34 @@ def test_dry_run_shows_the_cache_arms(capsys) -> None:
 def test_bad_cache_states_are_refused(capsys, bad) -> None:
     r = cli(capsys, "run", "--base-url", "http://127.0.0.1:9/v1", "-p", "hi", "--cache", bad, "--dry-run")
     assert r.code == 2 and "--cache" in r.err
+
+
+def test_resume_resends_failed_cache_samples_in_their_arms(scripted_server, capsys, tmp_path) -> None:
+    server = scripted_server(
+        completions={"Q": QUEENS, "N": NYC},
+        schedules={FEYNMAN: {"cold": "Q", "warm": "N"}},
+        cache={},
+        faults={"first": ["500", "500"], "prompts": [FEYNMAN]},
+    )
+    out = tmp_path / "run"
+    assert _run(capsys, server, out, "--retries", 0).code == 0
+    assert [r["arm"] for r in read_samples(out).to_pylist() if r["status"] == "error"] == ["c1-cold", "c1-cold"]
+    r = cli(capsys, "run", "--resume", "--base-url", server.base_url, "--out", out)
+    assert r.code == 0, r.err
+    manifest = load_manifest(out)
+    assert [(a.name, a.cache) for a in manifest.arms] == [("c1-cold", "cold"), ("c1-warm", "warm")]
+    rows = read_samples(out).to_pylist()
+    assert {r["status"] for r in rows} == {"ok"}
+    assert sorted((r["arm"], r["cached_tokens"]) for r in rows) == [("c1-cold", 0)] * 4 + [("c1-warm", 4)] * 4
+    assert _summary(out)["prompts"][0]["verdict"] == "cache-dependent"
+
+
+def test_probe_endpoint_reports_the_cache(scripted_server, capsys) -> None:
+    server = scripted_server(completions={"Q": QUEENS}, default="Q", cache={"salt": False, "reset": True})
+    r = cli(capsys, "probe", "endpoint", "--base-url", server.base_url, "--api", "chat", "--cache", "--json")
+    assert r.code == 0, r.err
+    cache = json.loads(r.out)["apis"]["chat"]["cache"]
+    assert cache["cached_tokens"] == [0, 4] and cache["cache_salt"] == "ignored"
+    assert (cache["reset"], cache["cold"]) == (True, "reset")
+    r = cli(capsys, "probe", "endpoint", "--base-url", server.base_url, "--api", "chat", "--cache")
+    assert "cold arms made by" in r.out and "reset" in r.out

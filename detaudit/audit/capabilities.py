@@ -124,9 +124,17 @@ async def probe_endpoint(
     model: str | None,
     apis: tuple[Api, ...] = ("chat", "completions"),
     extra_body: Mapping[str, Any] | None = None,
+    cache: bool = False,
 ) -> dict[str, Any]:
-    """Probe each API in `apis`; the result is stored as manifest.probe and printed by `detaudit probe endpoint`."""
-    return {"model": model, "apis": {api: await probe_api(client, api, model, extra_body) for api in apis}}
+    """Probe each API in `apis` (with `cache`, its prefix cache too, as `probe_cache`); printed by `detaudit probe
+    endpoint`."""
+    out: dict[str, Any] = {"model": model, "apis": {}}
+    for api in apis:
+        res = await probe_api(client, api, model, extra_body)
+        if cache and res["ok"]:
+            res["cache"] = await probe_cache(client, api, model, extra_body)
+        out["apis"][api] = res
+    return out
 
 
 # Long enough to fill a few cache blocks of any common size (vLLM's 16 tokens, our engine's), short enough for a
