@@ -171,8 +171,9 @@ def show_dry_run(req: RunRequest, console: Console) -> None:
     if req.cache:
         lines.append(
             "cache arms: the probe also asks whether the endpoint reports usage.prompt_tokens_details.cached_tokens "
-            "and honours cache_salt; cold requests then get a cache_salt each, else a nonce line before the prompt "
-            '("[detaudit nonce <16 hex>]"); warm arms first send each prompt once with max_tokens 1 (unrecorded)'
+            "and honours cache_salt or POST /reset_prefix_cache; cold requests then get a cache_salt each, else a "
+            'reset before each, else a nonce line before the prompt ("[detaudit nonce <16 hex>]"); warm arms first '
+            "send each prompt once with max_tokens 1 (unrecorded)"
         )
     for line in lines:
         console.print(safe(line), highlight=False, markup=False, soft_wrap=True)
