@@ -143,6 +143,7 @@ class Cell:
     truncated: int = 0  # ok answers that ended without a stated reason: not compared
     numeric: str | None = None  # logprobs varying among identical completions, in words
     cache: str | None = None  # a cache arm's evidence (cached_tokens), in words
+    cache_state: str | None = None  # the cache state a cache arm asked for ("cold", "warm")
 
     @property
     def asked(self) -> int:
@@ -403,10 +404,11 @@ def _cell(run: RunInfo, arm: ArmSummary) -> Cell:
         token_view_note=note,
         fingerprints=_fingerprints(arm),
         modal_text=arm.completions[0].text if arm.completions else None,
-        load=arm_words(run.kind, arm_name(arm), arm.concurrency),
+        load=arm_words(run.kind, arm_name(arm), arm.concurrency, arm.cache.asked if arm.cache else None),
         truncated=arm.truncated,
         numeric=numeric_text(arm),
         cache=cache_text(arm),
+        cache_state=arm.cache.asked if arm.cache else None,
     )
 
 

@@ -78,6 +78,7 @@ def test_cache_dependent_endpoint_with_proof(scripted_server, capsys, tmp_path) 
     assert "FAIL require-cache-invariant cold = warm: p0 cache-dependent" in g.out
     md = (tmp_path / "gate.md").read_text()
     assert "**Prefix cache**" in md
+    assert "gave **1 distinct completion** of 4 ok (one request at a time, cold cache), **1** of 4 ok (one " in md
     assert "warm cache asked; 4 of 4 answers hit the cache (4 reported cached\\_tokens, 4 tokens): warm, as asked" in md
     rep = cli(capsys, "report", out, "--html", tmp_path / "report.html")
     assert rep.code == 0, rep.err
