@@ -64,5 +64,6 @@ def run_load(eng: Engine, *, seed: int, n: int, prompt_len: int, max_tokens: int
     out.crossings = sum(
         s.cached_tokens + first_chunk[s.seq_id] < len(s.prompt_ids) for s in out.targets if s.seq_id in first_chunk
     )
-    out.refs_left = [r for r in eng.scheduler.blocks._refs if r]
+    blocks = eng.scheduler.blocks
+    out.refs_left = [r for r in map(blocks.users, range(blocks.num_blocks)) if r]
     return out

@@ -172,3 +172,12 @@ def test_a_kv_cache_that_cannot_be_allocated_is_a_usage_error(tiny_model_dir):
 
     with pytest.raises(UsageError, match="does not fit in cpu memory"):
         Engine(EngineConfig(str(tiny_model_dir), dtype="float32", max_batch=10**11, max_batched_tokens=10**11))
+
+
+def test_too_few_kv_blocks_for_one_sequence_is_a_usage_error(tiny_model_dir):
+    """Preemption makes room by taking blocks back; a sequence that cannot fit alone could never run."""
+    from detaudit.errors import UsageError
+
+    with pytest.raises(UsageError, match="--kv-blocks 15 cannot hold one sequence of --max-model-len 256"):
+        _engine(tiny_model_dir, kv_blocks=15)
+    assert _engine(tiny_model_dir, kv_blocks=16).info()["kv_blocks"] == 16

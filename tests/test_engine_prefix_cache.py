@@ -41,7 +41,7 @@ def _run(s: Scheduler, *seqs: Sequence) -> None:
 
 
 def _all_free(s: Scheduler) -> bool:
-    return s.blocks.num_free == s.blocks.num_blocks and s.blocks._refs == [0] * s.blocks.num_blocks
+    return s.blocks.num_free == s.blocks.num_blocks and all(s.blocks.users(b) == 0 for b in range(s.blocks.num_blocks))
 
 
 def test_hashes_chain_over_full_blocks_only():
@@ -95,7 +95,7 @@ def test_a_running_sequence_shares_its_blocks_and_refcounts_return_to_zero():
     _, num_new = _step(s)
     assert second.cached_tokens == 16 and num_new == [1, 3]
     assert second.block_table[:4] == first.block_table[:4]
-    assert all(s.blocks._refs[b] == 2 for b in first.block_table[:4])
+    assert all(s.blocks.users(b) == 2 for b in first.block_table[:4])
     _run(s)
     assert _all_free(s)
 

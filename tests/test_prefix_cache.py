@@ -59,3 +59,22 @@ def test_stock_kernels_under_the_same_load_give_other_logprobs(tiny_model_dir):
     cold = {tuple(s.logprobs) for s in load.targets if s.cached_tokens == 0}
     warm = {tuple(s.logprobs) for s in load.targets if s.cached_tokens}
     assert warm - cold  # some warm copy differs from every cold one
+
+
+@pytest.mark.parametrize("block", [1, 16])
+def test_any_block_size_any_chunking_past_the_hit(tiny_model_dir, block):
+    """Blocks of one token (every token but the last a hit) and of 16, the part past the hit computed whole or in
+    chunks of 1 and 5: the same bits as the prompt computed alone without a cache."""
+    from detaudit.engine.sequence import SamplingParams
+
+    prompt = list(range(100, 140))
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    kw = dict(block_size=block, kv_blocks=None, max_model_len=64)
+    ref = _engine(tiny_model_dir, "batch-invariant", prefix_cache=False, **kw).generate([prompt], params)[0]
+    for budget in (64, 5, 1):
+        eng = _engine(tiny_model_dir, "batch-invariant", max_batched_tokens=max(budget, 8), **kw)
+        eng.scheduler.max_batched_tokens = budget
+        eng.generate([prompt[:17] + [7, 7]], params)  # warms the first 17 tokens' full blocks
+        seq = eng.generate([prompt], params)[0]
+        assert seq.cached_tokens == 17 // block * block
+        assert (seq.output_ids, seq.logprobs) == (ref.output_ids, ref.logprobs)

@@ -32,6 +32,10 @@ class BlockManager:
         """Blocks a sequence can be given now: never-cached ones and unused cached ones (evicted on the way)."""
         return len(self._free) + (self.index.num_unused if self.index is not None else 0)
 
+    def users(self, block: int) -> int:
+        """How many sequences hold `block` (its reference count)."""
+        return self._refs[block]
+
     def cached_prefix(self, seq: Sequence) -> list[Hit]:
         """The cached blocks of `seq`'s longest prefix of full blocks, stopping short of its last token: that one
         is always computed, for its logits. Nothing for score-only sequences (a rescore prefills everything)."""

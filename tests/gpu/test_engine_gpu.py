@@ -110,7 +110,7 @@ def test_stock_engine_runs_with_graphs(model_dir: Path) -> None:
 @pytest.mark.parametrize("preset", ["tiny", "qwen3-8b"])
 def test_prefix_cache_changes_no_bit_with_graphs(model_dir: Path, preset: str, tmp_path: Path) -> None:
     """Issue #17 on CUDA with CUDA graphs: 200 copies of a 100-token prompt among fillers that extend it, cut it
-    inside a block or share nothing, with flushes, a 64-token budget and 48 KV blocks (eviction, preemption): every
+    inside a block or share nothing, with flushes, a 32-token budget and 32 KV blocks (eviction, preemption): every
     copy equals the prompt computed alone without a cache, bitwise; stock kernels under the same load do not agree.
     The 8B-shaped model comes from $DETAUDIT_GPU_MODEL_8B (benchmarks/gpu_session.sh builds it) or is built here."""
     import os
@@ -127,7 +127,7 @@ def test_prefix_cache_changes_no_bit_with_graphs(model_dir: Path, preset: str, t
                                                              dtype="bfloat16", device="cuda")  # fmt: skip
 
     def engine(kernels: str, **kw):  # noqa: ANN202
-        cfg = dict(max_batch=16, max_batched_tokens=64, max_model_len=256, kv_blocks=48, cuda_graphs=True)
+        cfg = dict(max_batch=16, max_batched_tokens=32, max_model_len=256, kv_blocks=32, cuda_graphs=True)
         cfg.update(kw)
         return Engine(EngineConfig(str(model), device="cuda", dtype="bfloat16", kernels=kernels, **cfg))
 
