@@ -326,11 +326,7 @@ def cache_rule(summary: RunSummary) -> RuleResult:
             rule.checks.append(Check(p.prompt_id, False, "has no ok samples in both a cold and a warm arm"))
             rule.judged = False
         elif cache.evidence != "verified":
-            why = {
-                "unverified": "unverified (no cached_tokens reported)",
-                "contradicted": "contradicted by cached_tokens",
-            }
-            rule.checks.append(Check(p.prompt_id, False, f"cache state {why[cache.evidence]}"))
+            rule.checks.append(Check(p.prompt_id, False, f"cache state {_CACHE_WORDS[cache.evidence]}"))
             rule.judged = False
         else:
             passed = p.verdict not in CACHE_VERDICTS
