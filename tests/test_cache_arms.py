@@ -288,3 +288,13 @@ def test_probe_endpoint_reports_the_cache(scripted_server, capsys) -> None:
     assert (cache["reset"], cache["cold"]) == (True, "reset")
     r = cli(capsys, "probe", "endpoint", "--base-url", server.base_url, "--api", "chat", "--cache")
     assert "cold arms made by" in r.out and "reset" in r.out
+
+
+def test_streamed_answers_carry_cached_tokens(scripted_server, capsys, tmp_path) -> None:
+    server = scripted_server(completions={"Q": QUEENS}, default="Q", cache={})
+    out = tmp_path / "run"
+    assert _run(capsys, server, out, "--stream", n=2).code == 0
+    rows = read_samples(out).to_pylist()
+    assert sorted((r["arm"], r["cached_tokens"]) for r in rows) == [("c1-cold", 0)] * 2 + [("c1-warm", 4)] * 2
+    warmups = [b for b in _prompt_bodies(server) if b.get("max_tokens") == 1]
+    assert len(warmups) == 1 and "stream" not in warmups[0] and "stream_options" not in warmups[0]
