@@ -93,7 +93,8 @@ def _tokens(lo: int, hi: int) -> dict:
 def test_invariant_endpoint_passes_the_gate(scripted_server, capsys, tmp_path) -> None:
     server = scripted_server(completions={"Q": QUEENS}, default="Q", cache={})
     out = tmp_path / "run"
-    assert _run(capsys, server, out).code == 0
+    r = _run(capsys, server, out, "--gate", "require-cache-invariant")
+    assert r.code == 0 and "PASS require-cache-invariant" in r.err
     prompt = _summary(out)["prompts"][0]
     assert prompt["verdict"] == "deterministic", prompt["verdict_reason"]
     assert prompt["cache"]["same_completion"] and prompt["cache"]["shared_vectors"] == 1
