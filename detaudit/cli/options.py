@@ -104,6 +104,15 @@ Concurrency = Annotated[
         help="In-flight requests; a comma list gives one arm per value, run one after another (e.g. 1,64).",
     ),
 ]
+Cache = Annotated[
+    str | None,
+    typer.Option(
+        "--cache",
+        help="Prefix-cache arms: cold, warm or cold,warm; one arm per state for each --concurrency value "
+        "(c1-cold, c1-warm, ...). Cold: a cache_salt per request where the endpoint honours it, else a nonce line "
+        "before the prompt; warm: the prompt sent first (1 token, unrecorded). usage cached_tokens is the proof.",
+    ),
+]
 Rate = Annotated[float | None, typer.Option("--rate", help="Cap on requests per second.")]
 MaxResponseBytes = Annotated[
     int,

@@ -81,6 +81,13 @@ def create_app(engine: Engine, *, model_name: str, max_queue: int = 1024) -> Fas
     async def health() -> dict[str, Any]:
         return {"status": "ok", **core.load()}
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> dict[str, Any]:
+        """vLLM's route: forget every cached prefix, so the next requests are computed cold (`detaudit run --cache
+        cold` sends it before each cold request when no cache_salt is honoured)."""
+        await core.flush_prefix_cache()
+        return {"status": "ok"}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         card = {
