@@ -105,10 +105,12 @@ for step in $STEPS; do
             -s -p no:cacheprovider --noconftest "$repo/tests/gpu/test_engine_gpu.py") 2>&1 \
             | tee "$OUT/engine_gpu_tests.log" ;;
     gputests)
-        # Every GPU test (kernels and engine), 4 workers; tests/ on the path for its helper modules.
+        # Every GPU test (kernels and engine), 4 workers; tests/ on the path for its helper modules; the 8B-shaped
+        # model of the prefix-cache test built once (shared with the engine and prefix steps).
+        build_model
         repo=$(pwd)
-        (cd /tmp && PYTHONPATH=$PYTHONPATH:$repo/tests timeout 420 python3 -m pytest -q -n 4 -p no:cacheprovider \
-            --noconftest -rfE "$repo/tests/gpu") 2>&1 | tee "$OUT/gpu_tests.log" ;;
+        (cd /tmp && DETAUDIT_GPU_MODEL_8B=$MODEL PYTHONPATH=$PYTHONPATH:$repo/tests timeout "$(( $(left) < 420 ? $(left) : 420 ))" python3 -m pytest -q \
+            -n 4 -p no:cacheprovider --noconftest -rfE "$repo/tests/gpu") 2>&1 | tee "$OUT/gpu_tests.log" ;;
     prefix)
         build_model
         for k in ${PREFIX_SHARED:-0 2048}; do
