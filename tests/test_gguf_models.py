@@ -76,6 +76,16 @@ def test_the_second_load_is_a_cache_hit(smollm2_dir: Path):
     assert (weights.stat().st_ino, weights.stat().st_mtime_ns) == before
 
 
+def test_the_loading_line_says_when_the_first_load_converts(smollm2_dir: Path, tmp_path: Path, monkeypatch):
+    from detaudit.engine.llm import EngineConfig
+
+    assert EngineConfig("smollm2").loading_message() == "loading smollm2 (stock kernels)"  # converted already
+    monkeypatch.setenv("DETAUDIT_CACHE_DIR", str(tmp_path))
+    assert EngineConfig("smollm2").loading_message() == (
+        f"loading smollm2 (stock kernels, converting {_gguf().name} once into {tmp_path / 'models'} (about a minute))"
+    )
+
+
 def test_a_killed_conversion_leaves_no_model_behind(tmp_path: Path):
     """The conversion writes into a temporary directory renamed into place at the end: killed while it runs, it
     leaves no directory under the hash that a later load would take for a finished model."""
