@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from detaudit.engine.config import RANDOM_WEIGHTS, RANDOM_WEIGHTS_KEY
 from detaudit.errors import UsageError
 
 ARCHS = ("qwen3", "qwen2", "llama", "mistral", "qwen3-moe", "mixtral")
@@ -130,6 +131,7 @@ def model_config(arch: str, preset: str, tokenizer: Any, max_position_embeddings
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
+        **{RANDOM_WEIGHTS_KEY: True},  # read by the engine (ModelSpec.random_weights): runs and reports say so
         **shape,
     )
 
@@ -163,8 +165,6 @@ def build_tiny_model(
     tokenizer = build_tokenizer(vocab_size)
     config = model_config(arch, preset, tokenizer, max_position_embeddings)
     if weights_at_load:
-        from detaudit.engine.config import RANDOM_WEIGHTS
-
         config.dtype = dtype
         out.mkdir(parents=True, exist_ok=True)
         config.save_pretrained(out)

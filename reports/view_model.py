@@ -209,6 +209,8 @@ def _run_info(path: Path, manifest: RunManifest, summary: RunSummary, label: str
     meta.append(("system_fingerprint", ", ".join(fingerprints) if fingerprints else "not reported"))
     for note in [*manifest.notes, *summary.notes]:
         meta.append(("note", note))
+    if t.engine.get("random_weights") is True:
+        meta.append(("note", RANDOM_WEIGHTS_NOTE))
     agreement = summary.agreement
     earliest = summary.earliest_fork
     samples = summary.samples
@@ -234,6 +236,10 @@ def _run_info(path: Path, manifest: RunManifest, summary: RunSummary, label: str
     )
 
 
+RANDOM_WEIGHTS_NOTE = (
+    "random weights: the model is a test model with untrained weights (detaudit tiny-model), so its text means "
+    "nothing; only where and how often the completions fork matters"
+)
 _ENGINE_FIRST = ("kernels", "dtype", "device", "gpu", "torch", "triton", "engine", "scenarios", "seed")
 
 

@@ -25,6 +25,7 @@ RANDOM_WEIGHTS = "detaudit_random_weights.json"
 DTYPES = ("bfloat16", "float16", "float32")
 KERNELS = ("stock", "batch-invariant")
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+RANDOM_WEIGHTS_KEY = "detaudit_random_weights"  # in config.json of a model whose weights were drawn, not trained
 
 
 @dataclass(frozen=True)
@@ -52,13 +53,20 @@ class ModelSpec:
     norm_topk_prob: bool = False
     moe_layers: frozenset[int] = frozenset()
     random_weights_seed: int | None = None  # RANDOM_WEIGHTS: draw weights at load with this seed
+    # A test model (detaudit.tiny marks its config.json, or its weights are drawn at load): its text means nothing.
+    random_weights: bool = False
 
 
 def resolve_model(model: str) -> Path:
-    """A local directory (made absolute, so a run's manifest names it from any working directory); a hub id
-    ("org/name") through the hub cache/download. Unknown paths are exit 2."""
+    """A local directory (made absolute, so a run's manifest names it from any working directory); a GGUF file or
+    a packaged GGUF model's short name (`smollm2`), converted once into the user's cache (engine.gguf_convert); a
+    hub id ("org/name") through the hub cache/download. Unknown paths are exit 2."""
     if not model.strip():
-        raise UsageError("--model is empty: give a model directory or a hub id")
+        raise UsageError("--model is empty: give a model directory, a .gguf file or a hub id")
+    from detaudit.engine.gguf_convert import is_gguf_model, resolve_gguf
+
+    if is_gguf_model(model) and not Path(model).expanduser().is_dir():
+        return resolve_gguf(model)
     path = Path(model).expanduser()
     if path.is_dir():
         return path.resolve()
@@ -120,6 +128,7 @@ def load_spec(model_dir: Path) -> ModelSpec:
         sliding_window=cfg.get("sliding_window") if use_window else None,
         eos_token_ids=eos_ids,
         random_weights_seed=random_seed,
+        random_weights=bool(cfg.get(RANDOM_WEIGHTS_KEY, False)) or random_seed is not None,
         **_moe_fields(mtype, cfg),
     )
 

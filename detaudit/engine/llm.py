@@ -9,6 +9,7 @@ from typing import Any
 from detaudit import __version__
 from detaudit.engine.block_manager import BlockManager
 from detaudit.engine.config import check_device_dtype, load_spec, resolve_model
+from detaudit.engine.gguf_convert import first_load_note, gguf_source
 from detaudit.engine.scheduler import ScheduledBatch, Scheduler
 from detaudit.engine.sequence import SamplingParams, Sequence
 from detaudit.errors import UsageError
@@ -31,7 +32,7 @@ class EngineConfig:
     def loading_message(self) -> str:
         """What a command shows while the engine starts: with graph capture a cold GPU start takes about a minute."""
         graphs = ", capturing CUDA graphs" if self.cuda_graphs and self.device.startswith("cuda") else ""
-        return f"loading {self.model} ({self.kernels} kernels{graphs})"
+        return f"loading {self.model} ({self.kernels} kernels{graphs}{first_load_note(self.model)})"
 
 
 class StepError(Exception):
@@ -249,6 +250,8 @@ class Engine:
             "triton": triton_version,
             "transformers": _transformers_version(),
             "model_path": str(self.spec.path),
+            "gguf": gguf_source(self.spec.path),  # the GGUF file a converted model came from, with its SHA-256
+            "random_weights": self.spec.random_weights,
             "architecture": self.spec.model_type,
             "max_batch": self.cfg.max_batch,
             "max_batched_tokens": self.cfg.max_batched_tokens,
