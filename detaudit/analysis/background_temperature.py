@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Literal
 
 import numpy as np
@@ -341,8 +342,11 @@ def _crossing(f: Callable[[float], float], start: float) -> float:
     return math.exp(0.5 * (a + b))
 
 
-def estimate(obs: Observations) -> BackgroundTemperature:
-    """T_bg by maximum likelihood with its 95 % interval, or the 95 % upper bound when nothing flipped."""
+def estimate(obs: Observations, level: float = 0.95) -> BackgroundTemperature:
+    """T_bg by maximum likelihood with its 95 % interval, or the 95 % upper bound when nothing flipped (`level`:
+    another confidence level, for compare's difference of two runs)."""
+    two_sided = DEVIANCE_TWO_SIDED if level == 0.95 else NormalDist().inv_cdf(0.5 + level / 2) ** 2
+    no_flip = -2.0 * math.log(1.0 - level)
     counts = dict(
         trials=obs.trials,
         flips=obs.flips,
@@ -360,7 +364,7 @@ def estimate(obs: Observations) -> BackgroundTemperature:
         top = lik.value(math.inf)
 
         def beyond(beta: float) -> float:
-            return 2.0 * (top - lik.value(beta)) - DEVIANCE_NO_FLIP
+            return 2.0 * (top - lik.value(beta)) - no_flip
 
         if beyond(0.0) <= 0:
             return BackgroundTemperature("upper-bound", 0.0, 0.0, math.inf, **counts)
@@ -369,7 +373,7 @@ def estimate(obs: Observations) -> BackgroundTemperature:
     best = lik.value(beta_hat)
 
     def inside(beta: float) -> float:  # > 0 inside the interval
-        return DEVIANCE_TWO_SIDED - 2.0 * (best - lik.value(beta))
+        return two_sided - 2.0 * (best - lik.value(beta))
 
     beta_up = _crossing(inside, beta_hat if beta_hat > 0 else scale)
     beta_low = 0.0 if inside(0.0) > 0 else _crossing(lambda beta: -inside(beta), beta_hat)

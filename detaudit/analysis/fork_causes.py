@@ -15,8 +15,9 @@ labels (several may apply; docs/background_temperature.md has the method):
   when that chance is below alpha.
 - `fingerprint`: the branches split by system_fingerprint: a permutation test (chi-square statistic) of branch
   against fingerprint, with Cramer's V as the effect.
-- `cache`: the same against the cold/warm cache state, permuting within each arm (cache state follows the arm
-  by design: the first request of an arm is the cold one).
+- `cache`: the same against the cold/warm cache state, permuting among samples of equal concurrency (so load
+  does not pass for cache; a cold arm and a warm arm of one concurrency are compared with each other, and within
+  a load arm the first, cold request with the warm rest).
 - `time`: the branches cluster in time within an arm: the Kolmogorov-Smirnov distance between the start times
   of the modal branch's samples and the others', averaged over arms weighted by samples, against a permutation
   of the branches within each arm (between arms, time differs by design: arms run one after another). It
@@ -111,7 +112,7 @@ def label_forks(samples: Samples, forks: Sequence[ForkRows], config: CauseConfig
                 _near_tie(fork, config),
                 _load(samples, fork, config),
                 _categorical("fingerprint", samples.fingerprint, None, fork, config, rng),
-                _categorical("cache", samples.cache, np.asarray(samples.arm), fork, config, rng),
+                _categorical("cache", samples.cache, np.asarray(samples.concurrency), fork, config, rng),
                 _time(samples, fork, config, rng),
             )
             if e is not None

@@ -58,6 +58,14 @@ def gate_command(
             "--max-unique-increase", help="Unique count grows by at most D over the baseline (needs --baseline)."
         ),
     ] = None,
+    max_background_temperature: Annotated[
+        float | None,
+        typer.Option(
+            "--max-background-temperature",
+            help="Every arm's background temperature T_bg (docs/background_temperature.md) is at most T; without "
+            "top-k logprobs in the run: cannot judge (exit 3).",
+        ),
+    ] = None,
     junit: Annotated[Path | None, typer.Option("--junit", help="Write the rules as JUnit XML test cases here.")] = None,
     md: Annotated[Path | None, typer.Option("--md", help="Write the Markdown verdict and report here.")] = None,
 ) -> None:
@@ -76,6 +84,7 @@ def gate_command(
         require_same_modal=require_same_modal,
         max_unique_increase=max_unique_increase,
         baseline=baseline,
+        max_background_temperature=max_background_temperature,
     )
     result, manifest, summary = run_gate(run, thresholds)
     publish_gate(result, run, manifest, summary, junit=junit, md=md)
@@ -121,7 +130,9 @@ def publish_gate(
     failed = sum(1 for r in result.rules if not r.passed)
     rules = f"{len(result.rules)} rule{'' if len(result.rules) == 1 else 's'}"
     if result.exit_code == EXIT_ENDPOINT:
-        raise EndpointError(f"gate cannot judge {run}: too many endpoint errors")
+        errors = any(not r.judged and r.rule != "max-background-temperature" for r in result.rules)
+        why = "too many endpoint errors" if errors else "the background temperature needs top-k logprobs"
+        raise EndpointError(f"gate cannot judge {run}: {why}")
     if failed:
         raise GateFailed(f"gate failed: {failed} of {rules}")
     console.print(f"gate passed: {rules}", style="green", highlight=False, markup=False)
