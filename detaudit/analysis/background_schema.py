@@ -21,6 +21,9 @@ class Temperature(_Doc):
         '`"upper-bound"` (nothing flipped: T_bg = 0 and the exact one-sided 95% upper bound) or `"needs-logprobs"` '
         "(no position with two or more top-k candidates: T_bg needs top-k logprobs)"
     )
+    samples: int = Field(
+        description="samples scored: every compared one, or a prompt × arm's first ones up to 2^24 top-k values"
+    )
     estimate: float | None = Field(description="T_bg by maximum likelihood; 0 for an upper bound; null: needs logprobs")
     lower: float | None = Field(description="lower end of the 95% interval (0 for an upper bound)")
     upper: float | None = Field(

@@ -52,7 +52,7 @@ class _Side:
         self.path = run_dir
         self.manifest = load_run_manifest(run_dir)
         self.summary, self.seqs, self.dec, self.pooled = analyze(self.manifest, RunDirReader(run_dir))
-        self.observations = run_observations(RunDirReader(run_dir), self.seqs)
+        self.observations = run_observations(RunDirReader(run_dir), self.seqs, self.manifest)
         self.prompts = {p.prompt_id: p for p in self.summary.prompts}
 
     def header(self) -> dict[str, Any]:
