@@ -1,7 +1,10 @@
 """Validation of the background temperature (#18) on the local engine sampling a model at known temperatures.
 
     python benchmarks/background_temperature_engine.py --out benchmarks/background_temperature_engine.json
-    python benchmarks/background_temperature_engine.py --model DIR --samples 16 --trials 30 --out /tmp/bt.json
+    python benchmarks/background_temperature_engine.py --model smollm2 --kernels stock --samples 16 --trials 10 \
+        --load-samples 0 --out benchmarks/background_temperature_smollm2.json
+    python benchmarks/background_temperature_engine.py --model smollm2 --device cuda --samples 16,64 --trials 60,30 \
+        --out benchmarks/background_temperature_smollm2_h200.json                                  # on a GPU
 
 Known temperatures: for every T in --temperatures and N in --samples, --trials trials each draw N samples of one
 prompt (a prompt per trial) at temperature T from the engine (fp32, batch-invariant kernels, a seed per sample;
@@ -72,13 +75,13 @@ def cell(eng, temperature: float, n: int, trials: int, first: int, max_tokens: i
     return out
 
 
-def load_run(model: Path, out: Path, kernels: str, n: int, max_tokens: int) -> dict:
+def load_run(model: Path, out: Path, kernels: str, n: int, max_tokens: int, device: str) -> dict:
     """`detaudit local` at temperature 0, serial and mixed (16 in flight); the summary's T_bg per arm."""
     detaudit_main(
         ["local", "--model", str(model), "--kernels", kernels, "--out", str(out), "--prompt",
          "Tell me about Richard Feynman", "-n", str(n), "--scenario", "serial,mixed", "--max-tokens",
          str(max_tokens), "--max-batch", "16", "--max-batched-tokens", "32", "--dtype", "bfloat16",
-         "--top-logprobs", "20"]
+         "--top-logprobs", "20", "--device", device]
     )  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     bg = summary["background"]
@@ -95,6 +98,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, help="a model directory (default: a sharpened tiny random qwen3)")
     ap.add_argument("--sharpen", type=float, default=10.0)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--kernels", default="batch-invariant", help="stock serves too: a trial's N samples share batches")
     ap.add_argument("--temperatures", default="1e-4,1e-3,1e-2,0.05")
     ap.add_argument("--samples", default="4,16,64")
     ap.add_argument("--trials", default="40,60,15", help="trials per cell, one per --samples value (or one for all)")
@@ -117,7 +122,7 @@ def main() -> None:
     ns = [int(n) for n in args.samples.split(",")]
     trials = [int(t) for t in args.trials.split(",")]
     trials = trials * len(ns) if len(trials) == 1 else trials
-    eng = engine(model)
+    eng = engine(model, max_batch=max(ns), device=args.device, kernels=args.kernels)
     cells, first = [], 0
     for n, r in zip(ns, trials, strict=True):
         for t in temps:
@@ -128,7 +133,7 @@ def main() -> None:
     loads = []
     if args.load_samples:
         for kernels in ("batch-invariant", "stock"):
-            loads.append(load_run(load_model, work / kernels, kernels, args.load_samples, args.max_tokens))
+            loads.append(load_run(load_model, work / kernels, kernels, args.load_samples, args.max_tokens, args.device))
             print(json.dumps(loads[-1]), flush=True)
     doc = {
         "benchmark": "background_temperature_engine",
@@ -136,7 +141,7 @@ def main() -> None:
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "python": sys.version},
         "torch": torch.__version__,
         "model": str(args.model) if args.model else f"tiny random qwen3, output layer x{args.sharpen:g}",
-        "engine": {"device": "cpu", "dtype": "float32", "kernels": "batch-invariant", "top_k": args.top_k},
+        "engine": {"device": args.device, "dtype": "float32", "kernels": args.kernels, "top_k": args.top_k},
         "max_tokens": args.max_tokens,
         "cells": cells,
         "coverage": {

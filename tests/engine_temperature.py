@@ -42,14 +42,16 @@ def sharpen(model_dir: Path, scale: float) -> Path:
     return model_dir
 
 
-def engine(model_dir: Path, max_batch: int = 64) -> Engine:
-    """The engine the validation samples with: fp32, batch-invariant kernels, CPU."""
+def engine(model_dir: Path | str, max_batch: int = 64, device: str = "cpu", kernels: str = "batch-invariant") -> Engine:
+    """The engine the validation samples with: fp32, batch-invariant kernels by default. Stock kernels serve too
+    when all N samples of a trial fit one batch (max_batch >= N): they then decode in lockstep, every step one batch
+    of the same N rows, so the samples that share a prefix get the same logits."""
     return Engine(
         EngineConfig(
             str(model_dir),
-            device="cpu",
+            device=device,
             dtype="float32",
-            kernels="batch-invariant",
+            kernels=kernels,
             max_batch=max_batch,
             max_batched_tokens=max(2048, max_batch),
         )
