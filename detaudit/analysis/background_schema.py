@@ -41,11 +41,13 @@ class Temperature(_Doc):
         """In words, as the terminal, the report and the gate say it."""
         if self.kind == "needs-logprobs":
             return "needs top-k logprobs"
+        outside = f"; {self.outside_top_k} choices outside the top-k not scored" if self.outside_top_k else ""
         if self.kind == "upper-bound":
             bound = "unbounded" if self.upper is None else f"≤ {self.upper:.3g}"
-            return f"{bound} (no flip in {self.trials} trials, 95% upper bound)"
+            return f"{bound} (no flip in {self.trials} trials, 95% upper bound{outside})"
         upper = "∞" if self.upper is None else f"{self.upper:.3g}"
-        return f"{self.estimate:.3g} (95% {self.lower:.3g}–{upper}; {self.flips} flips in {self.trials} trials)"
+        flips = f"{self.flips} flips in {self.trials} trials{outside}"
+        return f"{self.estimate:.3g} (95% {self.lower:.3g}–{upper}; {flips})"
 
 
 class ArmTemperature(_Doc):
