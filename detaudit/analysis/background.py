@@ -53,6 +53,9 @@ META_COLUMNS = ["system_fingerprint", "started_at", "cached_tokens"]
 # Top-k values read for T_bg per prompt x arm: its first samples up to this many (~100 MiB while observed), so a run
 # of 1000 samples x 1000 tokens x top-20 is read whole and a larger one is not held in memory at once.
 TOPK_BUDGET = 1 << 24
+# Forks labelled per prompt, those with the most departures: a run where every sample differs has about one fork a
+# sample, and the shares are carried by the large ones.
+LABELLED_FORKS = 1000
 ArmRows = list[tuple[str, int | None, np.ndarray]]  # (arm, concurrency, table rows) of one prompt
 
 
@@ -163,6 +166,7 @@ class _PromptPlan:
     prompt_id: str
     forks: list[_Fork]
     causes: list[ForkCause]
+    forks_total: int
 
 
 @dataclass
@@ -210,7 +214,8 @@ class BackgroundPlan:
             prompts=[
                 PromptCauses(
                     prompt_id=p.prompt_id,
-                    forks_total=len(p.causes),
+                    forks_total=p.forks_total,
+                    forks_labelled=len(p.causes),
                     departures=sum(c.departures for c in p.causes),
                     shares=divergence_shares(p.causes),
                 )
@@ -228,18 +233,28 @@ def _cache_state(cached: list[Any], arm_cache: list[str | None]) -> list[str | N
     return [("warm" if c > 0 else "cold") if c is not None else a for c, a in zip(cached, arm_cache, strict=True)]
 
 
-def _forks(seqs: Sequences, row_u: np.ndarray, reader: SampleReader, rows: np.ndarray) -> list[_Fork]:
-    """The forks of the trie of these rows' completions (all arms pooled), with each row's branch; the margin read
-    on the most frequent branch that continues past the fork (one row's top-k, as the summary's forks)."""
+def _forks(seqs: Sequences, row_u: np.ndarray, reader: SampleReader, rows: np.ndarray) -> tuple[list[_Fork], int]:
+    """The forks of the trie of these rows' completions (all arms pooled), with each row's branch: the LABELLED_FORKS
+    with the most departures (then the shallowest), and the number of forks in all. The margin is read on the most
+    frequent branch that continues past the fork (one row's top-k, as the summary's forks)."""
     uniq = np.unique(row_u)
     if len(uniq) < 2:
-        return []
+        return [], 0
     srt = np.argsort(seqs.rank[uniq], kind="stable")
     su = uniq[srt]
     place = _place(su, row_u)
+    cum = np.r_[0, np.cumsum(np.bincount(place, minlength=len(su)))]  # rows on sorted completions [0, i)
+    every = find_forks(lcp_pairs(seqs, su[:-1], su[1:]))
+
+    def departures(f: Any) -> int:
+        counts = [int(cum[b + 1] - cum[a]) for a, b in f.children]
+        return sum(counts) - max(counts)
+
+    kept = sorted(every, key=lambda f: (-departures(f), f.position))[:LABELLED_FORKS]
+    order = np.argsort(place, kind="stable")
     found = []
-    for f in find_forks(lcp_pairs(seqs, su[:-1], su[1:])):
-        inside = np.flatnonzero((place >= f.first) & (place <= f.last))
+    for f in kept:
+        inside = order[cum[f.first] : cum[f.last + 1]]
         starts = np.array([a for a, _ in f.children])
         branch = np.searchsorted(starts, place[inside], side="right") - 1
         counts = np.bincount(branch, minlength=len(starts))
@@ -251,10 +266,11 @@ def _forks(seqs: Sequences, row_u: np.ndarray, reader: SampleReader, rows: np.nd
     if margin_rows:
         lps = _rows_2d(*_values(reader.rows(rows[margin_rows], ["top_logprobs"]).column("top_logprobs")))
         record = dict(zip(margin_rows, lps, strict=True))
-    return [
+    forks = [
         _Fork(ForkRows(pos, _margin(record[at], pos) if at >= 0 else None, inside, branch), children, prefix_of)
         for pos, inside, branch, at, children, prefix_of in found
     ]
+    return forks, len(every)
 
 
 def _values(col: pa.ChunkedArray) -> tuple[pa.ListArray, np.ndarray]:
@@ -333,9 +349,9 @@ def plan_background(
             started_at=_seconds(meta.column("started_at").to_pylist()),
             cache=_cache_state(meta.column("cached_tokens").to_pylist(), [arm_cache.get(a) for a in arm_of]),
         )
-        forks = _forks(seqs, seqs.row_seq[rows], reader, rows)
+        forks, total = _forks(seqs, seqs.row_seq[rows], reader, rows)
         causes = label_forks(samples, [f.rows for f in forks], config)
-        prompts.append(_PromptPlan(p, forks, causes))
+        prompts.append(_PromptPlan(p, forks, causes, total))
         for f, _ in _listed(forks, causes, limits):
             needed.add(f.prefix_of)
             needed.update(f.children_first[: limits.branches])

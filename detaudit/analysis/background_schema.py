@@ -93,7 +93,10 @@ class ForkCauseEntry(_Doc):
 class PromptCauses(_Doc):
     prompt_id: str = Field(description="the prompt")
     forks_total: int = Field(description="forks of its trie, all arms pooled")
-    departures: int = Field(description="its divergence: departures summed over its forks")
+    forks_labelled: int = Field(
+        description="forks labelled: all of them, or the 1000 with the most departures (the shares count these)"
+    )
+    departures: int = Field(description="its divergence: departures summed over its labelled forks")
     shares: dict[str, float] | None = Field(
         description="cause → share of its departures at forks carrying that label; null when nothing diverged"
     )
