@@ -346,7 +346,7 @@ def estimate(obs: Observations, level: float = 0.95) -> BackgroundTemperature:
     """T_bg by maximum likelihood with its 95 % interval, or the 95 % upper bound when nothing flipped (`level`:
     another confidence level, for compare's difference of two runs)."""
     two_sided = DEVIANCE_TWO_SIDED if level == 0.95 else NormalDist().inv_cdf(0.5 + level / 2) ** 2
-    no_flip = -2.0 * math.log(1.0 - level)
+    no_flip = DEVIANCE_NO_FLIP if level == 0.95 else -2.0 * math.log(1.0 - level)
     counts = dict(
         trials=obs.trials,
         flips=obs.flips,
