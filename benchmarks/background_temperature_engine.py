@@ -103,6 +103,7 @@ def main() -> None:
     ap.add_argument("--temperatures", default="1e-4,1e-3,1e-2,0.05")
     ap.add_argument("--samples", default="4,16,64")
     ap.add_argument("--trials", default="40,60,15", help="trials per cell, one per --samples value (or one for all)")
+    ap.add_argument("--first-trial", type=int, default=0, help="number of the first trial (prompt and seeds)")
     ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--top-k", type=int, default=20)
     ap.add_argument("--load-samples", type=int, default=100, help="samples per arm of the load runs (0: skip)")
@@ -123,7 +124,7 @@ def main() -> None:
     trials = [int(t) for t in args.trials.split(",")]
     trials = trials * len(ns) if len(trials) == 1 else trials
     eng = engine(model, max_batch=max(ns), device=args.device, kernels=args.kernels)
-    cells, first = [], 0
+    cells, first = [], args.first_trial
     for n, r in zip(ns, trials, strict=True):
         for t in temps:
             c = cell(eng, t, n, r, first, args.max_tokens, args.top_k)
