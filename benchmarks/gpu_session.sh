@@ -9,8 +9,12 @@
 # rescore: detaudit local (batch-invariant) on a Qwen3-1.7B-shaped random model, rescored with bi and stock kernels
 # engine:  benchmarks/engine.py: N target requests stock vs batch-invariant under `single` load (CUDA graphs on, as
 #          users run it, and eager), N prompts at once (offline, as the vLLM/SGLang anchors), engine vs HF generate()
-# enginegpu: tests/gpu/test_engine_gpu.py (graph replay == eager bitwise with bi kernels, stock split attention)
+# enginegpu: tests/gpu/test_engine_gpu.py (graph replay == eager bitwise with bi kernels, stock split attention,
+#          the prefix cache bitwise invariant with graphs on the tiny and the $PRESET-shaped model)
 # gputests: all of tests/gpu (the log becomes tests/gpu/LOG.txt)
+# prefix:  benchmarks/engine.py, the prefix cache's cost and gain: the 1000 x 100 `single` run with the cache on and
+#          off (-nocache phases), and again with a $PREFIX_SHARED-token system prompt shared by every request
+#          (default 2048; prefill saved), JSON per shared length under $OUT/prefix_bench_sharedK.json
 # local:   detaudit local N = 1000 with stock and batch-invariant kernels, each analysed (the must-show)
 # kernels: benchmarks/kernels.py (matmul vs cuBLAS and TML's matmul_persistent from .third_party/tml, row-wise
 #          bandwidth, attention decode vs flash), JSON under $OUT/kernels
@@ -84,14 +88,26 @@ for step in $STEPS; do
         cp /tmp/eb/engine_bench.json "$OUT/engine_bench_run$n.json" ;;
     enginegpu)
         # From /tmp: run from the repository root, python -m would import ./detaudit, which lacks kernels/.
+        # tests/ on the path for its helper modules; the 8B-shaped model of the prefix-cache test built once.
+        build_model
         repo=$(pwd)
-        (cd /tmp && timeout 300 python3 -m pytest -q -s -p no:cacheprovider --noconftest \
-            "$repo/tests/gpu/test_engine_gpu.py") 2>&1 | tee "$OUT/engine_gpu_tests.log" ;;
+        (cd /tmp && DETAUDIT_GPU_MODEL_8B=$MODEL PYTHONPATH=$PYTHONPATH:$repo/tests timeout 400 python3 -m pytest -q \
+            -s -p no:cacheprovider --noconftest "$repo/tests/gpu/test_engine_gpu.py") 2>&1 \
+            | tee "$OUT/engine_gpu_tests.log" ;;
     gputests)
         # Every GPU test (kernels and engine), 4 workers; tests/ on the path for its helper modules.
         repo=$(pwd)
         (cd /tmp && PYTHONPATH=$PYTHONPATH:$repo/tests timeout 420 python3 -m pytest -q -n 4 -p no:cacheprovider \
             --noconftest -rfE "$repo/tests/gpu") 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    prefix)
+        build_model
+        for k in ${PREFIX_SHARED:-0 2048}; do
+            timeout "$(left)" python3 benchmarks/engine.py --out "/tmp/pb$k" --model "$MODEL" -n 1000 --max-tokens 100 \
+                --scenario single --max-batch 128 --max-batched-tokens 2048 --shared-prefix-tokens "$k" \
+                --phases "${PREFIX_PHASES:-batch-invariant,batch-invariant-nocache,stock,stock-nocache}" 2>&1 \
+                | tee "/tmp/prefix_bench$k.log" | grep -v '^{'
+            cp "/tmp/pb$k/engine_bench.json" "$OUT/prefix_bench_shared$k.json"
+        done ;;
     local)
         build_model
         for k in stock batch-invariant; do

@@ -147,6 +147,8 @@ class Cell:
     truncated: int = 0  # ok answers that ended without a stated reason: not compared
     numeric: str | None = None  # logprobs varying among identical completions, in words
     temperature: str | None = None  # background temperature T_bg of this prompt x arm, in words (#18)
+    cache: str | None = None  # a cache arm's evidence (cached_tokens), in words
+    cache_state: str | None = None  # the cache state a cache arm asked for ("cold", "warm")
 
     @property
     def asked(self) -> int:
@@ -290,6 +292,22 @@ def numeric_text(arm: ArmSummary) -> str | None:
     return f"{num.vectors} distinct logprob vectors among {num.rows} identical completions{where}"
 
 
+def cache_text(arm: ArmSummary) -> str | None:
+    """A cache arm's evidence as one phrase: what it asked for, what its cached_tokens show; None for a load arm."""
+    c = arm.cache
+    if c is None:
+        return None
+    if c.evidence == "unverified":
+        return f"{c.asked} cache asked; unverified: none of {c.rows} answers reported cached_tokens"
+    tokens = f"{c.cached_tokens_min}" if c.cached_tokens_min == c.cached_tokens_max else ""
+    tokens = tokens or f"{c.cached_tokens_min}–{c.cached_tokens_max}"
+    shown = c.evidence if c.evidence != c.asked else f"{c.evidence}, as asked"
+    return (
+        f"{c.asked} cache asked; {c.hits} of {c.rows} answers hit the cache ({c.reporting} reported cached_tokens, "
+        f"{tokens} tokens): {shown}"
+    )
+
+
 def _fork_tree(
     forks: Sequence[SummaryFork], background: BackgroundSummary | None = None, prompt_id: str = ""
 ) -> list[ForkNode]:
@@ -403,10 +421,12 @@ def _cell(run: RunInfo, arm: ArmSummary, background: BackgroundSummary | None = 
         token_view_note=note,
         fingerprints=_fingerprints(arm),
         modal_text=arm.completions[0].text if arm.completions else None,
-        load=arm_words(run.kind, arm_name(arm), arm.concurrency),
+        load=arm_words(run.kind, arm_name(arm), arm.concurrency, arm.cache.asked if arm.cache else None),
         truncated=arm.truncated,
         numeric=numeric_text(arm),
         temperature=temperature.text() if temperature is not None else None,
+        cache=cache_text(arm),
+        cache_state=arm.cache.asked if arm.cache else None,
     )
 
 

@@ -71,9 +71,10 @@ def test_matches_transformers_fp32(arch_dirs, arch):
 
 def _alone_and_in_batch(model: Path, kernels: str) -> tuple[Sequence, list[Sequence]]:
     """The target request alone, then among others arriving over time under several token budgets, which cut
-    its prompt into chunks at different places (as load does on a server)."""
+    its prompt into chunks at different places (as load does on a server). No prefix cache: every run of the target
+    computes its whole prompt (with it, the later runs start past the first run's blocks; test_prefix_cache.py)."""
     params = SamplingParams(max_tokens=24, ignore_eos=True)
-    eng = _engine(model, kernels)
+    eng = _engine(model, kernels, prefix_cache=False)
     target = eng.encode_chat(PROMPT)
     alone = eng.generate([target], params)[0]
     others = [eng.encode_chat([{"role": "user", "content": t}]) for t in OTHERS]
@@ -171,3 +172,12 @@ def test_a_kv_cache_that_cannot_be_allocated_is_a_usage_error(tiny_model_dir):
 
     with pytest.raises(UsageError, match="does not fit in cpu memory"):
         Engine(EngineConfig(str(tiny_model_dir), dtype="float32", max_batch=10**11, max_batched_tokens=10**11))
+
+
+def test_too_few_kv_blocks_for_one_sequence_is_a_usage_error(tiny_model_dir):
+    """Preemption makes room by taking blocks back; a sequence that cannot fit alone could never run."""
+    from detaudit.errors import UsageError
+
+    with pytest.raises(UsageError, match="--kv-blocks 15 cannot hold one sequence of --max-model-len 256"):
+        _engine(tiny_model_dir, kv_blocks=15)
+    assert _engine(tiny_model_dir, kv_blocks=16).info()["kv_blocks"] == 16

@@ -66,6 +66,14 @@ def gate_command(
             "top-k logprobs in the run: cannot judge (exit 3).",
         ),
     ] = None,
+    require_cache_invariant: Annotated[
+        bool,
+        typer.Option(
+            "--require-cache-invariant",
+            help="Cold and warm cache arms (`run --cache cold,warm`) give the same completions and logprobs; no "
+            "cache arms, or cached_tokens that do not prove the cache states: cannot judge (exit 3).",
+        ),
+    ] = False,
     junit: Annotated[Path | None, typer.Option("--junit", help="Write the rules as JUnit XML test cases here.")] = None,
     md: Annotated[Path | None, typer.Option("--md", help="Write the Markdown verdict and report here.")] = None,
 ) -> None:
@@ -85,6 +93,7 @@ def gate_command(
         max_unique_increase=max_unique_increase,
         baseline=baseline,
         max_background_temperature=max_background_temperature,
+        require_cache_invariant=require_cache_invariant,
     )
     result, manifest, summary = run_gate(run, thresholds)
     publish_gate(result, run, manifest, summary, junit=junit, md=md)
@@ -130,8 +139,12 @@ def publish_gate(
     failed = sum(1 for r in result.rules if not r.passed)
     rules = f"{len(result.rules)} rule{'' if len(result.rules) == 1 else 's'}"
     if result.exit_code == EXIT_ENDPOINT:
-        errors = any(not r.judged and r.rule != "max-background-temperature" for r in result.rules)
-        why = "too many endpoint errors" if errors else "the background temperature needs top-k logprobs"
+        unjudged = [r.rule for r in result.rules if not r.judged]
+        reasons = {
+            "require-cache-invariant": "the cache state is not proven",
+            "max-background-temperature": "the background temperature needs top-k logprobs",
+        }
+        why = "; ".join(reasons[r] for r in unjudged) if set(unjudged) <= set(reasons) else "too many endpoint errors"
         raise EndpointError(f"gate cannot judge {run}: {why}")
     if failed:
         raise GateFailed(f"gate failed: {failed} of {rules}")
