@@ -93,8 +93,28 @@ def test_drift_over_time(scripted_server, capsys, tmp_path):
 
 
 def test_cache_dependent(scripted_server, capsys, tmp_path):
-    """A cold prefix cache answers NYC, a warm one QUEENS. Recorded as two runs of the two states, written through
-    the recorder as one run whose arms carry `cache` (what `run --cache cold,warm` records): `cache` alone."""
+    """A cold prefix cache answers NYC, a warm one QUEENS; `run --cache cold,warm` records cold and warm arms (cached
+    tokens 0 and 4 per answer): `cache` alone, the split exact."""
+    server = scripted_server(
+        completions={"Q": QUEENS, "N": NYC}, schedules={FEYNMAN: {"cold": "N", "warm": "Q"}}, cache={}
+    )
+    bg = record(capsys, server, tmp_path / "r", 20, "1", "--cache", "cold,warm")
+    rows = read_samples(tmp_path / "r").to_pylist()
+    assert {(r["arm"], r["cached_tokens"], r["tokens"] == NYC) for r in rows} == {
+        ("c1-cold", 0, True),
+        ("c1-warm", 4, False),
+    }
+    assert [(a["arm"], a["cache"]) for a in bg["arms"]] == [("c1-cold", "cold"), ("c1-warm", "warm")]
+    fork = fork_at(bg, FORK)
+    assert fork["labels"] == ["cache"] and fork["departures"] == 20
+    (evidence,) = fork["evidence"]
+    assert evidence["effect"] == 1.0 and evidence["p_value"] == 1 / 1000
+    assert "cold: branch 1 x20" in evidence["detail"] and "warm: branch 0 x20" in evidence["detail"]
+    assert fork["branches"] == [{"token": " Queens", "count": 20}, {"token": " New", "count": 20}]  # in id order
+
+
+def test_cache_state_from_the_arms_when_cached_tokens_are_not_reported(scripted_server, capsys, tmp_path):
+    """The same arms written through the recorder with no cached_tokens: the arms' `cache` (ArmSpec) decides."""
     parts = {}
     for state, name in (("cold", "N"), ("warm", "Q")):
         server = scripted_server(completions={"Q": QUEENS, "N": NYC}, schedules={FEYNMAN: name})
@@ -107,19 +127,14 @@ def test_cache_dependent(scripted_server, capsys, tmp_path):
     recorder = Recorder.create(out, manifest, force=False, flush_rows=1000)
     for arm_pos, (state, run) in enumerate(parts.items()):
         for row in read_samples(run).to_pylist():
+            assert row["cached_tokens"] is None
             recorder.add(row | {"arm": state, "sample_index": manifest.sample_index(0, arm_pos, row["repeat"])})
     recorder.flush()
     recorder.end()
     r = cli(capsys, "analyze", out, "--json")
     assert r.code == 0, r.err
-    bg = json.loads(r.out)["background"]
-    assert [(a["arm"], a["cache"]) for a in bg["arms"]] == [("cold", "cold"), ("warm", "warm")]
-    fork = fork_at(bg, FORK)
-    assert fork["labels"] == ["cache"] and fork["departures"] == 20
-    (evidence,) = fork["evidence"]
-    assert evidence["effect"] == 1.0 and evidence["p_value"] == 1 / 1000
-    assert "cold: branch 1 x20" in evidence["detail"] and "warm: branch 0 x20" in evidence["detail"]
-    assert fork["branches"] == [{"token": " Queens", "count": 20}, {"token": " New", "count": 20}]  # in token id order
+    fork = fork_at(json.loads(r.out)["background"], FORK)
+    assert fork["labels"] == ["cache"] and fork["evidence"][0]["effect"] == 1.0
 
 
 def test_gate_cannot_judge_the_background_temperature_without_logprobs(scripted_server, capsys, tmp_path):
