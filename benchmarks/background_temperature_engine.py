@@ -17,6 +17,7 @@ median upper bound over the others.
 Load: `detaudit local` runs of the same model at temperature 0 under the mixed load scenario (16 in flight, the
 serial arm beside it): with batch-invariant kernels every sample agrees, T_bg is an upper bound near 0; with stock
 kernels the logits move with the batch, samples flip at near-ties, and T_bg > 0 with an interval excluding 0.
+Without the engine's prefix cache, so that every request's prefill is batched with whatever else runs.
 
 Without --model, a tiny random qwen3 (detaudit.tiny) with its output layer scaled by --sharpen (random-init logits
 are nearly flat; scaled, their top-1 - top-2 margins are of order 1 like a trained model's) samples at known
@@ -81,7 +82,7 @@ def load_run(model: Path, out: Path, kernels: str, n: int, max_tokens: int, devi
         ["local", "--model", str(model), "--kernels", kernels, "--out", str(out), "--prompt",
          "Tell me about Richard Feynman", "-n", str(n), "--scenario", "serial,mixed", "--max-tokens",
          str(max_tokens), "--max-batch", "16", "--max-batched-tokens", "32", "--dtype", "bfloat16",
-         "--top-logprobs", "20", "--device", device]
+         "--top-logprobs", "20", "--device", device, "--no-prefix-cache"]
     )  # fmt: skip
     summary = json.loads((out / "summary.json").read_text())
     bg = summary["background"]

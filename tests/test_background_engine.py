@@ -43,10 +43,11 @@ def test_greedy_sampling_gives_an_upper_bound_near_zero(sharp_engine):
 def test_stock_run_under_load_has_a_background_temperature(tiny_model_dir, tmp_path, capsys):
     """`detaudit local` at temperature 0, serial and 16 in flight, stock kernels: the serial arm never flips (an upper
     bound), the loaded arm flips at near-ties: T_bg > 0 with its interval excluding 0; the forks are near-ties under
-    load. The same with batch-invariant kernels: no flip anywhere."""
+    load. The same with batch-invariant kernels: no flip anywhere. Without the prefix cache: with it, every target
+    request after the first reuses the prompt's cached prefill, and 24 samples of this model then show no fork."""
     args = ["--prompt", "Tell me about Richard Feynman", "-n", "24", "--scenario", "serial,mixed", "--max-tokens",
             "16", "--max-batch", "16", "--max-batched-tokens", "32", "--dtype", "bfloat16",
-            "--top-logprobs", "8"]  # fmt: skip
+            "--top-logprobs", "8", "--no-prefix-cache"]  # fmt: skip
     docs = {}
     for kernels in ("stock", "batch-invariant"):
         out = tmp_path / kernels
