@@ -52,6 +52,12 @@ def test_load_dependent(scripted_server, capsys, tmp_path):
     assert fork["evidence"][0]["p_value"] == math.pow(1 - rate, 30) and fork["evidence"][0]["effect"] == rate
     assert bg["shares"] == {"near-tie": 0.0, "load": 1.0, "fingerprint": 0.0, "cache": 0.0, "time": 0.0,
                             "unexplained": 0.0}  # fmt: skip
+    # the report: a cause chip on the fork, its evidence in the tooltip; T_bg per arm
+    r = cli(capsys, "report", tmp_path / "r", "--html", tmp_path / "report.html")
+    assert r.code == 0, r.err
+    html = (tmp_path / "report.html").read_text()
+    assert '<span class="cause cause-load" title="load: the serial arm&#39;s 30 samples all take branch 0' in html
+    assert "background temperature T_bg: ≤ " in html
 
 
 def test_fingerprint_switch_mid_run(scripted_server, capsys, tmp_path):
