@@ -29,6 +29,7 @@ _SPEC_KEYS: dict[str, tuple[str, type]] = {
     "max-error-rate": ("max_error_rate", float),
     "max-unique-increase": ("max_unique_increase", int),
     "require-same-modal": ("require_same_modal", bool),
+    "max-background-temperature": ("max_background_temperature", float),
     "require-cache-invariant": ("require_cache_invariant", bool),
     "baseline": ("baseline", Path),
 }
@@ -45,6 +46,7 @@ class GateThresholds:
     require_same_modal: bool = False
     max_unique_increase: int | None = None
     baseline: Path | None = None
+    max_background_temperature: float | None = None
     require_cache_invariant: bool = False
 
     def __post_init__(self) -> None:
@@ -54,7 +56,7 @@ class GateThresholds:
             value = getattr(self, name)
             if value is not None and not 0.0 <= value <= 1.0:
                 raise UsageError(f"--{name.replace('_', '-')} must be between 0 and 1, got {value}")
-        for name in ("min_first_divergence", "max_unique_increase"):
+        for name in ("min_first_divergence", "max_unique_increase", "max_background_temperature"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {value}")
@@ -70,7 +72,7 @@ class GateThresholds:
             raise UsageError(
                 "no gate rule given: pass at least one of --max-unique, --min-modal-share, "
                 "--min-first-divergence, --max-error-rate, --require-same-modal, --max-unique-increase, "
-                "--require-cache-invariant"
+                "--max-background-temperature, --require-cache-invariant"
             )
 
 
@@ -293,6 +295,8 @@ def evaluate_gate(
                     Check(bwhere, increase <= t.max_unique_increase, f"{base_arm.unique} → {unique} unique")
                 )
 
+    if t.max_background_temperature is not None:
+        rules["max-background-temperature"] = background_rule(summary, t.max_background_temperature)
     if t.require_cache_invariant:
         rules["require-cache-invariant"] = cache_rule(summary)
     ordered = [r for r in (error_rule, *rules.values()) if r is not None]
@@ -304,6 +308,24 @@ def evaluate_gate(
         # Too many failed requests: the other rules were computed on what is left and cannot be trusted.
         error_rule.judged = False
     return GateResult(run=run_label, baseline=baseline_label, rules=ordered)
+
+
+def background_rule(summary: RunSummary, limit: float) -> RuleResult:
+    """T_bg of every arm (all prompts pooled) at most `limit`: judged on the estimate (an upper bound passes, its
+    estimate being 0); an arm without top-k logprobs cannot be judged (exit 3)."""
+    rule = RuleResult("max-background-temperature", f"≤ {limit:g}")
+    arms = summary.background.arms if summary.background is not None else []
+    for arm in arms:
+        t = arm.temperature
+        if t.estimate is None:
+            rule.judged = False
+            rule.checks.append(Check(arm.arm, False, "T_bg needs top-k logprobs (record with --top-logprobs)"))
+            continue
+        rule.checks.append(Check(arm.arm, t.estimate <= limit, f"T_bg {t.text()}"))
+    if not arms:
+        rule.judged = False
+        rule.checks.append(Check("run", False, "no background temperature in the summary"))
+    return rule
 
 
 CACHE_VERDICTS = ("cache-dependent", "numerically-cache-dependent")

@@ -49,7 +49,8 @@ def _token(token: str) -> str:
 def _fork_line(fork: ForkNode, noun: str) -> str:
     branches = " / ".join(f"{_token(b.token)} ×{b.count}" for b in fork.branches)
     margin = f", margin {fork.margin:.3g}" if fork.margin is not None else ""
-    return f"{noun} {fork.position}: {branches}{margin}"
+    causes = f" [{', '.join(fork.causes)}]" if fork.causes else ""
+    return f"{noun} {fork.position}: {branches}{margin}{causes}"
 
 
 def _sentence(pieces: list[Piece]) -> str:
@@ -146,6 +147,13 @@ def render_markdown(report: Report, *, heading: str = "## detaudit report") -> s
     lines.append("")
     if many_prompts:
         lines += [f"- {line}" for run in report.runs if (line := _run_figures(run))] + [""]
+    temperature_lines = [
+        f"- **{md_text(run.label)} · {md_text(arm)}**: T_bg {md_text(text)}"
+        for run in report.runs
+        for arm, text in run.temperatures
+    ]
+    if temperature_lines:
+        lines += ["**Background temperature** (all prompts pooled)", "", *temperature_lines, ""]
     fork_lines = []
     for p in report.prompts:
         for c in p.cells:

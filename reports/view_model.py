@@ -18,6 +18,7 @@ from typing import Any
 from detaudit.reports.findings import Piece, arm_words, finding
 from detaudit.reports.text import around, common_prefix, shorten
 
+from detaudit.analysis.background_schema import BackgroundSummary
 from detaudit.analysis.summary_schema import ArmSummary, Completion, RunSummary
 from detaudit.analysis.summary_schema import Fork as SummaryFork
 from detaudit.analysis.units import position_noun
@@ -47,6 +48,7 @@ class RunInfo:
     engine_facts: list[tuple[str, str]] = field(default_factory=list)  # every engine fact, for the expandable block
     kernels: str | None = None
     incomplete: str | None = None  # set when rows are missing: the run's figures cover only what it recorded
+    temperatures: list[tuple[str, str]] = field(default_factory=list)  # (arm, T_bg in words), all prompts pooled
 
     @property
     def nouns(self) -> str:
@@ -90,6 +92,8 @@ class ForkNode:
     prefix_count: int
     margin: float | None
     branches: list[Branch]
+    causes: list[str] = field(default_factory=list)  # cause chips (#18): the fork's labels in the prompt's trie
+    cause_detail: str = ""  # their evidence, one line per label (the chips' tooltip)
 
 
 @dataclass
@@ -142,6 +146,7 @@ class Cell:
     load: str = ""  # the arm's load in plain words ("one request at a time", "16 requests in flight")
     truncated: int = 0  # ok answers that ended without a stated reason: not compared
     numeric: str | None = None  # logprobs varying among identical completions, in words
+    temperature: str | None = None  # background temperature T_bg of this prompt x arm, in words (#18)
     cache: str | None = None  # a cache arm's evidence (cached_tokens), in words
     cache_state: str | None = None  # the cache state a cache arm asked for ("cold", "warm")
 
@@ -207,6 +212,9 @@ def _run_info(path: Path, manifest: RunManifest, summary: RunSummary, label: str
     ]
     fingerprints = summary.system_fingerprints
     meta.append(("system_fingerprint", ", ".join(fingerprints) if fingerprints else "not reported"))
+    temperatures = [(a.arm, a.temperature.text()) for a in summary.background.arms] if summary.background else []
+    if temperatures:
+        meta.append(("background temperature", "; ".join(f"{arm}: {text}" for arm, text in temperatures)))
     for note in [*manifest.notes, *summary.notes]:
         meta.append(("note", note))
     if t.engine.get("random_weights") is True:
@@ -233,6 +241,7 @@ def _run_info(path: Path, manifest: RunManifest, summary: RunSummary, label: str
         engine_facts=_engine_facts(t.engine),
         kernels=str(kernels) if kernels else None,
         incomplete=incomplete,
+        temperatures=temperatures,
     )
 
 
@@ -305,18 +314,25 @@ def cache_text(arm: ArmSummary) -> str | None:
     )
 
 
-def _fork_tree(forks: Sequence[SummaryFork]) -> list[ForkNode]:
-    """Nest the summary's flat fork list by each fork's `parent` ({fork, branch} indices); roots are returned."""
-    nodes = [
-        ForkNode(
-            position=f.position,
-            prefix=shorten(f.prefix, 80),
-            prefix_count=f.prefix_count,
-            margin=f.margin,
-            branches=[Branch(token=b.token, count=b.count) for b in f.branches],
+def _fork_tree(
+    forks: Sequence[SummaryFork], background: BackgroundSummary | None = None, prompt_id: str = ""
+) -> list[ForkNode]:
+    """Nest the summary's flat fork list by each fork's `parent` ({fork, branch} indices); roots are returned. Each
+    fork carries the cause labels of its node in the prompt's trie (all arms pooled), when the summary lists it."""
+    nodes = []
+    for f in forks:
+        cause = background.fork(prompt_id, f.position, f.prefix) if background is not None else None
+        nodes.append(
+            ForkNode(
+                position=f.position,
+                prefix=shorten(f.prefix, 80),
+                prefix_count=f.prefix_count,
+                margin=f.margin,
+                branches=[Branch(token=b.token, count=b.count) for b in f.branches],
+                causes=list(cause.labels) if cause is not None else [],
+                cause_detail="\n".join(f"{e.label}: {e.detail}" for e in cause.evidence) if cause is not None else "",
+            )
         )
-        for f in forks
-    ]
     roots: list[ForkNode] = []
     for fork, node in zip(forks, nodes, strict=True):
         parent = fork.parent
@@ -386,8 +402,9 @@ def _completion_rows(completions: Sequence[Completion]) -> list[CompletionRow]:
     return rows
 
 
-def _cell(run: RunInfo, arm: ArmSummary) -> Cell:
+def _cell(run: RunInfo, arm: ArmSummary, background: BackgroundSummary | None = None, prompt_id: str = "") -> Cell:
     first = arm.first_divergence
+    temperature = background.prompt_arm(prompt_id, arm.arm) if background is not None else None
     views, note = _token_views(arm.completions)
     return Cell(
         run=run,
@@ -404,7 +421,7 @@ def _cell(run: RunInfo, arm: ArmSummary) -> Cell:
         first_min=first.min,
         first_median=first.median,
         histogram={int(k): v for k, v in first.histogram.items()},
-        forks=_fork_tree(arm.forks),
+        forks=_fork_tree(arm.forks, background, prompt_id),
         fork_count=len(arm.forks),
         token_views=views,
         token_view_note=note,
@@ -413,6 +430,7 @@ def _cell(run: RunInfo, arm: ArmSummary) -> Cell:
         load=arm_words(run.kind, arm_name(arm), arm.concurrency, arm.cache.asked if arm.cache else None),
         truncated=arm.truncated,
         numeric=numeric_text(arm),
+        temperature=temperature.text() if temperature is not None else None,
         cache=cache_text(arm),
         cache_state=arm.cache.asked if arm.cache else None,
     )
@@ -444,7 +462,7 @@ def build_report(runs: Sequence[tuple[Path, RunManifest, RunSummary]]) -> Report
             section = sections[key]
             section.asked.append((info.label, prompt.prompt_id))
             section.verdicts.append((info.label, prompt.verdict))
-            section.cells.extend(_cell(info, arm) for arm in prompt.arms)
+            section.cells.extend(_cell(info, arm, summary.background, prompt.prompt_id) for arm in prompt.arms)
     prompts = list(sections.values())
     _headings(prompts)
     for section in prompts:

@@ -206,8 +206,8 @@ def test_markdown_is_compact_and_inert(tmp_path):
         "— | deterministic |" in lines
     )
     assert (
-        "- **endpoint · c16**: token 5: “·Queens” ×33 / “·New” ×6 / (end) ×1, margin 0.49; token 7: “,” ×4 / "
-        "“&lt;script&gt;document.ti…ent.title='pwned'\"&gt;” ×2, margin 0.49" in lines
+        "- **endpoint · c16**: token 5: “·Queens” ×33 / “·New” ×6 / (end) ×1, margin 0.49 [load]; token 7: “,” ×4 / "
+        "“&lt;script&gt;document.ti…ent.title='pwned'\"&gt;” ×2, margin 0.49 [load]" in lines
     )
     assert "<script" not in md and "<img" not in md
     assert "<details><summary>endpoint · feynman · c16: 4 distinct completions</summary>" in lines

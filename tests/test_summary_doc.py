@@ -13,11 +13,21 @@ from typing import Any, Union, get_args, get_origin
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
+from detaudit.analysis.background_schema import BackgroundSummary, Temperature
 from detaudit.analysis.summary_schema import Agreement, ArmStats, ArmSummary, PromptSummary, RescoreSummary, RunSummary
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "summary.md"
 # Each model with a table of its own in the doc; any other model a field holds is listed inline, as `key.sub`.
-SECTIONS: tuple[type[BaseModel], ...] = (RunSummary, Agreement, PromptSummary, ArmSummary, ArmStats, RescoreSummary)
+SECTIONS: tuple[type[BaseModel], ...] = (
+    RunSummary,
+    Agreement,
+    PromptSummary,
+    ArmSummary,
+    ArmStats,
+    RescoreSummary,
+    BackgroundSummary,
+    Temperature,
+)
 
 
 def _fields(model: Any) -> dict[str, FieldInfo]:

@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 from typing import Literal
 
 import numpy as np
@@ -55,6 +56,7 @@ DEVIANCE_TWO_SIDED = Z95 * Z95
 DEVIANCE_NO_FLIP = -2.0 * math.log(0.05)
 _REL_TOL = 1e-12  # the root search on log beta stops when its bracket is this narrow
 _MAX_STEPS = 4000  # bracket widenings or refinement steps: a guard against non-finite input only
+_FLAT = 1e-12  # a beta this far below the data's own scale (1 / the median gap) is rounding: beta = 0, T = inf
 _CHUNK = 1 << 20  # top-k values handled at once in observe: bounds its transient arrays
 
 Kind = Literal["estimate", "upper-bound", "needs-logprobs"]
@@ -341,8 +343,11 @@ def _crossing(f: Callable[[float], float], start: float) -> float:
     return math.exp(0.5 * (a + b))
 
 
-def estimate(obs: Observations) -> BackgroundTemperature:
-    """T_bg by maximum likelihood with its 95 % interval, or the 95 % upper bound when nothing flipped."""
+def estimate(obs: Observations, level: float = 0.95) -> BackgroundTemperature:
+    """T_bg by maximum likelihood with its 95 % interval, or the 95 % upper bound when nothing flipped (`level`:
+    another confidence level, for compare's difference of two runs)."""
+    two_sided = DEVIANCE_TWO_SIDED if level == 0.95 else NormalDist().inv_cdf(0.5 + level / 2) ** 2
+    no_flip = DEVIANCE_NO_FLIP if level == 0.95 else -2.0 * math.log(1.0 - level)
     counts = dict(
         trials=obs.trials,
         flips=obs.flips,
@@ -360,19 +365,23 @@ def estimate(obs: Observations) -> BackgroundTemperature:
         top = lik.value(math.inf)
 
         def beyond(beta: float) -> float:
-            return 2.0 * (top - lik.value(beta)) - DEVIANCE_NO_FLIP
+            return 2.0 * (top - lik.value(beta)) - no_flip
 
         if beyond(0.0) <= 0:
             return BackgroundTemperature("upper-bound", 0.0, 0.0, math.inf, **counts)
         return BackgroundTemperature("upper-bound", 0.0, 0.0, 1.0 / _crossing(beyond, scale), **counts)
     beta_hat = 0.0 if lik.slope(0.0) <= 0 else _crossing(lik.slope, scale)  # 0: no better than uniform
+    if beta_hat < _FLAT * scale:  # l'(0) is 0 up to rounding: as good as uniform
+        beta_hat = 0.0
     best = lik.value(beta_hat)
 
     def inside(beta: float) -> float:  # > 0 inside the interval
-        return DEVIANCE_TWO_SIDED - 2.0 * (best - lik.value(beta))
+        return two_sided - 2.0 * (best - lik.value(beta))
 
     beta_up = _crossing(inside, beta_hat if beta_hat > 0 else scale)
     beta_low = 0.0 if inside(0.0) > 0 else _crossing(lambda beta: -inside(beta), beta_hat)
+    if beta_low < _FLAT * scale:  # the deviance at beta = 0 sits on the bound up to rounding: unbounded T
+        beta_low = 0.0
     return BackgroundTemperature("estimate", _inverse(beta_hat), 1.0 / beta_up, _inverse(beta_low), **counts)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from detaudit.analysis.arms import GroupResult
+from detaudit.analysis.background import difference, run_observations
 from detaudit.analysis.decode import Decoder, shorten_tail
 from detaudit.analysis.run_reader import RunDirReader
 from detaudit.analysis.summary import analyze, load_run_manifest
@@ -51,6 +52,7 @@ class _Side:
         self.path = run_dir
         self.manifest = load_run_manifest(run_dir)
         self.summary, self.seqs, self.dec, self.pooled = analyze(self.manifest, RunDirReader(run_dir))
+        self.observations = run_observations(RunDirReader(run_dir), self.seqs, self.manifest)
         self.prompts = {p.prompt_id: p for p in self.summary.prompts}
 
     def header(self) -> dict[str, Any]:
@@ -132,4 +134,5 @@ def compare_runs(run_a: Path | str, run_b: Path | str) -> dict[str, Any]:
         "param_differences": param_diff,
         "all_modal_equal": all(p["modal_equal"] for p in prompts) if prompts else None,
         "prompts": prompts,
+        "background_temperature": difference(a.observations, b.observations),
     }

@@ -15,8 +15,9 @@ labels (several may apply; docs/background_temperature.md has the method):
   when that chance is below alpha.
 - `fingerprint`: the branches split by system_fingerprint: a permutation test (chi-square statistic) of branch
   against fingerprint, with Cramer's V as the effect.
-- `cache`: the same against the cold/warm cache state, permuting within each arm (cache state follows the arm
-  by design: the first request of an arm is the cold one).
+- `cache`: the same against the cold/warm cache state, permuting among samples of equal concurrency (so load
+  does not pass for cache; a cold arm and a warm arm of one concurrency are compared with each other, and within
+  a load arm the first, cold request with the warm rest).
 - `time`: the branches cluster in time within an arm: the Kolmogorov-Smirnov distance between the start times
   of the modal branch's samples and the others', averaged over arms weighted by samples, against a permutation
   of the branches within each arm (between arms, time differs by design: arms run one after another). It
@@ -33,7 +34,7 @@ can add up to more than 1; `unexplained` is 1 - the share of forks with any labe
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,7 @@ import numpy as np
 CAUSES = ("near-tie", "load", "fingerprint", "cache", "time", "unexplained")
 SIGNIFICAND_BITS = {"bfloat16": 8, "float16": 11, "float32": 24}  # implicit leading bit included
 LOGIT_MAGNITUDE = 32.0
+_PERMUTED_CELLS = 1 << 22  # permuted labels held at once in a permutation test
 
 
 def near_tie_threshold(dtype: str = "bfloat16", logit_magnitude: float = LOGIT_MAGNITUDE) -> float:
@@ -111,7 +113,7 @@ def label_forks(samples: Samples, forks: Sequence[ForkRows], config: CauseConfig
                 _near_tie(fork, config),
                 _load(samples, fork, config),
                 _categorical("fingerprint", samples.fingerprint, None, fork, config, rng),
-                _categorical("cache", samples.cache, np.asarray(samples.arm), fork, config, rng),
+                _categorical("cache", samples.cache, np.asarray(samples.concurrency), fork, config, rng),
                 _time(samples, fork, config, rng),
             )
             if e is not None
@@ -181,6 +183,18 @@ def _permuted(branch: np.ndarray, strata: np.ndarray, times: int, rng: np.random
     return out
 
 
+def _by_permutation(
+    x: np.ndarray, strata: np.ndarray, times: int, rng: np.random.Generator, stat: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """`stat` of x (first) and of `times` copies of x shuffled within the strata, the copies made a chunk at a time
+    (at most _PERMUTED_CELLS labels held at once: a fork of 100k samples does not take 999 x 100k of memory)."""
+    out = [stat(x[None, :])]
+    chunk = max(1, _PERMUTED_CELLS // max(1, len(x)))
+    for start in range(0, times, chunk):
+        out.append(stat(_permuted(x, strata, min(chunk, times - start), rng)))
+    return np.concatenate(out)
+
+
 def _p_value(observed: float, permuted: np.ndarray) -> float:
     return float((1 + np.sum(permuted >= observed - 1e-12)) / (len(permuted) + 1))
 
@@ -202,12 +216,18 @@ def _categorical(
     strata = strata_of[rows] if strata_of is not None else np.zeros(len(rows), np.int64)
     _, strata = np.unique(strata, return_inverse=True)
     _, branch = np.unique(branch, return_inverse=True)
-    perms = np.vstack([branch, _permuted(branch, strata.ravel(), config.permutations, rng)])
     nb, nv = int(branch.max()) + 1, len(names)
-    cells = perms * nv + value.ravel() + (np.arange(len(perms)) * nb * nv)[:, None]
-    table = np.bincount(cells.ravel(), minlength=len(perms) * nb * nv).reshape(len(perms), nb, nv)
     expected = np.outer(np.bincount(branch, minlength=nb), np.bincount(value.ravel(), minlength=nv)) / len(rows)
-    chi2 = (((table - expected) ** 2) / np.where(expected > 0, expected, 1.0)).sum(axis=(1, 2))
+
+    def tables(perms: np.ndarray) -> np.ndarray:
+        cells = perms * nv + value.ravel() + (np.arange(len(perms)) * nb * nv)[:, None]
+        return np.bincount(cells.ravel(), minlength=len(perms) * nb * nv).reshape(len(perms), nb, nv)
+
+    def chi2_of(perms: np.ndarray) -> np.ndarray:
+        return (((tables(perms) - expected) ** 2) / np.where(expected > 0, expected, 1.0)).sum(axis=(1, 2))
+
+    chi2 = _by_permutation(branch, strata.ravel(), config.permutations, rng, chi2_of)
+    table = tables(branch[None, :])
     p = _p_value(chi2[0], chi2[1:])
     v = float(np.sqrt(chi2[0] / (len(rows) * (min(nb, nv) - 1))))
     if p >= config.alpha or v < config.min_effect:
@@ -228,21 +248,22 @@ def _time(samples: Samples, fork: ForkRows, config: CauseConfig, rng: np.random.
     t, arm = t[known], arm[known]
     order = np.lexsort((t, arm))
     t, arm, modal = t[order], arm[order], modal[order]
-    perms = np.vstack([modal, _permuted(modal, arm, config.permutations, rng)]).astype(np.float64)
-    total, weight = np.zeros(len(perms)), 0
-    for a in np.unique(arm):
-        at = np.flatnonzero(arm == a)
-        n_m = int(modal[at].sum())
-        if n_m in (0, len(at)):
-            continue
-        g = perms[:, at]
-        gap = np.cumsum(g, axis=1) / n_m - np.cumsum(1.0 - g, axis=1) / (len(at) - n_m)
-        last_of_tie = np.r_[t[at][1:] != t[at][:-1], True]  # the CDFs step only after the last of equal times
-        total += len(at) * np.abs(gap[:, last_of_tie]).max(axis=1)
-        weight += len(at)
-    if not weight:
+    arms = [at for a in np.unique(arm) if 0 < int(modal[at := np.flatnonzero(arm == a)].sum()) < len(at)]
+    if not arms:
         return None
-    ks = total / weight
+    weight = sum(len(at) for at in arms)
+
+    def ks_of(perms: np.ndarray) -> np.ndarray:
+        total = np.zeros(len(perms))
+        for at in arms:
+            n_m = int(modal[at].sum())
+            g = perms[:, at].astype(np.float64)
+            gap = np.cumsum(g, axis=1) / n_m - np.cumsum(1.0 - g, axis=1) / (len(at) - n_m)
+            last_of_tie = np.r_[t[at][1:] != t[at][:-1], True]  # the CDFs step only after the last of equal times
+            total += len(at) * np.abs(gap[:, last_of_tie]).max(axis=1)
+        return total / weight
+
+    ks = _by_permutation(modal, arm, config.permutations, rng, ks_of)
     p = _p_value(ks[0], ks[1:])
     if p >= config.alpha or ks[0] < config.min_effect:
         return None

@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from detaudit.analysis.arms import ArmPlan, GroupResult, order_uniques, plan_arm
+from detaudit.analysis.background import plan_background
 from detaudit.analysis.cache_evidence import arm_evidence, compare_cache, compared, read_cached_tokens
 from detaudit.analysis.core import Sequences
 from detaudit.analysis.decode import Decoder
@@ -178,6 +179,8 @@ def _analyze(
         plan.append((p, arms, len(np.unique(pooled_seq)), pooled_vectors))
         groups.append((p, arm_rows))
 
+    background = plan_background(manifest, reader, seqs, groups, limits)
+    needed |= background.needed
     shown = np.array(sorted(needed), dtype=np.int64)
     dec = Decoder(reader.rows(sample_rows(seqs, shown, reader.units()), DISPLAY_COLUMNS), shown, seqs)
     prompt_text = {q.prompt_id: _prompt_text(q) for q in manifest.prompts}
@@ -241,6 +244,7 @@ def _analyze(
         limits=limits,
         prompts=prompts,
         sampling=sampling,
+        background=background.build(dec),
     )
     summary.notes = _notes(summary, enc, manifest)
     return summary, seqs, dec, pooled_results

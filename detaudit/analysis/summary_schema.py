@@ -15,6 +15,7 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer
 from pydantic.dataclasses import dataclass
 
+from detaudit.analysis.background_schema import BackgroundSummary
 from detaudit.analysis.units import Source, Unit
 from detaudit.errors import RunDirError
 from detaudit.rundir.io import describe
@@ -438,6 +439,11 @@ class RunSummary(_Doc):
         default=None,
         description="only when `detaudit rescore` ran (absent otherwise): the sampler-vs-trainer logprob gap "
         "from RUN/rescore.parquet (docs/engine.md), below",
+    )
+    background: BackgroundSummary | None = Field(
+        default=None,
+        description="the background temperature T_bg (per run, arm, prompt × arm) and a cause for every fork, "
+        "below (#18; null in a summary written before it)",
     )
 
     @model_serializer(mode="wrap")

@@ -58,6 +58,14 @@ def gate_command(
             "--max-unique-increase", help="Unique count grows by at most D over the baseline (needs --baseline)."
         ),
     ] = None,
+    max_background_temperature: Annotated[
+        float | None,
+        typer.Option(
+            "--max-background-temperature",
+            help="Every arm's background temperature T_bg (docs/background_temperature.md) is at most T; without "
+            "top-k logprobs in the run: cannot judge (exit 3).",
+        ),
+    ] = None,
     require_cache_invariant: Annotated[
         bool,
         typer.Option(
@@ -84,6 +92,7 @@ def gate_command(
         require_same_modal=require_same_modal,
         max_unique_increase=max_unique_increase,
         baseline=baseline,
+        max_background_temperature=max_background_temperature,
         require_cache_invariant=require_cache_invariant,
     )
     result, manifest, summary = run_gate(run, thresholds)
@@ -131,7 +140,11 @@ def publish_gate(
     rules = f"{len(result.rules)} rule{'' if len(result.rules) == 1 else 's'}"
     if result.exit_code == EXIT_ENDPOINT:
         unjudged = [r.rule for r in result.rules if not r.judged]
-        why = "the cache state is not proven" if unjudged == ["require-cache-invariant"] else "too many endpoint errors"
+        reasons = {
+            "require-cache-invariant": "the cache state is not proven",
+            "max-background-temperature": "the background temperature needs top-k logprobs",
+        }
+        why = "; ".join(reasons[r] for r in unjudged) if set(unjudged) <= set(reasons) else "too many endpoint errors"
         raise EndpointError(f"gate cannot judge {run}: {why}")
     if failed:
         raise GateFailed(f"gate failed: {failed} of {rules}")

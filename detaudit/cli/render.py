@@ -16,6 +16,7 @@ from rich.text import Text
 
 from detaudit.analysis.summary_schema import ArmSummary, Fork, PromptSummary, RunSummary
 from detaudit.analysis.units import position_noun
+from detaudit.cli.render_background import render_background, render_difference
 from detaudit.reports.view_model import cache_text, numeric_text
 from detaudit.termsafe import quoted, safe
 
@@ -201,6 +202,7 @@ def render_summary(summary: RunSummary, console: Console) -> None:
                     f"{position_noun(summary.unit)} {ef.position}"
                 )
             )
+    render_background(summary.background, console)
 
 
 def render_compare(result: dict[str, Any], console: Console) -> None:
@@ -241,3 +243,4 @@ def render_compare(result: dict[str, Any], console: Console) -> None:
             Text("" if split is None else _unit_text(split["b"])),
         )
     console.print(table)
+    render_difference(result.get("background_temperature"), console)
