@@ -101,8 +101,8 @@ for step in $STEPS; do
         # tests/ on the path for its helper modules; the 8B-shaped model of the prefix-cache test built once.
         build_model
         repo=$(pwd)
-        (cd /tmp && DETAUDIT_GPU_MODEL_8B=$MODEL PYTHONPATH=$PYTHONPATH:$repo/tests timeout 400 python3 -m pytest -q \
-            -s -p no:cacheprovider --noconftest "$repo/tests/gpu/test_engine_gpu.py") 2>&1 \
+        (cd /tmp && DETAUDIT_GPU_MODEL_8B=$MODEL PYTHONPATH=$PYTHONPATH:$repo/tests timeout "$(( $(left) < 400 ? $(left) : 400 ))" python3 -m pytest \
+            -q -s -p no:cacheprovider --noconftest ${ENGINEGPU_ARGS:-} "$repo/tests/gpu/test_engine_gpu.py") 2>&1 \
             | tee "$OUT/engine_gpu_tests.log" ;;
     gputests)
         # Every GPU test (kernels and engine), 4 workers; tests/ on the path for its helper modules; the 8B-shaped
