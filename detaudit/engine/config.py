@@ -38,10 +38,15 @@ class ModelSpec:
 
 
 def resolve_model(model: str) -> Path:
-    """A local directory (made absolute, so a run's manifest names it from any working directory); a hub id
-    ("org/name") through the hub cache/download. Unknown paths are exit 2."""
+    """A local directory (made absolute, so a run's manifest names it from any working directory); a GGUF file or
+    a packaged GGUF model's short name (`smollm2`), converted once into the user's cache (engine.gguf_convert); a
+    hub id ("org/name") through the hub cache/download. Unknown paths are exit 2."""
     if not model.strip():
-        raise UsageError("--model is empty: give a model directory or a hub id")
+        raise UsageError("--model is empty: give a model directory, a .gguf file or a hub id")
+    from detaudit.engine.gguf_convert import is_gguf_model, resolve_gguf
+
+    if is_gguf_model(model) and not Path(model).expanduser().is_dir():
+        return resolve_gguf(model)
     path = Path(model).expanduser()
     if path.is_dir():
         return path.resolve()
