@@ -2,7 +2,8 @@
 `transformers serve` and llama.cpp's `llama-server`.
 
 Every server gets a free loopback port, its log in a file (never the test's terminal), a bounded wait until it
-answers (with the log's tail in the error when it does not), a memory bound (a watchdog kills its process group
+answers (with the log's tail in the error when it does not), death with the test process (PR_SET_PDEATHSIG: a
+pytest killed by a timeout leaves no server behind), a memory bound (a watchdog kills its process group
 when its resident memory passes `max_rss_mb`: a server that grows without bound fails its test instead of taking
 the shared machine down), and a teardown that stops its whole process group::
 
@@ -17,6 +18,7 @@ The scripted server prints ``READY <base_url>`` instead of answering a health ch
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -41,6 +43,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL it when the test process dies (a killed pytest runs no teardown, and a
+    server in its own session would outlive it)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
 def _tree_rss_mb(pid: int) -> float:
@@ -145,6 +153,7 @@ def start(
             stdin=subprocess.DEVNULL,
             env={**os.environ, **(env or {})},
             start_new_session=True,  # its own process group: stop() reaches whatever it starts
+            preexec_fn=_die_with_parent,
         )
     server = Server(proc, port, log, max_rss_mb)
     server.wait_ready(ready_timeout, health)
@@ -213,6 +222,7 @@ def spawn(script: dict[str, Any], workdir: Path, port: int = 0) -> tuple[subproc
             stdout=subprocess.PIPE,
             stderr=log,
             text=True,
+            preexec_fn=_die_with_parent,
         )
     line = proc.stdout.readline() if proc.stdout else ""
     if not line.startswith("READY "):
