@@ -7,11 +7,12 @@ pytest killed by a timeout leaves no server behind), a memory bound (a watchdog 
 when its resident memory passes `max_rss_mb`: a server that grows without bound fails its test instead of taking
 the shared machine down), and a teardown that stops its whole process group::
 
-    from servers import serving, transformers_serve_argv   # tests/ is on sys.path under pytest
+    from servers import free_port, serving, detaudit_serve_argv   # tests/ is on sys.path under pytest
 
-    with serving(transformers_serve_argv(model, port), log=tmp / "serve.log", port=port, max_rss_mb=3000) as srv:
+    port = free_port()
+    with serving(detaudit_serve_argv(model, port), log=tmp / "serve.log", port=port, max_rss_mb=3000) as srv:
         srv.base_url                                         # "http://127.0.0.1:PORT/v1"
-    srv.peak_rss_mb                                          # the most it held, for the test's note
+    srv.peak_rss_mb                                          # the most it held
 
 The scripted server prints ``READY <base_url>`` instead of answering a health check: `spawn` starts it.
 """
