@@ -4,18 +4,23 @@ short still leaves its finished figures). Uses `detaudit local`'s workload and l
 but writes no run directory, so it needs only torch, triton and transformers on the GPU machine.
 
     python benchmarks/engine.py --out OUT_DIR [--preset qwen3-1.7b] [--device cuda] [-n 1000] [--max-tokens 100] \
-        [--phases batch-invariant,stock,batch-invariant-eager,stock-eager,offline-batch-invariant,offline-stock,hf]
+        [--phases batch-invariant,stock,batch-invariant-eager,stock-eager,offline-batch-invariant,offline-stock,hf] \
+        [--shared-prefix-tokens 2048]
 
 Phases `batch-invariant` and `stock` run the engine as users get it (CUDA graphs on a GPU) under `detaudit local`'s
 server-like load; `<kernels>-eager` runs every step eagerly. `offline-<kernels>` times what vLLM's and SGLang's
 anchors time (`llm.generate` of 1000 prompts): N copies of the prompt submitted at once to Engine.generate, seats
 refilled as sequences finish, --max-tokens each. The JSON gets `bi_over_stock_wall` (and `_eager`, `_offline`,
-`_offline_eager`) ratios. On a GPU each phase also gets its physical floor (see `floor`): the weights and the
-KV cache each step must read at the measured copy bandwidth, or its FLOPs at the measured bf16 matmul rate,
-whichever is longer, summed over the phase's steps; and the wall time as a multiple of it.
+`_offline_eager`) ratios. A phase name ending in `-nocache` runs its engine without the prefix cache (on by
+default, as users get it); `<phase>_cache_over_nocache_wall` compares the two. `--shared-prefix-tokens K` puts the
+same K-token system prompt before every request (prompt tokens computed vs taken from the cache:
+`computed_tokens`, `cached_prompt_tokens`). On a GPU each phase also gets its physical floor (see `floor`): the
+weights and the KV cache each step must read at the measured copy bandwidth, or its FLOPs at the measured bf16
+matmul rate, whichever is longer, summed over the phase's steps; and the wall time as a multiple of it.
 
 No weights can be downloaded on the benchmark machines: the model is a random-weight one of the preset's shapes,
-built here with detaudit.tiny (detaudit tiny-model).
+built here with detaudit.tiny (detaudit tiny-model); a Mixture-of-Experts preset (qwen3-30b-a3b) builds a Qwen3-MoE,
+with --weights-at-load drawn on the device as the engine loads (too big to write).
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import torch
 from detaudit.audit.workload import CONTROL, build_workload, drive
 from detaudit.engine.llm import Engine, EngineConfig
 from detaudit.engine.sequence import SamplingParams
-from detaudit.tiny import build_tiny_model
+from detaudit.tiny import PRESETS, build_tiny_model
 
 PROMPT = "Tell me about Richard Feynman"
 
@@ -51,10 +56,27 @@ def _release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _variant(name: str) -> tuple[str, bool]:
-    """A phase or engine name: kernels, then `-eager` for the engine without CUDA graphs (users get graphs)."""
-    kernels = name.removesuffix("-eager")
-    return kernels, kernels == name
+def _variant(name: str) -> tuple[str, bool, bool]:
+    """A phase or engine name: kernels, then `-eager` for the engine without CUDA graphs and `-nocache` for the one
+    without a prefix cache (users get both); returns (kernels, graphs, prefix cache)."""
+    rest = name.removesuffix("-nocache")
+    kernels = rest.removesuffix("-eager")
+    return kernels, kernels == rest, rest == name
+
+
+def _system(args: argparse.Namespace) -> list[dict[str, str]]:
+    """The shared system message of --shared-prefix-tokens (none for 0), about K tokens of the model's tokenizer."""
+    if not args.shared_prefix_tokens:
+        return []
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(args.model_dir)
+    words = " ".join(f"rule {i}: answer plainly and cite the source." for i in range(args.shared_prefix_tokens))
+    return [{"role": "system", "content": tok.decode(tok.encode(words)[: args.shared_prefix_tokens])}]
+
+
+def _max_model_len(args: argparse.Namespace) -> int:
+    return 1024 + args.shared_prefix_tokens
 
 
 def ceilings() -> dict[str, float]:
@@ -95,22 +117,27 @@ def log_steps(eng: Engine) -> list[tuple[int, int, int, int]]:
 def floor(eng: Engine, steps: list[tuple[int, int, int, int]], ceil: dict[str, float]) -> dict[str, float]:
     """The phase's physical floor: per step, max(bytes / copy bandwidth, FLOPs / matmul rate), summed. Bytes: every
     weight but the embedding (whose gathered rows are negligible) plus the KV cache read and written; FLOPs: the
-    linear layers on the step's tokens (the lm_head on one row per sequence) and attention's two products."""
+    linear layers on the step's tokens (the lm_head on one row per sequence) and attention's two products. A
+    Mixture-of-Experts layer reads the experts its tokens pick (as many as uniform routing of tokens x top-k picks
+    would hit on average: a random model's router is near uniform) and computes top-k of them per token."""
     s = eng.spec
     d, lay, width = s.head_dim, s.num_layers, s.num_heads * s.head_dim
-    layer = (
-        s.hidden_size * (width + 2 * s.num_kv_heads * d)
-        + width * s.hidden_size
-        + 3 * s.hidden_size * s.intermediate_size
-    )
+    attn = s.hidden_size * (width + 2 * s.num_kv_heads * d) + width * s.hidden_size
+    moe, dense = len(s.moe_layers), lay - len(s.moe_layers)
+    mlp, expert, router = 3 * s.hidden_size * s.intermediate_size, 3 * s.hidden_size * s.moe_intermediate_size, 0
+    if moe:
+        router = s.num_experts * s.hidden_size
     head = s.hidden_size * s.vocab_size
     elt = 2  # bf16
     kv_token = 2 * lay * s.num_kv_heads * d * elt
     bw, peak = ceil["copy_GBps"] * 1e9, ceil["mm8192_bf16_TFLOPs"] * 1e12
     mem = comp = total = 0.0
     for seqs, tokens, keys, pairs in steps:
-        t_mem = ((lay * layer + head) * elt + (keys + tokens) * kv_token) / bw
-        t_comp = (2 * lay * layer * tokens + 2 * head * seqs + 4 * lay * s.num_heads * d * pairs) / peak
+        hit = s.num_experts * (1 - (1 - 1 / s.num_experts) ** (tokens * s.num_experts_per_tok)) if moe else 0
+        weights = lay * attn + dense * mlp + moe * (hit * expert + router) + head
+        t_mem = (weights * elt + (keys + tokens) * kv_token) / bw
+        per_token = lay * attn + dense * mlp + moe * (s.num_experts_per_tok * expert + router)
+        t_comp = (2 * per_token * tokens + 2 * head * seqs + 4 * lay * s.num_heads * d * pairs) / peak
         mem, comp, total = mem + t_mem, comp + t_comp, total + max(t_mem, t_comp)
     return {"floor_s": round(total, 3), "bytes_s": round(mem, 3), "flops_s": round(comp, 3), "steps": len(steps)}
 
@@ -125,10 +152,18 @@ def _floor(eng: Engine, steps: list[tuple[int, int, int, int]], wall: float, arg
 
 def _engine(model: Path, name: str, args: argparse.Namespace, **cfg) -> tuple[Engine, float]:
     """The engine of a phase name and its start-up time (weights, KV cache, CUDA-graph capture)."""
-    kernels, graphs = _variant(name)
+    kernels, graphs, cache = _variant(name)
     t0 = time.perf_counter()
     eng = Engine(
-        EngineConfig(str(model), device=args.device, dtype="bfloat16", kernels=kernels, cuda_graphs=graphs, **cfg)
+        EngineConfig(
+            str(model),
+            device=args.device,
+            dtype="bfloat16",
+            kernels=kernels,
+            cuda_graphs=graphs,
+            prefix_cache=cache,
+            **cfg,
+        )
     )
     _sync(args.device)
     return eng, round(time.perf_counter() - t0, 2)
@@ -137,9 +172,18 @@ def _engine(model: Path, name: str, args: argparse.Namespace, **cfg) -> tuple[En
 def local_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
     """`detaudit local`'s load loop (without the run directory): unique target completions and generation time."""
     eng, start_s = _engine(
-        model, name, args, max_batch=args.max_batch, max_batched_tokens=args.max_batched_tokens, max_model_len=1024
+        model,
+        name,
+        args,
+        max_batch=args.max_batch,
+        max_batched_tokens=args.max_batched_tokens,
+        max_model_len=_max_model_len(args),
     )
     work = build_workload(args.scenario, [PROMPT], args.n, max_tokens=args.max_tokens, max_batch=args.max_batch, seed=0)
+    system = _system(args)
+    if system:  # drive() sends each arrival's text as the user message: the system message goes in front of it
+        encode = eng.encode_chat
+        eng.encode_chat = lambda messages: encode(system + messages)  # type: ignore[method-assign]
     outs: list[tuple[int, ...]] = []
     steps = log_steps(eng)
     stats = drive(
@@ -161,6 +205,8 @@ def local_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
         "counts": counts[:10],
         "first_divergence_min": min(first_div, default=None),
         "tok_per_s": round(stats["generated_tokens"] / stats["wall_s"], 1),
+        "computed_tokens": sum(tokens for _, tokens, _, _ in steps),
+        "prompt_tokens": len(eng.encode_chat([{"role": "user", "content": PROMPT}])),
         "engine_start_s": start_s,
         **_floor(eng, steps, stats["wall_s"], args),
         "engine": eng.info(),
@@ -176,9 +222,9 @@ def offline_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
         args,
         max_batch=args.max_batch,
         max_batched_tokens=args.max_batched_tokens,
-        max_model_len=1024,
+        max_model_len=_max_model_len(args),
     )
-    prompt = eng.encode_chat([{"role": "user", "content": PROMPT}])
+    prompt = eng.encode_chat([*_system(args), {"role": "user", "content": PROMPT}])
     eng.generate([prompt] * args.max_batch, SamplingParams(max_tokens=2, ignore_eos=True))
     _sync(args.device)
     steps0, replays0, prefill0 = eng.steps, eng.graph_replays, eng.prefill_graph_replays
@@ -199,6 +245,9 @@ def offline_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
         "tok_per_s": round(tokens / wall, 1),
         "unique": len(counts),
         "counts": counts[:10],
+        "computed_tokens": sum(tokens for _, tokens, _, _ in steps),
+        "cached_prompt_tokens": sum(s.cached_tokens for s in seqs),
+        "prompt_tokens": len(prompt),
         "engine_start_s": start_s,
         **_floor(eng, steps, wall, args),
         "engine": eng.info(),
@@ -271,7 +320,13 @@ def hf_phase(model: Path, args: argparse.Namespace) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--preset", default="qwen3-1.7b")
+    ap.add_argument("--preset", default="qwen3-1.7b", help="a model-named MoE preset (qwen3-30b-a3b) builds qwen3-moe")
+    ap.add_argument(
+        "--weights-at-load",
+        action="store_true",
+        help="write no weights: the engine draws random ones on the device as it loads (tiny-model --weights-at-load; "
+        "needed for qwen3-30b-a3b, 61 GB in bf16; no hf phase then)",
+    )
     ap.add_argument("--model", type=Path, help="an existing model directory (else one of --preset's shape is built)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("-n", type=int, default=1000)
@@ -279,6 +334,9 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=128)
     ap.add_argument("--max-batched-tokens", type=int, default=2048)
     ap.add_argument("--scenario", default="mixed")
+    ap.add_argument(
+        "--shared-prefix-tokens", type=int, default=0, help="a system prompt of this many tokens before every request"
+    )
     ap.add_argument("--hf-batch", type=int, default=64)
     ap.add_argument("--hf-tokens", type=int, default=128)
     ap.add_argument(
@@ -290,7 +348,8 @@ def main() -> None:
         "--phases",
         default="batch-invariant,stock,hf",
         help="comma list: batch-invariant, stock (CUDA graphs on, as users run them), the same with "
-        "-eager (graphs off), offline-<kernels>[-eager] (N prompts at once), hf",
+        "-eager (graphs off), offline-<kernels>[-eager] (N prompts at once), hf; any but hf with -nocache "
+        "(no prefix cache) last",
     )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -314,10 +373,17 @@ def main() -> None:
         print(json.dumps(result), flush=True)
 
     t0 = time.perf_counter()
+    arch = "qwen3-moe" if "num_experts" in PRESETS[args.preset] else "qwen3"
     model = args.model or build_tiny_model(
-        args.out / "model", "qwen3", preset=args.preset, dtype="bfloat16", device=args.device
+        args.out / "model",
+        arch,
+        preset=args.preset,
+        dtype="bfloat16",
+        device=args.device,
+        weights_at_load=args.weights_at_load,
     )
     result["model_build_s"] = round(time.perf_counter() - t0, 1)
+    args.model_dir = model
     save()
     for phase in args.phases.split(","):
         try:
@@ -336,6 +402,12 @@ def main() -> None:
             if "wall_s" in bi and "wall_s" in stock:
                 key = "bi_over_stock_wall" + ("_offline" if prefix else "") + ("_eager" if suffix else "")
                 result[key] = round(bi["wall_s"] / stock["wall_s"], 3)
+        for name, off in list(result.items()):
+            on = result.get(name.removesuffix("-nocache"), {})
+            if name.endswith("-nocache") and "wall_s" in off and "wall_s" in on:
+                result[f"{name.removesuffix('-nocache')}_cache_over_nocache_wall"] = round(
+                    on["wall_s"] / off["wall_s"], 3
+                )
         save()  # after every phase: a run cut short keeps its finished figures and ratios
 
 

@@ -9,12 +9,20 @@
 # rescore: detaudit local (batch-invariant) on a Qwen3-1.7B-shaped random model, rescored with bi and stock kernels
 # engine:  benchmarks/engine.py: N target requests stock vs batch-invariant under `single` load (CUDA graphs on, as
 #          users run it, and eager), N prompts at once (offline, as the vLLM/SGLang anchors), engine vs HF generate()
-# enginegpu: tests/gpu/test_engine_gpu.py (graph replay == eager bitwise with bi kernels, stock split attention)
+# enginegpu: tests/gpu/test_engine_gpu.py (graph replay == eager bitwise with bi kernels, stock split attention,
+#          the prefix cache bitwise invariant with graphs on the tiny and the $PRESET-shaped model)
 # gputests: all of tests/gpu (the log becomes tests/gpu/LOG.txt)
+# prefix:  benchmarks/engine.py, the prefix cache's cost and gain: the 1000 x 100 `single` run with the cache on and
+#          off (-nocache phases), and again with a $PREFIX_SHARED-token system prompt shared by every request
+#          (default 2048; prefill saved), JSON per shared length under $OUT/prefix_bench_sharedK.json
 # local:   detaudit local N = 1000 with stock and batch-invariant kernels, each analysed (the issue's must-show)
 # kernels: benchmarks/kernels.py (matmul vs cuBLAS and TML's matmul_persistent from .third_party/tml, row-wise
 #          bandwidth, attention decode vs flash), JSON under $OUT/kernels
 # tune:    benchmarks/kernel_tuning_h200.py (TUNE_ONLY sections), its candidates compiled first by $WARM processes
+# moekernels: tests/gpu/test_moe_gpu.py, then benchmarks/kernels.py --only moe (one Qwen3-30B-A3B layer's experts:
+#          bi vs the stock grouped GEMMs)
+# moe:     benchmarks/engine.py on a Qwen3-30B-A3B-shaped random model (PRESET=qwen3-30b-a3b: weights drawn on the
+#          device at load): N target requests, batch-invariant then stock, under `single` load ($MOE_ARGS)
 # profile: benchmarks/engine_profile.py: a decode step's time and kernels, stock vs batch-invariant ($PROFILE_ARGS,
 #          e.g. "--batches '' --mixed 32,96,128" for the steps that mix decode and prefill)
 set -u
@@ -23,6 +31,8 @@ STEPS=${STEPS:-"probe rescore engine"}
 ENGINE_ARGS=${ENGINE_ARGS:-"-n 1000 --max-tokens 100 --scenario single --max-batch 128 --max-batched-tokens 2048 \
 --phases batch-invariant,stock,offline-batch-invariant,offline-stock"}
 LOCAL_N=${LOCAL_N:-1000}
+MOE_ARGS=${MOE_ARGS:-"-n 1000 --max-tokens 100 --scenario single --max-batch 128 --max-batched-tokens 2048 \
+--phases batch-invariant,stock"}
 PRESET=${PRESET:-qwen3-8b}
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
@@ -49,8 +59,12 @@ SH
 MODEL=/tmp/model-$PRESET
 build_model() {
     [ -d "$MODEL" ] && return 0
-    timeout 240 detaudit tiny-model "$MODEL" --arch qwen3 --preset "$PRESET" --dtype bfloat16 --device cuda 2>&1 \
-        | tee -a "$OUT/model.log"
+    local arch=qwen3 extra=""
+    # The MoE preset is 61 GB in bf16: written as config + tokenizer, its weights drawn by the engine as it loads.
+    [ "$PRESET" = qwen3-30b-a3b ] && arch=qwen3-moe extra=--weights-at-load
+    # shellcheck disable=SC2086
+    timeout 240 detaudit tiny-model "$MODEL" --arch $arch --preset "$PRESET" --dtype bfloat16 --device cuda $extra \
+        2>&1 | tee -a "$OUT/model.log"
 }
 
 for step in $STEPS; do
@@ -84,14 +98,28 @@ for step in $STEPS; do
         cp /tmp/eb/engine_bench.json "$OUT/engine_bench_run$n.json" ;;
     enginegpu)
         # From /tmp: run from the repository root, python -m would import ./detaudit, which lacks kernels/.
+        # tests/ on the path for its helper modules; the 8B-shaped model of the prefix-cache test built once.
+        build_model
         repo=$(pwd)
-        (cd /tmp && timeout 300 python3 -m pytest -q -s -p no:cacheprovider --noconftest \
-            "$repo/tests/gpu/test_engine_gpu.py") 2>&1 | tee "$OUT/engine_gpu_tests.log" ;;
+        (cd /tmp && DETAUDIT_GPU_MODEL_8B=$MODEL PYTHONPATH=$PYTHONPATH:$repo/tests timeout 400 python3 -m pytest -q \
+            -s -p no:cacheprovider --noconftest "$repo/tests/gpu/test_engine_gpu.py") 2>&1 \
+            | tee "$OUT/engine_gpu_tests.log" ;;
     gputests)
-        # Every GPU test (kernels and engine), 4 workers; tests/ on the path for its helper modules.
+        # Every GPU test (kernels and engine), 4 workers; tests/ on the path for its helper modules; the 8B-shaped
+        # model of the prefix-cache test built once (shared with the engine and prefix steps).
+        build_model
         repo=$(pwd)
-        (cd /tmp && PYTHONPATH=$PYTHONPATH:$repo/tests timeout 420 python3 -m pytest -q -n 4 -p no:cacheprovider \
-            --noconftest -rfE "$repo/tests/gpu") 2>&1 | tee "$OUT/gpu_tests.log" ;;
+        (cd /tmp && DETAUDIT_GPU_MODEL_8B=$MODEL PYTHONPATH=$PYTHONPATH:$repo/tests timeout "$(( $(left) < 420 ? $(left) : 420 ))" python3 -m pytest -q \
+            -n 4 -p no:cacheprovider --noconftest -rfE "$repo/tests/gpu") 2>&1 | tee "$OUT/gpu_tests.log" ;;
+    prefix)
+        build_model
+        for k in ${PREFIX_SHARED:-0 2048}; do
+            timeout "$(left)" python3 benchmarks/engine.py --out "/tmp/pb$k" --model "$MODEL" -n 1000 --max-tokens 100 \
+                --scenario single --max-batch 128 --max-batched-tokens 2048 --shared-prefix-tokens "$k" \
+                --phases "${PREFIX_PHASES:-batch-invariant,batch-invariant-nocache,stock,stock-nocache}" 2>&1 \
+                | tee "/tmp/prefix_bench$k.log" | grep -v '^{'
+            cp "/tmp/pb$k/engine_bench.json" "$OUT/prefix_bench_shared$k.json"
+        done ;;
     local)
         build_model
         for k in stock batch-invariant; do
@@ -118,6 +146,19 @@ for step in $STEPS; do
         timeout "${TUNE_S:-$(left)}" python3 benchmarks/kernel_tuning_h200.py --out "$OUT" ${TUNE_ARGS:-} \
             --only "${TUNE_ONLY:-matmul,attention,softmax}" \
             2>&1 | tee "$OUT/tuning.log" ;;
+    moekernels)
+        repo=$(pwd)
+        (cd /tmp && PYTHONPATH=$PYTHONPATH:$repo/tests timeout 240 python3 -m pytest -q -s -p no:cacheprovider \
+            --noconftest -rfE "$repo/tests/gpu/test_moe_gpu.py") 2>&1 | tee "$OUT/moe_gpu_tests.log"
+        timeout "$(left)" python3 benchmarks/kernels.py --out /tmp/kmoe --only moe 2>&1 \
+            | tee "$OUT/moe_kernels.txt" | grep -v '^{'
+        cp /tmp/kmoe/kernels.json "$OUT/moe_kernels.json" ;;
+    moe)
+        build_model
+        # shellcheck disable=SC2086
+        timeout "$(left)" python3 benchmarks/engine.py --out /tmp/ebmoe --model "$MODEL" $MOE_ARGS 2>&1 \
+            | tee /tmp/moe_engine_bench.log | grep -v '^{'
+        cp /tmp/ebmoe/engine_bench.json "$OUT/moe_engine_bench.json" ;;
     profile)
         build_model
         # shellcheck disable=SC2086

@@ -93,6 +93,27 @@ BIG: list[C] = [
     (128, 256, 64, 8, 8, 3, True, True),
     (256, 128, 64, 8, 8, 3, True, False),
 ]
+# --wide: more shapes for 16 < M <= 128 (the engine's decode batches; bi's matmul at M = 96 was 0.73-0.84 of
+# cuBLAS with the MID set): other pipeline depths, tile-order groups, 8 warps, warp specialisation.
+WIDE: list[C] = [(64, 128, 64, 8, 4, s, True, False) for s in (3, 4, 5, 7, 8)] + [
+    (64, 128, 64, 1, 4, 6, True, False),
+    (64, 128, 64, 16, 4, 6, True, False),
+    (64, 128, 64, 8, 8, 6, True, False),
+    (64, 128, 64, 8, 4, 4, True, True),
+    (64, 128, 128, 8, 8, 4, True, False),
+    (64, 64, 128, 8, 4, 5, True, False),
+    (64, 64, 128, 8, 4, 8, True, False),
+    (64, 64, 256, 8, 4, 4, True, False),
+    (64, 256, 64, 8, 8, 3, True, False),
+    (64, 256, 64, 8, 8, 4, True, False),
+    (32, 128, 64, 8, 4, 6, True, False),
+    (32, 128, 128, 8, 4, 5, True, False),
+    (32, 256, 64, 8, 4, 4, True, False),
+    (32, 64, 256, 8, 4, 6, True, False),
+    (128, 64, 128, 8, 4, 4, True, False),
+    (128, 128, 64, 8, 8, 3, True, False),
+    (128, 128, 64, 8, 4, 4, True, True),
+]
 COLD_BYTES = 256 << 20  # weight copies rotated through for cold timings (H200 L2: 60 MB)
 ATTN_POINTS = [(b, c) for c in (1024, 4096, 16384, 32768) for b in (1, 4, 16, 64, 256) if b * c <= 4_300_000]
 UNIFORM = [256, 512, 1024, 2048]
@@ -170,22 +191,30 @@ def ceilings() -> dict[str, float]:
     return {"copy_GBps": 2 * (2 << 30) / copy / 1e6, "mm8192_bf16_TFLOPs": 2 * 8192**3 / mm / 1e9}
 
 
-def _cands(m: int) -> list[C]:
-    return GEMV if m <= 16 else MID if m <= 128 else BIG
+def _cands(m: int, wide: bool = False) -> list[C]:
+    return GEMV if m <= 16 else MID + WIDE if wide and m <= 128 else MID if m <= 128 else BIG
 
 
-def mm_points(qwen: bool) -> Iterator[tuple[int, int, str, int]]:
-    """The Llama-3-8B points of benchmarks/kernels.py; with `qwen`, Qwen3-8B's decode and prefill sizes first."""
-    for k, n, what in QWEN if qwen else []:
-        for m in QWEN_MS:
+def mm_points(qwen: bool, ms: list[int] | None = None) -> Iterator[tuple[int, int, str, int]]:
+    """The Llama-3-8B points of benchmarks/kernels.py; with `qwen`, Qwen3-8B's decode and prefill sizes first;
+    with `ms`, the Qwen3-8B shapes at those M only."""
+    for k, n, what in QWEN if qwen or ms else []:
+        for m in ms or QWEN_MS:
             yield k, n, f"qwen3-8b {what}", m
-    for k, n, what in LLAMA:
+    for k, n, what in LLAMA if not ms else []:
         for m in LLAMA_MS:
             if not (qwen and (k, n) == (4096, 4096) and m in QWEN_MS):  # 4096x4096 is Qwen3's o_proj too
                 yield k, n, what, m
 
 
-def tune_matmul(res: dict[str, Any], save: Callable[[], None], share: tuple[int, int] | None, qwen: bool) -> None:
+def tune_matmul(
+    res: dict[str, Any],
+    save: Callable[[], None],
+    share: tuple[int, int] | None,
+    qwen: bool,
+    ms: list[int] | None = None,
+    wide: bool = False,
+) -> None:
     from detaudit.kernels import triton_matmul as tm
     from detaudit.kernels._dispatch import arch
 
@@ -197,13 +226,13 @@ def tune_matmul(res: dict[str, Any], save: Callable[[], None], share: tuple[int,
     job = 0
     if share is not None and share[0] == 0:
         tm.configs_agree(torch.bfloat16, torch.device("cuda"))  # every shipped config, as the timed run's first call
-    for k, n, what, m in mm_points(qwen):
+    for k, n, what, m in mm_points(qwen, ms):
         if (k, n) not in weights:
             weights = {(k, n): torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / math.sqrt(k)}
         if k not in xs:
             xs[k] = torch.randn(8192, k, device="cuda", dtype=torch.bfloat16)
         w, x = weights[(k, n)], xs[k][:m]
-        cands = _cands(m)
+        cands = _cands(m, wide)
         if share is not None:  # compile only: this process's share of the candidates
             for c in cands:
                 job += 1
@@ -401,6 +430,8 @@ def main() -> None:
     ap.add_argument("--warm", help="I/P: compile the I-th of P shares of the candidates, time nothing")
     ap.add_argument("--only", default="matmul,attention,softmax")
     ap.add_argument("--qwen", action="store_true", help="matmul: Qwen3-8B's shapes too (benchmarks/h200/ has a sweep)")
+    ap.add_argument("--ms", help="matmul: only Qwen3-8B's shapes, at these M (comma-separated)")
+    ap.add_argument("--wide", action="store_true", help="matmul: the WIDE candidates too for 16 < M <= 128")
     args = ap.parse_args()
     share = tuple(int(v) for v in args.warm.split("/")) if args.warm else None
     res: dict[str, Any] = header()
@@ -417,7 +448,9 @@ def main() -> None:
     sections = {
         "softmax": tune_softmax,
         "attention": tune_attention,
-        "matmul": lambda r, sv, sh: tune_matmul(r, sv, sh, args.qwen),
+        "matmul": lambda r, sv, sh: tune_matmul(
+            r, sv, sh, args.qwen, [int(v) for v in args.ms.split(",")] if args.ms else None, args.wide
+        ),
     }
     for name in args.only.split(","):
         try:

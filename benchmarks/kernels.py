@@ -3,7 +3,10 @@
 Matmul: ours vs default cuBLAS (``F.linear``, nn.Linear layout) vs thinking-machines-lab's ``matmul_persistent``
 (loaded from a checkout outside the repo, ``--tml path/to/batch_invariant_ops.py``; never vendored), on Llama-3-8B
 linear shapes. Row-wise: achieved bandwidth of RMSNorm / fused residual RMSNorm / log-softmax against a
-device-to-device copy. Attention: decode against ``F.scaled_dot_product_attention`` (flash backend).
+device-to-device copy. Attention: decode against ``F.scaled_dot_product_attention`` (flash backend). MoE
+(``--only moe``): one Qwen3-30B-A3B layer's experts (128 x 768 wide, top-8 of hidden 2048), the batch-invariant
+grouped GEMMs (one fixed tile) against the stock grouped implementation (tile and split-K chosen by tokens per
+expert), experts alone and the whole op (router, top-k, experts, combine).
 Writes ``kernels.json`` (every number) and prints markdown tables. ``--tune`` also times candidate tile configs.
 
     python benchmarks/kernels.py --out /tmp/bench --tml .third_party/tml/tml_bio.py
@@ -255,12 +258,66 @@ def bench_attention(batches: list[int], ctxs: list[int]) -> list[dict[str, Any]]
     return rows
 
 
+def _moe_candidates() -> list[Any]:
+    """Fixed configs timed beside the bi path's own (triton_moe.BI), to pick it from data."""
+    from detaudit.kernels.triton_moe import MoeConfig
+
+    return [MoeConfig(64, 64, 64, 1, 4, 4), MoeConfig(64, 128, 128, 1, 8, 3), MoeConfig(128, 128, 64, 1, 8, 3)]
+
+
+def bench_moe(tokens: list[int]) -> list[dict[str, Any]]:
+    """Qwen3-30B-A3B's MoE layer: ms of the experts' grouped GEMMs and of the whole op, bi vs stock (graph replays)."""
+    from detaudit.kernels import triton_moe
+    from detaudit.kernels.moe import moe_forward, route
+
+    e, h, inter, k = 128, 2048, 768, 8
+    g = torch.Generator(device="cuda").manual_seed(0)
+    dev, dt_ = "cuda", torch.bfloat16
+    router = torch.randn(e, h, device=dev, generator=g).mul_(h**-0.5).to(dt_)
+    w13 = torch.randn(e, 2 * inter, h, device=dev, generator=g).mul_(h**-0.5).to(dt_)
+    w2 = torch.randn(e, h, inter, device=dev, generator=g).mul_(inter**-0.5).to(dt_)
+    weight_bytes = (w13.numel() + w2.numel()) * 2
+    rows = []
+    candidates = _moe_candidates()
+    for t in tokens:
+        x = torch.randn(t, h, device=dev, generator=g).to(dt_)
+        ids, _ = route(x, router, k, True, batch_invariant=True)
+        row: dict[str, Any] = {"tokens": t, "experts_hit": int(torch.unique(ids).numel())}
+        for name, bi in (("bi", True), ("stock", False)):
+            experts = lambda x=x, ids=ids, bi=bi: triton_moe.experts(x, ids, w13, w2, batch_invariant=bi)  # noqa: E731
+            whole = lambda x=x, bi=bi: moe_forward(x, router, w13, w2, k, True, batch_invariant=bi)  # noqa: E731
+            experts(), whole()  # compile and run the one-time checks outside the graph capture
+            row[f"experts_{name}_ms"] = _bench(experts)
+            row[f"moe_{name}_ms"] = _bench(whole)
+        for cfg in candidates:  # other fixed configs for the bi path: time, and whether they give its bits
+            name = "x".join(map(str, (cfg.bm, cfg.bn, cfg.bk))) + f"_w{cfg.warps}s{cfg.stages}"
+            cand = lambda x=x, ids=ids, cfg=cfg: triton_moe.experts(  # noqa: E731
+                x, ids, w13, w2, batch_invariant=True, config=cfg
+            )
+            row[f"experts_bi_{name}_ms"] = _bench(cand)
+            row[f"experts_bi_{name}_same_bits"] = bool(
+                torch.equal(cand(), triton_moe.experts(x, ids, w13, w2, batch_invariant=True))
+            )
+        row["experts_ratio"] = row["experts_stock_ms"] / row["experts_bi_ms"]
+        row["moe_ratio"] = row["moe_stock_ms"] / row["moe_bi_ms"]
+        hit_bytes = weight_bytes * row["experts_hit"] / e
+        row["experts_bi_GBps"] = hit_bytes / row["experts_bi_ms"] / 1e6
+        rows.append(row)
+        print(
+            f"moe T={t}: experts bi {row['experts_bi_ms']:.3f} ms vs stock {row['experts_stock_ms']:.3f} "
+            f"(x{row['experts_ratio']:.2f}, {row['experts_bi_GBps']:.0f} GB/s of weights); whole op bi "
+            f"{row['moe_bi_ms']:.3f} vs stock {row['moe_stock_ms']:.3f} (x{row['moe_ratio']:.2f})",
+            flush=True,
+        )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--tml", default=None, help="path to thinking-machines-lab batch_invariant_ops.py")
     ap.add_argument("--tune", action="store_true")
-    ap.add_argument("--only", default="matmul,rowwise,attention")
+    ap.add_argument("--only", default="matmul,rowwise,attention", help="comma list of: matmul,rowwise,attention,moe")
     args = ap.parse_args()
     import triton
 
@@ -296,6 +353,9 @@ def main() -> None:
     (out_dir / "kernels.json").write_text(json.dumps(res, indent=1))
     if "attention" in only:
         res["attention_decode"] = bench_attention([1, 4, 16, 64, 256], [1024, 4096, 16384, 32768])
+    (out_dir / "kernels.json").write_text(json.dumps(res, indent=1))
+    if "moe" in only:
+        res["moe_qwen3_30b_a3b"] = bench_moe([1, 8, 32, 128, 512, 2048])
     (out_dir / "kernels.json").write_text(json.dumps(res, indent=1))
     print(json.dumps({k: v for k, v in res.items() if not isinstance(v, list)}, indent=1))
 

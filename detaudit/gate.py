@@ -29,6 +29,7 @@ _SPEC_KEYS: dict[str, tuple[str, type]] = {
     "max-error-rate": ("max_error_rate", float),
     "max-unique-increase": ("max_unique_increase", int),
     "require-same-modal": ("require_same_modal", bool),
+    "require-cache-invariant": ("require_cache_invariant", bool),
     "baseline": ("baseline", Path),
 }
 
@@ -44,6 +45,7 @@ class GateThresholds:
     require_same_modal: bool = False
     max_unique_increase: int | None = None
     baseline: Path | None = None
+    require_cache_invariant: bool = False
 
     def __post_init__(self) -> None:
         if self.max_unique is not None and self.max_unique < 1:
@@ -67,7 +69,8 @@ class GateThresholds:
         if not has_rule:
             raise UsageError(
                 "no gate rule given: pass at least one of --max-unique, --min-modal-share, "
-                "--min-first-divergence, --max-error-rate, --require-same-modal, --max-unique-increase"
+                "--min-first-divergence, --max-error-rate, --require-same-modal, --max-unique-increase, "
+                "--require-cache-invariant"
             )
 
 
@@ -290,6 +293,8 @@ def evaluate_gate(
                     Check(bwhere, increase <= t.max_unique_increase, f"{base_arm.unique} → {unique} unique")
                 )
 
+    if t.require_cache_invariant:
+        rules["require-cache-invariant"] = cache_rule(summary)
     ordered = [r for r in (error_rule, *rules.values()) if r is not None]
     for precondition in (complete, judgeable):  # judgeable first when both fail
         if not precondition.passed:
@@ -299,6 +304,34 @@ def evaluate_gate(
         # Too many failed requests: the other rules were computed on what is left and cannot be trusted.
         error_rule.judged = False
     return GateResult(run=run_label, baseline=baseline_label, rules=ordered)
+
+
+CACHE_VERDICTS = ("cache-dependent", "numerically-cache-dependent")
+_CACHE_WORDS = {"unverified": "unverified (no cached_tokens reported)", "contradicted": "contradicted by cached_tokens"}
+
+
+def cache_rule(summary: RunSummary) -> RuleResult:
+    """--require-cache-invariant: every prompt answers the same cold and warm, to the logprob. Cannot judge a run
+    without both cache arms, nor one whose cached_tokens do not prove the cache states (unverified, contradicted)."""
+    rule = RuleResult("require-cache-invariant", "cold = warm")
+    prompts = [p for p in summary.prompts if p.cache is not None]
+    if not prompts:
+        rule.checks.append(Check("run", False, "has no cache arms (record it with `detaudit run --cache cold,warm`)"))
+        rule.judged = False
+        return rule
+    for p in prompts:
+        cache = p.cache
+        assert cache is not None
+        if cache.same_completion is None:
+            rule.checks.append(Check(p.prompt_id, False, "has no ok samples in both a cold and a warm arm"))
+            rule.judged = False
+        elif cache.evidence != "verified":
+            rule.checks.append(Check(p.prompt_id, False, f"cache state {_CACHE_WORDS[cache.evidence]}"))
+            rule.judged = False
+        else:
+            passed = p.verdict not in CACHE_VERDICTS
+            rule.checks.append(Check(p.prompt_id, passed, "cold = warm" if passed else p.verdict))
+    return rule
 
 
 def _check_comparable(run: RunManifest, base: RunManifest, baseline_label: str) -> None:

@@ -9,12 +9,16 @@ Random-init logits are near-uniform, so tiny numeric differences flip greedy tok
 from __future__ import annotations
 
 import inspect
+import json
 from pathlib import Path
 from typing import Any
 
+from detaudit.engine.config import RANDOM_WEIGHTS, RANDOM_WEIGHTS_KEY
 from detaudit.errors import UsageError
 
-ARCHS = ("qwen3", "qwen2", "llama", "mistral")
+ARCHS = ("qwen3", "qwen2", "llama", "mistral", "qwen3-moe", "mixtral")
+# Mixture-of-Experts architectures: --arch name -> transformers model_type, and the config key of the expert count.
+MOE_ARCHS = {"qwen3-moe": ("qwen3_moe", "num_experts"), "mixtral": ("mixtral", "num_local_experts")}
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -42,7 +46,17 @@ PRESETS: dict[str, dict[str, Any]] = {
                        num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
     "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
                      num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=False),
+    # Qwen3-30B-A3B (--arch qwen3-moe only): 128 experts, 8 active; ~61 GB in bf16, so --weights-at-load.
+    "qwen3-30b-a3b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, vocab_size=151936, tie_word_embeddings=False,
+                          num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+                          decoder_sparse_step=1, mlp_only_layers=[]),
 }  # fmt: skip
+# The experts a size preset gets with a MoE architecture (a model-named MoE preset carries its own).
+MOE_SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=128, norm_topk_prob=True),
+    "small": dict(num_experts=16, num_experts_per_tok=4, moe_intermediate_size=512, norm_topk_prob=True),
+}
 
 
 def _corpus() -> list[str]:
@@ -85,6 +99,11 @@ def _check_names(arch: str, preset: str) -> None:
         raise UsageError(f"unknown architecture {arch!r}; supported: {', '.join(ARCHS)}")
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}; supported: {', '.join(PRESETS)}")
+    moe_preset = "num_experts" in PRESETS[preset]
+    if moe_preset and arch != "qwen3-moe":
+        raise UsageError(f"preset {preset!r} is a Qwen3-MoE shape: use --arch qwen3-moe")
+    if arch in MOE_ARCHS and not moe_preset and preset not in MOE_SHAPES:
+        raise UsageError(f"preset {preset!r} has no experts; with --arch {arch} use {', '.join(MOE_SHAPES)}")
 
 
 def model_config(arch: str, preset: str, tokenizer: Any, max_position_embeddings: int = 4096) -> Any:
@@ -95,14 +114,24 @@ def model_config(arch: str, preset: str, tokenizer: Any, max_position_embeddings
     shape = dict(PRESETS[preset])
     if arch in ("qwen2",):
         shape.pop("head_dim")  # Qwen2 derives head_dim from hidden_size / heads
+    model_type = arch
+    if arch in MOE_ARCHS:
+        model_type, experts_key = MOE_ARCHS[arch]
+        if "num_experts" not in shape:
+            shape.update(MOE_SHAPES[preset])
+        if arch == "mixtral":  # Mixtral's experts are intermediate_size wide and always renormalised
+            shape["intermediate_size"] = shape.pop("moe_intermediate_size")
+            shape.pop("norm_topk_prob")
+        shape[experts_key] = shape.pop("num_experts")
     shape["vocab_size"] = max(shape.get("vocab_size", 0), len(tokenizer))
     shape.setdefault("tie_word_embeddings", False)
     return AutoConfig.for_model(
-        arch,
+        model_type,
         max_position_embeddings=max_position_embeddings,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=None,
+        **{RANDOM_WEIGHTS_KEY: True},  # read by the engine (ModelSpec.random_weights): runs and reports say so
         **shape,
     )
 
@@ -117,10 +146,13 @@ def build_tiny_model(
     dtype: str = "float32",
     max_position_embeddings: int = 4096,
     device: str = "cpu",
+    weights_at_load: bool = False,
 ) -> Path:
     """Save a random-weight `arch` model with an offline tokenizer (of `vocab_size` tokens) to `out_dir`; returns the
     directory. `device` draws the weights there: on a GPU an 8B-shaped model takes seconds instead of minutes (the
-    weights differ from a CPU build's with the same seed)."""
+    weights differ from a CPU build's with the same seed). `weights_at_load` writes no weights, only a marker
+    (detaudit.engine.config.RANDOM_WEIGHTS) from which the local engine draws seeded random weights on its device
+    as it loads: for shapes too big to write (a 30B MoE); transformers cannot load such a directory."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -132,6 +164,13 @@ def build_tiny_model(
     _check_names(arch, preset)  # before the tokenizer is trained
     tokenizer = build_tokenizer(vocab_size)
     config = model_config(arch, preset, tokenizer, max_position_embeddings)
+    if weights_at_load:
+        config.dtype = dtype
+        out.mkdir(parents=True, exist_ok=True)
+        config.save_pretrained(out)
+        tokenizer.save_pretrained(out)
+        (out / RANDOM_WEIGHTS).write_text(json.dumps({"seed": seed}) + "\n")
+        return out
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))

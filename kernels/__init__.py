@@ -2,13 +2,14 @@
 
 ``with batch_invariant():`` installs aten overrides through ``torch.library`` — Triton kernels at the CUDA key, the
 fixed-16-row-block path at the CPU key — for mm, addmm, bmm, _softmax, _log_softmax, mean.dim, sum.dim_IntList and
-rms_norm (plus their ``.out`` overloads on CUDA, which torch.compile lowers to). Installation is reference-counted,
-so nested blocks and exceptions leave the previous state intact. Registering the overrides costs about a millisecond
-(the dispatcher recomputes its tables per op), too much to pay on every step of an engine: ``pin()`` keeps them
-registered between blocks, passing each call through to the stock kernel while no block is active, so that entering
-and leaving ``batch_invariant()`` is a flag flip. ``coverage()`` reports which ops ran through our
-kernels and which order-sensitive ops ran unprotected. Attention and RMSNorm are also callable directly:
-:func:`detaudit.kernels.attention.paged_attention`, :mod:`detaudit.kernels.rmsnorm`. See docs/kernels.md.
+rms_norm (plus their ``.out`` overloads on CUDA, which torch.compile lowers to); the Mixture-of-Experts op
+``detaudit::moe`` (:mod:`detaudit.kernels.moe`) switches itself to its batch-invariant path inside a block.
+Installation is reference-counted, so nested blocks and exceptions leave the previous state intact. Registering the
+overrides costs about a millisecond (the dispatcher recomputes its tables per op), too much to pay on every step of
+an engine: ``pin()`` keeps them registered between blocks, passing each call through to the stock kernel while no
+block is active, so that entering and leaving ``batch_invariant()`` is a flag flip. ``coverage()`` reports which ops
+ran through our kernels and which order-sensitive ops ran unprotected. Attention and RMSNorm are also callable
+directly: :func:`detaudit.kernels.attention.paged_attention`, :mod:`detaudit.kernels.rmsnorm`. See docs/kernels.md.
 """
 
 from __future__ import annotations
@@ -88,7 +89,7 @@ def _install(passthrough: bool) -> None:
                     lib.impl(op, fn, key)
                 names.add(f"aten::{op}")
         _libs.append(lib)
-        _installed[key] = frozenset(names)
+        _installed[key] = frozenset(names | set(overrides.SELF_SWITCHED))
     _passthrough = passthrough
 
 

@@ -53,6 +53,7 @@ ORDER_SENSITIVE = frozenset(
         "_scaled_dot_product_flash_attention_for_cpu",
         "_scaled_dot_product_fused_attention_overrideable",
         "_flash_attention_forward",
+        "moe",  # detaudit::moe (detaudit.kernels.moe): grouped expert GEMMs and the top-k combine
         "_efficient_attention_forward",
         "sum",
         "mean",

@@ -87,11 +87,15 @@ _HALF_LARGE_N = [
 # copies larger than L2, as a decoder's layers meet them). A GEMV wants 16x64 TMA tiles (4096 x 6144 at M = 1:
 # 0.72 -> 0.97 of cuBLAS), M = 65-128 on N = 4096 64x64x128 TMA tiles with 6 stages (down 12288 x 4096 at M = 128:
 # 0.73 -> 1.04), M = 257-1024 128x128 tiles (0.57 -> 0.90-0.93), and the fused qkv (N = 6144) its own table.
+# M = 65-128 re-swept with deeper pipelines (benchmarks/h200/tuning_decode_m65_128.json, cold geomeans over
+# M = 72-128): N = 4096 at M <= 96 64x128x64 with 7 stages (0.68 -> 0.78), qkv 7 stages (0.81 -> 0.84), N > 8192
+# 8 stages (0.86 -> 0.89).
 _H200_SMALL_N = [
     (4, Config(16, 64, 256, 8, 4, 4, tma=True)),
     (16, Config(16, 32, 256, 8, 2, 5)),
     (32, Config(32, 32, 256, 8, 4, 4)),
     (64, Config(64, 32, 256, 8, 4, 4, tma=True)),
+    (96, Config(64, 128, 64, 8, 4, 7, tma=True)),
     (128, Config(64, 64, 128, 8, 4, 6, tma=True)),
     (256, Config(64, 128, 64, 8, 4, 6, tma=True)),
     (1024, Config(128, 128, 64, 8, 4, 4, tma=True)),
@@ -102,7 +106,7 @@ _H200_MID_N = [
     (16, Config(16, 64, 256, 8, 4, 4, tma=True)),
     (32, Config(32, 32, 256, 8, 4, 4)),
     (64, Config(64, 64, 128, 8, 4, 6, tma=True)),
-    (128, Config(64, 128, 64, 8, 4, 6, tma=True)),
+    (128, Config(64, 128, 64, 8, 4, 7, tma=True)),
     (256, Config(128, 128, 64, 8, 4, 4, tma=True)),
     (2048, Config(128, 256, 64, 8, 8, 4, tma=True)),
     (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True)),
@@ -111,7 +115,7 @@ _H200_LARGE_N = [
     (16, Config(16, 64, 256, 8, 4, 4, tma=True)),
     (32, Config(32, 64, 128, 8, 4, 4)),
     (64, Config(64, 64, 128, 8, 4, 6, tma=True)),
-    (128, Config(64, 128, 64, 8, 4, 6, tma=True)),
+    (128, Config(64, 128, 64, 8, 4, 8, tma=True)),
     (1024, Config(128, 256, 64, 8, 8, 4, tma=True)),
     (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True)),
 ]

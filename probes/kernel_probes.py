@@ -3,7 +3,8 @@
 For each op, stock torch and ours (inside ``batch_invariant()``, so the aten overrides are what runs): compute each
 probed row alone (M=1), then inside batches of many sizes that cross kernel-heuristic boundaries, starting at random
 offsets of a larger input, and compare the probed rows bitwise. Attention is probed as a token computed in a
-prefill vs. alone as a decode step, beside 0..n other sequences.
+prefill vs. alone as a decode step, beside 0..n other sequences. The Mixture-of-Experts op (router, top-k, grouped
+expert GEMMs, combine) is a row op too: the batch changes how many rows each expert gets.
 """
 
 from __future__ import annotations
@@ -98,6 +99,7 @@ def _row_ops(
     hidden: int, vocab: int, dtype: torch.dtype, device: str, g: torch.Generator
 ) -> dict[str, tuple[int, Callable[[torch.Tensor], torch.Tensor]]]:
     """op name -> (input width, function of a [M, width] input)."""
+    from detaudit.kernels.moe import moe
 
     def rnd(*shape: int) -> torch.Tensor:
         return torch.randn(*shape, generator=g, device="cpu").to(device=device, dtype=dtype)
@@ -107,6 +109,10 @@ def _row_ops(
     b_row = rnd(hidden, 2 * hidden) / math.sqrt(hidden)
     bias = rnd(2 * hidden)
     norm_w = rnd(hidden)
+    experts, inter = 8, hidden // 4
+    router = rnd(experts, hidden) / math.sqrt(hidden)
+    w13 = rnd(experts, 2 * inter, hidden) / math.sqrt(hidden)
+    w2 = rnd(experts, hidden, inter) / math.sqrt(inter)
     return {
         "linear (nn.Linear W^T)": (hidden, lambda x: F.linear(x, w)),
         "linear + bias": (hidden, lambda x: F.linear(x, w_mlp, bias)),
@@ -131,6 +137,7 @@ def _row_ops(
         "softmax (vocab)": (vocab, lambda x: torch.softmax(x, -1)),
         "sum (vocab)": (vocab, lambda x: x.float().sum(-1)),
         "mean (hidden)": (hidden, lambda x: x.mean(-1)),
+        "moe (8 experts, top-2)": (hidden, lambda x: moe(x, router, w13, w2, 2, True)),
     }
 
 

@@ -36,13 +36,16 @@ _SCENARIO_WORDS = {
 }
 
 
-def arm_words(kind: str, arm: str, concurrency: int | None) -> str:
-    """How an arm loaded its target: 'one request at a time', '16 requests in flight', ..."""
+def arm_words(kind: str, arm: str, concurrency: int | None, cache: str | None = None) -> str:
+    """How an arm loaded its target: 'one request at a time', '16 requests in flight', ...; a cache arm adds its
+    cache state ('one request at a time, warm cache')."""
     if kind == "local" and arm in _SCENARIO_WORDS:
         return _SCENARIO_WORDS[arm].format(c=concurrency or "?")
     if concurrency == 1:
-        return "one request at a time"
-    return f"{concurrency} requests in flight" if concurrency else arm
+        words = "one request at a time"
+    else:
+        words = f"{concurrency} requests in flight" if concurrency else arm
+    return f"{words}, {cache} cache" if cache else words
 
 
 def run_words(run: RunInfo) -> str:
@@ -62,7 +65,7 @@ def _counts(cells: Sequence[Cell]) -> list[Piece]:
     for i, c in enumerate(cells):
         if i:
             out.append(Piece(" and " if i == len(cells) - 1 else ", "))
-        words = arm_words(c.run.kind, c.arm, c.concurrency)
+        words = arm_words(c.run.kind, c.arm, c.concurrency, c.cache_state)
         what = _plural(c.unique, "distinct completion") if i == 0 else str(c.unique)
         out += [Piece(what, "strong"), Piece(f" of {c.ok} ok ({words})")]
     return out
@@ -109,7 +112,7 @@ def _rerun(run: RunInfo, cells: Sequence[Cell], reference: Cell | None, primary:
     if len(answers) != 1:
         return out
     (answer,) = answers
-    load = arm_words(primary.kind, reference.arm, reference.concurrency)
+    load = arm_words(primary.kind, reference.arm, reference.concurrency, reference.cache_state)
     serial = f"{run_words(primary)}'s answer when sent {load}"
     if answer == reference.modal_text:
         return [*out, Piece(f"; that answer is the same as {serial}")]

@@ -167,6 +167,14 @@ def render_markdown(report: Report, *, heading: str = "## detaudit report") -> s
     ]
     if numeric:
         lines += ["**Below the tokens**", "", *numeric, ""]
+    cache = [
+        f"- **{md_text(c.run.label)} · {md_text(p.prompt_id)} · {md_text(c.arm)}**: {md_text(c.cache)}"
+        for p in report.prompts
+        for c in p.cells
+        if c.cache
+    ]
+    if cache:
+        lines += ["**Prefix cache**", "", *cache, ""]
     notes = [
         f"- **{md_text(run.label)}**: {md_text(text)}" for run in report.runs for key, text in run.meta if key == "note"
     ]

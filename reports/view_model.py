@@ -142,6 +142,8 @@ class Cell:
     load: str = ""  # the arm's load in plain words ("one request at a time", "16 requests in flight")
     truncated: int = 0  # ok answers that ended without a stated reason: not compared
     numeric: str | None = None  # logprobs varying among identical completions, in words
+    cache: str | None = None  # a cache arm's evidence (cached_tokens), in words
+    cache_state: str | None = None  # the cache state a cache arm asked for ("cold", "warm")
 
     @property
     def asked(self) -> int:
@@ -207,6 +209,8 @@ def _run_info(path: Path, manifest: RunManifest, summary: RunSummary, label: str
     meta.append(("system_fingerprint", ", ".join(fingerprints) if fingerprints else "not reported"))
     for note in [*manifest.notes, *summary.notes]:
         meta.append(("note", note))
+    if t.engine.get("random_weights") is True:
+        meta.append(("note", RANDOM_WEIGHTS_NOTE))
     agreement = summary.agreement
     earliest = summary.earliest_fork
     samples = summary.samples
@@ -232,6 +236,10 @@ def _run_info(path: Path, manifest: RunManifest, summary: RunSummary, label: str
     )
 
 
+RANDOM_WEIGHTS_NOTE = (
+    "random weights: the model is a test model with untrained weights (detaudit tiny-model), so its text means "
+    "nothing; only where and how often the completions fork matters"
+)
 _ENGINE_FIRST = ("kernels", "dtype", "device", "gpu", "torch", "triton", "engine", "scenarios", "seed")
 
 
@@ -279,6 +287,22 @@ def numeric_text(arm: ArmSummary) -> str | None:
     where = "" if num.max_abs_delta is None else f": max |Δ logprob| {num.max_abs_delta:.3g}, first at position "
     where += "" if num.max_abs_delta is None else str(num.first_position)
     return f"{num.vectors} distinct logprob vectors among {num.rows} identical completions{where}"
+
+
+def cache_text(arm: ArmSummary) -> str | None:
+    """A cache arm's evidence as one phrase: what it asked for, what its cached_tokens show; None for a load arm."""
+    c = arm.cache
+    if c is None:
+        return None
+    if c.evidence == "unverified":
+        return f"{c.asked} cache asked; unverified: none of {c.rows} answers reported cached_tokens"
+    tokens = f"{c.cached_tokens_min}" if c.cached_tokens_min == c.cached_tokens_max else ""
+    tokens = tokens or f"{c.cached_tokens_min}–{c.cached_tokens_max}"
+    shown = c.evidence if c.evidence != c.asked else f"{c.evidence}, as asked"
+    return (
+        f"{c.asked} cache asked; {c.hits} of {c.rows} answers hit the cache ({c.reporting} reported cached_tokens, "
+        f"{tokens} tokens): {shown}"
+    )
 
 
 def _fork_tree(forks: Sequence[SummaryFork]) -> list[ForkNode]:
@@ -386,9 +410,11 @@ def _cell(run: RunInfo, arm: ArmSummary) -> Cell:
         token_view_note=note,
         fingerprints=_fingerprints(arm),
         modal_text=arm.completions[0].text if arm.completions else None,
-        load=arm_words(run.kind, arm_name(arm), arm.concurrency),
+        load=arm_words(run.kind, arm_name(arm), arm.concurrency, arm.cache.asked if arm.cache else None),
         truncated=arm.truncated,
         numeric=numeric_text(arm),
+        cache=cache_text(arm),
+        cache_state=arm.cache.asked if arm.cache else None,
     )
 
 

@@ -69,16 +69,15 @@ def one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="session", autouse=True)
 def detaudit_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """Models converted from GGUF (detaudit.engine.gguf_convert) go to a session directory, never the user's
-    ~/.cache; child processes (`detaudit demo`, `serve`) inherit it, so one conversion serves the whole session."""
-    path = tmp_path_factory.mktemp("detaudit-cache")
+    """Where models converted from GGUF (detaudit.engine.gguf_convert) go: $DETAUDIT_CACHE_DIR when it is set (a
+    developer's cache: the conversion is then done once, not every session), else a session directory, never the
+    user's ~/.cache. Child processes (`detaudit demo`, `serve`) inherit it: one conversion serves the session."""
     before = os.environ.get("DETAUDIT_CACHE_DIR")
+    path = Path(before) if before else tmp_path_factory.mktemp("detaudit-cache")
     os.environ["DETAUDIT_CACHE_DIR"] = str(path)
     yield path
     if before is None:
         os.environ.pop("DETAUDIT_CACHE_DIR", None)
-    else:
-        os.environ["DETAUDIT_CACHE_DIR"] = before
 
 
 @pytest.fixture(scope="session")

@@ -33,6 +33,8 @@ Schedules (value of `schedules[prompt]` or `default`):
   get an injected fault do not use a slot. ``server.reset_counts()`` restarts every schedule.
 * ``["A", "A", "B"]`` (names, not pairs) -- in arrival order, cycled: the k-th successful answer to that prompt gets
   entry k mod len, not shuffled. Arms run one after another, so a serial arm of N gets the first N entries.
+* ``{"cold": "A", "warm": "B"}`` -- cache-dependent: a request whose prompt the server's prefix cache holds (see
+  ``cache`` below) gets B, any other A.
 * ``{"serial": "A", "loaded": ["B", "C"]}`` -- load-dependent: a request that arrives while no other request is in
   flight gets A; one that arrives while others are in flight gets the loaded completions in turn (B, C, B, ...).
   Pair it with ``latency_s`` so requests overlap: a concurrency-1 arm then has 1 unique completion and a loaded
@@ -75,6 +77,15 @@ requests ``server.log`` keeps, default 2000), ``interrupted`` (names of completi
 answers a request it interrupts for another: the completion's tokens, then a normal ``[DONE]``, and no
 ``finish_reason`` anywhere; unstreamed, ``finish_reason`` is null).
 
+A prefix cache (``cache=dict(...)``; None, the default, has none and reports nothing): a request hits when the same
+prompt text (its first line a `detaudit run` cold nonce or not) came before with the same ``cache_salt``. Keys:
+``report`` (default True: usage carries ``prompt_tokens_details.cached_tokens``, ``hit_tokens`` (default 4) of the
+7 prompt tokens on a hit, else 0; False: it caches but says nothing), ``salt`` (default True: ``cache_salt``
+separates cache entries, as vLLM's does; False: ignored), ``reset`` (default False: True serves vLLM's
+``POST /reset_prefix_cache``, which empties the cache), ``value`` (report exactly this as cached_tokens on every
+answer, whatever it is: a hostile server; with ``prompts``, only to requests for those prompt texts). The schedule
+key of a prompt leaves a leading cold nonce line out.
+
 Faults (``faults=dict(...)``), decided per arrival on the completion paths only (never /v1/models):
 
 * ``rate`` (0..1) and ``seed``: a seeded draw per arrival picks whether a fault happens, and ``kinds`` which one.
@@ -116,6 +127,8 @@ from typing import Any
 import uvicorn
 from servers import free_port  # tests/ is on sys.path (pytest, benchmarks, or this file run as a script)
 
+from detaudit.audit.cache_arms import NONCE_PATTERN
+
 FAULT_KINDS = ("429", "500", "502", "503", "timeout", "reset", "malformed", "truncated_sse", "non_openai", "html")
 NAMED_FAULT_KINDS = ("raw", "trickle", "keepalive")  # only when named: never in the default random draw
 CAPTURES = ("vllm", "openai", "text", "llama-server")
@@ -143,10 +156,14 @@ class _Schedule:
     def __init__(self, spec: Any, seed: int) -> None:
         self.kind = "fixed"
         self.seed = seed
+        self.cold = self.warm = ""
         self.count = 0
         self.loaded_count = 0
         if isinstance(spec, str):
             self.fixed = spec
+        elif isinstance(spec, dict) and set(spec) == {"cold", "warm"}:
+            self.kind = "cache"
+            self.cold, self.warm = spec["cold"], spec["warm"]
         elif isinstance(spec, dict):
             self.kind = "load"
             self.serial, self.loaded = spec["serial"], list(spec["loaded"])
@@ -164,12 +181,17 @@ class _Schedule:
             return {self.fixed}
         if self.kind == "load":
             return {self.serial, *self.loaded}
+        if self.kind == "cache":
+            return {self.cold, self.warm}
         return set(self.order)
 
-    def pick(self, in_flight: int, advance: bool = True) -> str:
-        """The next completion; advance=False (a fault will cut the answer) leaves the slot for the next request."""
+    def pick(self, in_flight: int, advance: bool = True, hit: bool = False) -> str:
+        """The next completion; advance=False (a fault will cut the answer) leaves the slot for the next request;
+        `hit`: the prompt was in the prefix cache."""
         if self.kind == "fixed":
             return self.fixed
+        if self.kind == "cache":
+            return self.warm if hit else self.cold
         if self.kind == "load":
             if in_flight <= 1:
                 return self.serial
@@ -200,6 +222,7 @@ class ScriptedServer:
         drop_logprobs_after: int | None = None,
         interrupted: list[str] | tuple[str, ...] = (),
         faults: dict[str, Any] | None = None,
+        cache: dict[str, Any] | None = None,
         seed: int = 0,
         record: int = 2000,
         port: int = 0,
@@ -231,6 +254,19 @@ class ScriptedServer:
             raise ValueError(
                 f"interrupted names unknown completions: {sorted(self.interrupted - set(self.completions))}"
             )
+        c = dict(cache) if cache is not None else None
+        self.cache = c is not None
+        self.cache_report = bool(c.pop("report", True)) if c is not None else False
+        self.cache_salt = bool(c.pop("salt", True)) if c is not None else False
+        self.cache_hit_tokens = int(c.pop("hit_tokens", 4)) if c is not None else 0
+        self.cache_reset = bool(c.pop("reset", False)) if c is not None else False
+        self.cache_value: Any = c.pop("value", None) if c is not None else None
+        self.cache_forced = c is not None and self.cache_value is not None
+        forced_prompts = c.pop("prompts", None) if c is not None else None
+        self.cache_forced_prompts = None if forced_prompts is None else set(forced_prompts)
+        if c:
+            raise ValueError(f"unknown cache options: {sorted(c)}")
+        self.cached: set[tuple[Any, str]] = set()  # (salt, prompt text) the prefix cache holds
         f = dict(faults or {})
         self.fault_rate = float(f.pop("rate", 0.0))
         self.fault_kinds = tuple(f.pop("kinds", FAULT_KINDS))
@@ -356,6 +392,10 @@ class ScriptedServer:
         if path in ("/health", "/v1/health"):
             await _json(send, 200, {"status": "ok"})
             return
+        if path == "/reset_prefix_cache" and method == "POST" and self.cache_reset:
+            self.cached.clear()
+            await _json(send, 200, {"status": "ok"})
+            return
         if path == "/v1/models" and method == "GET":
             data = [{"id": m, "object": "model", "created": 0, "owned_by": "scripted"} for m in self.models]
             await _json(send, 200, {"object": "list", "data": data})
@@ -385,11 +425,13 @@ class ScriptedServer:
         return req["prompt"] if isinstance(req.get("prompt"), str) else None
 
     async def _completion(self, api: str, req: dict[str, Any], send: Any, headers: dict[str, str]) -> None:
-        key = self.prompt_key(api, req)
-        if key is None:
+        text = self.prompt_key(api, req)
+        if text is None:
             msg = "messages must be a non-empty list" if api == "chat" else "prompt must be a string"
             await _json(send, 400, _err(msg, "invalid_request_error", None))
             return
+        unsalted = NONCE_PATTERN.fullmatch(text)
+        key = unsalted.group(1) if unsalted else text
         fault = self._draw_fault(key)
         if fault is not None:
             self.stats["faults"][fault] += 1
@@ -399,7 +441,7 @@ class ScriptedServer:
                 send = _slow_send(send, fault, self.trickle_s, self.hang_s, bool(req.get("stream")))
         if await self._refused(req, send):
             return
-        ctx = await self.answer(api, req, key, advance=fault is None)
+        ctx = await self.answer(api, req, key, advance=fault is None, text=text)
         stream = bool(req.get("stream"))
         if stream:
             include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
@@ -428,13 +470,20 @@ class ScriptedServer:
             return True
         return False
 
-    async def answer(self, api: str, req: dict[str, Any], key: str, *, advance: bool = True) -> _Answer:
-        """The scripted answer to `req` (after `latency_s`); advance=False leaves the schedule slot for the next."""
+    async def answer(
+        self, api: str, req: dict[str, Any], key: str, *, advance: bool = True, text: str | None = None
+    ) -> _Answer:
+        """The scripted answer to `req` (after `latency_s`); advance=False leaves the schedule slot for the next;
+        `text`: the prompt as sent (a cold nonce line included), what the prefix cache keys."""
+        entry = (req.get("cache_salt") if self.cache_salt else None, key if text is None else text)
+        hit = self.cache and entry in self.cached
+        if self.cache:
+            self.cached.add(entry)
         self.in_flight += 1
         self.stats["max_in_flight"] = max(self.stats["max_in_flight"], self.in_flight)
         try:
             sched = self.schedules.get(key, self.default)
-            name = sched.pick(self.in_flight, advance=advance)
+            name = sched.pick(self.in_flight, advance=advance, hit=hit)
             if self.latency_s:
                 await asyncio.sleep(self.latency_s)
         finally:
@@ -459,7 +508,12 @@ class ScriptedServer:
         if isinstance(fingerprint, list):
             fingerprint = fingerprint[self.answers % len(fingerprint)]
         entries = self.capture == "llama-server"
-        return _Answer(api, model, tokens, finish, want_lp, k, as_ids, with_ids, fingerprint, entries)
+        cached = None
+        if self.cache_forced and (self.cache_forced_prompts is None or key in self.cache_forced_prompts):
+            cached = self.cache_value
+        elif self.cache_report:
+            cached = self.cache_hit_tokens if hit else 0
+        return _Answer(api, model, tokens, finish, want_lp, k, as_ids, with_ids, fingerprint, entries, cached)
 
     def _draw_fault(self, prompt: str) -> str | None:
         if self.fault_prompts is not None and prompt not in self.fault_prompts:
@@ -541,10 +595,12 @@ class _Answer:
         with_ids: bool,
         fingerprint: str | None,
         entries: bool = False,
+        cached: Any = None,
     ) -> None:
         self.api, self.model, self.tokens, self.finish = api, model, tokens, finish
         self.want_lp, self.k, self.as_ids, self.with_ids, self.fingerprint = want_lp, k, as_ids, with_ids, fingerprint
         self.entries = entries  # llama-server: chat-shaped logprobs on both APIs, each entry with its id
+        self.cached = cached  # usage.prompt_tokens_details.cached_tokens (None: not reported)
         self.id = f"{'chatcmpl' if api == 'chat' else 'cmpl'}-{random.getrandbits(48):x}"
 
     def _tok_str(self, t: _Token, pos: int) -> str:
@@ -610,8 +666,12 @@ class _Answer:
             "text_offset": offsets,
         }
 
-    def _usage(self) -> dict[str, int]:
-        return {"prompt_tokens": 7, "completion_tokens": len(self.tokens), "total_tokens": 7 + len(self.tokens)}
+    def _usage(self) -> dict[str, Any]:
+        usage: dict[str, Any] = {"prompt_tokens": 7, "completion_tokens": len(self.tokens)}
+        usage["total_tokens"] = 7 + len(self.tokens)
+        if self.cached is not None:
+            usage["prompt_tokens_details"] = {"cached_tokens": self.cached}
+        return usage
 
     def _head(self, obj: str) -> dict[str, Any]:
         head: dict[str, Any] = {"id": self.id, "object": obj, "created": int(time.time()), "model": self.model}

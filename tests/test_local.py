@@ -29,6 +29,9 @@ ARGS = [
     "32",
     "--dtype",
     "bfloat16",
+    # On CPU stock kernels diverge through where a prompt's chunks start; a prefix cache gives every copy after the
+    # first the same cached blocks and takes that away (tests/test_prefix_cache.py shows what it does instead).
+    "--no-prefix-cache",
 ]
 
 
@@ -183,6 +186,7 @@ def test_serial_control_arm_makes_the_stock_verdict_load_dependent(tiny_model_di
             "32",
             "--top-logprobs",
             "0",
+            "--no-prefix-cache",  # as in ARGS: the load-dependence shown here is chunking's
         ]
     )
     capsys.readouterr()
@@ -194,3 +198,26 @@ def test_serial_control_arm_makes_the_stock_verdict_load_dependent(tiny_model_di
     stats = load_manifest(out).target.engine["arms"]
     assert stats["serial"]["batch_seqs_max"] == 1 and stats["serial"]["fillers"] == 0
     assert stats["mixed"]["batch_seqs_max"] > 1
+
+
+def test_prefix_scenario_records_cold_and_warm_cache_hits_per_sample(tiny_model_dir, tmp_path, capsys):
+    """`--scenario serial,prefix`: the serial arm flushes the prefix cache before each request (cached_tokens 0
+    everywhere); the prefix arm's copies find the cache cold or warm, fully or in part, and with the bundled
+    kernels all agree."""
+    out = tmp_path / "run"
+    prompt = "Tell me about Richard Feynman, his diagrams and the path integral, in a few plain sentences"
+    argv = ["local", "--model", str(tiny_model_dir), "--kernels", "batch-invariant", "--out", str(out), "--json"]
+    argv += ["--prompt", prompt, "-n", "24", "--scenario", "serial,prefix", "--max-tokens", "4"]
+    main([*argv, "--max-batch", "8", "--max-batched-tokens", "24", "--top-logprobs", "0"])
+    capsys.readouterr()
+    rows = read_samples(out).to_pylist()
+    serial = [r["cached_tokens"] for r in rows if r["arm"] == "serial"]
+    warm = [r["cached_tokens"] for r in rows if r["arm"] == "prefix"]
+    full = (rows[0]["prompt_tokens"] - 1) // 16 * 16
+    assert serial == [0] * 24 and len(warm) == 24 and 0 in warm and full in warm
+    assert len({tuple(r["logprobs"]) for r in rows}) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["prompts"][0]["verdict"] == "deterministic"
+    stats = load_manifest(out).target.engine["arms"]
+    assert stats["serial"]["prefix_cache_flushes"] == 24 and stats["serial"]["cached_prompt_tokens"] == 0
+    assert stats["prefix"]["prefix_cache_flushes"] > 0 and stats["prefix"]["cached_prompt_tokens"] >= sum(warm) > 0

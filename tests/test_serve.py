@@ -24,9 +24,9 @@ from detaudit.rundir.io import load_manifest
 PROMPT = [{"role": "user", "content": "def fibonacci(n):"}]
 
 
-def _start(model: Path, kernels: str, log_dir: Path, budget: int = 48) -> Server:
+def _start(model: Path, kernels: str, log_dir: Path, budget: int = 48, *extra: str) -> Server:
     port = free_port()
-    options = ("--kernels", kernels, "--max-batch", 8, "--max-batched-tokens", budget, "--max-model-len", 512)
+    options = ("--kernels", kernels, "--max-batch", 8, "--max-batched-tokens", budget, "--max-model-len", 512, *extra)
     argv = detaudit_serve_argv(model, port, *options)
     return start(argv, log=log_dir / f"serve-{kernels}.log", port=port, env={"OMP_NUM_THREADS": "1"})
 
@@ -85,6 +85,31 @@ def test_models_and_chat_with_logprobs_and_token_ids(bi_server):
         x.logprob for x in choice.logprobs.content
     ]
     assert chunks[-1].usage.completion_tokens == len(ids)
+
+
+def test_usage_reports_the_prompt_tokens_the_prefix_cache_supplied(bi_server):
+    """OpenAI's usage.prompt_tokens_details.cached_tokens: 0 for a prompt never seen, its full 16-token blocks but
+    the last token for the same prompt again (non-streamed, and in a stream's final usage chunk)."""
+    base, model = bi_server
+    client = openai.OpenAI(base_url=base, api_key="unused")
+    messages = [{"role": "system", "content": "cache me " * 30}, {"role": "user", "content": "and then?"}]
+    cold = client.chat.completions.create(model=model, messages=messages, max_tokens=3, temperature=0)
+    p = cold.usage.prompt_tokens
+    assert p > 32 and cold.usage.prompt_tokens_details.cached_tokens == 0
+    chunks = list(
+        client.chat.completions.create(
+            model=model,
+            messages=messages,
+            max_tokens=3,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens == (p - 1) // 16 * 16
+    text = [{"role": "user", "content": "cache me " * 30}]  # the same words behind another template prefix: no hit
+    other = client.chat.completions.create(model=model, messages=text, max_tokens=1, temperature=0)
+    assert other.usage.prompt_tokens_details.cached_tokens == 0
 
 
 def test_completions_tokens_as_ids_stop_and_seed(bi_server):
@@ -216,8 +241,9 @@ def test_detaudit_run_sees_load_dependence_with_stock_and_none_with_bundled(
     different places; stock attention turns that into different completions, bundled kernels do not."""
     from runhelp import cli
 
-    # A 16-token budget cuts the 23-token prompt differently depending on what else runs in the step.
-    stock = _start(tiny_model_dir, "stock", tmp_path, budget=16)
+    # A 16-token budget cuts the 23-token prompt differently depending on what else runs in the step. Without the
+    # prefix cache: with it, every copy after the first starts past the same cached block (docs/engine.md).
+    stock = _start(tiny_model_dir, "stock", tmp_path, 16, "--no-prefix-cache")
     verdicts = {}
     try:
         for name, base in (("stock", stock.base_url), ("bi", bi_server[0])):
@@ -320,9 +346,11 @@ def test_room_left_is_checked_before_admission(bi_server):
         "prompt_tokens": 511,
         "completion_tokens": 1,
         "total_tokens": 512,
+        "prompt_tokens_details": {"cached_tokens": 0},
     }
-    r = post([7] * 510, max_tokens=2)
+    r = post([7] * 510, max_tokens=2)  # its first 31 blocks of 16 tokens are the previous prompt's
     assert r.status_code == 200 and r.json()["usage"]["total_tokens"] == 512
+    assert r.json()["usage"]["prompt_tokens_details"] == {"cached_tokens": 496}
     chat = {"model": model, "messages": PROMPT}
     err = _error(httpx.post(f"{base}/chat/completions", json={**chat, "max_completion_tokens": 600}), 400)
     assert err["param"] == "max_completion_tokens"

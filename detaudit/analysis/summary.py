@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from detaudit.analysis.arms import ArmPlan, GroupResult, order_uniques, plan_arm
+from detaudit.analysis.cache_evidence import arm_evidence, compare_cache, compared, read_cached_tokens
 from detaudit.analysis.core import Sequences
 from detaudit.analysis.decode import Decoder
 from detaudit.analysis.logprob_checks import GREEDY_ROWS, distinct_vectors, greedy_note, read_vectors, sampling_check
@@ -133,6 +134,8 @@ def _analyze(
     known_prompts = {q.prompt_id for q in manifest.prompts}
     prompt_order = [p.prompt_id for p in manifest.prompts] + [p for p in p_names if p not in known_prompts]
     arm_conc = {a.name: a.concurrency for a in manifest.arms}
+    arm_cache = {a.name: a.cache for a in manifest.arms}
+    cached = read_cached_tokens(reader, manifest)
     arm_order = list(arm_conc) + [a for a in a_names if a not in arm_conc]
     p_index = {name: i for i, name in enumerate(p_names)}
     a_index = {name: i for i, name in enumerate(a_names)}
@@ -184,9 +187,17 @@ def _analyze(
     )
     vectors = read_vectors(reader.rows(numeric_rows, ["logprobs"]), numeric_rows) if len(numeric_rows) else {}
     prompts = []
-    for p, arms, pooled_unique, pooled_vectors in plan:
+    for (p, arms, pooled_unique, pooled_vectors), (_, arm_rows) in zip(plan, groups, strict=True):
         blocks = [arm.build(dec, a, c, manifest.repeats if a in arm_conc else None, vectors) for a, c, arm in arms]
-        v, why = verdict(blocks, pooled_unique, pooled_vectors)
+        cache = None
+        if cached is not None:
+            cache_arms = [(a, arm_cache.get(a), rows) for a, _, rows in arm_rows if arm_cache.get(a)]
+            for block, (a, _, rows) in zip(blocks, arm_rows, strict=True):
+                asked = arm_cache.get(a)
+                if asked is not None:
+                    block.cache = arm_evidence(asked, cached[compared(seqs, rows)])
+            cache = compare_cache(seqs, flags, cache_arms, [b.cache for b in blocks if b.cache], manifest)
+        v, why = verdict(blocks, pooled_unique, pooled_vectors, cache)
         prompts.append(
             PromptSummary(
                 prompt_id=p,
@@ -195,6 +206,7 @@ def _analyze(
                 arms=blocks,
                 verdict=v,
                 verdict_reason=why,
+                cache=cache,
             )
         )
 

@@ -21,7 +21,17 @@ from detaudit.rundir.io import describe
 from detaudit.rundir.schema import SUMMARY_FILE, CaptureLevel, RunStatus
 
 SUMMARY_SCHEMA: Final = "detaudit.summary/1"
-Verdict = Literal["deterministic", "load-dependent", "load-independent", "inconclusive", "numerically-load-dependent"]
+Verdict = Literal[
+    "deterministic",
+    "load-dependent",
+    "load-independent",
+    "inconclusive",
+    "numerically-load-dependent",
+    "cache-dependent",
+    "numerically-cache-dependent",
+]
+CacheState = Literal["cold", "warm"]
+CacheEvidenceState = Literal["cold", "warm", "mixed", "unverified"]
 
 _PROMPTS_JUDGED = "prompts judged (at least 2 ok samples)"
 _ALL_IDENTICAL = "judged prompts whose completions are all identical"
@@ -215,6 +225,46 @@ class NumericSpread(_Doc):
     )
 
 
+class CacheEvidence(_Doc):
+    asked: CacheState = Field(description="the prefix-cache state the arm asked for: `cold` or `warm`")
+    evidence: CacheEvidenceState = Field(
+        description="what its answers' `cached_tokens` show: `cold` (every compared row reported 0), `warm` (every "
+        "compared row reported more than 0), `mixed` (anything else with some row reporting), `unverified` (no row "
+        "reported cached_tokens)"
+    )
+    rows: int = Field(description="compared rows")
+    reporting: int = Field(description="of those, rows that reported cached_tokens")
+    hits: int = Field(description="rows that reported more than 0 cached tokens")
+    cached_tokens_min: int | None = Field(description="fewest cached tokens reported; null when none was")
+    cached_tokens_max: int | None = Field(description="most cached tokens reported; null when none was")
+
+
+class PromptCache(_Doc):
+    cold_arms: list[str] = Field(description="the prompt's cold cache arms")
+    warm_arms: list[str] = Field(description="its warm cache arms")
+    evidence: Literal["verified", "unverified", "contradicted"] = Field(
+        description="`verified`: every cache arm's evidence is the state it asked for; `unverified`: some arm's is "
+        "`unverified` (the endpoint reports no cached_tokens); `contradicted`: otherwise (a warm arm that missed, "
+        "a cold arm that hit, a mixed arm)"
+    )
+    cold_method: Literal["cache_salt", "reset", "nonce"] | None = Field(
+        description="how cold arms were made cold: a `cache_salt` per request, a `reset` of the prefix cache before "
+        "each request, or a `nonce` line before the prompt (the model then read a different prompt); null without "
+        "a cold arm"
+    )
+    same_completion: bool | None = Field(
+        description="whether the most frequent completion of the cold arms (pooled) is that of the warm arms; null "
+        "without both, or without an ok sample in either"
+    )
+    cold_vectors: int | None = Field(
+        description="when `same_completion`: distinct logprob vectors of that completion in the cold arms; else null"
+    )
+    warm_vectors: int | None = Field(description="the same in the warm arms")
+    shared_vectors: int | None = Field(
+        description="vectors found in both (0: every cold vector differs from every warm one); null without logprobs"
+    )
+
+
 class ArmSummary(_Doc):
     arm: str = Field(description="the load arm's name")
     concurrency: int | None = Field(description="its concurrency")
@@ -249,6 +299,17 @@ class ArmSummary(_Doc):
         default=None,
         description="logprob vectors of the modal completion (divergence below the tokens); null without logprobs",
     )
+    cache: CacheEvidence | None = Field(
+        default=None,
+        description="a cache arm's prefix-cache evidence (`detaudit run --cache`); absent for a load arm",
+    )
+
+    @model_serializer(mode="wrap")
+    def _leave_out_absent_cache(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if self.cache is None:
+            del data["cache"]
+        return data
 
 
 class PromptSummary(_Doc):
@@ -260,10 +321,21 @@ class PromptSummary(_Doc):
     )
     arms: list[ArmSummary] = Field(description="one entry per load arm, in manifest order")
     verdict: Verdict = Field(
-        description="`deterministic`, `load-dependent`, `numerically-load-dependent`, `load-independent` or "
-        "`inconclusive` (rules below)"
+        description="`deterministic`, `load-dependent`, `numerically-load-dependent`, `load-independent`, "
+        "`cache-dependent`, `numerically-cache-dependent` or `inconclusive` (rules below)"
     )
     verdict_reason: str = Field(description="the rule that decided it, in words")
+    cache: PromptCache | None = Field(
+        default=None,
+        description="cold against warm, when the run has cache arms (absent otherwise), below",
+    )
+
+    @model_serializer(mode="wrap")
+    def _leave_out_absent_cache(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        if self.cache is None:
+            del data["cache"]
+        return data
 
 
 class EarliestFork(_Doc):

@@ -6,18 +6,29 @@ from typing import Any
 
 import numpy as np
 
+from detaudit.analysis.cache_evidence import cache_verdict
 from detaudit.analysis.core import Sequences
-from detaudit.analysis.summary_schema import Agreement, ArmAgreement, ArmSummary, FingerprintAgreement, Verdict
+from detaudit.analysis.summary_schema import (
+    Agreement,
+    ArmAgreement,
+    ArmSummary,
+    FingerprintAgreement,
+    PromptCache,
+    Verdict,
+)
 
 MIN_SAMPLES = 2  # fewer ok samples than this cannot show a divergence: the arm is inconclusive
 # The rows of each arm of each prompt: [(prompt_id, [(arm, concurrency, rows), ...]), ...]
 PromptGroups = list[tuple[str, list[tuple[str, int | None, np.ndarray]]]]
 
 
-def verdict(arms: list[ArmSummary], pooled_unique: int, pooled_vectors: int | None = None) -> tuple[Verdict, str]:
-    """Load verdict of one prompt from its arms (docs/summary.md, "verdict"), with the reason in words.
+def verdict(
+    arms: list[ArmSummary], pooled_unique: int, pooled_vectors: int | None = None, cache: PromptCache | None = None
+) -> tuple[Verdict, str]:
+    """Verdict of one prompt from its arms (docs/summary.md, "verdict"), with the reason in words.
 
-    `pooled_vectors`: distinct logprob vectors of the prompt's modal completion over all arms (None: no logprobs).
+    `pooled_vectors`: distinct logprob vectors of the prompt's modal completion over all arms (None: no logprobs);
+    `cache`: cold against warm, when the run has cache arms (its verdict outranks the load verdicts).
     Truncated answers are never compared; an arm made mostly of them cannot be judged at all."""
     if not arms:
         return "inconclusive", "no samples"
@@ -25,15 +36,20 @@ def verdict(arms: list[ArmSummary], pooled_unique: int, pooled_vectors: int | No
     if cut:
         counts = ", ".join(f"{a.arm} {a.truncated} of {a.ok + a.truncated}" for a in cut)
         return "inconclusive", f"most answers ended without a stated reason (truncated: {counts}); nothing to compare"
-    v, why = _token_verdict(arms, pooled_unique, pooled_vectors)
+    v, why = _token_verdict(arms, pooled_unique, pooled_vectors, cache)
     truncated = sum(a.truncated for a in arms)
     return v, why + (f" ({truncated} truncated answers not compared)" if truncated else "")
 
 
-def _token_verdict(arms: list[ArmSummary], pooled_unique: int, pooled_vectors: int | None) -> tuple[Verdict, str]:
+def _token_verdict(
+    arms: list[ArmSummary], pooled_unique: int, pooled_vectors: int | None, cache: PromptCache | None
+) -> tuple[Verdict, str]:
     thin = [a.arm for a in arms if a.ok < MIN_SAMPLES]
     if thin:
         return "inconclusive", f"fewer than {MIN_SAMPLES} ok samples in arm {', '.join(thin)}"
+    by_cache = cache_verdict(cache)
+    if by_cache is not None:
+        return by_cache
     serial = [a for a in arms if a.concurrency == 1]
     loaded = [a for a in arms if a.concurrency != 1]
     with_errors = [a.arm for a in arms if a.errors]

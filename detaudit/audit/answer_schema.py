@@ -31,9 +31,15 @@ _List = Annotated[list[_T], Field(fail_fast=True)]
 
 
 @with_config(_STRICT)
+class _PromptDetails(TypedDict):
+    cached_tokens: NotRequired[_Id | None]  # prompt tokens served from the prefix cache (OpenAI, vLLM, SGLang)
+
+
+@with_config(_STRICT)
 class _Usage(TypedDict):
     prompt_tokens: NotRequired[_Id | None]
     completion_tokens: NotRequired[_Id | None]
+    prompt_tokens_details: NotRequired[_PromptDetails | None]
 
 
 @with_config(_STRICT)

@@ -336,6 +336,7 @@ class _Acc:
         if self.usage:
             out.prompt_tokens = self.usage.get("prompt_tokens")
             out.completion_tokens = self.usage.get("completion_tokens")
+            out.cached_tokens = _cached_tokens(self.usage, out.prompt_tokens)
         return out
 
     def _check_strings(self, out: Completion) -> None:
@@ -349,6 +350,17 @@ class _Acc:
         for row in self.top_strs:
             for s in row:
                 _check_text(s, self.shape.top)
+
+
+def _cached_tokens(usage: Mapping[str, Any], prompt_tokens: int | None) -> int | None:
+    """usage.prompt_tokens_details.cached_tokens (its type already checked): no more than the prompt's tokens, or
+    the answer is not telling the truth about its cache. None when the server reports nothing."""
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens")
+    if cached is not None and prompt_tokens is not None and cached > prompt_tokens:
+        raise malformed(
+            "usage.prompt_tokens_details.cached_tokens", f"{cached} cached of {prompt_tokens} prompt tokens"
+        )
+    return cached
 
 
 def _answer(data: bytes | bytearray, api: Api, streamed: bool) -> tuple[dict[str, Any], bool]:

@@ -9,6 +9,7 @@ caches of the audited prompts are untouched.
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from typing import Any
 
@@ -123,6 +124,73 @@ async def probe_endpoint(
     model: str | None,
     apis: tuple[Api, ...] = ("chat", "completions"),
     extra_body: Mapping[str, Any] | None = None,
+    cache: bool = False,
 ) -> dict[str, Any]:
-    """Probe each API in `apis`; the result is stored as manifest.probe and printed by `detaudit probe endpoint`."""
-    return {"model": model, "apis": {api: await probe_api(client, api, model, extra_body) for api in apis}}
+    """Probe each API in `apis` (with `cache`, its prefix cache too, as `probe_cache`); printed by `detaudit probe
+    endpoint`."""
+    out: dict[str, Any] = {"model": model, "apis": {}}
+    for api in apis:
+        res = await probe_api(client, api, model, extra_body)
+        if cache and res["ok"]:
+            res["cache"] = await probe_cache(client, api, model, extra_body)
+        out["apis"][api] = res
+    return out
+
+
+# Long enough to fill a few cache blocks of any common size (vLLM's 16 tokens, our engine's), short enough for a
+# tiny model's context; its first line is unique to each probe, so its first request is a miss.
+CACHE_PROBE_PROMPT = (
+    "[probe {tag}]\nThe quick brown fox jumps over the lazy dog while the five boxing wizards jump quickly; "
+    "pack my box with five dozen liquor jugs, and sphinx of black quartz, judge my vow. Reply with one word."
+)
+
+
+async def probe_cache(
+    client: OpenAIClient, api: Api, model: str | None, extra_body: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Whether the endpoint reports prefix-cache hits (usage.prompt_tokens_details.cached_tokens) and honours vLLM's
+    cache_salt: the same new prompt twice (the second should hit), then once more with a salt of its own (a miss
+    when the salt is honoured); failing that, whether POST /reset_prefix_cache (vLLM's dev route, `detaudit
+    serve`'s) empties the cache. `cold` is how a run's cold arms are made: "cache_salt" or "reset" only when it was
+    seen to work, else "nonce"."""
+    extra = dict(extra_body or {})
+    extra.pop("cache_salt", None)
+    tag = secrets.token_hex(8)
+
+    def body(salt: str | None = None) -> dict[str, Any]:
+        out = _body(api, model, {**extra, **({"cache_salt": salt} if salt else {})})
+        text = CACHE_PROBE_PROMPT.format(tag=tag)
+        if api == "chat":
+            out["messages"] = [{"role": "user", "content": text}]
+        else:
+            out["prompt"] = text
+        return out
+
+    out: dict[str, Any] = {"reports_cached_tokens": False, "warm_hit": None, "cache_salt": "unknown", "cold": "nonce"}
+    first = await client.call(api, body())
+    second = await client.call(api, body())
+    if first.completion is None or second.completion is None:
+        out["error"] = first.error or second.error
+        return out
+    cached = [first.completion.cached_tokens, second.completion.cached_tokens]
+    out["cached_tokens"] = cached
+    out["reports_cached_tokens"] = any(c is not None for c in cached)
+    if cached[1] is None:
+        return out
+    out["warm_hit"] = cached[1] > 0
+    if not out["warm_hit"]:
+        return out  # nothing was cached: a salt's effect cannot be seen
+    salted = await client.call(api, body(salt=f"detaudit-probe-{tag}"))
+    if salted.completion is None:
+        out["cache_salt"] = "rejected"
+    elif salted.completion.cached_tokens == 0:
+        out["cache_salt"], out["cold"] = "honoured", "cache_salt"
+        return out
+    else:
+        out["cache_salt"] = "ignored"
+    out["reset"] = await client.reset_prefix_cache()
+    if out["reset"]:
+        after = await client.call(api, body())
+        if after.completion is not None and after.completion.cached_tokens == 0:
+            out["cold"] = "reset"
+    return out

@@ -320,6 +320,17 @@ class OpenAIClient:
             raise CallError("/models answer has no data list", retryable=False, reason="not_openai")
         return [m["id"] for m in data if isinstance(m, dict) and isinstance(m.get("id"), str)]
 
+    async def reset_prefix_cache(self) -> bool:
+        """POST /reset_prefix_cache at the server's root (vLLM's path, and `detaudit serve`'s): whether it answered
+        200. One attempt; any failure is just False (most servers have no such route)."""
+        root = self.base_url.removesuffix("/v1")
+        try:
+            with anyio.fail_after(self.timeout):
+                resp = await self._pools[0].post(f"{root}/reset_prefix_cache")
+        except (TimeoutError, httpx.HTTPError):
+            return False
+        return resp.status_code == 200
+
     def _delay(self, attempt: int, err: CallError) -> float:
         if err.retry_after is not None:
             return min(err.retry_after, MAX_RETRY_AFTER_S)

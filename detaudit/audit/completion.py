@@ -54,6 +54,7 @@ class Completion:
     top_logprobs: list[list[float]] | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None  # usage.prompt_tokens_details.cached_tokens: proof of a prefix-cache hit
 
     def columns(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items()}

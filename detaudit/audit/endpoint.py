@@ -34,14 +34,15 @@ from urllib.parse import urlsplit
 
 from detaudit import __version__
 from detaudit.analysis.units import completion_key
-from detaudit.audit.capabilities import logprob_fields, probe_api, stream_fields
+from detaudit.audit.cache_arms import cold_body, warm_salt, warmup_body
+from detaudit.audit.capabilities import logprob_fields, probe_api, probe_cache, stream_fields
 from detaudit.audit.client import CallError, CallResult, OpenAIClient
 from detaudit.audit.request import RunRequest
 from detaudit.errors import UsageError
 from detaudit.redact import redact_url, session_scrubber
 from detaudit.rundir.io import has_samples, read_samples
 from detaudit.rundir.recorder import Recorder, Timing, check_out_dir, sample_row
-from detaudit.rundir.schema import ArmSpec, PromptSpec, RunManifest, TargetSpec
+from detaudit.rundir.schema import PromptSpec, RunManifest, TargetSpec
 
 DEFAULT_TOP_LOGPROBS = 2  # top-1 vs top-2 margin at each fork; --top-logprobs 0 turns alternatives off
 FLUSH_INTERVAL_S = 1.0
@@ -210,6 +211,7 @@ class _Runner:
         self.without_usage = 0  # ok answers that reported no usage.completion_tokens
         self.unreachable = 0  # requests in a row that got no HTTP answer (DEAD_REASONS)
         self.gone: str | None = None
+        self.warmup_failures: list[str] = []  # "prompt@arm: why" of each failed warm-up request
 
     def halt(self) -> None:
         """Stop sending and cancel the requests in flight (Ctrl-C, SIGTERM, or a failed shard write)."""
@@ -239,7 +241,19 @@ class _Runner:
         for item in todo:
             queue.put_nowait(item)
         manifest = recorder.manifest
+        arm = manifest.arms[arm_pos]
         bodies = [_base_body(self.req, manifest, s) for s in manifest.prompts]
+        method = manifest.probe.get("cache", {}).get("cold", "nonce")
+        if arm.cache == "warm":
+            if method == "cache_salt":
+                bodies = [{**b, "cache_salt": warm_salt(manifest.run_id)} for b in bodies]
+            await self._warm_up(client, manifest, arm.name, bodies, sorted({p for p, _ in todo}))
+
+        def body_of(prompt_pos: int, repeat: int) -> dict[str, Any]:
+            if arm.cache != "cold":
+                return bodies[prompt_pos]
+            index = manifest.sample_index(prompt_pos, arm_pos, repeat)
+            return cold_body(bodies[prompt_pos], manifest.target.api, manifest.run_id, index, method)
 
         async def worker(slot: int) -> None:
             while not self.stop.is_set():
@@ -248,7 +262,10 @@ class _Runner:
                 except asyncio.QueueEmpty:
                     return
                 await self._rate_wait(manifest.params.rate)
-                res = await client.call(manifest.target.api, bodies[prompt_pos], stream=self.req.stream, slot=slot)
+                body = body_of(prompt_pos, repeat)
+                if arm.cache == "cold" and method == "reset":
+                    await client.reset_prefix_cache()
+                res = await client.call(manifest.target.api, body, stream=self.req.stream, slot=slot)
                 row = _row(manifest, prompt_pos, arm_pos, repeat, res)
                 if recorder.add(row):
                     await recorder.flush_async()
@@ -264,6 +281,19 @@ class _Runner:
             for w in workers:
                 w.cancel()
             await asyncio.gather(*workers, return_exceptions=True)
+
+    async def _warm_up(
+        self, client: OpenAIClient, manifest: RunManifest, arm: str, bodies: list[dict[str, Any]], prompts: list[int]
+    ) -> None:
+        """A warm arm's unrecorded warm-up: each prompt it still has to send, once, with max_tokens 1. A failed
+        warm-up is noted (the arm's cached_tokens then show whether the cache got warm anyway)."""
+        for prompt_pos in prompts:
+            if self.stop.is_set():
+                return
+            res = await client.call(manifest.target.api, warmup_body(bodies[prompt_pos]))
+            if res.completion is None:
+                pid = manifest.prompts[prompt_pos].prompt_id
+                self.warmup_failures.append(f"{pid}@{arm}: {res.error}")
 
     def _watch(self, res: CallResult, concurrency: int) -> None:
         """The circuit breaker (DEAD_AFTER): any HTTP answer, even an error status, shows the endpoint is there."""
@@ -341,6 +371,8 @@ def _new_manifest(req: RunRequest, model: str | None, probe: dict[str, Any]) -> 
     notes = []
     if capture == "text":
         notes.append("The endpoint returned no per-token data: completions are compared as text.")
+    if req.cache and "cold" in req.cache:
+        notes.append(_cold_note(probe.get("cache", {})))
     return RunManifest(
         run_id=uuid.uuid4().hex[:12],
         tool_version=__version__,
@@ -354,7 +386,7 @@ def _new_manifest(req: RunRequest, model: str | None, probe: dict[str, Any]) -> 
         ),
         params=params,
         prompts=req.prompts,
-        arms=[ArmSpec(name=f"c{c}", concurrency=c) for c in req.concurrency],
+        arms=req.arms,
         repeats=req.repeats,
         capture=capture,
         probe=probe,
@@ -365,6 +397,18 @@ def _new_manifest(req: RunRequest, model: str | None, probe: dict[str, Any]) -> 
         },
         suite=req.suite,
         notes=notes,
+    )
+
+
+def _cold_note(cache_probe: Mapping[str, Any]) -> str:
+    """How the cold arms were made cold, and what that means for comparing them with the warm ones."""
+    if cache_probe.get("cold") == "cache_salt":
+        return "cold arms: every request carried its own cache_salt (the probe saw the endpoint honour it)."
+    if cache_probe.get("cold") == "reset":
+        return "cold arms: POST /reset_prefix_cache emptied the endpoint's prefix cache before every request."
+    return (
+        "cold arms: every request's prompt began with its own nonce line (the endpoint did not show that it honours "
+        "cache_salt), so the model read a slightly different prompt in cold arms than in warm ones"
     )
 
 
@@ -410,6 +454,8 @@ async def _execute(req: RunRequest, make_progress: Callable[[], Any] | None, res
                     + v1_hint(req.base_url, probe["error"])
                 )
             probe["models"] = models
+            if req.cache:
+                probe["cache"] = await probe_cache(client, req.api, model, req.params.extra_body)
             manifest = _new_manifest(req, model, probe)
             run_dir = req.out or Path("runs") / manifest.run_id
         else:
@@ -451,6 +497,9 @@ async def _execute(req: RunRequest, make_progress: Callable[[], Any] | None, res
         if not stopped:
             recorder.manifest = _final_capture(recorder.manifest, runner.capture_seen)
             recorder.manifest = _usage_note(recorder.manifest, runner.without_usage, runner.capture_seen.total())
+        if runner.warmup_failures:
+            note = f"warm-up request failed ({len(runner.warmup_failures)}): " + "; ".join(runner.warmup_failures[:3])
+            recorder.manifest = recorder.manifest.model_copy(update={"notes": [*recorder.manifest.notes, note]})
         end = recorder.end(interrupted=stopped)
         return RunOutcome(
             run_dir,

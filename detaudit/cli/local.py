@@ -49,6 +49,8 @@ def local_command(
     max_tokens: Annotated[int, like(options.MaxTokens)] = 64,
     max_batched_tokens: Annotated[int, like(options.MaxBatchedTokens, panel=_BUILTIN)] = 512,
     max_model_len: Annotated[int, like(options.MaxModelLen, panel=_BUILTIN)] = 1024,
+    prefix_cache: Annotated[bool, like(options.PrefixCache, panel=_BUILTIN)] = True,
+    kv_blocks: Annotated[int | None, like(options.KvBlocks, panel=_BUILTIN)] = None,
     device: Annotated[str, like(options.Device, panel=_BUILTIN)] = "cpu",
     dtype: Annotated[str, like(options.Dtype, panel=_BUILTIN)] = "bfloat16",
     cuda_graphs: Annotated[bool, like(options.CudaGraphs, panel=_BUILTIN)] = True,

@@ -26,6 +26,8 @@ INHOUSE_ONLY = (
     "dtype",
     "seed",
     "cuda_graphs",
+    "prefix_cache",
+    "kv_blocks",
 )
 MANAGED_ONLY = (
     "suite",

@@ -104,6 +104,15 @@ Concurrency = Annotated[
         help="In-flight requests; a comma list gives one arm per value, run one after another (e.g. 1,64).",
     ),
 ]
+Cache = Annotated[
+    str | None,
+    typer.Option(
+        "--cache",
+        help="Prefix-cache arms: cold, warm or cold,warm; one arm per state for each --concurrency value "
+        "(c1-cold, c1-warm, ...). Cold: a cache_salt per request where the endpoint honours it, else a nonce line "
+        "before the prompt; warm: the prompt sent first (1 token, unrecorded). usage cached_tokens is the proof.",
+    ),
+]
 Rate = Annotated[float | None, typer.Option("--rate", help="Cap on requests per second.")]
 MaxResponseBytes = Annotated[
     int,
@@ -154,6 +163,21 @@ CudaGraphs = Annotated[
 MaxBatch = Annotated[int, typer.Option("--max-batch", help="Sequences per engine step.")]
 MaxBatchedTokens = Annotated[int, typer.Option("--max-batched-tokens", help="Token budget per step (chunks prompts).")]
 MaxModelLen = Annotated[int, typer.Option("--max-model-len", help="Longest prompt + completion the KV cache holds.")]
+PrefixCache = Annotated[
+    bool,
+    typer.Option(
+        "--prefix-cache/--no-prefix-cache",
+        help="Reuse the KV blocks of prompt prefixes already computed, as servers do (on by default).",
+    ),
+]
+KvBlocks = Annotated[
+    int | None,
+    typer.Option(
+        "--kv-blocks",
+        help="KV-cache blocks of 16 tokens in all (default: --max-batch sequences of --max-model-len); fewer "
+        "forces eviction and preemption.",
+    ),
+]
 Port = Annotated[int, typer.Option("--port", help="TCP port.")]
 
 # ---------------------------------------------------------------------------- torch: tiny-model, probe kernels

@@ -48,6 +48,13 @@ _ROWS = [
     ("usage in streams", "stream_usage"),
     ("capture a run gets", "capture"),
 ]
+# With --cache: rows from each API's `cache` entry (capabilities.probe_cache).
+_CACHE_ROWS = [
+    ("cached_tokens reported", "reports_cached_tokens"),
+    ("repeat hits the cache", "warm_hit"),
+    ("cache_salt", "cache_salt"),
+    ("cold arms made by", "cold"),
+]
 
 
 async def _probe(
@@ -59,12 +66,13 @@ async def _probe(
     timeout: float,
     retries: int,
     extra: dict[str, Any],
+    cache: bool,
 ) -> dict[str, Any]:
     async with OpenAIClient(
         base_url, api_key=api_key, headers=headers, timeout=timeout, retries=retries, backoff=0.2
     ) as client:
         model, models = await resolve_model(client, model, base_url)
-        result = await probe_endpoint(client, model, apis, extra)
+        result = await probe_endpoint(client, model, apis, extra, cache)
     return {"base_url": redact_url(base_url), "models": models, **result}
 
 
@@ -74,10 +82,13 @@ def render_probe(result: dict[str, Any], console: Console) -> None:
     table.add_column("capability")
     for api in result["apis"]:
         table.add_column(api)
-    for label, key in _ROWS:
+    rows = [(label, key, False) for label, key in _ROWS]
+    if any("cache" in res for res in result["apis"].values()):
+        rows += [(label, key, True) for label, key in _CACHE_ROWS]
+    for label, key, in_cache in rows:
         cells = []
         for res in result["apis"].values():
-            v = res.get(key)
+            v = (res.get("cache") or {}).get(key) if in_cache else res.get(key)
             cells.append(Text("yes" if v is True else "no" if v in (False, None) else safe(v)))
         table.add_row(label, *cells)
     console.print(table)
@@ -112,6 +123,14 @@ def endpoint_command(
     extra_body: Annotated[str | None, like(options.ExtraBody, help="JSON object merged into every request.")] = None,
     timeout: Annotated[float, like(options.Timeout, help="Seconds per HTTP attempt.")] = 30.0,
     retries: Annotated[int, like(options.Retries, help="Retries per probe request.")] = 2,
+    cache: Annotated[
+        bool,
+        typer.Option(
+            "--cache",
+            help="Also probe the prefix cache: whether cached_tokens are reported, whether cache_salt or "
+            "POST /reset_prefix_cache make a repeat miss (what `run --cache cold` will use).",
+        ),
+    ] = False,
     as_json: Annotated[bool, like(options.Json, help="Print the result as JSON.")] = False,
 ) -> None:
     if api not in ("chat", "completions", "both"):
@@ -125,7 +144,8 @@ def endpoint_command(
     headers = parse_headers(header)
     check_credentials(url, key, headers, api_key_env)
     apis = ("chat", "completions") if api == "both" else (api,)
-    result = asyncio.run(_probe(url, key, headers, model, apis, timeout, retries, parse_extra_body(extra_body)))
+    extra = parse_extra_body(extra_body)
+    result = asyncio.run(_probe(url, key, headers, model, apis, timeout, retries, extra, cache))
     if as_json:
         typer.echo(json_text(result))
     else:

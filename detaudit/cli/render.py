@@ -16,7 +16,7 @@ from rich.text import Text
 
 from detaudit.analysis.summary_schema import ArmSummary, Fork, PromptSummary, RunSummary
 from detaudit.analysis.units import position_noun
-from detaudit.reports.view_model import numeric_text
+from detaudit.reports.view_model import cache_text, numeric_text
 from detaudit.termsafe import quoted, safe
 
 FORKS_SHOWN = 3  # per arm, in the terminal; the JSON has them all (up to the summary's limits)
@@ -27,6 +27,8 @@ _VERDICT_STYLE = {
     "load-independent": "bold red",
     "inconclusive": "bold magenta",
     "numerically-load-dependent": "bold yellow",
+    "cache-dependent": "bold red",
+    "numerically-cache-dependent": "bold yellow",
 }
 
 
@@ -160,6 +162,9 @@ def render_summary(summary: RunSummary, console: Console) -> None:
             numeric = numeric_text(arm)
             if numeric is not None:
                 console.print(Text(f"  {safe(arm.arm)}: {numeric}", style="yellow"))
+            cache = cache_text(arm)
+            if cache is not None:
+                console.print(Text(f"  {safe(arm.arm)}: {cache}", style="cyan"))
             hint = _miss_hint(arm)
             if hint is not None:
                 console.print(hint)

@@ -57,6 +57,7 @@ def rescore_command(
         max_batched_tokens=max(max_model_len, max_batch),
         max_model_len=max_model_len,
         cuda_graphs=False,
+        prefix_cache=False,  # scoring never reads the cache (Engine.score): no blocks to name either
     )
     with loading(Console(stderr=True), config.loading_message()):
         engine = Engine(config)

@@ -35,7 +35,7 @@ from detaudit.gate import parse_gate_spec
 from detaudit.redact import redact_url
 from detaudit.rundir.io import load_manifest
 from detaudit.rundir.recorder import check_out_dir
-from detaudit.rundir.schema import DEFAULT_MAX_RESPONSE_BYTES
+from detaudit.rundir.schema import DEFAULT_MAX_RESPONSE_BYTES, ArmSpec
 from detaudit.termsafe import json_text, safe
 
 # Share of failed samples above which the run is reported as unjudgeable (exit 3); the run directory is kept.
@@ -162,19 +162,29 @@ def show_dry_run(req: RunRequest, console: Console) -> None:
         + (req.model or "not given: the run takes the only model GET /models lists"),
         f"API key: {req.key_env} ({'set' if req.api_key else 'not set: no Authorization header'})"
         + (f"; headers: {', '.join(sorted(req.headers))} (values not shown)" if req.headers else ""),
-        "arms: "
-        + ", ".join(f"c{c} (concurrency {c})" for c in req.concurrency)
-        + f"; -n {req.repeats} per prompt per arm",
+        "arms: " + ", ".join(_arm_plan(a) for a in req.arms) + f"; -n {req.repeats} per prompt per arm",
         f"plan: {plan_line(req)}",
         f"run directory: {req.out or 'runs/<run id>'}",
         "before the first sample, probe requests ask the endpoint which capture fields it returns (logprobs, "
         "top_logprobs, token ids); the bodies below get those added",
     ]
+    if req.cache:
+        lines.append(
+            "cache arms: the probe also asks whether the endpoint reports usage.prompt_tokens_details.cached_tokens "
+            "and honours cache_salt or POST /reset_prefix_cache; cold requests then get a cache_salt each, else a "
+            'reset before each, else a nonce line before the prompt ("[detaudit nonce <16 hex>]"); warm arms first '
+            "send each prompt once with max_tokens 1 (unrecorded)"
+        )
     for line in lines:
         console.print(safe(line), highlight=False, markup=False, soft_wrap=True)
     for prompt_id, body in planned_bodies(req):
         console.print(f"request body of prompt {safe(prompt_id)}:", highlight=False, markup=False)
         typer.echo(json_text(body))
+
+
+def _arm_plan(arm: ArmSpec) -> str:
+    load = f"concurrency {arm.concurrency}"
+    return f"{arm.name} ({load}, {arm.cache} cache)" if arm.cache else f"{arm.name} ({load})"
 
 
 def run_command(
@@ -194,6 +204,7 @@ def run_command(
     stop: options.Stop = [],
     top_logprobs: options.TopLogprobs = None,
     concurrency: options.Concurrency = "1",
+    cache: options.Cache = None,
     rate: options.Rate = None,
     timeout: options.Timeout = 60.0,
     max_response_bytes: options.MaxResponseBytes = DEFAULT_MAX_RESPONSE_BYTES,
@@ -248,7 +259,7 @@ def run_command(
                 check_out_dir(out, force)  # reads only: an --out the run would refuse is refused here too
             show_dry_run(req, console)
             return
-        if len(req.prompts) * req.repeats * len(req.concurrency) >= LARGE_RUN:
+        if len(req.prompts) * req.repeats * len(req.arms) >= LARGE_RUN:
             err_console.print(f"plan: {safe(plan_line(req))}", highlight=False, markup=False, soft_wrap=True)
         outcome = execute_run(req, lambda: make_progress(err_console))
     summary = finish_run(outcome, as_json, console, err_console)

@@ -25,6 +25,8 @@ def serve_command(
     max_batch: options.MaxBatch = 32,
     max_batched_tokens: options.MaxBatchedTokens = 512,
     max_model_len: options.MaxModelLen = 2048,
+    prefix_cache: options.PrefixCache = True,
+    kv_blocks: options.KvBlocks = None,
     max_queue: Annotated[int, typer.Option("--max-queue", help="Waiting requests before answering 503.")] = 1024,
     served_model_name: Annotated[
         str | None, typer.Option("--served-model-name", help="Model id (default --model).")

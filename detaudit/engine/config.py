@@ -11,10 +11,21 @@ from pathlib import Path
 from detaudit.errors import UsageError
 
 # model_type -> whether q/k get a per-head RMSNorm (Qwen3) and whether q/k/v carry a bias by default (Qwen2).
-SUPPORTED = {"llama": (False, False), "mistral": (False, False), "qwen2": (False, True), "qwen3": (True, False)}
+SUPPORTED = {
+    "llama": (False, False),
+    "mistral": (False, False),
+    "qwen2": (False, True),
+    "qwen3": (True, False),
+    "qwen3_moe": (True, False),
+    "mixtral": (False, False),
+}
+# A model directory holding this file instead of weights: the engine draws seeded random weights on the device at
+# load time (`detaudit tiny-model --weights-at-load`), for benchmark shapes too large to write to disk.
+RANDOM_WEIGHTS = "detaudit_random_weights.json"
 DTYPES = ("bfloat16", "float16", "float32")
 KERNELS = ("stock", "batch-invariant")
 _ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+RANDOM_WEIGHTS_KEY = "detaudit_random_weights"  # in config.json of a model whose weights were drawn, not trained
 
 
 @dataclass(frozen=True)
@@ -35,6 +46,15 @@ class ModelSpec:
     max_position_embeddings: int
     sliding_window: int | None
     eos_token_ids: tuple[int, ...]
+    # Mixture-of-Experts (qwen3_moe, mixtral); num_experts 0: dense. moe_layers: the layers with a sparse block.
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    moe_layers: frozenset[int] = frozenset()
+    random_weights_seed: int | None = None  # RANDOM_WEIGHTS: draw weights at load with this seed
+    # A test model (detaudit.tiny marks its config.json, or its weights are drawn at load): its text means nothing.
+    random_weights: bool = False
 
 
 def resolve_model(model: str) -> Path:
@@ -79,7 +99,8 @@ def load_spec(model_dir: Path) -> ModelSpec:
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in _ROPE_TYPES:
         raise UsageError(f"unsupported rope type {rope.get('rope_type')!r}; supported: {', '.join(_ROPE_TYPES)}")
-    if not any(model_dir.glob("*.safetensors")):
+    random_seed = _random_weights_seed(model_dir)
+    if random_seed is None and not any(model_dir.glob("*.safetensors")):
         raise UsageError(f"{model_dir} holds no *.safetensors weights")
     qk_norm, qkv_bias = SUPPORTED[mtype]
     heads = cfg["num_attention_heads"]
@@ -88,7 +109,7 @@ def load_spec(model_dir: Path) -> ModelSpec:
     if gen_cfg.is_file():
         eos = json.loads(gen_cfg.read_text()).get("eos_token_id", eos)
     eos_ids = tuple(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    use_window = cfg.get("use_sliding_window", mtype == "mistral")
+    use_window = cfg.get("use_sliding_window", mtype in ("mistral", "mixtral"))
     return ModelSpec(
         path=model_dir,
         model_type=mtype,
@@ -106,7 +127,48 @@ def load_spec(model_dir: Path) -> ModelSpec:
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         sliding_window=cfg.get("sliding_window") if use_window else None,
         eos_token_ids=eos_ids,
+        random_weights_seed=random_seed,
+        random_weights=bool(cfg.get(RANDOM_WEIGHTS_KEY, False)) or random_seed is not None,
+        **_moe_fields(mtype, cfg),
     )
+
+
+def _moe_fields(mtype: str, cfg: dict) -> dict:
+    """ModelSpec's MoE fields from config.json: Qwen3-MoE puts a sparse block in layer i unless i is in
+    mlp_only_layers or (i + 1) is not a multiple of decoder_sparse_step; Mixtral in every layer, its experts
+    intermediate_size wide, top-k weights always renormalised."""
+    if mtype == "qwen3_moe":
+        experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0
+        step, dense = cfg.get("decoder_sparse_step", 1), set(cfg.get("mlp_only_layers") or [])
+        layers = {i for i in range(cfg["num_hidden_layers"]) if i not in dense and experts and (i + 1) % step == 0}
+        inter, renorm = cfg["moe_intermediate_size"], cfg.get("norm_topk_prob", False)
+    elif mtype == "mixtral":
+        experts, layers = cfg["num_local_experts"], set(range(cfg["num_hidden_layers"]))
+        inter, renorm = cfg["intermediate_size"], True
+    else:
+        return {}
+    if layers and not 1 <= cfg["num_experts_per_tok"] <= experts:
+        raise UsageError(f"num_experts_per_tok {cfg['num_experts_per_tok']} must be 1..num_experts ({experts})")
+    return dict(
+        num_experts=experts,
+        num_experts_per_tok=cfg["num_experts_per_tok"],
+        moe_intermediate_size=inter,
+        norm_topk_prob=renorm,
+        moe_layers=frozenset(layers),
+    )
+
+
+def _random_weights_seed(model_dir: Path) -> int | None:
+    path = model_dir / RANDOM_WEIGHTS
+    if not path.is_file():
+        return None
+    try:
+        seed = json.loads(path.read_text())["seed"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise UsageError(f"{path}: not a detaudit random-weights marker ({e})") from None
+    if not isinstance(seed, int):
+        raise UsageError(f"{path}: seed must be an integer")
+    return seed
 
 
 def check_device_dtype(device: str, dtype: str, kernels: str) -> None:

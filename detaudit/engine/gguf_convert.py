@@ -122,6 +122,19 @@ def is_converted(path: Path) -> bool:
     return (converted_dir(path) / SOURCE_FILE).is_file()
 
 
+def first_load_note(model: str) -> str:
+    """What loading `model` does first when it is a GGUF not yet converted (tens of seconds), for the loading
+    line; empty otherwise (and for a bad name, which the load itself reports)."""
+    if not is_gguf_model(model):
+        return ""
+    try:
+        path = gguf_file(model)
+    except UsageError:
+        return ""
+    where = cache_root() / "models"
+    return "" if is_converted(path) else f", converting {path.name} once into {where} (about a minute)"
+
+
 def resolve_gguf(model: str) -> Path:
     """The cached HF directory of the GGUF model `model` names, converting it first if this is its first load."""
     path = gguf_file(model)
@@ -144,6 +157,14 @@ def resolve_gguf(model: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+def gguf_source(model_dir: Path) -> dict[str, str] | None:
+    """The GGUF file (path, SHA-256) a model directory was converted from; None for any other directory."""
+    try:
+        return dict(json.loads((model_dir / SOURCE_FILE).read_text()))
+    except (OSError, ValueError):
+        return None
 
 
 def convert(path: Path, out: Path) -> None:

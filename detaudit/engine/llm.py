@@ -9,6 +9,7 @@ from typing import Any
 from detaudit import __version__
 from detaudit.engine.block_manager import BlockManager
 from detaudit.engine.config import check_device_dtype, load_spec, resolve_model
+from detaudit.engine.gguf_convert import first_load_note, gguf_source
 from detaudit.engine.scheduler import ScheduledBatch, Scheduler
 from detaudit.engine.sequence import SamplingParams, Sequence
 from detaudit.errors import UsageError
@@ -24,12 +25,14 @@ class EngineConfig:
     max_batched_tokens: int = 2048
     max_model_len: int = 2048
     block_size: int = 16
+    prefix_cache: bool = True  # share the K/V of full prompt blocks already computed (docs/engine.md)
+    kv_blocks: int | None = None  # KV blocks in all; None: enough for max_batch sequences of max_model_len
     cuda_graphs: bool = True  # steps replay CUDA graphs (decode whole, prefill piecewise); only on a CUDA device
 
     def loading_message(self) -> str:
         """What a command shows while the engine starts: with graph capture a cold GPU start takes about a minute."""
         graphs = ", capturing CUDA graphs" if self.cuda_graphs and self.device.startswith("cuda") else ""
-        return f"loading {self.model} ({self.kernels} kernels{graphs})"
+        return f"loading {self.model} ({self.kernels} kernels{graphs}{first_load_note(self.model)})"
 
 
 class StepError(Exception):
@@ -74,6 +77,12 @@ class Engine:
         limit = min(self.spec.max_position_embeddings, self.spec.sliding_window or 1 << 30)
         self.max_model_len = min(cfg.max_model_len, limit)
         blocks_per_seq = -(-self.max_model_len // cfg.block_size)
+        num_blocks = cfg.max_batch * blocks_per_seq if cfg.kv_blocks is None else cfg.kv_blocks
+        if num_blocks < blocks_per_seq:  # a sequence alone must always fit, or preemption could not make room
+            raise UsageError(
+                f"--kv-blocks {num_blocks} cannot hold one sequence of --max-model-len {self.max_model_len} "
+                f"({blocks_per_seq} blocks of {cfg.block_size} tokens)"
+            )
         from detaudit.engine.model_runner import ModelRunner
 
         self.runner = ModelRunner(
@@ -82,7 +91,7 @@ class Engine:
             device=cfg.device,
             dtype=getattr(torch, cfg.dtype),
             kernels=cfg.kernels,
-            num_blocks=cfg.max_batch * blocks_per_seq,
+            num_blocks=num_blocks,
             block_size=cfg.block_size,
             max_blocks_per_seq=blocks_per_seq,
             max_batch=cfg.max_batch,
@@ -90,7 +99,7 @@ class Engine:
             cuda_graphs=cfg.cuda_graphs,
         )
         self.scheduler = Scheduler(
-            BlockManager(cfg.max_batch * blocks_per_seq, cfg.block_size),
+            BlockManager(num_blocks, cfg.block_size, prefix_cache=cfg.prefix_cache),
             max_batch=cfg.max_batch,
             max_batched_tokens=cfg.max_batched_tokens,
         )
@@ -185,6 +194,10 @@ class Engine:
         finished = self.scheduler.finish_step(ScheduledBatch([s for s, _ in done], [n for _, n in done]))
         return StepError(failed, finished, cause)
 
+    def flush_prefix_cache(self) -> None:
+        """Forget every cached prefix, so the next requests are computed cold (running ones keep their blocks)."""
+        self.scheduler.blocks.flush()
+
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Sequence]:
         """Run prompts to completion together (all admitted as seats free up); results in input order."""
         seqs = [self.add(Sequence(list(p), params)) for p in prompts]
@@ -237,11 +250,15 @@ class Engine:
             "triton": triton_version,
             "transformers": _transformers_version(),
             "model_path": str(self.spec.path),
+            "gguf": gguf_source(self.spec.path),  # the GGUF file a converted model came from, with its SHA-256
+            "random_weights": self.spec.random_weights,
             "architecture": self.spec.model_type,
             "max_batch": self.cfg.max_batch,
             "max_batched_tokens": self.cfg.max_batched_tokens,
             "max_model_len": self.max_model_len,
             "block_size": self.cfg.block_size,
+            "kv_blocks": self.scheduler.blocks.num_blocks,
+            "prefix_cache": self.cfg.prefix_cache,
             "cuda_graphs": self.runner.decode_graphs is not None,
             "cuda_graph_sizes": self.runner.decode_graphs.buckets if self.runner.decode_graphs is not None else [],
             "cuda_graph_token_sizes": (

@@ -1,4 +1,5 @@
-"""Compact decoder-only model code for Llama / Mistral / Qwen2 / Qwen3 dense checkpoints over packed batches.
+"""Compact decoder-only model code for Llama / Mistral / Qwen2 / Qwen3 checkpoints, and the Mixture-of-Experts
+Qwen3-MoE and Mixtral (their sparse blocks: detaudit.engine.moe), over packed batches.
 
 The math follows the transformers modules op for op (RMSNorm in fp32, RoPE cos/sin cast to the model dtype) so
 logits match HF's, with q/k/v and gate/up fused into one matmul each as vLLM does. The batch layout differs: hidden
@@ -25,6 +26,7 @@ from torch import nn
 
 from detaudit.engine.config import ModelSpec
 from detaudit.engine.kv_cache import KVCache
+from detaudit.engine.moe import SparseMoE, checkpoint_names, stack_experts
 from detaudit.errors import UsageError
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin [T, 1, head_dim] of the step's positions
@@ -169,10 +171,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, spec: ModelSpec) -> None:
+    def __init__(self, spec: ModelSpec, index: int) -> None:
         super().__init__()
         self.self_attn = Attention(spec)
-        self.mlp = MLP(spec)
+        self.mlp: nn.Module = SparseMoE(spec) if index in spec.moe_layers else MLP(spec)
         self.input_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
@@ -193,7 +195,7 @@ class Body(nn.Module):
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(spec) for _ in range(spec.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_layers))
         self.norm = RMSNorm(spec.hidden_size, spec.rms_norm_eps)
 
 
@@ -285,8 +287,11 @@ class PagedModel:
 _FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
-def _checkpoint_names(param: str) -> list[str]:
+def _checkpoint_names(spec: ModelSpec, param: str) -> list[str]:
     """The checkpoint tensors (HF names) an engine parameter is made of."""
+    moe = checkpoint_names(spec, param)
+    if moe is not None:
+        return moe
     for fused, parts in _FUSED.items():
         if f".{fused}." in param:
             return [param.replace(f".{fused}.", f".{part}.") for part in parts]
@@ -298,11 +303,16 @@ def load_model(spec: ModelSpec, config: Any, device: str, dtype: torch.dtype) ->
 
     q/k/v and gate/up projections are one matmul each (as in vLLM): fewer launches, and more output columns to
     spread over the GPU in small decode batches. Their checkpoint tensors are concatenated here.
-    `config` is the transformers config object (AutoConfig), used for RoPE's parameters."""
+    `config` is the transformers config object (AutoConfig), used for RoPE's parameters. A model directory marked
+    for random weights (config.RANDOM_WEIGHTS) gets them drawn on `device` instead (:func:`_random_state`)."""
     with torch.device("meta"):
         model = CausalLM(spec)
     params = dict(model.named_parameters())
-    wanted = {name for param in params for name in _checkpoint_names(param)}
+    if spec.random_weights_seed is not None:
+        model.load_state_dict(_random_state(model, spec.random_weights_seed, device, dtype), strict=False, assign=True)
+        model.rotary = Rotary(spec, config).to(device)
+        return model.eval()
+    wanted = {name for param in params for name in _checkpoint_names(spec, param)}
     tensors: dict[str, torch.Tensor] = {}
     for shard in sorted(spec.path.glob("*.safetensors")):
         try:
@@ -320,8 +330,25 @@ def load_model(spec: ModelSpec, config: Any, device: str, dtype: torch.dtype) ->
         raise UsageError(f"{spec.path}: checkpoint lacks {len(missing)} weights, e.g. {missing[0]}")
     state = {}
     for param in params:
-        parts = [tensors.pop(name) for name in _checkpoint_names(param)]
-        state[param] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        parts = [tensors.pop(name) for name in _checkpoint_names(spec, param)]
+        if param.endswith((".w13", ".w2")):
+            state[param] = stack_experts(parts, spec.num_experts)
+        else:
+            state[param] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
     model.load_state_dict(state, strict=False, assign=True)
     model.rotary = Rotary(spec, config).to(device)
     return model.eval()
+
+
+def _random_state(model: CausalLM, seed: int, device: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Seeded random weights drawn on `device`, parameter by parameter in name order: norms 1, every other weight
+    normal with std 0.02 (transformers' initializer_range). A 30B-parameter MoE takes seconds on a GPU, where
+    writing it to disk and reading it back would take minutes and more disk than a benchmark machine has."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    state = {}
+    for name, p in model.named_parameters():
+        t = torch.empty(p.shape, device=device, dtype=dtype)
+        state[name] = t.fill_(1.0) if name.endswith("norm.weight") else t.normal_(0.0, 0.02, generator=gen)
+    if model.spec.tie_word_embeddings:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return state

@@ -28,7 +28,7 @@ class Status(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(eq=False)  # a request is itself: compared (and found in queues) by identity
 class Sequence:
     """One request: prompt ids, what was generated so far, and where its KV lives (block table).
 
@@ -47,7 +47,10 @@ class Sequence:
     top_ids: list[list[int]] = field(default_factory=list)
     top_logprobs: list[list[float]] = field(default_factory=list)
     block_table: list[int] = field(default_factory=list)
-    num_cached: int = 0
+    block_hashes: list[bytes] = field(default_factory=list)  # of its full blocks named in the prefix cache so far
+    num_cached: int = 0  # tokens whose K/V is in the cache: computed, or shared from the prefix cache
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache when first admitted (OpenAI's cached_tokens)
+    preemptions: int = 0  # times its blocks were taken back and its tokens recomputed
     finish_reason: str | None = None
 
     @property
@@ -64,7 +67,7 @@ class Sequence:
 
     @property
     def max_len(self) -> int:
-        """Tokens this sequence may ever hold in the KV cache (its reservation)."""
+        """Tokens this sequence may ever hold in the KV cache."""
         return len(self.prompt_ids) if self.score_only else len(self.prompt_ids) + self.params.max_tokens
 
     def truncate(self, n: int) -> None:

@@ -35,6 +35,7 @@ class AsyncEngine:
         self._wake = threading.Event()
         self._incoming: list[_Job] = []
         self._aborts: list[Sequence] = []
+        self._flushes: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._jobs: dict[int, _Job] = {}
         self._sent: dict[int, int] = {}
         self._stop = False
@@ -63,6 +64,16 @@ class AsyncEngine:
             self._aborts.append(seq)
         self._wake.set()
 
+    def flush_prefix_cache(self) -> asyncio.Future[None]:
+        """Empty the engine's prefix cache between two steps, before any request submitted after this call is
+        admitted; the future is done once it is empty."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        with self._lock:
+            self._flushes.append((loop, done))
+        self._wake.set()
+        return done
+
     def load(self) -> dict[str, int]:
         """Sequences running and waiting (for /health): how an operator sees that aborted requests are gone."""
         with self._lock:
@@ -75,8 +86,13 @@ class AsyncEngine:
     def _run(self) -> None:
         while not self._stop:
             with self._lock:
+                flushes, self._flushes = self._flushes, []
                 incoming, self._incoming = self._incoming, []
                 aborts, self._aborts = self._aborts, []
+            if flushes:
+                self.engine.flush_prefix_cache()
+                for loop, done in flushes:
+                    loop.call_soon_threadsafe(done.set_result, None)
             for job in incoming:
                 try:
                     self.engine.add(job.seq)

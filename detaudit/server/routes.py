@@ -81,6 +81,13 @@ def create_app(engine: Engine, *, model_name: str, max_queue: int = 1024) -> Fas
     async def health() -> dict[str, Any]:
         return {"status": "ok", **core.load()}
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache() -> dict[str, Any]:
+        """vLLM's route: forget every cached prefix, so the next requests are computed cold (`detaudit run --cache
+        cold` sends it before each cold request when no cache_salt is honoured)."""
+        await core.flush_prefix_cache()
+        return {"status": "ok"}
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         card = {
@@ -172,11 +179,13 @@ def create_app(engine: Engine, *, model_name: str, max_queue: int = 1024) -> Fas
                 core.abort(seq)
             return new_text, positions, out.finish_reason is not None
 
-        def usage() -> dict[str, int]:
+        def usage() -> dict[str, Any]:
+            """OpenAI's usage, with the prompt tokens the prefix cache supplied (as vLLM and SGLang report them)."""
             return {
                 "prompt_tokens": len(prompt_ids),
                 "completion_tokens": out.n_tokens,
                 "total_tokens": len(prompt_ids) + out.n_tokens,
+                "prompt_tokens_details": {"cached_tokens": seq.cached_tokens},
             }
 
         def logprobs(positions: list[int]) -> dict[str, Any] | None:

@@ -107,6 +107,51 @@ def test_stock_engine_runs_with_graphs(model_dir: Path) -> None:
         assert max(abs(u - v) for u, v in zip(x.logprobs[:same], y.logprobs[:same], strict=True)) < 0.1
 
 
+@pytest.mark.parametrize("preset", ["tiny", "qwen3-8b"])
+def test_prefix_cache_changes_no_bit_with_graphs(model_dir: Path, preset: str, tmp_path: Path) -> None:
+    """Issue #17 on CUDA with CUDA graphs: 200 copies of a 100-token prompt among fillers that extend it, cut it
+    inside a block or share nothing, with flushes, a 32-token budget and 32 KV blocks (eviction, preemption): every
+    copy equals the prompt computed alone without a cache, bitwise; stock kernels under the same load do not agree.
+    The 8B-shaped model comes from $DETAUDIT_GPU_MODEL_8B (benchmarks/gpu_session.sh builds it) or is built here."""
+    import os
+
+    from prefix_load import run_load  # tests/prefix_load.py: tests/ on PYTHONPATH (gpu_session.sh)
+
+    from detaudit.engine.llm import Engine, EngineConfig
+    from detaudit.tiny import build_tiny_model
+
+    model = model_dir
+    if preset != "tiny":
+        given = os.environ.get("DETAUDIT_GPU_MODEL_8B")
+        model = Path(given) if given else build_tiny_model(tmp_path / preset, "qwen3", preset=preset,
+                                                             dtype="bfloat16", device="cuda")  # fmt: skip
+
+    def engine(kernels: str, **kw):  # noqa: ANN202
+        cfg = dict(max_batch=16, max_batched_tokens=32, max_model_len=256, kv_blocks=32, cuda_graphs=True)
+        cfg.update(kw)
+        return Engine(EngineConfig(str(model), device="cuda", dtype="bfloat16", kernels=kernels, **cfg))
+
+    eng = engine("batch-invariant")
+    load = run_load(eng, seed=0, n=200, prompt_len=100, max_tokens=16)
+    ref_eng = engine("batch-invariant", prefix_cache=False, kv_blocks=None, cuda_graphs=False)
+    ref = ref_eng.generate([load.targets[0].prompt_ids], load.targets[0].params)[0]
+    cached = [s.cached_tokens for s in load.targets]
+    print(
+        f"{preset}: {eng.steps} steps, {eng.graph_replays} replayed; cached tokens {dict(Counter(cached))}; "
+        f"{load.crossings} chunked past a hit, {load.flushes} flushes, "
+        f"{sum(s.preemptions for s in load.targets + load.fillers)} preemptions"
+    )
+    assert eng.graph_replays == eng.steps
+    assert cached.count(0) > 0 and cached.count(96) > 100 and any(0 < c < 96 for c in cached)
+    assert load.crossings > 0 and sum(s.preemptions for s in load.targets) > 0 and load.refs_left == []
+    for seq in load.targets:
+        assert seq.output_ids == ref.output_ids and seq.logprobs == ref.logprobs  # bitwise
+        assert seq.top_ids == ref.top_ids and seq.top_logprobs == ref.top_logprobs
+    del eng, ref_eng
+    stock = run_load(engine("stock"), seed=0, n=200, prompt_len=100, max_tokens=16)
+    assert len({tuple(s.logprobs) for s in stock.targets}) > 1  # negative control
+
+
 def _paged(lens: list[int], hkv: int, gqa: int, d: int, dtype: torch.dtype, page: int = 16):
     g = torch.Generator().manual_seed(0)
     width = -(-max(lens) // page)
