@@ -34,7 +34,7 @@ from detaudit.rundir.io import load_manifest, read_samples
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the scripted loopback server lives with the tests
-from scripted_server import spawn  # noqa: E402
+from servers import spawn  # noqa: E402
 
 DETAUDIT = str(Path(sys.executable).with_name("detaudit"))
 

@@ -33,7 +33,7 @@ from detaudit.rundir.io import read_samples
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))  # the scripted loopback server lives with the tests
-from scripted_server import spawn  # noqa: E402
+from servers import spawn  # noqa: E402
 
 TOKENS = [f" tok{i}" for i in range(64)]  # a 64-token completion
 PROMPT = "Tell me about Richard Feynman"

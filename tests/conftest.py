@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from runhelp import wait_healthy
-from scripted_server import ScriptedServer, free_port  # tests/ is on sys.path under pytest (no __init__.py)
+from scripted_server import ScriptedServer  # tests/ is on sys.path under pytest (no __init__.py)
+from servers import free_port, serving, transformers_serve_argv, transformers_serve_env
 
 
 @pytest.fixture
@@ -45,52 +43,17 @@ def transformers_serve(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFa
     """`transformers serve` of the tiny model on 127.0.0.1 (continuous batching, bf16: nondeterministic under load,
     no logprobs). Yields the base URL; the model name to send is str(tiny_model_dir)."""
     port = free_port()
-    cache = tmp_path_factory.mktemp("hf-cache")  # must exist, or /v1/models answers 500 (platform.md §5)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "TRANSFORMERS_OFFLINE": "1"}
-    exe = Path(sys.executable).with_name("transformers")
-    log = open(tmp_path_factory.mktemp("serve-log") / "serve.log", "wb")
-    proc = subprocess.Popen(
-        [
-            str(exe),
-            "serve",
-            str(tiny_model_dir),
-            "--device",
-            "cpu",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--continuous-batching",
-            "--dtype",
-            "bfloat16",
-            # the README's bounds on the KV cache: without them the server grows to many GB
-            "--cb-num-blocks",
-            "128",
-            "--cb-block-size",
-            "32",
-            "--cb-max-batch-tokens",
-            "512",
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(proc, base, Path(log.name))
+    tmp = tmp_path_factory.mktemp("transformers-serve")
+    # the README's bounds on the KV cache: without them the server grows to many GB
+    argv = transformers_serve_argv(tiny_model_dir, port, num_blocks=128, block_size=32, max_batch_tokens=512)
+    with serving(argv, log=tmp / "serve.log", port=port, env=transformers_serve_env(tmp / "hf-cache")) as server:
         # The first generation warms the server up (tens of seconds on a busy CPU): do it here, not in a test.
         httpx.post(
-            f"{base}/v1/completions", json={"model": str(tiny_model_dir), "prompt": "x", "max_tokens": 1}, timeout=300
+            f"{server.base_url}/completions",
+            json={"model": str(tiny_model_dir), "prompt": "x", "max_tokens": 1},
+            timeout=300,
         )
-        yield f"{base}/v1"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        yield server.base_url
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,24 +53,3 @@ def tree_snapshot(path: Path) -> dict[str, bytes]:
     if not path.exists():
         return {}
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-def wait_healthy(proc: subprocess.Popen, base: str, log: Path, timeout: float = 120.0) -> None:
-    """Poll `base`/health until the server started as `proc` answers 200; raise with its log's tail if it exits
-    first or is not ready within `timeout` seconds (then it is killed)."""
-    import httpx
-
-    name = " ".join(map(str, proc.args[:2])) if isinstance(proc.args, list) else str(proc.args)
-    deadline = time.monotonic() + timeout
-    while True:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{name} exited with {proc.returncode}: {log.read_text(errors='replace')[-2000:]}")
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"{name} not ready after {timeout:.0f} s: {log.read_text(errors='replace')[-2000:]}")
-        time.sleep(0.3)

@@ -108,7 +108,8 @@ Faults (``faults=dict(...)``), decided per arrival on the completion paths only 
 * ``server.stats``: counts of ``requests``, ``ok``, ``faults`` by kind, ``max_in_flight`` and ``open_connections``.
 
 Standalone (benchmarks, crash tests): ``python tests/scripted_server.py --port 0 --script script.json`` prints
-``READY <base_url>`` on stdout when listening; the script file holds the constructor's keyword arguments as JSON.
+``READY <base_url>`` on stdout when listening; the script file holds the constructor's keyword arguments as JSON
+(tests/servers.py's `spawn` starts it so).
 """
 
 from __future__ import annotations
@@ -117,16 +118,14 @@ import argparse
 import asyncio
 import json
 import random
-import socket
-import subprocess
 import sys
 import threading
 import time
 from collections import Counter, deque
-from pathlib import Path
 from typing import Any
 
 import uvicorn
+from servers import free_port  # tests/ is on sys.path (pytest, benchmarks, or this file run as a script)
 
 from detaudit.audit.cache_arms import NONCE_PATTERN
 
@@ -141,12 +140,6 @@ OPENAI_FIELDS = frozenset(
 )
 _CHAT = "/v1/chat/completions"
 _COMPLETIONS = "/v1/completions"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class _Token:
@@ -775,18 +768,6 @@ async def _reset_mid_body(send: Any, body: bytes) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body[: len(body) // 2], "more_body": True})
-
-
-def spawn(script: dict[str, Any], workdir: Path) -> tuple[subprocess.Popen, str]:
-    """Start a scripted server in another process (benchmarks measure the client alone); returns it and its URL."""
-    path = workdir / "script.json"
-    path.write_text(json.dumps(script))
-    proc = subprocess.Popen([sys.executable, __file__, "--script", str(path)], stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline() if proc.stdout else ""
-    if not line.startswith("READY "):
-        proc.kill()
-        raise SystemExit(f"scripted server did not start: {line!r}")
-    return proc, line.split()[1]
 
 
 def main(argv: list[str] | None = None, server_class: type[ScriptedServer] = ScriptedServer) -> None:

@@ -9,14 +9,10 @@ the cold prefill's full prompt: the same tokens with logprobs some 5e-7 apart.""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
-from runhelp import cli, wait_healthy
-from scripted_server import free_port
+from runhelp import cli
+from servers import Server, detaudit_serve_argv, free_port, launch
 
 from detaudit.rundir.io import load_manifest, read_samples
 
@@ -24,14 +20,11 @@ from detaudit.rundir.io import load_manifest, read_samples
 PROMPT = "alpha beta gamma delta epsilon"
 
 
-def _serve(model: Path, kernels: str, log_dir: Path) -> tuple[subprocess.Popen, str, Path]:
+def _serve(model: Path, kernels: str, log_dir: Path) -> Server:
     port = free_port()
-    log = log_dir / f"serve-{kernels}.log"
-    cmd = [str(Path(sys.executable).with_name("detaudit")), "serve", "--model", str(model), "--kernels", kernels]
-    cmd += ["--dtype", "float32", "--port", str(port), "--max-batch", "4", "--max-model-len", "256"]
-    with open(log, "wb") as f:
-        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    return proc, f"http://127.0.0.1:{port}", log
+    options = ("--kernels", kernels, "--dtype", "float32", "--max-batch", 4, "--max-model-len", 256)
+    argv = detaudit_serve_argv(model, port, *options)
+    return launch(argv, log=log_dir / f"serve-{kernels}.log", port=port, env={"OMP_NUM_THREADS": "1"})
 
 
 def _run(capsys, base: str, model: Path, out: Path, *extra: object) -> dict:
@@ -44,18 +37,17 @@ def _run(capsys, base: str, model: Path, out: Path, *extra: object) -> dict:
 
 
 def test_detaudit_serve_stock_logprobs_move_cold_vs_warm_bundled_do_not(tiny_model_dir, tmp_path, capsys) -> None:
-    servers = [_serve(tiny_model_dir, k, tmp_path) for k in ("stock", "batch-invariant")]
+    started = [_serve(tiny_model_dir, k, tmp_path) for k in ("stock", "batch-invariant")]  # loading side by side
     try:
-        for proc, base, log in servers:
-            wait_healthy(proc, base, log)
+        for server in started:
+            server.wait_ready(120)
         summaries = {
-            kernels: _run(capsys, f"{base}/v1", tiny_model_dir, tmp_path / kernels)
-            for kernels, (_, base, _) in zip(("stock", "bi"), servers, strict=True)
+            kernels: _run(capsys, server.base_url, tiny_model_dir, tmp_path / kernels)
+            for kernels, server in zip(("stock", "bi"), started, strict=True)
         }
     finally:
-        for proc, _, _ in servers:
-            proc.send_signal(signal.SIGTERM)
-            proc.wait(timeout=60)
+        for server in started:
+            server.stop(timeout=60)
     for kernels, summary in summaries.items():
         manifest = load_manifest(tmp_path / kernels)
         assert manifest.probe["cache"]["cold"] == "reset" and manifest.probe["cache"]["reports_cached_tokens"]

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 from runhelp import cli, tree_snapshot
-from scripted_server import free_port
+from servers import free_port
 from test_report import MODAL, make_run
 
 

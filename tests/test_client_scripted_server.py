@@ -83,18 +83,11 @@ def test_auth_and_streaming_truncation(scripted_server) -> None:
 
 
 def test_standalone_process_mode(tmp_path) -> None:
-    import subprocess
-    import sys
-    from pathlib import Path
+    from servers import spawn
 
-    script = tmp_path / "script.json"
-    script.write_text(json.dumps({"completions": {"A": A, "B": B}, "schedules": {"P": [["A", 3], ["B", 1]]}}))
-    exe = Path(__file__).with_name("scripted_server.py")
-    proc = subprocess.Popen([sys.executable, str(exe), "--script", str(script)], stdout=subprocess.PIPE, text=True)
+    proc, base_url = spawn({"completions": {"A": A, "B": B}, "schedules": {"P": [["A", 3], ["B", 1]]}}, tmp_path)
     try:
-        line = proc.stdout.readline()
-        assert line.startswith("READY http://127.0.0.1:")
-        base_url = line.split()[1]
+        assert base_url.startswith("http://127.0.0.1:")
         replies = asyncio.run(_many(base_url, [_chat("P") for _ in range(4)]))
         texts = Counter(r.json()["choices"][0]["message"]["content"] for r in replies)
         assert texts == {"".join(A): 3, "".join(B): 1}

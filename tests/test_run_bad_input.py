@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from runhelp import QUEENS, cli, cli_process, tree_snapshot
-from scripted_server import free_port
+from servers import free_port
 
 # (case id, extra CLI args, files to create {name: bytes}, expected fragment of the message)
 ARG_CASES = [

@@ -5,34 +5,20 @@ it, and that command finishes it once the endpoint is back. Before, every remain
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
 
 from runhelp import cli
+from servers import spawn
 
 from detaudit.rundir.io import load_manifest, read_samples
 
-SCRIPTED = Path(__file__).resolve().parent / "scripted_server.py"
-
 
 def _start(tmp_path: Path, port: int = 0) -> tuple[subprocess.Popen[str], str]:
-    script = tmp_path / "script.json"
-    script.write_text(json.dumps({"latency_s": 0.005}))
-    proc = subprocess.Popen(
-        [sys.executable, str(SCRIPTED), "--port", str(port), "--script", str(script)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line.startswith("READY "), line
-    return proc, line.split()[1]
+    return spawn({"latency_s": 0.005}, tmp_path, port)
 
 
 def test_killed_endpoint_stops_the_run_interrupted_and_resume_finishes_it(capsys, tmp_path) -> None:

@@ -17,57 +17,31 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from runhelp import wait_healthy
-from scripted_server import free_port  # tests/ is on sys.path under pytest
+from servers import Server, detaudit_serve_argv, free_port, start  # tests/ is on sys.path under pytest
 
 from detaudit.rundir.io import load_manifest
 
 PROMPT = [{"role": "user", "content": "def fibonacci(n):"}]
 
 
-def _start(model: Path, kernels: str, log_dir: Path, budget: int = 48, *extra: str) -> tuple[subprocess.Popen, str]:
+def _start(model: Path, kernels: str, log_dir: Path, budget: int = 48, *extra: str) -> Server:
     port = free_port()
-    exe = Path(sys.executable).with_name("detaudit")
-    log = open(log_dir / f"serve-{kernels}.log", "wb")
-    proc = subprocess.Popen(
-        [
-            str(exe),
-            "serve",
-            "--model",
-            str(model),
-            "--kernels",
-            kernels,
-            "--port",
-            str(port),
-            "--max-batch",
-            "8",
-            "--max-batched-tokens",
-            str(budget),
-            "--max-model-len",
-            "512",
-            *extra,
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    base = f"http://127.0.0.1:{port}"
-    wait_healthy(proc, base, Path(log.name))
-    return proc, f"{base}/v1"
+    options = ("--kernels", kernels, "--max-batch", 8, "--max-batched-tokens", budget, "--max-model-len", 512, *extra)
+    argv = detaudit_serve_argv(model, port, *options)
+    return start(argv, log=log_dir / f"serve-{kernels}.log", port=port, env={"OMP_NUM_THREADS": "1"})
 
 
-def _stop(proc: subprocess.Popen) -> int:
-    proc.send_signal(signal.SIGTERM)
-    return proc.wait(timeout=60)
+def _stop(server: Server) -> int:
+    return server.stop(timeout=60)
 
 
 @pytest.fixture(scope="module")
 def bi_server(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
-    proc, base = _start(tiny_model_dir, "batch-invariant", tmp_path_factory.mktemp("serve"))
+    server = _start(tiny_model_dir, "batch-invariant", tmp_path_factory.mktemp("serve"))
     try:
-        yield base, str(tiny_model_dir)
+        yield server.base_url, str(tiny_model_dir)
     finally:
-        _stop(proc)
+        _stop(server)
 
 
 def test_models_and_chat_with_logprobs_and_token_ids(bi_server):
@@ -239,8 +213,8 @@ def test_json_body_roundtrip_is_plain_json(bi_server):
 def test_graceful_shutdown_finishes_in_flight_requests(tiny_model_dir, tmp_path):
     """SIGTERM: stop accepting, let the request in flight finish, stop the engine thread; uvicorn then re-raises
     the signal, so the exit status is the conventional -SIGTERM."""
-    proc, base = _start(tiny_model_dir, "stock", tmp_path)
-    client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0)
+    server = _start(tiny_model_dir, "stock", tmp_path)
+    client = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
     model = str(tiny_model_dir)
     with cf.ThreadPoolExecutor(1) as pool:
         pending = pool.submit(
@@ -252,7 +226,7 @@ def test_graceful_shutdown_finishes_in_flight_requests(tiny_model_dir, tmp_path)
             extra_body={"ignore_eos": True},
         )
         time.sleep(1.0)
-        code = _stop(proc)
+        code = _stop(server)
         r = pending.result(timeout=60)
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 200
     assert code in (0, -signal.SIGTERM)
@@ -269,10 +243,10 @@ def test_detaudit_run_sees_load_dependence_with_stock_and_none_with_bundled(
 
     # A 16-token budget cuts the 23-token prompt differently depending on what else runs in the step. Without the
     # prefix cache: with it, every copy after the first starts past the same cached block (docs/engine.md).
-    stock_proc, stock_base = _start(tiny_model_dir, "stock", tmp_path, 16, "--no-prefix-cache")
+    stock = _start(tiny_model_dir, "stock", tmp_path, 16, "--no-prefix-cache")
     verdicts = {}
     try:
-        for name, base in (("stock", stock_base), ("bi", bi_server[0])):
+        for name, base in (("stock", stock.base_url), ("bi", bi_server[0])):
             out = tmp_path / name
             res = cli(
                 capsys,
@@ -298,7 +272,7 @@ def test_detaudit_run_sees_load_dependence_with_stock_and_none_with_bundled(
             verdicts[name] = summary["prompts"][0]["verdict"]
             assert load_manifest(out).capture == "token_ids"
     finally:
-        _stop(stock_proc)
+        _stop(stock)
     assert verdicts == {"stock": "load-dependent", "bi": "deterministic"}
 
 

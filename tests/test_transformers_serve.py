@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import handcount
 from runhelp import cli
 
 from detaudit.rundir.io import load_manifest, read_samples
@@ -41,32 +43,17 @@ def test_run_against_transformers_serve(transformers_serve, tiny_model_dir, caps
     summary = json.loads(r.out)
     assert summary["unit"] == "text"
     assert summary["unique_per_prompt"][0]["by_arm"]["c1"] == 1  # served one at a time, greedy is repeatable
-    _check_verdict_by_hand(summary, rows, max_tokens=8)
+    _check_verdict_by_hand(summary, out, max_tokens=8)
 
 
-def _check_verdict_by_hand(summary: dict, rows: list[dict], max_tokens: int) -> None:
-    """The counts and the verdict, recomputed from the Parquet rows with the rules of docs/summary.md: an answer is
-    compared only when it ended for a stated reason (stop, or length at max_tokens); distinct texts per arm; then
-    deterministic / load-dependent / load-independent from the serial arm (c1) and the loaded one (4 answers an arm:
-    enough to judge; no errors, as asserted above)."""
-
-    def compared(row: dict) -> bool:
-        at_limit = row["finish_reason"] == "length" and row["completion_tokens"] in (None, max_tokens)
-        return row["status"] == "ok" and (row["finish_reason"] == "stop" or at_limit)
-
-    distinct = {arm: len({r["text"] for r in rows if r["arm"] == arm and compared(r)}) for arm in ("c1", "c4")}
-    pooled = len({r["text"] for r in rows if compared(r)})
-    cut = {arm: sum(r["arm"] == arm and r["status"] == "ok" and not compared(r) for r in rows) for arm in distinct}
+def _check_verdict_by_hand(summary: dict, out: Path, max_tokens: int) -> None:
+    """The counts and the verdict, recomputed from the Parquet by tests/handcount.py (not detaudit.analysis)."""
     prompt = summary["prompts"][0]
-    assert {a["arm"]: a["unique"] for a in prompt["arms"]} == distinct
-    assert {a["arm"]: a["truncated"] for a in prompt["arms"]} == cut
-    if cut["c1"] * 2 > 4 or cut["c4"] * 2 > 4:
-        expected = "inconclusive"  # most answers of an arm cut short: nothing to judge
-    elif distinct["c1"] > 1:
-        expected = "load-independent"
-    else:
-        expected = "load-dependent" if pooled > 1 else "deterministic"  # pooled: each arm one, but not the same
-    assert prompt["verdict"] == expected, (prompt["verdict"], prompt["verdict_reason"], distinct, cut)
+    hand = handcount.count(out, max_tokens)[prompt["prompt_id"]]
+    assert {a["arm"]: (a["unique"], a["truncated"]) for a in prompt["arms"]} == {
+        arm: (c.unique, c.truncated) for arm, c in hand.items()
+    }
+    assert prompt["verdict"] == handcount.verdict(hand), (prompt["verdict"], prompt["verdict_reason"], hand)
 
 
 def test_completions_api_streamed_against_transformers_serve(

@@ -199,6 +199,7 @@ def convert(path: Path, out: Path) -> None:
     config = model.config
     if hasattr(config, "quantization_config"):  # the weights are plain floats now, not GGUF-quantized
         del config.quantization_config
+    config.architectures = [type(model).__name__]  # `transformers serve` picks the model class by it
     config.save_pretrained(out)
     model.generation_config.save_pretrained(out)
     tokenizer.save_pretrained(out)
