@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, ClassVar, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, ValidationError, model_serializer
 from pydantic.dataclasses import dataclass
@@ -41,6 +41,16 @@ _SHARE = "`all_identical / prompts`; null when no prompt was judged"
 
 class _Doc(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # Optional sections left out of the document when absent (null), so older summaries stay byte for byte.
+    _omit_when_none: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _leave_out_absent(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data: dict[str, Any] = handler(self)
+        for name in self._omit_when_none:
+            if getattr(self, name) is None:
+                del data[name]
+        return data
 
 
 @dataclass(frozen=True, config=ConfigDict(extra="forbid"))
@@ -169,12 +179,7 @@ class Completion(_Doc):
         "as branch tokens are",
     )
 
-    @model_serializer(mode="wrap")
-    def _leave_out_absent_context(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        if self.context is None:
-            del data["context"]
-        return data
+    _omit_when_none: ClassVar[tuple[str, ...]] = ("context",)
 
 
 class FirstDivergence(_Doc):
@@ -305,12 +310,7 @@ class ArmSummary(_Doc):
         description="a cache arm's prefix-cache evidence (`detaudit run --cache`); absent for a load arm",
     )
 
-    @model_serializer(mode="wrap")
-    def _leave_out_absent_cache(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        if self.cache is None:
-            del data["cache"]
-        return data
+    _omit_when_none: ClassVar[tuple[str, ...]] = ("cache",)
 
 
 class PromptSummary(_Doc):
@@ -331,12 +331,7 @@ class PromptSummary(_Doc):
         description="cold against warm, when the run has cache arms (absent otherwise), below",
     )
 
-    @model_serializer(mode="wrap")
-    def _leave_out_absent_cache(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        if self.cache is None:
-            del data["cache"]
-        return data
+    _omit_when_none: ClassVar[tuple[str, ...]] = ("cache",)
 
 
 class EarliestFork(_Doc):
@@ -446,12 +441,7 @@ class RunSummary(_Doc):
         "below (#18; null in a summary written before it)",
     )
 
-    @model_serializer(mode="wrap")
-    def _leave_out_absent_rescore(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
-        data: dict[str, Any] = handler(self)
-        if self.rescore is None:
-            del data["rescore"]
-        return data
+    _omit_when_none: ClassVar[tuple[str, ...]] = ("rescore",)
 
     def document(self) -> dict[str, Any]:
         """The JSON document (summary.json, `--json`): keys in field order, `schema` by its name."""
