@@ -103,7 +103,7 @@ def _switched(op: str, key: str, ours: Callable[..., torch.Tensor]) -> Callable[
     def impl(keyset: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         if _depth > 0:
             return ours(*args, **kwargs)
-        if stock is None:
+        if stock is None:  # what torch itself raises for an op without a kernel at this key, unpinned
             raise NotImplementedError(f"{op} has no {key} kernel in this build of torch")
         return stock.call_boxed(keyset, *args, **kwargs)
 
