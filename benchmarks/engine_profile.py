@@ -36,6 +36,7 @@ from detaudit.engine.sequence import SamplingParams, Sequence
 GROUPS = [
     (r"_mm_tma_kernel|_mm_kernel", "matmul (ours)"),
     (r"gemm|gemv|cutlass|xmma|nvjet|cublas", "matmul (cuBLAS)"),
+    (r"_moe_\w+_kernel", "moe route/experts/combine (Triton)"),
     (r"_attn_kernel|_combine_kernel", "attention"),
     (r"_rms_kernel|rms_norm|RmsNorm|rmsnorm", "rms_norm"),
     (r"softmax", "log_softmax"),

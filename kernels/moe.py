@@ -12,8 +12,10 @@ Batch-invariant path: router logits and softmax in fp32 (row-wise, our fixed-ord
 descending sort, so on a tie the lowest expert index wins; each expert's two GEMMs on fixed tiles that walk all of K
 in one order (no split-K; padding rows never enter a real row's reduction), so a token's result does not depend on
 how many tokens chose its experts; the k weighted expert outputs summed in fp32 in top-k order, one cast at the end.
-On CUDA the GEMMs are :mod:`detaudit.kernels.triton_moe` with one fixed config; on CPU each expert's rows go through
-the fixed-16-row-block path (:func:`detaudit.kernels.cpu.mm`).
+On CUDA the router (logits, softmax, top-k, renormalising) is one Triton kernel, the GEMMs use one fixed config and
+the combine is one kernel (:mod:`detaudit.kernels.triton_moe`): a decode step's MoE layer is bound by launches and
+weight reads, so the fixed-order work must not cost extra launches. On CPU each expert's rows go through the
+fixed-16-row-block path (:func:`detaudit.kernels.cpu.mm`).
 
 Stock path, as serving engines run it: router in the model dtype, ``torch.topk``, tokens grouped per expert with a
 tiling and split-K chosen from the load (CUDA: from the step's token count, known on the host, so it can sit in a
@@ -38,21 +40,20 @@ def route(
     x: torch.Tensor, router_w: torch.Tensor, top_k: int, renormalize: bool, *, batch_invariant: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(expert ids [T, k] int64, weights [T, k]) of each token: softmax over the router logits, the top k, optionally
-    renormalised to sum to 1. Batch-invariant: fp32 logits and softmax, stable sort (ties: lowest index first), a
-    fixed-order sum, fp32 weights. Stock: logits in the model dtype, ``torch.topk``, weights in the model dtype."""
+    renormalised to sum to 1. Batch-invariant: logits accumulated in fp32 (bf16 products are exact in fp32) and an fp32
+    softmax, top-k as a stable descending sort (ties: lowest index first), a left-to-right sum, fp32 weights. Stock:
+    logits in the model dtype, ``torch.topk``, weights in the model dtype."""
     if not batch_invariant:
         probs = torch.softmax(F.linear(x, router_w).float(), dim=-1)
         weights, ids = torch.topk(probs, top_k, dim=-1)
         if renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return ids, weights.to(x.dtype)
-    x32, w32 = x.float(), router_w.float()
     if use_triton(x):
-        from detaudit.kernels import triton_matmul, triton_rowwise
+        from detaudit.kernels import triton_moe
 
-        probs = triton_rowwise.softmax(triton_matmul.matmul(x32, w32.t()), -1, False, torch.float32)
-    else:
-        probs = cpu.softmax(cpu.mm(x32, w32.t()), -1)
+        return triton_moe.route(x, router_w, top_k, renormalize)
+    probs = cpu.softmax(cpu.mm(x.float(), router_w.float().t()), -1)
     order = torch.sort(probs, dim=-1, descending=True, stable=True).indices[:, :top_k]
     weights = probs.gather(1, order)
     if renormalize:
@@ -132,7 +133,7 @@ def moe_forward(
 
         y = triton_moe.experts(x, ids, w13, w2, batch_invariant=batch_invariant)
         if batch_invariant:
-            return combine(y, weights, x.dtype)
+            return triton_moe.combine(y, weights, x.dtype)
         return (y * weights[..., None].to(x.dtype)).sum(dim=1)
     if batch_invariant:
         return combine(_cpu_experts_bi(x, ids, w13, w2), weights, x.dtype)

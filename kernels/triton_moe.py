@@ -62,7 +62,7 @@ def stock_config(num_tokens: int, top_k: int, num_experts: int, k_dim: int) -> M
 
 
 @triton.jit
-def _grouped_kernel(
+def _moe_grouped_kernel(
     a_ptr,
     w_ptr,
     out_ptr,
@@ -151,20 +151,22 @@ def grouped_mm(
     w: torch.Tensor,
     ids: torch.Tensor,
     cfg: MoeConfig,
+    layout: tuple[torch.Tensor, torch.Tensor],
     *,
     gather_tokens: bool,
 ) -> torch.Tensor:
     """[T*k, N]: for each (token, slot) pair p, ``A[row] @ w[ids.flat[p]].T`` with row = p's token (gather_tokens,
-    ``a`` [T, K]) or p itself (``a`` [T*k, K]). ``w``: [E, N, K]."""
-    num_experts, n, k_dim = w.shape
+    ``a`` [T, K]) or p itself (``a`` [T*k, K]). ``w``: [E, N, K]; ``layout``: :func:`align` of ``ids`` for
+    ``cfg.bm``."""
+    n, k_dim = w.shape[1], w.shape[2]
     top_k = ids.shape[1]
     pairs = ids.numel()
-    sorted_pairs, block_expert = align(ids, num_experts, cfg.bm)
+    sorted_pairs, block_expert = layout
     a = a.contiguous()
     split = cfg.split_k
     out = torch.empty((split, pairs, n), device=a.device, dtype=a.dtype)
     grid = (block_expert.shape[0], triton.cdiv(n, cfg.bn), split)
-    _grouped_kernel[grid](
+    _moe_grouped_kernel[grid](
         a,
         w,
         out,
@@ -196,6 +198,133 @@ def grouped_mm(
     return sum_in_order(list(out.unbind(0)))
 
 
+@triton.jit
+def _moe_route_kernel(
+    x_ptr,
+    w_ptr,
+    ids_ptr,
+    weights_ptr,
+    T,
+    E,
+    H,
+    stride_x,
+    stride_w,
+    TOP_K: tl.constexpr,
+    K_POW2: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+    IEEE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
+    """ids/weights [T, TOP_K] of BLOCK_T tokens: logits over all experts with fp32 accumulation (one tile, H walked
+    in BLOCK_H steps), softmax in fp32, top-k by repeated arg-max (ties: the lowest expert index, as a stable
+    descending sort), the k weights summed left to right to renormalise."""
+    pid = tl.program_id(0)
+    offs_t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_h = tl.arange(0, BLOCK_H)
+    t_ok = offs_t < T
+    e_ok = offs_e < E
+    x_ptrs = x_ptr + offs_t.to(tl.int64)[:, None] * stride_x + offs_h[None, :]
+    w_ptrs = w_ptr + offs_e[None, :] * stride_w + offs_h[:, None]
+    acc = tl.zeros((BLOCK_T, BLOCK_E), dtype=tl.float32)
+    for h in range(0, H, BLOCK_H):
+        h_ok = (h + offs_h) < H
+        a = tl.load(x_ptrs, mask=t_ok[:, None] & h_ok[None, :], other=0.0)
+        w = tl.load(w_ptrs, mask=h_ok[:, None] & e_ok[None, :], other=0.0)
+        if IEEE:
+            acc = tl.dot(a, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a, w, acc)
+        x_ptrs += BLOCK_H
+        w_ptrs += BLOCK_H
+    logits = tl.where(e_ok[None, :], acc, float("-inf"))
+    p = tl.exp(logits - tl.max(logits, 1)[:, None])
+    probs = p / tl.sum(p, 1)[:, None]
+    rest = tl.where(e_ok[None, :], probs, -1.0)
+    offs_k = tl.arange(0, K_POW2)
+    chosen = tl.zeros((BLOCK_T, K_POW2), dtype=tl.int64)
+    picked = tl.zeros((BLOCK_T, K_POW2), dtype=tl.float32)
+    total = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(rest, 1)
+        idx = tl.min(tl.where(rest == best[:, None], offs_e[None, :], BLOCK_E), 1)
+        rest = tl.where(offs_e[None, :] == idx[:, None], -2.0, rest)
+        chosen = tl.where(offs_k[None, :] == j, idx.to(tl.int64)[:, None], chosen)
+        picked = tl.where(offs_k[None, :] == j, best[:, None], picked)
+        if j == 0:
+            total = best
+        else:
+            total = total + best
+    if RENORMALIZE:
+        picked = picked / total[:, None]
+    out = offs_t.to(tl.int64)[:, None] * TOP_K + offs_k[None, :]
+    ok = t_ok[:, None] & (offs_k[None, :] < TOP_K)
+    tl.store(ids_ptr + out, chosen, mask=ok)
+    tl.store(weights_ptr + out, picked, mask=ok)
+
+
+def route(x: torch.Tensor, router_w: torch.Tensor, top_k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch-invariant router in one launch: (expert ids [T, k] int64, fp32 weights [T, k]). A token's logits
+    come from one fixed tile shape whatever T is, so its choice and weights never depend on the batch; the step's
+    tokens are split over ``cdiv(T, 16)`` programs. One kernel instead of a cast, GEMM, softmax, sort, gather and
+    k adds: a decode step's router is launch-bound."""
+    t, h = x.shape
+    e = router_w.shape[0]
+    ids = torch.empty((t, top_k), dtype=torch.int64, device=x.device)
+    weights = torch.empty((t, top_k), dtype=torch.float32, device=x.device)
+    block_t, block_h = (16, 32) if INTERPRET else (16, 64)
+    x = x.contiguous()
+    router_w = router_w.contiguous()
+    _moe_route_kernel[(triton.cdiv(t, block_t),)](
+        x,
+        router_w,
+        ids,
+        weights,
+        t,
+        e,
+        h,
+        x.stride(0),
+        router_w.stride(0),
+        TOP_K=top_k,
+        K_POW2=triton.next_power_of_2(top_k),
+        RENORMALIZE=renormalize,
+        IEEE=x.dtype == torch.float32,
+        BLOCK_T=block_t,
+        BLOCK_E=max(16, triton.next_power_of_2(e)),
+        BLOCK_H=block_h,
+        num_warps=4,
+    )
+    return ids, weights
+
+
+@triton.jit
+def _moe_combine_kernel(y_ptr, w_ptr, out_ptr, H, TOP_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """out[t] = sum over j = 0, 1, ... of w[t, j] * y[t, j] in fp32, in that order; one cast."""
+    t = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    ok = offs < H
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        w = tl.load(w_ptr + t * TOP_K + j)
+        y = tl.load(y_ptr + (t * TOP_K + j) * H + offs, mask=ok, other=0.0)
+        acc = acc + y.to(tl.float32) * w
+    tl.store(out_ptr + t * H + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def combine(y: torch.Tensor, weights: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """[T, H]: the k expert outputs ``y`` [T, k, H] weighted by fp32 ``weights`` [T, k] and summed in fp32 in slot
+    order, per token and column; one launch."""
+    t, k, h = y.shape
+    y = y.contiguous()
+    weights = weights.float().contiguous()
+    out = torch.empty((t, h), dtype=out_dtype, device=y.device)
+    block_h = 256 if INTERPRET else 1024
+    _moe_combine_kernel[(t, triton.cdiv(h, block_h))](y, weights, out, h, TOP_K=k, BLOCK_H=block_h, num_warps=4)
+    return out
+
+
 def experts(
     x: torch.Tensor,
     ids: torch.Tensor,
@@ -214,6 +343,8 @@ def experts(
     else:
         cfg1 = stock_config(t, k, num_experts, x.shape[1])
         cfg2 = stock_config(t, k, num_experts, inter)
-    h = grouped_mm(x, w13, ids, cfg1, gather_tokens=True)
+    layout1 = align(ids, num_experts, cfg1.bm)
+    layout2 = layout1 if cfg2.bm == cfg1.bm else align(ids, num_experts, cfg2.bm)  # one sort when the tiles agree
+    h = grouped_mm(x, w13, ids, cfg1, layout1, gather_tokens=True)
     act = F.silu(h[:, :inter]) * h[:, inter:]
-    return grouped_mm(act, w2, ids, cfg2, gather_tokens=False).view(t, k, -1)
+    return grouped_mm(act, w2, ids, cfg2, layout2, gather_tokens=False).view(t, k, -1)

@@ -92,7 +92,7 @@ def test_the_op_switches_with_batch_invariant_and_shows_in_coverage() -> None:
 @pytest.mark.skipif(INTERPRETED, reason="this is the outer run")
 def test_triton_kernels_under_interpreter() -> None:
     pytest.importorskip("triton")
-    run_file_under_interpreter(__file__, passed=2)
+    run_file_under_interpreter(__file__, passed=4)
 
 
 @inner
@@ -133,3 +133,38 @@ def test_triton_bundled_path_rows_do_not_depend_on_the_batch() -> None:
     stock_full = triton_moe.experts(x, ids, w13, w2, batch_invariant=False)
     stock_alone = [triton_moe.experts(x[t : t + 1], ids[t : t + 1], w13, w2, batch_invariant=False) for t in range(4)]
     assert any(not torch.equal(a[0], stock_full[t]) for t, a in enumerate(stock_alone))  # split-K alone
+
+
+@inner
+def test_triton_router_matches_the_cpu_router_and_breaks_ties_low() -> None:
+    """The one-kernel router: the CPU path's experts and weights (fp32 here), a token's choice alone equal to its
+    choice in the batch, and on an exact tie the lowest expert index, as the stable sort gives."""
+    from detaudit.kernels import triton_moe
+
+    x, router, _, _ = _weights(torch.float32, hidden=96, tokens=37)  # H not a multiple of BLOCK_H, T of BLOCK_T
+    for renormalize in (True, False):
+        ids, weights = triton_moe.route(x, router, 3, renormalize)
+        cpu_ids, cpu_weights = route(x, router, 3, renormalize, batch_invariant=True)
+        assert torch.equal(ids, cpu_ids) and weights.dtype == torch.float32
+        torch.testing.assert_close(weights, cpu_weights, rtol=1e-5, atol=1e-6)
+    ids, weights = triton_moe.route(x, router, K, True)
+    for t in (0, 17, 36):
+        alone = triton_moe.route(x[t : t + 1], router, K, True)
+        assert torch.equal(alone[0][0], ids[t]) and torch.equal(alone[1][0], weights[t]), t
+    tied = torch.zeros(E, 96)
+    tied[[2, 5, 6], 0] = 1.0  # experts 2, 5 and 6 tie on top; then the five zero logits tie
+    got, w = triton_moe.route(torch.ones(1, 96), tied, 4, True)
+    assert got.tolist() == [[2, 5, 6, 0]] and float(w.sum()) == pytest.approx(1.0)
+
+
+@inner
+def test_triton_combine_sums_the_slots_in_fp32() -> None:
+    from detaudit.kernels import triton_moe
+    from detaudit.kernels.moe import combine
+
+    g = torch.Generator().manual_seed(1)
+    y = torch.randn(5, K + 1, 300, generator=g)
+    weights = torch.rand(5, K + 1, generator=g)
+    out = triton_moe.combine(y, weights, torch.float32)
+    torch.testing.assert_close(out, combine(y, weights, torch.float32), rtol=1e-6, atol=1e-6)
+    assert torch.equal(triton_moe.combine(y[2:3], weights[2:3], torch.float32), out[2:3])
