@@ -23,6 +23,9 @@
 #          bi vs the stock grouped GEMMs)
 # moe:     benchmarks/engine.py on a Qwen3-30B-A3B-shaped random model (PRESET=qwen3-30b-a3b: weights drawn on the
 #          device at load): N target requests, batch-invariant then stock, under `single` load ($MOE_ARGS)
+# cacheserve: `detaudit serve` on cuda (stock, then batch-invariant) audited by `detaudit run --cache cold,warm`
+#          on the standard suite (serial, so only the cache differs), gated with require-cache-invariant; logs and
+#          summaries under $OUT/cache_*
 # profile: benchmarks/engine_profile.py: a decode step's time and kernels, stock vs batch-invariant ($PROFILE_ARGS,
 #          e.g. "--batches '' --mixed 32,96,128" for the steps that mix decode and prefill)
 set -u
@@ -159,6 +162,31 @@ for step in $STEPS; do
         timeout "$(left)" python3 benchmarks/engine.py --out /tmp/ebmoe --model "$MODEL" $MOE_ARGS 2>&1 \
             | tee /tmp/moe_engine_bench.log | grep -v '^{'
         cp /tmp/ebmoe/engine_bench.json "$OUT/moe_engine_bench.json" ;;
+    cacheserve)
+        build_model
+        for k in stock batch-invariant; do
+            detaudit serve --model "$MODEL" --device cuda --kernels "$k" --port 8011 --max-model-len 1024 \
+                > "$OUT/cache_serve_$k.log" 2>&1 &
+            pid=$!
+            python3 - <<'PY' || { echo "serve did not come up"; kill $pid; continue; }
+import time, urllib.request
+for _ in range(240):
+    try:
+        urllib.request.urlopen("http://127.0.0.1:8011/v1/models", timeout=2)
+        break
+    except OSError:
+        time.sleep(0.5)
+else:
+    raise SystemExit(1)
+PY
+            # shellcheck disable=SC2086
+            timeout "$(( $(left) / 2 ))" detaudit run --base-url http://127.0.0.1:8011/v1 --suite standard \
+                ${CACHE_ARGS:-"-n 2 --max-tokens 32"} --cache cold,warm --out "/tmp/cache-$k" --force \
+                --gate require-cache-invariant 2>&1 | tee "$OUT/cache_run_$k.log"
+            echo "gate exit ${PIPESTATUS[0]}" | tee -a "$OUT/cache_run_$k.log"
+            detaudit analyze "/tmp/cache-$k" --json > "$OUT/cache_summary_$k.json"
+            kill $pid; wait $pid 2>/dev/null
+        done ;;
     profile)
         build_model
         # shellcheck disable=SC2086
