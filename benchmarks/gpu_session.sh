@@ -25,7 +25,7 @@
 #          device at load): N target requests, batch-invariant then stock, under `single` load ($MOE_ARGS)
 # cacheserve: `detaudit serve` on cuda (stock, then batch-invariant) audited by `detaudit run --cache cold,warm`
 #          on the standard suite (serial, so only the cache differs), gated with require-cache-invariant; logs and
-#          summaries under $OUT/cache_*
+#          summaries under $OUT/cache_* ($CACHE_KERNELS, $CACHE_ARGS)
 # profile: benchmarks/engine_profile.py: a decode step's time and kernels, stock vs batch-invariant ($PROFILE_ARGS,
 #          e.g. "--batches '' --mixed 32,96,128" for the steps that mix decode and prefill)
 set -u
@@ -164,7 +164,7 @@ for step in $STEPS; do
         cp /tmp/ebmoe/engine_bench.json "$OUT/moe_engine_bench.json" ;;
     cacheserve)
         build_model
-        for k in stock batch-invariant; do
+        for k in ${CACHE_KERNELS:-stock batch-invariant}; do
             detaudit serve --model "$MODEL" --device cuda --kernels "$k" --port 8011 --max-model-len 1024 \
                 > "$OUT/cache_serve_$k.log" 2>&1 &
             pid=$!
