@@ -1,4 +1,4 @@
-"""Probe suites: curated prompt sets, bundled (probes/suites/*.yaml) or the user's own, loaded and validated.
+"""Probe suites: curated prompt sets, bundled (probes/bundled/*.yaml) or the user's own, loaded and validated.
 
 A release gate on one prompt proves little, so `detaudit run --suite NAME|PATH` fires every entry of a suite as its
 own prompt id. Suites are data files so that users can write their own in the same format:
@@ -36,7 +36,7 @@ from detaudit.errors import UsageError
 from detaudit.rundir.schema import PromptSpec
 from detaudit.userfiles import read_user_file
 
-BUNDLED_DIR = Path(__file__).resolve().parent / "suites"
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
 SUITE_EXTENSIONS = (".yaml", ".yml", ".jsonl")
 MAX_SUITE_FILE_BYTES = 64 * 2**20  # read whole into memory, like a prompt file
 ENTRY_KEYS = ("id", "rationale", "prompt", "messages", "max_tokens")
@@ -65,7 +65,7 @@ class Suite:
 
 
 def bundled_names() -> list[str]:
-    """Names of the suites shipped in probes/suites/, sorted."""
+    """Names of the suites shipped in probes/bundled/, sorted."""
     return sorted(p.stem for p in BUNDLED_DIR.glob("*.yaml"))
 
 
