@@ -17,6 +17,25 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 inner = pytest.mark.skipif(not INTERPRETED, reason="runs inside test_under_interpreter's subprocess")
 
 
+def fixed_order_dot() -> None:
+    """Make the interpreter's ``tl.dot`` sum each output element over K in one fixed order, wherever its row sits in
+    the tile. The interpreter hands ``tl.dot`` to numpy's matmul, whose BLAS can round a row by its place in the
+    tile (seen with numpy's OpenBLAS on an AMD EPYC): bitwise checks of rows that move
+    between tiles, as a MoE token's rows do with the batch, would then test the BLAS, not the kernel. Call it in the
+    interpreted process (at the test file's import) before any kernel runs."""
+    from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):  # Triton's signature
+        acc = d.data.dtype
+        products = a.data.astype(acc)[:, :, None] * b.data.astype(acc)[None, :, :]  # [M, K, N], each rounded once
+        total = d.data.copy()
+        for k in range(products.shape[1]):  # k = 0, 1, … for every element
+            total += products[:, k, :]
+        return TensorHandle(total, d.dtype.scalar)
+
+    InterpreterBuilder.create_dot = create_dot
+
+
 def run_file_under_interpreter(path: str, passed: int) -> None:
     """Run `path` with TRITON_INTERPRET=1 and assert that exactly `passed` tests passed there."""
     if INTERPRETED:
