@@ -20,9 +20,9 @@ inner = pytest.mark.skipif(not INTERPRETED, reason="runs inside test_under_inter
 def fixed_order_dot() -> None:
     """Make the interpreter's ``tl.dot`` sum each output element over K in one fixed order, wherever its row sits in
     the tile. The interpreter hands ``tl.dot`` to numpy's matmul, whose BLAS can round a row by its place in the
-    tile (seen with numpy's OpenBLAS on an AMD EPYC): bitwise checks of rows that move
-    between tiles, as a MoE token's rows do with the batch, would then test the BLAS, not the kernel. Call it in the
-    interpreted process (at the test file's import) before any kernel runs."""
+    tile (seen with numpy's OpenBLAS on an AMD EPYC): bitwise checks of rows that move between tiles, as a MoE
+    token's rows do with the batch, would then test the BLAS, not the kernel. Call it in the interpreted process
+    (at the test file's import) before any kernel runs."""
     from triton.runtime.interpreter import InterpreterBuilder, TensorHandle
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):  # Triton's signature
