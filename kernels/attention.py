@@ -2,7 +2,9 @@
 
 Stock on CUDA is what a serving engine runs: one fused paged-attention launch whose KV split count follows a
 flash-decoding heuristic from the batch (so its bits depend on the batch, as FlashAttention / FlashInfer decode does
-in vLLM and SGLang). Stock on CPU gathers each sequence's cache and calls SDPA per sequence.
+in vLLM and SGLang). Stock on CPU gathers each sequence's cache and calls SDPA per sequence; prefill rows that follow
+K/V already in the cache (a cached prefix, an earlier chunk) attend to it and to themselves in two parts merged by
+log-sum-exp, as servers' extend attention does, so a warm cache changes their bits.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ def paged_attention(
     ``batch_invariant=True``: fixed KV tiles from position 0, fp32 online softmax, one kernel for prefill and decode
     rows, so a token's output has the same bits in prefill, chunked prefill or decode, alone or in any batch (Triton
     on CUDA, a fixed-tile torch loop on CPU). ``batch_invariant=False``: the stock path — on CUDA the same Triton
-    kernel with a split size chosen from the batch (:func:`stock_split`), on CPU SDPA per sequence.
+    kernel with a split size chosen from the batch (:func:`stock_split`), on CPU SDPA per sequence (prefill rows past
+    K/V already cached in two parts merged, as servers' extend attention does: :func:`_extend`).
 
     On CUDA neither path reads device values on the host, so both can be captured in a CUDA graph.
     """
@@ -167,7 +170,33 @@ def _stock(
         elif ql == ctx:
             o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale)
         else:
-            mask = pos[None, :] <= (ctx - ql + torch.arange(ql, device=q.device))[:, None]
-            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale)
+            o = _extend(qs, k, v, ctx - ql, scale)
         out[q0:q1] = o[0].transpose(0, 1).reshape(ql, hq, d)
     return out
+
+
+def _extend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix: int, scale: float) -> torch.Tensor:
+    """Prefill rows that follow `prefix` tokens already in the cache (a cached prefix or an earlier chunk), as
+    servers' extend attention computes them (SGLang's FlashInfer backend; vLLM's cascade attention): the new tokens
+    causally among themselves, the earlier K/V apart, each part writing its output in the model's dtype and its
+    log-sum-exp in fp32, then the two merged by their log-sum-exps. The same rows computed with no cached prefix
+    are one causal pass, so their bits depend on what the cache held: the cold/warm divergence users report."""
+    o_old, lse_old = _attend(q, k[:, :, :prefix], v[:, :, :prefix], scale, causal=False)
+    o_new, lse_new = _attend(q, k[:, :, prefix:], v[:, :, prefix:], scale, causal=True)
+    top = torch.maximum(lse_old, lse_new)
+    w_old, w_new = torch.exp(lse_old - top), torch.exp(lse_new - top)
+    merged = (o_old.to(top.dtype) * w_old + o_new.to(top.dtype) * w_new) / (w_old + w_new)
+    return merged.to(q.dtype)
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, *, causal: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One part of :func:`_extend`: its output in q's dtype and its log-sum-exp [..., rows, 1] in fp32 (or wider)."""
+    acc = torch.promote_types(q.dtype, torch.float32)
+    scores = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
+    if causal:
+        rows, cols = scores.shape[-2:]
+        scores = scores.masked_fill(torch.ones(rows, cols, dtype=torch.bool, device=q.device).triu(1), -torch.inf)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    return (torch.exp(scores - lse) @ v.to(acc)).to(q.dtype), lse

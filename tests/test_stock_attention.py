@@ -79,3 +79,30 @@ def test_stock_kernel_at_the_heuristics_splits():
     assert not torch.equal(alone[0], batch[0])
     for b in (2, 3):
         stock(b, 8)
+
+
+@pytest.mark.skipif(INTERPRETED, reason="CPU path")
+def test_stock_cpu_prefill_past_cached_rows_merges_two_parts_as_servers_do():
+    """Stock CPU attention of prefill rows that follow K/V already in the cache (a warm prefix, an earlier chunk):
+    the same values as one causal pass, but not the same bits in bf16 — the cold/warm divergence of servers."""
+    g = torch.Generator().manual_seed(3)
+    hkv, gqa, d, page, ctx = 2, 2, 16, 8, 40
+    kc = torch.randn(ctx // page, page, hkv, d, generator=g)
+    vc = torch.randn(ctx // page, page, hkv, d, generator=g)
+    q = torch.randn(ctx, hkv * gqa, d, generator=g)
+    bt = torch.arange(ctx // page, dtype=torch.int32)[None]
+    lens = torch.tensor([ctx], dtype=torch.int32)
+
+    def attend(dtype: torch.dtype, rows: int) -> torch.Tensor:
+        """The last `rows` query rows, computed in one step after ctx - rows tokens already cached."""
+        cu = torch.tensor([0, rows], dtype=torch.int32)
+        return _stock(q[-rows:].to(dtype), kc.to(dtype), vc.to(dtype), bt, cu, lens, 0.25)
+
+    cold = attend(torch.float64, ctx)  # the whole prompt in one causal pass
+    for cached in (8, 16, 33):
+        warm = attend(torch.float64, ctx - cached)
+        assert _rel(warm, cold[cached:]) < 1e-12, cached  # the same attention, merged by log-sum-exp
+    cold_bf16 = attend(torch.bfloat16, ctx)
+    warm_bf16 = attend(torch.bfloat16, ctx - 16)
+    assert _rel(warm_bf16, cold[16:]) < 1e-2 and _rel(cold_bf16[16:], cold[16:]) < 1e-2
+    assert not torch.equal(warm_bf16, cold_bf16[16:])  # each part rounded to bf16 before the merge
