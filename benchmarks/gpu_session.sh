@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One device call: install detaudit (+ the wheels carried in .whl/ for what the GPU image lacks), then run the
+# One device call: install detaudit (+ the wheels carried in .whl/ for what the GPU image lacks; fill it here first
+# with benchmarks/gpu_wheels.sh and name .whl in the call's carry), then run the
 # steps named in $STEPS (default: all) with their output under $OUT. Each step has its own time limit so one slow
 # step cannot take the others' logs with it.
 #
