@@ -253,10 +253,7 @@ def _moe_route_kernel(
         rest = tl.where(offs_e[None, :] == idx[:, None], -2.0, rest)
         chosen = tl.where(offs_k[None, :] == j, idx.to(tl.int64)[:, None], chosen)
         picked = tl.where(offs_k[None, :] == j, best[:, None], picked)
-        if j == 0:
-            total = best
-        else:
-            total = total + best
+        total = total + best  # from 0: the first add is exact, then left to right
     if RENORMALIZE:
         picked = picked / total[:, None]
     out = offs_t.to(tl.int64)[:, None] * TOP_K + offs_k[None, :]
