@@ -166,6 +166,17 @@ def test_pinned_overrides_switch_by_flag_and_pass_stock_through() -> None:
         dk.unpin()
 
 
+def test_a_pinned_op_with_no_stock_kernel_at_its_key_says_so_outside_a_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where torch has no kernel at a key (XLA here), the pinned passthrough raises what torch would, not a crash."""
+    import detaudit.kernels as k
+
+    impl = k._switched("aten::mm", "XLA", lambda a, b: "ours")
+    with pytest.raises(NotImplementedError, match="aten::mm has no XLA kernel in this build of torch"):
+        impl(None, torch.ones(1, 1), torch.ones(1, 1))
+    monkeypatch.setattr(k, "_depth", 1)  # inside a batch_invariant() block: ours runs
+    assert impl(None, torch.ones(1, 1), torch.ones(1, 1)) == "ours"
+
+
 def test_overrides_compute_the_right_thing() -> None:
     g = torch.Generator().manual_seed(1)
     x = torch.randn(5, 6, 7, generator=g)
