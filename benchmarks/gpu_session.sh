@@ -15,7 +15,8 @@
 # gputests: all of tests/gpu (the log becomes tests/gpu/LOG.txt)
 # prefix:  benchmarks/engine.py, the prefix cache's cost and gain: the 1000 x 100 `single` run with the cache on and
 #          off (-nocache phases), and again with a $PREFIX_SHARED-token system prompt shared by every request
-#          (default 2048; prefill saved), JSON per shared length under $OUT/prefix_bench_sharedK.json
+#          (default 2048; prefill saved), JSON per shared length and run under $OUT/prefix_bench_sharedK_runN.json;
+#          $PREFIX_PHASES reorders the phases (e.g. the -nocache ones first, to pair the order)
 # local:   detaudit local N = 1000 with stock and batch-invariant kernels, each analysed (the must-show)
 # kernels: benchmarks/kernels.py (matmul vs cuBLAS and TML's matmul_persistent from .third_party/tml, row-wise
 #          bandwidth, attention decode vs flash), JSON under $OUT/kernels
@@ -122,7 +123,9 @@ for step in $STEPS; do
                 --scenario single --max-batch 128 --max-batched-tokens 2048 --shared-prefix-tokens "$k" \
                 --phases "${PREFIX_PHASES:-batch-invariant,batch-invariant-nocache,stock,stock-nocache}" 2>&1 \
                 | tee "/tmp/prefix_bench$k.log" | grep -v '^{'
-            cp "/tmp/pb$k/engine_bench.json" "$OUT/prefix_bench_shared$k.json"
+            # A step named twice runs twice: run N's JSON is prefix_bench_sharedK_runN.json.
+            n=$(( $(find "$OUT" -maxdepth 1 -name "prefix_bench_shared${k}_run*.json" | wc -l) + 1 ))
+            cp "/tmp/pb$k/engine_bench.json" "$OUT/prefix_bench_shared${k}_run$n.json"
         done ;;
     local)
         build_model
