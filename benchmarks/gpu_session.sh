@@ -106,7 +106,7 @@ for step in $STEPS; do
         # tests/ on the path for its helper modules; the 8B-shaped model of the prefix-cache test built once.
         build_model
         repo=$(pwd)
-        (cd /tmp && DETAUDIT_GPU_MODEL_8B=$MODEL PYTHONPATH=$PYTHONPATH:$repo/tests timeout "$(( $(left) < 400 ? $(left) : 400 ))" python3 -m pytest \
+        (cd /tmp && DETAUDIT_GPU_MODEL_8B=$MODEL PYTHONPATH=$PYTHONPATH:$repo/tests timeout "$(( $(left) < 400 ? $(left) : 400 ))" python3 -m pytest -n 0 \
             -q -s -p no:cacheprovider --noconftest ${ENGINEGPU_ARGS:-} "$repo/tests/gpu/test_engine_gpu.py") 2>&1 \
             | tee "$OUT/engine_gpu_tests.log" ;;
     gputests)
@@ -115,7 +115,7 @@ for step in $STEPS; do
         build_model
         repo=$(pwd)
         (cd /tmp && DETAUDIT_GPU_MODEL_8B=$MODEL PYTHONPATH=$PYTHONPATH:$repo/tests timeout "$(( $(left) < 420 ? $(left) : 420 ))" python3 -m pytest -q \
-            -n 4 -p no:cacheprovider --noconftest -rfE "$repo/tests/gpu") 2>&1 | tee "$OUT/gpu_tests.log" ;;
+            -n 4 --dist load -p no:cacheprovider --noconftest -rfE "$repo/tests/gpu") 2>&1 | tee "$OUT/gpu_tests.log" ;;
     prefix)
         build_model
         for k in ${PREFIX_SHARED:-0 2048}; do
@@ -155,7 +155,7 @@ for step in $STEPS; do
             2>&1 | tee "$OUT/tuning.log" ;;
     moekernels)
         repo=$(pwd)
-        (cd /tmp && PYTHONPATH=$PYTHONPATH:$repo/tests timeout 240 python3 -m pytest -q -s -p no:cacheprovider \
+        (cd /tmp && PYTHONPATH=$PYTHONPATH:$repo/tests timeout 240 python3 -m pytest -q -s -n 0 -p no:cacheprovider \
             --noconftest -rfE "$repo/tests/gpu/test_moe_gpu.py") 2>&1 | tee "$OUT/moe_gpu_tests.log"
         timeout "$(left)" python3 benchmarks/kernels.py --out /tmp/kmoe --only moe 2>&1 \
             | tee "$OUT/moe_kernels.txt" | grep -v '^{'

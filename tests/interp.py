@@ -42,7 +42,7 @@ def run_file_under_interpreter(path: str, passed: int) -> None:
         pytest.skip("already inside the interpreter run")
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--noconftest", path],
+        [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "--noconftest", path],
         env=env,
         capture_output=True,
         text=True,
