@@ -14,7 +14,8 @@ refilled as sequences finish, --max-tokens each. The JSON gets `bi_over_stock_wa
 `_offline_eager`) ratios. A phase name ending in `-nocache` runs its engine without the prefix cache (on by
 default, as users get it); `<phase>_cache_over_nocache_wall` compares the two. `--shared-prefix-tokens K` puts the
 same K-token system prompt before every request (prompt tokens computed vs taken from the cache:
-`computed_tokens`, `cached_prompt_tokens`). On a GPU each phase also gets its physical floor (see `floor`): the
+`computed_tokens`, `cached_prompt_tokens`). Each load phase first runs --warmup requests of its load untimed
+through its engine (then empties the prefix cache), so no phase pays a process's first compilations. On a GPU each phase also gets its physical floor (see `floor`): the
 weights and the KV cache each step must read at the measured copy bandwidth, or its FLOPs at the measured bf16
 matmul rate, whichever is longer, summed over the phase's steps; and the wall time as a multiple of it.
 
@@ -184,6 +185,28 @@ def local_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
     if system:  # drive() sends each arrival's text as the user message: the system message goes in front of it
         encode = eng.encode_chat
         eng.encode_chat = lambda messages: encode(system + messages)  # type: ignore[method-assign]
+    if args.warmup:
+        # Untimed, as a server warms up before it serves: the first pass over a load's shapes compiles Triton
+        # specialisations and grows the allocator, which would otherwise land in the first phase of a process
+        # only (1.5-2.5 s of 10-13 on the H200). The timed run then starts with an empty prefix cache.
+        warm = build_workload(
+            args.scenario,
+            [PROMPT],
+            min(args.warmup, args.n),
+            max_tokens=args.max_tokens,
+            max_batch=args.max_batch,
+            seed=1,
+        )
+        drive(
+            eng,
+            warm,
+            seed=0,
+            top_logprobs=0,
+            on_target=lambda *_: None,
+            max_inflight=1 if args.scenario == CONTROL else None,
+        )
+        eng.flush_prefix_cache()
+        _sync(args.device)
     outs: list[tuple[int, ...]] = []
     steps = log_steps(eng)
     stats = drive(
@@ -208,6 +231,7 @@ def local_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
         "computed_tokens": sum(tokens for _, tokens, _, _ in steps),
         "prompt_tokens": len(eng.encode_chat([{"role": "user", "content": PROMPT}])),
         "engine_start_s": start_s,
+        "warmup_requests": min(args.warmup, args.n),
         **_floor(eng, steps, stats["wall_s"], args),
         "engine": eng.info(),
     }
@@ -336,6 +360,13 @@ def main() -> None:
     ap.add_argument("--scenario", default="mixed")
     ap.add_argument(
         "--shared-prefix-tokens", type=int, default=0, help="a system prompt of this many tokens before every request"
+    )
+    ap.add_argument(
+        "--warmup",
+        type=int,
+        default=256,
+        help="requests of the same load run untimed through each phase's engine first (0: none); offline phases "
+        "always warm up with one batch",
     )
     ap.add_argument("--hf-batch", type=int, default=64)
     ap.add_argument("--hf-tokens", type=int, default=128)
