@@ -15,9 +15,11 @@ refilled as sequences finish, --max-tokens each. The JSON gets `bi_over_stock_wa
 default, as users get it); `<phase>_cache_over_nocache_wall` compares the two. `--shared-prefix-tokens K` puts the
 same K-token system prompt before every request (prompt tokens computed vs taken from the cache:
 `computed_tokens`, `cached_prompt_tokens`). Each load phase first runs --warmup requests of its load untimed
-through its engine (then empties the prefix cache), so no phase pays a process's first compilations. On a GPU each phase also gets its physical floor (see `floor`): the
-weights and the KV cache each step must read at the measured copy bandwidth, or its FLOPs at the measured bf16
-matmul rate, whichever is longer, summed over the phase's steps; and the wall time as a multiple of it.
+through its engine (then empties the prefix cache), so no phase pays a process's first compilations; `--rounds R`
+runs the phase list R times, every other round in reverse, so that no phase always runs first. On a GPU each phase
+also gets its physical floor (see `floor`): the weights and the KV cache each step must read at the measured copy
+bandwidth, or its FLOPs at the measured bf16 matmul rate, whichever is longer, summed over the phase's steps; and
+the wall time as a multiple of it.
 
 No weights can be downloaded on the benchmark machines: the model is a random-weight one of the preset's shapes,
 built here with detaudit.tiny (detaudit tiny-model); a Mixture-of-Experts preset (qwen3-30b-a3b) builds a Qwen3-MoE,
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import time
 import traceback
 from collections import Counter
@@ -368,6 +371,13 @@ def main() -> None:
         help="requests of the same load run untimed through each phase's engine first (0: none); offline phases "
         "always warm up with one batch",
     )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run the phase list this many times, every other round in reverse (A B, B A, ...), so that no phase "
+        "always runs first in the process; ratios then compare mean walls",
+    )
     ap.add_argument("--hf-batch", type=int, default=64)
     ap.add_argument("--hf-tokens", type=int, default=128)
     ap.add_argument(
@@ -416,30 +426,53 @@ def main() -> None:
     result["model_build_s"] = round(time.perf_counter() - t0, 1)
     args.model_dir = model
     save()
-    for phase in args.phases.split(","):
-        try:
-            if phase == "hf":
-                result[phase] = hf_phase(model, args)
-            elif phase.startswith("offline-"):
-                result[phase] = offline_phase(model, phase, args)
-            else:
-                result[phase] = local_phase(model, phase, args)
-        except Exception:
-            result[phase] = {"error": traceback.format_exc(limit=6)}
-        _release(args.device)
-        # With CUDA graphs (what users get) and, when measured, without; under load and offline.
-        for prefix, suffix in (("", ""), ("", "-eager"), ("offline-", ""), ("offline-", "-eager")):
-            bi, stock = result.get(f"{prefix}batch-invariant{suffix}", {}), result.get(f"{prefix}stock{suffix}", {})
-            if "wall_s" in bi and "wall_s" in stock:
-                key = "bi_over_stock_wall" + ("_offline" if prefix else "") + ("_eager" if suffix else "")
-                result[key] = round(bi["wall_s"] / stock["wall_s"], 3)
-        for name, off in list(result.items()):
-            on = result.get(name.removesuffix("-nocache"), {})
-            if name.endswith("-nocache") and "wall_s" in off and "wall_s" in on:
-                result[f"{name.removesuffix('-nocache')}_cache_over_nocache_wall"] = round(
-                    on["wall_s"] / off["wall_s"], 3
-                )
-        save()  # after every phase: a run cut short keeps its finished figures and ratios
+    phases = args.phases.split(",")
+    runs: dict[str, list[dict]] = {}
+    for r in range(args.rounds):
+        for phase in phases if r % 2 == 0 else phases[::-1]:
+            try:
+                if phase == "hf":
+                    run = hf_phase(model, args)
+                elif phase.startswith("offline-"):
+                    run = offline_phase(model, phase, args)
+                else:
+                    run = local_phase(model, phase, args)
+            except Exception:
+                run = {"error": traceback.format_exc(limit=6)}
+            _release(args.device)
+            runs.setdefault(phase, []).append(run)
+            _summarise(result, runs)
+            save()  # after every phase: a run cut short keeps its finished figures and ratios
+
+
+def _summarise(result: dict, runs: dict[str, list[dict]]) -> None:
+    """Each phase's figures (its first round's) and the ratios. With several rounds a phase also lists every
+    round's wall time and unique count (`wall_s_rounds`, `unique_rounds`), and a ratio compares the mean walls over
+    the rounds both phases finished, each round's own ratio in `<ratio>_rounds`."""
+    walls: dict[str, list[float]] = {}
+    for phase, rs in runs.items():
+        result[phase] = dict(rs[0])
+        walls[phase] = [x["wall_s"] for x in rs if "wall_s" in x]
+        if len(rs) > 1:
+            result[phase]["wall_s_rounds"] = walls[phase]
+            result[phase]["unique_rounds"] = [x.get("unique") for x in rs]
+
+    def ratio(key: str, num: str, den: str) -> None:
+        a, b = walls.get(num, []), walls.get(den, [])
+        k = min(len(a), len(b))
+        if k:
+            result[key] = round(statistics.fmean(a[:k]) / statistics.fmean(b[:k]), 3)
+        if k > 1:
+            result[key + "_rounds"] = [round(x / y, 3) for x, y in zip(a[:k], b[:k], strict=True)]
+
+    # With CUDA graphs (what users get) and, when measured, without; under load and offline.
+    for prefix, suffix in (("", ""), ("", "-eager"), ("offline-", ""), ("offline-", "-eager")):
+        key = "bi_over_stock_wall" + ("_offline" if prefix else "") + ("_eager" if suffix else "")
+        ratio(key, f"{prefix}batch-invariant{suffix}", f"{prefix}stock{suffix}")
+    for name in runs:
+        if name.endswith("-nocache"):
+            on = name.removesuffix("-nocache")
+            ratio(f"{on}_cache_over_nocache_wall", on, name)
 
 
 if __name__ == "__main__":

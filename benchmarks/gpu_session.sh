@@ -10,6 +10,7 @@
 # rescore: detaudit local (batch-invariant) on a Qwen3-1.7B-shaped random model, rescored with bi and stock kernels
 # engine:  benchmarks/engine.py: N target requests stock vs batch-invariant under `single` load (CUDA graphs on, as
 #          users run it, and eager), N prompts at once (offline, as the vLLM/SGLang anchors), engine vs HF generate()
+#          (add --rounds R to $ENGINE_ARGS to repeat the phases in alternating order within one process)
 # enginegpu: tests/gpu/test_engine_gpu.py (graph replay == eager bitwise with bi kernels, stock split attention,
 #          the prefix cache bitwise invariant with graphs on the tiny and the $PRESET-shaped model)
 # gputests: all of tests/gpu (the log becomes tests/gpu/LOG.txt)
