@@ -94,28 +94,26 @@ class DecodeGraphs:
     def _fill(self, seqs: list[Sequence], bs: int) -> None:
         """Copy the step's inputs into the first `bs` rows of the static buffers; rows past the batch are dummies."""
         cache = self.cache
-        ids, pos, slots, ctx, tables = [], [], [], [], []
+        ids, pos, slots, ctx = [], [], [], []
         for seq in seqs:
             p = seq.num_cached
             ids.append(seq.token_at(p))
             pos.append(p)
             slots.append(cache.slot(seq.block_table, p))
             ctx.append(p + 1)
-            tables.append(cache.table_row(seq.block_table))
         pad = bs - len(seqs)
         ids += [0] * pad
         pos += [0] * pad
         slots += [cache.dummy_slot] * pad
         ctx += [1] * pad
-        tables += [cache.table_row([cache.dummy_block])] * pad
         for buf, values in (
             (self.input_ids, ids),
             (self.positions, pos),
             (self.slot_mapping, slots),
             (self.context_lens, ctx),
-            (self.block_tables, tables),
         ):
             buf[:bs].copy_(torch.tensor(values, dtype=buf.dtype), non_blocking=True)
+        self.block_tables[:bs].copy_(cache.block_tables([s.block_table for s in seqs], bs), non_blocking=True)
 
     def _forward(self, bs: int) -> None:
         attention = AttentionInputs(self.block_tables[:bs], self.cu_seqlens_q[: bs + 1], self.context_lens[:bs])

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from detaudit.engine.config import ModelSpec
@@ -28,9 +30,17 @@ class KVCache:
         """The flat cache slot of the token at `position` of a sequence with this block table."""
         return block_table[position // self.block_size] * self.block_size + position % self.block_size
 
-    def table_row(self, block_table: list[int]) -> list[int]:
-        """A sequence's block table padded with block 0 to the block tables' width."""
-        return block_table + [0] * (self.max_blocks_per_seq - len(block_table))
+    def block_tables(self, tables: list[list[int]], rows: int) -> torch.Tensor:
+        """Attention's block tables on the host: int32 [rows, max_blocks_per_seq], row i sequence i's blocks padded
+        with block 0; rows past the sequences (a graph-replayed step's padding) hold only the dummy block. Built every
+        step, so through numpy from one flat run of ints: torch.tensor of the nested lists (128 x 64 Python ints)
+        takes ~0.7 ms of host time, this ~50 us."""
+        out = np.zeros((rows, self.max_blocks_per_seq), dtype=np.int32)
+        out[len(tables) :, 0] = self.dummy_block
+        lengths = np.fromiter(map(len, tables), dtype=np.int64, count=len(tables))
+        flat = np.fromiter(itertools.chain.from_iterable(tables), dtype=np.int32, count=int(lengths.sum()))
+        out[: len(tables)][np.arange(self.max_blocks_per_seq) < lengths[:, None]] = flat
+        return torch.from_numpy(out)
 
 
 def allocate_kv_cache(

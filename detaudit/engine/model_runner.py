@@ -99,9 +99,11 @@ class ModelRunner:
             rows.extend(range(first, end))
             cu.append(cu[-1] + n)
             ctx.append(start + n)
-            tables.append(cache.table_row(seq.block_table))
+            tables.append(seq.block_table)
         attention = AttentionInputs(
-            self._tensor(tables, torch.int32), self._tensor(cu, torch.int32), self._tensor(ctx, torch.int32)
+            cache.block_tables(tables, len(tables)).to(self.device, non_blocking=True),
+            self._tensor(cu, torch.int32),
+            self._tensor(ctx, torch.int32),
         )
         return ids, positions, slots, attention, rows, spans
 
