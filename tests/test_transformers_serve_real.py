@@ -23,6 +23,7 @@ import pytest
 from runhelp import cli
 from servers import Server, free_port, serving, transformers_serve_argv, transformers_serve_env
 
+from detaudit.audit.capabilities import stream_fields
 from detaudit.rundir.io import load_manifest
 
 PROMPT = "Tell me about France."
@@ -64,17 +65,18 @@ def _observed(server: Server, model: str, api: str) -> dict[str, object]:
     plain = _post(server, path, {**body, **asked})
     assert plain.status_code == 200, plain.text[:300]
     choice = plain.json()["choices"][0]
-    streamed = _post(server, path, {**body, "stream": True, "stream_options": {"include_usage": True}})
+    streamed = _post(server, path, {**body, "stream": True, **stream_fields(api)})  # what the probe asks
     events = [line[6:] for line in streamed.text.splitlines() if line.startswith("data: ")]
     chunks = [json.loads(e) for e in events if e != "[DONE]"]
     made_up = _post(server, path, {**body, "detaudit_made_up_field": True})
     return {
         "ok": True,
         "logprobs": choice.get("logprobs") is not None,
-        # transformers serve ends a stream with its finish_reason chunk and no `data: [DONE]` (seen here)
+        # transformers serve sends no `data: [DONE]`; its finish_reason chunk ends the stream up to 5.24, and from
+        # 5.25 a usage-only chunk (no choices, as OpenAI's include_usage) follows it
         "stream": streamed.headers["content-type"].startswith("text/event-stream")
         and len(chunks) > 1
-        and chunks[-1]["choices"][0].get("finish_reason") is not None,
+        and any(c["choices"] and c["choices"][0].get("finish_reason") is not None for c in chunks),
         "stream_usage": any(c.get("usage") for c in chunks),
         "system_fingerprint": bool(plain.json().get("system_fingerprint")),
         # a server that takes a made-up field proves nothing by taking `seed`
