@@ -19,10 +19,10 @@
 #          (default 2048; prefill saved), JSON per shared length and run under $OUT/prefix_bench_sharedK_runN.json;
 #          $PREFIX_PHASES reorders the phases (e.g. the -nocache ones first, to pair the order)
 # local:   detaudit local N = 1000 with stock and batch-invariant kernels, each analysed (the must-show)
-# kernels: benchmarks/kernels.py (matmul vs cuBLAS and TML's matmul_persistent from .third_party/tml, row-wise
+# kernels: benchmarks/kernel_bench.py (matmul vs cuBLAS and TML's matmul_persistent from .third_party/tml, row-wise
 #          bandwidth, attention decode vs flash), JSON under $OUT/kernels
 # tune:    benchmarks/kernel_tuning_h200.py (TUNE_ONLY sections), its candidates compiled first by $WARM processes
-# moekernels: tests/gpu/test_moe_gpu.py, then benchmarks/kernels.py --only moe (one Qwen3-30B-A3B layer's experts:
+# moekernels: tests/gpu/test_moe_gpu.py, then benchmarks/kernel_bench.py --only moe (one Qwen3-30B-A3B layer's experts:
 #          bi vs the stock grouped GEMMs)
 # moe:     benchmarks/engine.py on a Qwen3-30B-A3B-shaped random model (PRESET=qwen3-30b-a3b: weights drawn on the
 #          device at load): N target requests, batch-invariant then stock, under `single` load ($MOE_ARGS)
@@ -139,7 +139,7 @@ for step in $STEPS; do
         done ;;
     kernels)
         n=$(( $(find "$OUT" -maxdepth 1 -name 'kernels_run*.json' | wc -l) + 1 ))
-        timeout "$(left)" python3 benchmarks/kernels.py --out "/tmp/kernels$n" --tml .third_party/tml/tml_bio.py \
+        timeout "$(left)" python3 benchmarks/kernel_bench.py --out "/tmp/kernels$n" --tml .third_party/tml/tml_bio.py \
             --only "${KERNELS_ONLY:-matmul,rowwise,attention}" 2>&1 | tee "/tmp/kernels_bench$n.txt" | grep -v '^{'
         cp "/tmp/kernels$n/kernels.json" "$OUT/kernels_run$n.json" ;;
     tune)
@@ -158,7 +158,7 @@ for step in $STEPS; do
         repo=$(pwd)
         (cd /tmp && PYTHONPATH=$PYTHONPATH:$repo/tests timeout 240 python3 -m pytest -q -s -n 0 -p no:cacheprovider \
             --noconftest -rfE "$repo/tests/gpu/test_moe_gpu.py") 2>&1 | tee "$OUT/moe_gpu_tests.log"
-        timeout "$(left)" python3 benchmarks/kernels.py --out /tmp/kmoe --only moe 2>&1 \
+        timeout "$(left)" python3 benchmarks/kernel_bench.py --out /tmp/kmoe --only moe 2>&1 \
             | tee "$OUT/moe_kernels.txt" | grep -v '^{'
         cp /tmp/kmoe/kernels.json "$OUT/moe_kernels.json" ;;
     moe)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 128256)]  # (K, N) as in benchmarks/kernels.py
+SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (4096, 128256)]  # (K, N) as in benchmarks/kernel_bench.py
 GEMV_CANDS = [
     (16, 32, 256, 8, 2, 5),
     (16, 64, 256, 8, 4, 3),
@@ -74,7 +74,7 @@ def _late() -> bool:
 
 
 def bench(fn: Any, rep: int = 30) -> float:
-    """Median ms of CUDA-graph replays (as benchmarks/kernels.py)."""
+    """Median ms of CUDA-graph replays (as benchmarks/kernel_bench.py)."""
     import triton.testing
 
     torch.cuda.synchronize()

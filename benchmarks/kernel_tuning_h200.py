@@ -1,10 +1,10 @@
 """One device call that retunes the bundled kernels for the H200 (issue #16), every section in one process.
 
-Matmul: tile configs on the Llama-3-8B shapes of benchmarks/kernels.py and (``--qwen``) the Qwen3-8B linear shapes
-at the engine's decode and prefill sizes, timed with the weight reused (warm, as benchmarks/kernels.py times) and,
+Matmul: tile configs on the Llama-3-8B shapes of benchmarks/kernel_bench.py and (``--qwen``) the Qwen3-8B linear shapes
+at the engine's decode and prefill sizes, timed with the weight reused (warm, as benchmarks/kernel_bench.py times) and,
 where the weight fits in L2, rotating through copies larger than L2 together (cold, as a decoder's layers meet their
 weights).
-Attention: decode at the 19 points of benchmarks/kernels.py under uniform and mixed split schedules (sizes fixed by
+Attention: decode at the 19 points of benchmarks/kernel_bench.py under uniform and mixed split schedules (sizes fixed by
 absolute position) and split-launch pipeline depths. Log-softmax: segment width and warps. Every candidate runs on a
 NaN-poisoned output first and must give the shipped configuration's bits (matmul: a config that changes them may
 never be dispatched; attention: the split launch must give the one-program launch's bits; softmax: the fused
@@ -196,7 +196,7 @@ def _cands(m: int, wide: bool = False) -> list[C]:
 
 
 def mm_points(qwen: bool, ms: list[int] | None = None) -> Iterator[tuple[int, int, str, int]]:
-    """The Llama-3-8B points of benchmarks/kernels.py; with `qwen`, Qwen3-8B's decode and prefill sizes first;
+    """The Llama-3-8B points of benchmarks/kernel_bench.py; with `qwen`, Qwen3-8B's decode and prefill sizes first;
     with `ms`, the Qwen3-8B shapes at those M only."""
     for k, n, what in QWEN if qwen or ms else []:
         for m in ms or QWEN_MS:

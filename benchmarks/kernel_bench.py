@@ -9,7 +9,7 @@ grouped GEMMs (one fixed tile) against the stock grouped implementation (tile an
 expert), experts alone and the whole op (router, top-k, experts, combine).
 Writes ``kernels.json`` (every number) and prints markdown tables. ``--tune`` also times candidate tile configs.
 
-    python benchmarks/kernels.py --out /tmp/bench --tml .third_party/tml/tml_bio.py
+    python benchmarks/kernel_bench.py --out /tmp/bench --tml .third_party/tml/tml_bio.py
 """
 
 from __future__ import annotations
