@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 from engine_steps import HostReads, staggered
+from hypothesis import given
+from hypothesis import strategies as st
 
-from detaudit.engine.graphs import DecodeGraphs, decode_buckets, is_decode_only
+from detaudit.engine.graphs import DecodeGraphs, cheapest_route, decode_buckets, is_decode_only
 from detaudit.engine.llm import Engine, EngineConfig
 from detaudit.engine.scheduler import ScheduledBatch
 from detaudit.engine.sequence import SamplingParams, Sequence
@@ -56,6 +58,40 @@ def test_padded_decode_path_gives_the_same_bits_with_bundled_kernels(tiny_model_
     for (k0, v0), (k1, v1) in layers:
         assert torch.equal(k0[:n], k1[:n]) and torch.equal(v0[:n], v1[:n])
         assert not torch.equal(k0[n], k1[n])
+
+
+def test_a_step_routed_to_a_larger_size_gives_the_same_bits_with_bundled_kernels(tiny_model_dir):
+    """Replay times that make the largest size the cheapest send every decode step there (1 -> 6 rows, 5 padding
+    rows): tokens, logprobs and top-k bitwise those of the unpadded engine."""
+    ref, _ = _staggered(_engine(tiny_model_dir, "batch-invariant"))
+    routed = _engine(tiny_model_dir, "batch-invariant")
+    graphs = DecodeGraphs(routed.runner.paged_model, routed.cfg.max_batch, capture=False)
+    graphs.route = cheapest_route({1: 4.0, 2: 4.0, 4: 3.5, 6: 3.0})
+    routed.runner.decode_graphs = graphs
+    ran_as: list[int] = []
+    fill = graphs._fill
+    graphs._fill = lambda seqs, bs: (ran_as.append(bs), fill(seqs, bs))  # type: ignore[method-assign]
+    got, sizes = _staggered(routed)
+    assert {1, 3, 5} <= set(sizes) and set(ran_as) == {6}
+    for a, b in zip(ref, got, strict=True):
+        assert (a.output_ids, a.logprobs, a.top_ids, a.top_logprobs) == (
+            b.output_ids,
+            b.logprobs,
+            b.top_ids,
+            b.top_logprobs,
+        )
+
+
+@given(st.dictionaries(st.integers(1, 4096), st.floats(0.01, 100.0), min_size=1, max_size=40))
+def test_the_route_takes_the_fastest_size_that_holds_the_batch(times):
+    route = cheapest_route(times)
+    assert set(route) == set(times)
+    for size, runs_as in route.items():
+        holding = [s for s in times if s >= size]
+        fastest = min(times[s] for s in holding)
+        assert runs_as >= size and times[runs_as] == fastest
+        assert runs_as == min(s for s in holding if times[s] == fastest)  # on a tie, the least padding
+    assert cheapest_route({1: 1.0, 2: 2.0, 4: 3.0}) == {1: 1, 2: 2, 4: 4}  # times rising with size: no reroute
 
 
 def test_padded_decode_path_runs_with_stock_kernels(tiny_model_dir):

@@ -65,6 +65,29 @@ def test_padded_piecewise_path_gives_the_same_bits_with_bundled_kernels(tiny_mod
         assert not torch.equal(k0[n], k1[n])  # the padding rows wrote the dummy block
 
 
+def test_a_step_routed_to_a_larger_token_bucket_gives_the_same_bits_with_bundled_kernels(tiny_model_dir):
+    """Every step with prefill sent to the largest bucket (as a measured route would when it replays fastest):
+    tokens, logprobs and top-k bitwise those of the unpadded engine."""
+    from detaudit.engine.graphs import cheapest_route
+
+    ref, _ = _staggered(_engine(tiny_model_dir, "batch-invariant", piecewise=False))
+    routed = _engine(tiny_model_dir, "batch-invariant", piecewise=True)
+    graphs = routed.runner.prefill_graphs
+    graphs.route = cheapest_route({b: 1.0 for b in graphs.buckets})  # all equal: ties go to the smaller...
+    assert graphs.route == {b: b for b in graphs.buckets}
+    graphs.route = cheapest_route({16: 3.0, 24: 3.0, 32: 2.5, 40: 2.0})  # ...and the largest cheapest takes all
+    assert set(graphs.route.values()) == {40}
+    got, sizes = _staggered(routed)
+    assert any(s < 24 for s in sizes)
+    for a, b in zip(ref, got, strict=True):
+        assert (a.output_ids, a.logprobs, a.top_ids, a.top_logprobs) == (
+            b.output_ids,
+            b.logprobs,
+            b.top_ids,
+            b.top_logprobs,
+        )
+
+
 def test_piecewise_scoring_gives_the_same_bits_with_bundled_kernels(tiny_model_dir):
     """Teacher-forced scoring (rescore) through the padded piecewise path: every logprob bitwise the same."""
     plain = _engine(tiny_model_dir, "batch-invariant", piecewise=False)

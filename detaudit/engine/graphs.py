@@ -14,10 +14,17 @@ All graphs are captured up front, largest first, into one shared memory pool: th
 compiles that size's Triton kernels and runs the kernels' one-time device checks (matmul config agreement, the
 attention split-launch check), none of which may run inside a capture; the startup cost is paid once, outside
 any timed request; and a GPU short of memory fails at startup, not in the middle of a run.
+
+A batch goes to the captured size that replays fastest among those that hold it, not always the nearest: matmul
+tile tables are tuned per range of rows, and a larger size can be the faster one (on the H200 the bundled kernels
+replayed a 128-row step faster than a 96-row one, benchmarks/RESULTS.md). Each graph's replay is timed once after
+capture (:func:`replay_ms`, dummy rows); :func:`cheapest_route` turns the times into the route. With bundled
+kernels padding never changes a real row's bits, so the route changes only the time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
 import torch
@@ -46,6 +53,31 @@ def is_decode_only(batch: ScheduledBatch) -> bool:
     )
 
 
+def cheapest_route(times: dict[int, float]) -> dict[int, int]:
+    """For each padded size, the size at least as large whose graphs replay fastest (on a tie, the smaller)."""
+    route: dict[int, int] = {}
+    best: int | None = None
+    for size in sorted(times, reverse=True):
+        if best is None or times[size] <= times[best]:
+            best = size
+        route[size] = best
+    return route
+
+
+def replay_ms(graphs: Seq[torch.cuda.CUDAGraph], reps: int = 5) -> float:
+    """Milliseconds of one pass over ``graphs`` replayed in order (mean of ``reps`` passes after an untimed one)."""
+    for g in graphs:
+        g.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+        for g in graphs:
+            g.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / reps
+
+
 class DecodeGraphs:
     """Static input/output buffers for padded decode steps and, when `capture`, their CUDA graphs."""
 
@@ -65,6 +97,8 @@ class DecodeGraphs:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.pool: GraphPool | None = None  # the graphs' memory pool, which the piecewise prefill graphs share
         self.replays = 0
+        self.replay_ms: dict[int, float] = {}  # per size, measured after capture
+        self.route = {b: b for b in self.buckets}  # padded size -> the size that runs it
         if capture:
             try:
                 self._capture()
@@ -76,7 +110,7 @@ class DecodeGraphs:
                 ) from None
 
     def bucket(self, n: int) -> int:
-        return next(b for b in self.buckets if b >= n)
+        return self.route[next(b for b in self.buckets if b >= n)]
 
     def run(self, batch: ScheduledBatch) -> torch.Tensor:
         """Logits [len(batch.seqs), vocab] of a decode-only step (call under the step's kernel context)."""
@@ -134,5 +168,7 @@ class DecodeGraphs:
                     self._forward(bs)
                 pool = graph.pool() if pool is None else pool
                 self.graphs[bs] = graph
-        torch.cuda.synchronize(dev)
+            # Timed on the inputs the captures left: every row a dummy (context 1), as padding rows are.
+            self.replay_ms = {bs: replay_ms([g]) for bs, g in self.graphs.items()}
+        self.route = cheapest_route(self.replay_ms)
         self.pool = pool

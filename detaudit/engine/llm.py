@@ -232,6 +232,7 @@ class Engine:
         import torch
 
         gpu = torch.cuda.get_device_name(self.runner.device) if self.runner.device.type == "cuda" else None
+        decode, prefill = self.runner.decode_graphs, self.runner.prefill_graphs
         try:
             import triton
 
@@ -259,13 +260,24 @@ class Engine:
             "block_size": self.cfg.block_size,
             "kv_blocks": self.scheduler.blocks.num_blocks,
             "prefix_cache": self.cfg.prefix_cache,
-            "cuda_graphs": self.runner.decode_graphs is not None,
-            "cuda_graph_sizes": self.runner.decode_graphs.buckets if self.runner.decode_graphs is not None else [],
-            "cuda_graph_token_sizes": (
-                self.runner.prefill_graphs.buckets if self.runner.prefill_graphs is not None else []
-            ),
+            "cuda_graphs": decode is not None,
+            "cuda_graph_sizes": decode.buckets if decode is not None else [],
+            "cuda_graph_token_sizes": prefill.buckets if prefill is not None else [],
             "cuda_graph_stats": self.runner.graph_stats,  # capture seconds, decode and prefill graphs
+            # Measured replay ms per size, and the sizes that run on a larger one (graphs.cheapest_route).
+            "cuda_graph_replay_ms": _rounded(decode.replay_ms if decode is not None else {}),
+            "cuda_graph_rerouted": _rerouted(decode.route if decode is not None else {}),
+            "cuda_graph_token_replay_ms": _rounded(prefill.replay_ms if prefill is not None else {}),
+            "cuda_graph_token_rerouted": _rerouted(prefill.route if prefill is not None else {}),
         }
+
+
+def _rounded(times: dict[int, float]) -> dict[int, float]:
+    return {size: round(ms, 3) for size, ms in times.items()}
+
+
+def _rerouted(route: dict[int, int]) -> dict[int, int]:
+    return {size: runs_as for size, runs_as in route.items() if runs_as != size}
 
 
 def _hf_config(path, head_dim: int):

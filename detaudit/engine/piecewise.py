@@ -10,6 +10,8 @@ bucket into one graph pool, and attention (``CausalLM.attend``) runs eagerly bet
 (unpadded) tokens. The final norm and the lm_head (``CausalLM.logits``) run eagerly on the rows whose logits are
 needed. These are the calls CausalLM.forward makes, in its order; only the buffers in between are this module's.
 
+As for decode graphs (graphs.py), a step goes to the bucket whose pieces replay fastest among those that hold it.
+
 Padding rows are token 0 at position 0 whose K/V go to the dummy block (see graphs.py); attention never reads
 them, and their hidden states are dropped. With batch-invariant kernels a real row's bits do not depend on the
 rows beside it (every piece is row-wise or a row-invariant matmul), so the padded piecewise step gives the bits of
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from detaudit.engine.config import kernel_context
+from detaudit.engine.graphs import cheapest_route, replay_ms
 from detaudit.engine.model import AttentionInputs, Carry, PagedModel
 from detaudit.errors import UsageError
 
@@ -62,6 +65,8 @@ class PiecewiseGraphs:
         self.sin = torch.zeros(n, 1, spec.head_dim, dtype=dtype, device=dev)
         self.graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self.replays = 0
+        self.replay_ms: dict[int, float] = {}  # per bucket, all its pieces, measured after capture
+        self.route = {b: b for b in self.buckets}  # bucket -> the bucket that runs it
         if capture:
             try:
                 self._capture(pool)
@@ -76,7 +81,7 @@ class PiecewiseGraphs:
         return num_tokens <= self.buckets[-1]
 
     def bucket(self, n: int) -> int:
-        return next(b for b in self.buckets if b >= n)
+        return self.route[next(b for b in self.buckets if b >= n)]
 
     def run(
         self, ids: list[int], positions: list[int], slots: list[int], attention: AttentionInputs, rows: torch.Tensor
@@ -137,4 +142,6 @@ class PiecewiseGraphs:
                         self._piece(i, bs)
                     pool = graph.pool() if pool is None else pool
                     self.graphs[(bs, i)] = graph
-        torch.cuda.synchronize(dev)
+            pieces_of = {bs: [self.graphs[(bs, i)] for i in pieces] for bs in self.buckets}
+            self.replay_ms = {bs: replay_ms(graphs) for bs, graphs in pieces_of.items()}
+        self.route = cheapest_route(self.replay_ms)

@@ -65,6 +65,15 @@ def test_graph_replay_gives_the_eager_bits_with_bundled_kernels(model_dir: Path)
     stats = graphs.info()["cuda_graph_stats"]
     print(f"capture: {stats}")
     assert stats["decode_capture_s"] > 0 and stats["prefill_capture_s"] > 0
+    # Every captured size was timed; a size rerouted goes to a larger one that replayed faster.
+    info = graphs.info()
+    for sizes, times, rerouted in (
+        (info["cuda_graph_sizes"], info["cuda_graph_replay_ms"], info["cuda_graph_rerouted"]),
+        (info["cuda_graph_token_sizes"], info["cuda_graph_token_replay_ms"], info["cuda_graph_token_rerouted"]),
+    ):
+        print(f"replay ms {times}, rerouted {rerouted}")
+        assert sorted(times) == sizes and all(t > 0 for t in times.values())
+        assert all(to > size and times[to] <= times[size] for size, to in rerouted.items())
     assert not eager.info()["cuda_graphs"]
     a, b = _staggered(graphs), _staggered(eager)
     print(
