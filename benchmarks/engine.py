@@ -100,10 +100,17 @@ def ceilings() -> dict[str, float]:
     }
 
 
-def log_steps(eng: Engine) -> list[tuple[int, int, int, int]]:
-    """Record each step's work as (sequences, new tokens, keys read, query-key pairs): the engine's runner is
-    wrapped so the batch is read just before it runs (sequences' cached counts are those before the step)."""
-    steps: list[tuple[int, int, int, int]] = []
+Step = tuple[int, int, int, int, float]
+# Bands of the step-time split (`step_split`): decode-only steps by sequences, steps with prefill by tokens.
+DECODE_BANDS = (8, 64, 96, 128)
+PREFILL_BANDS = (128, 192, 256, 512)
+
+
+def log_steps(eng: Engine) -> list[Step]:
+    """Record each step's work as (sequences, new tokens, keys read, query-key pairs) and its wall milliseconds:
+    the engine's runner is wrapped so the batch is read just before it runs (sequences' cached counts are those
+    before the step). A step ends reading its tokens back to the host, so its wall time holds its GPU work."""
+    steps: list[Step] = []
     run = eng.runner.step
 
     def logged(batch: Any, eos_ids: set[int]) -> None:
@@ -111,14 +118,36 @@ def log_steps(eng: Engine) -> list[tuple[int, int, int, int]]:
         for seq, n in zip(batch.seqs, batch.num_new, strict=True):
             keys += seq.num_cached + n
             pairs += n * seq.num_cached + n * (n + 1) // 2
-        steps.append((len(batch.seqs), batch.num_tokens, keys, pairs))
+        t0 = time.perf_counter()
         run(batch, eos_ids)
+        steps.append((len(batch.seqs), batch.num_tokens, keys, pairs, (time.perf_counter() - t0) * 1e3))
 
     eng.runner.step = logged
     return steps
 
 
-def floor(eng: Engine, steps: list[tuple[int, int, int, int]], ceil: dict[str, float]) -> dict[str, float]:
+def _band(x: int, edges: tuple[int, ...]) -> str:
+    lo = 1
+    for hi in edges:
+        if x <= hi:
+            return f"{lo}-{hi}"
+        lo = hi + 1
+    return f"{lo}+"
+
+
+def step_split(steps: list[Step]) -> dict[str, list[float]]:
+    """Steps and their summed runner seconds by kind: `decode <sequences>` (one new token per sequence) and
+    `prefill <tokens>` (steps with prompt tokens), so two phases of one schedule show where their gap sits."""
+    split: dict[str, list[float]] = {}
+    for seqs, tokens, _, _, ms in steps:
+        kind = f"decode {_band(seqs, DECODE_BANDS)}" if tokens == seqs else f"prefill {_band(tokens, PREFILL_BANDS)}"
+        entry = split.setdefault(kind, [0, 0.0])
+        entry[0] += 1
+        entry[1] += ms / 1e3
+    return {k: [n, round(sec, 4)] for k, (n, sec) in sorted(split.items())}
+
+
+def floor(eng: Engine, steps: list[Step], ceil: dict[str, float]) -> dict[str, float]:
     """The phase's physical floor: per step, max(bytes / copy bandwidth, FLOPs / matmul rate), summed. Bytes: every
     weight but the embedding (whose gathered rows are negligible) plus the KV cache read and written; FLOPs: the
     linear layers on the step's tokens (the lm_head on one row per sequence) and attention's two products. A
@@ -136,7 +165,7 @@ def floor(eng: Engine, steps: list[tuple[int, int, int, int]], ceil: dict[str, f
     kv_token = 2 * lay * s.num_kv_heads * d * elt
     bw, peak = ceil["copy_GBps"] * 1e9, ceil["mm8192_bf16_TFLOPs"] * 1e12
     mem = comp = total = 0.0
-    for seqs, tokens, keys, pairs in steps:
+    for seqs, tokens, keys, pairs, _ in steps:
         hit = s.num_experts * (1 - (1 - 1 / s.num_experts) ** (tokens * s.num_experts_per_tok)) if moe else 0
         weights = lay * attn + dense * mlp + moe * (hit * expert + router) + head
         t_mem = (weights * elt + (keys + tokens) * kv_token) / bw
@@ -146,7 +175,7 @@ def floor(eng: Engine, steps: list[tuple[int, int, int, int]], ceil: dict[str, f
     return {"floor_s": round(total, 3), "bytes_s": round(mem, 3), "flops_s": round(comp, 3), "steps": len(steps)}
 
 
-def _floor(eng: Engine, steps: list[tuple[int, int, int, int]], wall: float, args: argparse.Namespace) -> dict:
+def _floor(eng: Engine, steps: list[Step], wall: float, args: argparse.Namespace) -> dict:
     """The floor of a phase and its wall time as a multiple of it (GPU runs only)."""
     if not args.ceilings:
         return {}
@@ -231,7 +260,8 @@ def local_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
         "counts": counts[:10],
         "first_divergence_min": min(first_div, default=None),
         "tok_per_s": round(stats["generated_tokens"] / stats["wall_s"], 1),
-        "computed_tokens": sum(tokens for _, tokens, _, _ in steps),
+        "computed_tokens": sum(step[1] for step in steps),
+        "step_split": step_split(steps),
         "prompt_tokens": len(eng.encode_chat([{"role": "user", "content": PROMPT}])),
         "engine_start_s": start_s,
         "warmup_requests": min(args.warmup, args.n),
@@ -272,7 +302,8 @@ def offline_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
         "tok_per_s": round(tokens / wall, 1),
         "unique": len(counts),
         "counts": counts[:10],
-        "computed_tokens": sum(tokens for _, tokens, _, _ in steps),
+        "computed_tokens": sum(step[1] for step in steps),
+        "step_split": step_split(steps),
         "cached_prompt_tokens": sum(s.cached_tokens for s in seqs),
         "prompt_tokens": len(prompt),
         "engine_start_s": start_s,
@@ -462,6 +493,9 @@ def _summarise(result: dict, runs: dict[str, list[dict]]) -> None:
         k = min(len(a), len(b))
         if k:
             result[key] = round(statistics.fmean(a[:k]) / statistics.fmean(b[:k]), 3)
+            result[key.replace("_over_", "_minus_").replace("_wall", "_seconds_by_step_kind")] = _gap(
+                runs[num][:k], runs[den][:k]
+            )
         if k > 1:
             result[key + "_rounds"] = [round(x / y, 3) for x, y in zip(a[:k], b[:k], strict=True)]
 
@@ -473,6 +507,16 @@ def _summarise(result: dict, runs: dict[str, list[dict]]) -> None:
         if name.endswith("-nocache"):
             on = name.removesuffix("-nocache")
             ratio(f"{on}_cache_over_nocache_wall", on, name)
+
+
+def _gap(a: list[dict], b: list[dict]) -> dict[str, list[float]]:
+    """Per step kind: [steps, a's mean runner seconds minus b's] over rounds both ran (the same schedule)."""
+    gap: dict[str, list[float]] = {}
+    for kind in sorted({k for r in a + b for k in r.get("step_split", {})}):
+        mean = [statistics.fmean(r.get("step_split", {}).get(kind, [0, 0.0])[1] for r in rs) for rs in (a, b)]
+        steps = a[0].get("step_split", {}).get(kind, [0, 0.0])[0]
+        gap[kind] = [steps, round(mean[0] - mean[1], 4)]
+    return gap
 
 
 if __name__ == "__main__":
