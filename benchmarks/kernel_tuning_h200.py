@@ -114,6 +114,29 @@ WIDE: list[C] = [(64, 128, 64, 8, 4, s, True, False) for s in (3, 4, 5, 7, 8)] +
     (128, 128, 64, 8, 8, 3, True, False),
     (128, 128, 64, 8, 4, 4, True, True),
 ]
+# --wide for 128 < M <= 512: the engine's steps with prefill pad to token buckets of 192, 256, 384, ... rows (bi's
+# piecewise graph at 192 replayed 18 % slower than stock's on the H200; BIG gives 96 programs there on N = 4096/6144).
+PREFILL: list[C] = [
+    (64, 128, 64, 8, 4, 5, True, False),
+    (64, 128, 64, 8, 4, 4, True, True),
+    (64, 128, 128, 8, 8, 4, True, False),
+    (64, 256, 64, 8, 8, 3, True, False),
+    (64, 256, 64, 8, 8, 4, True, False),
+    (64, 64, 128, 8, 4, 4, True, False),
+    (64, 64, 128, 8, 4, 6, True, False),
+    (64, 64, 64, 8, 4, 8, True, False),
+    (128, 64, 64, 8, 4, 4, True, False),
+    (128, 64, 64, 8, 4, 4, True, True),
+    (128, 64, 128, 8, 8, 4, True, False),
+    (128, 64, 128, 8, 4, 4, True, False),
+    (128, 128, 64, 8, 4, 5, True, False),
+    (128, 128, 64, 8, 8, 5, True, False),
+    (128, 128, 64, 1, 8, 4, True, False),
+    (128, 128, 64, 16, 8, 4, True, False),
+    (128, 128, 128, 8, 8, 3, True, False),
+    (128, 256, 64, 8, 8, 4, True, True),
+    (256, 64, 64, 8, 8, 4, True, False),
+]
 COLD_BYTES = 256 << 20  # weight copies rotated through for cold timings (H200 L2: 60 MB)
 ATTN_POINTS = [(b, c) for c in (1024, 4096, 16384, 32768) for b in (1, 4, 16, 64, 256) if b * c <= 4_300_000]
 UNIFORM = [256, 512, 1024, 2048]
@@ -192,13 +215,19 @@ def ceilings() -> dict[str, float]:
 
 
 def _cands(m: int, wide: bool = False) -> list[C]:
-    return GEMV if m <= 16 else MID + WIDE if wide and m <= 128 else MID if m <= 128 else BIG
+    if m <= 16:
+        return GEMV
+    if m <= 128:
+        return MID + WIDE if wide else MID
+    return BIG + PREFILL if wide and m <= 512 else BIG
 
 
-def mm_points(qwen: bool, ms: list[int] | None = None) -> Iterator[tuple[int, int, str, int]]:
+def mm_points(
+    qwen: bool, ms: list[int] | None = None, layers: list[str] | None = None
+) -> Iterator[tuple[int, int, str, int]]:
     """The Llama-3-8B points of benchmarks/kernel_bench.py; with `qwen`, Qwen3-8B's decode and prefill sizes first;
-    with `ms`, the Qwen3-8B shapes at those M only."""
-    for k, n, what in QWEN if qwen or ms else []:
+    with `ms`, the Qwen3-8B shapes at those M only (`layers`: only those of them)."""
+    for k, n, what in [q for q in QWEN if layers is None or q[2] in layers] if qwen or ms else []:
         for m in ms or QWEN_MS:
             yield k, n, f"qwen3-8b {what}", m
     for k, n, what in LLAMA if not ms else []:
@@ -214,6 +243,7 @@ def tune_matmul(
     qwen: bool,
     ms: list[int] | None = None,
     wide: bool = False,
+    layers: list[str] | None = None,
 ) -> None:
     from detaudit.kernels import triton_matmul as tm
     from detaudit.kernels._dispatch import arch
@@ -226,7 +256,7 @@ def tune_matmul(
     job = 0
     if share is not None and share[0] == 0:
         tm.configs_agree(torch.bfloat16, torch.device("cuda"))  # every shipped config, as the timed run's first call
-    for k, n, what, m in mm_points(qwen, ms):
+    for k, n, what, m in mm_points(qwen, ms, layers):
         if (k, n) not in weights:
             weights = {(k, n): torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / math.sqrt(k)}
         if k not in xs:
@@ -431,7 +461,12 @@ def main() -> None:
     ap.add_argument("--only", default="matmul,attention,softmax")
     ap.add_argument("--qwen", action="store_true", help="matmul: Qwen3-8B's shapes too (benchmarks/h200/ has a sweep)")
     ap.add_argument("--ms", help="matmul: only Qwen3-8B's shapes, at these M (comma-separated)")
-    ap.add_argument("--wide", action="store_true", help="matmul: the WIDE candidates too for 16 < M <= 128")
+    ap.add_argument(
+        "--wide",
+        action="store_true",
+        help="matmul: the WIDE candidates too for 16 < M <= 128, PREFILL for 128 < M <= 512",
+    )
+    ap.add_argument("--layers", help="matmul with --ms: only these Qwen3-8B layers (comma-separated, e.g. qkv,down)")
     args = ap.parse_args()
     share = tuple(int(v) for v in args.warm.split("/")) if args.warm else None
     res: dict[str, Any] = header()
@@ -449,7 +484,13 @@ def main() -> None:
         "softmax": tune_softmax,
         "attention": tune_attention,
         "matmul": lambda r, sv, sh: tune_matmul(
-            r, sv, sh, args.qwen, [int(v) for v in args.ms.split(",")] if args.ms else None, args.wide
+            r,
+            sv,
+            sh,
+            args.qwen,
+            [int(v) for v in args.ms.split(",")] if args.ms else None,
+            args.wide,
+            args.layers.split(",") if args.layers else None,
         ),
     }
     for name in args.only.split(","):
