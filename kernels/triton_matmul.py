@@ -89,7 +89,11 @@ _HALF_LARGE_N = [
 # 0.73 -> 1.04), M = 257-1024 128x128 tiles (0.57 -> 0.90-0.93), and the fused qkv (N = 6144) its own table.
 # M = 65-128 re-swept with deeper pipelines (benchmarks/h200/tuning_decode_m65_128.json, cold geomeans over
 # M = 72-128): N = 4096 at M <= 96 64x128x64 with 7 stages (0.68 -> 0.78), qkv 7 stages (0.81 -> 0.84), N > 8192
-# 8 stages (0.86 -> 0.89).
+# 8 stages (0.86 -> 0.89). The engine pads steps with prefill to 192, 256, 384 ... rows, and its 192-row piecewise
+# graph replayed 18 % slower than stock's (benchmarks/h200/tuning_prefill_m192_384.json, warm / cold of cuBLAS):
+# M = 129-192 64x128x128 with 8 warps (down 1.08 -> 1.12, o_proj cold 0.90 -> 0.93, gate_up 0.69 -> 0.74), qkv at
+# M = 129-256 5 stages (0.64 -> 0.70 at 192, 0.73 -> 0.83 at 256), N = 4096 at M = 257-384 5 stages (down 0.80 ->
+# 0.88). gate_up wants 128x128 tiles at 256-384 (0.81 -> 0.93) but the lm_head, in the same table, 128x256 (0.99).
 _H200_SMALL_N = [
     (4, Config(16, 64, 256, 8, 4, 4, tma=True)),
     (16, Config(16, 32, 256, 8, 2, 5)),
@@ -97,7 +101,9 @@ _H200_SMALL_N = [
     (64, Config(64, 32, 256, 8, 4, 4, tma=True)),
     (96, Config(64, 128, 64, 8, 4, 7, tma=True)),
     (128, Config(64, 64, 128, 8, 4, 6, tma=True)),
+    (192, Config(64, 128, 128, 8, 8, 4, tma=True)),
     (256, Config(64, 128, 64, 8, 4, 6, tma=True)),
+    (384, Config(128, 128, 64, 8, 4, 5, tma=True)),
     (1024, Config(128, 128, 64, 8, 4, 4, tma=True)),
     (2048, Config(128, 256, 64, 8, 8, 4, tma=True)),
     (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True)),
@@ -107,7 +113,7 @@ _H200_MID_N = [
     (32, Config(32, 32, 256, 8, 4, 4)),
     (64, Config(64, 64, 128, 8, 4, 6, tma=True)),
     (128, Config(64, 128, 64, 8, 4, 7, tma=True)),
-    (256, Config(128, 128, 64, 8, 4, 4, tma=True)),
+    (256, Config(128, 128, 64, 8, 4, 5, tma=True)),
     (2048, Config(128, 256, 64, 8, 8, 4, tma=True)),
     (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True)),
 ]
@@ -116,6 +122,7 @@ _H200_LARGE_N = [
     (32, Config(32, 64, 128, 8, 4, 4)),
     (64, Config(64, 64, 128, 8, 4, 6, tma=True)),
     (128, Config(64, 128, 64, 8, 4, 8, tma=True)),
+    (192, Config(64, 128, 128, 8, 8, 4, tma=True)),
     (1024, Config(128, 256, 64, 8, 8, 4, tma=True)),
     (1 << 62, Config(128, 256, 64, 8, 8, 3, tma=True)),
 ]
