@@ -39,6 +39,12 @@ def staggered(
     return seqs, sizes
 
 
+def outputs(seqs: list[Sequence]) -> list[tuple[Any, ...]]:
+    """What a request gets back, per sequence: tokens, their logprobs and the top-k ids and logprobs (to compare
+    bitwise)."""
+    return [(s.output_ids, s.logprobs, s.top_ids, s.top_logprobs) for s in seqs]
+
+
 # Ops whose result a host must read back from the device (a sync, which a CUDA graph cannot hold).
 HOST_READS = (
     "aten::_local_scalar_dense",
