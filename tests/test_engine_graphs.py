@@ -9,7 +9,8 @@ from engine_steps import HostReads, outputs, staggered
 from hypothesis import given
 from hypothesis import strategies as st
 
-from detaudit.engine.graphs import DecodeGraphs, cheapest_route, decode_buckets, is_decode_only
+from detaudit.engine.graph_timing import cheapest_route
+from detaudit.engine.graphs import DecodeGraphs, decode_buckets, is_decode_only
 from detaudit.engine.llm import Engine, EngineConfig
 from detaudit.engine.scheduler import ScheduledBatch
 from detaudit.engine.sequence import SamplingParams, Sequence

@@ -68,7 +68,7 @@ def test_padded_piecewise_path_gives_the_same_bits_with_bundled_kernels(tiny_mod
 def test_a_step_routed_to_a_larger_token_bucket_gives_the_same_bits_with_bundled_kernels(tiny_model_dir):
     """Every step with prefill sent to the largest bucket (as a measured route would when it replays fastest):
     tokens, logprobs and top-k bitwise those of the unpadded engine."""
-    from detaudit.engine.graphs import cheapest_route
+    from detaudit.engine.graph_timing import cheapest_route
 
     ref, _ = _staggered(_engine(tiny_model_dir, "batch-invariant", piecewise=False))
     routed = _engine(tiny_model_dir, "batch-invariant", piecewise=True)

@@ -17,19 +17,19 @@ any timed request; and a GPU short of memory fails at startup, not in the middle
 
 A batch goes to the captured size that replays fastest among those that hold it, not always the nearest: matmul
 tile tables are tuned per range of rows, and a larger size can be the faster one (on the H200 the bundled kernels
-replayed a 128-row step faster than a 96-row one, benchmarks/RESULTS.md). Each graph's replay is timed once after
-capture (:func:`replay_ms`, dummy rows); :func:`cheapest_route` turns the times into the route. With bundled
-kernels padding never changes a real row's bits, so the route changes only the time.
+replayed a 128-row step faster than a 96-row one, benchmarks/RESULTS.md). Each graph's replay is timed once
+after capture, on dummy rows, and the times become the route (detaudit.engine.graph_timing). With bundled kernels
+padding never changes a real row's bits, so the route changes only the time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence as Seq
 from typing import TYPE_CHECKING
 
 import torch
 
 from detaudit.engine.config import kernel_context
+from detaudit.engine.graph_timing import cheapest_route, replay_ms
 from detaudit.engine.model import AttentionInputs, PagedModel, StepInputs
 from detaudit.engine.scheduler import ScheduledBatch
 from detaudit.engine.sequence import Sequence
@@ -51,31 +51,6 @@ def is_decode_only(batch: ScheduledBatch) -> bool:
         n == 1 and not s.score_only and s.num_cached + 1 == len(s)
         for s, n in zip(batch.seqs, batch.num_new, strict=True)
     )
-
-
-def cheapest_route(times: dict[int, float]) -> dict[int, int]:
-    """For each padded size, the size at least as large whose graphs replay fastest (on a tie, the smaller)."""
-    route: dict[int, int] = {}
-    best: int | None = None
-    for size in sorted(times, reverse=True):
-        if best is None or times[size] <= times[best]:
-            best = size
-        route[size] = best
-    return route
-
-
-def replay_ms(graphs: Seq[torch.cuda.CUDAGraph], reps: int = 5) -> float:
-    """Milliseconds of one pass over ``graphs`` replayed in order (mean of ``reps`` passes after an untimed one)."""
-    for g in graphs:
-        g.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        for g in graphs:
-            g.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 class DecodeGraphs:

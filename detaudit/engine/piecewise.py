@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from detaudit.engine.config import kernel_context
-from detaudit.engine.graphs import cheapest_route, replay_ms
+from detaudit.engine.graph_timing import cheapest_route, replay_ms
 from detaudit.engine.model import AttentionInputs, Carry, PagedModel
 from detaudit.errors import UsageError
 
