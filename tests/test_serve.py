@@ -289,6 +289,30 @@ def test_overloaded_queue_answers_503(tiny_model_dir):
     assert r.status_code == 503 and r.json()["error"]["code"] == "overloaded"
 
 
+def test_an_app_that_shut_down_lets_its_engine_go(tiny_model_dir):
+    """FastAPI caches route functions process-wide: once the app has shut down nothing of it may keep the engine (its
+    memory, and a batch-invariant engine's pin on the kernel overrides) alive in a process that serves again."""
+    import gc
+    import weakref
+
+    import detaudit.kernels as dk
+    from fastapi.testclient import TestClient
+
+    from detaudit.engine.llm import Engine, EngineConfig
+    from detaudit.server import create_app
+
+    gc.collect()
+    pins = dk._pins
+    engine = Engine(EngineConfig(str(tiny_model_dir), kernels="batch-invariant", max_batch=2, max_model_len=128))
+    gone = weakref.ref(engine)
+    with TestClient(create_app(engine, model_name="tiny")) as client:
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 2})
+        assert r.status_code == 200 and dk._pins == pins + 1
+    del engine, client, r
+    gc.collect()
+    assert gone() is None and dk._pins == pins
+
+
 # ---------------------------------------------------------------- admission: nothing reaches the engine that it
 # cannot run, and every refusal is OpenAI's error JSON (docs/engine.md, "Admission and cancellation")
 

@@ -45,16 +45,30 @@ async def _client_gone(request: Request) -> None:
         await asyncio.sleep(0.05)  # not expected after the body; never spin on it
 
 
+class _Served:
+    """The engine the routes serve from, and its thread; emptied when the app shuts down. FastAPI keeps route
+    functions in a process-wide cache, so an engine their closures held directly would outlive its app: in a process
+    that serves twice (`detaudit demo`, tests) the first engine's memory, and its pin on the kernel overrides, with
+    it."""
+
+    def __init__(self, engine: Engine, core: AsyncEngine) -> None:
+        self.engine, self.core = engine, core
+
+    def release(self) -> None:
+        del self.engine, self.core
+
+
 def create_app(engine: Engine, *, model_name: str, max_queue: int = 1024) -> FastAPI:
     """The ASGI app serving `model_name` from `engine`."""
-    core = AsyncEngine(engine, max_queue)
+    served = _Served(engine, AsyncEngine(engine, max_queue))
     fingerprint = f"detaudit-engine-{engine.cfg.kernels}-{engine.cfg.dtype}-{engine.cfg.device}"
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        core.start()
+        served.core.start()
         yield
-        core.stop()
+        served.core.stop()
+        served.release()
         print("detaudit serve: engine stopped, shut down cleanly", file=sys.stderr, flush=True)
 
     app = FastAPI(title="detaudit serve", lifespan=lifespan)
@@ -79,13 +93,13 @@ def create_app(engine: Engine, *, model_name: str, max_queue: int = 1024) -> Fas
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", **core.load()}
+        return {"status": "ok", **served.core.load()}
 
     @app.post("/reset_prefix_cache")
     async def reset_prefix_cache() -> dict[str, Any]:
         """vLLM's route: forget every cached prefix, so the next requests are computed cold (`detaudit run --cache
         cold` sends it before each cold request when no cache_salt is honoured)."""
-        await core.flush_prefix_cache()
+        await served.core.flush_prefix_cache()
         return {"status": "ok"}
 
     @app.get("/v1/models")
@@ -95,7 +109,7 @@ def create_app(engine: Engine, *, model_name: str, max_queue: int = 1024) -> Fas
             "object": "model",
             "created": 0,
             "owned_by": "detaudit",
-            "max_model_len": engine.max_model_len,
+            "max_model_len": served.engine.max_model_len,
         }
         return {"object": "list", "data": [card]}
 
@@ -115,9 +129,9 @@ def create_app(engine: Engine, *, model_name: str, max_queue: int = 1024) -> Fas
             raise ApiError(400, f"{bad} is not supported by this engine", param=bad)
         if not prompt_ids:
             raise ApiError(400, "the prompt is empty: it tokenizes to no tokens", param=prompt_param)
-        if not all(0 <= t < engine.spec.vocab_size for t in prompt_ids):
+        if not all(0 <= t < served.engine.spec.vocab_size for t in prompt_ids):
             raise ApiError(400, "prompt token id out of the vocabulary", param=prompt_param)
-        limit, n = engine.max_model_len, len(prompt_ids)
+        limit, n = served.engine.max_model_len, len(prompt_ids)
         room = limit - n
         if room < 1:
             raise ApiError(
@@ -152,8 +166,8 @@ def create_app(engine: Engine, *, model_name: str, max_queue: int = 1024) -> Fas
         stops = stop_strings(req.stop)
         params = admit(req, prompt_ids, "messages" if chat else "prompt", k)
         seq = Sequence(prompt_ids, params)
-        out = Output(engine, seq, stops, req.return_tokens_as_token_ids)
-        events = core.submit(seq)
+        out = Output(served.engine, seq, stops, req.return_tokens_as_token_ids)
+        events = served.core.submit(seq)
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         created = int(time.time())
         head = {"id": rid, "created": created, "model": model_name, "system_fingerprint": fingerprint}
@@ -162,7 +176,7 @@ def create_app(engine: Engine, *, model_name: str, max_queue: int = 1024) -> Fas
         # the handler, streamed or not; the watcher is cancelled once the answer is complete.
         def gone(task: asyncio.Task) -> None:
             if not task.cancelled() and task.exception() is None:
-                core.abort(seq)
+                served.core.abort(seq)
                 events.put_nowait(("gone", None))
 
         watcher = asyncio.ensure_future(_client_gone(request))
@@ -176,7 +190,7 @@ def create_app(engine: Engine, *, model_name: str, max_queue: int = 1024) -> Fas
                 raise _ClientGone
             new_text, positions = out.advance(n, kind == "done")
             if out.finish_reason and kind != "done":
-                core.abort(seq)
+                served.core.abort(seq)
             return new_text, positions, out.finish_reason is not None
 
         def usage() -> dict[str, Any]:
@@ -203,7 +217,7 @@ def create_app(engine: Engine, *, model_name: str, max_queue: int = 1024) -> Fas
             finally:
                 watcher.cancel()
                 if not done:
-                    core.abort(seq)
+                    served.core.abort(seq)
             every = list(range(out.n_tokens))
             choice: dict[str, Any] = {"index": 0, "finish_reason": out.finish_reason, "logprobs": logprobs(every)}
             if chat:
@@ -261,14 +275,14 @@ def create_app(engine: Engine, *, model_name: str, max_queue: int = 1024) -> Fas
             finally:
                 watcher.cancel()
                 if not done:
-                    core.abort(seq)
+                    served.core.abort(seq)
 
         return StreamingResponse(stream(), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions")
     async def chat(req: ChatRequest, request: Request):
         try:
-            prompt_ids = engine.encode_chat([m.for_template() for m in req.messages])
+            prompt_ids = served.engine.encode_chat([m.for_template() for m in req.messages])
         except UsageError as e:
             raise ApiError(400, str(e), param="messages") from None
         except (TemplateError, TypeError, KeyError, ValueError) as e:  # the template's checks: roles alternate, ...
@@ -283,7 +297,7 @@ def create_app(engine: Engine, *, model_name: str, max_queue: int = 1024) -> Fas
         prompt = req.one_prompt()
         if isinstance(prompt, str):
             try:
-                prompt_ids = engine.encode_text(unicode_text(prompt))
+                prompt_ids = served.engine.encode_text(unicode_text(prompt))
             except ValueError as e:
                 raise ApiError(400, f"invalid request: prompt: {e}", param="prompt") from None
         else:
