@@ -24,7 +24,7 @@ _MODULES = ("triton_matmul", "triton_rowwise", "triton_attention")
 
 def test_under_interpreter() -> None:
     """Run this file's kernel tests in a fresh interpreter with TRITON_INTERPRET=1 set from the start."""
-    run_file_under_interpreter(__file__, passed=6)
+    run_file_under_interpreter(__file__, passed=7)
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +66,29 @@ def test_matmul_logic(tk: SimpleNamespace, dtype: torch.dtype) -> None:
         # every table the dispatcher picks from (by N and K: Llama-3-8B and Qwen3-1.7B linear shapes) is covered
         for n, k in [(4096, 4096), (4096, 14336), (128256, 4096), (2048, 2048), (4096, 2048), (2048, 6144)]:
             assert all(c in cfgs for _, c in tm.buckets(dt, n, k)), (dt, n, k)
+
+
+@inner
+def test_hopper_matmul_logic(tk: SimpleNamespace) -> None:
+    """The TMA kernel (fp16 here): a persistent grid of 3 programs walking the tiles, ragged edges zero-filled by the
+    descriptors, and tiles of 2 or 3 row blocks sharing each B tile give the one-block tile's bits, row for row."""
+    tm = tk.triton_matmul
+    g = torch.Generator().manual_seed(3)
+    a = torch.randn(150, 72, generator=g).half()  # 150 rows: a 3 x 16-row tile's last block is partly past M
+    w = torch.randn(40, 72, generator=g).half()
+    bias = torch.randn(40, generator=g).half()
+    ref = 0.5 * (a.double() @ w.double().t()) + 2.0 * bias.double()
+    one = tm.Config(16, 16, 32, 8, 4, 2, tma=True)
+    base = tm.matmul(a, w.t(), bias, alpha=0.5, beta=2.0, config=one)
+    assert _rel(base, ref) < 2e-3
+    assert torch.equal(base, tm.matmul(a, w.t(), bias, alpha=0.5, beta=2.0, config=tm.pointer_twin(one)))
+    for sub in (2, 3):
+        cfg = one._replace(sub=sub)
+        assert tm.pointer_twin(cfg) == tm.pointer_twin(one)
+        out = torch.full((150, 40), float("nan"), dtype=torch.float16)
+        tm.matmul(a, w.t(), bias, alpha=0.5, beta=2.0, out=out, config=cfg)
+        assert torch.equal(out, base), sub
+        assert torch.equal(tm.matmul(a, w.t().contiguous(), config=cfg), tm.matmul(a, w.t(), config=one)), sub
 
 
 @inner
