@@ -34,7 +34,6 @@ import torch.nn.functional as F
 
 T0 = time.time()
 C = tuple[int, int, int, int, int, int, bool, bool]  # bm, bn, bk, group, warps, stages, tma, ws
-C9 = tuple[int, int, int, int, int, int, bool, bool, int]  # ..., sub (row blocks per tile)
 QWEN = [
     (4096, 6144, "qkv"),
     (4096, 4096, "o_proj"),
@@ -138,25 +137,6 @@ PREFILL: list[C] = [
     (128, 256, 64, 8, 8, 4, True, True),
     (256, 64, 64, 8, 8, 4, True, False),
 ]
-# --wide at 128 < M <= 512, tiles of 3 row blocks sharing each B tile (Config.sub): one 192-row tile instead of
-# 64-row tiles that re-read B three times or 128-row ones that compute 64 padded rows at the engine's 192 bucket.
-ROW_BLOCKS: list[C9] = [(64, 64, 64, 8, 4, s, True, False, 3) for s in (4, 6)] + [
-    (64, 64, 128, 8, 4, 3, True, False, 3),
-    (64, 64, 128, 8, 8, 3, True, False, 3),
-    (64, 128, 64, 8, 4, 3, True, False, 3),
-    (64, 128, 64, 8, 4, 4, True, False, 3),
-    (64, 128, 64, 8, 8, 3, True, False, 3),
-    (64, 128, 64, 8, 8, 4, True, False, 3),
-    (64, 128, 64, 8, 8, 5, True, False, 3),
-    (64, 128, 128, 8, 8, 2, True, False, 3),
-    (64, 32, 128, 8, 4, 3, True, False, 3),
-    (64, 32, 256, 8, 4, 2, True, False, 3),
-    (64, 256, 64, 8, 8, 3, True, False, 3),
-    (64, 64, 64, 8, 4, 6, True, True, 3),
-    (64, 128, 64, 8, 8, 4, True, True, 3),
-    (128, 64, 64, 8, 8, 3, True, False, 3),
-    (128, 128, 64, 8, 8, 3, True, False, 3),
-]
 COLD_BYTES = 256 << 20  # weight copies rotated through for cold timings (H200 L2: 60 MB)
 ATTN_POINTS = [(b, c) for c in (1024, 4096, 16384, 32768) for b in (1, 4, 16, 64, 256) if b * c <= 4_300_000]
 UNIFORM = [256, 512, 1024, 2048]
@@ -234,12 +214,12 @@ def ceilings() -> dict[str, float]:
     return {"copy_GBps": 2 * (2 << 30) / copy / 1e6, "mm8192_bf16_TFLOPs": 2 * 8192**3 / mm / 1e9}
 
 
-def _cands(m: int, wide: bool = False) -> list[C | C9]:
+def _cands(m: int, wide: bool = False) -> list[C]:
     if m <= 16:
-        return list(GEMV)
+        return GEMV
     if m <= 128:
-        return [*MID, *WIDE] if wide else list(MID)
-    return [*BIG, *PREFILL, *ROW_BLOCKS] if wide and m <= 512 else list(BIG)
+        return MID + WIDE if wide else MID
+    return BIG + PREFILL if wide and m <= 512 else BIG
 
 
 def mm_points(
@@ -322,16 +302,16 @@ def tune_matmul(
                     )
             except Exception as ex:  # out of shared memory, ...
                 e["error"] = f"{type(ex).__name__}: {str(ex)[:200]}"
-            row["cands"][str(tuple(cfg))] = e
+            row["cands"][str(c)] = e
         if cold:
             del ws
         ok = {c: e for c, e in row["cands"].items() if e.get("same_bits")}
         best = max(ok, key=lambda c: ok[c]["ratio"]) if ok else None
         row["best"] = best
-        base_e = row["cands"].get(str(tuple(base)))  # keyed by the full Config tuple, sub included
+        base_e = row["cands"].get(str(tuple(base)))
         rows.append(row)
         print(
-            f"mm {what} K={k} N={n} M={m}: base {tuple(base)} x{base_e['ratio'] if base_e else 0:.3f}; best {best} "
+            f"mm {what} K={k} N={n} M={m}: base {tuple(base)[:7]} x{base_e['ratio'] if base_e else 0:.3f}; best {best} "
             f"x{ok[best]['ratio'] if best else 0:.3f} cold x{ok[best].get('cold_ratio', 0) if best else 0:.3f}; "
             f"bits differ: {[c for c, e in row['cands'].items() if e.get('same_bits') is False]} "
             f"({time.time() - T0:.0f} s)",
@@ -484,7 +464,7 @@ def main() -> None:
     ap.add_argument(
         "--wide",
         action="store_true",
-        help="matmul: the WIDE candidates too for 16 < M <= 128, PREFILL and ROW_BLOCKS for 128 < M <= 512",
+        help="matmul: the WIDE candidates too for 16 < M <= 128, PREFILL for 128 < M <= 512",
     )
     ap.add_argument("--layers", help="matmul with --ms: only these Qwen3-8B layers (comma-separated, e.g. qkv,down)")
     args = ap.parse_args()

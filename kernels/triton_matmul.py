@@ -30,9 +30,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 class Config(NamedTuple):
     """One tile shape: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps, num_stages; ``tma``: the Hopper kernel
-    (TMA descriptor loads, a persistent grid of at most one program per SM, optional warp specialisation ``ws``);
-    ``sub`` (TMA only): a program's tile is ``sub`` row blocks of BLOCK_M that share each loaded B tile, so a
-    192-row step is one 3 x 64-row tile (Triton's blocks are powers of two: 256 rows would compute 64 padded ones)."""
+    (TMA descriptor loads, a persistent grid of at most one program per SM, optional warp specialisation ``ws``)."""
 
     bm: int
     bn: int
@@ -42,7 +40,6 @@ class Config(NamedTuple):
     stages: int
     tma: bool = False
     ws: bool = False
-    sub: int = 1
 
 
 # (max M, config) buckets per dtype family, tuned on an H100 (benchmarks/RESULTS.md). Every program walks K in
@@ -190,9 +187,8 @@ def all_configs(dtype: torch.dtype, gpu: str = "h100") -> list[Config]:
 
 
 def pointer_twin(cfg: Config) -> Config:
-    """The pointer-load config that runs in a TMA config's place: same BLOCK_M x BLOCK_N x BLOCK_K blocks, one row
-    block per tile, at most 3 stages (shared memory)."""
-    return cfg._replace(tma=False, ws=False, stages=min(cfg.stages, 3), sub=1) if cfg.tma else cfg
+    """The pointer-load config that runs in a TMA config's place: same tile, at most 3 stages (shared memory)."""
+    return cfg._replace(tma=False, ws=False, stages=min(cfg.stages, 3)) if cfg.tma else cfg
 
 
 def select_config(m: int, dtype: torch.dtype, device: torch.device | None = None, n: int = 0, k: int = 0) -> Config:
@@ -306,40 +302,6 @@ def _tile_pid(tile, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _store_tile(
-    acc,
-    c_ptr,
-    bias_ptr,
-    off_m,
-    off_n,
-    M,
-    N,
-    stride_cm,
-    stride_cn,
-    stride_biasm,
-    stride_biasn,
-    alpha,
-    beta,
-    HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
-    """The epilogue of one BLOCK_M x BLOCK_N block: ``alpha * acc + beta * bias`` in fp32, one cast, masked store."""
-    acc = acc * alpha
-    offs_m = off_m.to(tl.int64) + tl.arange(0, BLOCK_M)
-    offs_n = off_n.to(tl.int64) + tl.arange(0, BLOCK_N)
-    c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if HAS_BIAS:
-        bias = tl.load(
-            bias_ptr + offs_m[:, None] * stride_biasm + offs_n[None, :] * stride_biasn, mask=c_mask, other=0.0
-        )
-        acc = acc + bias.to(tl.float32) * beta
-    tl.store(
-        c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty), mask=c_mask
-    )
-
-
-@triton.jit
 def _mm_tma_kernel(
     a_desc,
     b_desc,
@@ -362,90 +324,37 @@ def _mm_tma_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
-    SUB: tl.constexpr,
 ):
     # Persistent: program p owns tiles p, p + num_progs, ...; each tile walks all of K in BLOCK_K steps exactly like
-    # _mm_kernel (TMA zero-fills the K tail and rows/cols past the edge, which are never stored). A tile of SUB row
-    # blocks (1-3) gives each block its own accumulator and dot per K step: every row still sees the same
-    # BLOCK_M x BLOCK_K x BLOCK_N products in the same order.
-    num_pid_m = tl.cdiv(M, BLOCK_M * SUB)
+    # _mm_kernel (TMA zero-fills the K tail and rows/cols past the edge, which are never stored).
+    num_pid_m = tl.cdiv(M, BLOCK_M)
     num_pid_n = tl.cdiv(N, BLOCK_N)
     k_tiles = tl.cdiv(K, BLOCK_K)
     for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, num_progs, flatten=True, warp_specialize=WS):
         pid_m, pid_n = _tile_pid(tile, num_pid_m, num_pid_n, GROUP_M)
-        off_m = pid_m * (BLOCK_M * SUB)
+        off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
-        acc0 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if SUB > 1:
-            acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        if SUB > 2:
-            acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k in range(k_tiles):
+            a = a_desc.load([off_m, k * BLOCK_K])
             if B_NK:
-                b = b_desc.load([off_n, k * BLOCK_K]).T
+                acc = tl.dot(a, b_desc.load([off_n, k * BLOCK_K]).T, acc)
             else:
-                b = b_desc.load([k * BLOCK_K, off_n])
-            acc0 = tl.dot(a_desc.load([off_m, k * BLOCK_K]), b, acc0)
-            if SUB > 1:
-                acc1 = tl.dot(a_desc.load([off_m + BLOCK_M, k * BLOCK_K]), b, acc1)
-            if SUB > 2:
-                acc2 = tl.dot(a_desc.load([off_m + 2 * BLOCK_M, k * BLOCK_K]), b, acc2)
-        _store_tile(
-            acc0,
-            c_ptr,
-            bias_ptr,
-            off_m,
-            off_n,
-            M,
-            N,
-            stride_cm,
-            stride_cn,
-            stride_biasm,
-            stride_biasn,
-            alpha,
-            beta,
-            HAS_BIAS,
-            BLOCK_M,
-            BLOCK_N,
+                acc = tl.dot(a, b_desc.load([k * BLOCK_K, off_n]), acc)
+        acc = acc * alpha
+        offs_m = off_m.to(tl.int64) + tl.arange(0, BLOCK_M)
+        offs_n = off_n.to(tl.int64) + tl.arange(0, BLOCK_N)
+        c_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        if HAS_BIAS:
+            bias = tl.load(
+                bias_ptr + offs_m[:, None] * stride_biasm + offs_n[None, :] * stride_biasn, mask=c_mask, other=0.0
+            )
+            acc = acc + bias.to(tl.float32) * beta
+        tl.store(
+            c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+            acc.to(c_ptr.dtype.element_ty),
+            mask=c_mask,
         )
-        if SUB > 1:
-            _store_tile(
-                acc1,
-                c_ptr,
-                bias_ptr,
-                off_m + BLOCK_M,
-                off_n,
-                M,
-                N,
-                stride_cm,
-                stride_cn,
-                stride_biasm,
-                stride_biasn,
-                alpha,
-                beta,
-                HAS_BIAS,
-                BLOCK_M,
-                BLOCK_N,
-            )
-        if SUB > 2:
-            _store_tile(
-                acc2,
-                c_ptr,
-                bias_ptr,
-                off_m + 2 * BLOCK_M,
-                off_n,
-                M,
-                N,
-                stride_cm,
-                stride_cn,
-                stride_biasm,
-                stride_biasn,
-                alpha,
-                beta,
-                HAS_BIAS,
-                BLOCK_M,
-                BLOCK_N,
-            )
 
 
 def matmul(
@@ -585,7 +494,7 @@ def _launch_tma(
         b_desc = TensorDescriptor(b, [n, k], [b.stride(1), 1], [cfg.bn, cfg.bk])
     else:
         b_desc = TensorDescriptor(b, [k, n], [b.stride(0), 1], [cfg.bk, cfg.bn])
-    tiles = triton.cdiv(m, cfg.bm * cfg.sub) * triton.cdiv(n, cfg.bn)
+    tiles = triton.cdiv(m, cfg.bm) * triton.cdiv(n, cfg.bn)
     progs = min(tiles, _sm_count(a.device))
     _mm_tma_kernel[(progs,)](
         a_desc,
@@ -609,7 +518,6 @@ def _launch_tma(
         BLOCK_N=cfg.bn,
         BLOCK_K=cfg.bk,
         GROUP_M=cfg.group,
-        SUB=cfg.sub,
         num_warps=cfg.warps,
         num_stages=cfg.stages,
     )

@@ -54,30 +54,6 @@ def test_every_matmul_config_gives_the_same_bits(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_row_block_tiles_give_the_one_block_bits(dtype: torch.dtype) -> None:
-    """Tiles of 2 or 3 row blocks sharing each B tile (Config.sub), with and without warp specialisation, at sizes
-    whose last tile is ragged (its last block partly or wholly past M): bitwise the one-block tile's product."""
-    from detaudit.kernels import triton_matmul as tm
-
-    g = torch.Generator().manual_seed(4)
-    one = tm.Config(64, 128, 64, 8, 8, 3, tma=True)
-    subs = [one._replace(sub=s) for s in (2, 3)] + [
-        tm.Config(64, 64, 64, 8, 4, 6, tma=True, ws=True, sub=3),
-        tm.Config(128, 64, 64, 8, 8, 3, tma=True, sub=3),
-    ]
-    for m, k, n in [(192, 4096, 6144), (150, 4096, 4096), (129, 1024, 520), (200, 2048, 24576), (384, 4096, 1000)]:
-        a = torch.randn(m, k, generator=g).to("cuda", dtype)
-        w = (torch.randn(n, k, generator=g) / math.sqrt(k)).to("cuda", dtype)
-        b = torch.randn(n, generator=g).to("cuda", dtype)
-        ref = tm.matmul(a, w.t(), b, config=one)
-        for c in subs:
-            out = torch.full((m, n), float("nan"), device="cuda", dtype=dtype)
-            tm.matmul(a, w.t(), b, out=out, config=c)
-            assert torch.equal(out, ref), (m, k, n, c)
-            assert torch.equal(tm.matmul(a, w.t().contiguous(), config=c), tm.matmul(a, w.t(), config=one)), (m, c)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_dispatched_matmul_row_invariant_on_engine_shapes(dtype: torch.dtype) -> None:
     """The dispatcher's own picks (tables by N and K, M buckets) on Qwen3-1.7B's and Qwen3-8B's linear shapes at the
     engine's decode and prefill bucket sizes: every row is bitwise what the whole batch gives it, across every bucket
