@@ -264,7 +264,7 @@ class Engine:
             "cuda_graph_sizes": decode.buckets if decode is not None else [],
             "cuda_graph_token_sizes": prefill.buckets if prefill is not None else [],
             "cuda_graph_stats": self.runner.graph_stats,  # capture seconds, decode and prefill graphs
-            # Measured replay ms per size, and the sizes that run on a larger one (graphs.cheapest_route).
+            # Measured replay ms per size, and the sizes that run on a larger one (graph_timing.cheapest_route).
             "cuda_graph_replay_ms": _rounded(decode.replay_ms if decode is not None else {}),
             "cuda_graph_rerouted": _rerouted(decode.route if decode is not None else {}),
             "cuda_graph_token_replay_ms": _rounded(prefill.replay_ms if prefill is not None else {}),
