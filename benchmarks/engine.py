@@ -12,7 +12,9 @@ server-like load; `<kernels>-eager` runs every step eagerly. `offline-<kernels>`
 anchors time (`llm.generate` of 1000 prompts): N copies of the prompt submitted at once to Engine.generate, seats
 refilled as sequences finish, --max-tokens each. The JSON gets `bi_over_stock_wall` (and `_eager`, `_offline`,
 `_offline_eager`) ratios. A phase name ending in `-nocache` runs its engine without the prefix cache (on by
-default, as users get it); `<phase>_cache_over_nocache_wall` compares the two. `--shared-prefix-tokens K` puts the
+default, as users get it); `<phase>_cache_over_nocache_wall` compares the two. A `-nofit` before it runs the engine
+without StepFit (every step filled to --max-batched-tokens): `<phase>_fit_over_nofit_wall` and
+`bi_over_stock_wall_nofit`. `--shared-prefix-tokens K` puts the
 same K-token system prompt before every request (prompt tokens computed vs taken from the cache:
 `computed_tokens`, `cached_prompt_tokens`). Each load phase first runs --warmup requests of its load untimed
 through its engine (then empties the prefix cache), so no phase pays a process's first compilations; `--rounds R`
@@ -60,12 +62,14 @@ def _release(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def _variant(name: str) -> tuple[str, bool, bool]:
-    """A phase or engine name: kernels, then `-eager` for the engine without CUDA graphs and `-nocache` for the one
-    without a prefix cache (users get both); returns (kernels, graphs, prefix cache)."""
+def _variant(name: str) -> tuple[str, bool, bool, bool]:
+    """A phase or engine name: kernels, then `-eager` for the engine without CUDA graphs, `-nofit` for the one that
+    fills every step to the token budget (no StepFit) and `-nocache` for the one without a prefix cache (users get
+    graphs, fitting and the cache); returns (kernels, graphs, step fitting, prefix cache)."""
     rest = name.removesuffix("-nocache")
-    kernels = rest.removesuffix("-eager")
-    return kernels, kernels == rest, rest == name
+    unfit = rest.removesuffix("-nofit")
+    kernels = unfit.removesuffix("-eager")
+    return kernels, kernels == unfit, unfit == rest, rest == name
 
 
 def _system(args: argparse.Namespace) -> list[dict[str, str]]:
@@ -113,14 +117,15 @@ def log_steps(eng: Engine) -> list[Step]:
     steps: list[Step] = []
     run = eng.runner.step
 
-    def logged(batch: Any, eos_ids: set[int]) -> None:
+    def logged(batch: Any, eos_ids: set[int]) -> float | None:
         keys = pairs = 0
         for seq, n in zip(batch.seqs, batch.num_new, strict=True):
             keys += seq.num_cached + n
             pairs += n * seq.num_cached + n * (n + 1) // 2
         t0 = time.perf_counter()
-        run(batch, eos_ids)
+        replay = run(batch, eos_ids)
         steps.append((len(batch.seqs), batch.num_tokens, keys, pairs, (time.perf_counter() - t0) * 1e3))
+        return replay
 
     eng.runner.step = logged
     return steps
@@ -185,7 +190,7 @@ def _floor(eng: Engine, steps: list[Step], wall: float, args: argparse.Namespace
 
 def _engine(model: Path, name: str, args: argparse.Namespace, **cfg) -> tuple[Engine, float]:
     """The engine of a phase name and its start-up time (weights, KV cache, CUDA-graph capture)."""
-    kernels, graphs, cache = _variant(name)
+    kernels, graphs, fit, cache = _variant(name)
     t0 = time.perf_counter()
     eng = Engine(
         EngineConfig(
@@ -194,6 +199,7 @@ def _engine(model: Path, name: str, args: argparse.Namespace, **cfg) -> tuple[En
             dtype="bfloat16",
             kernels=kernels,
             cuda_graphs=graphs,
+            fit_steps=fit,
             prefix_cache=cache,
             **cfg,
         )
@@ -284,7 +290,7 @@ def offline_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
     prompt = eng.encode_chat([*_system(args), {"role": "user", "content": PROMPT}])
     eng.generate([prompt] * args.max_batch, SamplingParams(max_tokens=2, ignore_eos=True))
     _sync(args.device)
-    steps0, replays0, prefill0 = eng.steps, eng.graph_replays, eng.prefill_graph_replays
+    steps0, replays0, prefill0, fitted0 = eng.steps, eng.graph_replays, eng.prefill_graph_replays, eng.fitted_steps
     steps = log_steps(eng)
     t0 = time.perf_counter()
     seqs = eng.generate([prompt] * args.n, SamplingParams(max_tokens=args.max_tokens, ignore_eos=True))
@@ -297,6 +303,7 @@ def offline_phase(model: Path, name: str, args: argparse.Namespace) -> dict:
         "steps": eng.steps - steps0,
         "graph_steps": eng.graph_replays - replays0,
         "prefill_graph_steps": eng.prefill_graph_replays - prefill0,
+        "fitted_steps": eng.fitted_steps - fitted0,
         "generated_tokens": tokens,
         "wall_s": round(wall, 3),
         "tok_per_s": round(tokens / wall, 1),
@@ -420,8 +427,8 @@ def main() -> None:
         "--phases",
         default="batch-invariant,stock,hf",
         help="comma list: batch-invariant, stock (CUDA graphs on, as users run them), the same with "
-        "-eager (graphs off), offline-<kernels>[-eager] (N prompts at once), hf; any but hf with -nocache "
-        "(no prefix cache) last",
+        "-eager (graphs off), offline-<kernels>[-eager] (N prompts at once), hf; any but hf with -nofit (steps "
+        "filled to the budget) and then -nocache (no prefix cache)",
     )
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -500,17 +507,20 @@ def _summarise(result: dict, runs: dict[str, list[dict]]) -> None:
             result[key + "_rounds"] = [round(x / y, 3) for x, y in zip(a[:k], b[:k], strict=True)]
 
     # With CUDA graphs (what users get) and, when measured, without; under load and offline.
-    for prefix, suffix in (("", ""), ("", "-eager"), ("offline-", ""), ("offline-", "-eager")):
-        key = "bi_over_stock_wall" + ("_offline" if prefix else "") + ("_eager" if suffix else "")
-        ratio(key, f"{prefix}batch-invariant{suffix}", f"{prefix}stock{suffix}")
+    for prefix in ("", "offline-"):
+        for suffix in ("", "-eager", "-nofit"):
+            key = "bi_over_stock_wall" + ("_offline" if prefix else "") + suffix.replace("-", "_")
+            ratio(key, f"{prefix}batch-invariant{suffix}", f"{prefix}stock{suffix}")
     for name in runs:
-        if name.endswith("-nocache"):
-            on = name.removesuffix("-nocache")
-            ratio(f"{on}_cache_over_nocache_wall", on, name)
+        for off in ("-nocache", "-nofit"):
+            if name.endswith(off):
+                on = name.removesuffix(off)
+                ratio(f"{on}_{off[3:]}_over_{off[1:]}_wall", on, name)  # e.g. stock_fit_over_nofit_wall
 
 
 def _gap(a: list[dict], b: list[dict]) -> dict[str, list[float]]:
-    """Per step kind: [steps, a's mean runner seconds minus b's] over rounds both ran (the same schedule)."""
+    """Per step kind: [a's steps, a's mean runner seconds minus b's] over rounds both ran (b's own steps are in its
+    step_split: with StepFit the two schedules can differ)."""
     gap: dict[str, list[float]] = {}
     for kind in sorted({k for r in a + b for k in r.get("step_split", {})}):
         mean = [statistics.fmean(r.get("step_split", {}).get(kind, [0, 0.0])[1] for r in rs) for rs in (a, b)]

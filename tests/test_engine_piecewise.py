@@ -82,6 +82,24 @@ def test_a_step_routed_to_a_larger_token_bucket_gives_the_same_bits_with_bundled
     assert outputs(got) == outputs(ref)  # bitwise
 
 
+def test_steps_held_to_a_faster_graph_size_give_the_same_bits_with_bundled_kernels(tiny_model_dir):
+    """StepFit on the padded path, with replay times that make 16 tokens the fastest size per token (each far
+    longer than a CPU step, so the measured overhead is 0): prompt tokens are held back so that no step with prefill
+    holds more than 16 tokens once a step has been measured, and the tokens, logprobs and top-k are bitwise those of
+    the unpadded engine that fills every step."""
+    from detaudit.engine.scheduler import StepFit
+
+    ref, _ = _staggered(_engine(tiny_model_dir, "batch-invariant", piecewise=False))
+    fitted = _engine(tiny_model_dir, "batch-invariant", piecewise=True)
+    graphs = fitted.runner.prefill_graphs
+    graphs.replay_ms = {16: 10_000.0, 24: 30_000.0, 32: 32_000.0, 40: 34_000.0}
+    fitted.step_fit = fitted.scheduler.fit = StepFit(graphs.buckets, graphs.cost_ms)
+    got, sizes = _staggered(fitted)
+    assert fitted.step_fit.overhead_ms == 0.0
+    assert sizes[0] > 16 and all(s <= 16 for s in sizes[1:]) and fitted.fitted_steps >= 3
+    assert outputs(got) == outputs(ref)  # bitwise
+
+
 def test_piecewise_scoring_gives_the_same_bits_with_bundled_kernels(tiny_model_dir):
     """Teacher-forced scoring (rescore) through the padded piecewise path: every logprob bitwise the same."""
     plain = _engine(tiny_model_dir, "batch-invariant", piecewise=False)

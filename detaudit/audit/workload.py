@@ -106,7 +106,7 @@ def drive(
     started: dict[int, tuple[Arrival, datetime, float]] = {}
     step = generated = flushes = cached = preempted = 0
     shapes: list[tuple[int, int]] = []
-    replays0, prefill0 = engine.graph_replays, engine.prefill_graph_replays
+    replays0, prefill0, fitted0 = engine.graph_replays, engine.prefill_graph_replays, engine.fitted_steps
     t_start = time.perf_counter()
     while pending or engine.scheduler.has_work():
         while pending and pending[0].step <= step and (max_inflight is None or len(started) < max_inflight):
@@ -146,5 +146,6 @@ def drive(
         "preemptions": preempted,
         "graph_steps": engine.graph_replays - replays0,
         "prefill_graph_steps": engine.prefill_graph_replays - prefill0,
+        "fitted_steps": engine.fitted_steps - fitted0,  # steps whose prompt tokens were held back (StepFit)
         "wall_s": round(time.perf_counter() - t_start, 3),
     }

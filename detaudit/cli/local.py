@@ -54,6 +54,7 @@ def local_command(
     device: Annotated[str, like(options.Device, panel=_BUILTIN)] = "cpu",
     dtype: Annotated[str, like(options.Dtype, panel=_BUILTIN)] = "bfloat16",
     cuda_graphs: Annotated[bool, like(options.CudaGraphs, panel=_BUILTIN)] = True,
+    fit_steps: Annotated[bool, like(options.FitSteps, panel=_BUILTIN)] = True,
     seed: Annotated[int, like(options.Seed, help="Seeds the filler requests and their arrivals.", panel=_BUILTIN)] = 0,
     top_logprobs: Annotated[int, like(options.TopLogprobs, help="Top-k alternatives recorded per token (0-20).")] = 5,
     out: options.Out = None,

@@ -26,6 +26,7 @@ INHOUSE_ONLY = (
     "dtype",
     "seed",
     "cuda_graphs",
+    "fit_steps",
     "prefix_cache",
     "kv_blocks",
 )

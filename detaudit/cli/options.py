@@ -160,6 +160,14 @@ CudaGraphs = Annotated[
         "whole, prefill piecewise; CUDA only; --no-cuda-graphs runs every step eagerly).",
     ),
 ]
+FitSteps = Annotated[
+    bool,
+    typer.Option(
+        "--fit-steps/--no-fit-steps",
+        help="With CUDA graphs, hold back prompt tokens that would pad a step to a slower graph size (on by "
+        "default; --no-fit-steps fills every step up to --max-batched-tokens).",
+    ),
+]
 MaxBatch = Annotated[int, typer.Option("--max-batch", help="Sequences per engine step.")]
 MaxBatchedTokens = Annotated[int, typer.Option("--max-batched-tokens", help="Token budget per step (chunks prompts).")]
 MaxModelLen = Annotated[int, typer.Option("--max-model-len", help="Longest prompt + completion the KV cache holds.")]

@@ -22,6 +22,7 @@ def serve_command(
     device: options.Device = "cpu",
     dtype: options.Dtype = "bfloat16",
     cuda_graphs: options.CudaGraphs = True,
+    fit_steps: options.FitSteps = True,
     max_batch: options.MaxBatch = 32,
     max_batched_tokens: options.MaxBatchedTokens = 512,
     max_model_len: options.MaxModelLen = 2048,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +11,7 @@ from detaudit import __version__
 from detaudit.engine.block_manager import BlockManager
 from detaudit.engine.config import check_device_dtype, load_spec, resolve_model
 from detaudit.engine.gguf_convert import first_load_note, gguf_source
-from detaudit.engine.scheduler import ScheduledBatch, Scheduler
+from detaudit.engine.scheduler import ScheduledBatch, Scheduler, StepFit
 from detaudit.engine.sequence import SamplingParams, Sequence
 from detaudit.errors import UsageError
 
@@ -28,6 +29,8 @@ class EngineConfig:
     prefix_cache: bool = True  # share the K/V of full prompt blocks already computed (docs/engine.md)
     kv_blocks: int | None = None  # KV blocks in all; None: enough for max_batch sequences of max_model_len
     cuda_graphs: bool = True  # steps replay CUDA graphs (decode whole, prefill piecewise); only on a CUDA device
+    # With piecewise graphs, hold back prompt tokens that would pad a step to a slower graph size (StepFit).
+    fit_steps: bool = True
 
     def loading_message(self) -> str:
         """What a command shows while the engine starts: with graph capture a cold GPU start takes about a minute."""
@@ -98,10 +101,17 @@ class Engine:
             max_batched_tokens=cfg.max_batched_tokens,
             cuda_graphs=cfg.cuda_graphs,
         )
+        graphs = self.runner.prefill_graphs
+        self.step_fit = (
+            StepFit(graphs.buckets, graphs.cost_ms)
+            if cfg.fit_steps and graphs is not None and graphs.replay_ms
+            else None
+        )
         self.scheduler = Scheduler(
             BlockManager(num_blocks, cfg.block_size, prefix_cache=cfg.prefix_cache),
             max_batch=cfg.max_batch,
             max_batched_tokens=cfg.max_batched_tokens,
+            fit=self.step_fit,
         )
         self.eos_ids = set(self.spec.eos_token_ids)
         if self.tokenizer.eos_token_id is not None:
@@ -168,10 +178,13 @@ class Engine:
         if batch is None:
             return []
         marks = [len(s.output_ids) for s in batch.seqs]
+        t0 = time.perf_counter()
         try:
-            self.runner.step(batch, self.eos_ids)
+            replay_ms = self.runner.step(batch, self.eos_ids)
         except Exception as e:
             raise self._isolate(batch, marks, e) from e
+        if self.step_fit is not None and replay_ms is not None:
+            self.step_fit.observe((time.perf_counter() - t0) * 1e3, replay_ms)
         self.steps += 1
         self.last_batch = (len(batch.seqs), batch.num_tokens)
         return self.scheduler.finish_step(batch)
@@ -222,6 +235,11 @@ class Engine:
         return sum(g.replays for g in (self.runner.decode_graphs, self.runner.prefill_graphs) if g is not None)
 
     @property
+    def fitted_steps(self) -> int:
+        """Steps whose prompt tokens were held back to keep them at a faster graph size (StepFit)."""
+        return self.step_fit.fitted if self.step_fit is not None else 0
+
+    @property
     def prefill_graph_replays(self) -> int:
         """Of graph_replays, the steps with prefill (piecewise graphs with eager attention)."""
         graphs = self.runner.prefill_graphs
@@ -269,6 +287,7 @@ class Engine:
             "cuda_graph_rerouted": _rerouted(decode.route if decode is not None else {}),
             "cuda_graph_token_replay_ms": _rounded(prefill.replay_ms if prefill is not None else {}),
             "cuda_graph_token_rerouted": _rerouted(prefill.route if prefill is not None else {}),
+            "fit_steps": self.step_fit is not None,
         }
 
 

@@ -112,8 +112,10 @@ class ModelRunner:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
     @torch.inference_mode()
-    def step(self, batch: ScheduledBatch, eos_ids: set[int]) -> None:
-        """Run one packed step and record its results on the sequences (scheduler.finish_step does the rest)."""
+    def step(self, batch: ScheduledBatch, eos_ids: set[int]) -> float | None:
+        """Run one packed step and record its results on the sequences (scheduler.finish_step does the rest).
+        Returns the replay milliseconds measured at capture of the piecewise graphs it ran on, if it did."""
+        replay = None
         with kernel_context(self.paged_model.kernels):
             decode = self.decode_graphs if self.decode_graphs is not None and is_decode_only(batch) else None
             spans: list[Span]
@@ -125,6 +127,7 @@ class ModelRunner:
                 rows_t = torch.tensor(rows, dtype=torch.long, device=self.device)
                 if self.prefill_graphs is not None and self.prefill_graphs.fits(len(ids)):
                     logits = self.prefill_graphs.run(ids, positions, slots, attention, rows_t)
+                    replay = self.prefill_graphs.cost_ms(len(ids)) if self.prefill_graphs.replay_ms else None
                 else:
                     pm = self.paged_model
                     inp = StepInputs(self._tensor(positions, torch.int64), self._tensor(slots, torch.int64), attention)
@@ -143,3 +146,4 @@ class ModelRunner:
                 flat = torch.log_softmax(logits[idx].float(), dim=-1).gather(1, targets[:, None])[:, 0].tolist()
                 for s, _, k in scored:
                     s.logprobs, flat = flat[:k], flat[k:]
+        return replay

@@ -83,6 +83,10 @@ class PiecewiseGraphs:
     def bucket(self, n: int) -> int:
         return self.route[next(b for b in self.buckets if b >= n)]
 
+    def cost_ms(self, n: int) -> float:
+        """Replay milliseconds (measured after capture) of the graphs that run a step of `n` tokens."""
+        return self.replay_ms[self.bucket(n)]
+
     def run(
         self, ids: list[int], positions: list[int], slots: list[int], attention: AttentionInputs, rows: torch.Tensor
     ) -> torch.Tensor:

@@ -89,6 +89,26 @@ def test_graph_replay_gives_the_eager_bits_with_bundled_kernels(model_dir: Path)
         assert x.top_ids == y.top_ids and x.top_logprobs == y.top_logprobs
 
 
+def test_steps_held_to_a_graph_size_give_the_eager_bits_with_bundled_kernels(model_dir: Path) -> None:
+    """StepFit over captured graphs, with replay times that make 16 tokens the fastest size per token (far longer
+    than a step, so the measured overhead is 0): steps with prefill are held to 16 tokens once one was measured, and
+    every token, logprob and top-k is bitwise the eager engine's, which fills every step."""
+    from detaudit.engine.scheduler import StepFit
+
+    fitted, eager = _engine(model_dir, "batch-invariant", True), _engine(model_dir, "batch-invariant", False)
+    graphs = fitted.runner.prefill_graphs
+    assert fitted.step_fit is not None and fitted.info()["fit_steps"] and not eager.info()["fit_steps"]
+    graphs.replay_ms = {b: 10_000.0 * (1 if b == 16 else 1 + b / 16) for b in graphs.buckets}
+    fitted.step_fit = fitted.scheduler.fit = StepFit(graphs.buckets, graphs.cost_ms)
+    a, b = _staggered(fitted), _staggered(eager)
+    print(f"fitted steps {fitted.fitted_steps} of {fitted.steps}")
+    assert fitted.fitted_steps >= 3 and fitted.step_fit.overhead_ms == 0.0
+    for x, y in zip(a, b, strict=True):
+        assert x.output_ids == y.output_ids
+        assert x.logprobs == y.logprobs  # bitwise
+        assert x.top_ids == y.top_ids and x.top_logprobs == y.top_logprobs
+
+
 def test_single_load_gives_one_completion_with_graphs(model_dir: Path) -> None:
     from detaudit.audit.workload import build_workload, drive
 
