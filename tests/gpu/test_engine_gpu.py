@@ -44,12 +44,12 @@ def _engine(model: Path, kernels: str, graphs: bool, max_batch: int = 8):
     )
 
 
-def _staggered(eng) -> list:  # noqa: ANN001 - an Engine
+def _staggered(eng, texts: list[str] = TEXTS) -> list:  # noqa: ANN001 - an Engine
     """One arrival a step, different lengths: decode steps of 1..8 sequences (3, 5, 6, 7 padded) and mixed steps."""
     from detaudit.engine.sequence import SamplingParams, Sequence
 
     seqs = []
-    for i, text in enumerate(TEXTS):
+    for i, text in enumerate(texts):
         params = SamplingParams(max_tokens=12 + 3 * i, ignore_eos=True, top_logprobs=3)
         seqs.append(eng.add(Sequence(eng.encode_chat([{"role": "user", "content": text}]), params)))
         eng.step()
@@ -92,7 +92,8 @@ def test_graph_replay_gives_the_eager_bits_with_bundled_kernels(model_dir: Path)
 def test_steps_held_to_a_graph_size_give_the_eager_bits_with_bundled_kernels(model_dir: Path) -> None:
     """StepFit over captured graphs, with replay times that make 16 tokens the fastest size per token (far longer
     than a step, so the measured overhead is 0): steps with prefill are held to 16 tokens once one was measured, and
-    every token, logprob and top-k is bitwise the eager engine's, which fills every step."""
+    every token, logprob and top-k is bitwise the eager engine's, which fills every step. The prompts are the texts
+    four times over (15-62 tokens), so that steps want more than 16 tokens."""
     from detaudit.engine.scheduler import StepFit
 
     fitted, eager = _engine(model_dir, "batch-invariant", True), _engine(model_dir, "batch-invariant", False)
@@ -100,7 +101,8 @@ def test_steps_held_to_a_graph_size_give_the_eager_bits_with_bundled_kernels(mod
     assert fitted.step_fit is not None and fitted.info()["fit_steps"] and not eager.info()["fit_steps"]
     graphs.replay_ms = {b: 10_000.0 * (1 if b == 16 else 1 + b / 16) for b in graphs.buckets}
     fitted.step_fit = fitted.scheduler.fit = StepFit(graphs.buckets, graphs.cost_ms)
-    a, b = _staggered(fitted), _staggered(eager)
+    texts = [" ".join([t] * 4) for t in TEXTS]
+    a, b = _staggered(fitted, texts), _staggered(eager, texts)
     print(f"fitted steps {fitted.fitted_steps} of {fitted.steps}")
     assert fitted.fitted_steps >= 3 and fitted.step_fit.overhead_ms == 0.0
     for x, y in zip(a, b, strict=True):
