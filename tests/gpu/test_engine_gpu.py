@@ -143,7 +143,10 @@ def test_prefix_cache_changes_no_bit_with_graphs(model_dir: Path, preset: str, t
     """Issue #17 on CUDA with CUDA graphs: 200 copies of a 100-token prompt among fillers that extend it, cut it
     inside a block or share nothing, with flushes, a 32-token budget and 32 KV blocks (eviction, preemption): every
     copy equals the prompt computed alone without a cache, bitwise; stock kernels under the same load do not agree.
-    The 8B-shaped model comes from $DETAUDIT_GPU_MODEL_8B (benchmarks/gpu_session.sh builds it) or is built here."""
+    The 8B-shaped model comes from $DETAUDIT_GPU_MODEL_8B (benchmarks/gpu_session.sh builds it) or is built here.
+    Both engines fill every step (no StepFit): on the H200 at 173703b, with StepFit on, the bundled-kernel half
+    passed, but stock's 200 copies of the 8B-shaped run agreed, so the control no longer showed that the load changes
+    shapes. The held steps have their own test above."""
     import os
 
     from prefix_load import run_load  # tests/prefix_load.py: tests/ on PYTHONPATH (gpu_session.sh)
@@ -158,7 +161,9 @@ def test_prefix_cache_changes_no_bit_with_graphs(model_dir: Path, preset: str, t
                                                              dtype="bfloat16", device="cuda")  # fmt: skip
 
     def engine(kernels: str, **kw):  # noqa: ANN202
-        cfg = dict(max_batch=16, max_batched_tokens=32, max_model_len=256, kv_blocks=32, cuda_graphs=True)
+        cfg = dict(
+            max_batch=16, max_batched_tokens=32, max_model_len=256, kv_blocks=32, cuda_graphs=True, fit_steps=False
+        )
         cfg.update(kw)
         return Engine(EngineConfig(str(model), device="cuda", dtype="bfloat16", kernels=kernels, **cfg))
 
