@@ -7,21 +7,20 @@ but writes no run directory, so it needs only torch, triton and transformers on 
         [--phases batch-invariant,stock,batch-invariant-eager,stock-eager,offline-batch-invariant,offline-stock,hf] \
         [--shared-prefix-tokens 2048]
 
-Phases `batch-invariant` and `stock` run the engine as users get it (CUDA graphs on a GPU) under `detaudit local`'s
-server-like load; `<kernels>-eager` runs every step eagerly. `offline-<kernels>` times what vLLM's and SGLang's
-anchors time (`llm.generate` of 1000 prompts): N copies of the prompt submitted at once to Engine.generate, seats
-refilled as sequences finish, --max-tokens each. The JSON gets `bi_over_stock_wall` (and `_eager`, `_offline`,
-`_offline_eager`) ratios. A phase name ending in `-nocache` runs its engine without the prefix cache (on by
-default, as users get it); `<phase>_cache_over_nocache_wall` compares the two. A `-nofit` before it runs the engine
-without StepFit (every step filled to --max-batched-tokens): `<phase>_fit_over_nofit_wall` and
-`bi_over_stock_wall_nofit`. `--shared-prefix-tokens K` puts the
-same K-token system prompt before every request (prompt tokens computed vs taken from the cache:
-`computed_tokens`, `cached_prompt_tokens`). Each load phase first runs --warmup requests of its load untimed
-through its engine (then empties the prefix cache), so no phase pays a process's first compilations; `--rounds R`
-runs the phase list R times, every other round in reverse, so that no phase always runs first. On a GPU each phase
-also gets its physical floor (see `floor`): the weights and the KV cache each step must read at the measured copy
-bandwidth, or its FLOPs at the measured bf16 matmul rate, whichever is longer, summed over the phase's steps; and
-the wall time as a multiple of it.
+Phases `batch-invariant` and `stock` run the engine as `detaudit serve` users get it (CUDA graphs on a GPU, steps
+fitted to them by StepFit) under `detaudit local`'s server-like load; `<kernels>-eager` runs every step eagerly.
+`offline-<kernels>` times what vLLM's and SGLang's anchors time (`llm.generate` of 1000 prompts): N copies of the
+prompt submitted at once to Engine.generate, seats refilled as sequences finish, --max-tokens each. The JSON gets
+`bi_over_stock_wall` (and `_eager`, `_offline`, `_offline_eager`) ratios. A phase name ending in `-nocache` runs its
+engine without the prefix cache (on by default, as users get it); `<phase>_cache_over_nocache_wall` compares the two.
+A `-nofit` before it runs the engine without StepFit (every step filled to --max-batched-tokens):
+`<phase>_fit_over_nofit_wall` and `bi_over_stock_wall_nofit`. `--shared-prefix-tokens K` puts the same K-token system
+prompt before every request (prompt tokens computed vs taken from the cache: `computed_tokens`,
+`cached_prompt_tokens`). Each load phase first runs --warmup requests of its load untimed through its engine (then
+empties the prefix cache), so no phase pays a process's first compilations; `--rounds R` runs the phase list R times,
+every other round in reverse, so that no phase always runs first. On a GPU each phase also gets its physical floor
+(see `floor`): the weights and the KV cache each step must read at the measured copy bandwidth, or its FLOPs at the
+measured bf16 matmul rate, whichever is longer, summed over the phase's steps; and the wall time as a multiple of it.
 
 No weights can be downloaded on the benchmark machines: the model is a random-weight one of the preset's shapes,
 built here with detaudit.tiny (detaudit tiny-model); a Mixture-of-Experts preset (qwen3-30b-a3b) builds a Qwen3-MoE,

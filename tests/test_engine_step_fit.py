@@ -3,6 +3,7 @@ the H200, its optimality as a property, the moving overhead mean, and the budget
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -136,3 +137,20 @@ def test_a_score_only_prompt_that_would_be_admitted_must_fit_whole():
     n = len(asked)
     s2.schedule()
     assert len(asked) == n  # everything it wants it must take: nothing to ask
+
+
+def test_serve_fits_steps_by_default_and_local_keeps_its_batches_to_the_seed(capsys):
+    """`detaudit local` records batches that must follow from the seed alone, so StepFit (which follows measured
+    times) is off there unless asked for; `detaudit serve` runs it; a managed engine refuses the switch."""
+    import typer.main
+
+    from detaudit.cli.app import app, main
+
+    commands = typer.main.get_command(app).commands  # type: ignore[attr-defined]
+    default = {
+        name: next(p for p in commands[name].params if p.name == "fit_steps").default for name in ("local", "serve")
+    }
+    assert default == {"local": False, "serve": True}
+    with pytest.raises(SystemExit) as e:
+        main(["local", "--engine", "vllm", "--model", "m", "--prompt", "x", "--fit-steps"])
+    assert e.value.code == 2 and "--fit-steps only appl" in capsys.readouterr().err

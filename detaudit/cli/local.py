@@ -54,7 +54,8 @@ def local_command(
     device: Annotated[str, like(options.Device, panel=_BUILTIN)] = "cpu",
     dtype: Annotated[str, like(options.Dtype, panel=_BUILTIN)] = "bfloat16",
     cuda_graphs: Annotated[bool, like(options.CudaGraphs, panel=_BUILTIN)] = True,
-    fit_steps: Annotated[bool, like(options.FitSteps, panel=_BUILTIN)] = True,
+    # Off here: StepFit sizes steps by measured times, and a local audit's batches must follow from the seed alone.
+    fit_steps: Annotated[bool, like(options.FitSteps, panel=_BUILTIN)] = False,
     seed: Annotated[int, like(options.Seed, help="Seeds the filler requests and their arrivals.", panel=_BUILTIN)] = 0,
     top_logprobs: Annotated[int, like(options.TopLogprobs, help="Top-k alternatives recorded per token (0-20).")] = 5,
     out: options.Out = None,

@@ -164,8 +164,8 @@ FitSteps = Annotated[
     bool,
     typer.Option(
         "--fit-steps/--no-fit-steps",
-        help="With CUDA graphs, hold back prompt tokens that would pad a step to a slower graph size (on by "
-        "default; --no-fit-steps fills every step up to --max-batched-tokens).",
+        help="With CUDA graphs, hold back prompt tokens that would pad a step to a slower graph size, timed at "
+        "start-up (--no-fit-steps fills every step up to --max-batched-tokens).",
     ),
 ]
 MaxBatch = Annotated[int, typer.Option("--max-batch", help="Sequences per engine step.")]
