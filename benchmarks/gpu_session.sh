@@ -42,6 +42,9 @@ MOE_ARGS=${MOE_ARGS:-"-n 1000 --max-tokens 100 --scenario single --max-batch 128
 PRESET=${PRESET:-qwen3-8b}
 export PYTHONUNBUFFERED=1
 t0=$(date +%s)
+# The *_ARGS variables are shell words, read as a command line reads them: quotes group, so
+# ENGINEGPU_ARGS="-k 'held or single'" passes one -k expression (unquoted expansion split it into three words).
+words() { eval "WORDS=($1)"; }
 left() { echo $(( ${BUDGET:-560} - ($(date +%s) - t0) )); }
 
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -98,8 +101,8 @@ for step in $STEPS; do
         mkdir -p /tmp/eb && ln -sfn "$MODEL" /tmp/eb/model
         # A step named twice runs twice: run N's JSON is engine_bench_runN.json (its log stays in /tmp).
         n=$(( $(find "$OUT" -maxdepth 1 -name 'engine_bench_run*.json' | wc -l) + 1 ))
-        # shellcheck disable=SC2086
-        timeout "$(left)" python3 benchmarks/engine.py --out /tmp/eb --model "$MODEL" $ENGINE_ARGS 2>&1 \
+        words "$ENGINE_ARGS"
+        timeout "$(left)" python3 benchmarks/engine.py --out /tmp/eb --model "$MODEL" "${WORDS[@]}" 2>&1 \
             | tee "/tmp/engine_bench_run$n.log" | grep -v '^{'
         cp /tmp/eb/engine_bench.json "$OUT/engine_bench_run$n.json" ;;
     enginegpu)
@@ -107,8 +110,9 @@ for step in $STEPS; do
         # tests/ on the path for its helper modules; the 8B-shaped model of the prefix-cache test built once.
         build_model
         repo=$(pwd)
+        words "${ENGINEGPU_ARGS:-}"
         (cd /tmp && DETAUDIT_GPU_MODEL_8B=$MODEL PYTHONPATH=$PYTHONPATH:$repo/tests timeout "$(( $(left) < 400 ? $(left) : 400 ))" python3 -m pytest -n 0 \
-            -q -s -p no:cacheprovider --noconftest ${ENGINEGPU_ARGS:-} "$repo/tests/gpu/test_engine_gpu.py") 2>&1 \
+            -q -s -p no:cacheprovider --noconftest "${WORDS[@]}" "$repo/tests/gpu/test_engine_gpu.py") 2>&1 \
             | tee "$OUT/engine_gpu_tests.log" ;;
     gputests)
         # Every GPU test (kernels and engine), 4 workers; tests/ on the path for its helper modules; the 8B-shaped
@@ -143,15 +147,14 @@ for step in $STEPS; do
             --only "${KERNELS_ONLY:-matmul,rowwise,attention}" 2>&1 | tee "/tmp/kernels_bench$n.txt" | grep -v '^{'
         cp "/tmp/kernels$n/kernels.json" "$OUT/kernels_run$n.json" ;;
     tune)
+        words "${TUNE_ARGS:-}"
         for i in $(seq 0 $(( ${WARM:-12} - 1 ))); do
-            # shellcheck disable=SC2086
-            timeout 150 python3 benchmarks/kernel_tuning_h200.py --warm "$i/${WARM:-12}" ${TUNE_ARGS:-} \
+            timeout 150 python3 benchmarks/kernel_tuning_h200.py --warm "$i/${WARM:-12}" "${WORDS[@]}" \
                 --only "${TUNE_ONLY:-matmul,attention,softmax}" > "/tmp/warm$i.log" 2>&1 &
         done
         wait
         echo "compiled in $(( $(date +%s) - t0 )) s"
-        # shellcheck disable=SC2086
-        timeout "${TUNE_S:-$(left)}" python3 benchmarks/kernel_tuning_h200.py --out "$OUT" ${TUNE_ARGS:-} \
+        timeout "${TUNE_S:-$(left)}" python3 benchmarks/kernel_tuning_h200.py --out "$OUT" "${WORDS[@]}" \
             --only "${TUNE_ONLY:-matmul,attention,softmax}" \
             2>&1 | tee "$OUT/tuning.log" ;;
     moekernels)
@@ -163,8 +166,8 @@ for step in $STEPS; do
         cp /tmp/kmoe/kernels.json "$OUT/moe_kernels.json" ;;
     moe)
         build_model
-        # shellcheck disable=SC2086
-        timeout "$(left)" python3 benchmarks/engine.py --out /tmp/ebmoe --model "$MODEL" $MOE_ARGS 2>&1 \
+        words "$MOE_ARGS"
+        timeout "$(left)" python3 benchmarks/engine.py --out /tmp/ebmoe --model "$MODEL" "${WORDS[@]}" 2>&1 \
             | tee /tmp/moe_engine_bench.log | grep -v '^{'
         cp /tmp/ebmoe/engine_bench.json "$OUT/moe_engine_bench.json" ;;
     cacheserve)
@@ -184,9 +187,9 @@ for _ in range(240):
 else:
     raise SystemExit(1)
 PY
-            # shellcheck disable=SC2086
+            words "${CACHE_ARGS:-"-n 2 --max-tokens 32"}"
             timeout "$(( $(left) / 2 ))" detaudit run --base-url http://127.0.0.1:8011/v1 --suite standard \
-                ${CACHE_ARGS:-"-n 2 --max-tokens 32"} --cache cold,warm --out "/tmp/cache-$k" --force \
+                "${WORDS[@]}" --cache cold,warm --out "/tmp/cache-$k" --force \
                 --gate require-cache-invariant 2>&1 | tee "$OUT/cache_run_$k.log"
             echo "gate exit ${PIPESTATUS[0]}" | tee -a "$OUT/cache_run_$k.log"
             detaudit analyze "/tmp/cache-$k" --json > "$OUT/cache_summary_$k.json"
@@ -194,8 +197,8 @@ PY
         done ;;
     profile)
         build_model
-        # shellcheck disable=SC2086
-        timeout "$(left)" python3 benchmarks/engine_profile.py --model "$MODEL" --out "$OUT" ${PROFILE_ARGS:-} 2>&1 \
+        words "${PROFILE_ARGS:-}"
+        timeout "$(left)" python3 benchmarks/engine_profile.py --model "$MODEL" --out "$OUT" "${WORDS[@]}" 2>&1 \
             | tee "$OUT/profile.log" ;;
     *) echo "unknown step $step"; exit 2 ;;
     esac
