@@ -511,10 +511,10 @@ def _summarise(result: dict, runs: dict[str, list[dict]]) -> None:
             key = "bi_over_stock_wall" + ("_offline" if prefix else "") + suffix.replace("-", "_")
             ratio(key, f"{prefix}batch-invariant{suffix}", f"{prefix}stock{suffix}")
     for name in runs:
-        for off in ("-nocache", "-nofit"):
-            if name.endswith(off):
-                on = name.removesuffix(off)
-                ratio(f"{on}_{off[3:]}_over_{off[1:]}_wall", on, name)  # e.g. stock_fit_over_nofit_wall
+        for feature in ("cache", "fit"):  # e.g. stock_fit_over_nofit_wall: stock vs stock-nofit
+            if name.endswith(f"-no{feature}"):
+                on = name.removesuffix(f"-no{feature}")
+                ratio(f"{on}_{feature}_over_no{feature}_wall", on, name)
 
 
 def _gap(a: list[dict], b: list[dict]) -> dict[str, list[float]]:
